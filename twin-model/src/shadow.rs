@@ -1,0 +1,453 @@
+//! A device shadow with AWS IoT Device Shadow semantics, as pure functions.
+//!
+//! `decide_*` validates a request against the current shadow and returns the change to
+//! make (or a [`Rejection`], changing nothing); [`Shadow::apply`] applies a change.
+//! Replaying a shadow's changes from [`Shadow::default`] rebuilds it exactly. Time is an
+//! input (`now`, seconds since the epoch, as AWS reports it).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::json;
+use crate::rejection::Rejection;
+
+/// Limits applied to every update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest `desired` + `reported` state, in bytes of compact JSON (AWS: 8 KiB).
+    pub max_state_bytes: usize,
+    /// Deepest nesting inside `desired` or `reported` (AWS: 6).
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_state_bytes: 8 * 1024,
+            max_depth: 6,
+        }
+    }
+}
+
+pub const MAX_CLIENT_TOKEN_BYTES: usize = 64;
+
+/// The stored document of one shadow. `exists` is false before the first update and
+/// after a delete; the version survives a delete, as in AWS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shadow {
+    pub exists: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_desired: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_reported: Option<Map<String, Value>>,
+    pub version: u64,
+    /// When the shadow last changed.
+    pub timestamp: u64,
+}
+
+/// One section's part of an update: absent, `null` (clear the section), or a patch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SectionPatch {
+    Clear,
+    Merge(Map<String, Value>),
+}
+
+/// A validated update request (the `/update` payload).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateRequest {
+    pub desired: Option<SectionPatch>,
+    pub reported: Option<SectionPatch>,
+    pub version: Option<u64>,
+    pub client_token: Option<String>,
+}
+
+/// An accepted change: what the event log stores and what replay applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowChange {
+    pub op: ChangeOp,
+    /// The shadow's version after the change (for a delete: the deleted version).
+    pub version: u64,
+    pub timestamp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChangeOp {
+    Update {
+        #[serde(default, skip_serializing_if = "Option::is_none", with = "patch_serde")]
+        desired: Option<SectionPatch>,
+        #[serde(default, skip_serializing_if = "Option::is_none", with = "patch_serde")]
+        reported: Option<SectionPatch>,
+    },
+    Delete,
+}
+
+/// Keeps `Some(SectionPatch::Clear)` distinct from `None` through serde (`null` vs absent).
+mod patch_serde {
+    use super::SectionPatch;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::{Map, Value};
+
+    pub fn serialize<S: Serializer>(p: &Option<SectionPatch>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(SectionPatch::Merge(m)) => m.serialize(s),
+            _ => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SectionPatch>, D::Error> {
+        Ok(Some(match Option::<Map<String, Value>>::deserialize(d)? {
+            Some(m) => SectionPatch::Merge(m),
+            None => SectionPatch::Clear,
+        }))
+    }
+}
+
+impl UpdateRequest {
+    /// Parses and validates an `/update` payload. Everything wrong with it is a 400 (or
+    /// 413 / 415), with AWS's messages.
+    pub fn parse(payload: &[u8], limits: &Limits) -> Result<Self, Rejection> {
+        let text = std::str::from_utf8(payload).map_err(|_| {
+            Rejection::new(
+                crate::RejectionKind::UnsupportedEncoding,
+                "Unsupported documented encoding; supported encoding is UTF-8",
+            )
+        })?;
+        // A request far larger than any acceptable state is refused before parsing it.
+        if text.len() > limits.max_state_bytes.saturating_mul(4).max(16 * 1024) {
+            return Err(Rejection::too_large());
+        }
+        let value: Value =
+            serde_json::from_str(text).map_err(|_| Rejection::bad_request("Invalid JSON"))?;
+        let Value::Object(mut root) = value else {
+            return Err(Rejection::bad_request("Invalid JSON"));
+        };
+        let client_token = take_client_token(&mut root)?;
+        let version = match root.remove("version") {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or_else(|| Rejection::bad_request("Invalid version"))?,
+            ),
+        };
+        let state = match root.remove("state") {
+            None => return Err(Rejection::bad_request("Missing required node: state")),
+            Some(Value::Object(s)) => s,
+            Some(_) => return Err(Rejection::bad_request("State node must be an object")),
+        };
+        let mut desired = None;
+        let mut reported = None;
+        for (key, value) in state {
+            let (slot, what) = match key.as_str() {
+                "desired" => (&mut desired, "Desired"),
+                "reported" => (&mut reported, "Reported"),
+                _ => return Err(Rejection::bad_request("State contains an invalid node")),
+            };
+            *slot = Some(match value {
+                Value::Null => SectionPatch::Clear,
+                Value::Object(m) => {
+                    if 1 + m.values().map(json::depth).max().unwrap_or(0) > limits.max_depth {
+                        return Err(Rejection::bad_request(format!(
+                            "JSON contains too many levels of nesting; maximum is {}",
+                            limits.max_depth
+                        )));
+                    }
+                    SectionPatch::Merge(m)
+                }
+                _ => {
+                    return Err(Rejection::bad_request(format!(
+                        "{what} node must be an object"
+                    )));
+                }
+            });
+        }
+        if desired.is_none() && reported.is_none() {
+            return Err(Rejection::bad_request(
+                "State node must contain desired or reported",
+            ));
+        }
+        Ok(Self {
+            desired,
+            reported,
+            version,
+            client_token,
+        })
+    }
+
+    /// The request's `state` as AWS echoes it in `update/accepted`.
+    pub fn state_echo(
+        desired: &Option<SectionPatch>,
+        reported: &Option<SectionPatch>,
+    ) -> Map<String, Value> {
+        let mut state = Map::new();
+        for (name, patch) in [("desired", desired), ("reported", reported)] {
+            match patch {
+                Some(SectionPatch::Merge(m)) => {
+                    state.insert(name.into(), Value::Object(m.clone()));
+                }
+                Some(SectionPatch::Clear) => {
+                    state.insert(name.into(), Value::Null);
+                }
+                None => {}
+            }
+        }
+        state
+    }
+}
+
+/// Reads the optional `clientToken` of a get/delete payload (which may be empty).
+pub fn parse_client_token(payload: &[u8]) -> Result<Option<String>, Rejection> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    match serde_json::from_slice::<Value>(payload) {
+        Ok(Value::Object(mut root)) => take_client_token(&mut root),
+        _ => Err(Rejection::bad_request("Invalid JSON")),
+    }
+}
+
+fn take_client_token(root: &mut Map<String, Value>) -> Result<Option<String>, Rejection> {
+    match root.remove("clientToken") {
+        None => Ok(None),
+        Some(Value::String(t)) if t.len() <= MAX_CLIENT_TOKEN_BYTES => Ok(Some(t)),
+        Some(_) => Err(Rejection::bad_request("Invalid clientToken")),
+    }
+}
+
+impl Shadow {
+    /// Validates an update against this shadow and returns the change to apply.
+    pub fn decide_update(
+        &self,
+        req: &UpdateRequest,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<ShadowChange, Rejection> {
+        if let Some(v) = req.version
+            && v != self.version
+        {
+            return Err(Rejection::version_conflict());
+        }
+        let change = ShadowChange {
+            op: ChangeOp::Update {
+                desired: req.desired.clone(),
+                reported: req.reported.clone(),
+            },
+            version: self.version + 1,
+            timestamp: now,
+            client_token: req.client_token.clone(),
+        };
+        // The resulting state must fit: apply to a copy and measure.
+        let mut next = self.clone();
+        next.apply(&change);
+        let size = next.desired.as_ref().map_or(0, json::encoded_len)
+            + next.reported.as_ref().map_or(0, json::encoded_len);
+        if size > limits.max_state_bytes {
+            return Err(Rejection::too_large());
+        }
+        Ok(change)
+    }
+
+    /// Validates a delete: the shadow must exist.
+    pub fn decide_delete(
+        &self,
+        name: &str,
+        client_token: Option<String>,
+        now: u64,
+    ) -> Result<ShadowChange, Rejection> {
+        if !self.exists {
+            return Err(Rejection::no_shadow(name));
+        }
+        Ok(ShadowChange {
+            op: ChangeOp::Delete,
+            version: self.version,
+            timestamp: now,
+            client_token,
+        })
+    }
+
+    /// Applies an accepted change.
+    pub fn apply(&mut self, change: &ShadowChange) {
+        match &change.op {
+            ChangeOp::Update { desired, reported } => {
+                apply_section(
+                    &mut self.desired,
+                    &mut self.metadata_desired,
+                    desired,
+                    change.timestamp,
+                );
+                apply_section(
+                    &mut self.reported,
+                    &mut self.metadata_reported,
+                    reported,
+                    change.timestamp,
+                );
+                self.exists = true;
+            }
+            ChangeOp::Delete => {
+                let version = self.version;
+                *self = Self::default();
+                self.version = version;
+            }
+        }
+        self.version = change.version;
+        self.timestamp = change.timestamp;
+    }
+
+    /// Desired leaves that differ from reported.
+    pub fn delta(&self) -> Option<Map<String, Value>> {
+        json::delta(self.desired.as_ref()?, self.reported.as_ref())
+    }
+
+    fn state_value(&self, with_delta: bool) -> Value {
+        let mut state = Map::new();
+        if let Some(d) = &self.desired {
+            state.insert("desired".into(), Value::Object(d.clone()));
+        }
+        if let Some(r) = &self.reported {
+            state.insert("reported".into(), Value::Object(r.clone()));
+        }
+        if with_delta && let Some(d) = self.delta() {
+            state.insert("delta".into(), Value::Object(d));
+        }
+        Value::Object(state)
+    }
+
+    fn metadata_value(&self) -> Value {
+        let mut meta = Map::new();
+        if let Some(d) = &self.metadata_desired {
+            meta.insert("desired".into(), Value::Object(d.clone()));
+        }
+        if let Some(r) = &self.metadata_reported {
+            meta.insert("reported".into(), Value::Object(r.clone()));
+        }
+        Value::Object(meta)
+    }
+
+    /// `{"state":{desired,reported},"metadata":{..},"version":N}` as in `documents`.
+    pub fn document(&self) -> Value {
+        let mut doc = Map::new();
+        doc.insert("state".into(), self.state_value(false));
+        doc.insert("metadata".into(), self.metadata_value());
+        doc.insert("version".into(), Value::from(self.version));
+        Value::Object(doc)
+    }
+}
+
+fn apply_section(
+    section: &mut Option<Map<String, Value>>,
+    meta: &mut Option<Map<String, Value>>,
+    patch: &Option<SectionPatch>,
+    timestamp: u64,
+) {
+    match patch {
+        None => {}
+        Some(SectionPatch::Clear) => {
+            *section = None;
+            *meta = None;
+        }
+        Some(SectionPatch::Merge(p)) => {
+            let s = section.get_or_insert_with(Map::new);
+            json::merge(s, p);
+            let m = meta.get_or_insert_with(Map::new);
+            json::merge_metadata(m, p, timestamp);
+            if s.is_empty() {
+                *section = None;
+                *meta = None;
+            }
+        }
+    }
+}
+
+fn with_token(mut payload: Map<String, Value>, client_token: Option<&str>) -> Value {
+    if let Some(t) = client_token {
+        payload.insert("clientToken".into(), Value::from(t));
+    }
+    Value::Object(payload)
+}
+
+/// The payloads AWS IoT publishes, built from shadows and changes.
+pub mod payload {
+    use super::*;
+
+    /// `update/accepted`: the request's state, its metadata, the new version.
+    pub fn update_accepted(change: &ShadowChange) -> Value {
+        let ChangeOp::Update { desired, reported } = &change.op else {
+            return delete_accepted(change);
+        };
+        let state = UpdateRequest::state_echo(desired, reported);
+        let mut meta = Map::new();
+        for (name, value) in &state {
+            meta.insert(name.clone(), json::metadata_for(value, change.timestamp));
+        }
+        let mut p = Map::new();
+        p.insert("state".into(), Value::Object(state));
+        p.insert("metadata".into(), Value::Object(meta));
+        p.insert("version".into(), Value::from(change.version));
+        p.insert("timestamp".into(), Value::from(change.timestamp));
+        with_token(p, change.client_token.as_deref())
+    }
+
+    /// `update/delta`, or `None` when desired and reported agree.
+    pub fn delta(current: &Shadow, timestamp: u64, client_token: Option<&str>) -> Option<Value> {
+        let delta = current.delta()?;
+        let meta = current
+            .metadata_desired
+            .as_ref()
+            .map(|m| json::metadata_subset(m, &delta))
+            .unwrap_or_default();
+        let mut p = Map::new();
+        p.insert("version".into(), Value::from(current.version));
+        p.insert("timestamp".into(), Value::from(timestamp));
+        p.insert("state".into(), Value::Object(delta));
+        p.insert("metadata".into(), Value::Object(meta));
+        Some(with_token(p, client_token))
+    }
+
+    /// `update/documents`: the shadow before and after.
+    pub fn documents(
+        previous: &Shadow,
+        current: &Shadow,
+        timestamp: u64,
+        client_token: Option<&str>,
+    ) -> Value {
+        let mut p = Map::new();
+        p.insert("previous".into(), previous.document());
+        p.insert("current".into(), current.document());
+        p.insert("timestamp".into(), Value::from(timestamp));
+        with_token(p, client_token)
+    }
+
+    /// `get/accepted`: state with delta, metadata, version.
+    pub fn get_accepted(current: &Shadow, now: u64, client_token: Option<&str>) -> Value {
+        let mut p = Map::new();
+        p.insert("state".into(), current.state_value(true));
+        p.insert("metadata".into(), current.metadata_value());
+        p.insert("version".into(), Value::from(current.version));
+        p.insert("timestamp".into(), Value::from(now));
+        with_token(p, client_token)
+    }
+
+    /// `delete/accepted`.
+    pub fn delete_accepted(change: &ShadowChange) -> Value {
+        let mut p = Map::new();
+        p.insert("version".into(), Value::from(change.version));
+        p.insert("timestamp".into(), Value::from(change.timestamp));
+        with_token(p, change.client_token.as_deref())
+    }
+
+    /// `*/rejected`.
+    pub fn rejected(rejection: &Rejection, now: u64, client_token: Option<&str>) -> Value {
+        let mut p = Map::new();
+        p.insert("code".into(), Value::from(rejection.code()));
+        p.insert("message".into(), Value::from(rejection.message.as_str()));
+        p.insert("timestamp".into(), Value::from(now));
+        with_token(p, client_token)
+    }
+}

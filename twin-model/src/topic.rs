@@ -1,0 +1,243 @@
+//! Every MQTT topic of the device API, parsed and formatted in one place.
+//!
+//! `$aws/things/{thing}/shadow[/name/{shadow}]/{update|get|delete}[/accepted|/rejected|/delta|/documents]`
+
+use std::fmt::Write as _;
+
+use crate::id::{DeviceId, NameError, ShadowName};
+
+pub const THINGS_PREFIX: &str = "$aws/things/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShadowOp {
+    Update,
+    Get,
+    Delete,
+}
+
+impl ShadowOp {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Update => "update",
+            Self::Get => "get",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// The part after the operation: none for a request, else a response channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShadowChannel {
+    Request,
+    Accepted,
+    Rejected,
+    Delta,
+    Documents,
+}
+
+impl ShadowChannel {
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            Self::Request => "",
+            Self::Accepted => "/accepted",
+            Self::Rejected => "/rejected",
+            Self::Delta => "/delta",
+            Self::Documents => "/documents",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShadowTopic {
+    pub thing: DeviceId,
+    pub shadow: ShadowName,
+    pub op: ShadowOp,
+    pub channel: ShadowChannel,
+}
+
+impl ShadowTopic {
+    pub fn new(thing: DeviceId, shadow: ShadowName, op: ShadowOp, channel: ShadowChannel) -> Self {
+        Self {
+            thing,
+            shadow,
+            op,
+            channel,
+        }
+    }
+
+    pub fn format(&self) -> String {
+        format_shadow_topic(&self.thing, &self.shadow, self.op, self.channel)
+    }
+}
+
+/// Formats a shadow topic without building a [`ShadowTopic`].
+pub fn format_shadow_topic(
+    thing: &DeviceId,
+    shadow: &ShadowName,
+    op: ShadowOp,
+    channel: ShadowChannel,
+) -> String {
+    let mut s = String::with_capacity(64);
+    s.push_str(THINGS_PREFIX);
+    s.push_str(thing.as_str());
+    s.push_str("/shadow");
+    if let Some(name) = shadow.name() {
+        let _ = write!(s, "/name/{name}");
+    }
+    s.push('/');
+    s.push_str(op.as_str());
+    s.push_str(channel.suffix());
+    s
+}
+
+/// A topic under `$aws/things/{thing}/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    Shadow(ShadowTopic),
+    /// Any other topic in the thing's namespace (jobs, commands, ... later).
+    Other {
+        thing: DeviceId,
+        rest: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic is not under $aws/things/")]
+    NotAThingTopic,
+    #[error("bad thing name in topic: {0}")]
+    Thing(NameError),
+    #[error("bad shadow name in topic: {0}")]
+    ShadowName(NameError),
+    #[error("unknown shadow topic")]
+    UnknownShadowTopic,
+}
+
+/// The thing a topic (or topic filter) names, without validating the rest.
+pub fn thing_of(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix(THINGS_PREFIX)?;
+    Some(rest.split_once('/').map_or(rest, |(t, _)| t))
+}
+
+pub fn parse(topic: &str) -> Result<Topic, TopicError> {
+    let rest = topic
+        .strip_prefix(THINGS_PREFIX)
+        .ok_or(TopicError::NotAThingTopic)?;
+    let (thing, rest) = rest.split_once('/').ok_or(TopicError::NotAThingTopic)?;
+    let thing = DeviceId::parse(thing).map_err(TopicError::Thing)?;
+    let Some(shadow_rest) = rest.strip_prefix("shadow/") else {
+        return Ok(Topic::Other {
+            thing,
+            rest: rest.to_owned(),
+        });
+    };
+    let (shadow, op_rest) = match shadow_rest.strip_prefix("name/") {
+        Some(named) => {
+            let (name, op_rest) = named
+                .split_once('/')
+                .ok_or(TopicError::UnknownShadowTopic)?;
+            (
+                ShadowName::named(name).map_err(TopicError::ShadowName)?,
+                op_rest,
+            )
+        }
+        None => (ShadowName::classic(), shadow_rest),
+    };
+    let (op, channel) = match op_rest.split_once('/') {
+        Some((op, ch)) => (op, Some(ch)),
+        None => (op_rest, None),
+    };
+    let op = match op {
+        "update" => ShadowOp::Update,
+        "get" => ShadowOp::Get,
+        "delete" => ShadowOp::Delete,
+        _ => return Err(TopicError::UnknownShadowTopic),
+    };
+    let channel = match (op, channel) {
+        (_, None) => ShadowChannel::Request,
+        (_, Some("accepted")) => ShadowChannel::Accepted,
+        (_, Some("rejected")) => ShadowChannel::Rejected,
+        (ShadowOp::Update, Some("delta")) => ShadowChannel::Delta,
+        (ShadowOp::Update, Some("documents")) => ShadowChannel::Documents,
+        _ => return Err(TopicError::UnknownShadowTopic),
+    };
+    Ok(Topic::Shadow(ShadowTopic {
+        thing,
+        shadow,
+        op,
+        channel,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_and_formats_every_shadow_topic() {
+        let ops = [ShadowOp::Update, ShadowOp::Get, ShadowOp::Delete];
+        let channels = [
+            ShadowChannel::Request,
+            ShadowChannel::Accepted,
+            ShadowChannel::Rejected,
+            ShadowChannel::Delta,
+            ShadowChannel::Documents,
+        ];
+        for shadow in [ShadowName::classic(), ShadowName::named("cfg").unwrap()] {
+            for op in ops {
+                for ch in channels {
+                    let t = ShadowTopic::new(id("lamp-1"), shadow.clone(), op, ch);
+                    let s = t.format();
+                    let parsed = parse(&s);
+                    let valid = op == ShadowOp::Update
+                        || !matches!(ch, ShadowChannel::Delta | ShadowChannel::Documents);
+                    if valid {
+                        assert_eq!(parsed, Ok(Topic::Shadow(t)), "{s}");
+                    } else {
+                        assert_eq!(parsed, Err(TopicError::UnknownShadowTopic), "{s}");
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            format_shadow_topic(
+                &id("a"),
+                &ShadowName::named("n").unwrap(),
+                ShadowOp::Update,
+                ShadowChannel::Delta
+            ),
+            "$aws/things/a/shadow/name/n/update/delta"
+        );
+    }
+
+    #[test]
+    fn other_and_bad_topics() {
+        assert_eq!(
+            parse("$aws/things/t1/jobs/notify"),
+            Ok(Topic::Other {
+                thing: id("t1"),
+                rest: "jobs/notify".into()
+            })
+        );
+        assert_eq!(parse("a/b"), Err(TopicError::NotAThingTopic));
+        assert!(matches!(
+            parse("$aws/things/+/shadow/get"),
+            Err(TopicError::Thing(_))
+        ));
+        assert_eq!(
+            parse("$aws/things/t/shadow/fly"),
+            Err(TopicError::UnknownShadowTopic)
+        );
+        assert_eq!(
+            parse("$aws/things/t/shadow/get/accepted/x"),
+            Err(TopicError::UnknownShadowTopic)
+        );
+        assert_eq!(thing_of("$aws/things/t9/shadow/#"), Some("t9"));
+        assert_eq!(thing_of("$aws/things/t9"), Some("t9"));
+        assert_eq!(thing_of("other"), None);
+    }
+}
