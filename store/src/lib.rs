@@ -1,1 +1,114 @@
+//! Doppel's persistence.
+//!
+//! - [`TwinStore`]: what the twins need from a database (load a twin, commit a batch of
+//!   changes atomically and durably, event history, the device registry);
+//! - [`embedded::EmbeddedStore`]: the default backend, fjall on local disk;
+//! - [`committer::Committer`]: group commit, so that many twins' changes share one
+//!   durable write.
+//!
+//! The trait is synchronous: embedded engines block on disk. Callers on an async runtime
+//! go through the committer (its own thread) or `spawn_blocking`.
 
+pub mod committer;
+pub mod embedded;
+pub mod secret;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use twin_model::{Connectivity, DeviceId, Shadow, ShadowChange, ShadowName};
+
+pub use committer::Committer;
+pub use embedded::EmbeddedStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the data directory {dir} is in use by a running doppel server{}; stop it first, or use the running server",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked { dir: String, pid: Option<u32> },
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("io error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThingRecord {
+    pub id: DeviceId,
+    /// SHA-256 of the device secret, hex. See [`secret`] for why a fast hash is right here.
+    pub secret_hash: String,
+    pub enabled: bool,
+    /// Milliseconds since the epoch.
+    pub created_at: u64,
+}
+
+/// Everything persisted about one twin.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TwinSnapshot {
+    pub record: Option<ThingRecord>,
+    pub connectivity: Connectivity,
+    pub shadows: Vec<(ShadowName, Shadow)>,
+}
+
+/// One change inside a commit batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A shadow's new state and the change that produced it (the event log entry).
+    Shadow {
+        thing: DeviceId,
+        shadow: ShadowName,
+        state: Arc<Shadow>,
+        change: Arc<ShadowChange>,
+    },
+    Connectivity {
+        thing: DeviceId,
+        connectivity: Connectivity,
+    },
+    Thing(ThingRecord),
+}
+
+pub trait TwinStore: Send + Sync + 'static {
+    /// Loads a twin's registry record, presence and shadows.
+    fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError>;
+
+    /// Writes a batch atomically; returns only once it is durable.
+    fn commit(&self, batch: &[Write]) -> Result<(), StoreError>;
+
+    /// The newest `limit` changes of a shadow, oldest first.
+    fn history(
+        &self,
+        thing: &DeviceId,
+        shadow: &ShadowName,
+        limit: usize,
+    ) -> Result<Vec<ShadowChange>, StoreError>;
+
+    fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError>;
+
+    /// Registered things in id order, starting after `after`.
+    fn things(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<ThingRecord>, StoreError>;
+
+    /// Flushes everything to disk (at shutdown).
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Milliseconds since the epoch, for callers outside the pure model.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

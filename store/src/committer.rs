@@ -1,0 +1,200 @@
+//! Group commit.
+//!
+//! One thread owns the writes to the store. Callers hand it their changes and wait; while
+//! a durable commit is in progress, new changes queue up, and the next commit takes all of
+//! them (up to `max_batch` writes) in one atomic, durable batch. Under load, thousands of
+//! twins share each fsync; when idle, a lone change is committed at once.
+//!
+//! The queue is bounded: when it is full, `commit` waits, which pushes back on the twins
+//! (which in turn reject new requests once their own bounds are reached).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{StoreError, TwinStore, Write};
+
+struct Job {
+    writes: Vec<Write>,
+    reply: oneshot::Sender<Result<(), Arc<StoreError>>>,
+}
+
+/// Counters of the commit thread.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub batches: AtomicU64,
+    pub writes: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// A cloneable handle to the commit thread. The thread ends when the last handle is
+/// dropped, after committing what was queued.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+    stats: Arc<CommitStats>,
+    store: Arc<dyn TwinStore>,
+}
+
+impl Committer {
+    /// Starts the commit thread over `store`.
+    pub fn start(
+        store: Arc<dyn TwinStore>,
+        queue: usize,
+        max_batch: usize,
+    ) -> Result<(Self, JoinHandle<()>), StoreError> {
+        let (tx, mut rx) = mpsc::channel::<Job>(queue.max(1));
+        let stats = Arc::new(CommitStats::default());
+        let thread_stats = stats.clone();
+        let thread_store = store.clone();
+        let handle = std::thread::Builder::new()
+            .name("doppel-commit".into())
+            .spawn(move || {
+                let mut batch = Vec::new();
+                let mut replies = Vec::new();
+                while let Some(first) = rx.blocking_recv() {
+                    batch.extend(first.writes);
+                    replies.push(first.reply);
+                    while batch.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(job) => {
+                                batch.extend(job.writes);
+                                replies.push(job.reply);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let result = thread_store.commit(&batch).map_err(Arc::new);
+                    thread_stats.batches.fetch_add(1, Ordering::Relaxed);
+                    thread_stats.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    if let Err(e) = &result {
+                        thread_stats.failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, writes = batch.len(), "commit failed; the changes were refused");
+                    }
+                    for reply in replies.drain(..) {
+                        let _ = reply.send(result.clone());
+                    }
+                    batch.clear();
+                }
+                if let Err(e) = thread_store.flush() {
+                    tracing::error!(error = %e, "final flush failed");
+                }
+            })
+            .map_err(|source| StoreError::Io {
+                path: "commit thread".into(),
+                source,
+            })?;
+        Ok((Self { tx, stats, store }, handle))
+    }
+
+    /// Commits `writes` atomically; returns once they are durable.
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<(), Arc<StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { writes, reply })
+            .await
+            .map_err(|_| Arc::new(StoreError::Closed))?;
+        rx.await.map_err(|_| Arc::new(StoreError::Closed))?
+    }
+
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
+    /// The store behind the committer, for reads.
+    pub fn store(&self) -> &Arc<dyn TwinStore> {
+        &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::{ThingRecord, TwinSnapshot};
+    use twin_model::{DeviceId, ShadowChange, ShadowName};
+
+    /// Records batch sizes; the first commit blocks until released, so that the rest pile up.
+    #[derive(Default)]
+    struct Recording {
+        batches: Mutex<Vec<usize>>,
+        released: AtomicBool,
+        fail: AtomicBool,
+    }
+
+    impl TwinStore for Recording {
+        fn load(&self, _: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+            Ok(TwinSnapshot::default())
+        }
+        fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
+            while !self.released.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.batches.lock().unwrap().push(batch.len());
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Engine("disk on fire".into()));
+            }
+            Ok(())
+        }
+        fn history(&self, _: &DeviceId, _: &ShadowName, _: usize) -> Result<Vec<ShadowChange>, StoreError> {
+            Ok(vec![])
+        }
+        fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
+            Ok(None)
+        }
+        fn things(&self, _: Option<&DeviceId>, _: usize) -> Result<Vec<ThingRecord>, StoreError> {
+            Ok(vec![])
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn write(i: usize) -> Write {
+        Write::Thing(ThingRecord {
+            id: DeviceId::parse(&format!("t{i}")).unwrap(),
+            secret_hash: String::new(),
+            enabled: true,
+            created_at: 0,
+        })
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiting_changes_share_one_commit() {
+        let store = Arc::new(Recording::default());
+        let (committer, thread) = Committer::start(store.clone(), 1024, 10_000).unwrap();
+        let mut waiting = Vec::new();
+        for i in 0..50 {
+            let c = committer.clone();
+            waiting.push(tokio::spawn(async move { c.commit(vec![write(i)]).await }));
+        }
+        // On a current-thread runtime one yield polls every spawned task once, and each
+        // send completes on its first poll: all 50 changes are queued (or taken by the
+        // blocked commit thread) before the first commit is released.
+        tokio::task::yield_now().await;
+        store.released.store(true, Ordering::SeqCst);
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        let batches = store.batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 50);
+        assert!(batches.len() <= 2, "50 waiting changes took {} commits", batches.len());
+        drop(committer);
+        thread.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_commit_is_reported_to_every_waiter() {
+        let store = Arc::new(Recording::default());
+        store.released.store(true, Ordering::SeqCst);
+        store.fail.store(true, Ordering::SeqCst);
+        let (committer, _thread) = Committer::start(store, 16, 100).unwrap();
+        let err = committer.commit(vec![write(1)]).await.unwrap_err();
+        assert!(err.to_string().contains("disk on fire"));
+        assert_eq!(committer.stats().failures.load(Ordering::Relaxed), 1);
+    }
+}
