@@ -140,7 +140,12 @@ mod tests {
             }
             Ok(())
         }
-        fn history(&self, _: &DeviceId, _: &ShadowName, _: usize) -> Result<Vec<ShadowChange>, StoreError> {
+        fn history(
+            &self,
+            _: &DeviceId,
+            _: &ShadowName,
+            _: usize,
+        ) -> Result<Vec<ShadowChange>, StoreError> {
             Ok(vec![])
         }
         fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
@@ -182,7 +187,11 @@ mod tests {
         }
         let batches = store.batches.lock().unwrap().clone();
         assert_eq!(batches.iter().sum::<usize>(), 50);
-        assert!(batches.len() <= 2, "50 waiting changes took {} commits", batches.len());
+        assert!(
+            batches.len() <= 2,
+            "50 waiting changes took {} commits",
+            batches.len()
+        );
         drop(committer);
         thread.join().unwrap();
     }
