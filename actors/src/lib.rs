@@ -1,1 +1,21 @@
+//! Doppel's twin actors.
+//!
+//! - [`device`]: `DeviceTwin`, one actor per thing, the single writer of its shadows;
+//! - [`shard`]: `ShardSupervisor`, which activates, passivates and restarts twins;
+//! - [`fleet`]: [`FleetHandle`], the API every edge (MQTT, GraphQL, ...) uses.
+//!
+//! A change is acknowledged only after it is durable (through the group
+//! [`twin_store::Committer`]); then the twin emits a [`twin_model::TwinEvent`] to the
+//! device's [`DeviceLink`] (its MQTT session) and to the fleet-wide event stream.
 
+pub mod device;
+pub mod error;
+pub mod fleet;
+pub mod shard;
+
+pub use error::FleetError;
+pub use fleet::{ConnectOk, DeviceLink, FleetConfig, FleetHandle, Reply};
+pub use shard::shard_for;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,358 @@
+//! `DeviceTwin`: one actor per thing, the single writer of its shadows, presence and
+//! registry record.
+//!
+//! Messages: [`DeviceMsg`]. No children. The state is loaded from the store on the first
+//! message (so spawning never blocks the shard), and every accepted change is committed
+//! durably before the twin replies or emits its event: the mailbox order is the order of
+//! the twin's versions. A twin that panics is restarted from the store by its shard.
+
+mod messages;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use twin_model::{
+    Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
+};
+use twin_store::{ThingRecord, TwinSnapshot, Write, now_millis, secret};
+
+pub use messages::{DeviceMsg, Port};
+
+use crate::error::FleetError;
+use crate::fleet::{ConnectOk, Shared};
+
+pub struct DeviceTwin;
+
+pub struct DeviceArgs {
+    pub thing: DeviceId,
+    pub shared: Arc<Shared>,
+}
+
+pub struct DeviceState {
+    thing: DeviceId,
+    shared: Arc<Shared>,
+    loaded: Option<Loaded>,
+    /// Increases with every accepted connection, so that a late disconnect of a
+    /// taken-over session does not mark the device offline.
+    session: u64,
+}
+
+struct Loaded {
+    record: Option<ThingRecord>,
+    connectivity: Connectivity,
+    shadows: HashMap<ShadowName, Arc<Shadow>>,
+}
+
+fn now_secs() -> u64 {
+    now_millis() / 1000
+}
+
+fn unavailable(e: impl std::fmt::Display) -> FleetError {
+    FleetError::Unavailable(e.to_string())
+}
+
+fn thing_not_found() -> FleetError {
+    FleetError::Rejected(Rejection::new(RejectionKind::NotFound, "Thing not found"))
+}
+
+impl DeviceState {
+    async fn load(&mut self) -> Result<&mut Loaded, FleetError> {
+        if self.loaded.is_none() {
+            let store = self.shared.committer.store().clone();
+            let thing = self.thing.clone();
+            let snap: TwinSnapshot = tokio::task::spawn_blocking(move || store.load(&thing))
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
+            self.loaded = Some(Loaded {
+                record: snap.record,
+                connectivity: snap.connectivity,
+                shadows: snap
+                    .shadows
+                    .into_iter()
+                    .map(|(n, s)| (n, Arc::new(s)))
+                    .collect(),
+            });
+        }
+        Ok(self.loaded.as_mut().expect("loaded above"))
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), FleetError> {
+        self.shared
+            .committer
+            .commit(writes)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Applies an accepted shadow change: durable first, then visible, then announced.
+    async fn change_shadow(
+        &mut self,
+        name: ShadowName,
+        previous: Arc<Shadow>,
+        change: ShadowChange,
+    ) -> Result<Arc<ShadowChange>, FleetError> {
+        let mut next = (*previous).clone();
+        next.apply(&change);
+        let current = Arc::new(next);
+        let change = Arc::new(change);
+        self.commit(vec![Write::Shadow {
+            thing: self.thing.clone(),
+            shadow: name.clone(),
+            state: current.clone(),
+            change: change.clone(),
+        }])
+        .await?;
+        if let Some(l) = self.loaded.as_mut() {
+            l.shadows.insert(name.clone(), current.clone());
+        }
+        self.shared.emit(Arc::new(TwinEvent::Shadow {
+            thing: self.thing.clone(),
+            shadow: name,
+            change: change.clone(),
+            previous,
+            current,
+        }));
+        Ok(change)
+    }
+
+    async fn registered(&mut self) -> Result<&mut Loaded, FleetError> {
+        let loaded = self.load().await?;
+        if loaded.record.is_none() {
+            return Err(thing_not_found());
+        }
+        Ok(loaded)
+    }
+
+    async fn update(
+        &mut self,
+        name: ShadowName,
+        request: twin_model::UpdateRequest,
+    ) -> Result<Arc<ShadowChange>, FleetError> {
+        let limits = self.shared.config.limits;
+        let previous = self
+            .registered()
+            .await?
+            .shadows
+            .get(&name)
+            .cloned()
+            .unwrap_or_default();
+        let change = previous.decide_update(&request, now_secs(), &limits)?;
+        self.change_shadow(name, previous, change).await
+    }
+
+    async fn get(&mut self, name: &ShadowName) -> Result<Arc<Shadow>, FleetError> {
+        let shadow = self.registered().await?.shadows.get(name).cloned();
+        match shadow {
+            Some(s) if s.exists => Ok(s),
+            _ => Err(Rejection::no_shadow(name.name().unwrap_or(self.thing.as_str())).into()),
+        }
+    }
+
+    async fn delete(
+        &mut self,
+        name: ShadowName,
+        client_token: Option<String>,
+    ) -> Result<Arc<ShadowChange>, FleetError> {
+        let previous = self
+            .registered()
+            .await?
+            .shadows
+            .get(&name)
+            .cloned()
+            .unwrap_or_default();
+        let change = previous.decide_delete(
+            name.name().unwrap_or(self.thing.as_str()),
+            client_token,
+            now_secs(),
+        )?;
+        self.change_shadow(name, previous, change).await
+    }
+
+    async fn register(&mut self) -> Result<(ThingRecord, String), FleetError> {
+        if self.load().await?.record.is_some() {
+            return Err(Rejection::new(
+                RejectionKind::VersionConflict,
+                format!("thing {} is already registered", self.thing),
+            )
+            .into());
+        }
+        let secret = secret::generate().map_err(unavailable)?;
+        let record = ThingRecord {
+            id: self.thing.clone(),
+            secret_hash: secret::hash(&secret),
+            enabled: true,
+            created_at: now_millis(),
+        };
+        self.commit(vec![Write::Thing(record.clone())]).await?;
+        if let Some(l) = self.loaded.as_mut() {
+            l.record = Some(record.clone());
+        }
+        Ok((record, secret))
+    }
+
+    async fn connect(&mut self, password: Option<String>) -> Result<ConnectOk, FleetError> {
+        let auto_register = self.shared.config.auto_register;
+        let mut registered_now = false;
+        let record = match self.load().await?.record.clone() {
+            Some(r) => r,
+            None if auto_register => {
+                registered_now = true;
+                self.register().await?.0
+            }
+            None => return Err(Rejection::new(RejectionKind::Unauthorized, "Unauthorized").into()),
+        };
+        if !registered_now {
+            let ok = password
+                .as_deref()
+                .is_some_and(|p| secret::verify(p, &record.secret_hash));
+            if !ok && !auto_register {
+                return Err(Rejection::new(RejectionKind::Unauthorized, "Unauthorized").into());
+            }
+        }
+        if !record.enabled {
+            return Err(Rejection::new(RejectionKind::Forbidden, "thing is disabled").into());
+        }
+        self.session += 1;
+        self.set_connectivity(Connectivity {
+            connected: true,
+            since: now_millis(),
+            disconnect_reason: None,
+        })
+        .await?;
+        Ok(ConnectOk {
+            session: self.session,
+            registered_now,
+        })
+    }
+
+    async fn set_connectivity(&mut self, connectivity: Connectivity) -> Result<(), FleetError> {
+        self.commit(vec![Write::Connectivity {
+            thing: self.thing.clone(),
+            connectivity: connectivity.clone(),
+        }])
+        .await?;
+        if let Some(l) = self.loaded.as_mut() {
+            l.connectivity = connectivity.clone();
+        }
+        self.shared.emit(Arc::new(TwinEvent::Connectivity {
+            thing: self.thing.clone(),
+            connectivity,
+        }));
+        Ok(())
+    }
+
+    async fn set_enabled(&mut self, enabled: bool) -> Result<(), FleetError> {
+        let mut record = self
+            .registered()
+            .await?
+            .record
+            .clone()
+            .ok_or_else(thing_not_found)?;
+        record.enabled = enabled;
+        self.commit(vec![Write::Thing(record.clone())]).await?;
+        if let Some(l) = self.loaded.as_mut() {
+            l.record = Some(record);
+        }
+        if !enabled {
+            self.shared.kick(&self.thing, "thing disabled");
+        }
+        Ok(())
+    }
+}
+
+fn answer<T>(reply: Port<T>, result: Result<T, FleetError>) {
+    // The caller may have given up (timeout, closed connection); nothing to do then.
+    let _ = reply.send(result);
+}
+
+impl Actor for DeviceTwin {
+    type Msg = DeviceMsg;
+    type State = DeviceState;
+    type Arguments = DeviceArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<DeviceMsg>,
+        args: DeviceArgs,
+    ) -> Result<DeviceState, ActorProcessingErr> {
+        Ok(DeviceState {
+            thing: args.thing,
+            shared: args.shared,
+            loaded: None,
+            session: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<DeviceMsg>,
+        msg: DeviceMsg,
+        state: &mut DeviceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DeviceMsg::Update {
+                shadow,
+                request,
+                reply,
+                permit,
+            } => {
+                answer(reply, state.update(shadow, request).await);
+                drop(permit);
+            }
+            DeviceMsg::Get {
+                shadow,
+                reply,
+                permit,
+            } => {
+                answer(reply, state.get(&shadow).await);
+                drop(permit);
+            }
+            DeviceMsg::Delete {
+                shadow,
+                client_token,
+                reply,
+                permit,
+            } => {
+                answer(reply, state.delete(shadow, client_token).await);
+                drop(permit);
+            }
+            DeviceMsg::Connect {
+                password,
+                reply,
+                permit,
+            } => {
+                answer(reply, state.connect(password).await);
+                drop(permit);
+            }
+            DeviceMsg::Disconnected { session, reason } => {
+                if session == state.session {
+                    let c = Connectivity {
+                        connected: false,
+                        since: now_millis(),
+                        disconnect_reason: Some(reason),
+                    };
+                    if let Err(e) = state.set_connectivity(c).await {
+                        tracing::warn!(thing = %state.thing, error = %e, "could not record a disconnect");
+                    }
+                }
+            }
+            DeviceMsg::Register { reply, permit } => {
+                answer(reply, state.register().await.map(|(_, secret)| secret));
+                drop(permit);
+            }
+            DeviceMsg::SetEnabled {
+                enabled,
+                reply,
+                permit,
+            } => {
+                answer(reply, state.set_enabled(enabled).await);
+                drop(permit);
+            }
+            #[cfg(test)]
+            DeviceMsg::Crash => panic!("test-induced panic in twin {}", state.thing),
+        }
+        Ok(())
+    }
+}

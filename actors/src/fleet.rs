@@ -1,0 +1,302 @@
+//! [`FleetHandle`]: the API to every twin. Callers never see actors or messages.
+//!
+//! Each request takes a permit from a fleet-wide semaphore of `max_pending`; when none is
+//! left the request is refused at once with [`FleetError::Overloaded`] (429) instead of
+//! queueing without bound. The request is handed to its shard synchronously, so requests
+//! made one after another for the same twin are handled in that order; the returned
+//! [`Reply`] then waits (at most `request_timeout`) for the answer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ractor::{Actor, ActorRef, RpcReplyPort, concurrency::oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use twin_model::{DeviceId, Limits, Shadow, ShadowChange, ShadowName, TwinEvent, UpdateRequest};
+use twin_store::{Committer, TwinStore};
+
+use crate::device::{DeviceMsg, Port};
+use crate::error::FleetError;
+use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
+
+/// Settings of the twin layer.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub shards: usize,
+    /// Across all shards.
+    pub max_resident_twins: usize,
+    pub idle_timeout: Duration,
+    pub max_pending: usize,
+    pub request_timeout: Duration,
+    pub limits: Limits,
+    /// Development only: unknown devices are registered on connect, passwords unchecked.
+    pub auto_register: bool,
+    pub event_buffer: usize,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            shards: 64,
+            max_resident_twins: 1_000_000,
+            idle_timeout: Duration::from_secs(600),
+            max_pending: 100_000,
+            request_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+            auto_register: false,
+            event_buffer: 65_536,
+        }
+    }
+}
+
+/// Where a connected device's events go: its MQTT session. Must not block.
+pub trait DeviceLink: Send + Sync + 'static {
+    fn deliver(&self, event: Arc<TwinEvent>);
+    /// Ends the device's connection (the thing was disabled).
+    fn kick(&self, reason: &str);
+}
+
+/// A successful device connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectOk {
+    /// Pass back to [`FleetHandle::disconnected`].
+    pub session: u64,
+    /// The device was unknown and `auto_register` created it.
+    pub registered_now: bool,
+}
+
+pub type Reply<T> = Pin<Box<dyn Future<Output = Result<T, FleetError>> + Send>>;
+
+/// What every twin shares.
+pub struct Shared {
+    pub(crate) committer: Committer,
+    pub(crate) config: FleetConfig,
+    events: broadcast::Sender<Arc<TwinEvent>>,
+    links: DashMap<DeviceId, Arc<dyn DeviceLink>>,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, event: Arc<TwinEvent>) {
+        let link = self.links.get(event.thing()).map(|l| l.value().clone());
+        if let Some(link) = link {
+            link.deliver(event.clone());
+        }
+        // No subscriber is fine: nobody is watching.
+        let _ = self.events.send(event);
+    }
+
+    pub(crate) fn kick(&self, thing: &DeviceId, reason: &str) {
+        let link = self.links.get(thing).map(|l| l.value().clone());
+        if let Some(link) = link {
+            link.kick(reason);
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FleetHandle {
+    shards: Arc<[ActorRef<ShardMsg>]>,
+    shared: Arc<Shared>,
+    pending: Arc<Semaphore>,
+}
+
+impl FleetHandle {
+    /// Starts the shards over `committer`'s store.
+    pub async fn start(config: FleetConfig, committer: Committer) -> Result<Self, FleetError> {
+        let (events, _) = broadcast::channel(config.event_buffer.max(16));
+        let shared = Arc::new(Shared {
+            committer,
+            config: config.clone(),
+            events,
+            links: DashMap::new(),
+        });
+        let shard_count = config.shards.max(1);
+        let per_shard = config.max_resident_twins.div_ceil(shard_count).max(1);
+        let mut shards = Vec::with_capacity(shard_count);
+        for _ in 0..shard_count {
+            let args = ShardArgs {
+                shared: shared.clone(),
+                max_resident: per_shard,
+                idle_timeout: config.idle_timeout,
+            };
+            let (shard, _) = Actor::spawn(None, ShardSupervisor, args)
+                .await
+                .map_err(|e| FleetError::Unavailable(format!("starting a shard: {e}")))?;
+            shards.push(shard);
+        }
+        Ok(Self {
+            shards: shards.into(),
+            shared,
+            pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
+        })
+    }
+
+    pub fn config(&self) -> &FleetConfig {
+        &self.shared.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn TwinStore> {
+        self.shared.committer.store()
+    }
+
+    fn permit(&self) -> Result<OwnedSemaphorePermit, FleetError> {
+        self.pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| FleetError::Overloaded)
+    }
+
+    fn route(&self, thing: &DeviceId, msg: DeviceMsg) -> Result<(), FleetError> {
+        let shard = &self.shards[shard_for(thing, self.shards.len())];
+        shard
+            .send_message(ShardMsg::Route(thing.clone(), msg))
+            .map_err(|_| FleetError::Unavailable("the fleet is shutting down".into()))
+    }
+
+    /// Sends a request built by `make` and returns the pending answer.
+    fn request<T: Send + 'static>(
+        &self,
+        thing: &DeviceId,
+        make: impl FnOnce(Port<T>, OwnedSemaphorePermit) -> DeviceMsg,
+    ) -> Reply<T> {
+        let sent = self.permit().and_then(|permit| {
+            let (tx, rx) = oneshot();
+            self.route(thing, make(RpcReplyPort::from(tx), permit))
+                .map(|()| rx)
+        });
+        let timeout = self.shared.config.request_timeout;
+        Box::pin(async move {
+            let rx = sent?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(FleetError::Unavailable(
+                    "the twin stopped before answering; retry".into(),
+                )),
+                Err(_) => Err(FleetError::Unavailable(format!(
+                    "no answer within {timeout:?}"
+                ))),
+            }
+        })
+    }
+
+    pub fn update_shadow(
+        &self,
+        thing: &DeviceId,
+        shadow: ShadowName,
+        request: UpdateRequest,
+    ) -> Reply<Arc<ShadowChange>> {
+        self.request(thing, |reply, permit| DeviceMsg::Update {
+            shadow,
+            request,
+            reply,
+            permit,
+        })
+    }
+
+    pub fn get_shadow(&self, thing: &DeviceId, shadow: ShadowName) -> Reply<Arc<Shadow>> {
+        self.request(thing, |reply, permit| DeviceMsg::Get {
+            shadow,
+            reply,
+            permit,
+        })
+    }
+
+    pub fn delete_shadow(
+        &self,
+        thing: &DeviceId,
+        shadow: ShadowName,
+        client_token: Option<String>,
+    ) -> Reply<Arc<ShadowChange>> {
+        self.request(thing, |reply, permit| DeviceMsg::Delete {
+            shadow,
+            client_token,
+            reply,
+            permit,
+        })
+    }
+
+    /// Authenticates a device and marks it connected.
+    pub fn connect(&self, thing: &DeviceId, password: Option<String>) -> Reply<ConnectOk> {
+        self.request(thing, |reply, permit| DeviceMsg::Connect {
+            password,
+            reply,
+            permit,
+        })
+    }
+
+    /// Marks the device disconnected, unless a newer session has replaced `session`.
+    pub fn disconnected(&self, thing: &DeviceId, session: u64, reason: impl Into<String>) {
+        let msg = DeviceMsg::Disconnected {
+            session,
+            reason: reason.into(),
+        };
+        if let Err(e) = self.route(thing, msg) {
+            tracing::debug!(%thing, error = %e, "disconnect not recorded");
+        }
+    }
+
+    /// Registers a thing; the answer is its secret, which is not stored and cannot be shown again.
+    pub fn register(&self, thing: &DeviceId) -> Reply<String> {
+        self.request(thing, |reply, permit| DeviceMsg::Register { reply, permit })
+    }
+
+    /// Enables or disables a thing; disabling ends its live connection.
+    pub fn set_enabled(&self, thing: &DeviceId, enabled: bool) -> Reply<()> {
+        self.request(thing, |reply, permit| DeviceMsg::SetEnabled {
+            enabled,
+            reply,
+            permit,
+        })
+    }
+
+    /// Every event of every twin. A receiver that falls behind by more than the buffer
+    /// gets `RecvError::Lagged` and must resynchronize.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TwinEvent>> {
+        self.shared.events.subscribe()
+    }
+
+    /// Routes the events of `thing` to `link` (replacing a previous link).
+    pub fn attach(&self, thing: &DeviceId, link: Arc<dyn DeviceLink>) {
+        self.shared.links.insert(thing.clone(), link);
+    }
+
+    /// Stops routing to `link`, if it is still the thing's link.
+    pub fn detach(&self, thing: &DeviceId, link: &Arc<dyn DeviceLink>) {
+        self.shared
+            .links
+            .remove_if(thing, |_, l| Arc::ptr_eq(l, link));
+    }
+
+    /// Twins currently in memory.
+    pub async fn resident_twins(&self) -> usize {
+        let mut total = 0;
+        for shard in self.shards.iter() {
+            if let Ok(ractor::rpc::CallResult::Success(n)) = shard
+                .call(ShardMsg::Resident, Some(Duration::from_secs(5)))
+                .await
+            {
+                total += n;
+            }
+        }
+        total
+    }
+
+    /// Stops every twin (each finishes its mailbox) and every shard.
+    pub async fn shutdown(&self) {
+        for shard in self.shards.iter() {
+            shard
+                .drain_children_and_wait(Some(Duration::from_secs(10)))
+                .await;
+            let _ = shard
+                .stop_and_wait(None, Some(Duration::from_secs(5)))
+                .await;
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn crash(&self, thing: &DeviceId) {
+        self.route(thing, DeviceMsg::Crash).unwrap();
+    }
+}

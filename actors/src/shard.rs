@@ -1,0 +1,274 @@
+//! `ShardSupervisor`: owns the resident twins of one shard.
+//!
+//! Messages: [`ShardMsg`]. Children: the `DeviceTwin`s of its things, linked, so that a
+//! panicking twin is reported here. Invariants:
+//! - at most one live twin per thing: a twin being passivated is drained (it finishes its
+//!   mailbox) and a new one for the same thing is spawned only after it has stopped;
+//!   messages for it wait here meanwhile;
+//! - at most `max_resident` twins: activating one more passivates the least recently used;
+//! - twins idle longer than `idle_timeout` are passivated on the next tick;
+//! - a twin that panicked is forgotten; the next message activates a fresh one, which
+//!   loads the last persisted state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, SupervisionEvent,
+};
+use tokio::time::Instant;
+use twin_model::DeviceId;
+
+use crate::device::{DeviceArgs, DeviceMsg, DeviceTwin};
+use crate::fleet::Shared;
+
+/// The shard of a thing: FNV-1a of its name, stable across builds and platforms.
+pub fn shard_for(thing: &DeviceId, shard_count: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in thing.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % shard_count.max(1) as u64) as usize
+}
+
+pub enum ShardMsg {
+    Route(DeviceId, DeviceMsg),
+    /// Passivates idle twins.
+    Tick,
+    /// How many twins are resident.
+    Resident(RpcReplyPort<usize>),
+}
+
+pub struct ShardSupervisor;
+
+pub struct ShardArgs {
+    pub shared: Arc<Shared>,
+    pub max_resident: usize,
+    pub idle_timeout: Duration,
+}
+
+struct Resident {
+    actor: ActorRef<DeviceMsg>,
+    stamp: u64,
+    last_used: Instant,
+}
+
+pub struct ShardState {
+    shared: Arc<Shared>,
+    max_resident: usize,
+    idle_timeout: Duration,
+    twins: HashMap<DeviceId, Resident>,
+    /// Least recently used first.
+    lru: BTreeMap<u64, DeviceId>,
+    clock: u64,
+    by_actor: HashMap<ActorId, DeviceId>,
+    /// Things whose twin is stopping, with the messages that arrived meanwhile.
+    stopping: HashMap<DeviceId, Vec<DeviceMsg>>,
+}
+
+impl ShardState {
+    fn touch(&mut self, thing: &DeviceId) {
+        if let Some(r) = self.twins.get_mut(thing) {
+            self.lru.remove(&r.stamp);
+            self.clock += 1;
+            r.stamp = self.clock;
+            r.last_used = Instant::now();
+            self.lru.insert(self.clock, thing.clone());
+        }
+    }
+
+    fn passivate(&mut self, thing: &DeviceId) {
+        if let Some(r) = self.twins.remove(thing) {
+            self.lru.remove(&r.stamp);
+            // Drain: the twin handles what is already in its mailbox, then stops.
+            if r.actor.drain().is_ok() {
+                self.stopping.entry(thing.clone()).or_default();
+            } else {
+                self.by_actor.remove(&r.actor.get_id());
+            }
+        }
+    }
+
+    async fn activate(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        thing: &DeviceId,
+    ) -> Result<ActorRef<DeviceMsg>, ActorProcessingErr> {
+        while self.twins.len() >= self.max_resident {
+            let Some((_, oldest)) = self.lru.pop_first() else {
+                break;
+            };
+            self.passivate(&oldest);
+        }
+        let args = DeviceArgs {
+            thing: thing.clone(),
+            shared: self.shared.clone(),
+        };
+        let (actor, _) = Actor::spawn_linked(None, DeviceTwin, args, myself.get_cell()).await?;
+        self.clock += 1;
+        self.by_actor.insert(actor.get_id(), thing.clone());
+        self.lru.insert(self.clock, thing.clone());
+        self.twins.insert(
+            thing.clone(),
+            Resident {
+                actor: actor.clone(),
+                stamp: self.clock,
+                last_used: Instant::now(),
+            },
+        );
+        Ok(actor)
+    }
+
+    async fn route(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        thing: DeviceId,
+        msg: DeviceMsg,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(waiting) = self.stopping.get_mut(&thing) {
+            waiting.push(msg);
+            return Ok(());
+        }
+        let mut msg = msg;
+        // A twin can die between its last message and our hearing of it: retry once with
+        // a fresh twin.
+        for _ in 0..2 {
+            let actor = match self.twins.get(&thing) {
+                Some(r) => r.actor.clone(),
+                None => self.activate(myself, &thing).await?,
+            };
+            self.touch(&thing);
+            match actor.send_message(msg) {
+                Ok(()) => return Ok(()),
+                Err(MessagingErr::SendErr(back)) => {
+                    self.forget(&actor.get_id());
+                    msg = back;
+                }
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a stopped or failed twin; returns the messages that waited for it.
+    fn forget(&mut self, id: &ActorId) -> Option<(DeviceId, Vec<DeviceMsg>)> {
+        let thing = self.by_actor.remove(id)?;
+        if self
+            .twins
+            .get(&thing)
+            .is_some_and(|r| r.actor.get_id() == *id)
+        {
+            let r = self.twins.remove(&thing).expect("checked above");
+            self.lru.remove(&r.stamp);
+        }
+        let waiting = self.stopping.remove(&thing).unwrap_or_default();
+        Some((thing, waiting))
+    }
+}
+
+impl Actor for ShardSupervisor {
+    type Msg = ShardMsg;
+    type State = ShardState;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        args: ShardArgs,
+    ) -> Result<ShardState, ActorProcessingErr> {
+        let period =
+            (args.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        myself.send_interval(period, || ShardMsg::Tick);
+        Ok(ShardState {
+            shared: args.shared,
+            max_resident: args.max_resident.max(1),
+            idle_timeout: args.idle_timeout,
+            twins: HashMap::new(),
+            lru: BTreeMap::new(),
+            clock: 0,
+            by_actor: HashMap::new(),
+            stopping: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        msg: ShardMsg,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardMsg::Route(thing, msg) => state.route(&myself, thing, msg).await?,
+            ShardMsg::Tick => {
+                let now = Instant::now();
+                let idle: Vec<DeviceId> = state
+                    .lru
+                    .values()
+                    .take_while(|t| {
+                        state
+                            .twins
+                            .get(*t)
+                            .is_some_and(|r| now.duration_since(r.last_used) >= state.idle_timeout)
+                    })
+                    .cloned()
+                    .collect();
+                for thing in idle {
+                    state.passivate(&thing);
+                }
+            }
+            ShardMsg::Resident(reply) => {
+                let _ = reply.send(state.twins.len());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        evt: SupervisionEvent,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, failure) = match evt {
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err)),
+            _ => return Ok(()),
+        };
+        if let Some((thing, waiting)) = state.forget(&cell.get_id()) {
+            if let Some(err) = failure {
+                tracing::error!(%thing, error = %err, "twin failed; it restarts from its persisted state");
+            }
+            for msg in waiting {
+                state.route(&myself, thing.clone(), msg).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sharding_is_stable_and_spread() {
+        let id = DeviceId::parse("sensor-42").unwrap();
+        assert_eq!(shard_for(&id, 64), shard_for(&id, 64));
+        assert_eq!(shard_for(&id, 1), 0);
+        // Pinned: changing the hash would move every twin to another shard.
+        assert_eq!(
+            (shard_for(&id, 1_000_003), shard_for(&id, 64)),
+            (708_482, 16)
+        );
+        let mut counts = [0usize; 8];
+        for i in 0..8000 {
+            counts[shard_for(&DeviceId::parse(&format!("dev-{i}")).unwrap(), 8)] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+}

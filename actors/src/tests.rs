@@ -1,0 +1,365 @@
+//! Actor tests, through `FleetHandle` only.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use twin_model::{
+    ChangeOp, DeviceId, Limits, RejectionKind, ShadowChange, ShadowName, TwinEvent, UpdateRequest,
+};
+use twin_store::{
+    Committer, EmbeddedStore, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write,
+};
+
+use crate::{FleetConfig, FleetError, FleetHandle};
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::parse(s).unwrap()
+}
+
+fn reported(n: i64) -> UpdateRequest {
+    UpdateRequest::parse(
+        json!({"state": {"reported": {"n": n}}})
+            .to_string()
+            .as_bytes(),
+        &Limits::default(),
+    )
+    .unwrap()
+}
+
+struct Fleet {
+    fleet: FleetHandle,
+    _dir: tempfile::TempDir,
+}
+
+async fn fleet(config: FleetConfig) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
+    let (committer, _) = Committer::start(store, 1024, 1024).unwrap();
+    Fleet {
+        fleet: FleetHandle::start(config, committer).await.unwrap(),
+        _dir: dir,
+    }
+}
+
+async fn registered(f: &FleetHandle, names: &[&str]) {
+    for n in names {
+        f.register(&id(n)).await.unwrap();
+    }
+}
+
+async fn n_of(f: &FleetHandle, thing: &str) -> (u64, serde_json::Value) {
+    let s = f
+        .get_shadow(&id(thing), ShadowName::classic())
+        .await
+        .unwrap();
+    (
+        s.version,
+        serde_json::Value::Object(s.reported.clone().unwrap())["n"].clone(),
+    )
+}
+
+#[tokio::test]
+async fn updates_need_a_registered_thing_and_are_answered_in_mailbox_order() {
+    let f = fleet(FleetConfig::default()).await;
+    let err = f
+        .fleet
+        .update_shadow(&id("ghost"), ShadowName::classic(), reported(1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), RejectionKind::NotFound);
+
+    registered(&f.fleet, &["t1"]).await;
+    // Send 100 updates before awaiting any: versions follow the order of sending.
+    let replies: Vec<_> = (0..100)
+        .map(|i| {
+            f.fleet
+                .update_shadow(&id("t1"), ShadowName::classic(), reported(i))
+        })
+        .collect();
+    for (i, reply) in replies.into_iter().enumerate() {
+        let change = reply.await.unwrap();
+        assert_eq!(change.version, i as u64 + 1);
+    }
+    assert_eq!(n_of(&f.fleet, "t1").await, (100, json!(99)));
+    let err = f
+        .fleet
+        .get_shadow(&id("t1"), ShadowName::named("other").unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_rejection().message,
+        "No shadow exists with name: 'other'"
+    );
+}
+
+#[tokio::test]
+async fn least_recently_used_twins_are_passivated_and_reload_their_state() {
+    let f = fleet(FleetConfig {
+        shards: 1,
+        max_resident_twins: 2,
+        ..FleetConfig::default()
+    })
+    .await;
+    registered(&f.fleet, &["a", "b", "c"]).await;
+    assert_eq!(
+        f.fleet.resident_twins().await,
+        2,
+        "registering three things keeps only two resident"
+    );
+    for (i, t) in ["a", "b", "c"].iter().enumerate() {
+        f.fleet
+            .update_shadow(&id(t), ShadowName::classic(), reported(i as i64))
+            .await
+            .unwrap();
+    }
+    assert_eq!(f.fleet.resident_twins().await, 2);
+    // "a" was passivated; it comes back with its persisted state and can go on.
+    assert_eq!(n_of(&f.fleet, "a").await, (1, json!(0)));
+    let change = f
+        .fleet
+        .update_shadow(&id("a"), ShadowName::classic(), reported(7))
+        .await
+        .unwrap();
+    assert_eq!(change.version, 2);
+    assert_eq!(f.fleet.resident_twins().await, 2);
+    assert_eq!(n_of(&f.fleet, "b").await, (1, json!(1)));
+}
+
+#[tokio::test]
+async fn idle_twins_are_passivated() {
+    let idle = Duration::from_secs(60);
+    let f = fleet(FleetConfig {
+        shards: 2,
+        idle_timeout: idle,
+        ..FleetConfig::default()
+    })
+    .await;
+    registered(&f.fleet, &["x", "y"]).await;
+    f.fleet
+        .update_shadow(&id("x"), ShadowName::classic(), reported(5))
+        .await
+        .unwrap();
+    assert_eq!(f.fleet.resident_twins().await, 2);
+
+    // Paused time, stepped by the tick period (idle / 4): every shard sees several ticks
+    // after the twins have been idle for `idle`.
+    tokio::time::pause();
+    for _ in 0..8 {
+        tokio::time::advance(idle / 4).await;
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(f.fleet.resident_twins().await, 0);
+    tokio::time::resume();
+
+    assert_eq!(n_of(&f.fleet, "x").await, (1, json!(5)));
+    assert_eq!(f.fleet.resident_twins().await, 1);
+}
+
+#[tokio::test]
+async fn a_twin_that_panics_restarts_from_its_persisted_state() {
+    let f = fleet(FleetConfig::default()).await;
+    registered(&f.fleet, &["p"]).await;
+    f.fleet
+        .update_shadow(&id("p"), ShadowName::classic(), reported(3))
+        .await
+        .unwrap();
+    f.fleet.crash(&id("p"));
+    // A request already queued behind the panic is lost with the mailbox and says so.
+    match f.fleet.get_shadow(&id("p"), ShadowName::classic()).await {
+        Ok(s) => assert_eq!(s.version, 1),
+        Err(e) => assert!(matches!(e, FleetError::Unavailable(_)), "{e}"),
+    }
+    assert_eq!(n_of(&f.fleet, "p").await, (1, json!(3)));
+    let change = f
+        .fleet
+        .update_shadow(&id("p"), ShadowName::classic(), reported(4))
+        .await
+        .unwrap();
+    assert_eq!(change.version, 2);
+}
+
+/// A registry where every thing exists and every commit waits until released.
+#[derive(Default)]
+struct Stalled {
+    released: AtomicBool,
+}
+
+impl TwinStore for Stalled {
+    fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+        Ok(TwinSnapshot {
+            record: Some(ThingRecord {
+                id: thing.clone(),
+                secret_hash: String::new(),
+                enabled: true,
+                created_at: 0,
+            }),
+            ..TwinSnapshot::default()
+        })
+    }
+    fn commit(&self, _: &[Write]) -> Result<(), StoreError> {
+        while !self.released.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+    fn history(
+        &self,
+        _: &DeviceId,
+        _: &ShadowName,
+        _: usize,
+    ) -> Result<Vec<ShadowChange>, StoreError> {
+        Ok(vec![])
+    }
+    fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
+        Ok(None)
+    }
+    fn things(&self, _: Option<&DeviceId>, _: usize) -> Result<Vec<ThingRecord>, StoreError> {
+        Ok(vec![])
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn overload_is_refused_at_once_not_queued() {
+    let store = Arc::new(Stalled::default());
+    let (committer, _) = Committer::start(store.clone(), 16, 16).unwrap();
+    let fleet = FleetHandle::start(
+        FleetConfig {
+            max_pending: 2,
+            ..FleetConfig::default()
+        },
+        committer,
+    )
+    .await
+    .unwrap();
+    let first = fleet.update_shadow(&id("o"), ShadowName::classic(), reported(1));
+    let second = fleet.update_shadow(&id("o"), ShadowName::classic(), reported(2));
+    let third = fleet
+        .update_shadow(&id("o"), ShadowName::classic(), reported(3))
+        .await;
+    assert_eq!(third.unwrap_err(), FleetError::Overloaded);
+    assert_eq!(FleetError::Overloaded.to_rejection().code(), 429);
+    store.released.store(true, Ordering::SeqCst);
+    assert_eq!(first.await.unwrap().version, 1);
+    assert_eq!(second.await.unwrap().version, 2);
+    // Permits are back: new requests go through.
+    assert_eq!(
+        fleet
+            .update_shadow(&id("o"), ShadowName::classic(), reported(4))
+            .await
+            .unwrap()
+            .version,
+        3
+    );
+}
+
+#[tokio::test]
+async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
+    let f = fleet(FleetConfig::default()).await;
+    let mut events = f.fleet.subscribe();
+    let thing = id("dev-1");
+    assert_eq!(
+        f.fleet
+            .connect(&thing, Some("x".into()))
+            .await
+            .unwrap_err()
+            .kind(),
+        RejectionKind::Unauthorized
+    );
+    let secret = f.fleet.register(&thing).await.unwrap();
+    assert_eq!(
+        f.fleet.register(&thing).await.unwrap_err().kind(),
+        RejectionKind::VersionConflict
+    );
+    assert_eq!(
+        f.fleet
+            .connect(&thing, Some("wrong".into()))
+            .await
+            .unwrap_err()
+            .kind(),
+        RejectionKind::Unauthorized
+    );
+    assert_eq!(
+        f.fleet.connect(&thing, None).await.unwrap_err().kind(),
+        RejectionKind::Unauthorized
+    );
+    let first = f.fleet.connect(&thing, Some(secret.clone())).await.unwrap();
+    let second = f.fleet.connect(&thing, Some(secret.clone())).await.unwrap();
+    assert!(second.session > first.session);
+    // The first session's late disconnect must not mark the device offline.
+    f.fleet
+        .disconnected(&thing, first.session, "session taken over");
+    f.fleet
+        .update_shadow(&thing, ShadowName::classic(), reported(1))
+        .await
+        .unwrap();
+    assert!(f.fleet.store().load(&thing).unwrap().connectivity.connected);
+    f.fleet
+        .disconnected(&thing, second.session, "keep-alive timeout");
+    f.fleet
+        .update_shadow(&thing, ShadowName::classic(), reported(2))
+        .await
+        .unwrap();
+    let presence = f.fleet.store().load(&thing).unwrap().connectivity;
+    assert!(!presence.connected);
+    assert_eq!(
+        presence.disconnect_reason.as_deref(),
+        Some("keep-alive timeout")
+    );
+
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(match &*e {
+            TwinEvent::Connectivity { connectivity, .. } => {
+                format!("connected={}", connectivity.connected)
+            }
+            TwinEvent::Shadow { change, .. } => match change.op {
+                ChangeOp::Update { .. } => format!("v{}", change.version),
+                ChangeOp::Delete => "delete".into(),
+            },
+        });
+    }
+    assert_eq!(
+        seen,
+        [
+            "connected=true",
+            "connected=true",
+            "v1",
+            "connected=false",
+            "v2"
+        ]
+    );
+
+    f.fleet.set_enabled(&thing, false).await.unwrap();
+    assert_eq!(
+        f.fleet
+            .connect(&thing, Some(secret))
+            .await
+            .unwrap_err()
+            .kind(),
+        RejectionKind::Forbidden
+    );
+}
+
+#[tokio::test]
+async fn auto_register_creates_unknown_devices_on_connect() {
+    let f = fleet(FleetConfig {
+        auto_register: true,
+        ..FleetConfig::default()
+    })
+    .await;
+    let ok = f.fleet.connect(&id("new-dev"), None).await.unwrap();
+    assert!(ok.registered_now);
+    assert!(f.fleet.store().thing(&id("new-dev")).unwrap().is_some());
+    assert!(
+        !f.fleet
+            .connect(&id("new-dev"), None)
+            .await
+            .unwrap()
+            .registered_now
+    );
+}
