@@ -1,1 +1,155 @@
+//! Doppel's MQTT device endpoint.
+//!
+//! A device endpoint of our own on tokio, built on the rumqtt family's packet codecs
+//! (see [`codec`]), speaking MQTT 3.1.1 and 5 with the AWS IoT Device Shadow topics. It
+//! is the policy enforcement point: client id = thing name, password = the device's
+//! secret, and a device publishes and subscribes only under `$aws/things/{its name}/`.
+//!
+//! QoS 0 and 1 are supported both ways. QoS 2 is refused as AWS IoT refuses it: MQTT 5
+//! clients are told `Maximum QoS = 1` in CONNACK and a QoS 2 PUBLISH ends the connection
+//! with reason 0x9B; a QoS 2 subscription is granted QoS 1. Retained messages are not
+//! supported (`Retain Available = 0`).
 
+pub mod acl;
+pub mod codec;
+mod connection;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use twin_actors::FleetHandle;
+
+use crate::codec::DisconnectCode;
+use crate::connection::Context;
+use crate::session::Sessions;
+
+/// Settings of the MQTT endpoint.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Largest packet a device may send (AWS IoT: 128 KiB).
+    pub max_packet_size: usize,
+    /// Shadow requests one connection may have waiting for its twin (AWS IoT: 10).
+    pub max_inflight_requests: usize,
+    /// Unacknowledged QoS 1 messages to one device (the client's Receive Maximum may lower it).
+    pub max_inflight_messages: u16,
+    /// Messages kept for one session while its device is away or slow.
+    pub max_queued_messages: usize,
+    /// How long a persistent session outlives its connection, at most.
+    pub session_expiry: Duration,
+    /// Time allowed between TCP accept and CONNECT.
+    pub connect_timeout: Duration,
+    /// Largest keep-alive granted, in seconds (AWS IoT: 1200).
+    pub max_keep_alive: u16,
+    /// Concurrent connections; more are refused at accept.
+    pub max_connections: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            max_packet_size: 128 * 1024,
+            max_inflight_requests: 10,
+            max_inflight_messages: 100,
+            max_queued_messages: 1000,
+            session_expiry: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(10),
+            max_keep_alive: 1200,
+            max_connections: 1_000_000,
+        }
+    }
+}
+
+/// A running endpoint.
+pub struct Gateway {
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Serves devices on `listener` until [`Gateway::shutdown`].
+    pub fn start(
+        listener: TcpListener,
+        fleet: FleetHandle,
+        config: GatewayConfig,
+    ) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (stop, shutdown) = watch::channel(false);
+        let ctx = Arc::new(Context {
+            fleet,
+            sessions: Sessions::new(config.max_queued_messages),
+            config,
+            shutdown,
+        });
+        let task = tokio::spawn(accept_loop(listener, ctx.clone()));
+        Ok(Self {
+            addr,
+            ctx,
+            stop,
+            task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sessions held (connected or kept for a disconnected device).
+    pub fn sessions(&self) -> usize {
+        self.ctx.sessions.len()
+    }
+
+    /// Stops accepting, tells every device (MQTT 5: DISCONNECT 0x8B) and waits for the
+    /// connections to close.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let kicks = self
+            .ctx
+            .sessions
+            .kick_all(DisconnectCode::ServerShuttingDown, "server shutting down");
+        let _ = self.task.await;
+        for k in kicks {
+            k.wait_finished(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
+    let mut shutdown = ctx.shutdown.clone();
+    let mut connections = JoinSet::new();
+    let mut sweep = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = sweep.tick() => {
+                let n = ctx.sessions.sweep(&ctx.fleet);
+                if n > 0 {
+                    tracing::debug!(expired = n, "expired persistent sessions");
+                }
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if connections.len() >= ctx.config.max_connections {
+                        tracing::warn!(%peer, limit = ctx.config.max_connections, "connection refused: too many connections");
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(connection::serve(ctx.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    while connections.join_next().await.is_some() {}
+}

@@ -1,0 +1,716 @@
+//! One device connection: CONNECT, then a loop over the socket, the twin's answers, the
+//! twin's events, the keep-alive timer, a kick and server shutdown.
+//!
+//! The connection translates MQTT into `FleetHandle` calls and twin events into MQTT
+//! publishes; the twins never wait for it. Requests are handed to the twin in the order
+//! they arrive, at most `max_inflight_requests` at a time (more get a 429 `rejected`, as
+//! AWS IoT answers more than 10 in-flight shadow requests on one connection).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use twin_actors::{FleetError, FleetHandle};
+use twin_model::shadow::{parse_client_token, payload};
+use twin_model::topic::{self, ShadowChannel, ShadowOp, ShadowTopic, Topic, format_shadow_topic};
+use twin_model::{
+    ChangeOp, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
+    UpdateRequest,
+};
+
+use crate::GatewayConfig;
+use crate::acl;
+use crate::codec::{
+    self, ConnCode, ConnectInfo, DisconnectCode, InPublish, Inbound, Outbound, PubAckCode,
+    ServerLimits, SubCode, Version,
+};
+use crate::session::{Kick, OutMsg, Sessions, Slot, lock};
+
+/// Everything a connection needs from the endpoint.
+pub(crate) struct Context {
+    pub(crate) fleet: FleetHandle,
+    pub(crate) config: GatewayConfig,
+    pub(crate) sessions: Sessions,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum Close {
+    /// DISCONNECT from the client; `will` when it asked for its will (MQTT 5 reason 4).
+    Client {
+        will: bool,
+    },
+    Lost(String),
+    /// We closed it, with this reason code (sent in MQTT 5) and text.
+    Server(DisconnectCode, String),
+}
+
+impl Close {
+    fn publishes_will(&self) -> bool {
+        match self {
+            Self::Client { will } => *will,
+            Self::Lost(_) => true,
+            Self::Server(code, _) => !matches!(
+                code,
+                DisconnectCode::ServerShuttingDown | DisconnectCode::NotAuthorized
+            ),
+        }
+    }
+
+    fn reason(&self) -> String {
+        match self {
+            Self::Client { .. } => "client disconnected".into(),
+            Self::Lost(why) => why.clone(),
+            Self::Server(_, why) => why.clone(),
+        }
+    }
+}
+
+enum Answer {
+    Update(
+        ShadowName,
+        Option<String>,
+        Result<Arc<ShadowChange>, FleetError>,
+    ),
+    Get(ShadowName, Option<String>, Result<Arc<Shadow>, FleetError>),
+    Delete(
+        ShadowName,
+        Option<String>,
+        Result<Arc<ShadowChange>, FleetError>,
+    ),
+}
+
+type AnswerFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+fn now_secs() -> u64 {
+    twin_store::now_millis() / 1000
+}
+
+struct Conn {
+    ctx: Arc<Context>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    version: Version,
+    thing: DeviceId,
+    slot: Arc<Slot>,
+    kick: Arc<Kick>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Largest packet the client accepts.
+    client_max: usize,
+    window: usize,
+    answers: FuturesUnordered<AnswerFuture>,
+    session: u64,
+    keep_alive: u16,
+    will: Option<codec::Will>,
+}
+
+/// Serves one TCP connection until it ends.
+pub(crate) async fn serve(ctx: Arc<Context>, mut stream: TcpStream, peer: SocketAddr) {
+    let mut rbuf = BytesMut::with_capacity(1024);
+    let max = ctx.config.max_packet_size;
+    let first = tokio::time::timeout(
+        ctx.config.connect_timeout,
+        read_connect(&mut stream, &mut rbuf, max),
+    )
+    .await;
+    let (version, connect) = match first {
+        Ok(Ok(Some(c))) => c,
+        Ok(Ok(None)) => return,
+        Ok(Err((version, e))) => {
+            tracing::debug!(%peer, error = %e, "refused a connection before CONNECT");
+            if let Some(v) = version {
+                let code = if matches!(e, codec::CodecError::UnsupportedProtocol(_)) {
+                    ConnCode::UnsupportedVersion
+                } else {
+                    ConnCode::Malformed
+                };
+                let _ = send_connack(&mut stream, v, code, false, ServerLimits::default()).await;
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT in time; closing");
+            return;
+        }
+    };
+    let Some(mut conn) = accept(ctx, stream, peer, version, connect, rbuf).await else {
+        return;
+    };
+    let close = conn.run().await;
+    conn.finish(close).await;
+}
+
+async fn send_connack(
+    stream: &mut TcpStream,
+    version: Version,
+    code: ConnCode,
+    session_present: bool,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
+    let mut b = BytesMut::new();
+    codec::write(
+        &Outbound::ConnAck {
+            code,
+            session_present,
+            limits,
+        },
+        version,
+        &mut b,
+        usize::MAX,
+    );
+    stream.write_all(&b).await?;
+    stream.flush().await
+}
+
+type ConnectRead = Result<Option<(Version, ConnectInfo)>, (Option<Version>, codec::CodecError)>;
+
+async fn read_connect(stream: &mut TcpStream, rbuf: &mut BytesMut, max: usize) -> ConnectRead {
+    loop {
+        match codec::sniff_version(rbuf, max) {
+            Ok(Some(version)) => {
+                return match codec::read(rbuf, version, max) {
+                    Ok(Some(Inbound::Connect(c))) => Ok(Some((version, c))),
+                    Ok(_) => Err((Some(version), codec::CodecError::NotConnect)),
+                    Err(e) => Err((Some(version), e)),
+                };
+            }
+            Ok(None) => {}
+            // A client speaking another version still gets a 3.1.1 CONNACK it can read.
+            Err(e @ codec::CodecError::UnsupportedProtocol(_)) => {
+                return Err((Some(Version::V4), e));
+            }
+            Err(e) => return Err((None, e)),
+        }
+        match stream.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Authenticates and sets up the session; sends CONNACK either way.
+async fn accept(
+    ctx: Arc<Context>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    version: Version,
+    connect: ConnectInfo,
+    rbuf: BytesMut,
+) -> Option<Conn> {
+    let refuse = |code: ConnCode, why: String| {
+        tracing::info!(%peer, client_id = %connect.client_id, ?code, reason = %why, "connection refused");
+        code
+    };
+    let thing = match DeviceId::parse(&connect.client_id) {
+        Ok(t) => t,
+        Err(e) => {
+            let code = refuse(ConnCode::BadClientId, e.to_string());
+            let _ = send_connack(&mut stream, version, code, false, ServerLimits::default()).await;
+            return None;
+        }
+    };
+    if let Some(will) = &connect.will
+        && (!acl::valid_topic(&will.topic) || !acl::allowed(&thing, &will.topic))
+    {
+        let code = refuse(
+            ConnCode::NotAuthorized,
+            format!("will topic {} is outside the thing's topics", will.topic),
+        );
+        let _ = send_connack(&mut stream, version, code, false, ServerLimits::default()).await;
+        return None;
+    }
+    let ok = match ctx.fleet.connect(&thing, connect.password.clone()).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            let code = match e.kind() {
+                RejectionKind::Forbidden => ConnCode::Banned,
+                RejectionKind::TooManyRequests => ConnCode::ServerBusy,
+                RejectionKind::Unauthorized | RejectionKind::NotFound => ConnCode::NotAuthorized,
+                _ => ConnCode::ServerUnavailable,
+            };
+            let code = refuse(code, e.to_string());
+            let _ = send_connack(&mut stream, version, code, false, ServerLimits::default()).await;
+            return None;
+        }
+    };
+    if ok.registered_now {
+        tracing::warn!(%thing, "auto-registered an unknown device (development mode)");
+    }
+
+    let cfg = &ctx.config;
+    let max_expiry = u32::try_from(cfg.session_expiry.as_secs()).unwrap_or(u32::MAX);
+    let (expiry, announce_expiry) = match version {
+        Version::V4 if connect.clean_start => (0, None),
+        Version::V4 => (max_expiry, None),
+        Version::V5 => {
+            let asked = connect.session_expiry.unwrap_or(0);
+            let granted = asked.min(max_expiry);
+            (granted, (granted != asked).then_some(granted))
+        }
+    };
+    let keep_alive = if connect.keep_alive == 0 {
+        0
+    } else {
+        connect.keep_alive.min(cfg.max_keep_alive)
+    };
+    let limits = ServerLimits {
+        receive_maximum: cfg.max_inflight_requests.try_into().unwrap_or(u16::MAX),
+        max_packet_size: cfg.max_packet_size.try_into().unwrap_or(u32::MAX),
+        session_expiry: announce_expiry,
+        server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
+    };
+
+    let kick = Arc::new(Kick::default());
+    let (slot, resumed) = ctx
+        .sessions
+        .take(&ctx.fleet, &thing, connect.clean_start, &kick)
+        .await;
+    lock(&slot.state).expiry = Duration::from_secs(u64::from(expiry));
+    if send_connack(&mut stream, version, ConnCode::Accepted, resumed, limits)
+        .await
+        .is_err()
+    {
+        kick.finish();
+        ctx.sessions.release(&ctx.fleet, &slot, &kick);
+        ctx.fleet
+            .disconnected(&thing, ok.session, "connection lost during CONNACK");
+        return None;
+    }
+    tracing::debug!(%peer, %thing, ?version, resumed, "device connected");
+    let window = usize::from(connect.receive_maximum.unwrap_or(cfg.max_inflight_messages))
+        .clamp(1, usize::from(cfg.max_inflight_messages));
+    let mut conn = Conn {
+        client_max: connect.max_packet_size.map_or(usize::MAX, |m| m as usize),
+        ctx: ctx.clone(),
+        stream,
+        peer,
+        version,
+        thing,
+        slot,
+        kick,
+        rbuf,
+        wbuf: BytesMut::with_capacity(1024),
+        window,
+        answers: FuturesUnordered::new(),
+        session: ok.session,
+        keep_alive,
+        will: connect.will,
+    };
+    conn.resend_inflight();
+    Some(conn)
+}
+
+impl Conn {
+    fn send(&mut self, packet: &Outbound) {
+        if !codec::write(packet, self.version, &mut self.wbuf, self.client_max) {
+            tracing::debug!(thing = %self.thing, "dropped a packet larger than the client's maximum packet size");
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Close {
+        let mut shutdown = self.ctx.shutdown.clone();
+        let keep_alive = Duration::from_millis(u64::from(self.keep_alive) * 1500);
+        let idle = tokio::time::sleep(keep_alive);
+        tokio::pin!(idle);
+        // Anything queued while the device was away goes out first.
+        self.drain_link();
+        self.pump();
+        loop {
+            if let Err(e) = self.flush().await {
+                return Close::Lost(format!("write failed: {e}"));
+            }
+            let link = self.slot.link.clone();
+            let kick = self.kick.clone();
+            tokio::select! {
+                biased;
+                () = kick.fire.notified() => {
+                    let (code, why) = self.kick.reason();
+                    return Close::Server(code, why);
+                }
+                _ = shutdown.changed() => return Close::Server(DisconnectCode::ServerShuttingDown, "server shutting down".into()),
+                () = &mut idle, if self.keep_alive > 0 => {
+                    return Close::Server(DisconnectCode::KeepAliveTimeout, "keep-alive timeout".into());
+                }
+                read = self.stream.read_buf(&mut self.rbuf) => {
+                    match read {
+                        Ok(0) => return Close::Lost("connection closed by the client".into()),
+                        Err(e) => return Close::Lost(format!("read failed: {e}")),
+                        Ok(_) => {}
+                    }
+                    if self.keep_alive > 0 {
+                        idle.as_mut().reset(tokio::time::Instant::now() + keep_alive);
+                    }
+                    loop {
+                        match codec::read(&mut self.rbuf, self.version, self.ctx.config.max_packet_size) {
+                            Ok(Some(packet)) => {
+                                if let Some(close) = self.on_packet(packet) {
+                                    return close;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(codec::CodecError::TooLarge(n)) => {
+                                return Close::Server(DisconnectCode::PacketTooLarge, format!("packet of {n} bytes is over the maximum packet size"));
+                            }
+                            Err(e) => return Close::Server(DisconnectCode::MalformedPacket, e.to_string()),
+                        }
+                    }
+                }
+                // Events before answers: a twin emits a change's event before it answers
+                // the next request, and the device sees them in that order.
+                () = link.notify.notified() => self.drain_link(),
+                Some(answer) = self.answers.next(), if !self.answers.is_empty() => self.on_answer(answer),
+            }
+            self.pump();
+        }
+    }
+
+    fn on_packet(&mut self, packet: Inbound) -> Option<Close> {
+        match packet {
+            Inbound::Publish(p) => return self.on_publish(p),
+            Inbound::PubAck(pkid) => {
+                lock(&self.slot.state).inflight.remove(&pkid);
+            }
+            Inbound::Subscribe { pkid, filters } => {
+                let mut codes = Vec::with_capacity(filters.len());
+                let mut st = lock(&self.slot.state);
+                for (filter, qos) in filters {
+                    let code = if !acl::valid_filter(&filter) {
+                        SubCode::BadFilter
+                    } else if !acl::allowed(&self.thing, &filter) {
+                        tracing::warn!(client_id = %self.thing, %filter, "subscription refused: outside the thing's topics");
+                        SubCode::NotAuthorized
+                    } else {
+                        let granted = qos.min(1);
+                        st.subscriptions.retain(|(f, _)| *f != filter);
+                        st.subscriptions.push((filter, granted));
+                        SubCode::Granted(granted)
+                    };
+                    codes.push(code);
+                }
+                drop(st);
+                self.send(&Outbound::SubAck { pkid, codes });
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                lock(&self.slot.state)
+                    .subscriptions
+                    .retain(|(f, _)| !filters.contains(f));
+                self.send(&Outbound::UnsubAck {
+                    pkid,
+                    count: filters.len(),
+                });
+            }
+            Inbound::PingReq => self.send(&Outbound::PingResp),
+            Inbound::Disconnect { reason } => return Some(Close::Client { will: reason == 4 }),
+            Inbound::Connect(_) => {
+                return Some(Close::Server(
+                    DisconnectCode::ProtocolError,
+                    "second CONNECT".into(),
+                ));
+            }
+            Inbound::Unsupported("QoS 2") => {
+                return Some(Close::Server(
+                    DisconnectCode::QoSNotSupported,
+                    "QoS 2 is not supported (maximum QoS is 1)".into(),
+                ));
+            }
+            Inbound::Unsupported(what) => {
+                return Some(Close::Server(
+                    DisconnectCode::ProtocolError,
+                    format!("unexpected {what}"),
+                ));
+            }
+        }
+        None
+    }
+
+    fn on_publish(&mut self, p: InPublish) -> Option<Close> {
+        if p.qos > 1 {
+            return Some(Close::Server(
+                DisconnectCode::QoSNotSupported,
+                "QoS 2 is not supported (maximum QoS is 1)".into(),
+            ));
+        }
+        if p.retain && self.version == Version::V5 {
+            return Some(Close::Server(
+                DisconnectCode::RetainNotSupported,
+                "retained messages are not supported".into(),
+            ));
+        }
+        let ack = |code| (p.qos == 1).then_some(Outbound::PubAck { pkid: p.pkid, code });
+        if !acl::valid_topic(&p.topic) {
+            return match (self.version, ack(PubAckCode::TopicNameInvalid)) {
+                (Version::V5, Some(a)) => {
+                    self.send(&a);
+                    None
+                }
+                _ => Some(Close::Server(
+                    DisconnectCode::ProtocolError,
+                    format!("invalid topic name {:?}", p.topic),
+                )),
+            };
+        }
+        if !acl::allowed(&self.thing, &p.topic) {
+            tracing::warn!(client_id = %self.thing, topic = %p.topic, "publish refused: outside the thing's topics");
+            return match (self.version, ack(PubAckCode::NotAuthorized)) {
+                (Version::V5, Some(a)) => {
+                    self.send(&a);
+                    None
+                }
+                (Version::V5, None) => None,
+                (Version::V4, _) => Some(Close::Server(
+                    DisconnectCode::NotAuthorized,
+                    format!("publish to {} is not authorized", p.topic),
+                )),
+            };
+        }
+        let handled = self.request(&p.topic, &p.payload);
+        if let Some(a) = ack(if handled {
+            PubAckCode::Success
+        } else {
+            PubAckCode::NoMatchingSubscribers
+        }) {
+            self.send(&a);
+        }
+        None
+    }
+
+    /// Hands a device request to its twin. Returns false when the topic is not a request.
+    fn request(&mut self, topic_name: &str, body: &Bytes) -> bool {
+        let Ok(Topic::Shadow(t)) = topic::parse(topic_name) else {
+            return false;
+        };
+        if t.channel != ShadowChannel::Request {
+            return false;
+        }
+        let ShadowTopic {
+            thing, shadow, op, ..
+        } = t;
+        if self.answers.len() >= self.ctx.config.max_inflight_requests {
+            let token = parse_client_token(body).ok().flatten();
+            self.reject(op, &shadow, &Rejection::overloaded(), token.as_deref());
+            return true;
+        }
+        let fleet = &self.ctx.fleet;
+        let answer: AnswerFuture = match op {
+            ShadowOp::Update => match UpdateRequest::parse(body, &fleet.config().limits) {
+                Err(rejection) => {
+                    self.reject(op, &shadow, &rejection, None);
+                    return true;
+                }
+                Ok(req) => {
+                    let token = req.client_token.clone();
+                    let reply = fleet.update_shadow(&thing, shadow.clone(), req);
+                    Box::pin(async move { Answer::Update(shadow, token, reply.await) })
+                }
+            },
+            ShadowOp::Get | ShadowOp::Delete => {
+                let token = match parse_client_token(body) {
+                    Ok(t) => t,
+                    Err(rejection) => {
+                        self.reject(op, &shadow, &rejection, None);
+                        return true;
+                    }
+                };
+                if op == ShadowOp::Get {
+                    let reply = fleet.get_shadow(&thing, shadow.clone());
+                    Box::pin(async move { Answer::Get(shadow, token, reply.await) })
+                } else {
+                    let reply = fleet.delete_shadow(&thing, shadow.clone(), token.clone());
+                    Box::pin(async move { Answer::Delete(shadow, token, reply.await) })
+                }
+            }
+        };
+        self.answers.push(answer);
+        true
+    }
+
+    fn reject(
+        &mut self,
+        op: ShadowOp,
+        shadow: &ShadowName,
+        rejection: &Rejection,
+        token: Option<&str>,
+    ) {
+        let topic = format_shadow_topic(&self.thing, shadow, op, ShadowChannel::Rejected);
+        self.publish(topic, || payload::rejected(rejection, now_secs(), token));
+    }
+
+    fn on_answer(&mut self, answer: Answer) {
+        match answer {
+            // Accepted changes reach the device as events (like changes made by others).
+            Answer::Update(_, _, Ok(_)) | Answer::Delete(_, _, Ok(_)) => {}
+            Answer::Get(shadow, token, Ok(doc)) => {
+                let topic = format_shadow_topic(
+                    &self.thing,
+                    &shadow,
+                    ShadowOp::Get,
+                    ShadowChannel::Accepted,
+                );
+                self.publish(topic, || {
+                    payload::get_accepted(&doc, now_secs(), token.as_deref())
+                });
+            }
+            Answer::Update(shadow, token, Err(e)) => self.reject(
+                ShadowOp::Update,
+                &shadow,
+                &e.to_rejection(),
+                token.as_deref(),
+            ),
+            Answer::Get(shadow, token, Err(e)) => {
+                self.reject(ShadowOp::Get, &shadow, &e.to_rejection(), token.as_deref())
+            }
+            Answer::Delete(shadow, token, Err(e)) => self.reject(
+                ShadowOp::Delete,
+                &shadow,
+                &e.to_rejection(),
+                token.as_deref(),
+            ),
+        }
+    }
+
+    /// Queues a message for the device if it subscribed to `topic`; the payload is built
+    /// only then.
+    fn publish(&mut self, topic: String, build: impl FnOnce() -> serde_json::Value) {
+        let mut st = lock(&self.slot.state);
+        let Some(qos) = st.qos_for(&topic) else {
+            return;
+        };
+        let payload = Bytes::from(serde_json::to_vec(&build()).unwrap_or_default());
+        st.push(
+            OutMsg {
+                topic,
+                payload,
+                qos,
+            },
+            self.ctx.config.max_queued_messages,
+        );
+    }
+
+    /// Turns the twin's events into publishes on the shadow response topics.
+    fn drain_link(&mut self) {
+        for _ in 0..256 {
+            let Some(event) = self.slot.link.pop() else {
+                return;
+            };
+            let TwinEvent::Shadow {
+                thing,
+                shadow,
+                change,
+                previous,
+                current,
+            } = &*event
+            else {
+                continue;
+            };
+            let token = change.client_token.as_deref();
+            match change.op {
+                ChangeOp::Update { .. } => {
+                    let topic = |ch| format_shadow_topic(thing, shadow, ShadowOp::Update, ch);
+                    self.publish(topic(ShadowChannel::Accepted), || {
+                        payload::update_accepted(change)
+                    });
+                    if let Some(delta) = payload::delta(current, change.timestamp, token) {
+                        self.publish(topic(ShadowChannel::Delta), || delta);
+                    }
+                    self.publish(topic(ShadowChannel::Documents), || {
+                        payload::documents(previous, current, change.timestamp, token)
+                    });
+                }
+                ChangeOp::Delete => {
+                    let topic = format_shadow_topic(
+                        thing,
+                        shadow,
+                        ShadowOp::Delete,
+                        ShadowChannel::Accepted,
+                    );
+                    self.publish(topic, || payload::delete_accepted(change));
+                }
+            }
+        }
+        // More than one batch waiting: come back after serving the socket.
+        if !self.slot.link.is_empty() {
+            self.slot.link.notify.notify_one();
+        }
+    }
+
+    /// Moves queued messages onto the wire, within the QoS 1 inflight window.
+    fn pump(&mut self) {
+        let slot = self.slot.clone();
+        let mut st = lock(&slot.state);
+        while let Some(msg) = st.pending.front() {
+            if msg.qos == 1 && st.inflight.len() >= self.window {
+                break;
+            }
+            let msg = st.pending.pop_front().expect("front exists");
+            let pkid = if msg.qos == 1 { st.next_pkid() } else { 0 };
+            let packet = Outbound::Publish {
+                topic: msg.topic.clone(),
+                payload: msg.payload.clone(),
+                qos: msg.qos,
+                pkid,
+                dup: false,
+            };
+            if msg.qos == 1 {
+                st.inflight.insert(pkid, msg);
+            }
+            if !codec::write(&packet, self.version, &mut self.wbuf, self.client_max) {
+                st.inflight.remove(&pkid);
+            }
+        }
+    }
+
+    /// A resumed session first resends what was sent but never acknowledged.
+    fn resend_inflight(&mut self) {
+        let slot = self.slot.clone();
+        let st = lock(&slot.state);
+        for (pkid, msg) in &st.inflight {
+            let packet = Outbound::Publish {
+                topic: msg.topic.clone(),
+                payload: msg.payload.clone(),
+                qos: msg.qos,
+                pkid: *pkid,
+                dup: true,
+            };
+            codec::write(&packet, self.version, &mut self.wbuf, self.client_max);
+        }
+    }
+
+    async fn finish(mut self, close: Close) {
+        if let Close::Server(code, why) = &close {
+            self.send(&Outbound::Disconnect(*code, why.clone()));
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+        }
+        let _ = self.stream.shutdown().await;
+        let reason = close.reason();
+        tracing::debug!(peer = %self.peer, thing = %self.thing, %reason, "device disconnected");
+        if close.publishes_will()
+            && let Some(will) = self.will.take()
+        {
+            // The request is queued at the twin before this returns; nobody waits for it.
+            self.request(&will.topic, &will.payload);
+        }
+        self.ctx
+            .fleet
+            .disconnected(&self.thing, self.session, reason);
+        self.kick.finish();
+        self.ctx
+            .sessions
+            .release(&self.ctx.fleet, &self.slot, &self.kick);
+    }
+}
