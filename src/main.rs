@@ -1,1 +1,227 @@
-fn main() {}
+//! `doppel`: the command line. Parses arguments and calls the library; nothing else.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use doppel::Config;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "doppel",
+    version,
+    about = "Digital twins for IoT fleets: an AWS IoT compatible MQTT device endpoint, durable device shadows, one binary"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform: the MQTT device endpoint, the twins, the embedded store and HTTP
+    Serve(Box<ServeArgs>),
+    /// Manage the device registry in the data directory (while no server holds it)
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Print the configuration
+    Config {
+        /// Print every setting with its default, as a TOML file
+        #[arg(long)]
+        default: bool,
+        #[command(flatten)]
+        source: Source,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device; prints its secret (the MQTT password) once
+    Add { id: String },
+    /// List registered devices
+    List,
+}
+
+/// Where settings come from besides the environment.
+#[derive(Args, Serialize)]
+struct Source {
+    /// TOML configuration file [env: DOPPEL_CONFIG]
+    #[arg(long, global = true)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./doppel-data] [env: DOPPEL_DATA_DIR]
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+}
+
+/// Every setting is also a TOML key (`doppel config --default`) and a DOPPEL_* variable.
+#[derive(Args, Serialize)]
+struct ServeArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    source: Source,
+    /// MQTT device endpoint address; port 0 picks a free port [default: 0.0.0.0:1883] [env: DOPPEL_MQTT_LISTEN]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_listen: Option<SocketAddr>,
+    /// HTTP address (/healthz, /readyz); port 0 picks a free port [default: 0.0.0.0:8080] [env: DOPPEL_HTTP_LISTEN]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_listen: Option<SocketAddr>,
+    /// Development only: register unknown devices on connect, skip password checks [env: DOPPEL_AUTO_REGISTER]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    auto_register: bool,
+    /// Number of twin shards [default: 64] [env: DOPPEL_SHARDS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<usize>,
+    /// Twins kept in memory at most [default: 1000000] [env: DOPPEL_MAX_RESIDENT_TWINS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_resident_twins: Option<usize>,
+    /// Seconds idle before a twin is passivated [default: 600] [env: DOPPEL_IDLE_TIMEOUT_SECS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout_secs: Option<u64>,
+    /// Requests in flight across the fleet; more get 429 [default: 100000] [env: DOPPEL_MAX_PENDING_REQUESTS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_pending_requests: Option<usize>,
+    /// Largest shadow state in bytes [default: 8192] [env: DOPPEL_MAX_STATE_BYTES]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_state_bytes: Option<usize>,
+    /// Changes kept per shadow in its history [default: 100] [env: DOPPEL_HISTORY_PER_SHADOW]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history_per_shadow: Option<u64>,
+    /// Largest MQTT packet from a device, bytes [default: 131072] [env: DOPPEL_MQTT_MAX_PACKET_SIZE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_max_packet_size: Option<usize>,
+    /// Shadow requests in flight per connection; more get 429 [default: 10] [env: DOPPEL_MQTT_MAX_INFLIGHT_REQUESTS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_max_inflight_requests: Option<usize>,
+    /// Unacknowledged QoS 1 messages per device [default: 100] [env: DOPPEL_MQTT_MAX_INFLIGHT_MESSAGES]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_max_inflight_messages: Option<u16>,
+    /// Messages queued per session [default: 1000] [env: DOPPEL_MQTT_MAX_QUEUED_MESSAGES]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_max_queued_messages: Option<usize>,
+    /// Longest persistent-session expiry, seconds [default: 3600] [env: DOPPEL_MQTT_SESSION_EXPIRY_SECS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_session_expiry_secs: Option<u64>,
+    /// Concurrent MQTT connections [default: 1000000] [env: DOPPEL_MQTT_MAX_CONNECTIONS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_max_connections: Option<usize>,
+}
+
+fn load(file: Option<PathBuf>, flags: &impl Serialize) -> anyhow::Result<Config> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let file = file.or_else(|| env.get("DOPPEL_CONFIG").map(PathBuf::from));
+    Config::load(file.as_deref(), &env, toml::Table::try_from(flags)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = load(args.source.config.clone(), &args)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(doppel::serve(config, shutdown_signal()))
+        }
+        Command::Device { command, source } => {
+            let config = load(source.config.clone(), &source)?;
+            match command {
+                DeviceCommand::Add { id } => {
+                    let secret = doppel::add_device(&config, &id)?;
+                    println!("registered {id}");
+                    println!("secret (the device's MQTT password; shown only this once): {secret}");
+                }
+                DeviceCommand::List => {
+                    let devices = doppel::list_devices(&config)?;
+                    println!("{:<40} {:<8} CREATED", "ID", "ENABLED");
+                    for d in &devices {
+                        println!(
+                            "{:<40} {:<8} {}",
+                            d.id.as_str(),
+                            d.enabled,
+                            twin_model::rfc3339(d.created_at)
+                        );
+                    }
+                    println!("{} device(s)", devices.len());
+                }
+            }
+            Ok(())
+        }
+        Command::Config { default, source } => {
+            if default {
+                print!("{}", Config::default_toml());
+            } else {
+                print!(
+                    "{}",
+                    toml::to_string(&load(source.config.clone(), &source)?)?
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C still stops the server");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -106,6 +106,20 @@ pub trait TwinStore: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
 }
 
+impl ThingRecord {
+    /// A new, enabled thing and its secret (returned once, never stored).
+    pub fn new(id: DeviceId, now_millis: u64) -> Result<(Self, String), StoreError> {
+        let secret = secret::generate()?;
+        let record = Self {
+            id,
+            secret_hash: secret::hash(&secret),
+            enabled: true,
+            created_at: now_millis,
+        };
+        Ok((record, secret))
+    }
+}
+
 /// Milliseconds since the epoch, for callers outside the pure model.
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now()

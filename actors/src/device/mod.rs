@@ -178,13 +178,8 @@ impl DeviceState {
             )
             .into());
         }
-        let secret = secret::generate().map_err(unavailable)?;
-        let record = ThingRecord {
-            id: self.thing.clone(),
-            secret_hash: secret::hash(&secret),
-            enabled: true,
-            created_at: now_millis(),
-        };
+        let (record, secret) =
+            ThingRecord::new(self.thing.clone(), now_millis()).map_err(unavailable)?;
         self.commit(vec![Write::Thing(record.clone())]).await?;
         if let Some(l) = self.loaded.as_mut() {
             l.record = Some(record.clone());

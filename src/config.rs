@@ -1,0 +1,383 @@
+//! Configuration: one struct, layered defaults < TOML file < `DOPPEL_*` environment <
+//! command-line flags. Every bad setting fails at start with a message naming it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+use twin_actors::FleetConfig;
+use twin_gateway::GatewayConfig;
+use twin_model::Limits;
+
+pub const ENV_PREFIX: &str = "DOPPEL_";
+
+/// Every setting, with its default (described in [`DOCS`]). Field names are the TOML
+/// keys; the environment variable is `DOPPEL_` + the name in upper case; the flag is
+/// `--` + the name with dashes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub mqtt_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub auto_register: bool,
+    pub shards: usize,
+    pub max_resident_twins: usize,
+    pub idle_timeout_secs: u64,
+    pub max_pending_requests: usize,
+    pub max_state_bytes: usize,
+    pub history_per_shadow: u64,
+    pub mqtt_max_packet_size: usize,
+    pub mqtt_max_inflight_requests: usize,
+    pub mqtt_max_inflight_messages: u16,
+    pub mqtt_max_queued_messages: usize,
+    pub mqtt_session_expiry_secs: u64,
+    pub mqtt_max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let fleet = FleetConfig::default();
+        let gw = GatewayConfig::default();
+        Self {
+            data_dir: PathBuf::from("./doppel-data"),
+            mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            auto_register: false,
+            shards: fleet.shards,
+            max_resident_twins: fleet.max_resident_twins,
+            idle_timeout_secs: fleet.idle_timeout.as_secs(),
+            max_pending_requests: fleet.max_pending,
+            max_state_bytes: Limits::default().max_state_bytes,
+            history_per_shadow: 100,
+            mqtt_max_packet_size: gw.max_packet_size,
+            mqtt_max_inflight_requests: gw.max_inflight_requests,
+            mqtt_max_inflight_messages: gw.max_inflight_messages,
+            mqtt_max_queued_messages: gw.max_queued_messages,
+            mqtt_session_expiry_secs: gw.session_expiry.as_secs(),
+            mqtt_max_connections: gw.max_connections,
+        }
+    }
+}
+
+fn defaults_table() -> Table {
+    Table::try_from(Config::default()).expect("the default config serializes")
+}
+
+/// Converts an environment value to the type of the setting's default.
+fn typed(key: &str, raw: &str, like: &Value) -> anyhow::Result<Value> {
+    let var = format!("{ENV_PREFIX}{}", key.to_uppercase());
+    Ok(match like {
+        Value::Integer(_) => Value::Integer(
+            raw.trim()
+                .parse()
+                .with_context(|| format!("{var}={raw:?}: expected a whole number"))?,
+        ),
+        Value::Boolean(_) => Value::Boolean(match raw.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => bail!("{var}={raw:?}: expected true or false"),
+        }),
+        _ => Value::String(raw.to_owned()),
+    })
+}
+
+impl Config {
+    /// Builds the configuration: defaults, then the TOML file (if any), then `DOPPEL_*`
+    /// variables from `env`, then `flags` (TOML keys to values, from the command line).
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+        flags: Table,
+    ) -> anyhow::Result<Self> {
+        let defaults = defaults_table();
+        let mut merged = defaults.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let table: Table = toml::from_str(&text)
+                .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            for (k, v) in table {
+                if !defaults.contains_key(&k) {
+                    bail!(
+                        "config file {}: unknown setting `{k}` (see `doppel config --default`)",
+                        path.display()
+                    );
+                }
+                merged.insert(k, v);
+            }
+        }
+        for (var, raw) in env {
+            let Some(key) = var.strip_prefix(ENV_PREFIX).map(str::to_lowercase) else {
+                continue;
+            };
+            if let Some(like) = defaults.get(&key) {
+                merged.insert(key.clone(), typed(&key, raw, like)?);
+            }
+        }
+        merged.extend(flags);
+        let config: Config =
+            Value::Table(merged.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    // Name the setting: find the one value that does not fit on its own.
+                    let culprit = merged.iter().find(|(k, v)| {
+                        let mut one = defaults.clone();
+                        one.insert((*k).clone(), (*v).clone());
+                        Value::Table(one).try_into::<Config>().is_err()
+                    });
+                    match culprit {
+                        Some((k, v)) => anyhow::anyhow!(
+                            "setting `{k}` = {v}: {} (flag --{}, env {ENV_PREFIX}{})",
+                            e.message(),
+                            k.replace('_', "-"),
+                            k.to_uppercase()
+                        ),
+                        None => anyhow::anyhow!("invalid settings: {}", e.message()),
+                    }
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("shards", self.shards as u64),
+            ("max_resident_twins", self.max_resident_twins as u64),
+            ("max_pending_requests", self.max_pending_requests as u64),
+            ("max_state_bytes", self.max_state_bytes as u64),
+            ("history_per_shadow", self.history_per_shadow),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("mqtt_max_packet_size", self.mqtt_max_packet_size as u64),
+            (
+                "mqtt_max_inflight_requests",
+                self.mqtt_max_inflight_requests as u64,
+            ),
+            (
+                "mqtt_max_inflight_messages",
+                u64::from(self.mqtt_max_inflight_messages),
+            ),
+            (
+                "mqtt_max_queued_messages",
+                self.mqtt_max_queued_messages as u64,
+            ),
+            ("mqtt_max_connections", self.mqtt_max_connections as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                bail!("setting `{name}` must be at least 1");
+            }
+        }
+        if self.shards > 65_536 {
+            bail!("setting `shards` is {}; at most 65536", self.shards);
+        }
+        if self.mqtt_max_packet_size > 256 * 1024 * 1024 {
+            bail!("setting `mqtt_max_packet_size` is over the MQTT limit of 256 MiB");
+        }
+        Ok(())
+    }
+
+    pub fn fleet(&self) -> FleetConfig {
+        FleetConfig {
+            shards: self.shards,
+            max_resident_twins: self.max_resident_twins,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_pending: self.max_pending_requests,
+            limits: Limits {
+                max_state_bytes: self.max_state_bytes,
+                ..Limits::default()
+            },
+            auto_register: self.auto_register,
+            ..FleetConfig::default()
+        }
+    }
+
+    pub fn gateway(&self) -> GatewayConfig {
+        GatewayConfig {
+            max_packet_size: self.mqtt_max_packet_size,
+            max_inflight_requests: self.mqtt_max_inflight_requests,
+            max_inflight_messages: self.mqtt_max_inflight_messages,
+            max_queued_messages: self.mqtt_max_queued_messages,
+            session_expiry: Duration::from_secs(self.mqtt_session_expiry_secs),
+            max_connections: self.mqtt_max_connections,
+            ..GatewayConfig::default()
+        }
+    }
+
+    /// The defaults as a TOML file, each setting with its description.
+    pub fn default_toml() -> String {
+        let text = toml::to_string(&Config::default()).expect("the default config serializes");
+        let mut out = String::from(
+            "# Doppel configuration: every setting with its default.\n# Each is also DOPPEL_<NAME> in the environment and --<name-with-dashes> on the command line.\n",
+        );
+        for line in text.lines() {
+            if let Some((key, _)) = line.split_once(" = ")
+                && let Some(doc) = DOCS.iter().find(|(k, _)| *k == key).map(|(_, d)| d)
+            {
+                out.push_str(&format!("\n# {doc}\n"));
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// One line per setting, for `doppel config --default` (the README table says the same).
+pub const DOCS: &[(&str, &str)] = &[
+    ("data_dir", "Where the embedded store keeps its files."),
+    (
+        "mqtt_listen",
+        "MQTT device endpoint address (port 0 picks a free port).",
+    ),
+    (
+        "http_listen",
+        "HTTP address for /healthz and /readyz (port 0 picks a free port).",
+    ),
+    (
+        "auto_register",
+        "Development only: register unknown devices on connect and skip password checks.",
+    ),
+    ("shards", "Number of twin shards (supervisors)."),
+    (
+        "max_resident_twins",
+        "Twins kept in memory at most; the least recently used are passivated.",
+    ),
+    (
+        "idle_timeout_secs",
+        "Seconds of inactivity after which a twin is passivated.",
+    ),
+    (
+        "max_pending_requests",
+        "Requests in flight across the fleet; more are refused with 429.",
+    ),
+    (
+        "max_state_bytes",
+        "Largest shadow state (desired + reported), in bytes.",
+    ),
+    (
+        "history_per_shadow",
+        "Changes kept in each shadow's event history.",
+    ),
+    (
+        "mqtt_max_packet_size",
+        "Largest MQTT packet a device may send, in bytes.",
+    ),
+    (
+        "mqtt_max_inflight_requests",
+        "Shadow requests one connection may have in flight; more get 429.",
+    ),
+    (
+        "mqtt_max_inflight_messages",
+        "Unacknowledged QoS 1 messages per device.",
+    ),
+    (
+        "mqtt_max_queued_messages",
+        "Messages queued per session while its device is away or slow.",
+    ),
+    (
+        "mqtt_session_expiry_secs",
+        "Longest time, in seconds, a persistent session outlives its connection.",
+    ),
+    ("mqtt_max_connections", "Concurrent MQTT connections."),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_defaults_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("doppel.toml");
+        std::fs::write(
+            &file,
+            "shards = 8\nmax_state_bytes = 1000\ndata_dir = \"/from/file\"\n",
+        )
+        .unwrap();
+        let mut flags = Table::new();
+        flags.insert("shards".into(), Value::Integer(2));
+        let c = Config::load(
+            Some(&file),
+            &env(&[
+                ("DOPPEL_SHARDS", "4"),
+                ("DOPPEL_MAX_STATE_BYTES", "2000"),
+                ("PATH", "/bin"),
+            ]),
+            flags,
+        )
+        .unwrap();
+        assert_eq!(c.shards, 2, "flag beats env and file");
+        assert_eq!(c.max_state_bytes, 2000, "env beats file");
+        assert_eq!(
+            c.data_dir,
+            PathBuf::from("/from/file"),
+            "file beats default"
+        );
+        assert_eq!(c.mqtt_listen, Config::default().mqtt_listen);
+        assert_eq!(
+            Config::load(None, &BTreeMap::new(), Table::new()).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let err = Config::load(None, &env(&[("DOPPEL_SHARDS", "many")]), Table::new()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("DOPPEL_SHARDS=\"many\""),
+            "{err:#}"
+        );
+        let err = Config::load(
+            None,
+            &env(&[("DOPPEL_AUTO_REGISTER", "maybe")]),
+            Table::new(),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("DOPPEL_AUTO_REGISTER"),
+            "{err:#}"
+        );
+        let err = Config::load(
+            None,
+            &env(&[("DOPPEL_MQTT_LISTEN", "nowhere")]),
+            Table::new(),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("mqtt_listen"), "{err:#}");
+        let err = Config::load(None, &env(&[("DOPPEL_SHARDS", "0")]), Table::new()).unwrap_err();
+        assert_eq!(err.to_string(), "setting `shards` must be at least 1");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.toml");
+        std::fs::write(&file, "shardz = 3\n").unwrap();
+        let err = Config::load(Some(&file), &BTreeMap::new(), Table::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown setting `shardz`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_default_file_documents_and_round_trips_every_setting() {
+        let text = Config::default_toml();
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed, Config::default());
+        for key in defaults_table().keys() {
+            assert!(
+                DOCS.iter().any(|(k, _)| k == key),
+                "{key} has no description"
+            );
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The `doppel` binary's library half: configuration, the server wiring and the CLI's
+//! commands, as functions the binary calls (and tests can call).
+
+pub mod config;
+pub mod http;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use twin_actors::FleetHandle;
+use twin_gateway::Gateway;
+use twin_model::DeviceId;
+use twin_store::{Committer, EmbeddedStore, ThingRecord, TwinStore, Write, now_millis};
+
+pub use config::Config;
+
+/// Runs the platform until `shutdown` completes, then stops cleanly: devices are told,
+/// twins finish their mailboxes, the store is flushed.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if config.auto_register {
+        tracing::warn!(
+            "auto_register is on: unknown devices are registered when they connect and passwords are not checked; use it for development only"
+        );
+    }
+    let store: Arc<dyn TwinStore> = Arc::new(
+        EmbeddedStore::open(&config.data_dir, config.history_per_shadow)
+            .with_context(|| format!("cannot open data_dir {}", config.data_dir.display()))?,
+    );
+    let (committer, commit_thread) = Committer::start(store, 65_536, 8192)?;
+    let fleet = FleetHandle::start(config.fleet(), committer).await?;
+
+    let mqtt = tokio::net::TcpListener::bind(config.mqtt_listen)
+        .await
+        .with_context(|| format!("cannot listen on mqtt_listen {}", config.mqtt_listen))?;
+    let gateway = Gateway::start(mqtt, fleet.clone(), config.gateway())?;
+    let http = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on http_listen {}", config.http_listen))?;
+    let http_addr = http.local_addr()?;
+    let ready = Arc::new(AtomicBool::new(true));
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_task = tokio::spawn(
+        axum::serve(http, http::ops_router(ready.clone()))
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .into_future(),
+    );
+    tracing::info!("mqtt listening on {}", gateway.local_addr());
+    tracing::info!("http listening on {http_addr}");
+    tracing::info!(data_dir = %config.data_dir.display(), shards = config.shards, "doppel is ready");
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    ready.store(false, Ordering::SeqCst);
+    gateway.shutdown().await;
+    fleet.shutdown().await;
+    drop(fleet);
+    let _ = stop_http.send(());
+    let _ = http_task.await;
+    // The commit thread ends (after a final flush) once the last handle is gone.
+    tokio::task::spawn_blocking(move || commit_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the commit thread panicked"))?;
+    tracing::info!("stopped; every accepted change is on disk");
+    Ok(())
+}
+
+/// `doppel device add`: registers a thing directly in the data directory and returns its
+/// secret. Refused while a server holds the directory.
+pub fn add_device(config: &Config, id: &str) -> anyhow::Result<String> {
+    let id = DeviceId::parse(id)?;
+    let store = EmbeddedStore::open(&config.data_dir, config.history_per_shadow)?;
+    if store.thing(&id)?.is_some() {
+        anyhow::bail!("thing {id} is already registered");
+    }
+    let (record, secret) = ThingRecord::new(id, now_millis())?;
+    store.commit(&[Write::Thing(record)])?;
+    Ok(secret)
+}
+
+/// `doppel device list`: every registered thing, in id order.
+pub fn list_devices(config: &Config) -> anyhow::Result<Vec<ThingRecord>> {
+    let store = EmbeddedStore::open(&config.data_dir, config.history_per_shadow)?;
+    let mut all = Vec::new();
+    loop {
+        let page = store.things(all.last().map(|r: &ThingRecord| &r.id), 1000)?;
+        if page.is_empty() {
+            return Ok(all);
+        }
+        all.extend(page);
+    }
+}

@@ -1,0 +1,261 @@
+//! End-to-end tests of the real `doppel` binary: started as a process on port 0, driven
+//! by a real MQTT client, killed with SIGKILL.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Server {
+    child: Child,
+    mqtt: String,
+    http: String,
+}
+
+/// Starts `doppel serve` on free ports and waits for it to log both addresses.
+async fn start(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args([
+            "serve",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--auto-register",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut mqtt, mut http) = (None, None);
+    tokio::time::timeout(WAIT, async {
+        while mqtt.is_none() || http.is_none() {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("doppel exited before it was listening");
+            let addr = || line.rsplit(' ').next().unwrap().to_owned();
+            if line.contains("mqtt listening on ") {
+                mqtt = Some(addr());
+            } else if line.contains("http listening on ") {
+                http = Some(addr());
+            }
+        }
+    })
+    .await
+    .expect("doppel logs its addresses");
+    // Keep draining the log so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Server {
+        child,
+        mqtt: mqtt.unwrap(),
+        http: http.unwrap(),
+    }
+}
+
+async fn client(addr: &str, id: &str) -> (AsyncClient, EventLoop) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut o = MqttOptions::new(id, host, port.parse().unwrap());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (c, mut el) = AsyncClient::new(o, 100);
+    match tokio::time::timeout(WAIT, el.poll()).await.unwrap() {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => {}
+        other => panic!("no CONNACK: {other:?}"),
+    }
+    c.subscribe(format!("$aws/things/{id}/shadow/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = el.poll().await {
+            break (c, el);
+        }
+    }
+}
+
+/// The next message on a topic ending with `suffix`.
+async fn next_on(el: &mut EventLoop, suffix: &str) -> Value {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with(suffix) => {
+                    return serde_json::from_slice(&p.payload).unwrap();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing on {suffix}"))
+}
+
+#[tokio::test]
+async fn sigkill_loses_no_accepted_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path()).await;
+    let (c, mut el) = client(&server.mqtt, "crashy").await;
+    let topic = "$aws/things/crashy/shadow/update";
+    // A stream of updates, eight in flight at a time; kill right after the 150th accepted.
+    let mut accepted: Vec<(u64, u64)> = Vec::new();
+    let mut sent = 0u64;
+    for _ in 0..8 {
+        c.publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"state":{{"reported":{{"n":{sent}}}}}}}"#),
+        )
+        .await
+        .unwrap();
+        sent += 1;
+    }
+    while accepted.len() < 150 {
+        let a = next_on(&mut el, "/update/accepted").await;
+        accepted.push((
+            a["version"].as_u64().unwrap(),
+            a["state"]["reported"]["n"].as_u64().unwrap(),
+        ));
+        c.publish(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"state":{{"reported":{{"n":{sent}}}}}}}"#),
+        )
+        .await
+        .unwrap();
+        sent += 1;
+    }
+    server.child.start_kill().unwrap(); // SIGKILL
+    server.child.wait().await.unwrap();
+    drop(el);
+
+    let versions: Vec<u64> = accepted.iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        versions,
+        (1..=150).collect::<Vec<_>>(),
+        "one version per accepted update, in order"
+    );
+    let (last_version, _) = *accepted.last().unwrap();
+
+    let server = start(dir.path()).await;
+    let (c, mut el) = client(&server.mqtt, "crashy").await;
+    c.publish("$aws/things/crashy/shadow/get", QoS::AtLeastOnce, false, "")
+        .await
+        .unwrap();
+    let doc = next_on(&mut el, "/get/accepted").await;
+    let version = doc["version"].as_u64().unwrap();
+    let n = doc["state"]["reported"]["n"].as_u64().unwrap();
+    assert!(
+        version >= last_version,
+        "accepted version {last_version} lost: found {version}"
+    );
+    // Version v was the update that carried n = v - 1 (sent in order, one twin, one mailbox).
+    assert_eq!(n, version - 1, "the state belongs to the version");
+    assert!(version <= sent, "no version beyond what was sent");
+}
+
+#[tokio::test]
+async fn health_endpoints_and_the_device_registry_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_doppel");
+    let add = std::process::Command::new(bin)
+        .args(["device", "add", "meter-7", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let out = String::from_utf8(add.stdout).unwrap();
+    let secret = out
+        .lines()
+        .find_map(|l| l.rsplit_once(": ").map(|(_, s)| s.to_owned()))
+        .unwrap();
+    assert_eq!(secret.len(), 64, "{out}");
+
+    let again = std::process::Command::new(bin)
+        .args(["device", "add", "meter-7", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already registered"));
+    let bad = std::process::Command::new(bin)
+        .args(["device", "add", "bad/id", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("thing name contains '/'"));
+
+    let server = start(dir.path()).await;
+    for path in ["/healthz", "/readyz"] {
+        let status = http_get(&server.http, path).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{path}: {status}");
+    }
+    // The running server holds the directory: the CLI says so instead of corrupting it.
+    let busy = std::process::Command::new(bin)
+        .args(["device", "list", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("in use by a running doppel server"));
+
+    // The registered device connects with its secret.
+    let (host, port) = server.mqtt.rsplit_once(':').unwrap();
+    let mut o = MqttOptions::new("meter-7", host, port.parse().unwrap());
+    o.set_credentials("meter-7", secret);
+    let (_c, mut el) = AsyncClient::new(o, 10);
+    assert!(matches!(
+        tokio::time::timeout(WAIT, el.poll()).await.unwrap(),
+        Ok(Event::Incoming(Packet::ConnAck(_)))
+    ));
+
+    // SIGTERM stops it cleanly; then the registry is readable again.
+    let pid = server.child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let mut child = server.child;
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let list = std::process::Command::new(bin)
+        .args(["device", "list", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let listing = String::from_utf8(list.stdout).unwrap();
+    assert!(
+        listing.contains("meter-7") && listing.contains("1 device(s)"),
+        "{listing}"
+    );
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
