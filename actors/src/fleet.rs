@@ -189,7 +189,7 @@ impl FleetHandle {
     ) -> Reply<Arc<ShadowChange>> {
         self.request(thing, |reply, permit| DeviceMsg::Update {
             shadow,
-            request,
+            request: Box::new(request),
             reply,
             permit,
         })

@@ -347,6 +347,12 @@ impl Conn {
                 () = &mut idle, if self.keep_alive > 0 => {
                     return Close::Server(DisconnectCode::KeepAliveTimeout, "keep-alive timeout".into());
                 }
+                // Events before answers: a twin emits a change's event before it answers
+                // the next request, and the device sees them in that order. Both before
+                // reading more: an answer waiting to be drained must not count against
+                // the connection's in-flight limit.
+                () = link.notify.notified() => self.drain_link(),
+                Some(answer) = self.answers.next(), if !self.answers.is_empty() => self.on_answer(answer),
                 read = self.stream.read_buf(&mut self.rbuf) => {
                     match read {
                         Ok(0) => return Close::Lost("connection closed by the client".into()),
@@ -371,10 +377,6 @@ impl Conn {
                         }
                     }
                 }
-                // Events before answers: a twin emits a change's event before it answers
-                // the next request, and the device sees them in that order.
-                () = link.notify.notified() => self.drain_link(),
-                Some(answer) = self.answers.next(), if !self.answers.is_empty() => self.on_answer(answer),
             }
             self.pump();
         }

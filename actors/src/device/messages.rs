@@ -14,7 +14,7 @@ pub type Port<T> = RpcReplyPort<Result<T, FleetError>>;
 pub enum DeviceMsg {
     Update {
         shadow: ShadowName,
-        request: UpdateRequest,
+        request: Box<UpdateRequest>,
         reply: Port<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },

@@ -257,6 +257,73 @@ impl DeviceState {
     }
 }
 
+impl DeviceState {
+    async fn on(&mut self, msg: DeviceMsg) {
+        match msg {
+            DeviceMsg::Update {
+                shadow,
+                request,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.update(shadow, *request).await);
+                drop(permit);
+            }
+            DeviceMsg::Get {
+                shadow,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.get(&shadow).await);
+                drop(permit);
+            }
+            DeviceMsg::Delete {
+                shadow,
+                client_token,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.delete(shadow, client_token).await);
+                drop(permit);
+            }
+            DeviceMsg::Connect {
+                password,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.connect(password).await);
+                drop(permit);
+            }
+            DeviceMsg::Disconnected { session, reason } => {
+                if session == self.session {
+                    let c = Connectivity {
+                        connected: false,
+                        since: now_millis(),
+                        disconnect_reason: Some(reason),
+                    };
+                    if let Err(e) = self.set_connectivity(c).await {
+                        tracing::warn!(thing = %self.thing, error = %e, "could not record a disconnect");
+                    }
+                }
+            }
+            DeviceMsg::Register { reply, permit } => {
+                answer(reply, self.register().await.map(|(_, secret)| secret));
+                drop(permit);
+            }
+            DeviceMsg::SetEnabled {
+                enabled,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.set_enabled(enabled).await);
+                drop(permit);
+            }
+            #[cfg(test)]
+            DeviceMsg::Crash => panic!("test-induced panic in twin {}", self.thing),
+        }
+    }
+}
+
 fn answer<T>(reply: Port<T>, result: Result<T, FleetError>) {
     // The caller may have given up (timeout, closed connection); nothing to do then.
     let _ = reply.send(result);
@@ -286,68 +353,9 @@ impl Actor for DeviceTwin {
         msg: DeviceMsg,
         state: &mut DeviceState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            DeviceMsg::Update {
-                shadow,
-                request,
-                reply,
-                permit,
-            } => {
-                answer(reply, state.update(shadow, request).await);
-                drop(permit);
-            }
-            DeviceMsg::Get {
-                shadow,
-                reply,
-                permit,
-            } => {
-                answer(reply, state.get(&shadow).await);
-                drop(permit);
-            }
-            DeviceMsg::Delete {
-                shadow,
-                client_token,
-                reply,
-                permit,
-            } => {
-                answer(reply, state.delete(shadow, client_token).await);
-                drop(permit);
-            }
-            DeviceMsg::Connect {
-                password,
-                reply,
-                permit,
-            } => {
-                answer(reply, state.connect(password).await);
-                drop(permit);
-            }
-            DeviceMsg::Disconnected { session, reason } => {
-                if session == state.session {
-                    let c = Connectivity {
-                        connected: false,
-                        since: now_millis(),
-                        disconnect_reason: Some(reason),
-                    };
-                    if let Err(e) = state.set_connectivity(c).await {
-                        tracing::warn!(thing = %state.thing, error = %e, "could not record a disconnect");
-                    }
-                }
-            }
-            DeviceMsg::Register { reply, permit } => {
-                answer(reply, state.register().await.map(|(_, secret)| secret));
-                drop(permit);
-            }
-            DeviceMsg::SetEnabled {
-                enabled,
-                reply,
-                permit,
-            } => {
-                answer(reply, state.set_enabled(enabled).await);
-                drop(permit);
-            }
-            #[cfg(test)]
-            DeviceMsg::Crash => panic!("test-induced panic in twin {}", state.thing),
-        }
+        // The work is boxed: an idle twin's task then keeps a pointer, not the largest
+        // in-flight state of any message.
+        Box::pin(state.on(msg)).await;
         Ok(())
     }
 }
