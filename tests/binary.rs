@@ -1,69 +1,13 @@
 //! End-to-end tests of the real `doppel` binary: started as a process on port 0, driven
 //! by a real MQTT client, killed with SIGKILL.
 
-use std::path::Path;
-use std::process::Stdio;
+mod common;
+
 use std::time::Duration;
 
+use common::{WAIT, start};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Server {
-    child: Child,
-    mqtt: String,
-    http: String,
-}
-
-/// Starts `doppel serve` on free ports and waits for it to log both addresses.
-async fn start(dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_doppel"))
-        .args([
-            "serve",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--auto-register",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut mqtt, mut http) = (None, None);
-    tokio::time::timeout(WAIT, async {
-        while mqtt.is_none() || http.is_none() {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("doppel exited before it was listening");
-            let addr = || line.rsplit(' ').next().unwrap().to_owned();
-            if line.contains("mqtt listening on ") {
-                mqtt = Some(addr());
-            } else if line.contains("http listening on ") {
-                http = Some(addr());
-            }
-        }
-    })
-    .await
-    .expect("doppel logs its addresses");
-    // Keep draining the log so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Server {
-        child,
-        mqtt: mqtt.unwrap(),
-        http: http.unwrap(),
-    }
-}
 
 async fn client(addr: &str, id: &str) -> (AsyncClient, EventLoop) {
     let (host, port) = addr.rsplit_once(':').unwrap();
@@ -104,7 +48,7 @@ async fn next_on(el: &mut EventLoop, suffix: &str) -> Value {
 #[tokio::test]
 async fn sigkill_loses_no_accepted_version() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start(dir.path()).await;
+    let mut server = start(dir.path(), &["--auto-register"]).await;
     let (c, mut el) = client(&server.mqtt, "crashy").await;
     let topic = "$aws/things/crashy/shadow/update";
     // A stream of updates, eight in flight at a time; kill right after the 150th accepted.
@@ -149,7 +93,7 @@ async fn sigkill_loses_no_accepted_version() {
     );
     let (last_version, _) = *accepted.last().unwrap();
 
-    let server = start(dir.path()).await;
+    let server = start(dir.path(), &["--auto-register"]).await;
     let (c, mut el) = client(&server.mqtt, "crashy").await;
     c.publish("$aws/things/crashy/shadow/get", QoS::AtLeastOnce, false, "")
         .await
@@ -201,7 +145,7 @@ async fn health_endpoints_and_the_device_registry_cli() {
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("thing name contains '/'"));
 
-    let server = start(dir.path()).await;
+    let server = start(dir.path(), &[]).await;
     for path in ["/healthz", "/readyz"] {
         let status = http_get(&server.http, path).await;
         assert!(status.starts_with("HTTP/1.1 200"), "{path}: {status}");
