@@ -1,0 +1,139 @@
+//! `doppel-load`: the command line of the device simulator.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use twin_load::scenarios::{self, Fleet, Pace, parse_duration};
+
+#[derive(Parser)]
+#[command(
+    name = "doppel-load",
+    version,
+    about = "Simulated MQTT devices and benchmark scenarios for Doppel (and any MQTT broker)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args)]
+struct Output {
+    /// Write the full report (totals, percentiles, per-second timeline) as JSON
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Draw throughput and latency over time as a PNG
+    #[arg(long)]
+    chart: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Every device publishes reported updates to its shadow and waits for update/accepted.
+    /// Measures durable updates per second and publish-to-accepted latency.
+    /// Run Doppel with --auto-register.
+    ShadowUpdate {
+        #[command(flatten)]
+        fleet: Fleet,
+        #[command(flatten)]
+        pace: Pace,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Connects every device as fast as the server accepts them.
+    /// Measures connections per second and failures.
+    ConnectStorm {
+        #[command(flatten)]
+        fleet: Fleet,
+        /// Keep the fleet connected this long after the last connection
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        hold: Duration,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Connects every device, activates its twin with one update, holds the fleet idle and
+    /// reads the server's memory from /proc/PID/status: bytes per resident twin.
+    IdleFleet {
+        #[command(flatten)]
+        fleet: Fleet,
+        /// Process id of the server under test (same machine)
+        #[arg(long)]
+        server_pid: u32,
+        /// Idle time before the memory is read
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        hold: Duration,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// The same devices and payloads as shadow-update against any MQTT broker, as a QoS 1
+    /// echo (each device subscribes to load/ID and publishes to it): the raw broker ceiling.
+    Baseline {
+        #[command(flatten)]
+        fleet: Fleet,
+        #[command(flatten)]
+        pace: Pace,
+        #[command(flatten)]
+        output: Output,
+    },
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (report, output) = match cli.scenario {
+        Scenario::ShadowUpdate {
+            fleet,
+            pace,
+            output,
+        } => (scenarios::shadow_update(&fleet, &pace).await?, output),
+        Scenario::ConnectStorm {
+            fleet,
+            hold,
+            output,
+        } => (scenarios::connect_storm(&fleet, hold).await?, output),
+        Scenario::IdleFleet {
+            fleet,
+            server_pid,
+            hold,
+            output,
+        } => (
+            scenarios::idle_fleet(&fleet, hold, server_pid).await?,
+            output,
+        ),
+        Scenario::Baseline {
+            fleet,
+            pace,
+            output,
+        } => (scenarios::baseline(&fleet, &pace).await?, output),
+    };
+    print!("{}", report.summary());
+    if let Some(path) = &output.report {
+        report.write_json(path)?;
+        println!("report: {}", path.display());
+    }
+    if let Some(path) = &output.chart {
+        report.write_chart(path)?;
+        println!("chart: {}", path.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! The benchmark scenarios. Each connects a fleet of simulated devices (one MQTT
+//! connection each), runs, and returns a [`Report`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::bail;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Map, Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::client::{Conn, Incoming, Protocol, source_addr};
+use crate::report::{Machine, Report};
+use crate::stats::{Pacer, Recorder};
+
+/// Parses `30s`, `2m`, `500ms`, `1h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: use 30s, 2m, 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?}: use ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The simulated fleet, common to every scenario.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Fleet {
+    /// MQTT server to load (Doppel with --auto-register, or any broker for `baseline`)
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub target: SocketAddr,
+    /// Simulated devices, one MQTT connection each
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    #[arg(long, value_enum, default_value_t = Protocol::V4)]
+    pub protocol: Protocol,
+    /// Spread connections over this many loopback source addresses (127.0.0.1, .2, ...), to
+    /// go past one address's ephemeral ports; 0 lets the OS choose
+    #[arg(long, default_value_t = 8)]
+    pub source_addrs: usize,
+    /// Device ids are PREFIX-0000001, PREFIX-0000002, ...
+    #[arg(long, default_value = "load")]
+    pub prefix: String,
+    /// Connections being opened at once
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// MQTT password of every device (Doppel with --auto-register does not check it)
+    #[arg(long)]
+    pub password: Option<String>,
+}
+
+impl Fleet {
+    fn id(&self, i: usize) -> String {
+        format!("{}-{:07}", self.prefix, i + 1)
+    }
+
+    /// Connects every device; failed connections are counted in `recorder` and left out.
+    async fn connect(
+        &self,
+        recorder: Option<&Arc<Recorder>>,
+        keep_alive: Duration,
+    ) -> (Vec<(usize, Conn)>, Vec<String>) {
+        let gate = Arc::new(Semaphore::new(self.connect_concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        for i in 0..self.devices {
+            let gate = gate.clone();
+            let (target, protocol, bind) = (
+                self.target,
+                self.protocol,
+                source_addr(i, self.source_addrs),
+            );
+            let (id, password) = (self.id(i), self.password.clone());
+            let recorder = recorder.cloned();
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await;
+                let t0 = Instant::now();
+                let conn =
+                    Conn::connect(target, bind, protocol, &id, password.as_deref(), keep_alive)
+                        .await;
+                if let Some(r) = &recorder {
+                    match &conn {
+                        Ok(_) => r.success(Instant::now(), t0.elapsed()),
+                        Err(_) => r.failure(Instant::now()),
+                    }
+                }
+                (i, conn)
+            });
+        }
+        let mut conns = Vec::with_capacity(self.devices);
+        let mut failures = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, Ok(c))) => conns.push((i, c)),
+                Ok((i, Err(e))) => failures.push(format!("{}: {e:#}", self.id(i))),
+                Err(e) => failures.push(format!("connect task: {e}")),
+            }
+        }
+        conns.sort_by_key(|(i, _)| *i);
+        (conns, failures)
+    }
+}
+
+/// How long and how fast.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Pace {
+    /// How long to run (30s, 2m, ...)
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Target operations per second across all devices; 0 runs flat out (each device
+    /// sends its next request when the previous one is answered)
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+}
+
+fn progress(
+    recorder: &Arc<Recorder>,
+    label: &'static str,
+) -> (ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    let (b, r) = (bar.clone(), recorder.clone());
+    let ticker = tokio::spawn(async move {
+        let mut last = (Instant::now(), 0u64);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let ok = r.ok.load(Ordering::Relaxed);
+            let rate = (ok - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            last = (Instant::now(), ok);
+            b.set_message(format!(
+                "{label}: {ok} ({rate:.0}/s), errors: {}",
+                r.errors.load(Ordering::Relaxed)
+            ));
+            b.tick();
+        }
+    });
+    (bar, ticker)
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn report(
+    scenario: &str,
+    fleet: &Fleet,
+    start: Instant,
+    started_at: u64,
+    recorder: &Recorder,
+    figures: Map<String, Value>,
+) -> Report {
+    let duration = start.elapsed().as_secs_f64();
+    let ok = recorder.ok.load(Ordering::Relaxed);
+    Report {
+        scenario: scenario.into(),
+        target: fleet.target.to_string(),
+        protocol: format!("{:?}", fleet.protocol).to_lowercase(),
+        devices: fleet.devices,
+        command: command_line(),
+        started_at,
+        duration_secs: duration,
+        ok,
+        errors: recorder.errors.load(Ordering::Relaxed),
+        throughput: ok as f64 / duration.max(1e-9),
+        latency_us: recorder.latency(),
+        timeline: recorder.timeline(),
+        figures,
+        machine: Machine::this(),
+    }
+}
+
+fn now_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A request/response loop run by every device: `request` publishes, `answered` says
+/// whether a received topic ends the operation (and whether as a success).
+async fn request_loop(
+    fleet: &Fleet,
+    pace: &Pace,
+    conns: Vec<(usize, Conn)>,
+    recorder: Arc<Recorder>,
+    start: Instant,
+    topics: impl Fn(&str) -> (String, String, String) + Send + Sync + 'static,
+) {
+    let deadline = start + pace.duration;
+    let topics = Arc::new(topics);
+    let devices = fleet.devices;
+    let mut tasks = JoinSet::new();
+    for (i, mut conn) in conns {
+        let (recorder, topics, rate) = (recorder.clone(), topics.clone(), pace.rate);
+        let id = fleet.id(i);
+        tasks.spawn(async move {
+            let (request, ok_topic, err_topic) = topics(&id);
+            let mut pacer = Pacer::new(rate, devices, start, i);
+            let mut seq = 0u64;
+            loop {
+                let due = pacer.next_due(Instant::now());
+                if due >= deadline {
+                    return;
+                }
+                tokio::time::sleep_until(due.into()).await;
+                seq += 1;
+                let payload = format!(r#"{{"state":{{"reported":{{"seq":{seq},"temp":{}.5,"status":"running"}}}},"clientToken":"{seq}"}}"#, 20 + seq % 10);
+                // Paced runs measure from when the request was due, so a slow server is
+                // not hidden by requests that were never sent (coordinated omission).
+                let t0 = if rate > 0.0 { due } else { Instant::now() };
+                if conn.publish(&request, payload.as_bytes()).await.is_err() {
+                    recorder.failure(Instant::now());
+                    return;
+                }
+                match conn.publish_where(|t| t == ok_topic || t == err_topic).await {
+                    Ok((t, _)) if t == ok_topic => recorder.success(Instant::now(), t0.elapsed()),
+                    Ok(_) => recorder.failure(Instant::now()),
+                    Err(_) => {
+                        recorder.failure(Instant::now());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn connect_failures(failures: &[String], figures: &mut Map<String, Value>) {
+    if !failures.is_empty() {
+        figures.insert("connect_failures".into(), json!(failures.len()));
+        figures.insert("first_connect_failure".into(), json!(failures[0]));
+    }
+}
+
+/// `shadow-update`: every device publishes reported updates to its shadow and waits for
+/// `update/accepted`.
+pub async fn shadow_update(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report> {
+    let (mut conns, failures) = fleet.connect(None, Duration::from_secs(60)).await;
+    if conns.is_empty() {
+        bail!(
+            "no device could connect to {}: {}",
+            fleet.target,
+            failures.first().map_or("", String::as_str)
+        );
+    }
+    for (i, conn) in &mut conns {
+        conn.subscribe(&format!("$aws/things/{}/shadow/update/+", fleet.id(*i)))
+            .await?;
+    }
+    let started_at = now_epoch();
+    let start = Instant::now();
+    let recorder = Arc::new(Recorder::new(start));
+    let (bar, ticker) = progress(&recorder, "accepted");
+    request_loop(fleet, pace, conns, recorder.clone(), start, |id| {
+        let base = format!("$aws/things/{id}/shadow/update");
+        (
+            base.clone(),
+            format!("{base}/accepted"),
+            format!("{base}/rejected"),
+        )
+    })
+    .await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let mut figures = Map::new();
+    connect_failures(&failures, &mut figures);
+    Ok(report(
+        "shadow-update",
+        fleet,
+        start,
+        started_at,
+        &recorder,
+        figures,
+    ))
+}
+
+/// `baseline`: the same devices and payloads as `shadow-update`, against any MQTT broker,
+/// as a QoS 1 echo: each device subscribes to `load/{id}` and publishes to it.
+pub async fn baseline(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report> {
+    let (mut conns, failures) = fleet.connect(None, Duration::from_secs(60)).await;
+    if conns.is_empty() {
+        bail!(
+            "no device could connect to {}: {}",
+            fleet.target,
+            failures.first().map_or("", String::as_str)
+        );
+    }
+    for (i, conn) in &mut conns {
+        conn.subscribe(&format!("load/{}", fleet.id(*i))).await?;
+    }
+    let started_at = now_epoch();
+    let start = Instant::now();
+    let recorder = Arc::new(Recorder::new(start));
+    let (bar, ticker) = progress(&recorder, "echoed");
+    request_loop(fleet, pace, conns, recorder.clone(), start, |id| {
+        let topic = format!("load/{id}");
+        (topic.clone(), topic, String::new())
+    })
+    .await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let mut figures = Map::new();
+    connect_failures(&failures, &mut figures);
+    Ok(report(
+        "baseline", fleet, start, started_at, &recorder, figures,
+    ))
+}
+
+/// `connect-storm`: connects every device as fast as the server accepts them.
+pub async fn connect_storm(fleet: &Fleet, hold: Duration) -> anyhow::Result<Report> {
+    let started_at = now_epoch();
+    let start = Instant::now();
+    let recorder = Arc::new(Recorder::new(start));
+    let (bar, ticker) = progress(&recorder, "connected");
+    let (conns, failures) = fleet
+        .connect(Some(&recorder), Duration::from_secs(300))
+        .await;
+    let elapsed = start.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.finish_and_clear();
+    let mut figures = Map::new();
+    figures.insert("connected".into(), json!(conns.len()));
+    figures.insert(
+        "seconds_to_connect_all".into(),
+        json!((elapsed * 100.0).round() / 100.0),
+    );
+    figures.insert(
+        "connections_per_sec".into(),
+        json!((conns.len() as f64 / elapsed).round()),
+    );
+    connect_failures(&failures, &mut figures);
+    tokio::time::sleep(hold).await;
+    let r = report(
+        "connect-storm",
+        fleet,
+        start,
+        started_at,
+        &recorder,
+        figures,
+    );
+    drop(conns);
+    Ok(r)
+}
+
+/// The resident set of process `pid`, from `/proc/<pid>/status`.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// `idle-fleet`: connects every device, activates its twin with one update, then holds
+/// the fleet idle (pinging) and reports the server's memory per resident twin.
+pub async fn idle_fleet(fleet: &Fleet, hold: Duration, server_pid: u32) -> anyhow::Result<Report> {
+    let rss_before = rss_bytes(server_pid)?;
+    let started_at = now_epoch();
+    let start = Instant::now();
+    let recorder = Arc::new(Recorder::new(start));
+    let (bar, ticker) = progress(&recorder, "twins activated");
+    let keep_alive = Duration::from_secs(60);
+    let (conns, failures) = fleet.connect(None, keep_alive).await;
+    let gate = Arc::new(Semaphore::new(fleet.connect_concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    let hold_until = Arc::new(tokio::sync::Notify::new());
+    let connected = conns.len();
+    let (activated_tx, mut activated_rx) = tokio::sync::mpsc::channel::<()>(1024);
+    for (i, mut conn) in conns {
+        let (recorder, gate, id, hold_until) = (
+            recorder.clone(),
+            gate.clone(),
+            fleet.id(i),
+            hold_until.clone(),
+        );
+        let activated_tx = activated_tx.clone();
+        tasks.spawn(async move {
+            let activated = {
+                let _permit = gate.acquire().await;
+                let base = format!("$aws/things/{id}/shadow/update");
+                let t0 = Instant::now();
+                let ok = async {
+                    conn.subscribe(&format!("{base}/accepted")).await?;
+                    conn.publish(
+                        &base,
+                        br#"{"state":{"reported":{"online":true,"fw":"1.0.0"}}}"#,
+                    )
+                    .await?;
+                    conn.publish_where(|t| t.ends_with("/accepted")).await
+                }
+                .await;
+                match ok {
+                    Ok(_) => {
+                        recorder.success(Instant::now(), t0.elapsed());
+                        true
+                    }
+                    Err(_) => {
+                        recorder.failure(Instant::now());
+                        false
+                    }
+                }
+            };
+            let _ = activated_tx.send(()).await;
+            if !activated {
+                return;
+            }
+            // Idle: a ping every half keep-alive until the measurement is taken.
+            loop {
+                tokio::select! {
+                    () = hold_until.notified() => return,
+                    () = tokio::time::sleep(keep_alive / 2) => {
+                        if conn.ping().await.is_err() {
+                            return;
+                        }
+                        while !matches!(conn.next().await, Ok(Incoming::PingResp) | Err(_)) {}
+                    }
+                }
+            }
+        });
+    }
+    // Every device reports once, activated or not.
+    for _ in 0..connected {
+        activated_rx.recv().await;
+    }
+    ticker.abort();
+    bar.finish_and_clear();
+    tokio::time::sleep(hold).await;
+    let rss_after = rss_bytes(server_pid)?;
+    let twins = recorder.ok.load(Ordering::Relaxed);
+    let mut figures = Map::new();
+    figures.insert("resident_twins".into(), json!(twins));
+    figures.insert("server_rss_before_mib".into(), json!(rss_before >> 20));
+    figures.insert("server_rss_after_mib".into(), json!(rss_after >> 20));
+    figures.insert(
+        "server_bytes_per_connected_twin".into(),
+        json!(rss_after.saturating_sub(rss_before) / twins.max(1)),
+    );
+    connect_failures(&failures, &mut figures);
+    let r = report("idle-fleet", fleet, start, started_at, &recorder, figures);
+    hold_until.notify_waiters();
+    drop(tasks);
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn rss_of_this_process() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 1 << 20);
+    }
+}
