@@ -10,6 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use doppel::Config;
 use serde::Serialize;
 
+/// The server allocates and frees small JSON values and buffers at a high rate; glibc's
+/// allocator spent a fifth of the CPU at saturation (see load-tests/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "doppel",

@@ -328,7 +328,11 @@ impl Conn {
         let keep_alive = Duration::from_millis(u64::from(self.keep_alive) * 1500);
         let idle = tokio::time::sleep(keep_alive);
         tokio::pin!(idle);
-        // Anything queued while the device was away goes out first.
+        // Packets that came in the same read as CONNECT, then anything queued while the
+        // device was away.
+        if let Some(close) = self.process_input() {
+            return close;
+        }
         self.drain_link();
         self.pump();
         loop {
@@ -362,23 +366,42 @@ impl Conn {
                     if self.keep_alive > 0 {
                         idle.as_mut().reset(tokio::time::Instant::now() + keep_alive);
                     }
-                    loop {
-                        match codec::read(&mut self.rbuf, self.version, self.ctx.config.max_packet_size) {
-                            Ok(Some(packet)) => {
-                                if let Some(close) = self.on_packet(packet) {
-                                    return close;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(codec::CodecError::TooLarge(n)) => {
-                                return Close::Server(DisconnectCode::PacketTooLarge, format!("packet of {n} bytes is over the maximum packet size"));
-                            }
-                            Err(e) => return Close::Server(DisconnectCode::MalformedPacket, e.to_string()),
-                        }
+                    if let Some(close) = self.process_input() {
+                        return close;
                     }
                 }
             }
             self.pump();
+        }
+    }
+
+    /// Handles every complete packet in the input buffer.
+    fn process_input(&mut self) -> Option<Close> {
+        loop {
+            match codec::read(
+                &mut self.rbuf,
+                self.version,
+                self.ctx.config.max_packet_size,
+            ) {
+                Ok(Some(packet)) => {
+                    if let Some(close) = self.on_packet(packet) {
+                        return Some(close);
+                    }
+                }
+                Ok(None) => return None,
+                Err(codec::CodecError::TooLarge(n)) => {
+                    return Some(Close::Server(
+                        DisconnectCode::PacketTooLarge,
+                        format!("packet of {n} bytes is over the maximum packet size"),
+                    ));
+                }
+                Err(e) => {
+                    return Some(Close::Server(
+                        DisconnectCode::MalformedPacket,
+                        e.to_string(),
+                    ));
+                }
+            }
         }
     }
 
@@ -588,16 +611,19 @@ impl Conn {
 
     /// Queues a message for the device if it subscribed to `topic`; the payload is built
     /// only then.
-    fn publish(&mut self, topic: String, build: impl FnOnce() -> serde_json::Value) {
+    fn publish<P: serde::Serialize>(&mut self, topic: String, build: impl FnOnce() -> P) {
         let mut st = lock(&self.slot.state);
         let Some(qos) = st.qos_for(&topic) else {
             return;
         };
-        let payload = Bytes::from(serde_json::to_vec(&build()).unwrap_or_default());
+        // Most payloads fit; a larger one grows the buffer once or twice.
+        let mut buf = Vec::with_capacity(512);
+        // Payloads are plain data: serializing them cannot fail.
+        let _ = serde_json::to_writer(&mut buf, &build());
         st.push(
             OutMsg {
                 topic,
-                payload,
+                payload: Bytes::from(buf),
                 qos,
             },
             self.ctx.config.max_queued_messages,

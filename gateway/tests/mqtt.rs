@@ -478,8 +478,26 @@ async fn qos_2_is_refused_as_documented() {
     assert_eq!(d.closed().await, Some(0x9B));
 }
 
+/// The next MQTT 3.1.1 packet on a raw socket.
+async fn next_v4(
+    sock: &mut tokio::net::TcpStream,
+    inbuf: &mut bytes::BytesMut,
+) -> rumqttc::mqttbytes::v4::Packet {
+    loop {
+        if let Ok(p) = rumqttc::mqttbytes::v4::Packet::read(inbuf, 1 << 20) {
+            return p;
+        }
+        let n = tokio::time::timeout(WAIT, sock.read_buf(inbuf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the server closed the connection");
+    }
+}
+
 #[tokio::test]
 async fn too_many_requests_in_flight_get_429() {
+    use rumqttc::mqttbytes::{QoS, v4};
     let s = server_with(
         FleetConfig::default(),
         GatewayConfig {
@@ -488,24 +506,44 @@ async fn too_many_requests_in_flight_get_429() {
         },
     )
     .await;
-    let mut d = device(&s, Proto::V5, "busy").await;
-    assert_eq!(d.subscribe(&format!("{}/#", shadow("busy"))).await, 1);
-    for i in 0..20 {
-        d.publish(
-            &format!("{}/update", shadow("busy")),
-            format!(r#"{{"state":{{"reported":{{"i":{i}}}}},"clientToken":"t{i}"}}"#),
-        )
-        .await;
+    let secret = s.register("busy").await;
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    let mut connect = v4::Connect::new("busy");
+    connect.set_login("busy", secret);
+    connect.write(&mut out).unwrap();
+    let mut sub = v4::Subscribe::new(format!("{}/update/+", shadow("busy")), QoS::AtLeastOnce);
+    sub.pkid = 1;
+    sub.write(&mut out).unwrap();
+    sock.write_all(&out).await.unwrap();
+    let mut inbuf = bytes::BytesMut::new();
+    assert!(matches!(
+        next_v4(&mut sock, &mut inbuf).await,
+        v4::Packet::ConnAck(_)
+    ));
+    assert!(matches!(
+        next_v4(&mut sock, &mut inbuf).await,
+        v4::Packet::SubAck(_)
+    ));
+    // Twenty requests in one write: the endpoint reads them together, before any answer.
+    let mut burst = bytes::BytesMut::new();
+    for i in 0..20u16 {
+        let body = format!(r#"{{"state":{{"reported":{{"i":{i}}}}},"clientToken":"t{i}"}}"#);
+        let mut p = v4::Publish::new(format!("{}/update", shadow("busy")), QoS::AtLeastOnce, body);
+        p.pkid = i + 2;
+        p.write(&mut burst).unwrap();
     }
-    let mut accepted = 0;
-    let mut throttled = 0;
+    sock.write_all(&burst).await.unwrap();
+    let (mut accepted, mut throttled) = (0, 0);
     while accepted + throttled < 20 {
-        let (topic, p) = d.message().await;
-        if topic.ends_with("/update/accepted") {
-            accepted += 1;
-        } else if topic.ends_with("/update/rejected") {
-            assert_eq!(p["code"], 429);
-            throttled += 1;
+        if let v4::Packet::Publish(p) = next_v4(&mut sock, &mut inbuf).await {
+            let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            if p.topic.ends_with("/update/accepted") {
+                accepted += 1;
+            } else if p.topic.ends_with("/update/rejected") {
+                assert_eq!(body["code"], 429, "{body}");
+                throttled += 1;
+            }
         }
     }
     assert!(

@@ -229,6 +229,18 @@ impl Shadow {
         now: u64,
         limits: &Limits,
     ) -> Result<ShadowChange, Rejection> {
+        self.update(req, now, limits).map(|(change, _)| change)
+    }
+
+    /// [`Shadow::decide_update`] that also returns the shadow after the change: deciding
+    /// must apply the change to measure the result, and a caller that needs the new state
+    /// (a twin) should not apply it a second time.
+    pub fn update(
+        &self,
+        req: &UpdateRequest,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<(ShadowChange, Shadow), Rejection> {
         if let Some(v) = req.version
             && v != self.version
         {
@@ -251,7 +263,7 @@ impl Shadow {
         if size > limits.max_state_bytes {
             return Err(Rejection::too_large());
         }
-        Ok(change)
+        Ok((change, next))
     }
 
     /// Validates a delete: the shadow must exist.
@@ -305,39 +317,46 @@ impl Shadow {
         json::delta(self.desired.as_ref()?, self.reported.as_ref())
     }
 
-    fn state_value(&self, with_delta: bool) -> Value {
-        let mut state = Map::new();
-        if let Some(d) = &self.desired {
-            state.insert("desired".into(), Value::Object(d.clone()));
+    fn view(&self, with_delta: bool) -> DocumentView<'_> {
+        DocumentView {
+            state: StateView {
+                desired: self.desired.as_ref(),
+                reported: self.reported.as_ref(),
+                delta: if with_delta { self.delta() } else { None },
+            },
+            metadata: MetadataView {
+                desired: self.metadata_desired.as_ref(),
+                reported: self.metadata_reported.as_ref(),
+            },
+            version: self.version,
         }
-        if let Some(r) = &self.reported {
-            state.insert("reported".into(), Value::Object(r.clone()));
-        }
-        if with_delta && let Some(d) = self.delta() {
-            state.insert("delta".into(), Value::Object(d));
-        }
-        Value::Object(state)
     }
+}
 
-    fn metadata_value(&self) -> Value {
-        let mut meta = Map::new();
-        if let Some(d) = &self.metadata_desired {
-            meta.insert("desired".into(), Value::Object(d.clone()));
-        }
-        if let Some(r) = &self.metadata_reported {
-            meta.insert("reported".into(), Value::Object(r.clone()));
-        }
-        Value::Object(meta)
-    }
+/// A shadow as AWS shows it, borrowed: serializing it copies nothing.
+#[derive(Serialize)]
+pub struct DocumentView<'a> {
+    state: StateView<'a>,
+    metadata: MetadataView<'a>,
+    version: u64,
+}
 
-    /// `{"state":{desired,reported},"metadata":{..},"version":N}` as in `documents`.
-    pub fn document(&self) -> Value {
-        let mut doc = Map::new();
-        doc.insert("state".into(), self.state_value(false));
-        doc.insert("metadata".into(), self.metadata_value());
-        doc.insert("version".into(), Value::from(self.version));
-        Value::Object(doc)
-    }
+#[derive(Serialize)]
+struct StateView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    desired: Option<&'a Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reported: Option<&'a Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<Map<String, Value>>,
+}
+
+#[derive(Serialize)]
+struct MetadataView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    desired: Option<&'a Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reported: Option<&'a Map<String, Value>>,
 }
 
 fn apply_section(
@@ -411,27 +430,49 @@ pub mod payload {
     }
 
     /// `update/documents`: the shadow before and after.
-    pub fn documents(
-        previous: &Shadow,
-        current: &Shadow,
+    pub fn documents<'a>(
+        previous: &'a Shadow,
+        current: &'a Shadow,
         timestamp: u64,
-        client_token: Option<&str>,
-    ) -> Value {
-        let mut p = Map::new();
-        p.insert("previous".into(), previous.document());
-        p.insert("current".into(), current.document());
-        p.insert("timestamp".into(), Value::from(timestamp));
-        with_token(p, client_token)
+        client_token: Option<&'a str>,
+    ) -> Documents<'a> {
+        Documents {
+            previous: previous.view(false),
+            current: current.view(false),
+            timestamp,
+            client_token,
+        }
+    }
+
+    #[derive(Serialize)]
+    pub struct Documents<'a> {
+        previous: DocumentView<'a>,
+        current: DocumentView<'a>,
+        timestamp: u64,
+        #[serde(rename = "clientToken", skip_serializing_if = "Option::is_none")]
+        client_token: Option<&'a str>,
     }
 
     /// `get/accepted`: state with delta, metadata, version.
-    pub fn get_accepted(current: &Shadow, now: u64, client_token: Option<&str>) -> Value {
-        let mut p = Map::new();
-        p.insert("state".into(), current.state_value(true));
-        p.insert("metadata".into(), current.metadata_value());
-        p.insert("version".into(), Value::from(current.version));
-        p.insert("timestamp".into(), Value::from(now));
-        with_token(p, client_token)
+    pub fn get_accepted<'a>(
+        current: &'a Shadow,
+        now: u64,
+        client_token: Option<&'a str>,
+    ) -> GetAccepted<'a> {
+        GetAccepted {
+            doc: current.view(true),
+            timestamp: now,
+            client_token,
+        }
+    }
+
+    #[derive(Serialize)]
+    pub struct GetAccepted<'a> {
+        #[serde(flatten)]
+        doc: DocumentView<'a>,
+        timestamp: u64,
+        #[serde(rename = "clientToken", skip_serializing_if = "Option::is_none")]
+        client_token: Option<&'a str>,
     }
 
     /// `delete/accepted`.

@@ -86,15 +86,14 @@ impl DeviceState {
             .map_err(unavailable)
     }
 
-    /// Applies an accepted shadow change: durable first, then visible, then announced.
+    /// Makes an accepted shadow change: durable first, then visible, then announced.
     async fn change_shadow(
         &mut self,
         name: ShadowName,
         previous: Arc<Shadow>,
         change: ShadowChange,
+        next: Shadow,
     ) -> Result<Arc<ShadowChange>, FleetError> {
-        let mut next = (*previous).clone();
-        next.apply(&change);
         let current = Arc::new(next);
         let change = Arc::new(change);
         self.commit(vec![Write::Shadow {
@@ -138,8 +137,8 @@ impl DeviceState {
             .get(&name)
             .cloned()
             .unwrap_or_default();
-        let change = previous.decide_update(&request, now_secs(), &limits)?;
-        self.change_shadow(name, previous, change).await
+        let (change, next) = previous.update(&request, now_secs(), &limits)?;
+        self.change_shadow(name, previous, change, next).await
     }
 
     async fn get(&mut self, name: &ShadowName) -> Result<Arc<Shadow>, FleetError> {
@@ -167,7 +166,10 @@ impl DeviceState {
             client_token,
             now_secs(),
         )?;
-        self.change_shadow(name, previous, change).await
+        // A deleted shadow keeps only its version: nothing of the old one to copy.
+        let mut next = Shadow::default();
+        next.apply(&change);
+        self.change_shadow(name, previous, change, next).await
     }
 
     async fn register(&mut self) -> Result<(ThingRecord, String), FleetError> {
