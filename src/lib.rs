@@ -31,8 +31,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let (committer, commit_thread) = Committer::start(store, 65_536, 8192)?;
     let fleet = FleetHandle::start(config.fleet(), committer).await?;
 
-    let mqtt = tokio::net::TcpListener::bind(config.mqtt_listen)
-        .await
+    let mqtt = listen(config.mqtt_listen)
         .with_context(|| format!("cannot listen on mqtt_listen {}", config.mqtt_listen))?;
     let gateway = Gateway::start(mqtt, fleet.clone(), config.gateway())?;
     let http = tokio::net::TcpListener::bind(config.http_listen)
@@ -66,6 +65,20 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .map_err(|_| anyhow::anyhow!("the commit thread panicked"))?;
     tracing::info!("stopped; every accepted change is on disk");
     Ok(())
+}
+
+/// A listener with a deep accept queue: a connect storm overflows tokio's default of
+/// 1024 pending connections, and every overflowed SYN costs its device a one-second
+/// retransmission (the kernel caps the depth at net.core.somaxconn).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(65_535)
 }
 
 /// `doppel device add`: registers a thing directly in the data directory and returns its

@@ -89,6 +89,17 @@ enum Answer {
 
 type AnswerFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
+/// Bytes reserved for each read.
+const READ_CHUNK: usize = 512;
+/// Buffers larger than this are released when empty.
+const IDLE_BUFFER: usize = 4096;
+
+/// Reads into `buf`, reserving room first (an idle connection's buffer has none).
+async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    stream.read_buf(buf).await
+}
+
 fn now_secs() -> u64 {
     twin_store::now_millis() / 1000
 }
@@ -114,7 +125,7 @@ struct Conn {
 
 /// Serves one TCP connection until it ends.
 pub(crate) async fn serve(ctx: Arc<Context>, mut stream: TcpStream, peer: SocketAddr) {
-    let mut rbuf = BytesMut::with_capacity(1024);
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let max = ctx.config.max_packet_size;
     let first = tokio::time::timeout(
         ctx.config.connect_timeout,
@@ -297,7 +308,7 @@ async fn accept(
         slot,
         kick,
         rbuf,
-        wbuf: BytesMut::with_capacity(1024),
+        wbuf: BytesMut::new(),
         window,
         answers: FuturesUnordered::new(),
         session: ok.session,
@@ -319,6 +330,14 @@ impl Conn {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
+        }
+        // An idle connection keeps no buffers: they are most of its memory, and a fleet
+        // is mostly idle connections.
+        if self.wbuf.capacity() > IDLE_BUFFER {
+            self.wbuf = BytesMut::new();
+        }
+        if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_BUFFER {
+            self.rbuf = BytesMut::new();
         }
         Ok(())
     }
@@ -357,7 +376,7 @@ impl Conn {
                 // the connection's in-flight limit.
                 () = link.notify.notified() => self.drain_link(),
                 Some(answer) = self.answers.next(), if !self.answers.is_empty() => self.on_answer(answer),
-                read = self.stream.read_buf(&mut self.rbuf) => {
+                read = read_some(&mut self.stream, &mut self.rbuf) => {
                     match read {
                         Ok(0) => return Close::Lost("connection closed by the client".into()),
                         Err(e) => return Close::Lost(format!("read failed: {e}")),
