@@ -1,12 +1,13 @@
 //! A small `doppel-load shadow-update` run against the real binary: 50 devices for a few
-//! seconds. It checks that every update was accepted and that the report adds up; it
-//! asserts nothing about speed.
+//! seconds. It checks that every update was accepted, that the report adds up, and that
+//! a simulated device takes on what is desired of it; it asserts nothing about speed.
 
 mod common;
 
 use std::time::Duration;
 
 use common::start;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use twin_load::client::Protocol;
 use twin_load::{Fleet, Pace, Report};
 
@@ -24,6 +25,16 @@ async fn fifty_devices_update_their_shadows_and_the_report_adds_up() {
             connect_concurrency: 16,
             password: None,
         };
+        // Something is desired of the first device before it starts.
+        let first = format!("smoke-{protocol:?}-0000001");
+        let before = shadow_request(
+            &server.mqtt,
+            &first,
+            "update",
+            r#"{"state":{"desired":{"mode":"eco"}}}"#,
+        )
+        .await;
+        assert_eq!(before["state"]["desired"]["mode"], "eco");
         let pace = Pace {
             duration: Duration::from_secs(2),
             rate: 0.0,
@@ -46,5 +57,43 @@ async fn fifty_devices_update_their_shadows_and_the_report_adds_up() {
         let parsed: Report = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(parsed.ok, report.ok);
         assert_eq!(parsed.scenario, "shadow-update");
+
+        // The simulated device got the desired mode at start and reported it back.
+        let after = shadow_request(&server.mqtt, &first, "get", "{}").await;
+        assert_eq!(after["state"]["reported"]["mode"], "eco", "{after}");
+        assert!(
+            after["state"].get("delta").is_none(),
+            "nothing left to do: {after}"
+        );
     }
+}
+
+/// Publishes on `$aws/things/{thing}/shadow/{op}` as the device and returns the accepted answer.
+async fn shadow_request(addr: &str, thing: &str, op: &str, body: &str) -> serde_json::Value {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let (client, mut events) =
+        AsyncClient::new(MqttOptions::new(thing, host, port.parse().unwrap()), 10);
+    let base = format!("$aws/things/{thing}/shadow/{op}");
+    client
+        .subscribe(format!("{base}/accepted"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match events.poll().await.unwrap() {
+                Event::Incoming(Packet::SubAck(_)) => client
+                    .publish(&base, QoS::AtLeastOnce, false, body.to_owned())
+                    .await
+                    .unwrap(),
+                Event::Incoming(Packet::Publish(p)) => {
+                    return serde_json::from_slice(&p.payload).unwrap();
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("an accepted answer");
+    client.disconnect().await.unwrap();
+    answer
 }

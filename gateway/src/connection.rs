@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -87,7 +88,8 @@ enum Answer {
     ),
 }
 
-type AnswerFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
+/// A twin's answer, with the packet id of the request's PUBACK (sent with the answer).
+type AnswerFuture = Pin<Box<dyn Future<Output = (Option<u16>, Answer)> + Send>>;
 
 /// Bytes reserved for each read.
 const READ_CHUNK: usize = 512;
@@ -390,7 +392,27 @@ impl Conn {
                     }
                 }
             }
+            self.drain_ready();
             self.pump();
+        }
+    }
+
+    /// Handles whatever else is ready without waiting (the twin's events, finished
+    /// answers), so that one write carries all of it.
+    fn drain_ready(&mut self) {
+        loop {
+            let mut progressed = false;
+            if !self.slot.link.is_empty() {
+                self.drain_link();
+                progressed = true;
+            }
+            while let Some(Some(answer)) = self.answers.next().now_or_never() {
+                self.on_answer(answer);
+                progressed = true;
+            }
+            if !progressed {
+                return;
+            }
         }
     }
 
@@ -523,19 +545,20 @@ impl Conn {
                 )),
             };
         }
-        let handled = self.request(&p.topic, &p.payload);
-        if let Some(a) = ack(if handled {
-            PubAckCode::Success
-        } else {
-            PubAckCode::NoMatchingSubscribers
-        }) {
+        let pkid = (p.qos == 1).then_some(p.pkid);
+        if !self.request(&p.topic, &p.payload, pkid)
+            && let Some(a) = ack(PubAckCode::NoMatchingSubscribers)
+        {
             self.send(&a);
         }
         None
     }
 
     /// Hands a device request to its twin. Returns false when the topic is not a request.
-    fn request(&mut self, topic_name: &str, body: &Bytes) -> bool {
+    /// Hands a device request to its twin; a QoS 1 request's PUBACK (`ack`) goes out with
+    /// the answer, so that the two share one write and the PUBACK means the change is
+    /// durable. Returns false, sending nothing, when the topic is not a request.
+    fn request(&mut self, topic_name: &str, body: &Bytes, ack: Option<u16>) -> bool {
         let Ok(Topic::Shadow(t)) = topic::parse(topic_name) else {
             return false;
         };
@@ -547,6 +570,7 @@ impl Conn {
         } = t;
         if self.answers.len() >= self.ctx.config.max_inflight_requests {
             let token = parse_client_token(body).ok().flatten();
+            self.send_ack(ack);
             self.reject(op, &shadow, &Rejection::overloaded(), token.as_deref());
             return true;
         }
@@ -554,29 +578,31 @@ impl Conn {
         let answer: AnswerFuture = match op {
             ShadowOp::Update => match UpdateRequest::parse(body, &fleet.config().limits) {
                 Err(rejection) => {
+                    self.send_ack(ack);
                     self.reject(op, &shadow, &rejection, None);
                     return true;
                 }
                 Ok(req) => {
                     let token = req.client_token.clone();
                     let reply = fleet.update_shadow(&thing, shadow.clone(), req);
-                    Box::pin(async move { Answer::Update(shadow, token, reply.await) })
+                    Box::pin(async move { (ack, Answer::Update(shadow, token, reply.await)) })
                 }
             },
             ShadowOp::Get | ShadowOp::Delete => {
                 let token = match parse_client_token(body) {
                     Ok(t) => t,
                     Err(rejection) => {
+                        self.send_ack(ack);
                         self.reject(op, &shadow, &rejection, None);
                         return true;
                     }
                 };
                 if op == ShadowOp::Get {
                     let reply = fleet.get_shadow(&thing, shadow.clone());
-                    Box::pin(async move { Answer::Get(shadow, token, reply.await) })
+                    Box::pin(async move { (ack, Answer::Get(shadow, token, reply.await)) })
                 } else {
                     let reply = fleet.delete_shadow(&thing, shadow.clone(), token.clone());
-                    Box::pin(async move { Answer::Delete(shadow, token, reply.await) })
+                    Box::pin(async move { (ack, Answer::Delete(shadow, token, reply.await)) })
                 }
             }
         };
@@ -595,7 +621,17 @@ impl Conn {
         self.publish(topic, || payload::rejected(rejection, now_secs(), token));
     }
 
-    fn on_answer(&mut self, answer: Answer) {
+    fn send_ack(&mut self, ack: Option<u16>) {
+        if let Some(pkid) = ack {
+            self.send(&Outbound::PubAck {
+                pkid,
+                code: PubAckCode::Success,
+            });
+        }
+    }
+
+    fn on_answer(&mut self, (ack, answer): (Option<u16>, Answer)) {
+        self.send_ack(ack);
         match answer {
             // Accepted changes reach the device as events (like changes made by others).
             Answer::Update(_, _, Ok(_)) | Answer::Delete(_, _, Ok(_)) => {}
@@ -750,7 +786,7 @@ impl Conn {
             && let Some(will) = self.will.take()
         {
             // The request is queued at the twin before this returns; nobody waits for it.
-            self.request(&will.topic, &will.payload);
+            self.request(&will.topic, &will.payload, None);
         }
         self.ctx
             .fleet

@@ -535,17 +535,29 @@ async fn too_many_requests_in_flight_get_429() {
     }
     sock.write_all(&burst).await.unwrap();
     let (mut accepted, mut throttled) = (0, 0);
-    while accepted + throttled < 20 {
-        if let v4::Packet::Publish(p) = next_v4(&mut sock, &mut inbuf).await {
-            let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-            if p.topic.ends_with("/update/accepted") {
-                accepted += 1;
-            } else if p.topic.ends_with("/update/rejected") {
-                assert_eq!(body["code"], 429, "{body}");
-                throttled += 1;
+    let mut acked = std::collections::BTreeSet::new();
+    while accepted + throttled < 20 || acked.len() < 20 {
+        match next_v4(&mut sock, &mut inbuf).await {
+            v4::Packet::Publish(p) => {
+                let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                if p.topic.ends_with("/update/accepted") {
+                    accepted += 1;
+                } else if p.topic.ends_with("/update/rejected") {
+                    assert_eq!(body["code"], 429, "{body}");
+                    throttled += 1;
+                }
             }
+            v4::Packet::PubAck(a) => {
+                assert!(acked.insert(a.pkid), "a second PUBACK for {}", a.pkid)
+            }
+            _ => {}
         }
     }
+    assert_eq!(
+        acked,
+        (2..22).collect(),
+        "every request is acknowledged once"
+    );
     assert!(
         accepted >= 1 && throttled >= 1,
         "accepted {accepted}, throttled {throttled}"

@@ -189,26 +189,64 @@ fn now_epoch() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A request/response loop run by every device: `request` publishes, `answered` says
-/// whether a received topic ends the operation (and whether as a success).
+/// The topics of one device's request/response loop.
+struct Topics {
+    request: String,
+    ok: String,
+    err: String,
+    /// Desired-state deltas the device applies and reports back (shadow devices only).
+    delta: Option<String>,
+}
+
+/// A simulated device's own state: what it reports, including the desired values it has
+/// applied, as a real device does.
+#[derive(Default)]
+struct DeviceState {
+    applied: Map<String, Value>,
+}
+
+impl DeviceState {
+    /// Takes on the desired values of a delta (`{"state": {...}}`).
+    fn apply_delta(&mut self, payload: &[u8]) {
+        if let Ok(Value::Object(mut delta)) = serde_json::from_slice::<Value>(payload)
+            && let Some(Value::Object(state)) = delta.remove("state")
+        {
+            self.applied.extend(state);
+        }
+    }
+
+    fn report(&self, seq: u64) -> Vec<u8> {
+        let mut reported = self.applied.clone();
+        reported.insert("seq".into(), json!(seq));
+        reported.insert("temp".into(), json!(20.5 + (seq % 10) as f64));
+        reported.insert("status".into(), json!("running"));
+        serde_json::to_vec(
+            &json!({"state": {"reported": reported}, "clientToken": seq.to_string()}),
+        )
+        .unwrap_or_default()
+    }
+}
+
+/// A request/response loop run by every device: publish a report, wait for the answer,
+/// apply any delta that arrives meanwhile.
 async fn request_loop(
     fleet: &Fleet,
     pace: &Pace,
-    conns: Vec<(usize, Conn)>,
+    devices: Vec<(usize, Conn, DeviceState)>,
     recorder: Arc<Recorder>,
     start: Instant,
-    topics: impl Fn(&str) -> (String, String, String) + Send + Sync + 'static,
+    topics: impl Fn(&str) -> Topics + Send + Sync + 'static,
 ) {
     let deadline = start + pace.duration;
     let topics = Arc::new(topics);
-    let devices = fleet.devices;
+    let count = fleet.devices;
     let mut tasks = JoinSet::new();
-    for (i, mut conn) in conns {
+    for (i, mut conn, mut state) in devices {
         let (recorder, topics, rate) = (recorder.clone(), topics.clone(), pace.rate);
         let id = fleet.id(i);
         tasks.spawn(async move {
-            let (request, ok_topic, err_topic) = topics(&id);
-            let mut pacer = Pacer::new(rate, devices, start, i);
+            let t = topics(&id);
+            let mut pacer = Pacer::new(rate, count, start, i);
             let mut seq = 0u64;
             loop {
                 let due = pacer.next_due(Instant::now());
@@ -217,20 +255,33 @@ async fn request_loop(
                 }
                 tokio::time::sleep_until(due.into()).await;
                 seq += 1;
-                let payload = format!(r#"{{"state":{{"reported":{{"seq":{seq},"temp":{}.5,"status":"running"}}}},"clientToken":"{seq}"}}"#, 20 + seq % 10);
                 // Paced runs measure from when the request was due, so a slow server is
                 // not hidden by requests that were never sent (coordinated omission).
                 let t0 = if rate > 0.0 { due } else { Instant::now() };
-                if conn.publish(&request, payload.as_bytes()).await.is_err() {
+                if conn.publish(&t.request, &state.report(seq)).await.is_err() {
                     recorder.failure(Instant::now());
                     return;
                 }
-                match conn.publish_where(|t| t == ok_topic || t == err_topic).await {
-                    Ok((t, _)) if t == ok_topic => recorder.success(Instant::now(), t0.elapsed()),
-                    Ok(_) => recorder.failure(Instant::now()),
-                    Err(_) => {
-                        recorder.failure(Instant::now());
-                        return;
+                loop {
+                    match conn.next().await {
+                        Ok(Incoming::Publish { topic, .. }) if topic == t.ok => {
+                            recorder.success(Instant::now(), t0.elapsed());
+                            break;
+                        }
+                        Ok(Incoming::Publish { topic, .. }) if topic == t.err => {
+                            recorder.failure(Instant::now());
+                            break;
+                        }
+                        Ok(Incoming::Publish { topic, payload })
+                            if Some(&topic) == t.delta.as_ref() =>
+                        {
+                            state.apply_delta(&payload)
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            recorder.failure(Instant::now());
+                            return;
+                        }
                     }
                 }
             }
@@ -249,7 +300,7 @@ fn connect_failures(failures: &[String], figures: &mut Map<String, Value>) {
 /// `shadow-update`: every device publishes reported updates to its shadow and waits for
 /// `update/accepted`.
 pub async fn shadow_update(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report> {
-    let (mut conns, failures) = fleet.connect(None, Duration::from_secs(60)).await;
+    let (conns, failures) = fleet.connect(None, Duration::from_secs(60)).await;
     if conns.is_empty() {
         bail!(
             "no device could connect to {}: {}",
@@ -257,28 +308,46 @@ pub async fn shadow_update(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report>
             failures.first().map_or("", String::as_str)
         );
     }
-    // As the AWS IoT Device SDK's shadow sample does: accepted, rejected and delta (not
-    // documents, which doubles the traffic and which devices rarely want).
-    for (i, conn) in &mut conns {
-        for channel in ["accepted", "rejected", "delta"] {
-            conn.subscribe(&format!(
-                "$aws/things/{}/shadow/update/{channel}",
-                fleet.id(*i)
-            ))
-            .await?;
+    // As the AWS IoT Device SDK's shadow sample does: subscribe to accepted, rejected and
+    // delta (not documents, which doubles the traffic and which devices rarely want), then
+    // get the shadow once and take on what is desired.
+    let mut devices = Vec::with_capacity(conns.len());
+    for (i, mut conn) in conns {
+        let base = format!("$aws/things/{}/shadow", fleet.id(i));
+        for channel in [
+            "update/accepted",
+            "update/rejected",
+            "update/delta",
+            "get/accepted",
+            "get/rejected",
+        ] {
+            conn.subscribe(&format!("{base}/{channel}")).await?;
         }
+        conn.publish(&format!("{base}/get"), b"{}").await?;
+        let (topic, payload) = conn
+            .publish_where(|t| t.starts_with(&format!("{base}/get/")))
+            .await?;
+        let mut state = DeviceState::default();
+        if topic.ends_with("/accepted")
+            && let Ok(doc) = serde_json::from_slice::<Value>(&payload)
+            && let Some(delta) = doc["state"].get("delta")
+        {
+            state.apply_delta(&serde_json::to_vec(&json!({ "state": delta }))?);
+        }
+        devices.push((i, conn, state));
     }
     let started_at = now_epoch();
     let start = Instant::now();
     let recorder = Arc::new(Recorder::new(start));
     let (bar, ticker) = progress(&recorder, "accepted");
-    request_loop(fleet, pace, conns, recorder.clone(), start, |id| {
+    request_loop(fleet, pace, devices, recorder.clone(), start, |id| {
         let base = format!("$aws/things/{id}/shadow/update");
-        (
-            base.clone(),
-            format!("{base}/accepted"),
-            format!("{base}/rejected"),
-        )
+        Topics {
+            request: base.clone(),
+            ok: format!("{base}/accepted"),
+            err: format!("{base}/rejected"),
+            delta: Some(format!("{base}/delta")),
+        }
     })
     .await;
     ticker.abort();
@@ -313,9 +382,18 @@ pub async fn baseline(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report> {
     let start = Instant::now();
     let recorder = Arc::new(Recorder::new(start));
     let (bar, ticker) = progress(&recorder, "echoed");
-    request_loop(fleet, pace, conns, recorder.clone(), start, |id| {
+    let devices = conns
+        .into_iter()
+        .map(|(i, c)| (i, c, DeviceState::default()))
+        .collect();
+    request_loop(fleet, pace, devices, recorder.clone(), start, |id| {
         let topic = format!("load/{id}");
-        (topic.clone(), topic, String::new())
+        Topics {
+            request: topic.clone(),
+            ok: topic,
+            err: String::new(),
+            delta: None,
+        }
     })
     .await;
     ticker.abort();
@@ -477,6 +555,18 @@ mod tests {
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn a_device_reports_the_desired_values_it_was_sent() {
+        let mut d = DeviceState::default();
+        d.apply_delta(br#"{"version":3,"state":{"mode":"eco","fan":{"speed":2}}}"#);
+        d.apply_delta(b"not json");
+        let report: Value = serde_json::from_slice(&d.report(7)).unwrap();
+        assert_eq!(report["state"]["reported"]["mode"], "eco");
+        assert_eq!(report["state"]["reported"]["fan"], json!({"speed": 2}));
+        assert_eq!(report["state"]["reported"]["seq"], 7);
+        assert_eq!(report["clientToken"], "7");
     }
 
     #[test]
