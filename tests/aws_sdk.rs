@@ -44,11 +44,7 @@ fn sdk_python() -> PathBuf {
 async fn the_aws_iot_device_sdk_runs_the_shadow_flows_unchanged() {
     let python = sdk_python();
     let dir = tempfile::tempdir().unwrap();
-    let add = Command::new(env!("CARGO_BIN_EXE_doppel"))
-        .args(["device", "add", "sdk-thing", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let add = common::doppel(&["device", "add", "sdk-thing"], dir.path());
     assert!(add.status.success());
     let secret = String::from_utf8(add.stdout)
         .unwrap()

@@ -52,17 +52,16 @@ async fn sigkill_loses_no_accepted_version() {
     let (c, mut el) = client(&server.mqtt, "crashy").await;
     let topic = "$aws/things/crashy/shadow/update";
     // A stream of updates, eight in flight at a time; kill right after the 150th accepted.
+    let send = async |c: &AsyncClient, n: u64| {
+        let body = format!(r#"{{"state":{{"reported":{{"n":{n}}}}}}}"#);
+        c.publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .unwrap();
+    };
     let mut accepted: Vec<(u64, u64)> = Vec::new();
     let mut sent = 0u64;
     for _ in 0..8 {
-        c.publish(
-            topic,
-            QoS::AtLeastOnce,
-            false,
-            format!(r#"{{"state":{{"reported":{{"n":{sent}}}}}}}"#),
-        )
-        .await
-        .unwrap();
+        send(&c, sent).await;
         sent += 1;
     }
     while accepted.len() < 150 {
@@ -71,14 +70,7 @@ async fn sigkill_loses_no_accepted_version() {
             a["version"].as_u64().unwrap(),
             a["state"]["reported"]["n"].as_u64().unwrap(),
         ));
-        c.publish(
-            topic,
-            QoS::AtLeastOnce,
-            false,
-            format!(r#"{{"state":{{"reported":{{"n":{sent}}}}}}}"#),
-        )
-        .await
-        .unwrap();
+        send(&c, sent).await;
         sent += 1;
     }
     server.child.start_kill().unwrap(); // SIGKILL
@@ -113,12 +105,7 @@ async fn sigkill_loses_no_accepted_version() {
 #[tokio::test]
 async fn health_endpoints_and_the_device_registry_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_doppel");
-    let add = std::process::Command::new(bin)
-        .args(["device", "add", "meter-7", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let add = common::doppel(&["device", "add", "meter-7"], dir.path());
     assert!(
         add.status.success(),
         "{}",
@@ -131,18 +118,10 @@ async fn health_endpoints_and_the_device_registry_cli() {
         .unwrap();
     assert_eq!(secret.len(), 64, "{out}");
 
-    let again = std::process::Command::new(bin)
-        .args(["device", "add", "meter-7", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let again = common::doppel(&["device", "add", "meter-7"], dir.path());
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already registered"));
-    let bad = std::process::Command::new(bin)
-        .args(["device", "add", "bad/id", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let bad = common::doppel(&["device", "add", "bad/id"], dir.path());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("thing name contains '/'"));
 
     let server = start(dir.path(), &[]).await;
@@ -151,11 +130,7 @@ async fn health_endpoints_and_the_device_registry_cli() {
         assert!(status.starts_with("HTTP/1.1 200"), "{path}: {status}");
     }
     // The running server holds the directory: the CLI says so instead of corrupting it.
-    let busy = std::process::Command::new(bin)
-        .args(["device", "list", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let busy = common::doppel(&["device", "list"], dir.path());
     assert!(!busy.status.success());
     assert!(String::from_utf8_lossy(&busy.stderr).contains("in use by a running doppel server"));
 
@@ -181,11 +156,7 @@ async fn health_endpoints_and_the_device_registry_cli() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
-    let list = std::process::Command::new(bin)
-        .args(["device", "list", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let list = common::doppel(&["device", "list"], dir.path());
     let listing = String::from_utf8(list.stdout).unwrap();
     assert!(
         listing.contains("meter-7") && listing.contains("1 device(s)"),

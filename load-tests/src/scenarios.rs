@@ -290,6 +290,41 @@ async fn request_loop(
     while tasks.join_next().await.is_some() {}
 }
 
+/// Connects the fleet for a request scenario; fails when no device could connect.
+async fn connected(fleet: &Fleet) -> anyhow::Result<(Vec<(usize, Conn)>, Vec<String>)> {
+    let (conns, failures) = fleet.connect(None, Duration::from_secs(60)).await;
+    if conns.is_empty() {
+        bail!(
+            "no device could connect to {}: {}",
+            fleet.target,
+            failures.first().map_or("", String::as_str)
+        );
+    }
+    Ok((conns, failures))
+}
+
+/// Runs the request loop of every device for the run's duration and reports it.
+async fn measure(
+    scenario: &str,
+    label: &'static str,
+    fleet: &Fleet,
+    pace: &Pace,
+    devices: Vec<(usize, Conn, DeviceState)>,
+    failures: &[String],
+    topics: impl Fn(&str) -> Topics + Send + Sync + 'static,
+) -> Report {
+    let started_at = now_epoch();
+    let start = Instant::now();
+    let recorder = Arc::new(Recorder::new(start));
+    let (bar, ticker) = progress(&recorder, label);
+    request_loop(fleet, pace, devices, recorder.clone(), start, topics).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let mut figures = Map::new();
+    connect_failures(failures, &mut figures);
+    report(scenario, fleet, start, started_at, &recorder, figures)
+}
+
 fn connect_failures(failures: &[String], figures: &mut Map<String, Value>) {
     if !failures.is_empty() {
         figures.insert("connect_failures".into(), json!(failures.len()));
@@ -300,14 +335,7 @@ fn connect_failures(failures: &[String], figures: &mut Map<String, Value>) {
 /// `shadow-update`: every device publishes reported updates to its shadow and waits for
 /// `update/accepted`.
 pub async fn shadow_update(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report> {
-    let (conns, failures) = fleet.connect(None, Duration::from_secs(60)).await;
-    if conns.is_empty() {
-        bail!(
-            "no device could connect to {}: {}",
-            fleet.target,
-            failures.first().map_or("", String::as_str)
-        );
-    }
+    let (conns, failures) = connected(fleet).await?;
     // As the AWS IoT Device SDK's shadow sample does: subscribe to accepted, rejected and
     // delta (not documents, which doubles the traffic and which devices rarely want), then
     // get the shadow once and take on what is desired.
@@ -336,73 +364,55 @@ pub async fn shadow_update(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report>
         }
         devices.push((i, conn, state));
     }
-    let started_at = now_epoch();
-    let start = Instant::now();
-    let recorder = Arc::new(Recorder::new(start));
-    let (bar, ticker) = progress(&recorder, "accepted");
-    request_loop(fleet, pace, devices, recorder.clone(), start, |id| {
-        let base = format!("$aws/things/{id}/shadow/update");
-        Topics {
-            request: base.clone(),
-            ok: format!("{base}/accepted"),
-            err: format!("{base}/rejected"),
-            delta: Some(format!("{base}/delta")),
-        }
-    })
-    .await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let mut figures = Map::new();
-    connect_failures(&failures, &mut figures);
-    Ok(report(
+    Ok(measure(
         "shadow-update",
+        "accepted",
         fleet,
-        start,
-        started_at,
-        &recorder,
-        figures,
-    ))
+        pace,
+        devices,
+        &failures,
+        |id| {
+            let base = format!("$aws/things/{id}/shadow/update");
+            Topics {
+                request: base.clone(),
+                ok: format!("{base}/accepted"),
+                err: format!("{base}/rejected"),
+                delta: Some(format!("{base}/delta")),
+            }
+        },
+    )
+    .await)
 }
 
 /// `baseline`: the same devices and payloads as `shadow-update`, against any MQTT broker,
 /// as a QoS 1 echo: each device subscribes to `load/{id}` and publishes to it.
 pub async fn baseline(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report> {
-    let (mut conns, failures) = fleet.connect(None, Duration::from_secs(60)).await;
-    if conns.is_empty() {
-        bail!(
-            "no device could connect to {}: {}",
-            fleet.target,
-            failures.first().map_or("", String::as_str)
-        );
-    }
+    let (mut conns, failures) = connected(fleet).await?;
     for (i, conn) in &mut conns {
         conn.subscribe(&format!("load/{}", fleet.id(*i))).await?;
     }
-    let started_at = now_epoch();
-    let start = Instant::now();
-    let recorder = Arc::new(Recorder::new(start));
-    let (bar, ticker) = progress(&recorder, "echoed");
     let devices = conns
         .into_iter()
         .map(|(i, c)| (i, c, DeviceState::default()))
         .collect();
-    request_loop(fleet, pace, devices, recorder.clone(), start, |id| {
-        let topic = format!("load/{id}");
-        Topics {
-            request: topic.clone(),
-            ok: topic,
-            err: String::new(),
-            delta: None,
-        }
-    })
-    .await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let mut figures = Map::new();
-    connect_failures(&failures, &mut figures);
-    Ok(report(
-        "baseline", fleet, start, started_at, &recorder, figures,
-    ))
+    Ok(measure(
+        "baseline",
+        "echoed",
+        fleet,
+        pace,
+        devices,
+        &failures,
+        |id| {
+            let topic = format!("load/{id}");
+            Topics {
+                request: topic.clone(),
+                ok: topic,
+                err: String::new(),
+                delta: None,
+            }
+        },
+    )
+    .await)
 }
 
 /// `connect-storm`: connects every device as fast as the server accepts them.

@@ -11,6 +11,16 @@ use tokio::process::{Child, Command};
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Runs `doppel ARGS --data-dir DIR` to completion.
+pub fn doppel(args: &[&str], dir: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 pub struct Server {
     pub child: Child,
     pub mqtt: String,

@@ -116,6 +116,17 @@ impl DeviceState {
         Ok(change)
     }
 
+    /// The shadow as it is now (a never-created one is the default, version 0).
+    async fn current(&mut self, name: &ShadowName) -> Result<Arc<Shadow>, FleetError> {
+        Ok(self
+            .registered()
+            .await?
+            .shadows
+            .get(name)
+            .cloned()
+            .unwrap_or_default())
+    }
+
     async fn registered(&mut self) -> Result<&mut Loaded, FleetError> {
         let loaded = self.load().await?;
         if loaded.record.is_none() {
@@ -130,13 +141,7 @@ impl DeviceState {
         request: twin_model::UpdateRequest,
     ) -> Result<Arc<ShadowChange>, FleetError> {
         let limits = self.shared.config.limits;
-        let previous = self
-            .registered()
-            .await?
-            .shadows
-            .get(&name)
-            .cloned()
-            .unwrap_or_default();
+        let previous = self.current(&name).await?;
         let (change, next) = previous.update(&request, now_secs(), &limits)?;
         self.change_shadow(name, previous, change, next).await
     }
@@ -154,13 +159,7 @@ impl DeviceState {
         name: ShadowName,
         client_token: Option<String>,
     ) -> Result<Arc<ShadowChange>, FleetError> {
-        let previous = self
-            .registered()
-            .await?
-            .shadows
-            .get(&name)
-            .cloned()
-            .unwrap_or_default();
+        let previous = self.current(&name).await?;
         let change = previous.decide_delete(
             name.name().unwrap_or(self.thing.as_str()),
             client_token,
