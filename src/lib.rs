@@ -94,6 +94,18 @@ pub fn add_device(config: &Config, id: &str) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// `doppel device disable` / `enable`: a disabled device is refused at connect.
+pub fn set_device_enabled(config: &Config, id: &str, enabled: bool) -> anyhow::Result<()> {
+    let id = DeviceId::parse(id)?;
+    let store = EmbeddedStore::open(&config.data_dir, config.history_per_shadow)?;
+    let mut record = store
+        .thing(&id)?
+        .ok_or_else(|| anyhow::anyhow!("thing {id} is not registered"))?;
+    record.enabled = enabled;
+    store.commit(&[Write::Thing(record)])?;
+    Ok(())
+}
+
 /// `doppel device list`: every registered thing, in id order.
 pub fn list_devices(config: &Config) -> anyhow::Result<Vec<ThingRecord>> {
     let store = EmbeddedStore::open(&config.data_dir, config.history_per_shadow)?;

@@ -53,6 +53,10 @@ enum DeviceCommand {
     Add { id: String },
     /// List registered devices
     List,
+    /// Refuse a device's connections (it keeps its twin and secret)
+    Disable { id: String },
+    /// Accept a disabled device's connections again
+    Enable { id: String },
 }
 
 /// Where settings come from besides the environment.
@@ -158,6 +162,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let secret = doppel::add_device(&config, &id)?;
                     println!("registered {id}");
                     println!("secret (the device's MQTT password; shown only this once): {secret}");
+                }
+                DeviceCommand::Disable { id } => {
+                    doppel::set_device_enabled(&config, &id, false)?;
+                    println!("disabled {id}");
+                }
+                DeviceCommand::Enable { id } => {
+                    doppel::set_device_enabled(&config, &id, true)?;
+                    println!("enabled {id}");
                 }
                 DeviceCommand::List => {
                     let devices = doppel::list_devices(&config)?;

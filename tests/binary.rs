@@ -121,6 +121,23 @@ async fn health_endpoints_and_the_device_registry_cli() {
     let again = common::doppel(&["device", "add", "meter-7"], dir.path());
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already registered"));
+    let disabled = common::doppel(&["device", "disable", "meter-7"], dir.path());
+    assert!(disabled.status.success());
+    let listing =
+        String::from_utf8(common::doppel(&["device", "list"], dir.path()).stdout).unwrap();
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("meter-7") && l.contains("false")),
+        "{listing}"
+    );
+    assert!(
+        common::doppel(&["device", "enable", "meter-7"], dir.path())
+            .status
+            .success()
+    );
+    let unknown = common::doppel(&["device", "disable", "nobody"], dir.path());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("thing nobody is not registered"));
     let bad = common::doppel(&["device", "add", "bad/id"], dir.path());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("thing name contains '/'"));
 
