@@ -563,3 +563,37 @@ async fn too_many_requests_in_flight_get_429() {
         "accepted {accepted}, throttled {throttled}"
     );
 }
+
+#[tokio::test]
+async fn a_packet_over_the_maximum_size_ends_the_connection() {
+    let s = server_with(
+        FleetConfig::default(),
+        GatewayConfig {
+            max_packet_size: 1024,
+            ..GatewayConfig::default()
+        },
+    )
+    .await;
+    let mut d = device(&s, Proto::V4, "chatty").await;
+    assert_eq!(d.subscribe(&format!("{}/#", shadow("chatty"))).await, 1);
+    let (ch, _) = d
+        .request(
+            &format!("{}/update", shadow("chatty")),
+            r#"{"state":{"reported":{"small":true}}}"#,
+        )
+        .await;
+    assert_eq!(ch, "accepted", "a packet under the limit is served");
+    let big = json!({"state": {"reported": {"blob": "x".repeat(2000)}}}).to_string();
+    d.publish(&format!("{}/update", shadow("chatty")), big)
+        .await;
+    assert_eq!(d.closed().await, None, "closed without an answer");
+    let shadow_now = s
+        .fleet
+        .get_shadow(&id("chatty"), ShadowName::classic())
+        .await
+        .unwrap();
+    assert_eq!(
+        shadow_now.version, 1,
+        "the oversized update changed nothing"
+    );
+}
