@@ -37,6 +37,14 @@ pub struct Config {
     pub mqtt_max_queued_messages: usize,
     pub mqtt_session_expiry_secs: u64,
     pub mqtt_max_connections: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -60,8 +68,16 @@ impl Default for Config {
             mqtt_max_queued_messages: gw.max_queued_messages,
             mqtt_session_expiry_secs: gw.session_expiry.as_secs(),
             mqtt_max_connections: gw.max_connections,
+            mqtt_tls_listen: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
         }
     }
+}
+
+fn known(key: &str) -> bool {
+    DOCS.iter().any(|(k, _)| *k == key)
 }
 
 fn defaults_table() -> Table {
@@ -102,7 +118,7 @@ impl Config {
             let table: Table = toml::from_str(&text)
                 .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
             for (k, v) in table {
-                if !defaults.contains_key(&k) {
+                if !known(&k) {
                     bail!(
                         "config file {}: unknown setting `{k}` (see `doppel config --default`)",
                         path.display()
@@ -115,8 +131,13 @@ impl Config {
             let Some(key) = var.strip_prefix(ENV_PREFIX).map(str::to_lowercase) else {
                 continue;
             };
-            if let Some(like) = defaults.get(&key) {
-                merged.insert(key.clone(), typed(&key, raw, like)?);
+            if known(&key) {
+                // Settings without a default (paths, addresses) are strings.
+                let like = defaults
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| Value::String(String::new()));
+                merged.insert(key.clone(), typed(&key, raw, &like)?);
             }
         }
         merged.extend(flags);
@@ -175,6 +196,25 @@ impl Config {
         if self.shards > 65_536 {
             bail!("setting `shards` is {}; at most 65536", self.shards);
         }
+        if self.mqtt_tls_listen.is_some() {
+            for (name, value) in [
+                ("tls_cert_file", &self.tls_cert_file),
+                ("tls_key_file", &self.tls_key_file),
+            ] {
+                if value.is_none() {
+                    bail!("setting `{name}` is required when `mqtt_tls_listen` is set");
+                }
+            }
+        } else if let Some(name) = [
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+            ("tls_client_ca_file", &self.tls_client_ca_file),
+        ]
+        .iter()
+        .find_map(|(n, v)| v.is_some().then_some(n))
+        {
+            bail!("setting `{name}` has no effect without `mqtt_tls_listen`");
+        }
         if self.mqtt_max_packet_size > 256 * 1024 * 1024 {
             bail!("setting `mqtt_max_packet_size` is over the MQTT limit of 256 MiB");
         }
@@ -222,6 +262,10 @@ impl Config {
             }
             out.push_str(line);
             out.push('\n');
+        }
+        let defaults = defaults_table();
+        for (key, doc) in DOCS.iter().filter(|(k, _)| !defaults.contains_key(*k)) {
+            out.push_str(&format!("\n# {doc} Not set by default.\n# {key} = \"\"\n"));
         }
         out
     }
@@ -284,6 +328,19 @@ pub const DOCS: &[(&str, &str)] = &[
         "Longest time, in seconds, a persistent session outlives its connection.",
     ),
     ("mqtt_max_connections", "Concurrent MQTT connections."),
+    (
+        "mqtt_tls_listen",
+        "MQTT over TLS address (port 0 picks a free port); off unless set.",
+    ),
+    (
+        "tls_cert_file",
+        "PEM server certificate chain for mqtt_tls_listen.",
+    ),
+    ("tls_key_file", "PEM private key of that certificate."),
+    (
+        "tls_client_ca_file",
+        "PEM CA: when set, every TLS device must present a certificate it issued.",
+    ),
 ];
 
 #[cfg(test)]
@@ -366,6 +423,41 @@ mod tests {
             err.to_string().contains("unknown setting `shardz`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tls_settings_go_together() {
+        let err = Config::load(
+            None,
+            &env(&[("DOPPEL_MQTT_TLS_LISTEN", "127.0.0.1:8883")]),
+            Table::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting `tls_cert_file` is required when `mqtt_tls_listen` is set"
+        );
+        let err = Config::load(
+            None,
+            &env(&[("DOPPEL_TLS_KEY_FILE", "k.pem")]),
+            Table::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting `tls_key_file` has no effect without `mqtt_tls_listen`"
+        );
+        let ok = Config::load(
+            None,
+            &env(&[
+                ("DOPPEL_MQTT_TLS_LISTEN", "127.0.0.1:8883"),
+                ("DOPPEL_TLS_CERT_FILE", "c.pem"),
+                ("DOPPEL_TLS_KEY_FILE", "k.pem"),
+            ]),
+            Table::new(),
+        )
+        .unwrap();
+        assert_eq!(ok.tls_cert_file, Some(PathBuf::from("c.pem")));
     }
 
     #[test]

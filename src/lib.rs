@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use twin_actors::FleetHandle;
-use twin_gateway::Gateway;
+use twin_gateway::{Gateway, Listener};
 use twin_model::DeviceId;
 use twin_store::{Committer, EmbeddedStore, ThingRecord, TwinStore, Write, now_millis};
 
@@ -31,9 +31,30 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let (committer, commit_thread) = Committer::start(store, 65_536, 8192)?;
     let fleet = FleetHandle::start(config.fleet(), committer).await?;
 
-    let mqtt = listen(config.mqtt_listen)
-        .with_context(|| format!("cannot listen on mqtt_listen {}", config.mqtt_listen))?;
-    let gateway = Gateway::start(mqtt, fleet.clone(), config.gateway())?;
+    let mut listeners = vec![Listener::Plain(listen(config.mqtt_listen).with_context(
+        || format!("cannot listen on mqtt_listen {}", config.mqtt_listen),
+    )?)];
+    if let Some(addr) = config.mqtt_tls_listen {
+        let read =
+            |setting: &str, path: &Option<std::path::PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+                path.as_ref()
+                    .map(|p| {
+                        std::fs::read(p)
+                            .with_context(|| format!("cannot read {setting} {}", p.display()))
+                    })
+                    .transpose()
+            };
+        let cert = read("tls_cert_file", &config.tls_cert_file)?.unwrap_or_default();
+        let key = read("tls_key_file", &config.tls_key_file)?.unwrap_or_default();
+        let ca = read("tls_client_ca_file", &config.tls_client_ca_file)?;
+        let acceptor = twin_gateway::tls::acceptor(&cert, &key, ca.as_deref())
+            .context("invalid TLS settings (tls_cert_file, tls_key_file, tls_client_ca_file)")?;
+        listeners.push(Listener::Tls(
+            listen(addr).with_context(|| format!("cannot listen on mqtt_tls_listen {addr}"))?,
+            acceptor,
+        ));
+    }
+    let gateway = Gateway::start(listeners, fleet.clone(), config.gateway())?;
     let http = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen on http_listen {}", config.http_listen))?;
@@ -47,7 +68,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             })
             .into_future(),
     );
-    tracing::info!("mqtt listening on {}", gateway.local_addr());
+    if let Some(addr) = gateway.addr(true) {
+        let certs = if config.tls_client_ca_file.is_some() {
+            "required"
+        } else {
+            "not requested"
+        };
+        tracing::info!("TLS client certificates {certs}");
+        tracing::info!("mqtts listening on {addr}");
+    }
+    if let Some(addr) = gateway.addr(false) {
+        tracing::info!("mqtt listening on {addr}");
+    }
     tracing::info!("http listening on {http_addr}");
     tracing::info!(data_dir = %config.data_dir.display(), shards = config.shards, "doppel is ready");
 

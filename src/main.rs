@@ -138,6 +138,22 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_max_connections: Option<usize>,
+    /// MQTT over TLS address; off unless set [env: DOPPEL_MQTT_TLS_LISTEN]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_tls_listen: Option<SocketAddr>,
+    /// PEM server certificate chain for --mqtt-tls-listen [env: DOPPEL_TLS_CERT_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate [env: DOPPEL_TLS_KEY_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key_file: Option<PathBuf>,
+    /// PEM CA; when set, TLS devices must present a certificate it issued [env: DOPPEL_TLS_CLIENT_CA_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_client_ca_file: Option<PathBuf>,
 }
 
 fn load(file: Option<PathBuf>, flags: &impl Serialize) -> anyhow::Result<Config> {

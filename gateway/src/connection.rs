@@ -14,8 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use twin_actors::{FleetError, FleetHandle};
 use twin_model::shadow::{parse_client_token, payload};
@@ -96,8 +95,12 @@ const READ_CHUNK: usize = 512;
 /// Buffers larger than this are released when empty.
 const IDLE_BUFFER: usize = 4096;
 
+/// A device's byte stream: plain TCP or TLS.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
 /// Reads into `buf`, reserving room first (an idle connection's buffer has none).
-async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_some(stream: &mut impl Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
     buf.reserve(READ_CHUNK);
     stream.read_buf(buf).await
 }
@@ -106,9 +109,9 @@ fn now_secs() -> u64 {
     twin_store::now_millis() / 1000
 }
 
-struct Conn {
+struct Conn<S> {
     ctx: Arc<Context>,
-    stream: TcpStream,
+    stream: S,
     peer: SocketAddr,
     version: Version,
     thing: DeviceId,
@@ -126,7 +129,7 @@ struct Conn {
 }
 
 /// Serves one TCP connection until it ends.
-pub(crate) async fn serve(ctx: Arc<Context>, mut stream: TcpStream, peer: SocketAddr) {
+pub(crate) async fn serve(ctx: Arc<Context>, mut stream: impl Stream, peer: SocketAddr) {
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let max = ctx.config.max_packet_size;
     let first = tokio::time::timeout(
@@ -162,7 +165,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, mut stream: TcpStream, peer: Socket
 }
 
 async fn send_connack(
-    stream: &mut TcpStream,
+    stream: &mut impl Stream,
     version: Version,
     code: ConnCode,
     session_present: bool,
@@ -185,7 +188,7 @@ async fn send_connack(
 
 type ConnectRead = Result<Option<(Version, ConnectInfo)>, (Option<Version>, codec::CodecError)>;
 
-async fn read_connect(stream: &mut TcpStream, rbuf: &mut BytesMut, max: usize) -> ConnectRead {
+async fn read_connect(stream: &mut impl Stream, rbuf: &mut BytesMut, max: usize) -> ConnectRead {
     loop {
         match codec::sniff_version(rbuf, max) {
             Ok(Some(version)) => {
@@ -210,14 +213,14 @@ async fn read_connect(stream: &mut TcpStream, rbuf: &mut BytesMut, max: usize) -
 }
 
 /// Authenticates and sets up the session; sends CONNACK either way.
-async fn accept(
+async fn accept<S: Stream>(
     ctx: Arc<Context>,
-    mut stream: TcpStream,
+    mut stream: S,
     peer: SocketAddr,
     version: Version,
     connect: ConnectInfo,
     rbuf: BytesMut,
-) -> Option<Conn> {
+) -> Option<Conn<S>> {
     let refuse = |code: ConnCode, why: String| {
         tracing::info!(%peer, client_id = %connect.client_id, ?code, reason = %why, "connection refused");
         code
@@ -321,7 +324,7 @@ async fn accept(
     Some(conn)
 }
 
-impl Conn {
+impl<S: Stream> Conn<S> {
     fn send(&mut self, packet: &Outbound) {
         if !codec::write(packet, self.version, &mut self.wbuf, self.client_max) {
             tracing::debug!(thing = %self.thing, "dropped a packet larger than the client's maximum packet size");

@@ -5,6 +5,9 @@
 //! is the policy enforcement point: client id = thing name, password = the device's
 //! secret, and a device publishes and subscribes only under `$aws/things/{its name}/`.
 //!
+//! Plain TCP and TLS listeners ([`tls`]), the latter optionally requiring client
+//! certificates.
+//!
 //! QoS 0 and 1 are supported both ways. QoS 2 is refused as AWS IoT refuses it: MQTT 5
 //! clients are told `Maximum QoS = 1` in CONNACK and a QoS 2 PUBLISH ends the connection
 //! with reason 0x9B; a QoS 2 subscription is granted QoS 1. Retained messages are not
@@ -14,6 +17,7 @@ pub mod acl;
 pub mod codec;
 mod connection;
 mod session;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,22 +68,27 @@ impl Default for GatewayConfig {
     }
 }
 
+/// Where devices connect.
+pub enum Listener {
+    Plain(TcpListener),
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
+}
+
 /// A running endpoint.
 pub struct Gateway {
-    addr: SocketAddr,
+    addrs: Vec<(SocketAddr, bool)>,
     ctx: Arc<Context>,
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Gateway {
-    /// Serves devices on `listener` until [`Gateway::shutdown`].
+    /// Serves devices on `listeners` until [`Gateway::shutdown`].
     pub fn start(
-        listener: TcpListener,
+        listeners: Vec<Listener>,
         fleet: FleetHandle,
         config: GatewayConfig,
     ) -> std::io::Result<Self> {
-        let addr = listener.local_addr()?;
         let (stop, shutdown) = watch::channel(false);
         let ctx = Arc::new(Context {
             fleet,
@@ -87,17 +96,27 @@ impl Gateway {
             config,
             shutdown,
         });
-        let task = tokio::spawn(accept_loop(listener, ctx.clone()));
+        let mut addrs = Vec::new();
+        let mut tasks = vec![tokio::spawn(sweep_sessions(ctx.clone()))];
+        for listener in listeners {
+            let (listener, tls) = match listener {
+                Listener::Plain(l) => (l, None),
+                Listener::Tls(l, acceptor) => (l, Some(acceptor)),
+            };
+            addrs.push((listener.local_addr()?, tls.is_some()));
+            tasks.push(tokio::spawn(accept_loop(listener, tls, ctx.clone())));
+        }
         Ok(Self {
-            addr,
+            addrs,
             ctx,
             stop,
-            task,
+            tasks,
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+    /// The address of the first plain (`tls` false) or TLS listener.
+    pub fn addr(&self, tls: bool) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(_, t)| *t == tls).map(|(a, _)| *a)
     }
 
     /// Sessions held (connected or kept for a disconnected device).
@@ -113,26 +132,42 @@ impl Gateway {
             .ctx
             .sessions
             .kick_all(DisconnectCode::ServerShuttingDown, "server shutting down");
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
         for k in kicks {
             k.wait_finished(Duration::from_secs(5)).await;
         }
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
+/// Drops persistent sessions whose expiry has passed.
+async fn sweep_sessions(ctx: Arc<Context>) {
     let mut shutdown = ctx.shutdown.clone();
-    let mut connections = JoinSet::new();
     let mut sweep = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => return,
             _ = sweep.tick() => {
                 let n = ctx.sessions.sweep(&ctx.fleet);
                 if n > 0 {
                     tracing::debug!(expired = n, "expired persistent sessions");
                 }
             }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ctx: Arc<Context>,
+) {
+    let mut shutdown = ctx.shutdown.clone();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
@@ -141,7 +176,21 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>) {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(connection::serve(ctx.clone(), stream, peer));
+                    let ctx = ctx.clone();
+                    match tls.clone() {
+                        None => {
+                            connections.spawn(connection::serve(ctx, stream, peer));
+                        }
+                        Some(acceptor) => {
+                            connections.spawn(async move {
+                                match tokio::time::timeout(ctx.config.connect_timeout, acceptor.accept(stream)).await {
+                                    Ok(Ok(stream)) => connection::serve(ctx, stream, peer).await,
+                                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                                    Err(_) => tracing::debug!(%peer, "no TLS handshake in time; closing"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{BOTH, Device, Ev, Opts, Proto, Server, WAIT, server, server_with, shadow};
+use common::{BOTH, Device, Ev, Opts, Proto, Server, WAIT, next_v4, server, server_with, shadow};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use twin_actors::FleetConfig;
@@ -476,23 +476,6 @@ async fn qos_2_is_refused_as_documented() {
     )
     .await;
     assert_eq!(d.closed().await, Some(0x9B));
-}
-
-/// The next MQTT 3.1.1 packet on a raw socket.
-async fn next_v4(
-    sock: &mut tokio::net::TcpStream,
-    inbuf: &mut bytes::BytesMut,
-) -> rumqttc::mqttbytes::v4::Packet {
-    loop {
-        if let Ok(p) = rumqttc::mqttbytes::v4::Packet::read(inbuf, 1 << 20) {
-            return p;
-        }
-        let n = tokio::time::timeout(WAIT, sock.read_buf(inbuf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "the server closed the connection");
-    }
 }
 
 #[tokio::test]

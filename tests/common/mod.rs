@@ -25,6 +25,8 @@ pub struct Server {
     pub child: Child,
     pub mqtt: String,
     pub http: String,
+    /// The MQTT-over-TLS address, when started with `--mqtt-tls-listen`.
+    pub mqtts: Option<String>,
 }
 
 /// Starts `doppel serve` on free ports and waits for it to log both addresses.
@@ -47,7 +49,7 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut mqtt, mut http) = (None, None);
+    let (mut mqtt, mut http, mut mqtts) = (None, None, None);
     tokio::time::timeout(WAIT, async {
         while mqtt.is_none() || http.is_none() {
             let line = lines
@@ -56,7 +58,9 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
                 .unwrap()
                 .expect("doppel exited before it was listening");
             let addr = || line.rsplit(' ').next().unwrap().to_owned();
-            if line.contains("mqtt listening on ") {
+            if line.contains("mqtts listening on ") {
+                mqtts = Some(addr());
+            } else if line.contains("mqtt listening on ") {
                 mqtt = Some(addr());
             } else if line.contains("http listening on ") {
                 http = Some(addr());
@@ -71,5 +75,6 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
         child,
         mqtt: mqtt.unwrap(),
         http: http.unwrap(),
+        mqtts,
     }
 }

@@ -11,7 +11,7 @@ use rumqttc::v5::mqttbytes::v5 as p5;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use twin_actors::{FleetConfig, FleetHandle};
-use twin_gateway::{Gateway, GatewayConfig};
+use twin_gateway::{Gateway, GatewayConfig, Listener};
 use twin_model::DeviceId;
 use twin_store::{Committer, EmbeddedStore, TwinStore};
 
@@ -19,6 +19,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// The TLS listener, when the server was started with one.
+    pub tls_addr: Option<SocketAddr>,
     pub fleet: FleetHandle,
     pub gateway: Option<Gateway>,
     _dir: tempfile::TempDir,
@@ -29,17 +31,53 @@ pub async fn server() -> Server {
 }
 
 pub async fn server_with(fleet: FleetConfig, gateway: GatewayConfig) -> Server {
+    server_tls(fleet, gateway, None).await
+}
+
+/// A server with a plain listener and, given an acceptor, a TLS one.
+pub async fn server_tls(
+    fleet: FleetConfig,
+    gateway: GatewayConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
     let (committer, _) = Committer::start(store, 4096, 4096).unwrap();
     let fleet = FleetHandle::start(fleet, committer).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = Gateway::start(listener, fleet.clone(), gateway).unwrap();
+    let mut listeners = vec![Listener::Plain(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )];
+    if let Some(acceptor) = tls {
+        listeners.push(Listener::Tls(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            acceptor,
+        ));
+    }
+    let gateway = Gateway::start(listeners, fleet.clone(), gateway).unwrap();
     Server {
-        addr: gateway.local_addr(),
+        addr: gateway.addr(false).unwrap(),
+        tls_addr: gateway.addr(true),
         fleet,
         gateway: Some(gateway),
         _dir: dir,
+    }
+}
+
+/// The next MQTT 3.1.1 packet on a raw stream.
+pub async fn next_v4<S: tokio::io::AsyncRead + Unpin>(
+    sock: &mut S,
+    inbuf: &mut bytes::BytesMut,
+) -> rumqttc::mqttbytes::v4::Packet {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Ok(p) = rumqttc::mqttbytes::v4::Packet::read(inbuf, 1 << 20) {
+            return p;
+        }
+        let n = tokio::time::timeout(WAIT, sock.read_buf(inbuf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the server closed the connection");
     }
 }
 
