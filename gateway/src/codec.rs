@@ -72,7 +72,6 @@ pub enum ConnCode {
     Accepted,
     UnsupportedVersion,
     BadClientId,
-    BadCredentials,
     NotAuthorized,
     Banned,
     ServerBusy,
@@ -87,7 +86,6 @@ impl ConnCode {
             Self::Accepted => C::Success,
             Self::UnsupportedVersion => C::RefusedProtocolVersion,
             Self::BadClientId => C::BadClientId,
-            Self::BadCredentials => C::BadUserNamePassword,
             Self::NotAuthorized | Self::Banned | Self::Malformed => C::NotAuthorized,
             Self::ServerBusy | Self::ServerUnavailable => C::ServiceUnavailable,
         }
@@ -99,7 +97,6 @@ impl ConnCode {
             Self::Accepted => C::Success,
             Self::UnsupportedVersion => C::UnsupportedProtocolVersion,
             Self::BadClientId => C::ClientIdentifierNotValid,
-            Self::BadCredentials => C::BadUserNamePassword,
             Self::NotAuthorized => C::NotAuthorized,
             Self::Banned => C::Banned,
             Self::ServerBusy => C::ServerBusy,

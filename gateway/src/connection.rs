@@ -679,6 +679,7 @@ impl<S: Stream> Conn<S> {
         // Payloads are plain data: serializing them cannot fail.
         let _ = serde_json::to_writer(&mut buf, &build());
         st.push(
+            &self.thing,
             OutMsg {
                 topic,
                 payload: Bytes::from(buf),

@@ -119,11 +119,6 @@ impl Gateway {
         self.addrs.iter().find(|(_, t)| *t == tls).map(|(a, _)| *a)
     }
 
-    /// Sessions held (connected or kept for a disconnected device).
-    pub fn sessions(&self) -> usize {
-        self.ctx.sessions.len()
-    }
-
     /// Stops accepting, tells every device (MQTT 5: DISCONNECT 0x8B) and waits for the
     /// connections to close.
     pub async fn shutdown(self) {

@@ -98,7 +98,14 @@ impl DeviceLink for Link {
             let mut q = lock(&self.events);
             if q.len() >= self.cap {
                 q.pop_front();
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if dropped % 1000 == 1 {
+                    tracing::warn!(
+                        dropped,
+                        cap = self.cap,
+                        "twin events for an absent device dropped: its session queue is full"
+                    );
+                }
             }
             q.push_back(event);
         }
@@ -151,10 +158,13 @@ impl SessionState {
         }
     }
 
-    pub(crate) fn push(&mut self, msg: OutMsg, cap: usize) {
+    pub(crate) fn push(&mut self, thing: &DeviceId, msg: OutMsg, cap: usize) {
         if self.pending.len() >= cap {
             self.pending.pop_front();
             self.dropped += 1;
+            if self.dropped % 1000 == 1 {
+                tracing::warn!(%thing, dropped = self.dropped, cap, "session queue full: dropping its oldest messages (the device is away or not reading)");
+            }
         }
         self.pending.push_back(msg);
     }
@@ -278,9 +288,5 @@ impl Sessions {
             }
         }
         kicks
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.map.len()
     }
 }

@@ -113,12 +113,6 @@ pub enum TopicError {
     UnknownShadowTopic,
 }
 
-/// The thing a topic (or topic filter) names, without validating the rest.
-pub fn thing_of(topic: &str) -> Option<&str> {
-    let rest = topic.strip_prefix(THINGS_PREFIX)?;
-    Some(rest.split_once('/').map_or(rest, |(t, _)| t))
-}
-
 pub fn parse(topic: &str) -> Result<Topic, TopicError> {
     let rest = topic
         .strip_prefix(THINGS_PREFIX)
@@ -236,8 +230,5 @@ mod tests {
             parse("$aws/things/t/shadow/get/accepted/x"),
             Err(TopicError::UnknownShadowTopic)
         );
-        assert_eq!(thing_of("$aws/things/t9/shadow/#"), Some("t9"));
-        assert_eq!(thing_of("$aws/things/t9"), Some("t9"));
-        assert_eq!(thing_of("other"), None);
     }
 }
