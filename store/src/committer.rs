@@ -16,6 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{StoreError, TwinStore, Write};
 
+/// A durable commit slower than this is logged: every change in it waited that long.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 struct Job {
     writes: Vec<Write>,
     reply: oneshot::Sender<Result<(), Arc<StoreError>>>,
@@ -66,7 +69,12 @@ impl Committer {
                             Err(_) => break,
                         }
                     }
+                    let started = std::time::Instant::now();
                     let result = thread_store.commit(&batch).map_err(Arc::new);
+                    let took = started.elapsed();
+                    if took >= SLOW_COMMIT {
+                        tracing::warn!(ms = took.as_millis() as u64, writes = batch.len(), "slow durable commit: every change in it waited");
+                    }
                     thread_stats.batches.fetch_add(1, Ordering::Relaxed);
                     thread_stats.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     if let Err(e) = &result {
