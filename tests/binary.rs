@@ -257,8 +257,8 @@ async fn serves_mqtt_over_tls_with_the_configured_certificate() {
     );
 
     // A bad certificate path is refused at start, naming the setting.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
-        .args([
+    let out = common::doppel(
+        &[
             "serve",
             "--mqtt-listen",
             "127.0.0.1:0",
@@ -266,17 +266,13 @@ async fn serves_mqtt_over_tls_with_the_configured_certificate() {
             "127.0.0.1:0",
             "--mqtt-tls-listen",
             "127.0.0.1:0",
-        ])
-        .args([
             "--tls-cert-file",
             "/nonexistent.pem",
             "--tls-key-file",
             "/nonexistent.key",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("other"))
-        .output()
-        .unwrap();
+        ],
+        &dir.path().join("other"),
+    );
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot read tls_cert_file /nonexistent.pem")

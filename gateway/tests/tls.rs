@@ -115,21 +115,25 @@ async fn update_over_tls(
     }
 }
 
-#[tokio::test]
-async fn devices_update_their_shadows_over_tls() {
-    let pki = pki();
-    let acceptor = twin_gateway::tls::acceptor(
-        pki.server_pem.as_bytes(),
-        pki.server_key_pem.as_bytes(),
-        None,
-    )
-    .unwrap();
-    let s = server_tls(
+/// A server with a TLS listener for `pki`'s server certificate; with `require_client_certs`,
+/// devices must present a certificate from `pki`'s CA.
+async fn tls_server(pki: &Pki, require_client_certs: bool) -> common::Server {
+    let ca = require_client_certs.then_some(pki.ca_pem.as_bytes());
+    let acceptor =
+        twin_gateway::tls::acceptor(pki.server_pem.as_bytes(), pki.server_key_pem.as_bytes(), ca)
+            .unwrap();
+    server_tls(
         FleetConfig::default(),
         GatewayConfig::default(),
         Some(acceptor),
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn devices_update_their_shadows_over_tls() {
+    let pki = pki();
+    let s = tls_server(&pki, false).await;
     let secret = s.register("lamp-tls").await;
     let version = update_over_tls(
         s.tls_addr.unwrap(),
@@ -145,18 +149,7 @@ async fn devices_update_their_shadows_over_tls() {
 #[tokio::test]
 async fn required_client_certificates_keep_out_devices_without_one() {
     let pki = pki();
-    let acceptor = twin_gateway::tls::acceptor(
-        pki.server_pem.as_bytes(),
-        pki.server_key_pem.as_bytes(),
-        Some(pki.ca_pem.as_bytes()),
-    )
-    .unwrap();
-    let s = server_tls(
-        FleetConfig::default(),
-        GatewayConfig::default(),
-        Some(acceptor),
-    )
-    .await;
+    let s = tls_server(&pki, true).await;
     let secret = s.register("lamp-tls").await;
     let addr = s.tls_addr.unwrap();
     let version = update_over_tls(addr, &connector(&pki, true), "lamp-tls", &secret)
