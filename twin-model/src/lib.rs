@@ -3,9 +3,11 @@
 //! - [`id`]: validated thing and shadow names;
 //! - [`shadow`]: AWS IoT Device Shadow semantics (decide / apply, delta, payloads);
 //! - [`event`]: [`TwinEvent`], what every consumer of a twin reads;
+//! - [`filter`]: the fleet filter language (parser, printer, evaluator);
 //! - [`topic`]: the MQTT topic names of the device API.
 
 pub mod event;
+pub mod filter;
 pub mod id;
 pub mod json;
 pub mod rejection;
@@ -13,6 +15,7 @@ pub mod shadow;
 pub mod topic;
 
 pub use event::{Connectivity, TwinEvent};
+pub use filter::{Filter, FilterError, FilterTarget};
 pub use id::{DeviceId, NameError, ShadowName};
 pub use rejection::{Rejection, RejectionKind};
 pub use shadow::{ChangeOp, Limits, SectionPatch, Shadow, ShadowChange, UpdateRequest};
