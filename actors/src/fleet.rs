@@ -17,8 +17,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use twin_model::{DeviceId, Limits, Shadow, ShadowChange, ShadowName, TwinEvent, UpdateRequest};
 use twin_store::{Committer, TwinStore};
 
-use crate::device::{DeviceMsg, Port};
+use serde_json::{Map, Value};
+use twin_model::Filter;
+
+use crate::device::{DeviceMsg, Port, RegistryOp};
 use crate::error::FleetError;
+use crate::index::{FleetIndex, Page, TwinView};
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 
 /// Settings of the twin layer.
@@ -75,6 +79,7 @@ pub struct Shared {
     pub(crate) config: FleetConfig,
     events: broadcast::Sender<Arc<TwinEvent>>,
     links: DashMap<DeviceId, Arc<dyn DeviceLink>>,
+    pub(crate) index: FleetIndex,
 }
 
 impl Shared {
@@ -103,14 +108,24 @@ pub struct FleetHandle {
 }
 
 impl FleetHandle {
-    /// Starts the shards over `committer`'s store.
+    /// Loads the fleet index from `committer`'s store and starts the shards.
     pub async fn start(config: FleetConfig, committer: Committer) -> Result<Self, FleetError> {
         let (events, _) = broadcast::channel(config.event_buffer.max(16));
+        let store = committer.store().clone();
+        let index = tokio::task::spawn_blocking(move || {
+            let index = FleetIndex::default();
+            store.scan(&mut |record| index.load(record)).map(|()| index)
+        })
+        .await
+        .map_err(|e| FleetError::Unavailable(format!("loading the fleet index: {e}")))?
+        .map_err(|e| FleetError::Unavailable(format!("loading the fleet index: {e}")))?;
+        tracing::info!(things = index.len(), "fleet index loaded");
         let shared = Arc::new(Shared {
             committer,
             config: config.clone(),
             events,
             links: DashMap::new(),
+            index,
         });
         let shard_count = config.shards.max(1);
         let per_shard = config.max_resident_twins.div_ceil(shard_count).max(1);
@@ -237,18 +252,45 @@ impl FleetHandle {
         }
     }
 
-    /// Registers a thing; the answer is its secret, which is not stored and cannot be shown again.
-    pub fn register(&self, thing: &DeviceId) -> Reply<String> {
-        self.request(thing, |reply, permit| DeviceMsg::Register { reply, permit })
+    /// Changes a thing's registry record; see [`RegistryOp`]. The answer is the new
+    /// secret for `Register` and `RotateSecret` (not stored: it cannot be shown again).
+    pub fn registry(&self, thing: &DeviceId, op: RegistryOp) -> Reply<Option<String>> {
+        self.request(thing, |reply, permit| DeviceMsg::Registry {
+            op,
+            reply,
+            permit,
+        })
+    }
+
+    /// Registers a thing; the answer is its secret.
+    pub fn register(&self, thing: &DeviceId, attributes: Map<String, Value>) -> Reply<String> {
+        let answer = self.registry(thing, RegistryOp::Register(attributes));
+        Box::pin(async move {
+            answer
+                .await?
+                .ok_or_else(|| FleetError::Unavailable("registration made no secret".into()))
+        })
     }
 
     /// Enables or disables a thing; disabling ends its live connection.
     pub fn set_enabled(&self, thing: &DeviceId, enabled: bool) -> Reply<()> {
-        self.request(thing, |reply, permit| DeviceMsg::SetEnabled {
-            enabled,
-            reply,
-            permit,
-        })
+        let answer = self.registry(thing, RegistryOp::SetEnabled(enabled));
+        Box::pin(async move { answer.await.map(drop) })
+    }
+
+    /// A registered twin as it is now (resident or not).
+    pub fn thing(&self, thing: &DeviceId) -> Option<Arc<TwinView>> {
+        self.shared.index.get(thing)
+    }
+
+    /// Registered twins matching `filter`, in id order after `after`.
+    pub fn query(&self, filter: Option<&Filter>, after: Option<&DeviceId>, first: usize) -> Page {
+        self.shared.index.query(filter, after, first)
+    }
+
+    /// Whether a registered twin matches `filter` now.
+    pub fn matches(&self, thing: &DeviceId, filter: &Filter) -> bool {
+        self.shared.index.matches(thing, filter)
     }
 
     /// Every event of every twin. A receiver that falls behind by more than the buffer

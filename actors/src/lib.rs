@@ -2,7 +2,8 @@
 //!
 //! - [`device`]: `DeviceTwin`, one actor per thing, the single writer of its shadows;
 //! - [`shard`]: `ShardSupervisor`, which activates, passivates and restarts twins;
-//! - [`fleet`]: [`FleetHandle`], the API every edge (MQTT, GraphQL, ...) uses.
+//! - [`fleet`]: [`FleetHandle`], the API every edge (MQTT, GraphQL, ...) uses;
+//! - [`index`]: the fleet index every query and filtered subscription reads.
 //!
 //! A change is acknowledged only after it is durable (through the group
 //! [`twin_store::Committer`]); then the twin emits a [`twin_model::TwinEvent`] to the
@@ -11,10 +12,13 @@
 pub mod device;
 pub mod error;
 pub mod fleet;
+pub mod index;
 pub mod shard;
 
+pub use device::RegistryOp;
 pub use error::FleetError;
 pub use fleet::{ConnectOk, DeviceLink, FleetConfig, FleetHandle, Reply};
+pub use index::{Page, ShadowView, TwinView};
 pub use shard::shard_for;
 
 #[cfg(test)]

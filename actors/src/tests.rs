@@ -45,7 +45,7 @@ async fn fleet(config: FleetConfig) -> Fleet {
 
 async fn registered(f: &FleetHandle, names: &[&str]) {
     for n in names {
-        f.register(&id(n)).await.unwrap();
+        f.register(&id(n), Default::default()).await.unwrap();
     }
 }
 
@@ -194,6 +194,7 @@ impl TwinStore for Stalled {
                 secret_hash: String::new(),
                 enabled: true,
                 created_at: 0,
+                attributes: Default::default(),
             }),
             ..TwinSnapshot::default()
         })
@@ -211,6 +212,9 @@ impl TwinStore for Stalled {
         _: usize,
     ) -> Result<Vec<ShadowChange>, StoreError> {
         Ok(vec![])
+    }
+    fn scan(&self, _: &mut dyn FnMut(twin_store::Scanned)) -> Result<(), StoreError> {
+        Ok(())
     }
     fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
         Ok(None)
@@ -270,9 +274,13 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
             .kind(),
         RejectionKind::Unauthorized
     );
-    let secret = f.fleet.register(&thing).await.unwrap();
+    let secret = f.fleet.register(&thing, Default::default()).await.unwrap();
     assert_eq!(
-        f.fleet.register(&thing).await.unwrap_err().kind(),
+        f.fleet
+            .register(&thing, Default::default())
+            .await
+            .unwrap_err()
+            .kind(),
         RejectionKind::VersionConflict
     );
     assert_eq!(

@@ -701,6 +701,7 @@ impl<S: Stream> Conn<S> {
                 change,
                 previous,
                 current,
+                ..
             } = &*event
             else {
                 continue;

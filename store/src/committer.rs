@@ -162,6 +162,9 @@ mod tests {
         fn things(&self, _: Option<&DeviceId>, _: usize) -> Result<Vec<ThingRecord>, StoreError> {
             Ok(vec![])
         }
+        fn scan(&self, _: &mut dyn FnMut(crate::Scanned)) -> Result<(), StoreError> {
+            Ok(())
+        }
         fn flush(&self) -> Result<(), StoreError> {
             Ok(())
         }
@@ -173,6 +176,7 @@ mod tests {
             secret_hash: String::new(),
             enabled: true,
             created_at: 0,
+            attributes: Default::default(),
         })
     }
 

@@ -25,7 +25,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
 use twin_model::{ChangeOp, DeviceId, ShadowChange, ShadowName};
 
-use crate::{StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
+use crate::{Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
 
 pub struct EmbeddedStore {
     db: Database,
@@ -85,6 +85,20 @@ fn event_key(thing: &DeviceId, shadow: &ShadowName, slot: u64) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&slot.to_be_bytes());
     k
+}
+
+/// The thing and shadow of a `shadows` key.
+fn split_shadow_key(k: &[u8]) -> Result<(DeviceId, ShadowName), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        key: String::from_utf8_lossy(k).replace('\0', "/"),
+        reason: "bad shadow key".into(),
+    };
+    let text = std::str::from_utf8(k).map_err(|_| corrupt())?;
+    let (thing, shadow) = text.split_once('\0').ok_or_else(corrupt)?;
+    Ok((
+        DeviceId::parse(thing).map_err(|_| corrupt())?,
+        ShadowName::from_key(shadow).map_err(|_| corrupt())?,
+    ))
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
@@ -188,6 +202,17 @@ impl TwinStore for EmbeddedStore {
                 Write::Thing(record) => {
                     b.insert(&self.things, record.id.as_str(), encode(record));
                 }
+                Write::DeleteThing(thing) => {
+                    b.remove(&self.things, thing.as_str());
+                    b.remove(&self.presence, thing.as_str());
+                    let mut prefix = thing.as_str().as_bytes().to_vec();
+                    prefix.push(0);
+                    for ks in [&self.shadows, &self.events] {
+                        for kv in ks.prefix(&prefix) {
+                            b.remove(ks, kv.key().map_err(engine)?);
+                        }
+                    }
+                }
             }
         }
         b.commit().map_err(engine)
@@ -241,6 +266,30 @@ impl TwinStore for EmbeddedStore {
         Ok(out)
     }
 
+    fn scan(&self, visit: &mut dyn FnMut(Scanned)) -> Result<(), StoreError> {
+        for kv in self.things.iter() {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            visit(Scanned::Thing(decode(&k, &v)?));
+        }
+        for kv in self.presence.iter() {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let thing = std::str::from_utf8(&k)
+                .ok()
+                .and_then(|s| DeviceId::parse(s).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: "bad thing name".into(),
+                })?;
+            visit(Scanned::Presence(thing, decode(&k, &v)?));
+        }
+        for kv in self.shadows.iter() {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let (thing, shadow) = split_shadow_key(&k)?;
+            visit(Scanned::Shadow(thing, shadow, Box::new(decode(&k, &v)?)));
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll).map_err(engine)
     }
@@ -280,6 +329,7 @@ mod tests {
                 secret_hash: "h".into(),
                 enabled: true,
                 created_at: 1,
+                attributes: Default::default(),
             };
             store.commit(&[Write::Thing(record)]).unwrap();
             for i in 0..5 {
@@ -336,6 +386,57 @@ mod tests {
     }
 
     #[test]
+    fn scan_visits_everything_and_delete_thing_removes_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), 10).unwrap();
+        let mut shadow = Shadow::default();
+        let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
+        let (other, _) = ThingRecord::new(id("t10"), 1).unwrap();
+        store
+            .commit(&[
+                Write::Thing(record),
+                Write::Thing(other),
+                change(&mut shadow, r#"{"state":{"reported":{"a":1}}}"#, 2),
+                Write::Connectivity {
+                    thing: id("t1"),
+                    connectivity: Connectivity::default(),
+                },
+            ])
+            .unwrap();
+        let seen = |store: &EmbeddedStore| {
+            let mut seen = Vec::new();
+            store
+                .scan(&mut |s| {
+                    seen.push(match s {
+                        Scanned::Thing(r) => format!("thing {}", r.id),
+                        Scanned::Presence(t, _) => format!("presence {t}"),
+                        Scanned::Shadow(t, n, s) => format!("shadow {t}/{n} v{}", s.version),
+                    })
+                })
+                .unwrap();
+            seen
+        };
+        assert_eq!(
+            seen(&store),
+            [
+                "thing t1",
+                "thing t10",
+                "presence t1",
+                "shadow t1/(classic) v1"
+            ]
+        );
+        store.commit(&[Write::DeleteThing(id("t1"))]).unwrap();
+        assert_eq!(seen(&store), ["thing t10"]);
+        assert_eq!(store.load(&id("t1")).unwrap(), TwinSnapshot::default());
+        assert!(
+            store
+                .history(&id("t1"), &ShadowName::classic(), 10)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn a_second_opener_is_told_who_holds_the_directory() {
         let dir = tempfile::tempdir().unwrap();
         let _first = EmbeddedStore::open(dir.path(), 10).unwrap();
@@ -362,6 +463,7 @@ mod tests {
                     secret_hash: String::new(),
                     enabled: true,
                     created_at: 0,
+                    attributes: Default::default(),
                 })
             })
             .collect();

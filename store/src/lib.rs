@@ -16,6 +16,7 @@ pub mod secret;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use twin_model::{Connectivity, DeviceId, Shadow, ShadowChange, ShadowName};
 
 pub use committer::Committer;
@@ -51,6 +52,9 @@ pub struct ThingRecord {
     pub enabled: bool,
     /// Milliseconds since the epoch.
     pub created_at: u64,
+    /// The registry's free-form description of the thing (site, model, owner...).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub attributes: Map<String, Value>,
 }
 
 /// Everything persisted about one twin.
@@ -76,6 +80,16 @@ pub enum Write {
         connectivity: Connectivity,
     },
     Thing(ThingRecord),
+    /// Removes the thing with its presence, shadows and history.
+    DeleteThing(DeviceId),
+}
+
+/// One stored record, as [`TwinStore::scan`] visits them.
+#[derive(Debug, Clone)]
+pub enum Scanned {
+    Thing(ThingRecord),
+    Presence(DeviceId, Connectivity),
+    Shadow(DeviceId, ShadowName, Box<Shadow>),
 }
 
 pub trait TwinStore: Send + Sync + 'static {
@@ -102,6 +116,10 @@ pub trait TwinStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ThingRecord>, StoreError>;
 
+    /// Visits every registry record, then every presence, then every shadow (at start,
+    /// to build the fleet index).
+    fn scan(&self, visit: &mut dyn FnMut(Scanned)) -> Result<(), StoreError>;
+
     /// Flushes everything to disk (at shutdown).
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -115,6 +133,7 @@ impl ThingRecord {
             secret_hash: secret::hash(&secret),
             enabled: true,
             created_at: now_millis,
+            attributes: Map::new(),
         };
         Ok((record, secret))
     }

@@ -19,18 +19,35 @@ pub enum TwinEvent {
         change: Arc<ShadowChange>,
         previous: Arc<Shadow>,
         current: Arc<Shadow>,
+        /// The twin's version after the change (see [`twin_version`]).
+        version: u64,
     },
     /// The device connected or disconnected.
     Connectivity {
         thing: DeviceId,
         connectivity: Connectivity,
+        /// The twin's version when it happened (presence does not change it).
+        version: u64,
     },
+}
+
+/// A twin's version: the sum of its shadows' versions. It grows by exactly one per
+/// accepted shadow update (a delete keeps its shadow's version, so it keeps this one),
+/// which lets a subscriber see a gap.
+pub fn twin_version<'a>(shadow_versions: impl IntoIterator<Item = &'a Shadow>) -> u64 {
+    shadow_versions.into_iter().map(|s| s.version).sum()
 }
 
 impl TwinEvent {
     pub fn thing(&self) -> &DeviceId {
         match self {
             Self::Shadow { thing, .. } | Self::Connectivity { thing, .. } => thing,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Shadow { version, .. } | Self::Connectivity { version, .. } => *version,
         }
     }
 }

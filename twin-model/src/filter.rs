@@ -33,7 +33,7 @@
 
 use std::fmt;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::id::ShadowName;
 
@@ -110,11 +110,11 @@ pub struct FilterError {
 pub trait FilterTarget {
     fn id(&self) -> &str;
     fn connected(&self) -> bool;
-    fn attributes(&self) -> Option<&Value>;
+    fn attributes(&self) -> Option<&Map<String, Value>>;
     /// Whether the shadow exists.
     fn has_shadow(&self, shadow: &ShadowName) -> bool;
     /// A section (`desired`, `reported` or the computed `delta`) of an existing shadow.
-    fn section(&self, shadow: &ShadowName, section: Section) -> Option<&Value>;
+    fn section(&self, shadow: &ShadowName, section: Section) -> Option<&Map<String, Value>>;
 }
 
 impl Section {
@@ -154,15 +154,19 @@ enum Found<'a> {
     Json(&'a Value),
     Bool(bool),
     Str(&'a str),
-    /// Present but not comparable (a whole shadow).
+    /// Present but not comparable (a shadow, a section, the attributes).
     Present,
 }
 
-fn walk<'a>(mut value: &'a Value, path: &[String]) -> Option<&'a Value> {
-    for seg in path {
+fn walk<'a>(map: &'a Map<String, Value>, path: &[String]) -> Option<Found<'a>> {
+    let Some((first, rest)) = path.split_first() else {
+        return Some(Found::Present);
+    };
+    let mut value = map.get(first)?;
+    for seg in rest {
         value = value.as_object()?.get(seg)?;
     }
-    Some(value)
+    Some(Found::Json(value))
 }
 
 impl Field {
@@ -170,13 +174,13 @@ impl Field {
         match self {
             Self::Id => Some(Found::Str(t.id())),
             Self::Connected => Some(Found::Bool(t.connected())),
-            Self::Attributes(path) => walk(t.attributes()?, path).map(Found::Json),
+            Self::Attributes(path) => walk(t.attributes()?, path),
             Self::NamedShadow(shadow) => t.has_shadow(shadow).then_some(Found::Present),
             Self::Shadow {
                 shadow,
                 section,
                 path,
-            } => walk(t.section(shadow, *section)?, path).map(Found::Json),
+            } => walk(t.section(shadow, *section)?, path),
         }
     }
 }
@@ -552,12 +556,20 @@ impl Parser {
     }
 }
 
-fn write_segment(f: &mut fmt::Formatter<'_>, seg: &str) -> fmt::Result {
+/// Appends `.segment` to a field's printed path, quoted where it must be.
+pub fn push_segment(out: &mut String, seg: &str) {
+    out.push('.');
     if !seg.is_empty() && seg.chars().all(is_bare) {
-        write!(f, ".{seg}")
+        out.push_str(seg);
     } else {
-        write!(f, ".{}", Value::String(seg.to_owned()))
+        out.push_str(&Value::String(seg.to_owned()).to_string());
     }
+}
+
+fn write_segment(f: &mut fmt::Formatter<'_>, seg: &str) -> fmt::Result {
+    let mut s = String::new();
+    push_segment(&mut s, seg);
+    f.write_str(&s)
 }
 
 impl fmt::Display for Field {
@@ -656,10 +668,10 @@ mod tests {
     struct Twin {
         id: &'static str,
         connected: bool,
-        attributes: Value,
-        reported: Value,
-        desired: Value,
-        named: Option<(ShadowName, Value)>,
+        attributes: Map<String, Value>,
+        reported: Map<String, Value>,
+        desired: Map<String, Value>,
+        named: Option<(ShadowName, Map<String, Value>)>,
     }
 
     impl FilterTarget for Twin {
@@ -669,13 +681,13 @@ mod tests {
         fn connected(&self) -> bool {
             self.connected
         }
-        fn attributes(&self) -> Option<&Value> {
+        fn attributes(&self) -> Option<&Map<String, Value>> {
             Some(&self.attributes)
         }
         fn has_shadow(&self, shadow: &ShadowName) -> bool {
             shadow.name().is_none() || self.named.as_ref().is_some_and(|(n, _)| n == shadow)
         }
-        fn section(&self, shadow: &ShadowName, section: Section) -> Option<&Value> {
+        fn section(&self, shadow: &ShadowName, section: Section) -> Option<&Map<String, Value>> {
             if shadow.name().is_some() {
                 return self
                     .named
@@ -692,16 +704,20 @@ mod tests {
         }
     }
 
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
     fn twin() -> Twin {
         Twin {
             id: "press-7",
             connected: true,
-            attributes: json!({"site": "plant-7", "line": 3}),
-            reported: json!({"temp": 31.5, "tags": ["hot", "old"], "fw": {"v": "1.2"}}),
-            desired: json!({"mode": "eco"}),
+            attributes: map(json!({"site": "plant-7", "line": 3})),
+            reported: map(json!({"temp": 31.5, "tags": ["hot", "old"], "fw": {"v": "1.2"}})),
+            desired: map(json!({"mode": "eco"})),
             named: Some((
                 ShadowName::named("firmware").unwrap(),
-                json!({"version": 2}),
+                map(json!({"version": 2})),
             )),
         }
     }
@@ -739,6 +755,8 @@ mod tests {
             ("attributes.line IN (1, 2, 3)", true),
             ("desired.mode in (\"off\")", false),
             ("reported.fw EXISTS", true),
+            ("attributes EXISTS", true),
+            ("attributes = 1", false),
             ("reported.fw.v = \"1.2\"", true),
             ("delta.mode EXISTS", false),
             ("reported.tags = \"old\"", true),

@@ -51,6 +51,21 @@ pub fn metadata_for(value: &Value, timestamp: u64) -> Value {
     }
 }
 
+/// The newest leaf timestamp in a metadata tree (0 for an empty one).
+pub fn latest_timestamp(meta: &Map<String, Value>) -> u64 {
+    fn walk(v: &Value) -> u64 {
+        match v {
+            Value::Object(m) => m
+                .get("timestamp")
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| latest_timestamp(m)),
+            Value::Array(a) => a.iter().map(walk).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    meta.values().map(walk).max().unwrap_or(0)
+}
+
 /// Updates a metadata tree for `patch` applied at `timestamp`, mirroring [`merge`].
 pub fn merge_metadata(meta: &mut Map<String, Value>, patch: &Map<String, Value>, timestamp: u64) {
     for (key, value) in patch {
@@ -200,6 +215,8 @@ mod tests {
         let mut m = obj(json!({"a": {"timestamp": 1}, "b": {"c": {"timestamp": 1}}}));
         merge_metadata(&mut m, &obj(json!({"a": {"z": 5}, "b": {"c": null}})), 9);
         assert_eq!(Value::Object(m), json!({"a": {"z": {"timestamp": 9}}}));
+        let m = obj(json!({"a": {"timestamp": 3}, "l": [{"x": {"timestamp": 8}}], "b": {}}));
+        assert_eq!(latest_timestamp(&m), 8);
     }
 
     #[test]

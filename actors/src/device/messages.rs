@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use ractor::RpcReplyPort;
+use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use twin_model::{Shadow, ShadowChange, ShadowName, UpdateRequest};
 
@@ -37,17 +38,28 @@ pub enum DeviceMsg {
     },
     /// The connection of `session` ended.
     Disconnected { session: u64, reason: String },
-    /// Registers the thing; replies with its new secret (shown once).
-    Register {
-        reply: Port<String>,
-        permit: OwnedSemaphorePermit,
-    },
-    SetEnabled {
-        enabled: bool,
-        reply: Port<()>,
+    /// Changes the thing's registry record; replies with a new secret where the change
+    /// made one (shown once, never stored).
+    Registry {
+        op: RegistryOp,
+        reply: Port<Option<String>>,
         permit: OwnedSemaphorePermit,
     },
     /// Test hook: panics inside the actor.
     #[cfg(test)]
     Crash,
+}
+
+#[derive(Debug, Clone)]
+pub enum RegistryOp {
+    /// Registers the thing with these attributes and a new secret.
+    Register(Map<String, Value>),
+    /// Disabling ends the live connection and refuses new ones.
+    SetEnabled(bool),
+    /// A merge patch: `null` deletes an attribute.
+    MergeAttributes(Map<String, Value>),
+    /// A new secret; the old one stops working and the live connection ends.
+    RotateSecret,
+    /// Removes the thing, its shadows and history; ends the live connection.
+    Delete,
 }

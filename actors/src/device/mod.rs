@@ -12,12 +12,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::{Map, Value};
 use twin_model::{
-    Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
+    ChangeOp, Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName,
+    TwinEvent, json,
 };
 use twin_store::{ThingRecord, TwinSnapshot, Write, now_millis, secret};
 
-pub use messages::{DeviceMsg, Port};
+pub use messages::{DeviceMsg, Port, RegistryOp};
 
 use crate::error::FleetError;
 use crate::fleet::{ConnectOk, Shared};
@@ -38,6 +40,7 @@ pub struct DeviceState {
     session: u64,
 }
 
+#[derive(Default)]
 struct Loaded {
     record: Option<ThingRecord>,
     connectivity: Connectivity,
@@ -103,15 +106,27 @@ impl DeviceState {
             change: change.clone(),
         }])
         .await?;
+        let mut version = 0;
         if let Some(l) = self.loaded.as_mut() {
             l.shadows.insert(name.clone(), current.clone());
+            version = twin_model::event::twin_version(l.shadows.values().map(|s| &**s));
         }
+        let reported_at = match &change.op {
+            ChangeOp::Update {
+                reported: Some(_), ..
+            } => Some(change.timestamp * 1000),
+            _ => None,
+        };
+        self.shared
+            .index
+            .set_shadow(&self.thing, name.clone(), current.clone(), reported_at);
         self.shared.emit(Arc::new(TwinEvent::Shadow {
             thing: self.thing.clone(),
             shadow: name,
             change: change.clone(),
             previous,
             current,
+            version,
         }));
         Ok(change)
     }
@@ -171,7 +186,10 @@ impl DeviceState {
         self.change_shadow(name, previous, change, next).await
     }
 
-    async fn register(&mut self) -> Result<(ThingRecord, String), FleetError> {
+    async fn register(
+        &mut self,
+        attributes: Map<String, Value>,
+    ) -> Result<(ThingRecord, String), FleetError> {
         if self.load().await?.record.is_some() {
             return Err(Rejection::new(
                 RejectionKind::VersionConflict,
@@ -179,13 +197,91 @@ impl DeviceState {
             )
             .into());
         }
-        let (record, secret) =
+        let mut attrs = Map::new();
+        json::merge(&mut attrs, &attributes);
+        self.check_attributes(&attrs)?;
+        let (mut record, secret) =
             ThingRecord::new(self.thing.clone(), now_millis()).map_err(unavailable)?;
+        record.attributes = attrs;
+        self.save_record(record.clone()).await?;
+        Ok((record, secret))
+    }
+
+    fn check_attributes(&self, attributes: &Map<String, Value>) -> Result<(), FleetError> {
+        let limits = self.shared.config.limits;
+        let value = Value::Object(attributes.clone());
+        if json::encoded_len(&value) > limits.max_state_bytes {
+            return Err(Rejection::new(
+                RejectionKind::PayloadTooLarge,
+                format!(
+                    "attributes are larger than {} bytes",
+                    limits.max_state_bytes
+                ),
+            )
+            .into());
+        }
+        if json::depth(&value) > limits.max_depth {
+            return Err(Rejection::bad_request(format!(
+                "attributes nest deeper than {} levels",
+                limits.max_depth
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Makes a registry record durable, then current, then searchable.
+    async fn save_record(&mut self, record: ThingRecord) -> Result<(), FleetError> {
         self.commit(vec![Write::Thing(record.clone())]).await?;
         if let Some(l) = self.loaded.as_mut() {
             l.record = Some(record.clone());
         }
-        Ok((record, secret))
+        self.shared.index.put_record(record);
+        Ok(())
+    }
+
+    async fn registry(&mut self, op: RegistryOp) -> Result<Option<String>, FleetError> {
+        if let RegistryOp::Register(attributes) = op {
+            return self.register(attributes).await.map(|(_, s)| Some(s));
+        }
+        let mut record = self
+            .registered()
+            .await?
+            .record
+            .clone()
+            .ok_or_else(thing_not_found)?;
+        match op {
+            RegistryOp::Register(_) => unreachable!("handled above"),
+            RegistryOp::SetEnabled(enabled) => {
+                record.enabled = enabled;
+                self.save_record(record).await?;
+                if !enabled {
+                    self.shared.kick(&self.thing, "thing disabled");
+                }
+                Ok(None)
+            }
+            RegistryOp::MergeAttributes(patch) => {
+                json::merge(&mut record.attributes, &patch);
+                self.check_attributes(&record.attributes)?;
+                self.save_record(record).await?;
+                Ok(None)
+            }
+            RegistryOp::RotateSecret => {
+                let secret = secret::generate().map_err(unavailable)?;
+                record.secret_hash = secret::hash(&secret);
+                self.save_record(record).await?;
+                self.shared.kick(&self.thing, "thing secret rotated");
+                Ok(Some(secret))
+            }
+            RegistryOp::Delete => {
+                self.commit(vec![Write::DeleteThing(self.thing.clone())])
+                    .await?;
+                self.loaded = Some(Loaded::default());
+                self.shared.index.remove(&self.thing);
+                self.shared.kick(&self.thing, "thing deleted");
+                Ok(None)
+            }
+        }
     }
 
     async fn connect(&mut self, password: Option<String>) -> Result<ConnectOk, FleetError> {
@@ -195,7 +291,7 @@ impl DeviceState {
             Some(r) => r,
             None if auto_register => {
                 registered_now = true;
-                self.register().await?.0
+                self.register(Map::new()).await?.0
             }
             None => return Err(Rejection::new(RejectionKind::Unauthorized, "Unauthorized").into()),
         };
@@ -229,31 +325,19 @@ impl DeviceState {
             connectivity: connectivity.clone(),
         }])
         .await?;
+        let mut version = 0;
         if let Some(l) = self.loaded.as_mut() {
             l.connectivity = connectivity.clone();
+            version = twin_model::event::twin_version(l.shadows.values().map(|s| &**s));
         }
+        self.shared
+            .index
+            .set_connectivity(&self.thing, connectivity.clone());
         self.shared.emit(Arc::new(TwinEvent::Connectivity {
             thing: self.thing.clone(),
             connectivity,
+            version,
         }));
-        Ok(())
-    }
-
-    async fn set_enabled(&mut self, enabled: bool) -> Result<(), FleetError> {
-        let mut record = self
-            .registered()
-            .await?
-            .record
-            .clone()
-            .ok_or_else(thing_not_found)?;
-        record.enabled = enabled;
-        self.commit(vec![Write::Thing(record.clone())]).await?;
-        if let Some(l) = self.loaded.as_mut() {
-            l.record = Some(record);
-        }
-        if !enabled {
-            self.shared.kick(&self.thing, "thing disabled");
-        }
         Ok(())
     }
 }
@@ -307,16 +391,8 @@ impl DeviceState {
                     }
                 }
             }
-            DeviceMsg::Register { reply, permit } => {
-                answer(reply, self.register().await.map(|(_, secret)| secret));
-                drop(permit);
-            }
-            DeviceMsg::SetEnabled {
-                enabled,
-                reply,
-                permit,
-            } => {
-                answer(reply, self.set_enabled(enabled).await);
+            DeviceMsg::Registry { op, reply, permit } => {
+                answer(reply, self.registry(op).await);
                 drop(permit);
             }
             #[cfg(test)]

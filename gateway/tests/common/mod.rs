@@ -85,7 +85,7 @@ impl Server {
     /// Registers a device and returns its secret.
     pub async fn register(&self, id: &str) -> String {
         self.fleet
-            .register(&DeviceId::parse(id).unwrap())
+            .register(&DeviceId::parse(id).unwrap(), Default::default())
             .await
             .unwrap()
     }
