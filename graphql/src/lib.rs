@@ -1,0 +1,18 @@
+//! Doppel's GraphQL API.
+//!
+//! - [`schema`]: the async-graphql schema (queries, mutations, subscriptions);
+//! - [`http`]: the axum router: `POST /graphql`, GraphiQL on `GET /graphql`, and
+//!   subscriptions on `/graphql/ws` (`graphql-transport-ws`, and the legacy `graphql-ws`);
+//! - [`auth`]: bearer tokens and the roles viewer < operator < admin;
+//! - [`error`]: the one mapping from failures to `extensions.code`.
+//!
+//! The API reaches the twins only through [`twin_actors::FleetHandle`] and its event
+//! stream.
+
+pub mod auth;
+pub mod error;
+pub mod http;
+pub mod schema;
+
+pub use auth::{Principal, Role, Tokens};
+pub use schema::{Api, ApiLimits, DoppelSchema, build, sdl};

@@ -1,0 +1,567 @@
+//! The schema executed directly (`schema.execute`) over a real fleet on a real store.
+
+use std::sync::Arc;
+
+use async_graphql::futures_util::StreamExt;
+use serde_json::{Value, json};
+use twin_actors::{FleetConfig, FleetHandle};
+use twin_graphql::{Api, ApiLimits, DoppelSchema, Principal, Role, Tokens};
+use twin_model::{DeviceId, Limits, ShadowName, UpdateRequest};
+use twin_store::{Committer, EmbeddedStore};
+
+struct Fixture {
+    schema: DoppelSchema,
+    fleet: FleetHandle,
+    dir: Arc<tempfile::TempDir>,
+    commit_thread: std::thread::JoinHandle<()>,
+}
+
+async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture {
+    let store = EmbeddedStore::open(dir.path(), 100).unwrap();
+    let (committer, commit_thread) = Committer::start(Arc::new(store), 1024, 256).unwrap();
+    let fleet = FleetHandle::start(config, committer).await.unwrap();
+    let tokens = Arc::new(Tokens::open(dir.path()).unwrap());
+    let limits = ApiLimits {
+        max_page_size: 5,
+        max_depth: 6,
+        max_complexity: 60,
+        ..ApiLimits::default()
+    };
+    let schema = twin_graphql::build(Api {
+        fleet: fleet.clone(),
+        tokens,
+        limits,
+    });
+    Fixture {
+        schema,
+        fleet,
+        dir,
+        commit_thread,
+    }
+}
+
+async fn fixture() -> Fixture {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    fixture_in(dir, FleetConfig::default()).await
+}
+
+impl Fixture {
+    /// Stops like a server: the store is closed when this returns.
+    async fn close(self) {
+        self.fleet.shutdown().await;
+        drop(self.schema);
+        drop(self.fleet);
+        self.commit_thread.join().unwrap();
+    }
+
+    async fn run_as(&self, role: Option<Role>, query: &str, vars: Value) -> Value {
+        let mut req =
+            async_graphql::Request::new(query).variables(async_graphql::Variables::from_json(vars));
+        if let Some(role) = role {
+            req = req.data(Principal { role });
+        }
+        serde_json::to_value(self.schema.execute(req).await).unwrap()
+    }
+
+    async fn admin(&self, query: &str, vars: Value) -> Value {
+        let r = self.run_as(Some(Role::Admin), query, vars).await;
+        assert!(r.get("errors").is_none(), "{query}: {r}");
+        r["data"].clone()
+    }
+
+    async fn register(&self, id: &str, attributes: Value) -> String {
+        let d = self
+            .admin(
+                "mutation($id: ID!, $a: JSON) { registerThing(id: $id, attributes: $a) { secret thing { id } } }",
+                json!({"id": id, "a": attributes}),
+            )
+            .await;
+        d["registerThing"]["secret"].as_str().unwrap().to_owned()
+    }
+
+    async fn report(&self, id: &str, reported: Value) {
+        let body = json!({"state": {"reported": reported}}).to_string();
+        let req = UpdateRequest::parse(body.as_bytes(), &Limits::default()).unwrap();
+        self.fleet
+            .update_shadow(&DeviceId::parse(id).unwrap(), ShadowName::classic(), req)
+            .await
+            .unwrap();
+    }
+}
+
+/// The `extensions.code` of the first error.
+fn code(r: &Value) -> &str {
+    r["errors"][0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {r}"))
+}
+
+#[tokio::test]
+async fn registry_mutations_and_thing_queries() {
+    let f = fixture().await;
+    let secret = f.register("press-1", json!({"site": "plant-7"})).await;
+    assert_eq!(secret.len(), 64);
+
+    let q = "query($id: ID!) { thing(id: $id) { id enabled attributes version createdAt connectivity { connected since lastSeen } shadows { version } } }";
+    let d = f.admin(q, json!({"id": "press-1"})).await;
+    let t = &d["thing"];
+    assert_eq!(t["attributes"], json!({"site": "plant-7"}));
+    assert_eq!(t["enabled"], true);
+    assert_eq!(t["version"], 0);
+    assert_eq!(t["connectivity"]["connected"], false);
+    assert_eq!(t["shadows"], json!([]));
+    assert!(t["createdAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        f.admin(q, json!({"id": "nobody"})).await["thing"],
+        Value::Null
+    );
+
+    // Attributes merge; null deletes.
+    let d = f
+        .admin(
+            r#"mutation { updateThingAttributes(id: "press-1", attributes: {line: 3, site: null}) { attributes } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(d["updateThingAttributes"]["attributes"], json!({"line": 3}));
+
+    let d = f
+        .admin(
+            r#"mutation { disableThing(id: "press-1") { enabled } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(d["disableThing"]["enabled"], false);
+    let d = f
+        .admin(
+            r#"mutation { enableThing(id: "press-1") { enabled } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(d["enableThing"]["enabled"], true);
+
+    // A rotated secret replaces the old one at connect.
+    let d = f
+        .admin(
+            r#"mutation { rotateThingSecret(id: "press-1") { secret } }"#,
+            json!({}),
+        )
+        .await;
+    let rotated = d["rotateThingSecret"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(rotated, secret);
+    let id = DeviceId::parse("press-1").unwrap();
+    assert!(f.fleet.connect(&id, Some(secret)).await.is_err());
+    assert!(f.fleet.connect(&id, Some(rotated)).await.is_ok());
+
+    // Registering twice is a conflict; unknown things are not found; bad ids are invalid.
+    let r = f
+        .run_as(
+            Some(Role::Admin),
+            r#"mutation { registerThing(id: "press-1") { secret } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "VERSION_CONFLICT");
+    let r = f
+        .run_as(
+            Some(Role::Admin),
+            r#"mutation { disableThing(id: "ghost") { id } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "NOT_FOUND");
+    let r = f
+        .run_as(
+            Some(Role::Admin),
+            r#"mutation { registerThing(id: "bad id!") { secret } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+    let big = "x".repeat(10_000);
+    let r = f
+        .run_as(
+            Some(Role::Admin),
+            "mutation($a: JSON) { registerThing(id: \"big\", attributes: $a) { secret } }",
+            json!({"a": {"blob": big}}),
+        )
+        .await;
+    assert_eq!(code(&r), "PAYLOAD_TOO_LARGE");
+
+    // Deleting removes the thing and its shadows; it can be registered anew.
+    f.report("press-1", json!({"temp": 20})).await;
+    let d = f
+        .admin(r#"mutation { deleteThing(id: "press-1") }"#, json!({}))
+        .await;
+    assert_eq!(d["deleteThing"], "press-1");
+    assert_eq!(
+        f.admin(q, json!({"id": "press-1"})).await["thing"],
+        Value::Null
+    );
+    let r = f
+        .run_as(
+            Some(Role::Admin),
+            r#"mutation { deleteThing(id: "press-1") }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "NOT_FOUND");
+    f.register("press-1", json!({})).await;
+    let d = f.admin(q, json!({"id": "press-1"})).await;
+    assert_eq!(d["thing"]["shadows"], json!([]));
+}
+
+#[tokio::test]
+async fn update_desired_has_shadow_semantics() {
+    let f = fixture().await;
+    f.register("lamp", json!({})).await;
+    f.report("lamp", json!({"power": "off", "level": 1})).await;
+
+    let m = "mutation($d: JSON!, $v: Int, $s: String) { updateDesired(id: \"lamp\", shadow: $s, desired: $d, expectedVersion: $v, clientToken: \"t1\") { name desired reported delta version metadata updatedAt } }";
+    let d = f.admin(m, json!({"d": {"power": "on"}, "v": 1})).await;
+    let s = &d["updateDesired"];
+    assert_eq!(s["version"], 2);
+    assert_eq!(s["name"], Value::Null);
+    assert_eq!(s["delta"], json!({"power": "on"}));
+    assert_eq!(s["reported"], json!({"power": "off", "level": 1}));
+    assert!(s["metadata"]["desired"]["power"]["timestamp"].is_u64());
+
+    let r = f
+        .run_as(
+            Some(Role::Operator),
+            m,
+            json!({"d": {"power": "off"}, "v": 1}),
+        )
+        .await;
+    assert_eq!(code(&r), "VERSION_CONFLICT");
+    let r = f
+        .run_as(Some(Role::Operator), m, json!({"d": [1, 2]}))
+        .await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT", "{r}");
+    let r = f
+        .run_as(
+            Some(Role::Operator),
+            m,
+            json!({"d": {"blob": "x".repeat(9000)}}),
+        )
+        .await;
+    assert_eq!(code(&r), "PAYLOAD_TOO_LARGE");
+    let r = f
+        .run_as(
+            Some(Role::Operator),
+            m,
+            json!({"d": {"a": 1}, "s": "bad/name"}),
+        )
+        .await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+
+    // Null deletes the desired key; the delta is gone.
+    let d = f.admin(m, json!({"d": {"power": null}})).await;
+    assert_eq!(d["updateDesired"]["delta"], Value::Null);
+    assert_eq!(d["updateDesired"]["version"], 3);
+
+    // Named shadows, and their deletion (the version is kept).
+    let d = f
+        .admin(m, json!({"d": {"v": "2.0"}, "s": "firmware"}))
+        .await;
+    assert_eq!(d["updateDesired"]["name"], "firmware");
+    let q = r#"{ thing(id: "lamp") { version shadows { name version } shadow(name: "firmware") { desired } } }"#;
+    let d = f.admin(q, json!({})).await;
+    assert_eq!(d["thing"]["version"], 4);
+    assert_eq!(
+        d["thing"]["shadows"],
+        json!([{"name": null, "version": 3}, {"name": "firmware", "version": 1}])
+    );
+    let d = f
+        .admin(
+            r#"mutation { deleteShadow(id: "lamp", shadow: "firmware") { thingId shadow version } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        d["deleteShadow"],
+        json!({"thingId": "lamp", "shadow": "firmware", "version": 1})
+    );
+    let r = f
+        .run_as(
+            Some(Role::Operator),
+            r#"mutation { deleteShadow(id: "lamp", shadow: "firmware") { version } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "NOT_FOUND");
+    let r = f
+        .run_as(
+            Some(Role::Operator),
+            r#"mutation { updateDesired(id: "ghost", desired: {a: 1}) { version } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn things_filters_and_pages_over_the_whole_fleet() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    {
+        let f = fixture_in(dir.clone(), FleetConfig::default()).await;
+        for i in 0..12 {
+            let site = if i % 3 == 0 { "plant-7" } else { "plant-1" };
+            f.register(&format!("m{i:02}"), json!({"site": site})).await;
+            f.report(&format!("m{i:02}"), json!({"temp": 20 + i})).await;
+        }
+        f.close().await;
+    }
+    // A new server over the same data: the index is rebuilt from the store.
+    let f = fixture_in(dir, FleetConfig::default()).await;
+    let q = "query($f: String, $n: Int!, $a: String) { things(filter: $f, first: $n, after: $a) { totalCount edges { cursor node { id } } pageInfo { hasNextPage endCursor } } }";
+    let ids = |d: &Value| -> Vec<String> {
+        d["things"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["node"]["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let d = f
+        .admin(
+            q,
+            json!({"f": "reported.temp > 25 AND attributes.site = \"plant-7\"", "n": 5}),
+        )
+        .await;
+    assert_eq!(ids(&d), ["m06", "m09"]);
+    assert_eq!(d["things"]["totalCount"], 2);
+    assert_eq!(d["things"]["pageInfo"]["hasNextPage"], false);
+
+    let d = f.admin(q, json!({"n": 5})).await;
+    assert_eq!(d["things"]["totalCount"], 12);
+    assert_eq!(ids(&d), ["m00", "m01", "m02", "m03", "m04"]);
+    let cursor = d["things"]["pageInfo"]["endCursor"].clone();
+    let d = f.admin(q, json!({"n": 5, "a": cursor})).await;
+    assert_eq!(ids(&d), ["m05", "m06", "m07", "m08", "m09"]);
+    assert_eq!(d["things"]["pageInfo"]["hasNextPage"], true);
+
+    let r = f
+        .run_as(
+            Some(Role::Viewer),
+            q,
+            json!({"f": "reported.temp >", "n": 5}),
+        )
+        .await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+    assert_eq!(r["errors"][0]["extensions"]["position"], 16);
+    let r = f.run_as(Some(Role::Viewer), q, json!({"n": 6})).await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+    assert!(
+        r["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("between 1 and 5")
+    );
+    let r = f
+        .run_as(Some(Role::Viewer), q, json!({"n": 5, "a": "not a cursor!"}))
+        .await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+}
+
+#[tokio::test]
+async fn roles_and_request_limits() {
+    let f = fixture().await;
+    f.register("t1", json!({})).await;
+    let read = r#"{ thing(id: "t1") { id } }"#;
+    let steer = r#"mutation { updateDesired(id: "t1", desired: {a: 1}) { version } }"#;
+    let admin = r#"mutation { registerThing(id: "t2") { secret } }"#;
+
+    assert_eq!(
+        code(&f.run_as(None, read, json!({})).await),
+        "UNAUTHENTICATED"
+    );
+    assert!(f.run_as(Some(Role::Viewer), read, json!({})).await["errors"].is_null());
+    assert_eq!(
+        code(&f.run_as(Some(Role::Viewer), steer, json!({})).await),
+        "FORBIDDEN"
+    );
+    assert!(f.run_as(Some(Role::Operator), steer, json!({})).await["errors"].is_null());
+    assert_eq!(
+        code(&f.run_as(Some(Role::Operator), admin, json!({})).await),
+        "FORBIDDEN"
+    );
+    let r = f
+        .run_as(
+            Some(Role::Operator),
+            "mutation { createToken(role: VIEWER) { token } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "FORBIDDEN");
+
+    // Admins create tokens that authenticate with their role.
+    let d = f
+        .admin(
+            "mutation { createToken(role: OPERATOR, ttlSeconds: 3600) { token role expiresAt } }",
+            json!({}),
+        )
+        .await;
+    let token = d["createToken"]["token"].as_str().unwrap();
+    let tokens = Tokens::open(f.dir.path()).unwrap();
+    assert_eq!(
+        tokens.authenticate(Some(token)).unwrap().role,
+        Role::Operator
+    );
+
+    // Too deep, too complex, and plain syntax errors are the caller's: INVALID_ARGUMENT.
+    let deep = "{ thing(id: \"t1\") { shadow { name } connectivity { connected } } __schema { types { fields { type { ofType { ofType { name } } } } } } }";
+    let r = f.run_as(Some(Role::Viewer), deep, json!({})).await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+    assert!(
+        r["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nested too deep"),
+        "{r}"
+    );
+    let complex = "{ things(first: 5) { edges { node { id attributes enabled version createdAt shadows { name desired reported delta metadata version updatedAt } connectivity { connected since lastSeen disconnectReason } } } } }";
+    let r = f.run_as(Some(Role::Viewer), complex, json!({})).await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+    assert!(
+        r["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too complex"),
+        "{r}"
+    );
+    let r = f
+        .run_as(Some(Role::Viewer), "{ thing(id: ", json!({}))
+        .await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+}
+
+#[tokio::test]
+async fn subscriptions_deliver_changes_and_say_when_they_lag() {
+    let config = FleetConfig {
+        event_buffer: 16,
+        ..FleetConfig::default()
+    };
+    let f = fixture_in(Arc::new(tempfile::tempdir().unwrap()), config).await;
+    f.register("hot", json!({"site": "a"})).await;
+    f.register("cold", json!({"site": "b"})).await;
+    let sub = |q: &str| {
+        f.schema
+            .execute_stream(async_graphql::Request::new(q).data(Principal { role: Role::Viewer }))
+    };
+    let fields = "__typename ... on ShadowChanged { thingId version shadowVersion operation state delta } ... on ConnectivityChanged { thingId connected } ... on Lagged { skipped resumeFromVersion thingId }";
+    let mut one = sub(&format!(
+        r#"subscription {{ thingChanged(id: "hot") {{ {fields} }} }}"#
+    ));
+    let mut filtered = sub(&format!(
+        r#"subscription {{ thingsChanged(filter: "attributes.site = \"b\"") {{ {fields} }} }}"#
+    ));
+    let mut presence = sub(&format!(
+        "subscription {{ connectivityChanged {{ {fields} }} }}"
+    ));
+    // Subscriptions start when first polled: poll each once so they are listening.
+    for s in [&mut one, &mut filtered, &mut presence] {
+        assert!(futures_poll_once(s).await.is_none(), "nothing happened yet");
+    }
+
+    f.report("hot", json!({"temp": 90})).await;
+    f.report("cold", json!({"temp": 1})).await;
+    let secret = f
+        .admin(
+            r#"mutation { rotateThingSecret(id: "cold") { secret } }"#,
+            json!({}),
+        )
+        .await["rotateThingSecret"]["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    f.fleet
+        .connect(&DeviceId::parse("cold").unwrap(), Some(secret))
+        .await
+        .unwrap();
+
+    let e = data(&mut one).await;
+    assert_eq!(e["thingChanged"]["thingId"], "hot");
+    assert_eq!(e["thingChanged"]["version"], 1);
+    assert_eq!(
+        e["thingChanged"]["state"],
+        json!({"reported": {"temp": 90}})
+    );
+    let e = data(&mut filtered).await;
+    assert_eq!(e["thingsChanged"]["thingId"], "cold");
+    assert_eq!(e["thingsChanged"]["__typename"], "ShadowChanged");
+    let e = data(&mut filtered).await;
+    assert_eq!(e["thingsChanged"]["__typename"], "ConnectivityChanged");
+    let e = data(&mut presence).await;
+    assert_eq!(e["connectivityChanged"]["thingId"], "cold");
+    assert_eq!(e["connectivityChanged"]["connected"], true);
+
+    // 40 more changes while `one` is not read: more than the 16-event buffer.
+    for i in 0..40 {
+        f.report("hot", json!({"n": i})).await;
+    }
+    let e = data(&mut one).await;
+    assert_eq!(e["thingChanged"]["__typename"], "Lagged", "{e}");
+    assert_eq!(e["thingChanged"]["resumeFromVersion"], 2);
+    assert_eq!(e["thingChanged"]["thingId"], "hot");
+    assert!(e["thingChanged"]["skipped"].as_u64().unwrap() >= 24);
+    // After the signal, the newest events follow, in order.
+    let e = data(&mut one).await;
+    let v = e["thingChanged"]["version"].as_u64().unwrap();
+    assert!(v > 2 && v <= 41, "{e}");
+    let e = data(&mut one).await;
+    assert_eq!(e["thingChanged"]["version"], v + 1);
+
+    let r = f
+        .run_as(
+            Some(Role::Viewer),
+            r#"subscription { thingChanged(id: "ghost") { __typename } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        code(&r),
+        "INVALID_ARGUMENT",
+        "subscriptions cannot be executed as queries"
+    );
+    let mut missing = sub(r#"subscription { thingChanged(id: "ghost") { __typename } }"#);
+    let r = serde_json::to_value(missing.next().await.unwrap()).unwrap();
+    assert_eq!(code(&r), "NOT_FOUND");
+    let mut bad = sub(r#"subscription { thingsChanged(filter: "id = ") { __typename } }"#);
+    let r = serde_json::to_value(bad.next().await.unwrap()).unwrap();
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+}
+
+/// The next response's data, failing on errors.
+async fn data<S>(s: &mut S) -> Value
+where
+    S: async_graphql::futures_util::Stream<Item = async_graphql::Response> + Unpin,
+{
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), s.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream goes on");
+    let r = serde_json::to_value(r).unwrap();
+    assert!(r["errors"].is_null(), "{r}");
+    r["data"].clone()
+}
+
+/// Polls a stream once without waiting.
+async fn futures_poll_once<S>(s: &mut S) -> Option<async_graphql::Response>
+where
+    S: async_graphql::futures_util::Stream<Item = async_graphql::Response> + Unpin,
+{
+    async_graphql::futures_util::FutureExt::now_or_never(s.next()).flatten()
+}
+
+#[test]
+fn the_checked_in_sdl_matches_the_schema() {
+    let checked_in = include_str!("../schema.graphql");
+    assert!(
+        checked_in == twin_graphql::sdl(),
+        "graphql/schema.graphql is out of date: run `cargo run -- schema > graphql/schema.graphql`"
+    );
+}
