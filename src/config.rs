@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 use twin_actors::FleetConfig;
 use twin_gateway::GatewayConfig;
+use twin_graphql::ApiLimits;
 use twin_model::Limits;
 
 pub const ENV_PREFIX: &str = "DOPPEL_";
@@ -37,6 +38,11 @@ pub struct Config {
     pub mqtt_max_queued_messages: usize,
     pub mqtt_session_expiry_secs: u64,
     pub mqtt_max_connections: usize,
+    pub event_buffer: usize,
+    pub graphql_max_page_size: usize,
+    pub graphql_max_depth: usize,
+    pub graphql_max_complexity: usize,
+    pub graphql_max_body_bytes: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt_tls_listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,6 +57,7 @@ impl Default for Config {
     fn default() -> Self {
         let fleet = FleetConfig::default();
         let gw = GatewayConfig::default();
+        let api = ApiLimits::default();
         Self {
             data_dir: PathBuf::from("./doppel-data"),
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
@@ -68,6 +75,11 @@ impl Default for Config {
             mqtt_max_queued_messages: gw.max_queued_messages,
             mqtt_session_expiry_secs: gw.session_expiry.as_secs(),
             mqtt_max_connections: gw.max_connections,
+            event_buffer: fleet.event_buffer,
+            graphql_max_page_size: api.max_page_size,
+            graphql_max_depth: api.max_depth,
+            graphql_max_complexity: api.max_complexity,
+            graphql_max_body_bytes: api.max_body_bytes,
             mqtt_tls_listen: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -187,6 +199,11 @@ impl Config {
                 self.mqtt_max_queued_messages as u64,
             ),
             ("mqtt_max_connections", self.mqtt_max_connections as u64),
+            ("event_buffer", self.event_buffer as u64),
+            ("graphql_max_page_size", self.graphql_max_page_size as u64),
+            ("graphql_max_depth", self.graphql_max_depth as u64),
+            ("graphql_max_complexity", self.graphql_max_complexity as u64),
+            ("graphql_max_body_bytes", self.graphql_max_body_bytes as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -232,7 +249,17 @@ impl Config {
                 ..Limits::default()
             },
             auto_register: self.auto_register,
+            event_buffer: self.event_buffer,
             ..FleetConfig::default()
+        }
+    }
+
+    pub fn api_limits(&self) -> ApiLimits {
+        ApiLimits {
+            max_page_size: self.graphql_max_page_size,
+            max_depth: self.graphql_max_depth,
+            max_complexity: self.graphql_max_complexity,
+            max_body_bytes: self.graphql_max_body_bytes,
         }
     }
 
@@ -280,7 +307,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "http_listen",
-        "HTTP address for /healthz and /readyz (port 0 picks a free port).",
+        "HTTP address for GraphQL (/graphql, /graphql/ws), /healthz and /readyz (port 0 picks a free port).",
     ),
     (
         "auto_register",
@@ -328,6 +355,23 @@ pub const DOCS: &[(&str, &str)] = &[
         "Longest time, in seconds, a persistent session outlives its connection.",
     ),
     ("mqtt_max_connections", "Concurrent MQTT connections."),
+    (
+        "event_buffer",
+        "Twin events buffered for subscribers; one that falls further behind gets a Lagged event.",
+    ),
+    (
+        "graphql_max_page_size",
+        "Largest `first` of a GraphQL page.",
+    ),
+    ("graphql_max_depth", "Deepest GraphQL query accepted."),
+    (
+        "graphql_max_complexity",
+        "Most complex GraphQL query accepted (one per field, times `first` for pages).",
+    ),
+    (
+        "graphql_max_body_bytes",
+        "Largest GraphQL request body, in bytes.",
+    ),
     (
         "mqtt_tls_listen",
         "MQTT over TLS address (port 0 picks a free port); off unless set.",

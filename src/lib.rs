@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use twin_actors::FleetHandle;
 use twin_gateway::{Gateway, Listener};
+use twin_graphql::{Role, Tokens};
 use twin_model::DeviceId;
 use twin_store::{Committer, EmbeddedStore, ThingRecord, TwinStore, Write, now_millis};
 
@@ -54,15 +55,33 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             acceptor,
         ));
     }
+    let ready = Arc::new(AtomicBool::new(true));
     let gateway = Gateway::start(listeners, fleet.clone(), config.gateway())?;
+    let tokens =
+        Arc::new(Tokens::open(&config.data_dir).context("cannot open the API token file")?);
+    if let Some(admin) = tokens.first_admin()? {
+        // Printed once, on the first start of a data directory; only its hash is kept.
+        eprintln!(
+            "\nFirst start: an admin API token was created. It is shown only this once:\n\n    {admin}\n\nUse it as `Authorization: Bearer <token>`; make more with `doppel token create`.\n"
+        );
+    }
+    let schema = twin_graphql::build(twin_graphql::Api {
+        fleet: fleet.clone(),
+        tokens: tokens.clone(),
+        limits: config.api_limits(),
+    });
+    let router = http::ops_router(ready.clone()).merge(twin_graphql::http::router(
+        schema,
+        tokens,
+        config.graphql_max_body_bytes,
+    ));
     let http = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen on http_listen {}", config.http_listen))?;
     let http_addr = http.local_addr()?;
-    let ready = Arc::new(AtomicBool::new(true));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_task = tokio::spawn(
-        axum::serve(http, http::ops_router(ready.clone()))
+        axum::serve(http, router)
             .with_graceful_shutdown(async {
                 let _ = http_stopped.await;
             })
@@ -124,6 +143,20 @@ pub fn add_device(config: &Config, id: &str) -> anyhow::Result<String> {
     let (record, secret) = ThingRecord::new(id, now_millis())?;
     store.commit(&[Write::Thing(record)])?;
     Ok(secret)
+}
+
+/// `doppel token create`: a bearer token for the GraphQL API. Works while a server runs
+/// (tokens are kept apart from the store).
+pub fn create_token(
+    config: &Config,
+    role: Role,
+    ttl_ms: Option<u64>,
+    note: Option<String>,
+) -> anyhow::Result<String> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let tokens = Tokens::open(&config.data_dir)?;
+    Ok(tokens.create(role, ttl_ms, note)?.0)
 }
 
 /// `doppel device disable` / `enable`: a disabled device is refused at connect.

@@ -28,8 +28,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the platform: the MQTT device endpoint, the twins, the embedded store and HTTP
+    /// Run the platform: the MQTT device endpoint, the twins, the embedded store and GraphQL
     Serve(Box<ServeArgs>),
+    /// Issue API tokens for GraphQL (works while the server runs)
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Print the GraphQL schema (SDL)
+    Schema,
     /// Manage the device registry in the data directory (while no server holds it)
     Device {
         #[command(subcommand)]
@@ -44,6 +53,22 @@ enum Command {
         default: bool,
         #[command(flatten)]
         source: Source,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a bearer token; prints it once (only its hash is kept)
+    Create {
+        /// viewer (queries, subscriptions), operator (+ desired state), admin (+ registry, tokens)
+        #[arg(long)]
+        role: twin_graphql::Role,
+        /// Lifetime such as 30d, 12h, 15m; no expiry without it
+        #[arg(long, value_parser = twin_graphql::auth::parse_ttl)]
+        ttl: Option<u64>,
+        /// A note kept with the token (who or what it is for)
+        #[arg(long)]
+        note: Option<String>,
     },
 }
 
@@ -82,7 +107,7 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_listen: Option<SocketAddr>,
-    /// HTTP address (/healthz, /readyz); port 0 picks a free port [default: 0.0.0.0:8080] [env: DOPPEL_HTTP_LISTEN]
+    /// HTTP address (GraphQL, /healthz, /readyz); port 0 picks a free port [default: 0.0.0.0:8080] [env: DOPPEL_HTTP_LISTEN]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     http_listen: Option<SocketAddr>,
@@ -138,6 +163,26 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_max_connections: Option<usize>,
+    /// Twin events buffered for subscribers; slower ones get Lagged [default: 65536] [env: DOPPEL_EVENT_BUFFER]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_buffer: Option<usize>,
+    /// Largest `first` of a GraphQL page [default: 100] [env: DOPPEL_GRAPHQL_MAX_PAGE_SIZE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_max_page_size: Option<usize>,
+    /// Deepest GraphQL query [default: 12] [env: DOPPEL_GRAPHQL_MAX_DEPTH]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_max_depth: Option<usize>,
+    /// Most complex GraphQL query [default: 5000] [env: DOPPEL_GRAPHQL_MAX_COMPLEXITY]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_max_complexity: Option<usize>,
+    /// Largest GraphQL request body, bytes [default: 1048576] [env: DOPPEL_GRAPHQL_MAX_BODY_BYTES]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    graphql_max_body_bytes: Option<usize>,
     /// MQTT over TLS address; off unless set [env: DOPPEL_MQTT_TLS_LISTEN]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -201,6 +246,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{} device(s)", devices.len());
                 }
             }
+            Ok(())
+        }
+        Command::Token { command, source } => {
+            let config = load(source.config.clone(), &source)?;
+            let TokenCommand::Create { role, ttl, note } = command;
+            let token = doppel::create_token(&config, role, ttl, note)?;
+            eprintln!(
+                "{} token created; it is shown only this once:",
+                role.as_str()
+            );
+            println!("{token}");
+            Ok(())
+        }
+        Command::Schema => {
+            print!("{}", twin_graphql::sdl());
             Ok(())
         }
         Command::Config { default, source } => {
