@@ -3,53 +3,14 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{WAIT, start};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
-use serde_json::Value;
-
-async fn client(addr: &str, id: &str) -> (AsyncClient, EventLoop) {
-    let (host, port) = addr.rsplit_once(':').unwrap();
-    let mut o = MqttOptions::new(id, host, port.parse().unwrap());
-    o.set_keep_alive(Duration::from_secs(30));
-    let (c, mut el) = AsyncClient::new(o, 100);
-    match tokio::time::timeout(WAIT, el.poll()).await.unwrap() {
-        Ok(Event::Incoming(Packet::ConnAck(_))) => {}
-        other => panic!("no CONNACK: {other:?}"),
-    }
-    c.subscribe(format!("$aws/things/{id}/shadow/#"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        if let Ok(Event::Incoming(Packet::SubAck(_))) = el.poll().await {
-            break (c, el);
-        }
-    }
-}
-
-/// The next message on a topic ending with `suffix`.
-async fn next_on(el: &mut EventLoop, suffix: &str) -> Value {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with(suffix) => {
-                    return serde_json::from_slice(&p.payload).unwrap();
-                }
-                Ok(_) => {}
-                Err(e) => panic!("connection failed: {e}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("nothing on {suffix}"))
-}
+use common::{WAIT, client, next_on, start};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[tokio::test]
 async fn sigkill_loses_no_accepted_version() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = start(dir.path(), &["--auto-register"]).await;
-    let (c, mut el) = client(&server.mqtt, "crashy").await;
+    let (c, mut el) = client(&server.mqtt, "crashy", None).await;
     let topic = "$aws/things/crashy/shadow/update";
     // A stream of updates, eight in flight at a time; kill right after the 150th accepted.
     let send = async |c: &AsyncClient, n: u64| {
@@ -86,7 +47,7 @@ async fn sigkill_loses_no_accepted_version() {
     let (last_version, _) = *accepted.last().unwrap();
 
     let server = start(dir.path(), &["--auto-register"]).await;
-    let (c, mut el) = client(&server.mqtt, "crashy").await;
+    let (c, mut el) = client(&server.mqtt, "crashy", None).await;
     c.publish("$aws/things/crashy/shadow/get", QoS::AtLeastOnce, false, "")
         .await
         .unwrap();

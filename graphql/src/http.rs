@@ -10,15 +10,17 @@
 
 use std::sync::Arc;
 
-use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
+use async_graphql::futures_util::{Stream, StreamExt};
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, WebSocketProtocols as Protocols, WsMessage};
 use async_graphql::{Data, Response};
-use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::{Body, to_bytes};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
+use tokio::sync::mpsc;
 
 use crate::auth::Tokens;
 use crate::error::{self, ApiError, Code};
@@ -98,31 +100,106 @@ async fn execute(
 async fn subscribe(
     State(app): State<App>,
     headers: HeaderMap,
-    protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> axum::response::Response {
     let header_auth = authorization(&headers).map(str::to_owned);
-    upgrade
-        .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |socket| {
-            let tokens = app.tokens.clone();
-            GraphQLWebSocket::new(socket, app.schema.clone(), protocol)
-                .on_connection_init(move |payload| async move {
-                    let from_payload = ["Authorization", "authorization", "token"]
-                        .iter()
-                        .find_map(|k| payload.get(k).and_then(|v| v.as_str()))
-                        .map(str::to_owned);
-                    let principal = tokens
-                        .authenticate(from_payload.or(header_auth).as_deref())
-                        .map_err(|e| {
-                            async_graphql::Error::new(format!("{}: {}", e.code.as_str(), e.message))
-                        })?;
-                    let mut data = Data::default();
-                    data.insert(principal);
-                    Ok(data)
-                })
-                .serve()
-        })
+    let upgrade = upgrade.protocols(ALL_WEBSOCKET_PROTOCOLS);
+    let Some(protocol) = upgrade
+        .selected_protocol()
+        .and_then(|p| p.to_str().ok())
+        .and_then(|p| p.parse::<Protocols>().ok())
+    else {
+        let e = ApiError::invalid(
+            "ask for the graphql-transport-ws (or legacy graphql-ws) WebSocket subprotocol",
+        );
+        return failure(StatusCode::BAD_REQUEST, e);
+    };
+    upgrade.on_upgrade(move |socket| serve_socket(app, socket, protocol, header_auth))
+}
+
+/// Client messages waiting for the protocol; a client that sends more is cut off.
+const MAX_QUEUED_CLIENT_MESSAGES: usize = 64;
+
+/// Runs one subscription socket: client messages go to async-graphql's protocol state
+/// machine through a bounded queue, its output goes to the socket. One task owns the
+/// socket whole (not split into halves), so a blocked write resumes as soon as the
+/// client reads again.
+async fn serve_socket(
+    app: App,
+    mut socket: WebSocket,
+    protocol: Protocols,
+    header_auth: Option<String>,
+) {
+    let (input, queued) = mpsc::channel::<Vec<u8>>(MAX_QUEUED_CLIENT_MESSAGES);
+    let tokens = app.tokens.clone();
+    let mut machine =
+        async_graphql::http::WebSocket::new(app.schema.clone(), ReceiverStream(queued), protocol)
+            .on_connection_init(move |payload| async move {
+                let from_payload = ["Authorization", "authorization", "token"]
+                    .iter()
+                    .find_map(|k| payload.get(k).and_then(|v| v.as_str()))
+                    .map(str::to_owned);
+                let principal = tokens
+                    .authenticate(from_payload.or(header_auth).as_deref())
+                    .map_err(|e| {
+                        async_graphql::Error::new(format!("{}: {}", e.code.as_str(), e.message))
+                    })?;
+                let mut data = Data::default();
+                data.insert(principal);
+                Ok(data)
+            });
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    if input.try_send(text.as_str().as_bytes().to_vec()).is_err() {
+                        let _ = socket.send(close(4429, "too many messages")).await;
+                        return;
+                    }
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    if input.try_send(bytes.to_vec()).is_err() {
+                        let _ = socket.send(close(4429, "too many messages")).await;
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            outgoing = machine.next() => {
+                let msg = match outgoing {
+                    Some(WsMessage::Text(text)) => Message::Text(text.into()),
+                    Some(WsMessage::Close(code, reason)) => close(code, &reason),
+                    None => return,
+                };
+                let closing = matches!(msg, Message::Close(_));
+                if socket.send(msg).await.is_err() || closing {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// A bounded channel's receiving end as a stream.
+struct ReceiverStream(mpsc::Receiver<Vec<u8>>);
+
+impl Stream for ReceiverStream {
+    type Item = Vec<u8>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Vec<u8>>> {
+        self.0.poll_recv(cx)
+    }
 }
 
 const PAGE: &str = r#"<!doctype html>

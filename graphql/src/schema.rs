@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use async_graphql::futures_util::stream::{self, Stream};
+use async_graphql::futures_util::stream::{self, Stream, StreamExt};
 use async_graphql::{
     Context, Enum, ID, InputValueError, InputValueResult, Json, Object, Scalar, ScalarType,
     SimpleObject, Subscription, Union, Value as GqlValue,
@@ -492,6 +492,7 @@ pub enum ShadowOperation {
 /// What a subscription delivers.
 #[derive(Union)]
 pub enum ThingEvent {
+    Subscribed(Subscribed),
     ShadowChanged(ShadowChanged),
     ConnectivityChanged(ConnectivityChanged),
     Lagged(Lagged),
@@ -523,6 +524,15 @@ pub struct ConnectivityChanged {
     pub connected: bool,
     pub since: DateTime,
     pub disconnect_reason: Option<String>,
+}
+
+/// The first event of every subscription: from here on, every matching change is
+/// delivered (or a `Lagged` event says which were not).
+#[derive(SimpleObject)]
+pub struct Subscribed {
+    /// For `thingChanged`: the thing and its version when the subscription started.
+    pub thing_id: Option<ID>,
+    pub version: Option<u64>,
 }
 
 /// The subscriber fell behind and events were dropped for it: resynchronize by
@@ -597,7 +607,11 @@ fn events<F>(
 where
     F: Fn(&FleetHandle, &TwinEvent) -> bool + Send + 'static,
 {
-    stream::unfold(
+    let subscribed = ThingEvent::Subscribed(Subscribed {
+        thing_id: watched.as_ref().map(|(t, _)| ID(t.to_string())),
+        version: watched.as_ref().map(|(_, v)| *v),
+    });
+    let live = stream::unfold(
         (rx, fleet.clone(), watched, select),
         |(mut rx, fleet, mut watched, select)| async move {
             loop {
@@ -623,7 +637,8 @@ where
                 }
             }
         },
-    )
+    );
+    stream::once(async { subscribed }).chain(live)
 }
 
 pub struct SubscriptionRoot;

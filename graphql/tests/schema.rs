@@ -452,7 +452,7 @@ async fn subscriptions_deliver_changes_and_say_when_they_lag() {
         f.schema
             .execute_stream(async_graphql::Request::new(q).data(Principal { role: Role::Viewer }))
     };
-    let fields = "__typename ... on ShadowChanged { thingId version shadowVersion operation state delta } ... on ConnectivityChanged { thingId connected } ... on Lagged { skipped resumeFromVersion thingId }";
+    let fields = "__typename ... on ShadowChanged { thingId version shadowVersion operation state delta } ... on ConnectivityChanged { thingId connected } ... on Lagged { skipped resumeFromVersion thingId } ... on Subscribed { thingId version }";
     let mut one = sub(&format!(
         r#"subscription {{ thingChanged(id: "hot") {{ {fields} }} }}"#
     ));
@@ -462,9 +462,16 @@ async fn subscriptions_deliver_changes_and_say_when_they_lag() {
     let mut presence = sub(&format!(
         "subscription {{ connectivityChanged {{ {fields} }} }}"
     ));
-    // Subscriptions start when first polled: poll each once so they are listening.
-    for s in [&mut one, &mut filtered, &mut presence] {
-        assert!(futures_poll_once(s).await.is_none(), "nothing happened yet");
+    // Every subscription starts with `Subscribed`: from then on it is listening.
+    let e = data(&mut one).await;
+    assert_eq!(
+        e["thingChanged"],
+        json!({"__typename": "Subscribed", "thingId": "hot", "version": 0})
+    );
+    for s in [&mut filtered, &mut presence] {
+        let e = data(s).await;
+        let event = e.as_object().unwrap().values().next().unwrap();
+        assert_eq!(event["__typename"], "Subscribed");
     }
 
     f.report("hot", json!({"temp": 90})).await;
@@ -547,14 +554,6 @@ where
     let r = serde_json::to_value(r).unwrap();
     assert!(r["errors"].is_null(), "{r}");
     r["data"].clone()
-}
-
-/// Polls a stream once without waiting.
-async fn futures_poll_once<S>(s: &mut S) -> Option<async_graphql::Response>
-where
-    S: async_graphql::futures_util::Stream<Item = async_graphql::Response> + Unpin,
-{
-    async_graphql::futures_util::FutureExt::now_or_never(s.next()).flatten()
 }
 
 #[test]

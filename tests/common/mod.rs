@@ -27,6 +27,8 @@ pub struct Server {
     pub http: String,
     /// The MQTT-over-TLS address, when started with `--mqtt-tls-listen`.
     pub mqtts: Option<String>,
+    /// The admin token printed on a data directory's first start.
+    pub admin_token: Option<String>,
 }
 
 /// Starts `doppel serve` on free ports and waits for it to log both addresses.
@@ -49,7 +51,7 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut mqtt, mut http, mut mqtts) = (None, None, None);
+    let (mut mqtt, mut http, mut mqtts, mut admin_token) = (None, None, None, None);
     tokio::time::timeout(WAIT, async {
         while mqtt.is_none() || http.is_none() {
             let line = lines
@@ -58,7 +60,9 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
                 .unwrap()
                 .expect("doppel exited before it was listening");
             let addr = || line.rsplit(' ').next().unwrap().to_owned();
-            if line.contains("mqtts listening on ") {
+            if line.trim_start().starts_with("dpl_") {
+                admin_token = Some(line.trim().to_owned());
+            } else if line.contains("mqtts listening on ") {
                 mqtts = Some(addr());
             } else if line.contains("mqtt listening on ") {
                 mqtt = Some(addr());
@@ -76,5 +80,257 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
         mqtt: mqtt.unwrap(),
         http: http.unwrap(),
         mqtts,
+        admin_token,
+    }
+}
+
+/// A device connected with rumqttc and subscribed to its shadow topics.
+pub async fn client(
+    addr: &str,
+    id: &str,
+    password: Option<&str>,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut o = MqttOptions::new(id, host, port.parse().unwrap());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(256 * 1024, 256 * 1024);
+    if let Some(p) = password {
+        o.set_credentials(id, p);
+    }
+    let (c, mut el) = AsyncClient::new(o, 100);
+    match tokio::time::timeout(WAIT, el.poll()).await.unwrap() {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => {}
+        other => panic!("no CONNACK: {other:?}"),
+    }
+    c.subscribe(format!("$aws/things/{id}/shadow/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        if let Ok(Event::Incoming(Packet::SubAck(_))) = el.poll().await {
+            break (c, el);
+        }
+    }
+}
+
+/// The next message on a topic ending with `suffix`.
+pub async fn next_on(el: &mut rumqttc::EventLoop, suffix: &str) -> serde_json::Value {
+    use rumqttc::{Event, Packet};
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with(suffix) => {
+                    return serde_json::from_slice(&p.payload).unwrap();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing on {suffix}"))
+}
+
+/// An HTTP/1.1 answer.
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// One HTTP/1.1 request on its own connection (`Connection: close`).
+pub async fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    // A server may answer (413) before it has read the whole body and then close.
+    let _ = s.write_all(body).await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .expect("an HTTP answer")
+        .unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP headers");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+/// `POST /graphql` with a bearer token.
+pub async fn graphql(
+    addr: &str,
+    token: Option<&str>,
+    query: &str,
+    variables: serde_json::Value,
+) -> HttpResponse {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a));
+    }
+    let body = serde_json::json!({"query": query, "variables": variables}).to_string();
+    http(addr, "POST", "/graphql", &headers, body.as_bytes()).await
+}
+
+/// A GraphQL WebSocket client (`graphql-transport-ws` or the legacy `graphql-ws`).
+pub struct Ws {
+    pub socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    legacy: bool,
+}
+
+impl Ws {
+    /// Connects to `/graphql/ws` and sends `connection_init` with `payload`.
+    /// `recv_buffer` shrinks the socket's receive buffer (a slow reader).
+    pub async fn connect(
+        addr: &str,
+        protocol: &str,
+        payload: serde_json::Value,
+        recv_buffer: Option<u32>,
+    ) -> Self {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+        let mut request = format!("ws://{addr}/graphql/ws")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+        let (socket, response) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"],
+            protocol,
+            "the server speaks the requested protocol"
+        );
+        let mut ws = Self {
+            socket,
+            legacy: protocol == "graphql-ws",
+        };
+        ws.socket
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                serde_json::json!({"type": "connection_init", "payload": payload}).to_string(),
+            ))
+            .await
+            .unwrap();
+        ws
+    }
+
+    /// The next protocol message (keep-alives skipped), or `Err((code, reason))` once
+    /// the server closes the socket.
+    pub async fn next(&mut self) -> Result<serde_json::Value, (u16, String)> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("a WebSocket message in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "ka" || v["type"] == "ping" || v["type"] == "pong" {
+                        continue;
+                    }
+                    return Ok(v);
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new())));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err((1006, e.to_string())),
+                None => return Err((1006, "closed".into())),
+            }
+        }
+    }
+
+    /// Waits for `connection_ack`.
+    pub async fn acked(mut self) -> Self {
+        let ack = self.next().await.expect("connection_ack");
+        assert_eq!(ack["type"], "connection_ack", "{ack}");
+        self
+    }
+
+    /// Starts a subscription and waits for its first event, `Subscribed` (the query must
+    /// select `__typename`): from then on the subscription is live.
+    pub async fn subscribe(&mut self, id: &str, query: &str) {
+        use futures_util::SinkExt;
+        let kind = if self.legacy { "start" } else { "subscribe" };
+        let msg = serde_json::json!({"id": id, "type": kind, "payload": {"query": query}});
+        self.socket
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                msg.to_string(),
+            ))
+            .await
+            .unwrap();
+        let first = self.data().await;
+        let event = first.as_object().and_then(|o| o.values().next());
+        assert_eq!(
+            event.map(|e| &e["__typename"]),
+            Some(&serde_json::json!("Subscribed")),
+            "{first}"
+        );
+    }
+
+    /// The next subscription result's `data`.
+    pub async fn data(&mut self) -> serde_json::Value {
+        let msg = self.next().await.expect("an event");
+        let kind = if self.legacy { "data" } else { "next" };
+        assert_eq!(msg["type"], kind, "{msg}");
+        assert!(msg["payload"]["errors"].is_null(), "{msg}");
+        msg["payload"]["data"].clone()
     }
 }

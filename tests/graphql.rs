@@ -1,0 +1,425 @@
+//! The GraphQL API over real HTTP and WebSocket against the real `doppel serve`, with
+//! real MQTT devices (rumqttc).
+
+mod common;
+
+use std::io::Read;
+
+use common::{Ws, client, doppel, graphql, http, next_on, start};
+use rumqttc::{Event, Packet, QoS};
+use serde_json::{Value, json};
+
+const REGISTER: &str =
+    "mutation($id: ID!, $a: JSON) { registerThing(id: $id, attributes: $a) { secret } }";
+
+async fn register(addr: &str, token: &str, id: &str, attributes: Value) -> String {
+    let r = graphql(
+        addr,
+        Some(token),
+        REGISTER,
+        json!({"id": id, "a": attributes}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    v["data"]["registerThing"]["secret"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned()
+}
+
+const EVENT: &str = "__typename ... on Subscribed { version } ... on ShadowChanged { thingId version shadowVersion operation state delta clientToken } ... on ConnectivityChanged { thingId connected } ... on Lagged { skipped resumeFromVersion thingId }";
+
+#[tokio::test]
+async fn desired_state_reaches_the_device_and_its_report_reaches_the_subscriber() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server
+        .admin_token
+        .clone()
+        .expect("the first start prints a token");
+    let secret = register(&server.http, &admin, "lamp-1", json!({"room": "hall"})).await;
+
+    let mut ws = Ws::connect(
+        &server.http,
+        "graphql-transport-ws",
+        json!({"Authorization": format!("Bearer {admin}")}),
+        None,
+    )
+    .await
+    .acked()
+    .await;
+    ws.subscribe(
+        "1",
+        &format!(r#"subscription {{ thingChanged(id: "lamp-1") {{ {EVENT} }} }}"#),
+    )
+    .await;
+
+    // The device connects with its secret: the subscriber sees it come online.
+    let (device, mut el) = client(&server.mqtt, "lamp-1", Some(&secret)).await;
+    let e = ws.data().await;
+    assert_eq!(e["thingChanged"]["__typename"], "ConnectivityChanged");
+    assert_eq!(e["thingChanged"]["connected"], true);
+
+    // Desired state set through GraphQL reaches the device as a delta.
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        r#"mutation { updateDesired(id: "lamp-1", desired: {power: "on"}, clientToken: "app-1") { version delta } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        r["data"]["updateDesired"],
+        json!({"version": 1, "delta": {"power": "on"}}),
+        "{r}"
+    );
+    let delta = next_on(&mut el, "/shadow/update/delta").await;
+    assert_eq!(delta["state"], json!({"power": "on"}));
+    assert_eq!(delta["version"], 1);
+    let e = ws.data().await;
+    assert_eq!(
+        e["thingChanged"]["state"],
+        json!({"desired": {"power": "on"}})
+    );
+    assert_eq!(e["thingChanged"]["clientToken"], "app-1");
+
+    // The device reports back over MQTT: the subscriber sees the report, in sync.
+    device
+        .publish(
+            "$aws/things/lamp-1/shadow/update",
+            QoS::AtLeastOnce,
+            false,
+            json!({"state": {"reported": {"power": "on"}}}).to_string(),
+        )
+        .await
+        .unwrap();
+    next_on(&mut el, "/shadow/update/accepted").await;
+    let e = ws.data().await;
+    assert_eq!(
+        e["thingChanged"],
+        json!({"__typename": "ShadowChanged", "thingId": "lamp-1", "version": 2, "shadowVersion": 2,
+               "operation": "UPDATED", "state": {"reported": {"power": "on"}}, "delta": null, "clientToken": null})
+    );
+
+    // A query reads the same twin.
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        r#"{ thing(id: "lamp-1") { attributes connectivity { connected lastSeen } shadow { desired reported delta version } } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    let t = &r["data"]["thing"];
+    assert_eq!(t["attributes"], json!({"room": "hall"}));
+    assert_eq!(t["connectivity"]["connected"], true);
+    assert_eq!(
+        t["shadow"],
+        json!({"desired": {"power": "on"}, "reported": {"power": "on"}, "delta": null, "version": 2})
+    );
+
+    // Disabling the thing ends the device's connection.
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        r#"mutation { disableThing(id: "lamp-1") { enabled } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["disableThing"]["enabled"], false);
+    let closed = tokio::time::timeout(common::WAIT, async {
+        loop {
+            if el.poll().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the disabled device was disconnected");
+    let e = ws.data().await;
+    assert_eq!(e["thingChanged"]["connected"], false);
+}
+
+#[tokio::test]
+async fn things_changed_is_filtered_on_the_server_over_the_legacy_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server.admin_token.clone().unwrap();
+    register(&server.http, &admin, "north-1", json!({"site": "north"})).await;
+    register(&server.http, &admin, "south-1", json!({"site": "south"})).await;
+
+    let mut ws = Ws::connect(&server.http, "graphql-ws", json!({"token": admin}), None)
+        .await
+        .acked()
+        .await;
+    ws.subscribe(
+        "1",
+        &format!(
+            r#"subscription {{ thingsChanged(filter: "attributes.site = \"south\" AND desired.level > 5") {{ {EVENT} }} }}"#
+        ),
+    )
+    .await;
+    let set = |id: &'static str, level: u32| {
+        let http = server.http.clone();
+        let admin = admin.clone();
+        async move {
+            let q = format!(
+                r#"mutation {{ updateDesired(id: "{id}", desired: {{level: {level}}}) {{ version }} }}"#
+            );
+            let r = graphql(&http, Some(&admin), &q, json!({})).await.json();
+            assert!(r["errors"].is_null(), "{r}");
+        }
+    };
+    set("north-1", 9).await;
+    set("south-1", 1).await;
+    set("south-1", 7).await;
+    set("north-1", 10).await;
+    set("south-1", 8).await;
+    for level in [7, 8] {
+        let e = ws.data().await;
+        assert_eq!(e["thingsChanged"]["thingId"], "south-1");
+        assert_eq!(e["thingsChanged"]["state"]["desired"]["level"], level);
+    }
+}
+
+/// Known bug, issue 3 stays open for it: once a subscriber's socket has been full, the
+/// server sends it only what the socket buffers held (~380 events here) and then
+/// nothing more. The Lagged logic itself is tested in graphql/tests/schema.rs.
+#[tokio::test]
+#[ignore = "subscriptions stall after the socket was full; see the comment above"]
+async fn a_slow_subscriber_is_told_it_lagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--event-buffer", "64"]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let secret = register(&server.http, &admin, "chatty", json!({})).await;
+
+    // A subscriber with a tiny receive window that does not read while the device talks.
+    let mut slow = Ws::connect(
+        &server.http,
+        "graphql-transport-ws",
+        json!({"Authorization": format!("Bearer {admin}")}),
+        None,
+    )
+    .await
+    .acked()
+    .await;
+    slow.subscribe(
+        "1",
+        &format!(r#"subscription {{ thingChanged(id: "chatty") {{ {EVENT} }} }}"#),
+    )
+    .await;
+    // Known to be listening once it has seen the device connect.
+    let (device, mut el) = client(&server.mqtt, "chatty", Some(&secret)).await;
+    assert_eq!(slow.data().await["thingChanged"]["connected"], true);
+
+    // 3,000 reports of ~4 KiB: far more than the socket buffers and the 64-event buffer hold.
+    let updates = 3000;
+    let filler = "x".repeat(4000);
+    let publisher = tokio::spawn(async move {
+        for i in 0..updates {
+            let body = json!({"state": {"reported": {"n": i, "filler": filler}}});
+            device
+                .publish(
+                    "$aws/things/chatty/shadow/update",
+                    QoS::AtLeastOnce,
+                    false,
+                    body.to_string(),
+                )
+                .await
+                .unwrap();
+        }
+        device
+    });
+    let mut acked = 0;
+    while acked < updates {
+        match tokio::time::timeout(common::WAIT, el.poll()).await.unwrap() {
+            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+            Ok(_) => {}
+            Err(e) => panic!("device connection failed: {e}"),
+        }
+    }
+    let _device = publisher.await.unwrap();
+
+    // Now the subscriber reads: events in order, then Lagged, then the newest events.
+    let mut last = 0;
+    let lagged = loop {
+        let e = slow.data().await;
+        let e = &e["thingChanged"];
+        if e["__typename"] == "Lagged" {
+            break e.clone();
+        }
+        let v = e["version"].as_u64().unwrap();
+        assert_eq!(v, last + 1, "no silent gap before the Lagged event");
+        last = v;
+    };
+    assert_eq!(lagged["resumeFromVersion"], last + 1);
+    assert_eq!(lagged["thingId"], "chatty");
+    assert!(lagged["skipped"].as_u64().unwrap() > 0);
+    let mut newest = 0;
+    while newest < updates as u64 {
+        let e = slow.data().await;
+        let e = &e["thingChanged"];
+        assert_eq!(e["__typename"], "ShadowChanged", "{e}");
+        let v = e["version"].as_u64().unwrap();
+        assert!(
+            v > last + 1 && v > newest,
+            "after the signal, newer versions in order"
+        );
+        newest = v;
+    }
+    // The twin itself was never slowed down: every update was accepted.
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        r#"{ thing(id: "chatty") { version } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["thing"]["version"], updates);
+}
+
+#[tokio::test]
+async fn auth_failures_are_explicit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--graphql-max-body-bytes", "2048"]).await;
+    let admin = server.admin_token.clone().unwrap();
+    register(&server.http, &admin, "t1", json!({})).await;
+    let q = r#"{ thing(id: "t1") { id } }"#;
+
+    let r = graphql(&server.http, None, q, json!({})).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(
+        r.json()["errors"][0]["extensions"]["code"],
+        "UNAUTHENTICATED"
+    );
+    let r = graphql(&server.http, Some("dpl_0000_nope"), q, json!({})).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.json()["errors"][0]["extensions"]["code"],
+        "UNAUTHENTICATED"
+    );
+
+    // A viewer token made by the CLI while the server runs: reads yes, steering no.
+    let out = doppel(
+        &["token", "create", "--role", "viewer", "--ttl", "1h"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let viewer = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let r = graphql(&server.http, Some(&viewer), q, json!({}))
+        .await
+        .json();
+    assert_eq!(r["data"]["thing"]["id"], "t1");
+    let r = graphql(
+        &server.http,
+        Some(&viewer),
+        r#"mutation { updateDesired(id: "t1", desired: {a: 1}) { version } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(r["errors"][0]["extensions"]["code"], "FORBIDDEN");
+    let out = doppel(&["token", "create", "--role", "boss"], dir.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("roles are viewer, operator and admin"));
+
+    // Bodies over the limit and bodies that are not GraphQL requests.
+    let big = "x".repeat(4096);
+    let r = graphql(&server.http, Some(&admin), q, json!({"pad": big})).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        r.json()["errors"][0]["extensions"]["code"],
+        "PAYLOAD_TOO_LARGE"
+    );
+    let auth = format!("Bearer {admin}");
+    let r = http(
+        &server.http,
+        "POST",
+        "/graphql",
+        &[("Authorization", &auth)],
+        b"{nope",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["errors"][0]["extensions"]["code"],
+        "INVALID_ARGUMENT"
+    );
+
+    // A WebSocket without a token is closed, saying why.
+    let mut ws = Ws::connect(&server.http, "graphql-transport-ws", json!({}), None).await;
+    let (_, reason) = ws.next().await.expect_err("the socket is closed");
+    assert!(reason.starts_with("UNAUTHENTICATED"), "{reason}");
+    let mut ws = Ws::connect(
+        &server.http,
+        "graphql-transport-ws",
+        json!({"Authorization": "Bearer dpl_1_2"}),
+        None,
+    )
+    .await;
+    let (_, reason) = ws.next().await.expect_err("the socket is closed");
+    assert!(reason.starts_with("UNAUTHENTICATED"), "{reason}");
+}
+
+#[tokio::test]
+async fn graphiql_is_served_with_its_bundle_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let page = http(&server.http, "GET", "/graphql", &[], b"").await;
+    assert_eq!(page.status, 200);
+    let html = String::from_utf8(page.body).unwrap();
+    assert!(
+        !html.contains("://unpkg") && !html.contains("cdn"),
+        "no CDN: {html}"
+    );
+    let mut sources: Vec<&str> = html
+        .split("src=\"")
+        .skip(1)
+        .chain(html.split("href=\"").skip(1))
+        .map(|s| s.split('"').next().unwrap())
+        .collect();
+    sources.sort();
+    assert_eq!(
+        sources,
+        [
+            "/graphql/assets/graphiql.css",
+            "/graphql/assets/graphiql.js",
+            "/graphql/assets/react-dom.js",
+            "/graphql/assets/react.js"
+        ]
+    );
+    for src in sources {
+        let r = http(
+            &server.http,
+            "GET",
+            src,
+            &[("Accept-Encoding", "gzip")],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{src}");
+        assert_eq!(r.header("content-encoding"), Some("gzip"));
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&r.body[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        if src.ends_with("graphiql.js") {
+            assert!(text.contains("createGraphiQLFetcher") && text.len() > 1_000_000);
+        }
+    }
+    assert_eq!(
+        http(&server.http, "GET", "/graphql/assets/x.js", &[], b"")
+            .await
+            .status,
+        404
+    );
+}
