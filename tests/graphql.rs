@@ -28,6 +28,19 @@ async fn register(addr: &str, token: &str, id: &str, attributes: Value) -> Strin
         .to_owned()
 }
 
+/// A graphql-transport-ws connection authenticated with `token`, acknowledged.
+async fn ws_as(addr: &str, token: &str, recv_buffer: Option<u32>) -> Ws {
+    Ws::connect(
+        addr,
+        "graphql-transport-ws",
+        json!({"Authorization": format!("Bearer {token}")}),
+        recv_buffer,
+    )
+    .await
+    .acked()
+    .await
+}
+
 const EVENT: &str = "__typename ... on Subscribed { version } ... on ShadowChanged { thingId version shadowVersion operation state delta clientToken } ... on ConnectivityChanged { thingId connected } ... on Lagged { skipped resumeFromVersion thingId }";
 
 #[tokio::test]
@@ -40,15 +53,7 @@ async fn desired_state_reaches_the_device_and_its_report_reaches_the_subscriber(
         .expect("the first start prints a token");
     let secret = register(&server.http, &admin, "lamp-1", json!({"room": "hall"})).await;
 
-    let mut ws = Ws::connect(
-        &server.http,
-        "graphql-transport-ws",
-        json!({"Authorization": format!("Bearer {admin}")}),
-        None,
-    )
-    .await
-    .acked()
-    .await;
+    let mut ws = ws_as(&server.http, &admin, None).await;
     ws.subscribe(
         "1",
         &format!(r#"subscription {{ thingChanged(id: "lamp-1") {{ {EVENT} }} }}"#),
@@ -197,15 +202,7 @@ async fn a_slow_subscriber_is_told_it_lagged() {
     let secret = register(&server.http, &admin, "chatty", json!({})).await;
 
     // A subscriber with a tiny receive window that does not read while the device talks.
-    let mut slow = Ws::connect(
-        &server.http,
-        "graphql-transport-ws",
-        json!({"Authorization": format!("Bearer {admin}")}),
-        None,
-    )
-    .await
-    .acked()
-    .await;
+    let mut slow = ws_as(&server.http, &admin, Some(4096)).await;
     slow.subscribe(
         "1",
         &format!(r#"subscription {{ thingChanged(id: "chatty") {{ {EVENT} }} }}"#),

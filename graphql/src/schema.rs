@@ -668,12 +668,7 @@ impl SubscriptionRoot {
         ctx: &Context<'_>,
         filter: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
-        let api = allowed(ctx, Role::Viewer)?;
-        let filter = parse_filter(filter.as_deref())?;
-        let rx = api.fleet.subscribe();
-        Ok(events(rx, &api.fleet, None, move |fleet, e| {
-            filter.as_ref().is_none_or(|f| fleet.matches(e.thing(), f))
-        }))
+        Ok(fleet_events(ctx, filter.as_deref(), |_| true)?)
     }
 
     /// Connects and disconnects of every thing matching `filter`.
@@ -682,14 +677,24 @@ impl SubscriptionRoot {
         ctx: &Context<'_>,
         filter: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
-        let api = allowed(ctx, Role::Viewer)?;
-        let filter = parse_filter(filter.as_deref())?;
-        let rx = api.fleet.subscribe();
-        Ok(events(rx, &api.fleet, None, move |fleet, e| {
+        Ok(fleet_events(ctx, filter.as_deref(), |e| {
             matches!(e, TwinEvent::Connectivity { .. })
-                && filter.as_ref().is_none_or(|f| fleet.matches(e.thing(), f))
-        }))
+        })?)
     }
+}
+
+/// The events `kind` keeps of every thing matching `filter` (all things without one).
+fn fleet_events(
+    ctx: &Context<'_>,
+    filter: Option<&str>,
+    kind: fn(&TwinEvent) -> bool,
+) -> ApiResult<impl Stream<Item = ThingEvent> + use<>> {
+    let api = allowed(ctx, Role::Viewer)?;
+    let filter = parse_filter(filter)?;
+    let rx = api.fleet.subscribe();
+    Ok(events(rx, &api.fleet, None, move |fleet, e| {
+        kind(e) && filter.as_ref().is_none_or(|f| fleet.matches(e.thing(), f))
+    }))
 }
 
 pub type DoppelSchema = async_graphql::Schema<Query, Mutation, SubscriptionRoot>;
