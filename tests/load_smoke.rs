@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::start;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use twin_load::api::Api;
 use twin_load::client::Protocol;
 use twin_load::{Fleet, Pace, Report};
 
@@ -96,4 +97,120 @@ async fn shadow_request(addr: &str, thing: &str, op: &str, body: &str) -> serde_
     .expect("an accepted answer");
     client.disconnect().await.unwrap();
     answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_state_set_through_graphql_reaches_the_devices_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--auto-register"]).await;
+    let fleet = Fleet {
+        target: server.mqtt.parse().unwrap(),
+        devices: 20,
+        protocol: Protocol::V4,
+        source_addrs: 2,
+        prefix: "rt".into(),
+        connect_concurrency: 8,
+        password: None,
+    };
+    let pace = Pace {
+        duration: Duration::from_secs(2),
+        rate: 0.0,
+    };
+    let api = Api {
+        http: server.http.parse().unwrap(),
+        token: server.admin_token.clone(),
+        http_connections: 4,
+    };
+    let report = twin_load::api::desired_roundtrip(&fleet, &pace, &api)
+        .await
+        .unwrap();
+    assert_eq!(report.errors, 0, "{}", report.summary());
+    assert!(
+        report.ok >= 20,
+        "every device had a round: {}",
+        report.summary()
+    );
+    assert_eq!(report.latency_us.unwrap().count, report.ok);
+    assert!(
+        report.figures["mutation_answered"]
+            .as_str()
+            .unwrap()
+            .starts_with("p50 ")
+    );
+
+    // Each device ended with what was last desired of it reported, and no delta.
+    let shadow = twin_shadow(&server, "rt-0000001").await;
+    assert!(
+        shadow["desired"]["setpoint"].as_u64().unwrap() >= 1,
+        "{shadow}"
+    );
+    assert_eq!(
+        shadow["reported"]["setpoint"],
+        shadow["desired"]["setpoint"]
+    );
+    assert!(shadow["delta"].is_null(), "{shadow}");
+
+    // A bad token fails the run at once, saying why.
+    let bad = Api {
+        token: Some("dpl_0000000000000000_nope".into()),
+        ..api
+    };
+    let e = twin_load::api::desired_roundtrip(&fleet, &pace, &bad)
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("UNAUTHENTICATED"), "{e:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_query_registers_a_fleet_and_times_each_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let api = Api {
+        http: server.http.parse().unwrap(),
+        token: server.admin_token.clone(),
+        http_connections: 4,
+    };
+    let report = twin_load::api::fleet_query(&api, "fq", 300, 2)
+        .await
+        .unwrap();
+    assert_eq!(report.ok, 7 * 2, "{}", report.summary());
+    // Matches of each filter over things 0..300 (site i % 100, model i % 4, level i).
+    for (q, matches) in [
+        ("q1", 1),
+        ("q2", 0),
+        ("q3", 3),
+        ("q4", 0),
+        ("q5", 3),
+        ("q6", 6),
+        ("q7", 150),
+    ] {
+        let figure = report.figures[q].as_str().unwrap();
+        assert!(
+            figure.contains(&format!(": {matches} matches,")),
+            "{q}: {figure}"
+        );
+    }
+    // A second run finds the things registered and keeps them.
+    let again = twin_load::api::fleet_query(&api, "fq", 300, 1)
+        .await
+        .unwrap();
+    assert!(
+        again.figures["q3"]
+            .as_str()
+            .unwrap()
+            .contains(": 3 matches,")
+    );
+}
+
+/// The classic shadow of `thing`, through GraphQL.
+async fn twin_shadow(server: &common::Server, thing: &str) -> serde_json::Value {
+    let r = common::graphql(
+        &server.http,
+        server.admin_token.as_deref(),
+        "query($id: ID!) { thing(id: $id) { shadow { desired reported delta } } }",
+        serde_json::json!({ "id": thing }),
+    )
+    .await
+    .json();
+    r["data"]["thing"]["shadow"].clone()
 }

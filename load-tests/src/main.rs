@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use twin_load::api::{self, Api};
 use twin_load::scenarios::{self, Fleet, Pace, parse_duration};
 
 #[derive(Parser)]
@@ -66,6 +67,38 @@ enum Scenario {
         #[command(flatten)]
         output: Output,
     },
+    /// An application sets each device's desired state through GraphQL (updateDesired);
+    /// the device gets the delta over MQTT, applies it and reports it back, and a
+    /// thingsChanged subscriber sees the twin in sync. Measures that whole loop, with the
+    /// steps broken down. Run Doppel with --auto-register and give an operator token.
+    DesiredRoundtrip {
+        #[command(flatten)]
+        fleet: Fleet,
+        #[command(flatten)]
+        pace: Pace,
+        #[command(flatten)]
+        api: Api,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Registers things through GraphQL (skipping those that exist), gives them
+    /// attributes and desired state, then times things(filter) queries over all of them,
+    /// from a lookup by id to a near-full scan. Needs an admin token.
+    FleetQuery {
+        #[command(flatten)]
+        api: Api,
+        /// Things in the fleet
+        #[arg(long, default_value_t = 100_000)]
+        things: usize,
+        /// Thing ids are PREFIX-0000001, PREFIX-0000002, ...
+        #[arg(long, default_value = "q")]
+        prefix: String,
+        /// Times each filter runs
+        #[arg(long, default_value_t = 50)]
+        repeat: usize,
+        #[command(flatten)]
+        output: Output,
+    },
     /// The same devices and payloads as shadow-update against any MQTT broker, as a QoS 1
     /// echo (each device subscribes to load/ID and publishes to it): the raw broker ceiling.
     Baseline {
@@ -104,6 +137,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pace,
             output,
         } => (scenarios::baseline(&fleet, &pace).await?, output),
+        Scenario::DesiredRoundtrip {
+            fleet,
+            pace,
+            api,
+            output,
+        } => (api::desired_roundtrip(&fleet, &pace, &api).await?, output),
+        Scenario::FleetQuery {
+            api,
+            things,
+            prefix,
+            repeat,
+            output,
+        } => (
+            api::fleet_query(&api, &prefix, things, repeat).await?,
+            output,
+        ),
     };
     print!("{}", report.summary());
     if let Some(path) = &output.report {

@@ -77,10 +77,8 @@ impl Report {
             }
         }
         for (k, v) in &self.figures {
-            rows.push((
-                k.replace('_', " "),
-                v.to_string().trim_matches('"').to_owned(),
-            ));
+            let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+            rows.push((k.replace('_', " "), v));
         }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();

@@ -62,7 +62,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    fn id(&self, i: usize) -> String {
+    pub(crate) fn id(&self, i: usize) -> String {
         format!("{}-{:07}", self.prefix, i + 1)
     }
 
@@ -124,7 +124,7 @@ pub struct Pace {
     pub rate: f64,
 }
 
-fn progress(
+pub(crate) fn progress(
     recorder: &Arc<Recorder>,
     label: &'static str,
 ) -> (ProgressBar, tokio::task::JoinHandle<()>) {
@@ -151,11 +151,11 @@ fn progress(
     (bar, ticker)
 }
 
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
-fn report(
+pub(crate) fn report(
     scenario: &str,
     fleet: &Fleet,
     start: Instant,
@@ -183,7 +183,7 @@ fn report(
     }
 }
 
-fn now_epoch() -> u64 {
+pub(crate) fn now_epoch() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -291,7 +291,7 @@ async fn request_loop(
 }
 
 /// Connects the fleet for a request scenario; fails when no device could connect.
-async fn connected(fleet: &Fleet) -> anyhow::Result<(Vec<(usize, Conn)>, Vec<String>)> {
+pub(crate) async fn connected(fleet: &Fleet) -> anyhow::Result<(Vec<(usize, Conn)>, Vec<String>)> {
     let (conns, failures) = fleet.connect(None, Duration::from_secs(60)).await;
     if conns.is_empty() {
         bail!(
@@ -325,7 +325,7 @@ async fn measure(
     report(scenario, fleet, start, started_at, &recorder, figures)
 }
 
-fn connect_failures(failures: &[String], figures: &mut Map<String, Value>) {
+pub(crate) fn connect_failures(failures: &[String], figures: &mut Map<String, Value>) {
     if !failures.is_empty() {
         figures.insert("connect_failures".into(), json!(failures.len()));
         figures.insert("first_connect_failure".into(), json!(failures[0]));
