@@ -2,13 +2,17 @@
 //!
 //! - [`id`]: validated thing and shadow names;
 //! - [`shadow`]: AWS IoT Device Shadow semantics (decide / apply, delta, payloads);
+//! - [`command`]: a command's execution on one device (AWS IoT commands);
+//! - [`job`]: a job's execution on one device (AWS IoT Jobs);
 //! - [`event`]: [`TwinEvent`], what every consumer of a twin reads;
 //! - [`filter`]: the fleet filter language (parser, printer, evaluator);
 //! - [`topic`]: the MQTT topic names of the device API.
 
+pub mod command;
 pub mod event;
 pub mod filter;
 pub mod id;
+pub mod job;
 pub mod json;
 pub mod rejection;
 pub mod shadow;
