@@ -219,6 +219,14 @@ impl TwinStore for Stalled {
     fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
         Ok(None)
     }
+    fn commands(
+        &self,
+        _: &DeviceId,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<Vec<twin_model::command::CommandExecution>, StoreError> {
+        Ok(vec![])
+    }
     fn things(&self, _: Option<&DeviceId>, _: usize) -> Result<Vec<ThingRecord>, StoreError> {
         Ok(vec![])
     }

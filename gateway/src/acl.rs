@@ -1,11 +1,11 @@
 //! Topic filters and the device policy.
 //!
 //! A device (client id = thing name) may publish and subscribe only inside
-//! `$aws/things/{its name}/`. This is the policy AWS IoT users write by hand for every
-//! fleet; here it is the only policy.
+//! `$aws/things/{its name}/` and `$aws/commands/things/{its name}/`. This is the policy
+//! AWS IoT users write by hand for every fleet; here it is the only policy.
 
 use twin_model::DeviceId;
-use twin_model::topic::THINGS_PREFIX;
+use twin_model::topic::{COMMANDS_PREFIX, THINGS_PREFIX};
 
 /// Whether `filter` is a syntactically valid MQTT topic filter.
 pub fn valid_filter(filter: &str) -> bool {
@@ -43,7 +43,10 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 /// Whether `thing` may use `topic_or_filter`: it must lie inside the thing's namespace,
 /// with no wildcard before the namespace ends.
 pub fn allowed(thing: &DeviceId, topic_or_filter: &str) -> bool {
-    let Some(rest) = topic_or_filter.strip_prefix(THINGS_PREFIX) else {
+    let Some(rest) = topic_or_filter
+        .strip_prefix(THINGS_PREFIX)
+        .or_else(|| topic_or_filter.strip_prefix(COMMANDS_PREFIX))
+    else {
         return false;
     };
     let Some(rest) = rest.strip_prefix(thing.as_str()) else {
@@ -98,5 +101,12 @@ mod tests {
         assert!(!allowed(&me, "$aws/things/lamp"));
         assert!(!allowed(&me, "$aws/things/lamp/"));
         assert!(!allowed(&me, "other/lamp/x"));
+        assert!(allowed(
+            &me,
+            "$aws/commands/things/lamp/executions/+/request/#"
+        ));
+        assert!(!allowed(&me, "$aws/commands/things/lamp2/executions/#"));
+        assert!(!allowed(&me, "$aws/commands/things/+/executions/#"));
+        assert!(!allowed(&me, "$aws/commands/#"));
     }
 }

@@ -8,6 +8,8 @@
 //! - `things`:   `{thing}` -> [`ThingRecord`] (JSON)
 //! - `presence`: `{thing}` -> [`Connectivity`] (JSON)
 //! - `shadows`:  `{thing}\0{shadow}` -> [`Shadow`] (JSON)
+//! - `commands`: `{thing}\0{executionId}` -> [`CommandExecution`] (JSON); execution ids
+//!   sort in creation order.
 //! - `events`:   `{thing}\0{shadow}\0{slot:be64}` -> [`ShadowChange`] (JSON): a ring of
 //!   the newest changes per shadow, slot = (2 * version + is_delete) mod (2 * history).
 //!   Each change overwrites the slot of the change `history` versions older, so the
@@ -23,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
+use twin_model::command::CommandExecution;
 use twin_model::{ChangeOp, DeviceId, ShadowChange, ShadowName};
 
 use crate::{Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
@@ -33,6 +36,7 @@ pub struct EmbeddedStore {
     presence: Keyspace,
     shadows: Keyspace,
     events: Keyspace,
+    commands: Keyspace,
     history: u64,
     _lock: File,
 }
@@ -87,6 +91,13 @@ fn event_key(thing: &DeviceId, shadow: &ShadowName, slot: u64) -> Vec<u8> {
     k
 }
 
+fn command_key(thing: &DeviceId, execution_id: &str) -> Vec<u8> {
+    let mut k = thing.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(execution_id.as_bytes());
+    k
+}
+
 /// The thing and shadow of a `shadows` key.
 fn split_shadow_key(k: &[u8]) -> Result<(DeviceId, ShadowName), StoreError> {
     let corrupt = || StoreError::Corrupt {
@@ -135,6 +146,7 @@ impl EmbeddedStore {
             presence: ks("presence")?,
             shadows: ks("shadows")?,
             events: ks("events")?,
+            commands: ks("commands")?,
             db,
             history: history.max(1),
             _lock: lock,
@@ -167,10 +179,19 @@ impl TwinStore for EmbeddedStore {
                 })?;
             shadows.push((name, decode(&k, &v)?));
         }
+        let mut pending_commands = Vec::new();
+        for kv in self.commands.prefix(&prefix) {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let c: CommandExecution = decode(&k, &v)?;
+            if !c.status.is_terminal() {
+                pending_commands.push(c);
+            }
+        }
         Ok(TwinSnapshot {
             record,
             connectivity,
             shadows,
+            pending_commands,
         })
     }
 
@@ -202,12 +223,19 @@ impl TwinStore for EmbeddedStore {
                 Write::Thing(record) => {
                     b.insert(&self.things, record.id.as_str(), encode(record));
                 }
+                Write::Command(c) => {
+                    b.insert(
+                        &self.commands,
+                        command_key(&c.thing, &c.execution_id),
+                        encode(&**c),
+                    );
+                }
                 Write::DeleteThing(thing) => {
                     b.remove(&self.things, thing.as_str());
                     b.remove(&self.presence, thing.as_str());
                     let mut prefix = thing.as_str().as_bytes().to_vec();
                     prefix.push(0);
-                    for ks in [&self.shadows, &self.events] {
+                    for ks in [&self.shadows, &self.events, &self.commands] {
                         for kv in ks.prefix(&prefix) {
                             b.remove(ks, kv.key().map_err(engine)?);
                         }
@@ -243,6 +271,35 @@ impl TwinStore for EmbeddedStore {
             Some(v) => Ok(Some(decode(key, &v)?)),
             None => Ok(None),
         }
+    }
+
+    fn commands(
+        &self,
+        thing: &DeviceId,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CommandExecution>, StoreError> {
+        let start = command_key(thing, "");
+        let end = match before {
+            Some(id) => Bound::Excluded(command_key(thing, id)),
+            // One past the prefix: `\0` + 1.
+            None => {
+                let mut k = thing.as_str().as_bytes().to_vec();
+                k.push(1);
+                Bound::Excluded(k)
+            }
+        };
+        let mut out = Vec::new();
+        for kv in self
+            .commands
+            .range::<Vec<u8>, _>((Bound::Included(start), end))
+            .rev()
+            .take(limit)
+        {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
     }
 
     fn things(
@@ -434,6 +491,56 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    fn command(thing: &str, n: u64) -> CommandExecution {
+        use twin_model::command::NewCommand;
+        CommandExecution::new(
+            format!("{n:04}"),
+            id(thing),
+            NewCommand {
+                name: "reboot".into(),
+                payload: serde_json::json!({"n": n}),
+                timeout_seconds: 10,
+                expires_in_seconds: 10,
+            },
+            n,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn commands_persist_list_newest_first_and_go_with_their_thing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = EmbeddedStore::open(dir.path(), 10).unwrap();
+            let mut writes: Vec<Write> = (1..=5)
+                .map(|n| Write::Command(Arc::new(command("t1", n))))
+                .collect();
+            writes.push(Write::Command(Arc::new(command("t10", 9))));
+            store.commit(&writes).unwrap();
+            // Command 2 ends; the newer state replaces the older.
+            let mut done = command("t1", 2);
+            done.expire(1_000_000);
+            store.commit(&[Write::Command(Arc::new(done))]).unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path(), 10).unwrap();
+        let ids = |v: Vec<CommandExecution>| -> Vec<String> {
+            v.into_iter().map(|c| c.execution_id).collect()
+        };
+        assert_eq!(
+            ids(store.commands(&id("t1"), None, 3).unwrap()),
+            ["0005", "0004", "0003"]
+        );
+        assert_eq!(
+            ids(store.commands(&id("t1"), Some("0003"), 10).unwrap()),
+            ["0002", "0001"]
+        );
+        let pending = store.load(&id("t1")).unwrap().pending_commands;
+        assert_eq!(ids(pending), ["0001", "0003", "0004", "0005"]);
+        store.commit(&[Write::DeleteThing(id("t1"))]).unwrap();
+        assert!(store.commands(&id("t1"), None, 10).unwrap().is_empty());
+        assert_eq!(ids(store.commands(&id("t10"), None, 10).unwrap()), ["0009"]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use twin_model::command::CommandExecution;
 use twin_model::{Connectivity, DeviceId, Shadow, ShadowChange, ShadowName};
 
 pub use committer::Committer;
@@ -63,6 +64,8 @@ pub struct TwinSnapshot {
     pub record: Option<ThingRecord>,
     pub connectivity: Connectivity,
     pub shadows: Vec<(ShadowName, Shadow)>,
+    /// The commands that have not ended yet, oldest first.
+    pub pending_commands: Vec<CommandExecution>,
 }
 
 /// One change inside a commit batch.
@@ -80,7 +83,9 @@ pub enum Write {
         connectivity: Connectivity,
     },
     Thing(ThingRecord),
-    /// Removes the thing with its presence, shadows and history.
+    /// A command execution as it is now.
+    Command(Arc<CommandExecution>),
+    /// Removes the thing with its presence, shadows, history and commands.
     DeleteThing(DeviceId),
 }
 
@@ -108,6 +113,15 @@ pub trait TwinStore: Send + Sync + 'static {
     ) -> Result<Vec<ShadowChange>, StoreError>;
 
     fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError>;
+
+    /// A thing's command executions, newest first, starting before the execution id
+    /// `before` (execution ids sort in creation order).
+    fn commands(
+        &self,
+        thing: &DeviceId,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CommandExecution>, StoreError>;
 
     /// Registered things in id order, starting after `after`.
     fn things(

@@ -1,12 +1,94 @@
 //! Every MQTT topic of the device API, parsed and formatted in one place.
 //!
-//! `$aws/things/{thing}/shadow[/name/{shadow}]/{update|get|delete}[/accepted|/rejected|/delta|/documents]`
+//! - `$aws/things/{thing}/shadow[/name/{shadow}]/{update|get|delete}[/accepted|/rejected|/delta|/documents]`
+//! - `$aws/commands/things/{thing}/executions/{executionId}/{request|response|response/accepted|response/rejected}/json`
 
 use std::fmt::Write as _;
 
 use crate::id::{DeviceId, NameError, ShadowName};
 
 pub const THINGS_PREFIX: &str = "$aws/things/";
+pub const COMMANDS_PREFIX: &str = "$aws/commands/things/";
+
+/// The command topics' channels; every one ends in the payload format, `/json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandChannel {
+    /// To the device: the command.
+    Request,
+    /// From the device: its status.
+    Response,
+    Accepted,
+    Rejected,
+}
+
+impl CommandChannel {
+    pub const fn path(self) -> &'static str {
+        match self {
+            Self::Request => "request/json",
+            Self::Response => "response/json",
+            Self::Accepted => "response/accepted/json",
+            Self::Rejected => "response/rejected/json",
+        }
+    }
+}
+
+/// A command execution's topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CommandTopic {
+    pub thing: DeviceId,
+    pub execution_id: String,
+    pub channel: CommandChannel,
+}
+
+impl CommandTopic {
+    pub fn format(&self) -> String {
+        format!(
+            "{COMMANDS_PREFIX}{}/executions/{}/{}",
+            self.thing,
+            self.execution_id,
+            self.channel.path()
+        )
+    }
+}
+
+/// Whether `id` can be an execution id in a topic: 1-64 of `A-Z a-z 0-9 _ -`.
+pub fn valid_execution_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn parse_command(rest: &str) -> Result<Topic, TopicError> {
+    let (thing, rest) = rest
+        .split_once('/')
+        .ok_or(TopicError::UnknownCommandTopic)?;
+    let thing = DeviceId::parse(thing).map_err(TopicError::Thing)?;
+    let rest = rest
+        .strip_prefix("executions/")
+        .ok_or(TopicError::UnknownCommandTopic)?;
+    let (execution_id, path) = rest
+        .split_once('/')
+        .ok_or(TopicError::UnknownCommandTopic)?;
+    if !valid_execution_id(execution_id) {
+        return Err(TopicError::UnknownCommandTopic);
+    }
+    let channel = [
+        CommandChannel::Request,
+        CommandChannel::Response,
+        CommandChannel::Accepted,
+        CommandChannel::Rejected,
+    ]
+    .into_iter()
+    .find(|c| c.path() == path)
+    .ok_or(TopicError::UnknownCommandTopic)?;
+    Ok(Topic::Command(CommandTopic {
+        thing,
+        execution_id: execution_id.to_owned(),
+        channel,
+    }))
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ShadowOp {
@@ -90,10 +172,11 @@ pub fn format_shadow_topic(
     s
 }
 
-/// A topic under `$aws/things/{thing}/`.
+/// A topic of the device API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic {
     Shadow(ShadowTopic),
+    Command(CommandTopic),
     /// Any other topic in the thing's namespace (jobs, commands, ... later).
     Other {
         thing: DeviceId,
@@ -103,7 +186,7 @@ pub enum Topic {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
-    #[error("topic is not under $aws/things/")]
+    #[error("topic is not under $aws/things/ or $aws/commands/things/")]
     NotAThingTopic,
     #[error("bad thing name in topic: {0}")]
     Thing(NameError),
@@ -111,9 +194,14 @@ pub enum TopicError {
     ShadowName(NameError),
     #[error("unknown shadow topic")]
     UnknownShadowTopic,
+    #[error("unknown command topic")]
+    UnknownCommandTopic,
 }
 
 pub fn parse(topic: &str) -> Result<Topic, TopicError> {
+    if let Some(rest) = topic.strip_prefix(COMMANDS_PREFIX) {
+        return parse_command(rest);
+    }
     let rest = topic
         .strip_prefix(THINGS_PREFIX)
         .ok_or(TopicError::NotAThingTopic)?;
@@ -206,6 +294,41 @@ mod tests {
             ),
             "$aws/things/a/shadow/name/n/update/delta"
         );
+    }
+
+    #[test]
+    fn parses_and_formats_every_command_topic() {
+        for channel in [
+            CommandChannel::Request,
+            CommandChannel::Response,
+            CommandChannel::Accepted,
+            CommandChannel::Rejected,
+        ] {
+            let t = CommandTopic {
+                thing: id("lamp-1"),
+                execution_id: "0190a1b2c3d4-7f3a".into(),
+                channel,
+            };
+            assert_eq!(parse(&t.format()), Ok(Topic::Command(t.clone())));
+        }
+        assert_eq!(
+            CommandTopic {
+                thing: id("a"),
+                execution_id: "e1".into(),
+                channel: CommandChannel::Accepted
+            }
+            .format(),
+            "$aws/commands/things/a/executions/e1/response/accepted/json"
+        );
+        for bad in [
+            "$aws/commands/things/a/executions/e1/response/cbor",
+            "$aws/commands/things/a/executions/e1",
+            "$aws/commands/things/a/jobs/e1/request/json",
+            "$aws/commands/things/a/executions/e.1/request/json",
+            "$aws/commands/things/a",
+        ] {
+            assert_eq!(parse(bad), Err(TopicError::UnknownCommandTopic), "{bad}");
+        }
     }
 
     #[test]
