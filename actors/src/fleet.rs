@@ -14,7 +14,11 @@ use std::time::Duration;
 use dashmap::DashMap;
 use ractor::{Actor, ActorRef, RpcReplyPort, concurrency::oneshot};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
-use twin_model::{DeviceId, Limits, Shadow, ShadowChange, ShadowName, TwinEvent, UpdateRequest};
+use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
+use twin_model::{
+    DeviceId, Limits, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
+    UpdateRequest,
+};
 use twin_store::{Committer, TwinStore};
 
 use serde_json::{Map, Value};
@@ -276,6 +280,80 @@ impl FleetHandle {
     pub fn set_enabled(&self, thing: &DeviceId, enabled: bool) -> Reply<()> {
         let answer = self.registry(thing, RegistryOp::SetEnabled(enabled));
         Box::pin(async move { answer.await.map(drop) })
+    }
+
+    /// Creates a command execution for `thing`; it reaches the device once the device
+    /// subscribes to its command requests (at once if it already has).
+    pub fn send_command(
+        &self,
+        thing: &DeviceId,
+        request: NewCommand,
+    ) -> Reply<Arc<CommandExecution>> {
+        self.request(thing, |reply, permit| DeviceMsg::SendCommand {
+            request,
+            reply,
+            permit,
+        })
+    }
+
+    /// The device's answer to a command.
+    pub fn command_response(
+        &self,
+        thing: &DeviceId,
+        execution_id: String,
+        response: Result<DeviceResponse, CommandError>,
+    ) -> Reply<Arc<CommandExecution>> {
+        self.request(thing, |reply, permit| DeviceMsg::CommandResponse {
+            execution_id,
+            response,
+            reply,
+            permit,
+        })
+    }
+
+    /// The connection of `session` subscribed to its thing's command requests.
+    pub fn commands_wanted(&self, thing: &DeviceId, session: u64) {
+        if let Err(e) = self.route(thing, DeviceMsg::CommandsWanted { session }) {
+            tracing::debug!(%thing, error = %e, "pending commands not delivered");
+        }
+    }
+
+    /// A command execution by id, as its twin sees it now (its deadlines applied).
+    pub async fn command(&self, execution_id: &str) -> Result<Arc<CommandExecution>, FleetError> {
+        let store = self.shared.committer.store().clone();
+        let id = execution_id.to_owned();
+        let stored = tokio::task::spawn_blocking(move || store.command(&id))
+            .await
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                FleetError::Rejected(Rejection::new(
+                    RejectionKind::NotFound,
+                    format!("no command execution {execution_id}"),
+                ))
+            })?;
+        let id = execution_id.to_owned();
+        self.request(&stored.thing, |reply, permit| DeviceMsg::Command {
+            execution_id: id,
+            reply,
+            permit,
+        })
+        .await
+    }
+
+    /// A thing's command executions, newest first, before the execution id `before`.
+    pub async fn commands(
+        &self,
+        thing: &DeviceId,
+        before: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<CommandExecution>, FleetError> {
+        let store = self.shared.committer.store().clone();
+        let thing = thing.clone();
+        tokio::task::spawn_blocking(move || store.commands(&thing, before.as_deref(), limit))
+            .await
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?
+            .map_err(|e| FleetError::Unavailable(e.to_string()))
     }
 
     /// A registered twin as it is now (resident or not).

@@ -12,6 +12,10 @@ use twin_store::{
     Committer, EmbeddedStore, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write,
 };
 
+use twin_model::command::{
+    CommandError, CommandExecution, CommandStatus, DeviceResponse, NewCommand,
+};
+
 use crate::{FleetConfig, FleetError, FleetHandle};
 
 fn id(s: &str) -> DeviceId {
@@ -219,6 +223,12 @@ impl TwinStore for Stalled {
     fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
         Ok(None)
     }
+    fn command(
+        &self,
+        _: &str,
+    ) -> Result<Option<twin_model::command::CommandExecution>, StoreError> {
+        Ok(None)
+    }
     fn commands(
         &self,
         _: &DeviceId,
@@ -337,6 +347,7 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
                 ChangeOp::Update { .. } => format!("v{}", change.version),
                 ChangeOp::Delete => "delete".into(),
             },
+            TwinEvent::Command { execution, .. } => execution.status.as_str().into(),
         });
     }
     assert_eq!(
@@ -377,5 +388,170 @@ async fn auto_register_creates_unknown_devices_on_connect() {
             .await
             .unwrap()
             .registered_now
+    );
+}
+
+/// The next command event of the fleet, as (status, deliver).
+async fn command_event(
+    events: &mut tokio::sync::broadcast::Receiver<Arc<TwinEvent>>,
+) -> (Arc<CommandExecution>, bool) {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("an event in time")
+            .unwrap();
+        if let TwinEvent::Command {
+            execution, deliver, ..
+        } = &*e
+        {
+            return (execution.clone(), *deliver);
+        }
+    }
+}
+
+fn new_command(timeout_seconds: u64, expires_in_seconds: u64) -> NewCommand {
+    NewCommand {
+        name: "reboot".into(),
+        payload: json!({"delay": 1}),
+        timeout_seconds,
+        expires_in_seconds,
+    }
+}
+
+fn device_says(status: &str) -> Result<DeviceResponse, CommandError> {
+    DeviceResponse::parse(json!({"status": status}).to_string().as_bytes())
+}
+
+#[tokio::test]
+async fn a_command_waits_for_a_listening_device_and_runs_to_success() {
+    let f = fleet(FleetConfig::default()).await;
+    let thing = id("lamp");
+    let secret = f.fleet.register(&thing, Default::default()).await.unwrap();
+    let mut events = f.fleet.subscribe();
+    // Offline: the command is created and waits.
+    let c = f
+        .fleet
+        .send_command(&thing, new_command(30, 600))
+        .await
+        .unwrap();
+    assert_eq!(c.status, CommandStatus::Created);
+    assert!(!command_event(&mut events).await.1);
+    let ok = f.fleet.connect(&thing, Some(secret)).await.unwrap();
+    // Connected is not enough: the device gets it once it subscribes.
+    f.fleet.commands_wanted(&thing, ok.session);
+    let (delivered, deliver) = command_event(&mut events).await;
+    assert!(deliver);
+    assert_eq!(delivered.execution_id, c.execution_id);
+    assert!(delivered.delivered_at.is_some());
+    // A second command while listening goes out at once.
+    let second = f
+        .fleet
+        .send_command(&thing, new_command(30, 600))
+        .await
+        .unwrap();
+    assert!(second.delivered_at.is_some());
+    assert!(command_event(&mut events).await.1);
+
+    for status in ["IN_PROGRESS", "SUCCEEDED"] {
+        let r = f
+            .fleet
+            .command_response(&thing, c.execution_id.clone(), device_says(status))
+            .await
+            .unwrap();
+        assert_eq!(r.status.as_str(), status);
+    }
+    let late = f
+        .fleet
+        .command_response(&thing, c.execution_id.clone(), device_says("FAILED"))
+        .await
+        .unwrap_err();
+    assert_eq!(late.kind(), RejectionKind::VersionConflict);
+    let unknown = f
+        .fleet
+        .command_response(&thing, "nope".into(), device_says("FAILED"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.kind(), RejectionKind::NotFound);
+    let bad = f
+        .fleet
+        .command_response(&thing, second.execution_id.clone(), device_says("CREATED"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.kind(), RejectionKind::BadRequest);
+
+    let found = f.fleet.command(&c.execution_id).await.unwrap();
+    assert_eq!(found.status, CommandStatus::Succeeded);
+    let listed = f.fleet.commands(&thing, None, 10).await.unwrap();
+    let ids: Vec<_> = listed.iter().map(|c| c.execution_id.as_str()).collect();
+    assert_eq!(ids, [second.execution_id.as_str(), c.execution_id.as_str()]);
+    let ghost = f
+        .fleet
+        .send_command(&id("ghost"), new_command(1, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(ghost.kind(), RejectionKind::NotFound);
+}
+
+#[tokio::test]
+async fn commands_time_out_undelivered_and_unanswered_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || async {
+        let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
+        let (committer, thread) = Committer::start(store, 1024, 1024).unwrap();
+        let fleet = FleetHandle::start(FleetConfig::default(), committer)
+            .await
+            .unwrap();
+        (fleet, thread)
+    };
+    let (fleet, thread) = start().await;
+    let thing = id("pump");
+    let secret = fleet.register(&thing, Default::default()).await.unwrap();
+    let mut events = fleet.subscribe();
+    let offline = fleet
+        .send_command(&thing, new_command(60, 1))
+        .await
+        .unwrap();
+    command_event(&mut events).await;
+    // Nobody listens: it expires on the twin's own timer.
+    let (expired, _) = command_event(&mut events).await;
+    assert_eq!(expired.execution_id, offline.execution_id);
+    assert_eq!(expired.status, CommandStatus::TimedOut);
+    assert_eq!(expired.reason.as_ref().unwrap().reason_code, "EXPIRED");
+
+    let ok = fleet.connect(&thing, Some(secret.clone())).await.unwrap();
+    fleet.commands_wanted(&thing, ok.session);
+    let silent = fleet
+        .send_command(&thing, new_command(1, 600))
+        .await
+        .unwrap();
+    assert!(command_event(&mut events).await.1);
+    let (timed_out, _) = command_event(&mut events).await;
+    assert_eq!(timed_out.execution_id, silent.execution_id);
+    assert_eq!(
+        timed_out.reason.as_ref().unwrap().reason_code,
+        "DEVICE_TIMEOUT"
+    );
+
+    // A pending command survives a restart and reaches the device when it listens.
+    let waiting = fleet
+        .send_command(&thing, new_command(60, 600))
+        .await
+        .unwrap();
+    fleet.shutdown().await;
+    drop(fleet);
+    // The commit thread ends with the last handle, releasing the store.
+    tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+    let (fleet, _thread) = start().await;
+    let mut events = fleet.subscribe();
+    let ok = fleet.connect(&thing, Some(secret)).await.unwrap();
+    fleet.commands_wanted(&thing, ok.session);
+    let (delivered, deliver) = command_event(&mut events).await;
+    assert!(deliver);
+    assert_eq!(delivered.execution_id, waiting.execution_id);
+    assert_eq!(
+        fleet.command(&offline.execution_id).await.unwrap().status,
+        CommandStatus::TimedOut
     );
 }

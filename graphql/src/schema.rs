@@ -547,8 +547,10 @@ pub struct Lagged {
     pub thing_id: Option<ID>,
 }
 
-fn to_graphql(event: &TwinEvent) -> ThingEvent {
-    match event {
+/// A shadow or connectivity event as the thing subscriptions show it (commands have
+/// their own subscription).
+fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
+    Some(match event {
         TwinEvent::Shadow {
             thing,
             shadow,
@@ -592,7 +594,8 @@ fn to_graphql(event: &TwinEvent) -> ThingEvent {
             since: DateTime(connectivity.since),
             disconnect_reason: connectivity.disconnect_reason.clone(),
         }),
-    }
+        TwinEvent::Command { .. } => return None,
+    })
 }
 
 /// The fleet's events from `rx` that `select` keeps, with a `Lagged` event wherever
@@ -617,13 +620,14 @@ where
             loop {
                 match rx.recv().await {
                     Ok(event) => {
-                        if !select(&fleet, &event) {
+                        let Some(shown) = to_graphql(&event).filter(|_| select(&fleet, &event))
+                        else {
                             continue;
-                        }
+                        };
                         if let Some((_, seen)) = &mut watched {
                             *seen = event.version();
                         }
-                        return Some((to_graphql(&event), (rx, fleet, watched, select)));
+                        return Some((shown, (rx, fleet, watched, select)));
                     }
                     Err(RecvError::Lagged(skipped)) => {
                         let lagged = Lagged {

@@ -159,6 +159,12 @@ mod tests {
         fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
             Ok(None)
         }
+        fn command(
+            &self,
+            _: &str,
+        ) -> Result<Option<twin_model::command::CommandExecution>, StoreError> {
+            Ok(None)
+        }
         fn commands(
             &self,
             _: &DeviceId,

@@ -10,6 +10,7 @@
 //! - `shadows`:  `{thing}\0{shadow}` -> [`Shadow`] (JSON)
 //! - `commands`: `{thing}\0{executionId}` -> [`CommandExecution`] (JSON); execution ids
 //!   sort in creation order.
+//! - `command_ids`: `{executionId}` -> `{thing}`, to find an execution by its id alone.
 //! - `events`:   `{thing}\0{shadow}\0{slot:be64}` -> [`ShadowChange`] (JSON): a ring of
 //!   the newest changes per shadow, slot = (2 * version + is_delete) mod (2 * history).
 //!   Each change overwrites the slot of the change `history` versions older, so the
@@ -37,6 +38,7 @@ pub struct EmbeddedStore {
     shadows: Keyspace,
     events: Keyspace,
     commands: Keyspace,
+    command_ids: Keyspace,
     history: u64,
     _lock: File,
 }
@@ -147,6 +149,7 @@ impl EmbeddedStore {
             shadows: ks("shadows")?,
             events: ks("events")?,
             commands: ks("commands")?,
+            command_ids: ks("command_ids")?,
             db,
             history: history.max(1),
             _lock: lock,
@@ -229,12 +232,17 @@ impl TwinStore for EmbeddedStore {
                         command_key(&c.thing, &c.execution_id),
                         encode(&**c),
                     );
+                    b.insert(&self.command_ids, c.execution_id.as_str(), c.thing.as_str());
                 }
                 Write::DeleteThing(thing) => {
                     b.remove(&self.things, thing.as_str());
                     b.remove(&self.presence, thing.as_str());
                     let mut prefix = thing.as_str().as_bytes().to_vec();
                     prefix.push(0);
+                    for kv in self.commands.prefix(&prefix) {
+                        let key = kv.key().map_err(engine)?;
+                        b.remove(&self.command_ids, &key[prefix.len()..]);
+                    }
                     for ks in [&self.shadows, &self.events, &self.commands] {
                         for kv in ks.prefix(&prefix) {
                             b.remove(ks, kv.key().map_err(engine)?);
@@ -269,6 +277,24 @@ impl TwinStore for EmbeddedStore {
         let key = thing.as_str().as_bytes();
         match self.things.get(key).map_err(engine)? {
             Some(v) => Ok(Some(decode(key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
+        let Some(thing) = self.command_ids.get(execution_id).map_err(engine)? else {
+            return Ok(None);
+        };
+        let thing = std::str::from_utf8(&thing)
+            .ok()
+            .and_then(|t| DeviceId::parse(t).ok())
+            .ok_or_else(|| StoreError::Corrupt {
+                key: execution_id.to_owned(),
+                reason: "bad thing name".into(),
+            })?;
+        let key = command_key(&thing, execution_id);
+        match self.commands.get(&key).map_err(engine)? {
+            Some(v) => Ok(Some(decode(&key, &v)?)),
             None => Ok(None),
         }
     }
@@ -538,8 +564,19 @@ mod tests {
         );
         let pending = store.load(&id("t1")).unwrap().pending_commands;
         assert_eq!(ids(pending), ["0001", "0003", "0004", "0005"]);
+        let two = store.command("0002").unwrap().unwrap();
+        assert_eq!(
+            (two.thing.as_str(), two.status),
+            ("t1", twin_model::command::CommandStatus::TimedOut)
+        );
+        assert_eq!(
+            store.command("0009").unwrap().unwrap().thing.as_str(),
+            "t10"
+        );
+        assert_eq!(store.command("nope").unwrap(), None);
         store.commit(&[Write::DeleteThing(id("t1"))]).unwrap();
         assert!(store.commands(&id("t1"), None, 10).unwrap().is_empty());
+        assert_eq!(store.command("0002").unwrap(), None);
         assert_eq!(ids(store.commands(&id("t10"), None, 10).unwrap()), ["0009"]);
     }
 

@@ -114,6 +114,9 @@ pub trait TwinStore: Send + Sync + 'static {
 
     fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError>;
 
+    /// A command execution by its id (ids are unique across the fleet).
+    fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError>;
+
     /// A thing's command executions, newest first, starting before the execution id
     /// `before` (execution ids sort in creation order).
     fn commands(

@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::DeviceId;
+use crate::{DeviceId, Rejection, RejectionKind};
 
 /// The longest a command may wait to be delivered, or run once delivered: one day.
 pub const MAX_SECONDS: u64 = 86_400;
@@ -84,10 +84,32 @@ pub enum CommandError {
 impl CommandError {
     /// The `error` code of a `response/rejected` answer.
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::Invalid(_) => "InvalidRequest",
-            Self::Terminal(_) => "TerminalStateReached",
-        }
+        error_code(Rejection::from(self.clone()).kind)
+    }
+}
+
+/// A refused command request or response as a [`Rejection`]: `InvalidRequest` is a bad
+/// request, `TerminalStateReached` a conflict with the execution's current status.
+impl From<CommandError> for Rejection {
+    fn from(e: CommandError) -> Self {
+        let kind = match e {
+            CommandError::Invalid(_) => RejectionKind::BadRequest,
+            CommandError::Terminal(_) => RejectionKind::VersionConflict,
+        };
+        Rejection::new(kind, e.to_string())
+    }
+}
+
+/// The `error` code of a `response/rejected` answer for a refusal of `kind`.
+pub fn error_code(kind: RejectionKind) -> &'static str {
+    match kind {
+        RejectionKind::BadRequest | RejectionKind::PayloadTooLarge => "InvalidRequest",
+        RejectionKind::VersionConflict => "TerminalStateReached",
+        RejectionKind::NotFound => "ResourceNotFound",
+        RejectionKind::TooManyRequests => "RequestThrottled",
+        RejectionKind::Unauthorized | RejectionKind::Forbidden => "AccessDenied",
+        RejectionKind::UnsupportedEncoding => "UnsupportedPayloadFormat",
+        RejectionKind::Internal => "InternalError",
     }
 }
 
@@ -315,28 +337,23 @@ impl CommandExecution {
         self.version += 1;
     }
 
-    /// What the device receives on `.../request/json`: the command's payload as given.
-    pub fn request_payload(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.payload).unwrap_or_default()
-    }
-
     /// The `response/accepted` answer.
-    pub fn accepted_payload(&self) -> Vec<u8> {
+    pub fn accepted_payload(&self) -> Value {
         let mut m = Map::new();
         m.insert("executionId".into(), self.execution_id.clone().into());
         m.insert("status".into(), self.status.as_str().into());
         m.insert("timestamp".into(), self.updated_at.into());
-        serde_json::to_vec(&m).unwrap_or_default()
+        Value::Object(m)
     }
 
     /// The `response/rejected` answer.
-    pub fn rejected_payload(execution_id: &str, error: &CommandError, now: u64) -> Vec<u8> {
+    pub fn rejected_payload(execution_id: &str, rejection: &Rejection, now: u64) -> Value {
         let mut m = Map::new();
         m.insert("executionId".into(), execution_id.into());
-        m.insert("error".into(), error.code().into());
-        m.insert("errorMessage".into(), error.to_string().into());
+        m.insert("error".into(), error_code(rejection.kind).into());
+        m.insert("errorMessage".into(), rejection.message.clone().into());
         m.insert("timestamp".into(), now.into());
-        serde_json::to_vec(&m).unwrap_or_default()
+        Value::Object(m)
     }
 }
 
@@ -475,22 +492,20 @@ mod tests {
         c.delivered(1);
         c.respond(response(json!({"status": "IN_PROGRESS"})), 7)
             .unwrap();
-        let accepted: Value = serde_json::from_slice(&c.accepted_payload()).unwrap();
         assert_eq!(
-            accepted,
+            c.accepted_payload(),
             json!({"executionId": "e1", "status": "IN_PROGRESS", "timestamp": 7})
         );
-        let rejected: Value = serde_json::from_slice(&CommandExecution::rejected_payload(
+        let rejected = CommandExecution::rejected_payload(
             "e1",
-            &CommandError::Terminal(CommandStatus::Failed),
+            &CommandError::Terminal(CommandStatus::Failed).into(),
             9,
-        ))
-        .unwrap();
+        );
         assert_eq!(rejected["error"], "TerminalStateReached");
         assert_eq!(rejected["executionId"], "e1");
         assert_eq!(
-            serde_json::from_slice::<Value>(&c.request_payload()).unwrap(),
-            json!({"delay": 5})
+            rejected["errorMessage"],
+            "the command execution already ended FAILED"
         );
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::command::CommandExecution;
 use crate::id::{DeviceId, ShadowName};
 use crate::shadow::{Shadow, ShadowChange};
 
@@ -29,6 +30,15 @@ pub enum TwinEvent {
         /// The twin's version when it happened (presence does not change it).
         version: u64,
     },
+    /// A command execution changed: created, delivered, answered or timed out.
+    Command {
+        thing: DeviceId,
+        execution: Arc<CommandExecution>,
+        /// The request is to go to the device's connection now.
+        deliver: bool,
+        /// The twin's version when it happened (commands do not change it).
+        version: u64,
+    },
 }
 
 /// A twin's version: the sum of its shadows' versions. It grows by exactly one per
@@ -41,13 +51,17 @@ pub fn twin_version<'a>(shadow_versions: impl IntoIterator<Item = &'a Shadow>) -
 impl TwinEvent {
     pub fn thing(&self) -> &DeviceId {
         match self {
-            Self::Shadow { thing, .. } | Self::Connectivity { thing, .. } => thing,
+            Self::Shadow { thing, .. }
+            | Self::Connectivity { thing, .. }
+            | Self::Command { thing, .. } => thing,
         }
     }
 
     pub fn version(&self) -> u64 {
         match self {
-            Self::Shadow { version, .. } | Self::Connectivity { version, .. } => *version,
+            Self::Shadow { version, .. }
+            | Self::Connectivity { version, .. }
+            | Self::Command { version, .. } => *version,
         }
     }
 }

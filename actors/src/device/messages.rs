@@ -5,6 +5,7 @@ use std::sync::Arc;
 use ractor::RpcReplyPort;
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
+use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
 use twin_model::{Shadow, ShadowChange, ShadowName, UpdateRequest};
 
 use crate::error::FleetError;
@@ -45,6 +46,29 @@ pub enum DeviceMsg {
         reply: Port<Option<String>>,
         permit: OwnedSemaphorePermit,
     },
+    /// Creates a command execution; it goes to the device as soon as the device listens.
+    SendCommand {
+        request: NewCommand,
+        reply: Port<Arc<CommandExecution>>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// The device answered a command (the response as parsed, or why it did not parse).
+    CommandResponse {
+        execution_id: String,
+        response: Result<DeviceResponse, CommandError>,
+        reply: Port<Arc<CommandExecution>>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// One command execution as it is now.
+    Command {
+        execution_id: String,
+        reply: Port<Arc<CommandExecution>>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// The connection of `session` subscribed to its command requests: deliver what waits.
+    CommandsWanted { session: u64 },
+    /// A command deadline is due.
+    Clock,
     /// Test hook: panics inside the actor.
     #[cfg(test)]
     Crash,

@@ -6,13 +6,15 @@
 //! durably before the twin replies or emits its event: the mailbox order is the order of
 //! the twin's versions. A twin that panics is restarted from the store by its shard.
 
+mod commands;
 mod messages;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
+use twin_model::command::CommandExecution;
 use twin_model::{
     ChangeOp, Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName,
     TwinEvent, json,
@@ -38,6 +40,11 @@ pub struct DeviceState {
     /// Increases with every accepted connection, so that a late disconnect of a
     /// taken-over session does not mark the device offline.
     session: u64,
+    /// The current session subscribed to its command requests.
+    listening: bool,
+    /// When the twin's command timer fires, if one is set.
+    alarm_at: Option<u64>,
+    myself: ActorRef<DeviceMsg>,
 }
 
 #[derive(Default)]
@@ -45,6 +52,8 @@ struct Loaded {
     record: Option<ThingRecord>,
     connectivity: Connectivity,
     shadows: HashMap<ShadowName, Arc<Shadow>>,
+    /// Command executions that have not ended, by id.
+    commands: BTreeMap<String, CommandExecution>,
 }
 
 fn now_secs() -> u64 {
@@ -76,9 +85,22 @@ impl DeviceState {
                     .into_iter()
                     .map(|(n, s)| (n, Arc::new(s)))
                     .collect(),
+                commands: snap
+                    .pending_commands
+                    .into_iter()
+                    .map(|c| (c.execution_id.clone(), c))
+                    .collect(),
             });
+            self.set_alarm();
         }
         Ok(self.loaded.as_mut().expect("loaded above"))
+    }
+
+    /// The twin's version: the sum of its shadows' versions.
+    fn version(&self) -> u64 {
+        self.loaded.as_ref().map_or(0, |l| {
+            twin_model::event::twin_version(l.shadows.values().map(|s| &**s))
+        })
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<(), FleetError> {
@@ -106,11 +128,10 @@ impl DeviceState {
             change: change.clone(),
         }])
         .await?;
-        let mut version = 0;
         if let Some(l) = self.loaded.as_mut() {
             l.shadows.insert(name.clone(), current.clone());
-            version = twin_model::event::twin_version(l.shadows.values().map(|s| &**s));
         }
+        let version = self.version();
         let reported_at = match &change.op {
             ChangeOp::Update {
                 reported: Some(_), ..
@@ -307,6 +328,7 @@ impl DeviceState {
             return Err(Rejection::new(RejectionKind::Forbidden, "thing is disabled").into());
         }
         self.session += 1;
+        self.listening = false;
         self.set_connectivity(Connectivity {
             connected: true,
             since: now_millis(),
@@ -325,11 +347,10 @@ impl DeviceState {
             connectivity: connectivity.clone(),
         }])
         .await?;
-        let mut version = 0;
         if let Some(l) = self.loaded.as_mut() {
             l.connectivity = connectivity.clone();
-            version = twin_model::event::twin_version(l.shadows.values().map(|s| &**s));
         }
+        let version = self.version();
         self.shared
             .index
             .set_connectivity(&self.thing, connectivity.clone());
@@ -381,6 +402,7 @@ impl DeviceState {
             }
             DeviceMsg::Disconnected { session, reason } => {
                 if session == self.session {
+                    self.listening = false;
                     let c = Connectivity {
                         connected: false,
                         since: now_millis(),
@@ -394,6 +416,41 @@ impl DeviceState {
             DeviceMsg::Registry { op, reply, permit } => {
                 answer(reply, self.registry(op).await);
                 drop(permit);
+            }
+            DeviceMsg::SendCommand {
+                request,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.send_command(request).await);
+                drop(permit);
+            }
+            DeviceMsg::CommandResponse {
+                execution_id,
+                response,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.command_response(&execution_id, response).await);
+                drop(permit);
+            }
+            DeviceMsg::Command {
+                execution_id,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.command(&execution_id).await);
+                drop(permit);
+            }
+            DeviceMsg::CommandsWanted { session } => {
+                if let Err(e) = self.commands_wanted(session).await {
+                    tracing::warn!(thing = %self.thing, error = %e, "could not deliver pending commands");
+                }
+            }
+            DeviceMsg::Clock => {
+                if let Err(e) = self.expire_commands().await {
+                    tracing::warn!(thing = %self.thing, error = %e, "could not time out commands");
+                }
             }
             #[cfg(test)]
             DeviceMsg::Crash => panic!("test-induced panic in twin {}", self.thing),
@@ -413,7 +470,7 @@ impl Actor for DeviceTwin {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<DeviceMsg>,
+        myself: ActorRef<DeviceMsg>,
         args: DeviceArgs,
     ) -> Result<DeviceState, ActorProcessingErr> {
         Ok(DeviceState {
@@ -421,6 +478,9 @@ impl Actor for DeviceTwin {
             shared: args.shared,
             loaded: None,
             session: 0,
+            listening: false,
+            alarm_at: None,
+            myself,
         })
     }
 
