@@ -5,41 +5,9 @@ mod common;
 
 use std::io::Read;
 
-use common::{Ws, client, doppel, graphql, http, next_on, start};
+use common::{Ws, client, doppel, graphql, http, next_on, register, start, ws_as};
 use rumqttc::{Event, Packet, QoS};
-use serde_json::{Value, json};
-
-const REGISTER: &str =
-    "mutation($id: ID!, $a: JSON) { registerThing(id: $id, attributes: $a) { secret } }";
-
-async fn register(addr: &str, token: &str, id: &str, attributes: Value) -> String {
-    let r = graphql(
-        addr,
-        Some(token),
-        REGISTER,
-        json!({"id": id, "a": attributes}),
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let v = r.json();
-    v["data"]["registerThing"]["secret"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{v}"))
-        .to_owned()
-}
-
-/// A graphql-transport-ws connection authenticated with `token`, acknowledged.
-async fn ws_as(addr: &str, token: &str, recv_buffer: Option<u32>) -> Ws {
-    Ws::connect(
-        addr,
-        "graphql-transport-ws",
-        json!({"Authorization": format!("Bearer {token}")}),
-        recv_buffer,
-    )
-    .await
-    .acked()
-    .await
-}
+use serde_json::json;
 
 const EVENT: &str = "__typename ... on Subscribed { version } ... on ShadowChanged { thingId version shadowVersion operation state delta clientToken } ... on ConnectivityChanged { thingId connected } ... on Lagged { skipped resumeFromVersion thingId }";
 

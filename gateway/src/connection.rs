@@ -17,8 +17,12 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use twin_actors::{FleetError, FleetHandle};
+use twin_model::command::{CommandExecution, DeviceResponse};
 use twin_model::shadow::{parse_client_token, payload};
-use twin_model::topic::{self, ShadowChannel, ShadowOp, ShadowTopic, Topic, format_shadow_topic};
+use twin_model::topic::{
+    self, CommandChannel, CommandTopic, ShadowChannel, ShadowOp, ShadowTopic, Topic,
+    format_shadow_topic,
+};
 use twin_model::{
     ChangeOp, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
     UpdateRequest,
@@ -85,6 +89,7 @@ enum Answer {
         Option<String>,
         Result<Arc<ShadowChange>, FleetError>,
     ),
+    Command(String, Result<Arc<CommandExecution>, FleetError>),
 }
 
 /// A twin's answer, with the packet id of the request's PUBACK (sent with the answer).
@@ -321,6 +326,7 @@ async fn accept<S: Stream>(
         will: connect.will,
     };
     conn.resend_inflight();
+    conn.want_commands();
     Some(conn)
 }
 
@@ -457,6 +463,8 @@ impl<S: Stream> Conn<S> {
             }
             Inbound::Subscribe { pkid, filters } => {
                 let mut codes = Vec::with_capacity(filters.len());
+                let commands = self.command_topic("x", CommandChannel::Request);
+                let mut wants_commands = false;
                 let mut st = lock(&self.slot.state);
                 for (filter, qos) in filters {
                     let code = if !acl::valid_filter(&filter) {
@@ -466,6 +474,7 @@ impl<S: Stream> Conn<S> {
                         SubCode::NotAuthorized
                     } else {
                         let granted = qos.min(1);
+                        wants_commands |= acl::matches(&filter, &commands);
                         st.subscriptions.retain(|(f, _)| *f != filter);
                         st.subscriptions.push((filter, granted));
                         SubCode::Granted(granted)
@@ -474,6 +483,9 @@ impl<S: Stream> Conn<S> {
                 }
                 drop(st);
                 self.send(&Outbound::SubAck { pkid, codes });
+                if wants_commands {
+                    self.ctx.fleet.commands_wanted(&self.thing, self.session);
+                }
             }
             Inbound::Unsubscribe { pkid, filters } => {
                 lock(&self.slot.state)
@@ -562,8 +574,12 @@ impl<S: Stream> Conn<S> {
     /// the answer, so that the two share one write and the PUBACK means the change is
     /// durable. Returns false, sending nothing, when the topic is not a request.
     fn request(&mut self, topic_name: &str, body: &Bytes, ack: Option<u16>) -> bool {
-        let Ok(Topic::Shadow(t)) = topic::parse(topic_name) else {
-            return false;
+        let t = match topic::parse(topic_name) {
+            Ok(Topic::Shadow(t)) => t,
+            Ok(Topic::Command(t)) if t.channel == CommandChannel::Response => {
+                return self.command_response(t, body, ack);
+            }
+            _ => return false,
         };
         if t.channel != ShadowChannel::Request {
             return false;
@@ -611,6 +627,41 @@ impl<S: Stream> Conn<S> {
         };
         self.answers.push(answer);
         true
+    }
+
+    /// A device's answer to a command, on `.../executions/{id}/response/json`.
+    fn command_response(&mut self, t: CommandTopic, body: &Bytes, ack: Option<u16>) -> bool {
+        if self.answers.len() >= self.ctx.config.max_inflight_requests {
+            self.send_ack(ack);
+            self.command_rejected(&t.execution_id, &Rejection::overloaded());
+            return true;
+        }
+        let response = DeviceResponse::parse(body);
+        let reply = self
+            .ctx
+            .fleet
+            .command_response(&t.thing, t.execution_id.clone(), response);
+        let id = t.execution_id;
+        self.answers.push(Box::pin(
+            async move { (ack, Answer::Command(id, reply.await)) },
+        ));
+        true
+    }
+
+    fn command_topic(&self, execution_id: &str, channel: CommandChannel) -> String {
+        CommandTopic {
+            thing: self.thing.clone(),
+            execution_id: execution_id.to_owned(),
+            channel,
+        }
+        .format()
+    }
+
+    fn command_rejected(&mut self, execution_id: &str, rejection: &Rejection) {
+        let topic = self.command_topic(execution_id, CommandChannel::Rejected);
+        self.publish(topic, || {
+            CommandExecution::rejected_payload(execution_id, rejection, twin_store::now_millis())
+        });
     }
 
     fn reject(
@@ -664,6 +715,11 @@ impl<S: Stream> Conn<S> {
                 &e.to_rejection(),
                 token.as_deref(),
             ),
+            Answer::Command(id, Ok(execution)) => {
+                let topic = self.command_topic(&id, CommandChannel::Accepted);
+                self.publish(topic, || execution.accepted_payload());
+            }
+            Answer::Command(id, Err(e)) => self.command_rejected(&id, &e.to_rejection()),
         }
     }
 
@@ -695,16 +751,26 @@ impl<S: Stream> Conn<S> {
             let Some(event) = self.slot.link.pop() else {
                 return;
             };
-            let TwinEvent::Shadow {
-                thing,
-                shadow,
-                change,
-                previous,
-                current,
-                ..
-            } = &*event
-            else {
-                continue;
+            let (thing, shadow, change, previous, current) = match &*event {
+                TwinEvent::Shadow {
+                    thing,
+                    shadow,
+                    change,
+                    previous,
+                    current,
+                    ..
+                } => (thing, shadow, change, previous, current),
+                TwinEvent::Command {
+                    execution,
+                    deliver: true,
+                    ..
+                } => {
+                    let topic =
+                        self.command_topic(&execution.execution_id, CommandChannel::Request);
+                    self.publish(topic, || execution.payload.clone());
+                    continue;
+                }
+                _ => continue,
             };
             let token = change.client_token.as_deref();
             match change.op {
@@ -760,6 +826,19 @@ impl<S: Stream> Conn<S> {
             if !codec::write(&packet, self.version, &mut self.wbuf, self.client_max) {
                 st.inflight.remove(&pkid);
             }
+        }
+    }
+
+    /// A resumed session that subscribed to its command requests before gets the
+    /// commands that wait for the device (a new one gets them when it subscribes).
+    fn want_commands(&self) {
+        let sample = self.command_topic("x", CommandChannel::Request);
+        let listening = lock(&self.slot.state)
+            .subscriptions
+            .iter()
+            .any(|(f, _)| acl::matches(f, &sample));
+        if listening {
+            self.ctx.fleet.commands_wanted(&self.thing, self.session);
         }
     }
 

@@ -1,6 +1,7 @@
 //! Doppel's GraphQL API.
 //!
 //! - [`schema`]: the async-graphql schema (queries, mutations, subscriptions);
+//! - [`commands`]: command executions in the schema;
 //! - [`http`]: the axum router: `POST /graphql`, GraphiQL on `GET /graphql`, and
 //!   subscriptions on `/graphql/ws` (`graphql-transport-ws`, and the legacy `graphql-ws`);
 //! - [`auth`]: bearer tokens and the roles viewer < operator < admin;
@@ -10,6 +11,7 @@
 //! stream.
 
 pub mod auth;
+pub mod commands;
 pub mod error;
 pub mod http;
 pub mod schema;

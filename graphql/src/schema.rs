@@ -11,9 +11,11 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::broadcast::error::RecvError;
 use twin_actors::{FleetHandle, RegistryOp, ShadowView, TwinView};
-use twin_model::{ChangeOp, DeviceId, Filter, ShadowName, TwinEvent, UpdateRequest};
+use twin_model::command::NewCommand;
+use twin_model::{ChangeOp, DeviceId, Filter, ShadowName, TwinEvent, UpdateRequest, json};
 
 use crate::auth::{Principal, Role, Tokens};
+use crate::commands::{self, Command, CommandConnection, CommandEdge, CommandEvent};
 use crate::error::{ApiError, ApiResult, Code};
 
 /// What every resolver shares.
@@ -294,6 +296,61 @@ impl Query {
             edges,
         })
     }
+
+    /// A command execution by id, its deadlines applied; null when there is none.
+    async fn command(
+        &self,
+        ctx: &Context<'_>,
+        execution_id: ID,
+    ) -> async_graphql::Result<Option<Command>> {
+        let api = allowed(ctx, Role::Viewer)?;
+        if !twin_model::topic::valid_execution_id(&execution_id) {
+            return Ok(None);
+        }
+        match api.fleet.command(&execution_id).await {
+            Ok(c) => Ok(Some(Command(c))),
+            Err(e) if e.kind() == twin_model::RejectionKind::NotFound => Ok(None),
+            Err(e) => Err(ApiError::from(e).into()),
+        }
+    }
+
+    /// A thing's command executions, newest first.
+    #[graphql(complexity = "(first.max(1) as usize).saturating_mul(child_complexity)")]
+    async fn commands(
+        &self,
+        ctx: &Context<'_>,
+        thing_id: ID,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+    ) -> async_graphql::Result<CommandConnection> {
+        let api = allowed(ctx, Role::Viewer)?;
+        let max = api.limits.max_page_size;
+        if first < 1 || first as usize > max {
+            return Err(ApiError::invalid(format!("first must be between 1 and {max}")).into());
+        }
+        let thing = self::thing_id(&thing_id)?;
+        let mut list = api
+            .fleet
+            .commands(&thing, after, first as usize + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let has_next_page = list.len() > first as usize;
+        list.truncate(first as usize);
+        let edges: Vec<CommandEdge> = list
+            .into_iter()
+            .map(|c| CommandEdge {
+                cursor: c.execution_id.clone(),
+                node: Command(Arc::new(c)),
+            })
+            .collect();
+        Ok(CommandConnection {
+            page_info: PageInfo {
+                has_next_page,
+                end_cursor: edges.last().map(|e| e.cursor.clone()),
+            },
+            edges,
+        })
+    }
 }
 
 /// A thing and its device secret, which is shown only here, once.
@@ -480,6 +537,45 @@ impl Mutation {
             role,
             expires_at: record.expires_at.map(DateTime),
         })
+    }
+
+    /// Sends a command to a thing (operator). The device receives `payload` on
+    /// `$aws/commands/things/{thing}/executions/{executionId}/request/json` once it
+    /// subscribes there; undelivered after `expiresInSeconds`, or unfinished
+    /// `timeoutSeconds` after delivery, the command times out.
+    async fn send_command(
+        &self,
+        ctx: &Context<'_>,
+        thing_id: ID,
+        name: String,
+        payload: Option<Json<Value>>,
+        #[graphql(desc = "Default 60.")] timeout_seconds: Option<u64>,
+        #[graphql(desc = "Default 3600.")] expires_in_seconds: Option<u64>,
+    ) -> async_graphql::Result<Command> {
+        let api = allowed(ctx, Role::Operator)?;
+        let thing = self::thing_id(&thing_id)?;
+        let request = NewCommand {
+            name,
+            payload: payload.map_or(Value::Object(Map::new()), |p| p.0),
+            timeout_seconds: timeout_seconds.unwrap_or(60),
+            expires_in_seconds: expires_in_seconds.unwrap_or(3600),
+        };
+        if json::encoded_len(&request.payload) > api.fleet.config().limits.max_state_bytes {
+            return Err(ApiError::new(
+                Code::PayloadTooLarge,
+                format!(
+                    "the payload is larger than {} bytes",
+                    api.fleet.config().limits.max_state_bytes
+                ),
+            )
+            .into());
+        }
+        let execution = api
+            .fleet
+            .send_command(&thing, request)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Command(execution))
     }
 }
 
@@ -673,6 +769,18 @@ impl SubscriptionRoot {
         filter: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
         Ok(fleet_events(ctx, filter.as_deref(), |_| true)?)
+    }
+
+    /// Every change of a thing's command executions (created, delivered, answered,
+    /// timed out).
+    async fn command_updated(
+        &self,
+        ctx: &Context<'_>,
+        thing_id: ID,
+    ) -> async_graphql::Result<impl Stream<Item = CommandEvent> + use<>> {
+        let api = allowed(ctx, Role::Viewer)?;
+        let thing = self::thing_id(&thing_id)?;
+        Ok(commands::updates(api.fleet.subscribe(), thing))
     }
 
     /// Connects and disconnects of every thing matching `filter`.

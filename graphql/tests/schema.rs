@@ -564,3 +564,114 @@ fn the_checked_in_sdl_matches_the_schema() {
         "graphql/schema.graphql is out of date: run `cargo run -- schema > graphql/schema.graphql`"
     );
 }
+
+#[tokio::test]
+async fn commands_are_sent_answered_listed_and_watched() {
+    let f = fixture().await;
+    let secret = f.register("pump-1", json!({})).await;
+    let thing = DeviceId::parse("pump-1").unwrap();
+    let watch = |id: &str| {
+        let req = async_graphql::Request::new(format!(
+            r#"subscription {{ commandUpdated(thingId: "{id}") {{ __typename ... on CommandExecution {{ executionId status deliveredAt statusReason {{ reasonCode }} result }} }} }}"#
+        ))
+        .data(Principal { role: Role::Viewer });
+        f.schema.execute_stream(req)
+    };
+    let mut updates = watch("pump-1");
+    let live = serde_json::to_value(updates.next().await.unwrap().data).unwrap();
+    assert_eq!(live["commandUpdated"]["__typename"], "Subscribed");
+    let send = r#"mutation($p: JSON) { sendCommand(thingId: "pump-1", name: "reboot", payload: $p, timeoutSeconds: 30) { executionId status payload timeoutSeconds deliveredAt } }"#;
+    let d = f.admin(send, json!({"p": {"delay": 5}})).await;
+    let sent = &d["sendCommand"];
+    assert_eq!(sent["status"], "CREATED");
+    assert_eq!(sent["payload"], json!({"delay": 5}));
+    assert_eq!(sent["timeoutSeconds"], 30);
+    assert_eq!(sent["deliveredAt"], Value::Null, "the device is offline");
+    let id = sent["executionId"].as_str().unwrap().to_owned();
+    let next = |e: async_graphql::Response| {
+        serde_json::to_value(e.data).unwrap()["commandUpdated"].clone()
+    };
+    assert_eq!(next(updates.next().await.unwrap())["status"], "CREATED");
+
+    // The device connects and subscribes: the command is delivered, then answered.
+    let ok = f.fleet.connect(&thing, Some(secret)).await.unwrap();
+    f.fleet.commands_wanted(&thing, ok.session);
+    let delivered = next(updates.next().await.unwrap());
+    assert!(delivered["deliveredAt"].is_string(), "{delivered}");
+    let respond = |status: &str| {
+        let body = json!({"status": status, "result": {"rebooted": {"s": "yes"}}}).to_string();
+        f.fleet.command_response(
+            &thing,
+            id.clone(),
+            twin_model::command::DeviceResponse::parse(body.as_bytes()),
+        )
+    };
+    respond("SUCCEEDED").await.unwrap();
+    let done = next(updates.next().await.unwrap());
+    assert_eq!(done["status"], "SUCCEEDED");
+    assert_eq!(done["result"], json!({"rebooted": {"s": "yes"}}));
+
+    let q = "query($id: ID!) { command(executionId: $id) { status thingId name completedAt } }";
+    let d = f.admin(q, json!({"id": id})).await;
+    assert_eq!(d["command"]["status"], "SUCCEEDED");
+    assert_eq!(d["command"]["thingId"], "pump-1");
+    assert!(d["command"]["completedAt"].is_string());
+    assert_eq!(
+        f.admin(q, json!({"id": "nope"})).await["command"],
+        Value::Null
+    );
+
+    // Pages, newest first.
+    for _ in 0..3 {
+        f.admin(send, json!({})).await;
+    }
+    let page = "query($after: String) { commands(thingId: \"pump-1\", first: 3, after: $after) { edges { cursor node { executionId status } } pageInfo { hasNextPage endCursor } } }";
+    let d = f.admin(page, json!({})).await;
+    let first = &d["commands"];
+    assert_eq!(first["edges"].as_array().unwrap().len(), 3);
+    assert_eq!(first["pageInfo"]["hasNextPage"], true);
+    let d = f
+        .admin(page, json!({"after": first["pageInfo"]["endCursor"]}))
+        .await;
+    let rest = &d["commands"];
+    assert_eq!(
+        rest["edges"][0]["node"]["executionId"],
+        id.as_str(),
+        "the oldest comes last"
+    );
+    assert_eq!(rest["pageInfo"]["hasNextPage"], false);
+
+    // Errors: the role, an unknown thing, bad limits.
+    let r = f.run_as(Some(Role::Viewer), send, json!({})).await;
+    assert_eq!(code(&r), "FORBIDDEN");
+    let r = f
+        .run_as(
+            Some(Role::Operator),
+            r#"mutation { sendCommand(thingId: "ghost", name: "x") { executionId } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "NOT_FOUND");
+    let r = f
+        .run_as(
+            Some(Role::Operator),
+            r#"mutation { sendCommand(thingId: "pump-1", name: "x", timeoutSeconds: 0) { executionId } }"#,
+            json!({}),
+        )
+        .await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT");
+    assert!(
+        r["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timeoutSeconds"),
+        "{r}"
+    );
+    let big = json!({"blob": "x".repeat(20_000)});
+    let r = f
+        .run_as(Some(Role::Operator), send, json!({"p": big}))
+        .await;
+    assert_eq!(code(&r), "PAYLOAD_TOO_LARGE");
+    drop(updates);
+    f.close().await;
+}

@@ -334,3 +334,36 @@ impl Ws {
         msg["payload"]["data"].clone()
     }
 }
+
+const REGISTER: &str =
+    "mutation($id: ID!, $a: JSON) { registerThing(id: $id, attributes: $a) { secret } }";
+
+/// Registers a thing through GraphQL; returns its secret.
+pub async fn register(addr: &str, token: &str, id: &str, attributes: serde_json::Value) -> String {
+    let r = graphql(
+        addr,
+        Some(token),
+        REGISTER,
+        serde_json::json!({"id": id, "a": attributes}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    v["data"]["registerThing"]["secret"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned()
+}
+
+/// A graphql-transport-ws connection authenticated with `token`, acknowledged.
+pub async fn ws_as(addr: &str, token: &str, recv_buffer: Option<u32>) -> Ws {
+    Ws::connect(
+        addr,
+        "graphql-transport-ws",
+        serde_json::json!({"Authorization": format!("Bearer {token}")}),
+        recv_buffer,
+    )
+    .await
+    .acked()
+    .await
+}

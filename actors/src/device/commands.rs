@@ -56,6 +56,8 @@ impl DeviceState {
         execution_id: &str,
         response: Result<DeviceResponse, CommandError>,
     ) -> Result<Arc<CommandExecution>, FleetError> {
+        // A malformed answer is refused as such, whatever the execution's status.
+        let response = response.map_err(|e| FleetError::Rejected(e.into()))?;
         self.expire_commands().await?;
         let now = now_millis();
         let Some(mut execution) = self.registered().await?.commands.get(execution_id).cloned()
@@ -66,7 +68,6 @@ impl DeviceState {
                 CommandError::Terminal(ended.status).into(),
             ));
         };
-        let response = response.map_err(|e| FleetError::Rejected(e.into()))?;
         execution
             .respond(response, now)
             .map_err(|e| FleetError::Rejected(e.into()))?;
