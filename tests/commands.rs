@@ -186,3 +186,75 @@ async fn an_unanswered_command_times_out() {
         "DEVICE_TIMEOUT"
     );
 }
+
+#[tokio::test]
+async fn an_mqtt5_device_gets_its_answer_where_it_asked_with_its_correlation_data() {
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::{AsyncClient as Client5, MqttOptions as Options5};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let secret = register(&server.http, &admin, "valve-5", json!({})).await;
+    let (host, port) = server.mqtt.rsplit_once(':').unwrap();
+    let mut o = Options5::new("valve-5", host, port.parse().unwrap());
+    o.set_credentials("valve-5", secret);
+    let (c, mut el) = Client5::new(o, 20);
+    let replies = "$aws/things/valve-5/replies";
+    for filter in [
+        "$aws/commands/things/valve-5/executions/+/request/#",
+        replies,
+    ] {
+        c.subscribe(filter, QoS5::AtLeastOnce).await.unwrap();
+    }
+    let r = graphql(&server.http, Some(&admin), SEND, json!({"t": "valve-5"}))
+        .await
+        .json();
+    let id = r["data"]["sendCommand"]["executionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let request = next_publish5(&mut el).await;
+    assert!(String::from_utf8_lossy(&request.topic).contains(&id));
+
+    let properties = PublishProperties {
+        response_topic: Some(replies.into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"req-42")),
+        ..Default::default()
+    };
+    c.publish_with_properties(
+        format!("$aws/commands/things/valve-5/executions/{id}/response/json"),
+        QoS5::AtLeastOnce,
+        false,
+        json!({"status": "SUCCEEDED"}).to_string(),
+        properties,
+    )
+    .await
+    .unwrap();
+    let answer = next_publish5(&mut el).await;
+    assert_eq!(String::from_utf8_lossy(&answer.topic), replies);
+    let body: Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(body["status"], "SUCCEEDED");
+    assert_eq!(
+        answer
+            .properties
+            .and_then(|p| p.correlation_data)
+            .as_deref(),
+        Some(&b"req-42"[..])
+    );
+}
+
+async fn next_publish5(el: &mut rumqttc::v5::EventLoop) -> rumqttc::v5::mqttbytes::v5::Publish {
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("a message for the device")
+}

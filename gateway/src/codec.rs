@@ -42,6 +42,9 @@ pub struct InPublish {
     pub qos: u8,
     pub pkid: u16,
     pub retain: bool,
+    /// MQTT 5 request/response: where the sender wants the answer, and what to echo.
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +155,8 @@ pub enum Outbound {
         qos: u8,
         pkid: u16,
         dup: bool,
+        /// MQTT 5 only: echoed from the request this answers.
+        correlation_data: Option<Bytes>,
     },
     PubAck {
         pkid: u16,
@@ -288,6 +293,8 @@ fn read4(buf: &mut BytesMut, max_size: usize) -> Result<Option<Inbound>, CodecEr
             qos: qos_num4(p.qos),
             pkid: p.pkid,
             retain: p.retain,
+            response_topic: None,
+            correlation_data: None,
         }),
         v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
         v4::Packet::Subscribe(s) => Inbound::Subscribe {
@@ -358,6 +365,9 @@ fn read5(buf: &mut BytesMut, max_size: usize) -> Result<Option<Inbound>, CodecEr
                     "topic aliases are not supported (topic alias maximum is 0)".into(),
                 ));
             }
+            let (response_topic, correlation_data) = p
+                .properties
+                .map_or((None, None), |pr| (pr.response_topic, pr.correlation_data));
             Inbound::Publish(InPublish {
                 topic: String::from_utf8(p.topic.to_vec())
                     .map_err(|_| CodecError::Malformed("topic is not UTF-8".into()))?,
@@ -365,6 +375,8 @@ fn read5(buf: &mut BytesMut, max_size: usize) -> Result<Option<Inbound>, CodecEr
                 qos: p.qos as u8,
                 pkid: p.pkid,
                 retain: p.retain,
+                response_topic,
+                correlation_data,
             })
         }
         v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
@@ -417,6 +429,7 @@ fn write4(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
             qos,
             pkid,
             dup,
+            ..
         } => {
             let mut p = v4::Publish::from_bytes(topic.as_str(), qos4(*qos), payload.clone());
             p.pkid = *pkid;
@@ -478,8 +491,13 @@ fn write5(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
             qos,
             pkid,
             dup,
+            correlation_data,
         } => {
-            let mut p = v5::Publish::new(topic.as_str(), qos5(*qos), payload.clone(), None);
+            let properties = correlation_data.clone().map(|c| v5::PublishProperties {
+                correlation_data: Some(c),
+                ..Default::default()
+            });
+            let mut p = v5::Publish::new(topic.as_str(), qos5(*qos), payload.clone(), properties);
             p.pkid = *pkid;
             p.dup = *dup;
             v5::Packet::Publish(p)
@@ -576,6 +594,7 @@ mod tests {
                 qos: 1,
                 pkid: 7,
                 dup: false,
+                correlation_data: None,
             };
             assert!(write(&out, version, &mut b, 1024));
             let got = read(&mut b, version, 1024).unwrap().unwrap();
@@ -587,6 +606,8 @@ mod tests {
                     qos: 1,
                     pkid: 7,
                     retain: false,
+                    response_topic: None,
+                    correlation_data: None,
                 })
             );
             let mut small = BytesMut::new();

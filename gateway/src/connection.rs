@@ -89,8 +89,12 @@ enum Answer {
         Option<String>,
         Result<Arc<ShadowChange>, FleetError>,
     ),
-    Command(String, Result<Arc<CommandExecution>, FleetError>),
+    Command(String, ReplyTo, Result<Arc<CommandExecution>, FleetError>),
 }
+
+/// Where an MQTT 5 request asked for its answer (its response topic, inside the
+/// device's namespace) and the correlation data to echo; `None`: the default topics.
+type ReplyTo = Option<(String, Option<Bytes>)>;
 
 /// A twin's answer, with the packet id of the request's PUBACK (sent with the answer).
 type AnswerFuture = Pin<Box<dyn Future<Output = (Option<u16>, Answer)> + Send>>;
@@ -561,7 +565,11 @@ impl<S: Stream> Conn<S> {
             };
         }
         let pkid = (p.qos == 1).then_some(p.pkid);
-        if !self.request(&p.topic, &p.payload, pkid)
+        let reply_to = p
+            .response_topic
+            .filter(|t| acl::valid_topic(t) && acl::allowed(&self.thing, t))
+            .map(|t| (t, p.correlation_data));
+        if !self.request(&p.topic, &p.payload, pkid, reply_to)
             && let Some(a) = ack(PubAckCode::NoMatchingSubscribers)
         {
             self.send(&a);
@@ -573,11 +581,17 @@ impl<S: Stream> Conn<S> {
     /// Hands a device request to its twin; a QoS 1 request's PUBACK (`ack`) goes out with
     /// the answer, so that the two share one write and the PUBACK means the change is
     /// durable. Returns false, sending nothing, when the topic is not a request.
-    fn request(&mut self, topic_name: &str, body: &Bytes, ack: Option<u16>) -> bool {
+    fn request(
+        &mut self,
+        topic_name: &str,
+        body: &Bytes,
+        ack: Option<u16>,
+        reply_to: ReplyTo,
+    ) -> bool {
         let t = match topic::parse(topic_name) {
             Ok(Topic::Shadow(t)) => t,
             Ok(Topic::Command(t)) if t.channel == CommandChannel::Response => {
-                return self.command_response(t, body, ack);
+                return self.command_response(t, body, ack, reply_to);
             }
             _ => return false,
         };
@@ -630,10 +644,16 @@ impl<S: Stream> Conn<S> {
     }
 
     /// A device's answer to a command, on `.../executions/{id}/response/json`.
-    fn command_response(&mut self, t: CommandTopic, body: &Bytes, ack: Option<u16>) -> bool {
+    fn command_response(
+        &mut self,
+        t: CommandTopic,
+        body: &Bytes,
+        ack: Option<u16>,
+        reply_to: ReplyTo,
+    ) -> bool {
         if self.answers.len() >= self.ctx.config.max_inflight_requests {
             self.send_ack(ack);
-            self.command_rejected(&t.execution_id, &Rejection::overloaded());
+            self.command_rejected(&t.execution_id, reply_to, &Rejection::overloaded());
             return true;
         }
         let response = DeviceResponse::parse(body);
@@ -642,9 +662,9 @@ impl<S: Stream> Conn<S> {
             .fleet
             .command_response(&t.thing, t.execution_id.clone(), response);
         let id = t.execution_id;
-        self.answers.push(Box::pin(
-            async move { (ack, Answer::Command(id, reply.await)) },
-        ));
+        self.answers.push(Box::pin(async move {
+            (ack, Answer::Command(id, reply_to, reply.await))
+        }));
         true
     }
 
@@ -657,11 +677,25 @@ impl<S: Stream> Conn<S> {
         .format()
     }
 
-    fn command_rejected(&mut self, execution_id: &str, rejection: &Rejection) {
-        let topic = self.command_topic(execution_id, CommandChannel::Rejected);
-        self.publish(topic, || {
-            CommandExecution::rejected_payload(execution_id, rejection, twin_store::now_millis())
-        });
+    /// Answers a command response on `channel`, or where the MQTT 5 request asked.
+    fn command_answer(
+        &mut self,
+        execution_id: &str,
+        channel: CommandChannel,
+        reply_to: ReplyTo,
+        payload: serde_json::Value,
+    ) {
+        let (topic, correlation) = match reply_to {
+            Some((topic, correlation)) => (topic, correlation),
+            None => (self.command_topic(execution_id, channel), None),
+        };
+        self.publish_to(topic, correlation, || payload);
+    }
+
+    fn command_rejected(&mut self, execution_id: &str, reply_to: ReplyTo, rejection: &Rejection) {
+        let payload =
+            CommandExecution::rejected_payload(execution_id, rejection, twin_store::now_millis());
+        self.command_answer(execution_id, CommandChannel::Rejected, reply_to, payload);
     }
 
     fn reject(
@@ -715,17 +749,29 @@ impl<S: Stream> Conn<S> {
                 &e.to_rejection(),
                 token.as_deref(),
             ),
-            Answer::Command(id, Ok(execution)) => {
-                let topic = self.command_topic(&id, CommandChannel::Accepted);
-                self.publish(topic, || execution.accepted_payload());
+            Answer::Command(id, reply_to, Ok(execution)) => {
+                let payload = execution.accepted_payload();
+                self.command_answer(&id, CommandChannel::Accepted, reply_to, payload);
             }
-            Answer::Command(id, Err(e)) => self.command_rejected(&id, &e.to_rejection()),
+            Answer::Command(id, reply_to, Err(e)) => {
+                self.command_rejected(&id, reply_to, &e.to_rejection())
+            }
         }
     }
 
     /// Queues a message for the device if it subscribed to `topic`; the payload is built
     /// only then.
     fn publish<P: serde::Serialize>(&mut self, topic: String, build: impl FnOnce() -> P) {
+        self.publish_to(topic, None, build);
+    }
+
+    /// `publish`, answering an MQTT 5 request that carried `correlation_data`.
+    fn publish_to<P: serde::Serialize>(
+        &mut self,
+        topic: String,
+        correlation_data: Option<Bytes>,
+        build: impl FnOnce() -> P,
+    ) {
         let mut st = lock(&self.slot.state);
         let Some(qos) = st.qos_for(&topic) else {
             return;
@@ -740,6 +786,7 @@ impl<S: Stream> Conn<S> {
                 topic,
                 payload: Bytes::from(buf),
                 qos,
+                correlation_data,
             },
             self.ctx.config.max_queued_messages,
         );
@@ -819,6 +866,7 @@ impl<S: Stream> Conn<S> {
                 qos: msg.qos,
                 pkid,
                 dup: false,
+                correlation_data: msg.correlation_data.clone(),
             };
             if msg.qos == 1 {
                 st.inflight.insert(pkid, msg);
@@ -853,6 +901,7 @@ impl<S: Stream> Conn<S> {
                 qos: msg.qos,
                 pkid: *pkid,
                 dup: true,
+                correlation_data: msg.correlation_data.clone(),
             };
             codec::write(&packet, self.version, &mut self.wbuf, self.client_max);
         }
@@ -870,7 +919,7 @@ impl<S: Stream> Conn<S> {
             && let Some(will) = self.will.take()
         {
             // The request is queued at the twin before this returns; nobody waits for it.
-            self.request(&will.topic, &will.payload, None);
+            self.request(&will.topic, &will.payload, None, None);
         }
         self.ctx
             .fleet

@@ -125,6 +125,8 @@ pub(crate) struct OutMsg {
     pub(crate) topic: String,
     pub(crate) payload: Bytes,
     pub(crate) qos: u8,
+    /// MQTT 5: echoed from the request this answers.
+    pub(crate) correlation_data: Option<Bytes>,
 }
 
 #[derive(Default)]
