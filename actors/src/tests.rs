@@ -223,6 +223,15 @@ impl TwinStore for Stalled {
     fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
         Ok(None)
     }
+    fn job(&self, _: &str) -> Result<Option<twin_model::job::JobDefinition>, StoreError> {
+        Ok(None)
+    }
+    fn job_statuses(
+        &self,
+        _: &str,
+    ) -> Result<Vec<(DeviceId, twin_model::job::JobStatus)>, StoreError> {
+        Ok(vec![])
+    }
     fn command(
         &self,
         _: &str,

@@ -11,6 +11,10 @@
 //! - `commands`: `{thing}\0{executionId}` -> [`CommandExecution`] (JSON); execution ids
 //!   sort in creation order.
 //! - `command_ids`: `{executionId}` -> `{thing}`, to find an execution by its id alone.
+//! - `jobs`: `{jobId}` -> [`JobDefinition`] (JSON)
+//! - `job_execs`: `{thing}\0{jobId}` -> [`JobExecution`] (JSON)
+//! - `job_targets`: `{jobId}\0{thing}` -> the execution's status (JSON), to count a job's
+//!   executions without reading them.
 //! - `events`:   `{thing}\0{shadow}\0{slot:be64}` -> [`ShadowChange`] (JSON): a ring of
 //!   the newest changes per shadow, slot = (2 * version + is_delete) mod (2 * history).
 //!   Each change overwrites the slot of the change `history` versions older, so the
@@ -27,6 +31,7 @@ use std::path::{Path, PathBuf};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
 use twin_model::command::CommandExecution;
+use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{ChangeOp, DeviceId, ShadowChange, ShadowName};
 
 use crate::{Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
@@ -39,6 +44,9 @@ pub struct EmbeddedStore {
     events: Keyspace,
     commands: Keyspace,
     command_ids: Keyspace,
+    jobs: Keyspace,
+    job_execs: Keyspace,
+    job_targets: Keyspace,
     history: u64,
     _lock: File,
 }
@@ -100,6 +108,13 @@ fn command_key(thing: &DeviceId, execution_id: &str) -> Vec<u8> {
     k
 }
 
+fn job_target_key(job_id: &str, thing: &DeviceId) -> Vec<u8> {
+    let mut k = job_id.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(thing.as_str().as_bytes());
+    k
+}
+
 /// The thing and shadow of a `shadows` key.
 fn split_shadow_key(k: &[u8]) -> Result<(DeviceId, ShadowName), StoreError> {
     let corrupt = || StoreError::Corrupt {
@@ -150,6 +165,9 @@ impl EmbeddedStore {
             events: ks("events")?,
             commands: ks("commands")?,
             command_ids: ks("command_ids")?,
+            jobs: ks("jobs")?,
+            job_execs: ks("job_execs")?,
+            job_targets: ks("job_targets")?,
             db,
             history: history.max(1),
             _lock: lock,
@@ -190,11 +208,17 @@ impl TwinStore for EmbeddedStore {
                 pending_commands.push(c);
             }
         }
+        let mut job_executions = Vec::new();
+        for kv in self.job_execs.prefix(&prefix) {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            job_executions.push(decode(&k, &v)?);
+        }
         Ok(TwinSnapshot {
             record,
             connectivity,
             shadows,
             pending_commands,
+            job_executions,
         })
     }
 
@@ -234,6 +258,21 @@ impl TwinStore for EmbeddedStore {
                     );
                     b.insert(&self.command_ids, c.execution_id.as_str(), c.thing.as_str());
                 }
+                Write::Job(job) => {
+                    b.insert(&self.jobs, job.job_id.as_str(), encode(&**job));
+                }
+                Write::JobExecution(e) => {
+                    b.insert(
+                        &self.job_execs,
+                        command_key(&e.thing, &e.job_id),
+                        encode(&**e),
+                    );
+                    b.insert(
+                        &self.job_targets,
+                        job_target_key(&e.job_id, &e.thing),
+                        encode(&e.status),
+                    );
+                }
                 Write::DeleteThing(thing) => {
                     b.remove(&self.things, thing.as_str());
                     b.remove(&self.presence, thing.as_str());
@@ -243,7 +282,12 @@ impl TwinStore for EmbeddedStore {
                         let key = kv.key().map_err(engine)?;
                         b.remove(&self.command_ids, &key[prefix.len()..]);
                     }
-                    for ks in [&self.shadows, &self.events, &self.commands] {
+                    for kv in self.job_execs.prefix(&prefix) {
+                        let key = kv.key().map_err(engine)?;
+                        let job = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                        b.remove(&self.job_targets, job_target_key(&job, thing));
+                    }
+                    for ks in [&self.shadows, &self.events, &self.commands, &self.job_execs] {
                         for kv in ks.prefix(&prefix) {
                             b.remove(ks, kv.key().map_err(engine)?);
                         }
@@ -279,6 +323,31 @@ impl TwinStore for EmbeddedStore {
             Some(v) => Ok(Some(decode(key, &v)?)),
             None => Ok(None),
         }
+    }
+
+    fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
+        match self.jobs.get(job_id).map_err(engine)? {
+            Some(v) => Ok(Some(decode(job_id.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn job_statuses(&self, job_id: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
+        let mut prefix = job_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.job_targets.prefix(&prefix) {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let thing = std::str::from_utf8(&k[prefix.len()..])
+                .ok()
+                .and_then(|t| DeviceId::parse(t).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                    reason: "bad thing name".into(),
+                })?;
+            out.push((thing, decode(&k, &v)?));
+        }
+        Ok(out)
     }
 
     fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
@@ -578,6 +647,60 @@ mod tests {
         assert!(store.commands(&id("t1"), None, 10).unwrap().is_empty());
         assert_eq!(store.command("0002").unwrap(), None);
         assert_eq!(ids(store.commands(&id("t10"), None, 10).unwrap()), ["0009"]);
+    }
+
+    #[test]
+    fn jobs_and_their_executions_persist_and_count() {
+        use twin_model::job::{JobExecution, RetryPolicy, Timeouts};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), 10).unwrap();
+        let job = JobDefinition {
+            job_id: "fw-2".into(),
+            document: serde_json::json!({"firmware": {"version": "2.0"}}),
+            retry: RetryPolicy::default(),
+            timeouts: Timeouts::default(),
+            created_at: 1,
+        };
+        let exec = |thing: &str| {
+            JobExecution::new(
+                "fw-2".into(),
+                id(thing),
+                RetryPolicy::default(),
+                Timeouts::default(),
+                1,
+            )
+        };
+        let mut done = exec("t2");
+        done.start(None, None, 2).unwrap();
+        let succeeded = serde_json::json!({"status": "SUCCEEDED"}).to_string();
+        done.update(
+            &twin_model::job::ExecutionUpdate::parse(succeeded.as_bytes()).unwrap(),
+            3,
+        )
+        .unwrap();
+        store
+            .commit(&[
+                Write::Job(Arc::new(job.clone())),
+                Write::JobExecution(Arc::new(exec("t1"))),
+                Write::JobExecution(Arc::new(done.clone())),
+            ])
+            .unwrap();
+        assert_eq!(store.job("fw-2").unwrap(), Some(job));
+        assert_eq!(store.job("nope").unwrap(), None);
+        assert_eq!(
+            store.job_statuses("fw-2").unwrap(),
+            [
+                (id("t1"), JobStatus::Queued),
+                (id("t2"), JobStatus::Succeeded)
+            ]
+        );
+        assert_eq!(store.load(&id("t2")).unwrap().job_executions, [done]);
+        store.commit(&[Write::DeleteThing(id("t2"))]).unwrap();
+        assert_eq!(
+            store.job_statuses("fw-2").unwrap(),
+            [(id("t1"), JobStatus::Queued)]
+        );
+        assert!(store.load(&id("t2")).unwrap().job_executions.is_empty());
     }
 
     #[test]

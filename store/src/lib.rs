@@ -18,6 +18,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use twin_model::command::CommandExecution;
+use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{Connectivity, DeviceId, Shadow, ShadowChange, ShadowName};
 
 pub use committer::Committer;
@@ -66,6 +67,8 @@ pub struct TwinSnapshot {
     pub shadows: Vec<(ShadowName, Shadow)>,
     /// The commands that have not ended yet, oldest first.
     pub pending_commands: Vec<CommandExecution>,
+    /// The thing's job executions, ended ones included.
+    pub job_executions: Vec<JobExecution>,
 }
 
 /// One change inside a commit batch.
@@ -85,6 +88,10 @@ pub enum Write {
     Thing(ThingRecord),
     /// A command execution as it is now.
     Command(Arc<CommandExecution>),
+    /// A job's definition (written once, when the job is created).
+    Job(Arc<JobDefinition>),
+    /// A job execution as it is now.
+    JobExecution(Arc<JobExecution>),
     /// Removes the thing with its presence, shadows, history and commands.
     DeleteThing(DeviceId),
 }
@@ -113,6 +120,11 @@ pub trait TwinStore: Send + Sync + 'static {
     ) -> Result<Vec<ShadowChange>, StoreError>;
 
     fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError>;
+
+    fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError>;
+
+    /// Every execution status of a job, by thing.
+    fn job_statuses(&self, job_id: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError>;
 
     /// A command execution by its id (ids are unique across the fleet).
     fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError>;

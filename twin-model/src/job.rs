@@ -243,6 +243,27 @@ fn check_details(details: &Map<String, Value>) -> Result<(), JobError> {
     Ok(())
 }
 
+/// A job: what every targeted device is to run, and how its executions behave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobDefinition {
+    pub job_id: String,
+    /// The job document devices receive (`jobDocument`).
+    pub document: Value,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    pub created_at: u64,
+}
+
+impl JobDefinition {
+    /// The firmware version the document installs, if it is a firmware update.
+    pub fn firmware_version(&self) -> Option<&str> {
+        self.document["firmware"]["version"].as_str()
+    }
+}
+
 /// One thing's execution of one job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

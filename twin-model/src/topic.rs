@@ -2,6 +2,7 @@
 //!
 //! - `$aws/things/{thing}/shadow[/name/{shadow}]/{update|get|delete}[/accepted|/rejected|/delta|/documents]`
 //! - `$aws/commands/things/{thing}/executions/{executionId}/{request|response|response/accepted|response/rejected}/json`
+//! - `$aws/things/{thing}/jobs/{notify|notify-next|get|start-next|{jobId}/get|{jobId}/update}[/accepted|/rejected]`
 
 use std::fmt::Write as _;
 
@@ -172,11 +173,104 @@ pub fn format_shadow_topic(
     s
 }
 
+/// The AWS IoT Jobs device API.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum JobOp {
+    /// `jobs/notify`: the pending executions changed (Doppel → device).
+    Notify,
+    /// `jobs/notify-next`: the next pending execution changed (Doppel → device).
+    NotifyNext,
+    /// `jobs/get`: the pending executions.
+    GetPending,
+    /// `jobs/start-next`: start (or resume) the next pending execution.
+    StartNext,
+    /// `jobs/{jobId}/get`; `$next` for the next pending one.
+    Describe(String),
+    /// `jobs/{jobId}/update`.
+    Update(String),
+}
+
+impl JobOp {
+    fn path(&self) -> String {
+        match self {
+            Self::Notify => "notify".into(),
+            Self::NotifyNext => "notify-next".into(),
+            Self::GetPending => "get".into(),
+            Self::StartNext => "start-next".into(),
+            Self::Describe(job) => format!("{job}/get"),
+            Self::Update(job) => format!("{job}/update"),
+        }
+    }
+}
+
+/// Request, or one of its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobChannel {
+    Request,
+    Accepted,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobTopic {
+    pub thing: DeviceId,
+    pub op: JobOp,
+    pub channel: JobChannel,
+}
+
+impl JobTopic {
+    pub fn format(&self) -> String {
+        let suffix = match self.channel {
+            JobChannel::Request => "",
+            JobChannel::Accepted => "/accepted",
+            JobChannel::Rejected => "/rejected",
+        };
+        format!(
+            "{THINGS_PREFIX}{}/jobs/{}{suffix}",
+            self.thing,
+            self.op.path()
+        )
+    }
+}
+
+/// Whether `id` can be a job id: 1-64 of `A-Z a-z 0-9 _ -`.
+pub fn valid_job_id(id: &str) -> bool {
+    valid_execution_id(id)
+}
+
+fn parse_job(thing: DeviceId, rest: &str) -> Result<Topic, TopicError> {
+    let (path, channel) = match rest.rsplit_once('/') {
+        Some((p, "accepted")) => (p, JobChannel::Accepted),
+        Some((p, "rejected")) => (p, JobChannel::Rejected),
+        _ => (rest, JobChannel::Request),
+    };
+    let op = match path.split_once('/') {
+        None => match path {
+            "notify" => JobOp::Notify,
+            "notify-next" => JobOp::NotifyNext,
+            "get" => JobOp::GetPending,
+            "start-next" => JobOp::StartNext,
+            _ => return Err(TopicError::UnknownJobTopic),
+        },
+        Some((job, op)) if job == "$next" || valid_job_id(job) => match op {
+            "get" => JobOp::Describe(job.to_owned()),
+            "update" if job != "$next" => JobOp::Update(job.to_owned()),
+            _ => return Err(TopicError::UnknownJobTopic),
+        },
+        Some(_) => return Err(TopicError::UnknownJobTopic),
+    };
+    if matches!(op, JobOp::Notify | JobOp::NotifyNext) && channel != JobChannel::Request {
+        return Err(TopicError::UnknownJobTopic);
+    }
+    Ok(Topic::Job(JobTopic { thing, op, channel }))
+}
+
 /// A topic of the device API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topic {
     Shadow(ShadowTopic),
     Command(CommandTopic),
+    Job(JobTopic),
     /// Any other topic in the thing's namespace (jobs, commands, ... later).
     Other {
         thing: DeviceId,
@@ -196,6 +290,8 @@ pub enum TopicError {
     UnknownShadowTopic,
     #[error("unknown command topic")]
     UnknownCommandTopic,
+    #[error("unknown jobs topic")]
+    UnknownJobTopic,
 }
 
 pub fn parse(topic: &str) -> Result<Topic, TopicError> {
@@ -207,6 +303,9 @@ pub fn parse(topic: &str) -> Result<Topic, TopicError> {
         .ok_or(TopicError::NotAThingTopic)?;
     let (thing, rest) = rest.split_once('/').ok_or(TopicError::NotAThingTopic)?;
     let thing = DeviceId::parse(thing).map_err(TopicError::Thing)?;
+    if let Some(jobs) = rest.strip_prefix("jobs/") {
+        return parse_job(thing, jobs);
+    }
     let Some(shadow_rest) = rest.strip_prefix("shadow/") else {
         return Ok(Topic::Other {
             thing,
@@ -332,12 +431,68 @@ mod tests {
     }
 
     #[test]
+    fn parses_and_formats_every_jobs_topic() {
+        let ops = [
+            JobOp::GetPending,
+            JobOp::StartNext,
+            JobOp::Describe("fw-2".into()),
+            JobOp::Describe("$next".into()),
+            JobOp::Update("fw-2".into()),
+        ];
+        for op in ops {
+            for channel in [
+                JobChannel::Request,
+                JobChannel::Accepted,
+                JobChannel::Rejected,
+            ] {
+                let t = JobTopic {
+                    thing: id("pump-1"),
+                    op: op.clone(),
+                    channel,
+                };
+                assert_eq!(
+                    parse(&t.format()),
+                    Ok(Topic::Job(t.clone())),
+                    "{}",
+                    t.format()
+                );
+            }
+        }
+        for op in [JobOp::Notify, JobOp::NotifyNext] {
+            let t = JobTopic {
+                thing: id("pump-1"),
+                op,
+                channel: JobChannel::Request,
+            };
+            assert_eq!(parse(&t.format()), Ok(Topic::Job(t.clone())));
+        }
+        assert_eq!(
+            JobTopic {
+                thing: id("a"),
+                op: JobOp::Describe("$next".into()),
+                channel: JobChannel::Accepted
+            }
+            .format(),
+            "$aws/things/a/jobs/$next/get/accepted"
+        );
+        for bad in [
+            "$aws/things/a/jobs/$next/update",
+            "$aws/things/a/jobs/notify/accepted",
+            "$aws/things/a/jobs/fw.2/get",
+            "$aws/things/a/jobs/fw/run",
+            "$aws/things/a/jobs/list",
+        ] {
+            assert_eq!(parse(bad), Err(TopicError::UnknownJobTopic), "{bad}");
+        }
+    }
+
+    #[test]
     fn other_and_bad_topics() {
         assert_eq!(
-            parse("$aws/things/t1/jobs/notify"),
+            parse("$aws/things/t1/defender/metrics/json"),
             Ok(Topic::Other {
                 thing: id("t1"),
-                rest: "jobs/notify".into()
+                rest: "defender/metrics/json".into()
             })
         );
         assert_eq!(parse("a/b"), Err(TopicError::NotAThingTopic));
