@@ -15,16 +15,18 @@ use dashmap::DashMap;
 use ractor::{Actor, ActorRef, RpcReplyPort, concurrency::oneshot};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
+use twin_model::job::{JobDefinition, JobExecution, JobStatus};
+use twin_model::topic::JobOp;
 use twin_model::{
     DeviceId, Limits, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
     UpdateRequest,
 };
-use twin_store::{Committer, TwinStore};
+use twin_store::{Committer, TwinStore, Write};
 
 use serde_json::{Map, Value};
 use twin_model::Filter;
 
-use crate::device::{DeviceMsg, Port, RegistryOp};
+use crate::device::{DeviceMsg, JobAnswer, Port, RegistryOp};
 use crate::error::FleetError;
 use crate::index::{FleetIndex, Page, TwinView};
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
@@ -351,6 +353,64 @@ impl FleetHandle {
         let store = self.shared.committer.store().clone();
         let thing = thing.clone();
         tokio::task::spawn_blocking(move || store.commands(&thing, before.as_deref(), limit))
+            .await
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?
+            .map_err(|e| FleetError::Unavailable(e.to_string()))
+    }
+
+    /// Stores a new job's definition; fails when the job id is taken.
+    pub async fn create_job(&self, job: Arc<JobDefinition>) -> Result<(), FleetError> {
+        if self.job(&job.job_id).await?.is_some() {
+            return Err(Rejection::new(
+                RejectionKind::VersionConflict,
+                format!("job {} already exists", job.job_id),
+            )
+            .into());
+        }
+        self.shared
+            .committer
+            .commit(vec![Write::Job(job)])
+            .await
+            .map_err(|e| FleetError::Unavailable(e.to_string()))
+    }
+
+    /// Queues a job's execution for `thing`; the device hears of it on `jobs/notify`.
+    pub fn queue_job(&self, thing: &DeviceId, job: Arc<JobDefinition>) -> Reply<Arc<JobExecution>> {
+        self.request(thing, |reply, permit| DeviceMsg::QueueJob {
+            job,
+            reply,
+            permit,
+        })
+    }
+
+    /// A device request on its jobs topics.
+    pub fn job_request(&self, thing: &DeviceId, op: JobOp, body: Value) -> Reply<JobAnswer> {
+        self.request(thing, |reply, permit| DeviceMsg::JobRequest {
+            op,
+            body,
+            reply,
+            permit,
+        })
+    }
+
+    /// A job's definition.
+    pub async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, FleetError> {
+        let store = self.shared.committer.store().clone();
+        let id = job_id.to_owned();
+        tokio::task::spawn_blocking(move || store.job(&id))
+            .await
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?
+            .map_err(|e| FleetError::Unavailable(e.to_string()))
+    }
+
+    /// The status of every execution of a job, by thing.
+    pub async fn job_statuses(
+        &self,
+        job_id: &str,
+    ) -> Result<Vec<(DeviceId, JobStatus)>, FleetError> {
+        let store = self.shared.committer.store().clone();
+        let id = job_id.to_owned();
+        tokio::task::spawn_blocking(move || store.job_statuses(&id))
             .await
             .map_err(|e| FleetError::Unavailable(e.to_string()))?
             .map_err(|e| FleetError::Unavailable(e.to_string()))

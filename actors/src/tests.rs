@@ -15,6 +15,8 @@ use twin_store::{
 use twin_model::command::{
     CommandError, CommandExecution, CommandStatus, DeviceResponse, NewCommand,
 };
+use twin_model::job::{JobDefinition, JobErrorCode, JobStatus, RetryPolicy, Timeouts};
+use twin_model::topic::JobOp;
 
 use crate::{FleetConfig, FleetError, FleetHandle};
 
@@ -357,6 +359,7 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
                 ChangeOp::Delete => "delete".into(),
             },
             TwinEvent::Command { execution, .. } => execution.status.as_str().into(),
+            TwinEvent::Job { execution, .. } => execution.status.as_str().into(),
         });
     }
     assert_eq!(
@@ -563,4 +566,159 @@ async fn commands_time_out_undelivered_and_unanswered_and_survive_a_restart() {
         fleet.command(&offline.execution_id).await.unwrap().status,
         CommandStatus::TimedOut
     );
+}
+
+fn firmware_job(id: &str, retry: RetryPolicy, timeouts: Timeouts) -> Arc<JobDefinition> {
+    Arc::new(JobDefinition {
+        job_id: id.into(),
+        document: json!({"firmware": {"version": "2.0.1", "url": "https://fw.example/2.0.1.bin", "sha256": "ab", "size": 1024}}),
+        retry,
+        timeouts,
+        created_at: 0,
+    })
+}
+
+#[tokio::test]
+async fn a_device_runs_its_jobs_through_the_jobs_api() {
+    let f = fleet(FleetConfig::default()).await;
+    let thing = id("pump");
+    registered(&f.fleet, &["pump"]).await;
+    let job = firmware_job("fw-2", RetryPolicy::default(), Timeouts::default());
+    f.fleet.create_job(job.clone()).await.unwrap();
+    let again = f.fleet.create_job(job.clone()).await.unwrap_err();
+    assert_eq!(again.kind(), RejectionKind::VersionConflict);
+    let mut events = f.fleet.subscribe();
+    f.fleet.queue_job(&thing, job.clone()).await.unwrap();
+    let (notify, next) = loop {
+        let e = events.recv().await.unwrap();
+        if let TwinEvent::Job {
+            notify,
+            notify_next,
+            ..
+        } = &*e
+        {
+            break (notify.clone(), notify_next.clone());
+        }
+    };
+    assert_eq!(notify["jobs"]["QUEUED"][0]["jobId"], "fw-2");
+    let next = next.expect("the next job changed");
+    assert_eq!(
+        next["execution"]["jobDocument"]["firmware"]["version"],
+        "2.0.1"
+    );
+
+    let ask = |op: JobOp, body: serde_json::Value| f.fleet.job_request(&thing, op, body);
+    let pending = ask(JobOp::GetPending, json!({"clientToken": "c1"}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending["queuedJobs"][0]["jobId"], "fw-2");
+    assert_eq!(pending["clientToken"], "c1");
+    let started = ask(
+        JobOp::StartNext,
+        json!({"statusDetails": {"step": "download"}}),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(started["execution"]["status"], "IN_PROGRESS");
+    assert_eq!(started["execution"]["versionNumber"], 2);
+    // After a reboot the device finds its running job again.
+    let resumed = ask(JobOp::Describe("$next".into()), json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resumed["execution"]["jobId"], "fw-2");
+    assert_eq!(resumed["execution"]["statusDetails"]["step"], "download");
+    let stale = ask(
+        JobOp::Update("fw-2".into()),
+        json!({"status": "IN_PROGRESS", "expectedVersion": 1}),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert_eq!(stale.code, JobErrorCode::VersionMismatch);
+    let done = ask(
+        JobOp::Update("fw-2".into()),
+        json!({"status": "SUCCEEDED", "expectedVersion": 2, "includeJobExecutionState": true}),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(done["executionState"]["status"], "SUCCEEDED");
+    // The installed firmware is now reported state.
+    let shadow = f
+        .fleet
+        .get_shadow(&thing, ShadowName::classic())
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::Value::Object(shadow.reported.clone().unwrap())["firmware"]["version"],
+        "2.0.1"
+    );
+    let none = ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
+    assert!(none.get("execution").is_none());
+    let unknown = ask(JobOp::Describe("other".into()), json!({}))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(unknown.code, JobErrorCode::ResourceNotFound);
+    assert_eq!(
+        f.fleet.job_statuses("fw-2").await.unwrap(),
+        [(thing.clone(), JobStatus::Succeeded)]
+    );
+}
+
+#[tokio::test]
+async fn a_job_step_times_out_and_is_retried_on_the_twin_timer() {
+    let f = fleet(FleetConfig::default()).await;
+    let thing = id("fan");
+    registered(&f.fleet, &["fan"]).await;
+    let job = firmware_job(
+        "fw-3",
+        RetryPolicy {
+            on_failure: 0,
+            on_timeout: 1,
+        },
+        Timeouts {
+            in_progress_ms: 0,
+            step_ms: 300,
+        },
+    );
+    f.fleet.create_job(job.clone()).await.unwrap();
+    f.fleet.queue_job(&thing, job).await.unwrap();
+    let mut events = f.fleet.subscribe();
+    let start = || f.fleet.job_request(&thing, JobOp::StartNext, json!({}));
+    start().await.unwrap().unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("the step timer fires")
+            .unwrap();
+        if let TwinEvent::Job { execution, .. } = &*e {
+            seen.push((execution.status, execution.execution_number));
+            if execution.status == JobStatus::Queued && execution.execution_number == 2 {
+                start().await.unwrap().unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (JobStatus::InProgress, 1),
+            (JobStatus::Queued, 2),
+            (JobStatus::InProgress, 2)
+        ]
+    );
+    let e = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let TwinEvent::Job { execution, .. } = &*events.recv().await.unwrap() {
+                return execution.clone();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!((e.status, e.execution_number), (JobStatus::TimedOut, 2));
 }

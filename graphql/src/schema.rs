@@ -690,7 +690,7 @@ fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
             since: DateTime(connectivity.since),
             disconnect_reason: connectivity.disconnect_reason.clone(),
         }),
-        TwinEvent::Command { .. } => return None,
+        TwinEvent::Command { .. } | TwinEvent::Job { .. } => return None,
     })
 }
 

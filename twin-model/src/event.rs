@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::CommandExecution;
 use crate::id::{DeviceId, ShadowName};
+use crate::job::JobExecution;
 use crate::shadow::{Shadow, ShadowChange};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +40,17 @@ pub enum TwinEvent {
         /// The twin's version when it happened (commands do not change it).
         version: u64,
     },
+    /// A job execution changed. `notify` is the device's `jobs/notify` payload (its
+    /// pending executions), `notify_next` its `jobs/notify-next` payload when the next
+    /// pending execution changed.
+    Job {
+        thing: DeviceId,
+        execution: Arc<JobExecution>,
+        notify: Arc<serde_json::Value>,
+        notify_next: Option<Arc<serde_json::Value>>,
+        /// The twin's version when it happened.
+        version: u64,
+    },
 }
 
 /// A twin's version: the sum of its shadows' versions. It grows by exactly one per
@@ -53,7 +65,8 @@ impl TwinEvent {
         match self {
             Self::Shadow { thing, .. }
             | Self::Connectivity { thing, .. }
-            | Self::Command { thing, .. } => thing,
+            | Self::Command { thing, .. }
+            | Self::Job { thing, .. } => thing,
         }
     }
 
@@ -61,7 +74,8 @@ impl TwinEvent {
         match self {
             Self::Shadow { version, .. }
             | Self::Connectivity { version, .. }
-            | Self::Command { version, .. } => *version,
+            | Self::Command { version, .. }
+            | Self::Job { version, .. } => *version,
         }
     }
 }

@@ -178,12 +178,13 @@ impl DeviceState {
         }));
     }
 
-    /// Wakes the twin at its next command deadline (one timer at a time).
+    /// Wakes the twin at its next command or job deadline (one timer at a time).
     pub(super) fn set_alarm(&mut self) {
-        let next = self
-            .loaded
-            .as_ref()
-            .and_then(|l| l.commands.values().filter_map(|c| c.deadline()).min());
+        let next = self.loaded.as_ref().and_then(|l| {
+            let commands = l.commands.values().filter_map(|c| c.deadline());
+            let jobs = l.jobs.values().filter_map(|e| e.deadline());
+            commands.chain(jobs).min()
+        });
         let Some(next) = next else {
             return;
         };

@@ -6,6 +6,8 @@ use ractor::RpcReplyPort;
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
+use twin_model::job::{JobDefinition, JobExecution};
+use twin_model::topic::JobOp;
 use twin_model::{Shadow, ShadowChange, ShadowName, UpdateRequest};
 
 use crate::error::FleetError;
@@ -67,7 +69,20 @@ pub enum DeviceMsg {
     },
     /// The connection of `session` subscribed to its command requests: deliver what waits.
     CommandsWanted { session: u64 },
-    /// A command deadline is due.
+    /// Queues a job's execution for the thing.
+    QueueJob {
+        job: Arc<JobDefinition>,
+        reply: Port<Arc<JobExecution>>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// A device request on the jobs topics, with its JSON body.
+    JobRequest {
+        op: JobOp,
+        body: serde_json::Value,
+        reply: Port<super::jobs::JobAnswer>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// A command or job deadline is due.
     Clock,
     /// Test hook: panics inside the actor.
     #[cfg(test)]

@@ -7,6 +7,7 @@
 //! the twin's versions. A twin that panics is restarted from the store by its shard.
 
 mod commands;
+mod jobs;
 mod messages;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,12 +16,14 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
 use twin_model::command::CommandExecution;
+use twin_model::job::{JobDefinition, JobExecution};
 use twin_model::{
     ChangeOp, Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName,
     TwinEvent, json,
 };
 use twin_store::{ThingRecord, TwinSnapshot, Write, now_millis, secret};
 
+pub use jobs::JobAnswer;
 pub use messages::{DeviceMsg, Port, RegistryOp};
 
 use crate::error::FleetError;
@@ -42,8 +45,10 @@ pub struct DeviceState {
     session: u64,
     /// The current session subscribed to its command requests.
     listening: bool,
-    /// When the twin's command timer fires, if one is set.
+    /// When the twin's command and job timer fires, if one is set.
     alarm_at: Option<u64>,
+    /// Job definitions the twin has needed, by job id.
+    documents: HashMap<String, Arc<JobDefinition>>,
     myself: ActorRef<DeviceMsg>,
 }
 
@@ -54,6 +59,8 @@ struct Loaded {
     shadows: HashMap<ShadowName, Arc<Shadow>>,
     /// Command executions that have not ended, by id.
     commands: BTreeMap<String, CommandExecution>,
+    /// Every job execution of the thing, by job id.
+    jobs: BTreeMap<String, JobExecution>,
 }
 
 fn now_secs() -> u64 {
@@ -89,6 +96,11 @@ impl DeviceState {
                     .pending_commands
                     .into_iter()
                     .map(|c| (c.execution_id.clone(), c))
+                    .collect(),
+                jobs: snap
+                    .job_executions
+                    .into_iter()
+                    .map(|e| (e.job_id.clone(), e))
                     .collect(),
             });
             self.set_alarm();
@@ -447,9 +459,26 @@ impl DeviceState {
                     tracing::warn!(thing = %self.thing, error = %e, "could not deliver pending commands");
                 }
             }
+            DeviceMsg::QueueJob { job, reply, permit } => {
+                answer(reply, self.queue_job(job).await);
+                drop(permit);
+            }
+            DeviceMsg::JobRequest {
+                op,
+                body,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.job_request(op, body).await);
+                drop(permit);
+            }
             DeviceMsg::Clock => {
-                if let Err(e) = self.expire_commands().await {
-                    tracing::warn!(thing = %self.thing, error = %e, "could not time out commands");
+                let expired = match self.expire_commands().await {
+                    Ok(()) => self.expire_jobs().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = expired {
+                    tracing::warn!(thing = %self.thing, error = %e, "could not time out commands or jobs");
                 }
             }
             #[cfg(test)]
@@ -480,6 +509,7 @@ impl Actor for DeviceTwin {
             session: 0,
             listening: false,
             alarm_at: None,
+            documents: HashMap::new(),
             myself,
         })
     }
