@@ -15,7 +15,7 @@ pub mod fleet;
 pub mod index;
 pub mod shard;
 
-pub use device::RegistryOp;
+pub use device::{JobAnswer, RegistryOp};
 pub use error::FleetError;
 pub use fleet::{ConnectOk, DeviceLink, FleetConfig, FleetHandle, Reply};
 pub use index::{Page, ShadowView, TwinView};

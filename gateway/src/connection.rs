@@ -18,10 +18,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use twin_actors::{FleetError, FleetHandle};
 use twin_model::command::{CommandExecution, DeviceResponse};
+use twin_model::job::{JobError, JobErrorCode};
 use twin_model::shadow::{parse_client_token, payload};
 use twin_model::topic::{
-    self, CommandChannel, CommandTopic, ShadowChannel, ShadowOp, ShadowTopic, Topic,
-    format_shadow_topic,
+    self, CommandChannel, CommandTopic, JobChannel, JobOp, JobTopic, ShadowChannel, ShadowOp,
+    ShadowTopic, Topic, format_shadow_topic,
 };
 use twin_model::{
     ChangeOp, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
@@ -90,6 +91,11 @@ enum Answer {
         Result<Arc<ShadowChange>, FleetError>,
     ),
     Command(String, ReplyTo, Result<Arc<CommandExecution>, FleetError>),
+    Job(
+        JobOp,
+        Option<String>,
+        Result<twin_actors::JobAnswer, FleetError>,
+    ),
 }
 
 /// Where an MQTT 5 request asked for its answer (its response topic, inside the
@@ -593,6 +599,12 @@ impl<S: Stream> Conn<S> {
             Ok(Topic::Command(t)) if t.channel == CommandChannel::Response => {
                 return self.command_response(t, body, ack, reply_to);
             }
+            Ok(Topic::Job(t))
+                if t.channel == JobChannel::Request
+                    && !matches!(t.op, JobOp::Notify | JobOp::NotifyNext) =>
+            {
+                return self.job_request(t, body, ack);
+            }
             _ => return false,
         };
         if t.channel != ShadowChannel::Request {
@@ -666,6 +678,63 @@ impl<S: Stream> Conn<S> {
             (ack, Answer::Command(id, reply_to, reply.await))
         }));
         true
+    }
+
+    /// A device request on its jobs topics.
+    fn job_request(&mut self, t: JobTopic, body: &Bytes, ack: Option<u16>) -> bool {
+        let parsed = if body.iter().all(u8::is_ascii_whitespace) {
+            Ok(serde_json::Value::Object(Default::default()))
+        } else {
+            serde_json::from_slice::<serde_json::Value>(body)
+        };
+        let body = match parsed {
+            Ok(v) if v.is_object() => v,
+            _ => {
+                self.send_ack(ack);
+                let e = JobError::new(
+                    JobErrorCode::InvalidJson,
+                    "the request is not a JSON object",
+                );
+                self.job_answer(&t.op, None, Err(e));
+                return true;
+            }
+        };
+        let token = body
+            .get("clientToken")
+            .and_then(|t| t.as_str())
+            .map(str::to_owned);
+        if self.answers.len() >= self.ctx.config.max_inflight_requests {
+            self.send_ack(ack);
+            let e = JobError::new(
+                JobErrorCode::RequestThrottled,
+                "too many requests in flight",
+            );
+            self.job_answer(&t.op, token.as_deref(), Err(e));
+            return true;
+        }
+        let reply = self.ctx.fleet.job_request(&t.thing, t.op.clone(), body);
+        let op = t.op;
+        self.answers.push(Box::pin(async move {
+            (ack, Answer::Job(op, token, reply.await))
+        }));
+        true
+    }
+
+    fn job_answer(&mut self, op: &JobOp, token: Option<&str>, answer: twin_actors::JobAnswer) {
+        let (channel, payload) = match answer {
+            Ok(accepted) => (JobChannel::Accepted, accepted),
+            Err(e) => (
+                JobChannel::Rejected,
+                e.payload(token, twin_store::now_millis()),
+            ),
+        };
+        let topic = JobTopic {
+            thing: self.thing.clone(),
+            op: op.clone(),
+            channel,
+        }
+        .format();
+        self.publish(topic, || payload);
     }
 
     fn command_topic(&self, execution_id: &str, channel: CommandChannel) -> String {
@@ -756,6 +825,18 @@ impl<S: Stream> Conn<S> {
             Answer::Command(id, reply_to, Err(e)) => {
                 self.command_rejected(&id, reply_to, &e.to_rejection())
             }
+            Answer::Job(op, token, Ok(answer)) => self.job_answer(&op, token.as_deref(), answer),
+            Answer::Job(op, token, Err(e)) => {
+                let code = match e {
+                    FleetError::Overloaded => JobErrorCode::RequestThrottled,
+                    FleetError::Rejected(ref r) if r.kind == RejectionKind::NotFound => {
+                        JobErrorCode::ResourceNotFound
+                    }
+                    _ => JobErrorCode::InternalError,
+                };
+                let e = JobError::new(code, e.to_string());
+                self.job_answer(&op, token.as_deref(), Err(e));
+            }
         }
     }
 
@@ -807,6 +888,27 @@ impl<S: Stream> Conn<S> {
                     current,
                     ..
                 } => (thing, shadow, change, previous, current),
+                TwinEvent::Job {
+                    notify,
+                    notify_next,
+                    ..
+                } => {
+                    let thing = self.thing.clone();
+                    let topic = |op| {
+                        JobTopic {
+                            thing: thing.clone(),
+                            op,
+                            channel: JobChannel::Request,
+                        }
+                        .format()
+                    };
+                    let (notify, next) = (notify.clone(), notify_next.clone());
+                    self.publish(topic(JobOp::Notify), || &*notify);
+                    if let Some(next) = next {
+                        self.publish(topic(JobOp::NotifyNext), || &*next);
+                    }
+                    continue;
+                }
                 TwinEvent::Command {
                     execution,
                     deliver: true,

@@ -2,6 +2,7 @@
 //!
 //! - [`schema`]: the async-graphql schema (queries, mutations, subscriptions);
 //! - [`commands`]: command executions in the schema;
+//! - [`jobs`]: OTA jobs in the schema;
 //! - [`http`]: the axum router: `POST /graphql`, GraphiQL on `GET /graphql`, and
 //!   subscriptions on `/graphql/ws` (`graphql-transport-ws`, and the legacy `graphql-ws`);
 //! - [`auth`]: bearer tokens and the roles viewer < operator < admin;
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod commands;
 pub mod error;
 pub mod http;
+pub mod jobs;
 pub mod schema;
 
 pub use auth::{Principal, Role, Tokens};

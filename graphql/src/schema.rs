@@ -17,6 +17,7 @@ use twin_model::{ChangeOp, DeviceId, Filter, ShadowName, TwinEvent, UpdateReques
 use crate::auth::{Principal, Role, Tokens};
 use crate::commands::{self, Command, CommandConnection, CommandEdge, CommandEvent};
 use crate::error::{ApiError, ApiResult, Code};
+use crate::jobs::{self, NewJob, OtaDocument, OtaJob, OtaTargets, OtaTimeouts};
 
 /// What every resolver shares.
 pub struct Api {
@@ -70,7 +71,7 @@ fn shadow_name(name: Option<&str>) -> ApiResult<ShadowName> {
     })
 }
 
-fn parse_filter(filter: Option<&str>) -> ApiResult<Option<Filter>> {
+pub(crate) fn parse_filter(filter: Option<&str>) -> ApiResult<Option<Filter>> {
     filter
         .filter(|f| !f.trim().is_empty())
         .map(Filter::parse)
@@ -295,6 +296,19 @@ impl Query {
             },
             edges,
         })
+    }
+
+    /// An OTA job and its executions per status; null when there is none.
+    async fn ota_job(
+        &self,
+        ctx: &Context<'_>,
+        job_id: ID,
+    ) -> async_graphql::Result<Option<OtaJob>> {
+        let api = allowed(ctx, Role::Viewer)?;
+        if !twin_model::topic::valid_job_id(&job_id) {
+            return Ok(None);
+        }
+        Ok(jobs::progress(&api.fleet, &job_id).await?)
     }
 
     /// A command execution by id, its deadlines applied; null when there is none.
@@ -537,6 +551,29 @@ impl Mutation {
             role,
             expires_at: record.expires_at.map(DateTime),
         })
+    }
+
+    /// Creates a firmware (OTA) job (operator): every target gets an execution, which
+    /// its device sees on the AWS IoT Jobs topics (`notify`, `start-next`, ...). Failed
+    /// and timed-out attempts are retried up to `retries` times each (default 0).
+    async fn create_ota_job(
+        &self,
+        ctx: &Context<'_>,
+        job_id: ID,
+        targets: OtaTargets,
+        document: OtaDocument,
+        timeouts: Option<OtaTimeouts>,
+        retries: Option<u32>,
+    ) -> async_graphql::Result<OtaJob> {
+        let api = allowed(ctx, Role::Operator)?;
+        let new = NewJob {
+            job_id: job_id.0,
+            targets,
+            document,
+            timeouts: timeouts.unwrap_or_default(),
+            retries: retries.unwrap_or(0),
+        };
+        Ok(jobs::create(&api.fleet, new, twin_store::now_millis()).await?)
     }
 
     /// Sends a command to a thing (operator). The device receives `payload` on

@@ -675,3 +675,75 @@ async fn commands_are_sent_answered_listed_and_watched() {
     drop(updates);
     f.close().await;
 }
+
+#[tokio::test]
+async fn ota_jobs_are_created_for_their_targets_and_counted() {
+    let f = fixture().await;
+    for t in ["a1", "a2", "b1"] {
+        f.register(t, json!({"line": &t[..1]})).await;
+    }
+    let create = "mutation($id: ID!, $t: OtaTargets!, $sha: String!, $retries: Int) { createOtaJob(jobId: $id, targets: $t, document: {firmware: {version: \"3.1\", url: \"https://x/3.1\", sha256: $sha, size: 10}}, retries: $retries, timeouts: {stepMinutes: 5}) { jobId targets counts { queued inProgress } document } }";
+    let sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let d = f
+        .admin(
+            create,
+            json!({"id": "j1", "t": {"filter": "attributes.line = \"a\"", "thingIds": ["b1", "a1"]}, "sha": sha}),
+        )
+        .await;
+    let job = &d["createOtaJob"];
+    assert_eq!(job["targets"], 3, "ids and filter, without duplicates");
+    assert_eq!(job["counts"]["queued"], 3);
+    assert_eq!(job["document"]["firmware"]["sha256"], sha);
+    let q = "query($id: ID!) { otaJob(jobId: $id) { targets counts { queued } } }";
+    assert_eq!(
+        f.admin(q, json!({"id": "j1"})).await["otaJob"]["targets"],
+        3
+    );
+    assert_eq!(
+        f.admin(q, json!({"id": "nope"})).await["otaJob"],
+        Value::Null
+    );
+
+    for (vars, want) in [
+        (
+            json!({"id": "j2", "t": {"thingIds": ["a1"]}, "sha": "abc"}),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"id": "j 2", "t": {"thingIds": ["a1"]}, "sha": sha}),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"id": "j2", "t": {"thingIds": ["ghost"]}, "sha": sha}),
+            "NOT_FOUND",
+        ),
+        (
+            json!({"id": "j2", "t": {"filter": "line ="}, "sha": sha}),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"id": "j2", "t": {"filter": "attributes.line = \"z\""}, "sha": sha}),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"id": "j2", "t": {"thingIds": ["a1"]}, "sha": sha, "retries": 11}),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"id": "j1", "t": {"thingIds": ["a1"]}, "sha": sha}),
+            "VERSION_CONFLICT",
+        ),
+    ] {
+        let r = f.run_as(Some(Role::Operator), create, vars.clone()).await;
+        assert_eq!(code(&r), want, "{vars}: {r}");
+    }
+    let r = f
+        .run_as(
+            Some(Role::Viewer),
+            create,
+            json!({"id": "j3", "t": {"thingIds": ["a1"]}, "sha": sha}),
+        )
+        .await;
+    assert_eq!(code(&r), "FORBIDDEN");
+    f.close().await;
+}

@@ -132,7 +132,7 @@ impl JobError {
     }
 
     /// The `rejected` answer.
-    pub fn payload(&self, client_token: Option<&str>, now: u64) -> Vec<u8> {
+    pub fn payload(&self, client_token: Option<&str>, now: u64) -> Value {
         let mut m = Map::new();
         m.insert("code".into(), self.code.as_str().into());
         m.insert("message".into(), self.message.clone().into());
@@ -143,7 +143,7 @@ impl JobError {
         if let Some(s) = &self.state {
             m.insert("executionState".into(), s.to_json());
         }
-        serde_json::to_vec(&m).unwrap_or_default()
+        Value::Object(m)
     }
 }
 
@@ -829,9 +829,8 @@ mod tests {
             message: "stale".into(),
             state: Some(e.state()),
         };
-        let rejected: Value = serde_json::from_slice(&err.payload(Some("t1"), 9_000)).unwrap();
         assert_eq!(
-            rejected,
+            err.payload(Some("t1"), 9_000),
             json!({"code": "VersionMismatch", "message": "stale", "timestamp": 9, "clientToken": "t1",
                    "executionState": {"status": "IN_PROGRESS", "statusDetails": {"step": "download"}, "versionNumber": 2}})
         );

@@ -1,0 +1,213 @@
+//! OTA jobs end to end: an operator creates a firmware job through GraphQL, and real MQTT
+//! devices (rumqttc) run it on the AWS IoT Jobs topics against the real `doppel serve`.
+
+mod common;
+
+use common::{WAIT, graphql, register, start};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+
+const CREATE: &str = "mutation($targets: OtaTargets!) { createOtaJob(jobId: \"fw-2\", targets: $targets, document: {firmware: {version: \"2.0.1\", url: \"https://fw.example/2.0.1.bin\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 1024}, data: {reboot: true}}) { jobId targets counts { queued } } }";
+const PROGRESS: &str =
+    "{ otaJob(jobId: \"fw-2\") { targets counts { queued inProgress succeeded failed } } }";
+
+/// A device subscribed to all its jobs topics.
+async fn device(addr: &str, thing: &str, secret: &str) -> (AsyncClient, EventLoop) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut o = MqttOptions::new(thing, host, port.parse().unwrap());
+    o.set_credentials(thing, secret);
+    let (c, mut el) = AsyncClient::new(o, 20);
+    c.subscribe(format!("$aws/things/{thing}/jobs/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, el.poll()).await.unwrap() {
+            Ok(Event::Incoming(Packet::SubAck(_))) => return (c, el),
+            Ok(_) => {}
+            Err(e) => panic!("device connection failed: {e}"),
+        }
+    }
+}
+
+/// The next message on a topic ending with `suffix`.
+async fn on(el: &mut EventLoop, suffix: &str) -> Value {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with(suffix) => {
+                    return serde_json::from_slice(&p.payload).unwrap();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("device connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a message on ...{suffix}"))
+}
+
+/// Publishes a jobs request and returns its `accepted` (or `rejected`) answer.
+async fn ask(c: &AsyncClient, el: &mut EventLoop, thing: &str, op: &str, body: Value) -> Value {
+    c.publish(
+        format!("$aws/things/{thing}/jobs/{op}"),
+        QoS::AtLeastOnce,
+        false,
+        body.to_string(),
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p)))
+                    if p.topic == format!("$aws/things/{thing}/jobs/{op}/accepted")
+                        || p.topic == format!("$aws/things/{thing}/jobs/{op}/rejected") =>
+                {
+                    let mut v: Value = serde_json::from_slice(&p.payload).unwrap();
+                    v["_rejected"] = json!(p.topic.ends_with("/rejected"));
+                    return v;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("device connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("an answer to jobs/{op}"))
+}
+
+#[tokio::test]
+async fn devices_run_a_firmware_job_resume_after_a_reboot_and_report_their_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let mut secrets = Vec::new();
+    for t in ["pump-1", "pump-2", "pump-3"] {
+        secrets.push(register(&server.http, &admin, t, json!({"site": "north"})).await);
+    }
+    let (c1, mut el1) = device(&server.mqtt, "pump-1", &secrets[0]).await;
+
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        CREATE,
+        json!({"targets": {"filter": "attributes.site = \"north\""}}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["createOtaJob"]["targets"], 3, "{r}");
+    assert_eq!(r["data"]["createOtaJob"]["counts"]["queued"], 3);
+
+    // A listening device hears of it on notify-next, with the document.
+    let next = on(&mut el1, "/jobs/notify-next").await;
+    assert_eq!(next["execution"]["jobId"], "fw-2");
+    assert_eq!(next["execution"]["status"], "QUEUED");
+    assert_eq!(
+        next["execution"]["jobDocument"]["firmware"]["version"],
+        "2.0.1"
+    );
+    assert_eq!(next["execution"]["jobDocument"]["reboot"], true);
+
+    let started = ask(
+        &c1,
+        &mut el1,
+        "pump-1",
+        "start-next",
+        json!({"statusDetails": {"step": "download"}, "clientToken": "s1"}),
+    )
+    .await;
+    assert_eq!(started["execution"]["status"], "IN_PROGRESS", "{started}");
+    assert_eq!(started["clientToken"], "s1");
+    let v = started["execution"]["versionNumber"].as_u64().unwrap();
+    let installing = ask(
+        &c1,
+        &mut el1,
+        "pump-1",
+        "fw-2/update",
+        json!({"status": "IN_PROGRESS", "statusDetails": {"step": "install"}, "expectedVersion": v}),
+    )
+    .await;
+    assert_eq!(installing["_rejected"], false, "{installing}");
+
+    // The device reboots mid-install and finds its execution again.
+    c1.disconnect().await.unwrap();
+    drop(el1);
+    let (c1, mut el1) = device(&server.mqtt, "pump-1", &secrets[0]).await;
+    let resumed = ask(&c1, &mut el1, "pump-1", "$next/get", json!({})).await;
+    assert_eq!(resumed["execution"]["status"], "IN_PROGRESS", "{resumed}");
+    assert_eq!(resumed["execution"]["statusDetails"]["step"], "install");
+    let stale = ask(
+        &c1,
+        &mut el1,
+        "pump-1",
+        "fw-2/update",
+        json!({"status": "SUCCEEDED", "expectedVersion": v}),
+    )
+    .await;
+    assert_eq!(stale["_rejected"], true);
+    assert_eq!(stale["code"], "VersionMismatch");
+    let current = stale["executionState"]["versionNumber"].clone();
+    let done = ask(
+        &c1,
+        &mut el1,
+        "pump-1",
+        "fw-2/update",
+        json!({"status": "SUCCEEDED", "expectedVersion": current, "includeJobExecutionState": true}),
+    )
+    .await;
+    assert_eq!(done["executionState"]["status"], "SUCCEEDED", "{done}");
+
+    // A device that connects later asks for its pending jobs; another one fails.
+    let (c2, mut el2) = device(&server.mqtt, "pump-2", &secrets[1]).await;
+    let pending = ask(&c2, &mut el2, "pump-2", "get", json!({})).await;
+    assert_eq!(pending["queuedJobs"][0]["jobId"], "fw-2", "{pending}");
+    ask(&c2, &mut el2, "pump-2", "start-next", json!({})).await;
+    let failed = ask(
+        &c2,
+        &mut el2,
+        "pump-2",
+        "fw-2/update",
+        json!({"status": "FAILED", "statusDetails": {"reason": "checksum"}}),
+    )
+    .await;
+    assert_eq!(failed["_rejected"], false, "{failed}");
+    let bad = ask(
+        &c2,
+        &mut el2,
+        "pump-2",
+        "fw-2/update",
+        json!({"status": "QUEUED"}),
+    )
+    .await;
+    assert_eq!(bad["code"], "InvalidRequest");
+
+    let r = graphql(&server.http, Some(&admin), PROGRESS, json!({}))
+        .await
+        .json();
+    assert_eq!(
+        r["data"]["otaJob"],
+        json!({"targets": 3, "counts": {"queued": 1, "inProgress": 0, "succeeded": 1, "failed": 1}})
+    );
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        "{ thing(id: \"pump-1\") { shadow { reported } } }",
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        r["data"]["thing"]["shadow"]["reported"]["firmware"]["version"],
+        "2.0.1"
+    );
+    // A second job with the same id is refused.
+    let again = graphql(
+        &server.http,
+        Some(&admin),
+        CREATE,
+        json!({"targets": {"thingIds": ["pump-3"]}}),
+    )
+    .await
+    .json();
+    assert_eq!(again["errors"][0]["extensions"]["code"], "VERSION_CONFLICT");
+}
