@@ -65,10 +65,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             "\nFirst start: an admin API token was created. It is shown only this once:\n\n    {admin}\n\nUse it as `Authorization: Bearer <token>`; make more with `doppel token create`.\n"
         );
     }
+    let signer = Arc::new(
+        twin_graphql::Signer::open(&config.data_dir).context("cannot open the job-signing key")?,
+    );
     let schema = twin_graphql::build(twin_graphql::Api {
         fleet: fleet.clone(),
         tokens: tokens.clone(),
         limits: config.api_limits(),
+        signer,
     });
     let router = http::ops_router(ready.clone()).merge(twin_graphql::http::router(
         schema,
@@ -157,6 +161,14 @@ pub fn create_token(
         .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
     let tokens = Tokens::open(&config.data_dir)?;
     Ok(tokens.create(role, ttl_ms, note)?.0)
+}
+
+/// `doppel signing-key`: the public key that verifies job documents (created with the
+/// key on first use).
+pub fn signing_key(config: &Config) -> anyhow::Result<String> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    Ok(twin_graphql::Signer::open(&config.data_dir)?.public_key())
 }
 
 /// `doppel device disable` / `enable`: a disabled device is refused at connect.

@@ -39,6 +39,11 @@ enum Command {
     },
     /// Print the GraphQL schema (SDL)
     Schema,
+    /// Print the Ed25519 public key (hex) that verifies job documents' signatures
+    SigningKey {
+        #[command(flatten)]
+        source: Source,
+    },
     /// Manage the device registry in the data directory (while no server holds it)
     Device {
         #[command(subcommand)]
@@ -261,6 +266,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Schema => {
             print!("{}", twin_graphql::sdl());
+            Ok(())
+        }
+        Command::SigningKey { source } => {
+            let config = load(source.config.clone(), &source)?;
+            println!("{}", doppel::signing_key(&config)?);
             Ok(())
         }
         Command::Config { default, source } => {

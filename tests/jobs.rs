@@ -107,6 +107,20 @@ async fn devices_run_a_firmware_job_resume_after_a_reboot_and_report_their_versi
         "2.0.1"
     );
     assert_eq!(next["execution"]["jobDocument"]["reboot"], true);
+    // The device can check the document came from this server: the key `doppel
+    // signing-key` prints verifies it, and the server's answer agrees.
+    let printed = common::doppel(&["signing-key"], dir.path());
+    let key = String::from_utf8(printed.stdout).unwrap().trim().to_owned();
+    assert_eq!(key.len(), 64, "{key}");
+    let r = graphql(&server.http, Some(&admin), "{ signingKey }", json!({}))
+        .await
+        .json();
+    assert_eq!(r["data"]["signingKey"], key.as_str());
+    let document = &next["execution"]["jobDocument"];
+    assert!(twin_graphql::signing::verify(document, &key), "{document}");
+    let mut forged = document.clone();
+    forged["firmware"]["url"] = json!("https://evil.example/fw.bin");
+    assert!(!twin_graphql::signing::verify(&forged, &key));
 
     let started = ask(
         &c1,

@@ -12,6 +12,7 @@ use twin_model::job::{JobDefinition, JobStatus, MAX_RETRIES, RetryPolicy, Timeou
 
 use crate::error::{ApiError, ApiResult};
 use crate::schema::{DateTime, parse_filter};
+use crate::signing::Signer;
 
 /// Most things one job may target.
 pub const MAX_TARGETS: usize = 100_000;
@@ -69,7 +70,7 @@ pub struct OtaJobCounts {
 #[derive(SimpleObject)]
 pub struct OtaJob {
     pub job_id: ID,
-    /// What devices receive as `jobDocument`.
+    /// What devices receive as `jobDocument`, signed (see `signingKey`).
     pub document: Json<Value>,
     pub created_at: DateTime,
     /// Things with an execution of this job.
@@ -147,7 +148,12 @@ fn resolve(fleet: &FleetHandle, targets: &OtaTargets) -> ApiResult<Vec<DeviceId>
 }
 
 /// Creates the job and queues an execution on every target.
-pub async fn create(fleet: &FleetHandle, new: NewJob, now: u64) -> ApiResult<OtaJob> {
+pub async fn create(
+    fleet: &FleetHandle,
+    signer: &Signer,
+    new: NewJob,
+    now: u64,
+) -> ApiResult<OtaJob> {
     let job_id = job_id(&new.job_id)?;
     if new.retries > MAX_RETRIES {
         return Err(ApiError::invalid(format!(
@@ -159,7 +165,7 @@ pub async fn create(fleet: &FleetHandle, new: NewJob, now: u64) -> ApiResult<Ota
         in_progress_ms: minutes(new.timeouts.in_progress_minutes),
         step_ms: minutes(new.timeouts.step_minutes),
     };
-    let document = document(new.document)?;
+    let document = signer.sign(document(new.document)?);
     let things = resolve(fleet, &new.targets)?;
     let job = Arc::new(JobDefinition {
         job_id: job_id.clone(),

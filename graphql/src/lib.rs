@@ -3,6 +3,7 @@
 //! - [`schema`]: the async-graphql schema (queries, mutations, subscriptions);
 //! - [`commands`]: command executions in the schema;
 //! - [`jobs`]: OTA jobs in the schema;
+//! - [`signing`]: the Ed25519 key that signs job documents;
 //! - [`http`]: the axum router: `POST /graphql`, GraphiQL on `GET /graphql`, and
 //!   subscriptions on `/graphql/ws` (`graphql-transport-ws`, and the legacy `graphql-ws`);
 //! - [`auth`]: bearer tokens and the roles viewer < operator < admin;
@@ -17,6 +18,8 @@ pub mod error;
 pub mod http;
 pub mod jobs;
 pub mod schema;
+pub mod signing;
 
 pub use auth::{Principal, Role, Tokens};
 pub use schema::{Api, ApiLimits, DoppelSchema, build, sdl};
+pub use signing::Signer;

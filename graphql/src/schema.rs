@@ -24,6 +24,8 @@ pub struct Api {
     pub fleet: FleetHandle,
     pub tokens: Arc<Tokens>,
     pub limits: ApiLimits,
+    /// Signs job documents.
+    pub signer: Arc<crate::Signer>,
 }
 
 /// Limits on what one request may ask.
@@ -296,6 +298,11 @@ impl Query {
             },
             edges,
         })
+    }
+
+    /// The Ed25519 public key (hex) that verifies job documents' `signature`.
+    async fn signing_key(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        Ok(allowed(ctx, Role::Viewer)?.signer.public_key())
     }
 
     /// An OTA job and its executions per status; null when there is none.
@@ -573,7 +580,7 @@ impl Mutation {
             timeouts: timeouts.unwrap_or_default(),
             retries: retries.unwrap_or(0),
         };
-        Ok(jobs::create(&api.fleet, new, twin_store::now_millis()).await?)
+        Ok(jobs::create(&api.fleet, &api.signer, new, twin_store::now_millis()).await?)
     }
 
     /// Sends a command to a thing (operator). The device receives `payload` on

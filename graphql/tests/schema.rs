@@ -27,10 +27,12 @@ async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture
         max_complexity: 60,
         ..ApiLimits::default()
     };
+    let signer = Arc::new(twin_graphql::Signer::open(dir.path()).unwrap());
     let schema = twin_graphql::build(Api {
         fleet: fleet.clone(),
         tokens,
         limits,
+        signer,
     });
     Fixture {
         schema,
@@ -694,6 +696,14 @@ async fn ota_jobs_are_created_for_their_targets_and_counted() {
     assert_eq!(job["targets"], 3, "ids and filter, without duplicates");
     assert_eq!(job["counts"]["queued"], 3);
     assert_eq!(job["document"]["firmware"]["sha256"], sha);
+    let key = f.admin("{ signingKey }", json!({})).await["signingKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        twin_graphql::signing::verify(&job["document"], &key),
+        "the document is signed: {job}"
+    );
     let q = "query($id: ID!) { otaJob(jobId: $id) { targets counts { queued } } }";
     assert_eq!(
         f.admin(q, json!({"id": "j1"})).await["otaJob"]["targets"],
