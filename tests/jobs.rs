@@ -225,3 +225,74 @@ async fn devices_run_a_firmware_job_resume_after_a_reboot_and_report_their_versi
     .json();
     assert_eq!(again["errors"][0]["extensions"]["code"], "VERSION_CONFLICT");
 }
+
+#[tokio::test]
+async fn an_operator_cancels_a_job_and_forces_the_running_executions_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let s1 = register(&server.http, &admin, "gate-1", json!({})).await;
+    register(&server.http, &admin, "gate-2", json!({})).await;
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        CREATE,
+        json!({"targets": {"thingIds": ["gate-1", "gate-2"]}}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["createOtaJob"]["targets"], 2, "{r}");
+    let mut watcher = common::ws_as(&server.http, &admin, None).await;
+    let progress = "subscription { otaJobProgress(jobId: \"fw-2\") { __typename ... on OtaJob { status counts { queued inProgress canceled } } } }";
+    watcher.start("1", progress).await;
+    let first = watcher.data().await;
+    assert_eq!(first["otaJobProgress"]["counts"]["queued"], 2, "{first}");
+
+    let (c1, mut el1) = device(&server.mqtt, "gate-1", &s1).await;
+    let started = ask(&c1, &mut el1, "gate-1", "start-next", json!({})).await;
+    assert_eq!(started["execution"]["status"], "IN_PROGRESS");
+    let seen = watcher.data().await;
+    assert_eq!(seen["otaJobProgress"]["counts"]["inProgress"], 1, "{seen}");
+
+    let cancel = "mutation($force: Boolean) { cancelOtaJob(jobId: \"fw-2\", force: $force) { status counts { queued inProgress canceled } } }";
+    let r = graphql(&server.http, Some(&admin), cancel, json!({}))
+        .await
+        .json();
+    assert_eq!(
+        r["data"]["cancelOtaJob"],
+        json!({"status": "CANCELED", "counts": {"queued": 0, "inProgress": 1, "canceled": 1}}),
+        "without force, the running execution goes on: {r}"
+    );
+    let r = graphql(&server.http, Some(&admin), cancel, json!({"force": true}))
+        .await
+        .json();
+    assert_eq!(
+        r["data"]["cancelOtaJob"]["counts"],
+        json!({"queued": 0, "inProgress": 0, "canceled": 2})
+    );
+    // The device hears of it, and its late update is refused.
+    let notify = on(&mut el1, "/jobs/notify").await;
+    assert_eq!(notify["jobs"], json!({"QUEUED": [], "IN_PROGRESS": []}));
+    let late = ask(
+        &c1,
+        &mut el1,
+        "gate-1",
+        "fw-2/update",
+        json!({"status": "SUCCEEDED"}),
+    )
+    .await;
+    assert_eq!(late["code"], "InvalidStateTransition", "{late}");
+    assert_eq!(late["executionState"]["status"], "CANCELED");
+    let listed = graphql(
+        &server.http,
+        Some(&admin),
+        "{ otaJobs { jobId status targets } }",
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        listed["data"]["otaJobs"],
+        json!([{"jobId": "fw-2", "status": "CANCELED", "targets": 2}])
+    );
+}

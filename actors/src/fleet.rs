@@ -383,6 +383,44 @@ impl FleetHandle {
         })
     }
 
+    /// Cancels a job: no more executions, and every queued one (with `force`, every
+    /// in-progress one too) ends `CANCELED`. Returns the executions still running.
+    pub async fn cancel_job(&self, job_id: &str, force: bool) -> Result<usize, FleetError> {
+        let mut job = self.job(job_id).await?.ok_or_else(|| {
+            FleetError::Rejected(Rejection::new(
+                RejectionKind::NotFound,
+                format!("no job {job_id}"),
+            ))
+        })?;
+        if job.canceled_at.is_none() {
+            job.canceled_at = Some(twin_store::now_millis());
+            self.shared
+                .committer
+                .commit(vec![Write::Job(Arc::new(job))])
+                .await
+                .map_err(|e| FleetError::Unavailable(e.to_string()))?;
+        }
+        let mut running = 0;
+        for (thing, status) in self.job_statuses(job_id).await? {
+            if status.is_terminal() {
+                continue;
+            }
+            let id = job_id.to_owned();
+            let canceled = self
+                .request(&thing, |reply, permit| DeviceMsg::CancelJob {
+                    job_id: id,
+                    force,
+                    reply,
+                    permit,
+                })
+                .await?;
+            if canceled.is_err() {
+                running += 1;
+            }
+        }
+        Ok(running)
+    }
+
     /// A device request on its jobs topics.
     pub fn job_request(&self, thing: &DeviceId, op: JobOp, body: Value) -> Reply<JobAnswer> {
         self.request(thing, |reply, permit| DeviceMsg::JobRequest {
@@ -398,6 +436,19 @@ impl FleetHandle {
         let store = self.shared.committer.store().clone();
         let id = job_id.to_owned();
         tokio::task::spawn_blocking(move || store.job(&id))
+            .await
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?
+            .map_err(|e| FleetError::Unavailable(e.to_string()))
+    }
+
+    /// Job definitions in id order, after `after`.
+    pub async fn jobs(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<JobDefinition>, FleetError> {
+        let store = self.shared.committer.store().clone();
+        tokio::task::spawn_blocking(move || store.jobs(after.as_deref(), limit))
             .await
             .map_err(|e| FleetError::Unavailable(e.to_string()))?
             .map_err(|e| FleetError::Unavailable(e.to_string()))

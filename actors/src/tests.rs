@@ -228,6 +228,13 @@ impl TwinStore for Stalled {
     fn job(&self, _: &str) -> Result<Option<twin_model::job::JobDefinition>, StoreError> {
         Ok(None)
     }
+    fn jobs(
+        &self,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<Vec<twin_model::job::JobDefinition>, StoreError> {
+        Ok(vec![])
+    }
     fn job_statuses(
         &self,
         _: &str,
@@ -575,6 +582,7 @@ fn firmware_job(id: &str, retry: RetryPolicy, timeouts: Timeouts) -> Arc<JobDefi
         retry,
         timeouts,
         created_at: 0,
+        canceled_at: None,
     })
 }
 

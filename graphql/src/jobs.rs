@@ -3,15 +3,16 @@
 
 use std::sync::Arc;
 
-use async_graphql::futures_util::stream::{self, StreamExt};
-use async_graphql::{ID, InputObject, Json, SimpleObject};
+use async_graphql::futures_util::stream::{self, Stream, StreamExt};
+use async_graphql::{Enum, ID, InputObject, Json, SimpleObject, Union};
 use serde_json::{Map, Value, json};
+use tokio::sync::broadcast::error::RecvError;
 use twin_actors::FleetHandle;
-use twin_model::DeviceId;
 use twin_model::job::{JobDefinition, JobStatus, MAX_RETRIES, RetryPolicy, Timeouts};
+use twin_model::{DeviceId, TwinEvent};
 
 use crate::error::{ApiError, ApiResult};
-use crate::schema::{DateTime, parse_filter};
+use crate::schema::{DateTime, Lagged, parse_filter};
 use crate::signing::Signer;
 
 /// Most things one job may target.
@@ -67,9 +68,20 @@ pub struct OtaJobCounts {
     pub canceled: u64,
 }
 
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+pub enum OtaJobStatus {
+    /// Some executions have not ended.
+    InProgress,
+    /// Every execution ended.
+    Completed,
+    /// An operator canceled it (executions already running may still end otherwise).
+    Canceled,
+}
+
 #[derive(SimpleObject)]
 pub struct OtaJob {
     pub job_id: ID,
+    pub status: OtaJobStatus,
     /// What devices receive as `jobDocument`, signed (see `signingKey`).
     pub document: Json<Value>,
     pub created_at: DateTime,
@@ -176,6 +188,7 @@ pub async fn create(
         },
         timeouts,
         created_at: now,
+        canceled_at: None,
     });
     fleet
         .create_job(job.clone())
@@ -203,8 +216,12 @@ pub async fn progress(fleet: &FleetHandle, job_id: &str) -> ApiResult<Option<Ota
         return Ok(None);
     };
     let statuses = fleet.job_statuses(job_id).await.map_err(ApiError::from)?;
+    Ok(Some(summary(job, &statuses)))
+}
+
+fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
     let mut counts = OtaJobCounts::default();
-    for (_, status) in &statuses {
+    for (_, status) in statuses {
         let n = match status {
             JobStatus::Queued => &mut counts.queued,
             JobStatus::InProgress => &mut counts.in_progress,
@@ -217,11 +234,90 @@ pub async fn progress(fleet: &FleetHandle, job_id: &str) -> ApiResult<Option<Ota
         };
         *n += 1;
     }
-    Ok(Some(OtaJob {
+    let status = if job.canceled_at.is_some() {
+        OtaJobStatus::Canceled
+    } else if statuses.iter().all(|(_, s)| s.is_terminal()) {
+        OtaJobStatus::Completed
+    } else {
+        OtaJobStatus::InProgress
+    };
+    OtaJob {
         job_id: ID(job.job_id),
+        status,
         document: Json(job.document),
         created_at: DateTime(job.created_at),
         targets: statuses.len() as u64,
         counts,
-    }))
+    }
+}
+
+/// Cancels a job; returns it as it is afterwards.
+pub async fn cancel(fleet: &FleetHandle, job_id: &str, force: bool) -> ApiResult<OtaJob> {
+    fleet
+        .cancel_job(job_id, force)
+        .await
+        .map_err(ApiError::from)?;
+    progress(fleet, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no job {job_id}")))
+}
+
+/// Jobs in id order after `after`, with their counts.
+pub async fn list(
+    fleet: &FleetHandle,
+    after: Option<String>,
+    first: usize,
+) -> ApiResult<Vec<OtaJob>> {
+    let jobs = fleet.jobs(after, first).await.map_err(ApiError::from)?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let statuses = fleet
+            .job_statuses(&job.job_id)
+            .await
+            .map_err(ApiError::from)?;
+        out.push(summary(job, &statuses));
+    }
+    Ok(out)
+}
+
+/// `otaJobProgress`: the job now, then again after every change of one of its
+/// executions (ending with `Lagged` when the subscriber falls behind: read `otaJob`).
+pub fn watch(fleet: FleetHandle, job_id: String) -> impl Stream<Item = OtaJobEvent> + use<> {
+    let rx = fleet.subscribe();
+    stream::unfold(
+        (rx, fleet, job_id, true),
+        |(mut rx, fleet, job_id, first)| async move {
+            if !first {
+                loop {
+                    match rx.recv().await {
+                        Ok(e) => {
+                            if let TwinEvent::Job { execution, .. } = &*e
+                                && execution.job_id == job_id
+                            {
+                                break;
+                            }
+                        }
+                        Err(RecvError::Lagged(skipped)) => {
+                            let lagged = Lagged {
+                                skipped,
+                                resume_from_version: None,
+                                thing_id: None,
+                            };
+                            return Some((OtaJobEvent::Lagged(lagged), (rx, fleet, job_id, false)));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            }
+            let job = progress(&fleet, &job_id).await.ok().flatten()?;
+            Some((OtaJobEvent::OtaJob(job), (rx, fleet, job_id, false)))
+        },
+    )
+}
+
+/// What `otaJobProgress` delivers.
+#[derive(Union)]
+pub enum OtaJobEvent {
+    OtaJob(OtaJob),
+    Lagged(Lagged),
 }

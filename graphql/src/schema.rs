@@ -17,7 +17,7 @@ use twin_model::{ChangeOp, DeviceId, Filter, ShadowName, TwinEvent, UpdateReques
 use crate::auth::{Principal, Role, Tokens};
 use crate::commands::{self, Command, CommandConnection, CommandEdge, CommandEvent};
 use crate::error::{ApiError, ApiResult, Code};
-use crate::jobs::{self, NewJob, OtaDocument, OtaJob, OtaTargets, OtaTimeouts};
+use crate::jobs::{self, NewJob, OtaDocument, OtaJob, OtaJobEvent, OtaTargets, OtaTimeouts};
 
 /// What every resolver shares.
 pub struct Api {
@@ -305,6 +305,21 @@ impl Query {
         Ok(allowed(ctx, Role::Viewer)?.signer.public_key())
     }
 
+    /// OTA jobs in id order, with their counts.
+    async fn ota_jobs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+    ) -> async_graphql::Result<Vec<OtaJob>> {
+        let api = allowed(ctx, Role::Viewer)?;
+        let max = api.limits.max_page_size;
+        if first < 1 || first as usize > max {
+            return Err(ApiError::invalid(format!("first must be between 1 and {max}")).into());
+        }
+        Ok(jobs::list(&api.fleet, after, first as usize).await?)
+    }
+
     /// An OTA job and its executions per status; null when there is none.
     async fn ota_job(
         &self,
@@ -583,6 +598,19 @@ impl Mutation {
         Ok(jobs::create(&api.fleet, &api.signer, new, twin_store::now_millis()).await?)
     }
 
+    /// Cancels an OTA job (operator): no execution is queued anymore and every queued one
+    /// ends `CANCELED`; with `force`, in-progress ones too (their devices are told on
+    /// `notify`).
+    async fn cancel_ota_job(
+        &self,
+        ctx: &Context<'_>,
+        job_id: ID,
+        #[graphql(desc = "Default false.")] force: Option<bool>,
+    ) -> async_graphql::Result<OtaJob> {
+        let api = allowed(ctx, Role::Operator)?;
+        Ok(jobs::cancel(&api.fleet, &job_id, force.unwrap_or(false)).await?)
+    }
+
     /// Sends a command to a thing (operator). The device receives `payload` on
     /// `$aws/commands/things/{thing}/executions/{executionId}/request/json` once it
     /// subscribes there; undelivered after `expiresInSeconds`, or unfinished
@@ -825,6 +853,25 @@ impl SubscriptionRoot {
         let api = allowed(ctx, Role::Viewer)?;
         let thing = self::thing_id(&thing_id)?;
         Ok(commands::updates(api.fleet.subscribe(), thing))
+    }
+
+    /// An OTA job's counts now, then after every change of one of its executions.
+    async fn ota_job_progress(
+        &self,
+        ctx: &Context<'_>,
+        job_id: ID,
+    ) -> async_graphql::Result<impl Stream<Item = OtaJobEvent> + use<>> {
+        let api = allowed(ctx, Role::Viewer)?;
+        if api
+            .fleet
+            .job(&job_id)
+            .await
+            .map_err(ApiError::from)?
+            .is_none()
+        {
+            return Err(ApiError::not_found(format!("no job {}", job_id.0)).into());
+        }
+        Ok(jobs::watch(api.fleet.clone(), job_id.0))
     }
 
     /// Connects and disconnects of every thing matching `filter`.

@@ -162,6 +162,13 @@ mod tests {
         fn job(&self, _: &str) -> Result<Option<twin_model::job::JobDefinition>, StoreError> {
             Ok(None)
         }
+        fn jobs(
+            &self,
+            _: Option<&str>,
+            _: usize,
+        ) -> Result<Vec<twin_model::job::JobDefinition>, StoreError> {
+            Ok(vec![])
+        }
         fn job_statuses(
             &self,
             _: &str,

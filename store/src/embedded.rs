@@ -332,6 +332,23 @@ impl TwinStore for EmbeddedStore {
         }
     }
 
+    fn jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<JobDefinition>, StoreError> {
+        let start = match after {
+            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for kv in self
+            .jobs
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(limit)
+        {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
     fn job_statuses(&self, job_id: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
         let mut prefix = job_id.as_bytes().to_vec();
         prefix.push(0);
@@ -660,6 +677,7 @@ mod tests {
             retry: RetryPolicy::default(),
             timeouts: Timeouts::default(),
             created_at: 1,
+            canceled_at: None,
         };
         let exec = |thing: &str| {
             JobExecution::new(
@@ -687,6 +705,8 @@ mod tests {
             .unwrap();
         assert_eq!(store.job("fw-2").unwrap(), Some(job));
         assert_eq!(store.job("nope").unwrap(), None);
+        assert_eq!(store.jobs(None, 10).unwrap().len(), 1);
+        assert!(store.jobs(Some("fw-2"), 10).unwrap().is_empty());
         assert_eq!(
             store.job_statuses("fw-2").unwrap(),
             [

@@ -123,6 +123,9 @@ pub trait TwinStore: Send + Sync + 'static {
 
     fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError>;
 
+    /// Job definitions in id order, starting after `after`.
+    fn jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<JobDefinition>, StoreError>;
+
     /// Every execution status of a job, by thing.
     fn job_statuses(&self, job_id: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError>;
 

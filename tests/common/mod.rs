@@ -307,6 +307,18 @@ impl Ws {
     /// Starts a subscription and waits for its first event, `Subscribed` (the query must
     /// select `__typename`): from then on the subscription is live.
     pub async fn subscribe(&mut self, id: &str, query: &str) {
+        self.start(id, query).await;
+        let first = self.data().await;
+        let event = first.as_object().and_then(|o| o.values().next());
+        assert_eq!(
+            event.map(|e| &e["__typename"]),
+            Some(&serde_json::json!("Subscribed")),
+            "{first}"
+        );
+    }
+
+    /// Starts a subscription without waiting for its first event.
+    pub async fn start(&mut self, id: &str, query: &str) {
         use futures_util::SinkExt;
         let kind = if self.legacy { "start" } else { "subscribe" };
         let msg = serde_json::json!({"id": id, "type": kind, "payload": {"query": query}});
@@ -316,13 +328,6 @@ impl Ws {
             ))
             .await
             .unwrap();
-        let first = self.data().await;
-        let event = first.as_object().and_then(|o| o.values().next());
-        assert_eq!(
-            event.map(|e| &e["__typename"]),
-            Some(&serde_json::json!("Subscribed")),
-            "{first}"
-        );
     }
 
     /// The next subscription result's `data`.

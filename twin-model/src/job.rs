@@ -255,6 +255,9 @@ pub struct JobDefinition {
     #[serde(default)]
     pub timeouts: Timeouts,
     pub created_at: u64,
+    /// When an operator canceled the job: its queued executions were canceled then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canceled_at: Option<u64>,
 }
 
 impl JobDefinition {

@@ -82,6 +82,24 @@ impl DeviceState {
         self.save_job(execution).await
     }
 
+    /// Cancels this thing's execution of `job`; an `IN_PROGRESS` one only with `force`.
+    pub(super) async fn cancel_job(
+        &mut self,
+        job: &str,
+        force: bool,
+    ) -> Result<Result<Arc<JobExecution>, JobError>, FleetError> {
+        let Some(mut execution) = self.registered().await?.jobs.get(job).cloned() else {
+            return Ok(Err(not_found(job)));
+        };
+        if execution.status.is_terminal() {
+            return Ok(Ok(Arc::new(execution)));
+        }
+        if let Err(e) = execution.cancel(force, now_millis()) {
+            return Ok(Err(e));
+        }
+        self.save_job(execution).await.map(Ok)
+    }
+
     /// A device request on the jobs topics; `body` is its JSON payload.
     pub(super) async fn job_request(
         &mut self,

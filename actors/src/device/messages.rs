@@ -75,6 +75,13 @@ pub enum DeviceMsg {
         reply: Port<Arc<JobExecution>>,
         permit: OwnedSemaphorePermit,
     },
+    /// Cancels the thing's execution of a job (an `IN_PROGRESS` one only with `force`).
+    CancelJob {
+        job_id: String,
+        force: bool,
+        reply: Port<Result<Arc<JobExecution>, twin_model::job::JobError>>,
+        permit: OwnedSemaphorePermit,
+    },
     /// A device request on the jobs topics, with its JSON body.
     JobRequest {
         op: JobOp,

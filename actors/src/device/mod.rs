@@ -463,6 +463,15 @@ impl DeviceState {
                 answer(reply, self.queue_job(job).await);
                 drop(permit);
             }
+            DeviceMsg::CancelJob {
+                job_id,
+                force,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.cancel_job(&job_id, force).await);
+                drop(permit);
+            }
             DeviceMsg::JobRequest {
                 op,
                 body,
