@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{WAIT, graphql, register, start, ws_as};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use common::{WAIT, client_on, graphql, register, start, ws_as};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{Value, json};
 
 const SEND: &str = "mutation($t: ID!, $p: JSON, $timeout: Int) { sendCommand(thingId: $t, name: \"reboot\", payload: $p, timeoutSeconds: $timeout) { executionId status } }";
@@ -12,31 +12,17 @@ const UPDATE: &str = "__typename ... on CommandExecution { executionId status de
 
 /// A device on the commands topics, as the AWS IoT Device SDK's commands sample.
 async fn device(addr: &str, thing: &str, secret: &str) -> (AsyncClient, EventLoop) {
-    let (host, port) = addr.rsplit_once(':').unwrap();
-    let mut o = MqttOptions::new(thing, host, port.parse().unwrap());
-    o.set_credentials(thing, secret);
-    let (c, mut el) = AsyncClient::new(o, 20);
-    c.subscribe(
-        format!("$aws/commands/things/{thing}/executions/+/request/#"),
-        QoS::AtLeastOnce,
-    )
-    .await
-    .unwrap();
-    c.subscribe(
-        format!("$aws/commands/things/{thing}/executions/+/response/+/json"),
-        QoS::AtLeastOnce,
-    )
-    .await
-    .unwrap();
-    let mut acks = 0;
-    while acks < 2 {
-        match tokio::time::timeout(WAIT, el.poll()).await.unwrap() {
-            Ok(Event::Incoming(Packet::SubAck(_))) => acks += 1,
-            Ok(_) => {}
-            Err(e) => panic!("device connection failed: {e}"),
-        }
-    }
-    (c, el)
+    let requests = format!("$aws/commands/things/{thing}/executions/+/request/#");
+    let answers = format!("$aws/commands/things/{thing}/executions/+/response/+/json");
+    client_on(addr, thing, Some(secret), &[&requests, &answers]).await
+}
+
+/// A `commandUpdated` subscriber for `thing`, live.
+async fn watch(server: &common::Server, token: &str, thing: &str) -> common::Ws {
+    let mut watcher = ws_as(&server.http, token, None).await;
+    let query = format!(r#"subscription {{ commandUpdated(thingId: "{thing}") {{ {UPDATE} }} }}"#);
+    watcher.subscribe("1", &query).await;
+    watcher
 }
 
 /// The next publish the device receives: (topic, JSON payload).
@@ -73,13 +59,7 @@ async fn a_command_reaches_an_offline_device_when_it_connects_and_runs_to_succes
     let server = start(dir.path(), &[]).await;
     let admin = server.admin_token.clone().unwrap();
     let secret = register(&server.http, &admin, "pump-7", json!({})).await;
-    let mut watcher = ws_as(&server.http, &admin, None).await;
-    watcher
-        .subscribe(
-            "1",
-            &format!(r#"subscription {{ commandUpdated(thingId: "pump-7") {{ {UPDATE} }} }}"#),
-        )
-        .await;
+    let mut watcher = watch(&server, &admin, "pump-7").await;
 
     // The device is offline: the command waits.
     let r = graphql(
@@ -152,13 +132,7 @@ async fn an_unanswered_command_times_out() {
     let admin = server.admin_token.clone().unwrap();
     let secret = register(&server.http, &admin, "fan-2", json!({})).await;
     let (_c, mut el) = device(&server.mqtt, "fan-2", &secret).await;
-    let mut watcher = ws_as(&server.http, &admin, None).await;
-    watcher
-        .subscribe(
-            "1",
-            &format!(r#"subscription {{ commandUpdated(thingId: "fan-2") {{ {UPDATE} }} }}"#),
-        )
-        .await;
+    let mut watcher = watch(&server, &admin, "fan-2").await;
     let r = graphql(
         &server.http,
         Some(&admin),

@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{WAIT, graphql, register, start};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use common::{WAIT, client_on, graphql, register, start};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{Value, json};
 
 const CREATE: &str = "mutation($targets: OtaTargets!) { createOtaJob(jobId: \"fw-2\", targets: $targets, document: {firmware: {version: \"2.0.1\", url: \"https://fw.example/2.0.1.bin\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 1024}, data: {reboot: true}}) { jobId targets counts { queued } } }";
@@ -13,20 +13,13 @@ const PROGRESS: &str =
 
 /// A device subscribed to all its jobs topics.
 async fn device(addr: &str, thing: &str, secret: &str) -> (AsyncClient, EventLoop) {
-    let (host, port) = addr.rsplit_once(':').unwrap();
-    let mut o = MqttOptions::new(thing, host, port.parse().unwrap());
-    o.set_credentials(thing, secret);
-    let (c, mut el) = AsyncClient::new(o, 20);
-    c.subscribe(format!("$aws/things/{thing}/jobs/#"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        match tokio::time::timeout(WAIT, el.poll()).await.unwrap() {
-            Ok(Event::Incoming(Packet::SubAck(_))) => return (c, el),
-            Ok(_) => {}
-            Err(e) => panic!("device connection failed: {e}"),
-        }
-    }
+    client_on(
+        addr,
+        thing,
+        Some(secret),
+        &[&format!("$aws/things/{thing}/jobs/#")],
+    )
+    .await
 }
 
 /// The next message on a topic ending with `suffix`.

@@ -90,6 +90,16 @@ pub async fn client(
     id: &str,
     password: Option<&str>,
 ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    client_on(addr, id, password, &[&format!("$aws/things/{id}/shadow/#")]).await
+}
+
+/// A device connected with rumqttc and subscribed to `filters`.
+pub async fn client_on(
+    addr: &str,
+    id: &str,
+    password: Option<&str>,
+    filters: &[&str],
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let (host, port) = addr.rsplit_once(':').unwrap();
     let mut o = MqttOptions::new(id, host, port.parse().unwrap());
@@ -103,14 +113,18 @@ pub async fn client(
         Ok(Event::Incoming(Packet::ConnAck(_))) => {}
         other => panic!("no CONNACK: {other:?}"),
     }
-    c.subscribe(format!("$aws/things/{id}/shadow/#"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        if let Ok(Event::Incoming(Packet::SubAck(_))) = el.poll().await {
-            break (c, el);
+    for f in filters {
+        c.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+    }
+    let mut acks = 0;
+    while acks < filters.len() {
+        match tokio::time::timeout(WAIT, el.poll()).await.unwrap() {
+            Ok(Event::Incoming(Packet::SubAck(_))) => acks += 1,
+            Ok(_) => {}
+            Err(e) => panic!("device connection failed: {e}"),
         }
     }
+    (c, el)
 }
 
 /// The next message on a topic ending with `suffix`.
