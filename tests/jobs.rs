@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{WAIT, client_on, graphql, register, start};
+use common::{WAIT, client_on, graphql, next_on, register, start};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{Value, json};
 
@@ -20,23 +20,6 @@ async fn device(addr: &str, thing: &str, secret: &str) -> (AsyncClient, EventLoo
         &[&format!("$aws/things/{thing}/jobs/#")],
     )
     .await
-}
-
-/// The next message on a topic ending with `suffix`.
-async fn on(el: &mut EventLoop, suffix: &str) -> Value {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with(suffix) => {
-                    return serde_json::from_slice(&p.payload).unwrap();
-                }
-                Ok(_) => {}
-                Err(e) => panic!("device connection failed: {e}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("a message on ...{suffix}"))
 }
 
 /// Publishes a jobs request and returns its `accepted` (or `rejected`) answer.
@@ -92,7 +75,7 @@ async fn devices_run_a_firmware_job_resume_after_a_reboot_and_report_their_versi
     assert_eq!(r["data"]["createOtaJob"]["counts"]["queued"], 3);
 
     // A listening device hears of it on notify-next, with the document.
-    let next = on(&mut el1, "/jobs/notify-next").await;
+    let next = next_on(&mut el1, "/jobs/notify-next").await;
     assert_eq!(next["execution"]["jobId"], "fw-2");
     assert_eq!(next["execution"]["status"], "QUEUED");
     assert_eq!(
@@ -264,7 +247,7 @@ async fn an_operator_cancels_a_job_and_forces_the_running_executions_off() {
         json!({"queued": 0, "inProgress": 0, "canceled": 2})
     );
     // The device hears of it, and its late update is refused.
-    let notify = on(&mut el1, "/jobs/notify").await;
+    let notify = next_on(&mut el1, "/jobs/notify").await;
     assert_eq!(notify["jobs"], json!({"QUEUED": [], "IN_PROGRESS": []}));
     let late = ask(
         &c1,
