@@ -55,6 +55,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             acceptor,
         ));
     }
+    let resumed = fleet
+        .resume_rollouts()
+        .await
+        .context("cannot resume the OTA rollouts under way")?;
+    if resumed > 0 {
+        tracing::info!(rollouts = resumed, "resumed OTA rollouts");
+    }
     let ready = Arc::new(AtomicBool::new(true));
     let gateway = Gateway::start(listeners, fleet.clone(), config.gateway())?;
     let tokens =

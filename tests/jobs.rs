@@ -272,3 +272,165 @@ async fn an_operator_cancels_a_job_and_forces_the_running_executions_off() {
         json!([{"jobId": "fw-2", "status": "CANCELED", "targets": 2}])
     );
 }
+
+/// Devices that run every job they are given: they start the next job when notify-next
+/// says there is one (and once at connect), then report SUCCEEDED, or FAILED where
+/// `fails` says so. Each runs until the test ends.
+fn fleet_of_devices(
+    mqtt: &str,
+    ids: Vec<String>,
+    fails: fn(&str) -> bool,
+) -> tokio::task::JoinSet<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for id in ids {
+        let mqtt = mqtt.to_owned();
+        set.spawn(async move {
+            let base = format!("$aws/things/{id}/jobs");
+            let (c, mut el) = client_on(&mqtt, &id, None, &[&format!("{base}/#")]).await;
+            let start = || {
+                c.try_publish(format!("{base}/start-next"), QoS::AtLeastOnce, false, "{}")
+                    .unwrap()
+            };
+            start();
+            loop {
+                let Ok(event) = el.poll().await else { return };
+                let Event::Incoming(Packet::Publish(p)) = event else {
+                    continue;
+                };
+                let v: Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                if p.topic.ends_with("/notify-next") && v.get("execution").is_some() {
+                    start();
+                } else if p.topic.ends_with("/start-next/accepted")
+                    && let Some(job) = v["execution"]["jobId"].as_str()
+                {
+                    let status = if fails(&id) { "FAILED" } else { "SUCCEEDED" };
+                    c.try_publish(
+                        format!("{base}/{job}/update"),
+                        QoS::AtLeastOnce,
+                        false,
+                        json!({"status": status}).to_string(),
+                    )
+                    .unwrap();
+                } else if p.topic.ends_with("/update/accepted") {
+                    start();
+                }
+            }
+        });
+    }
+    set
+}
+
+/// Waits on `otaJobProgress` until `done` holds for the job's counts and status.
+async fn progress_until(ws: &mut common::Ws, done: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let e = ws.data().await;
+        let job = e["otaJobProgress"].clone();
+        if done(&job) {
+            return job;
+        }
+    }
+}
+
+const PROGRESS_SUB: &str = "subscription { otaJobProgress(jobId: \"JOB\") { __typename ... on OtaJob { status targets counts { notReleased queued inProgress succeeded failed canceled } } ... on Lagged { skipped } } }";
+
+const CREATE_PACED: &str = "mutation($id: ID!, $ids: [ID!], $rollout: OtaRollout) { createOtaJob(jobId: $id, targets: {thingIds: $ids}, document: {firmware: {version: \"3.0\", url: \"https://fw.example/3.0\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 1}}, rollout: $rollout) { status targets counts { notReleased } } }";
+
+async fn watch_job(server: &common::Server, token: &str, job: &str) -> common::Ws {
+    let mut ws = common::ws_as(&server.http, token, None).await;
+    ws.start("1", &PROGRESS_SUB.replace("JOB", job)).await;
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_in_the_first_wave_of_200_devices_abort_the_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--auto-register"]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let ids: Vec<String> = (0..200).map(|i| format!("dev-{i:03}")).collect();
+    // Every fourth device fails: 5 of the first wave's 20 (25% > 20%).
+    let fails = |id: &str| id[4..].parse::<u32>().unwrap() % 4 == 0;
+    let devices = fleet_of_devices(&server.mqtt, ids.clone(), fails);
+    // The devices are registered (auto-register) once they connect.
+    for id in &ids {
+        let q = format!("{{ thing(id: \"{id}\") {{ id }} }}");
+        while graphql(&server.http, Some(&admin), &q, json!({}))
+            .await
+            .json()["data"]["thing"]
+            .is_null()
+        {
+            tokio::task::yield_now().await;
+        }
+    }
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        CREATE_PACED,
+        json!({"id": "fw-3", "ids": ids, "rollout": {"waves": [10, 50, 100], "abort": {"failurePercent": 20, "minFinished": 20}}}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["createOtaJob"]["targets"], 200, "{r}");
+    let mut ws = watch_job(&server, &admin, "fw-3").await;
+    let aborted = progress_until(&mut ws, |j| j["status"] == "ABORTED").await;
+    assert_eq!(
+        aborted["counts"],
+        json!({"notReleased": 180, "queued": 0, "inProgress": 0, "succeeded": 15, "failed": 5, "canceled": 0}),
+        "the second wave never started: {aborted}"
+    );
+    drop(devices);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_rollout_waits_resumes_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path(), &["--auto-register"]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let ids: Vec<String> = (0..4).map(|i| format!("cam-{i}")).collect();
+    for id in &ids {
+        register(&server.http, &admin, id, json!({})).await;
+    }
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        CREATE_PACED,
+        json!({"id": "fw-4", "ids": ids, "rollout": {"waves": [50, 100]}}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["createOtaJob"]["targets"], 4, "{r}");
+    // Once the first wave is out, pause; the devices finish it while paused.
+    let mut ws = watch_job(&server, &admin, "fw-4").await;
+    progress_until(&mut ws, |j| j["counts"]["notReleased"] == 2).await;
+    let pause = "mutation { pauseOtaJob(jobId: \"fw-4\") { status } }";
+    let r = graphql(&server.http, Some(&admin), pause, json!({}))
+        .await
+        .json();
+    assert_eq!(r["data"]["pauseOtaJob"]["status"], "PAUSED", "{r}");
+    let devices = fleet_of_devices(&server.mqtt, ids.clone(), |_| false);
+    let waiting = progress_until(&mut ws, |j| j["counts"]["succeeded"] == 2).await;
+    assert_eq!(waiting["status"], "PAUSED");
+    assert_eq!(waiting["counts"]["notReleased"], 2);
+    drop(devices);
+
+    // A restart keeps the rollout, paused; resumed, it finishes.
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    let server = start(dir.path(), &["--auto-register"]).await;
+    let q = "{ otaJob(jobId: \"fw-4\") { status counts { notReleased succeeded } } }";
+    let r = graphql(&server.http, Some(&admin), q, json!({}))
+        .await
+        .json();
+    assert_eq!(
+        r["data"]["otaJob"],
+        json!({"status": "PAUSED", "counts": {"notReleased": 2, "succeeded": 2}})
+    );
+    let mut ws = watch_job(&server, &admin, "fw-4").await;
+    let _devices = fleet_of_devices(&server.mqtt, ids.clone(), |_| false);
+    let resume = "mutation { resumeOtaJob(jobId: \"fw-4\") { status } }";
+    let r = graphql(&server.http, Some(&admin), resume, json!({}))
+        .await
+        .json();
+    assert_eq!(r["data"]["resumeOtaJob"]["status"], "IN_PROGRESS", "{r}");
+    let done = progress_until(&mut ws, |j| j["status"] == "COMPLETED").await;
+    assert_eq!(done["counts"]["succeeded"], 4, "{done}");
+}

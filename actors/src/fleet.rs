@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use ractor::{Actor, ActorRef, RpcReplyPort, concurrency::oneshot};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::topic::JobOp;
@@ -29,6 +29,7 @@ use twin_model::Filter;
 use crate::device::{DeviceMsg, JobAnswer, Port, RegistryOp};
 use crate::error::FleetError;
 use crate::index::{FleetIndex, Page, TwinView};
+use crate::rollout::{self, Control};
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 
 /// Settings of the twin layer.
@@ -86,6 +87,10 @@ pub struct Shared {
     events: broadcast::Sender<Arc<TwinEvent>>,
     links: DashMap<DeviceId, Arc<dyn DeviceLink>>,
     pub(crate) index: FleetIndex,
+    /// The controllers of the paced jobs under way, by job id.
+    pub(crate) rollouts: DashMap<String, mpsc::Sender<Control>>,
+    /// Ids of jobs whose definition changed (paused, resumed, released, aborted, canceled).
+    pub(crate) jobs_changed: broadcast::Sender<Arc<str>>,
 }
 
 impl Shared {
@@ -109,7 +114,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct FleetHandle {
     shards: Arc<[ActorRef<ShardMsg>]>,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     pending: Arc<Semaphore>,
 }
 
@@ -127,6 +132,8 @@ impl FleetHandle {
         .map_err(|e| FleetError::Unavailable(format!("loading the fleet index: {e}")))?;
         tracing::info!(things = index.len(), "fleet index loaded");
         let shared = Arc::new(Shared {
+            rollouts: DashMap::new(),
+            jobs_changed: broadcast::channel(1024).0,
             committer,
             config: config.clone(),
             events,
@@ -358,7 +365,8 @@ impl FleetHandle {
             .map_err(|e| FleetError::Unavailable(e.to_string()))
     }
 
-    /// Stores a new job's definition; fails when the job id is taken.
+    /// Stores a new job's definition (and starts its rollout, if paced); fails when the
+    /// job id is taken.
     pub async fn create_job(&self, job: Arc<JobDefinition>) -> Result<(), FleetError> {
         if self.job(&job.job_id).await?.is_some() {
             return Err(Rejection::new(
@@ -369,9 +377,11 @@ impl FleetHandle {
         }
         self.shared
             .committer
-            .commit(vec![Write::Job(job)])
+            .commit(vec![Write::Job(job.clone())])
             .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?;
+        self.start_rollout((*job).clone());
+        Ok(())
     }
 
     /// Queues a job's execution for `thing`; the device hears of it on `jobs/notify`.
@@ -384,22 +394,99 @@ impl FleetHandle {
     }
 
     /// Cancels a job: no more executions, and every queued one (with `force`, every
-    /// in-progress one too) ends `CANCELED`. Returns the executions still running.
-    pub async fn cancel_job(&self, job_id: &str, force: bool) -> Result<usize, FleetError> {
-        let mut job = self.job(job_id).await?.ok_or_else(|| {
-            FleetError::Rejected(Rejection::new(
-                RejectionKind::NotFound,
-                format!("no job {job_id}"),
-            ))
-        })?;
+    /// in-progress one too) ends `CANCELED`.
+    pub async fn cancel_job(&self, job_id: &str, force: bool) -> Result<(), FleetError> {
+        if let Some(control) = self.controller(job_id) {
+            let (tx, rx) = oneshot();
+            if control.send(Control::Cancel(force, tx)).await.is_ok() {
+                return rx
+                    .await
+                    .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))?;
+            }
+        }
+        let mut job = self.job(job_id).await?.ok_or_else(|| no_job(job_id))?;
         if job.canceled_at.is_none() {
             job.canceled_at = Some(twin_store::now_millis());
-            self.shared
-                .committer
-                .commit(vec![Write::Job(Arc::new(job))])
-                .await
-                .map_err(|e| FleetError::Unavailable(e.to_string()))?;
+            self.save_job(job).await?;
         }
+        self.cancel_executions(job_id, force).await.map(drop)
+    }
+
+    /// Stores a job's changed definition and tells `job_changes` subscribers.
+    pub(crate) async fn save_job(&self, job: JobDefinition) -> Result<(), FleetError> {
+        let id: Arc<str> = job.job_id.as_str().into();
+        self.shared
+            .committer
+            .commit(vec![Write::Job(Arc::new(job))])
+            .await
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?;
+        let _ = self.shared.jobs_changed.send(id);
+        Ok(())
+    }
+
+    /// Ids of jobs whose definition changed: paused, resumed, released more targets,
+    /// aborted or canceled. (Execution changes are `TwinEvent::Job`s.)
+    pub fn job_changes(&self) -> broadcast::Receiver<Arc<str>> {
+        self.shared.jobs_changed.subscribe()
+    }
+
+    /// Pauses (or resumes) a paced job's rollout: no new executions meanwhile.
+    pub async fn pause_job(&self, job_id: &str, paused: bool) -> Result<(), FleetError> {
+        let control = self.controller(job_id).ok_or_else(|| {
+            FleetError::Rejected(Rejection::new(
+                RejectionKind::VersionConflict,
+                format!("job {job_id} has no rollout in progress"),
+            ))
+        })?;
+        let (tx, rx) = oneshot();
+        control
+            .send(Control::Pause(paused, tx))
+            .await
+            .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))?;
+        rx.await
+            .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))?
+    }
+
+    fn controller(&self, job_id: &str) -> Option<mpsc::Sender<Control>> {
+        self.shared.rollouts.get(job_id).map(|c| c.value().clone())
+    }
+
+    /// Starts the controller of a paced job (nothing for a job without a rollout or one
+    /// that is over).
+    pub fn start_rollout(&self, job: JobDefinition) {
+        if !rollout::unfinished(&job) || self.shared.rollouts.contains_key(&job.job_id) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(16);
+        self.shared.rollouts.insert(job.job_id.clone(), tx);
+        tokio::spawn(rollout::run(self.clone(), job, rx));
+    }
+
+    /// Picks up every paced rollout that was under way (at start).
+    pub async fn resume_rollouts(&self) -> Result<usize, FleetError> {
+        let (mut after, mut resumed) = (None, 0);
+        loop {
+            let page = self.jobs(after.clone(), 500).await?;
+            let Some(last) = page.last() else {
+                return Ok(resumed);
+            };
+            after = Some(last.job_id.clone());
+            for job in page {
+                if rollout::unfinished(&job) {
+                    resumed += 1;
+                    self.start_rollout(job);
+                }
+            }
+        }
+    }
+
+    /// Ends every queued execution of a job (with `force`, in-progress ones too) as
+    /// `CANCELED`; returns how many still run.
+    pub(crate) async fn cancel_executions(
+        &self,
+        job_id: &str,
+        force: bool,
+    ) -> Result<usize, FleetError> {
         let mut running = 0;
         for (thing, status) in self.job_statuses(job_id).await? {
             if status.is_terminal() {
@@ -530,4 +617,11 @@ impl FleetHandle {
     pub(crate) fn crash(&self, thing: &DeviceId) {
         self.route(thing, DeviceMsg::Crash).unwrap();
     }
+}
+
+fn no_job(job_id: &str) -> FleetError {
+    FleetError::Rejected(Rejection::new(
+        RejectionKind::NotFound,
+        format!("no job {job_id}"),
+    ))
 }

@@ -13,6 +13,7 @@ pub mod device;
 pub mod error;
 pub mod fleet;
 pub mod index;
+pub mod rollout;
 pub mod shard;
 
 pub use device::{JobAnswer, RegistryOp};

@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use twin_actors::FleetHandle;
 use twin_model::job::{JobDefinition, JobStatus, MAX_RETRIES, RetryPolicy, Timeouts};
+use twin_model::rollout::{AbortPolicy, Pace, Rollout};
 use twin_model::{DeviceId, TwinEvent};
 
 use crate::error::{ApiError, ApiResult};
@@ -40,13 +41,41 @@ pub struct OtaDocument {
     pub data: Option<Json<Value>>,
 }
 
-/// Time limits of each execution; none by default.
+/// How each execution behaves: retries and time limits (none by default).
 #[derive(InputObject, Default)]
-pub struct OtaTimeouts {
+pub struct OtaExecutions {
+    /// Retries after FAILED and after TIMED_OUT (each), at most 10.
+    pub retries: Option<u32>,
     /// From IN_PROGRESS to a terminal status.
     pub in_progress_minutes: Option<u64>,
     /// The step timeout `start-next` sets when the device asks for none.
     pub step_minutes: Option<u64>,
+}
+
+/// Executions per minute: `basePerMinute` at first, `factor` times more each minute, at
+/// most `maxPerMinute`.
+#[derive(InputObject)]
+pub struct OtaRate {
+    pub base_per_minute: u32,
+    pub factor: f64,
+    pub max_per_minute: u32,
+}
+
+/// Stop the job once `failurePercent` of at least `minFinished` ended executions failed
+/// (FAILED, TIMED_OUT or REJECTED); its queued executions are canceled.
+#[derive(InputObject)]
+pub struct OtaAbort {
+    pub failure_percent: u32,
+    pub min_finished: u64,
+}
+
+/// How the job reaches its targets: in waves (cumulative percentages, each wave once the
+/// one before has ended) or at a rate; all at once without either.
+#[derive(InputObject, Default)]
+pub struct OtaRollout {
+    pub waves: Option<Vec<u32>>,
+    pub rate: Option<OtaRate>,
+    pub abort: Option<OtaAbort>,
 }
 
 /// Which things a job targets: listed, matching a fleet filter, or both.
@@ -58,6 +87,8 @@ pub struct OtaTargets {
 
 #[derive(SimpleObject, Default)]
 pub struct OtaJobCounts {
+    /// Targets the rollout has not reached yet.
+    pub not_released: u64,
     pub queued: u64,
     pub in_progress: u64,
     pub succeeded: u64,
@@ -70,12 +101,16 @@ pub struct OtaJobCounts {
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq)]
 pub enum OtaJobStatus {
-    /// Some executions have not ended.
+    /// Some executions have not ended, or the rollout has targets left.
     InProgress,
-    /// Every execution ended.
+    /// The rollout releases no new executions until resumed.
+    Paused,
+    /// Every target's execution ended.
     Completed,
     /// An operator canceled it (executions already running may still end otherwise).
     Canceled,
+    /// Too many executions failed: the abort policy stopped it.
+    Aborted,
 }
 
 #[derive(SimpleObject)]
@@ -85,9 +120,9 @@ pub struct OtaJob {
     /// What devices receive as `jobDocument`, signed (see `signingKey`).
     pub document: Json<Value>,
     pub created_at: DateTime,
-    /// Things with an execution of this job.
+    /// Things the job is for.
     pub targets: u64,
-    /// Executions per status; they add up to `targets`.
+    /// Targets per execution status (or not released); they add up to `targets`.
     pub counts: OtaJobCounts,
 }
 
@@ -96,8 +131,34 @@ pub struct NewJob {
     pub job_id: String,
     pub targets: OtaTargets,
     pub document: OtaDocument,
-    pub timeouts: OtaTimeouts,
-    pub retries: u32,
+    pub executions: OtaExecutions,
+    pub rollout: OtaRollout,
+}
+
+/// The pace and abort policy asked for, checked; none for all at once.
+fn rollout(r: OtaRollout) -> ApiResult<Option<(Pace, Option<AbortPolicy>)>> {
+    let abort = r.abort.map(|a| AbortPolicy {
+        failure_percent: a.failure_percent,
+        min_finished: a.min_finished,
+    });
+    if abort.is_some_and(|a| a.failure_percent > 100) {
+        return Err(ApiError::invalid("abort.failurePercent must be 0 to 100"));
+    }
+    let pace = match (r.waves, r.rate) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("a rollout has waves or a rate, not both"));
+        }
+        (Some(percents), None) => Pace::Waves { percents },
+        (None, Some(rate)) => Pace::Rate {
+            base_per_minute: rate.base_per_minute,
+            factor: rate.factor,
+            max_per_minute: rate.max_per_minute,
+        },
+        (None, None) if abort.is_some() => Pace::All,
+        (None, None) => return Ok(None),
+    };
+    pace.check().map_err(ApiError::invalid)?;
+    Ok(Some((pace, abort)))
 }
 
 fn job_id(id: &str) -> ApiResult<String> {
@@ -167,33 +228,50 @@ pub async fn create(
     now: u64,
 ) -> ApiResult<OtaJob> {
     let job_id = job_id(&new.job_id)?;
-    if new.retries > MAX_RETRIES {
+    let retries = new.executions.retries.unwrap_or(0);
+    if retries > MAX_RETRIES {
         return Err(ApiError::invalid(format!(
             "retries must be at most {MAX_RETRIES}"
         )));
     }
     let minutes = |m: Option<u64>| m.unwrap_or(0).saturating_mul(60_000);
     let timeouts = Timeouts {
-        in_progress_ms: minutes(new.timeouts.in_progress_minutes),
-        step_ms: minutes(new.timeouts.step_minutes),
+        in_progress_ms: minutes(new.executions.in_progress_minutes),
+        step_ms: minutes(new.executions.step_minutes),
     };
+    let paced = rollout(new.rollout)?;
     let document = signer.sign(document(new.document)?);
     let things = resolve(fleet, &new.targets)?;
     let job = Arc::new(JobDefinition {
         job_id: job_id.clone(),
         document,
         retry: RetryPolicy {
-            on_failure: new.retries,
-            on_timeout: new.retries,
+            on_failure: retries,
+            on_timeout: retries,
         },
         timeouts,
         created_at: now,
         canceled_at: None,
+        rollout: paced.map(|(pace, abort)| Rollout {
+            pace,
+            abort,
+            targets: things.clone(),
+            released: 0,
+            started_at: now,
+            paused: false,
+            aborted_at: None,
+        }),
     });
     fleet
         .create_job(job.clone())
         .await
         .map_err(ApiError::from)?;
+    if job.rollout.is_some() {
+        // Its controller releases the executions.
+        return progress(fleet, &job_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("the job disappeared"));
+    }
     let queued: Vec<_> = stream::iter(things)
         .map(|thing| {
             let job = job.clone();
@@ -234,21 +312,38 @@ fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
         };
         *n += 1;
     }
-    let status = if job.canceled_at.is_some() {
-        OtaJobStatus::Canceled
-    } else if statuses.iter().all(|(_, s)| s.is_terminal()) {
-        OtaJobStatus::Completed
-    } else {
-        OtaJobStatus::InProgress
+    let targets = job
+        .rollout
+        .as_ref()
+        .map_or(statuses.len() as u64, |r| r.total());
+    counts.not_released = targets.saturating_sub(statuses.len() as u64);
+    let all_ended = counts.not_released == 0 && statuses.iter().all(|(_, s)| s.is_terminal());
+    let status = match &job.rollout {
+        _ if job.canceled_at.is_some() => OtaJobStatus::Canceled,
+        Some(r) if r.aborted_at.is_some() => OtaJobStatus::Aborted,
+        _ if all_ended => OtaJobStatus::Completed,
+        Some(r) if r.paused => OtaJobStatus::Paused,
+        _ => OtaJobStatus::InProgress,
     };
     OtaJob {
         job_id: ID(job.job_id),
         status,
         document: Json(job.document),
         created_at: DateTime(job.created_at),
-        targets: statuses.len() as u64,
+        targets,
         counts,
     }
+}
+
+/// Pauses or resumes a paced job; returns it as it is afterwards.
+pub async fn pause(fleet: &FleetHandle, job_id: &str, paused: bool) -> ApiResult<OtaJob> {
+    fleet
+        .pause_job(job_id, paused)
+        .await
+        .map_err(ApiError::from)?;
+    progress(fleet, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no job {job_id}")))
 }
 
 /// Cancels a job; returns it as it is afterwards.
@@ -280,37 +375,50 @@ pub async fn list(
     Ok(out)
 }
 
-/// `otaJobProgress`: the job now, then again after every change of one of its
-/// executions (ending with `Lagged` when the subscriber falls behind: read `otaJob`).
+/// `otaJobProgress`: the job now, then again after every change of it or of one of its
+/// executions (`Lagged` when the subscriber falls behind: read `otaJob`).
 pub fn watch(fleet: FleetHandle, job_id: String) -> impl Stream<Item = OtaJobEvent> + use<> {
-    let rx = fleet.subscribe();
+    let state = (fleet.subscribe(), fleet.job_changes(), fleet, job_id, true);
     stream::unfold(
-        (rx, fleet, job_id, true),
-        |(mut rx, fleet, job_id, first)| async move {
+        state,
+        |(mut events, mut jobs, fleet, job_id, first)| async move {
             if !first {
-                loop {
-                    match rx.recv().await {
-                        Ok(e) => {
-                            if let TwinEvent::Job { execution, .. } = &*e
-                                && execution.job_id == job_id
-                            {
-                                break;
+                let skipped = loop {
+                    tokio::select! {
+                        e = events.recv() => match e {
+                            Ok(e) => {
+                                if let TwinEvent::Job { execution, .. } = &*e
+                                    && execution.job_id == job_id
+                                {
+                                    break None;
+                                }
                             }
-                        }
-                        Err(RecvError::Lagged(skipped)) => {
-                            let lagged = Lagged {
-                                skipped,
-                                resume_from_version: None,
-                                thing_id: None,
-                            };
-                            return Some((OtaJobEvent::Lagged(lagged), (rx, fleet, job_id, false)));
-                        }
-                        Err(RecvError::Closed) => return None,
+                            Err(RecvError::Lagged(n)) => break Some(n),
+                            Err(RecvError::Closed) => return None,
+                        },
+                        j = jobs.recv() => match j {
+                            Ok(id) if *id == *job_id => break None,
+                            Ok(_) => {}
+                            Err(RecvError::Lagged(n)) => break Some(n),
+                            Err(RecvError::Closed) => return None,
+                        },
                     }
+                };
+                if let Some(skipped) = skipped {
+                    let lagged = Lagged {
+                        skipped,
+                        resume_from_version: None,
+                        thing_id: None,
+                    };
+                    let state = (events, jobs, fleet, job_id, false);
+                    return Some((OtaJobEvent::Lagged(lagged), state));
                 }
             }
             let job = progress(&fleet, &job_id).await.ok().flatten()?;
-            Some((OtaJobEvent::OtaJob(job), (rx, fleet, job_id, false)))
+            Some((
+                OtaJobEvent::OtaJob(job),
+                (events, jobs, fleet, job_id, false),
+            ))
         },
     )
 }

@@ -17,7 +17,9 @@ use twin_model::{ChangeOp, DeviceId, Filter, ShadowName, TwinEvent, UpdateReques
 use crate::auth::{Principal, Role, Tokens};
 use crate::commands::{self, Command, CommandConnection, CommandEdge, CommandEvent};
 use crate::error::{ApiError, ApiResult, Code};
-use crate::jobs::{self, NewJob, OtaDocument, OtaJob, OtaJobEvent, OtaTargets, OtaTimeouts};
+use crate::jobs::{
+    self, NewJob, OtaDocument, OtaExecutions, OtaJob, OtaJobEvent, OtaRollout, OtaTargets,
+};
 
 /// What every resolver shares.
 pub struct Api {
@@ -576,26 +578,38 @@ impl Mutation {
     }
 
     /// Creates a firmware (OTA) job (operator): every target gets an execution, which
-    /// its device sees on the AWS IoT Jobs topics (`notify`, `start-next`, ...). Failed
-    /// and timed-out attempts are retried up to `retries` times each (default 0).
+    /// its device sees on the AWS IoT Jobs topics (`notify`, `start-next`, ...): all at
+    /// once, or paced by `rollout` (waves or a rate) and stopped by its abort policy.
     async fn create_ota_job(
         &self,
         ctx: &Context<'_>,
         job_id: ID,
         targets: OtaTargets,
         document: OtaDocument,
-        timeouts: Option<OtaTimeouts>,
-        retries: Option<u32>,
+        executions: Option<OtaExecutions>,
+        rollout: Option<OtaRollout>,
     ) -> async_graphql::Result<OtaJob> {
         let api = allowed(ctx, Role::Operator)?;
         let new = NewJob {
             job_id: job_id.0,
             targets,
             document,
-            timeouts: timeouts.unwrap_or_default(),
-            retries: retries.unwrap_or(0),
+            executions: executions.unwrap_or_default(),
+            rollout: rollout.unwrap_or_default(),
         };
         Ok(jobs::create(&api.fleet, &api.signer, new, twin_store::now_millis()).await?)
+    }
+
+    /// Pauses a paced job's rollout (operator): no new executions until resumed.
+    async fn pause_ota_job(&self, ctx: &Context<'_>, job_id: ID) -> async_graphql::Result<OtaJob> {
+        let api = allowed(ctx, Role::Operator)?;
+        Ok(jobs::pause(&api.fleet, &job_id, true).await?)
+    }
+
+    /// Resumes a paused rollout (operator).
+    async fn resume_ota_job(&self, ctx: &Context<'_>, job_id: ID) -> async_graphql::Result<OtaJob> {
+        let api = allowed(ctx, Role::Operator)?;
+        Ok(jobs::pause(&api.fleet, &job_id, false).await?)
     }
 
     /// Cancels an OTA job (operator): no execution is queued anymore and every queued one

@@ -684,7 +684,7 @@ async fn ota_jobs_are_created_for_their_targets_and_counted() {
     for t in ["a1", "a2", "b1"] {
         f.register(t, json!({"line": &t[..1]})).await;
     }
-    let create = "mutation($id: ID!, $t: OtaTargets!, $sha: String!, $retries: Int) { createOtaJob(jobId: $id, targets: $t, document: {firmware: {version: \"3.1\", url: \"https://x/3.1\", sha256: $sha, size: 10}}, retries: $retries, timeouts: {stepMinutes: 5}) { jobId targets counts { queued inProgress } document } }";
+    let create = "mutation($id: ID!, $t: OtaTargets!, $sha: String!, $retries: Int) { createOtaJob(jobId: $id, targets: $t, document: {firmware: {version: \"3.1\", url: \"https://x/3.1\", sha256: $sha, size: 10}}, executions: {retries: $retries, stepMinutes: 5}) { jobId targets counts { queued inProgress } document } }";
     let sha = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
     let d = f
         .admin(

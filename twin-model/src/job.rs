@@ -258,6 +258,9 @@ pub struct JobDefinition {
     /// When an operator canceled the job: its queued executions were canceled then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canceled_at: Option<u64>,
+    /// A paced rollout; without one, every target got its execution at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::Rollout>,
 }
 
 impl JobDefinition {

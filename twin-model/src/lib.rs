@@ -4,6 +4,7 @@
 //! - [`shadow`]: AWS IoT Device Shadow semantics (decide / apply, delta, payloads);
 //! - [`command`]: a command's execution on one device (AWS IoT commands);
 //! - [`job`]: a job's execution on one device (AWS IoT Jobs);
+//! - [`rollout`]: a job's pace over its fleet (waves, rates) and its abort policy;
 //! - [`event`]: [`TwinEvent`], what every consumer of a twin reads;
 //! - [`filter`]: the fleet filter language (parser, printer, evaluator);
 //! - [`topic`]: the MQTT topic names of the device API.
@@ -15,6 +16,7 @@ pub mod id;
 pub mod job;
 pub mod json;
 pub mod rejection;
+pub mod rollout;
 pub mod shadow;
 pub mod topic;
 

@@ -152,3 +152,49 @@ proptest! {
         }
     }
 }
+
+fn pace() -> impl Strategy<Value = twin_model::rollout::Pace> {
+    use twin_model::rollout::Pace;
+    prop_oneof![
+        Just(Pace::All),
+        prop::collection::btree_set(1u32..=100, 1..4).prop_map(|s| Pace::Waves {
+            percents: s.into_iter().collect()
+        }),
+        (1u32..50, 1.0f64..3.0, 0u32..100).prop_map(|(b, f, extra)| Pace::Rate {
+            base_per_minute: b,
+            factor: f,
+            max_per_minute: b + extra
+        }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn a_rollout_releases_monotonically_and_never_past_its_targets(
+        pace in pace(),
+        total in 0u64..500,
+        steps in prop::collection::vec((0u64..120_000, 0u64..50), 1..30),
+    ) {
+        let (mut released, mut finished, mut elapsed) = (0u64, 0u64, 0u64);
+        for (dt, done) in steps {
+            elapsed += dt;
+            finished = (finished + done).min(released);
+            let allowed = pace.allowed(total, released, finished, elapsed);
+            prop_assert!(allowed >= released, "never takes back a release");
+            prop_assert!(allowed <= total, "{} > {}", allowed, total);
+            released = allowed;
+        }
+        // Once what was released has ended, waves and time bring in every target the
+        // pace covers (the last wave's share).
+        let covered = match &pace {
+            twin_model::rollout::Pace::Waves { percents } => {
+                (total * u64::from(*percents.last().unwrap())).div_ceil(100)
+            }
+            _ => total,
+        };
+        for _ in 0..5 {
+            released = pace.allowed(total, released, released, elapsed + 1_000 * 60_000);
+        }
+        prop_assert!(released >= covered, "{} of {} covered", released, covered);
+    }
+}

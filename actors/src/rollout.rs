@@ -1,0 +1,134 @@
+//! One controller per paced job: it releases executions at the job's pace, stops the job
+//! when its abort policy trips, and takes pause, resume and cancel from operators. It is
+//! the only writer of its job's definition while it runs, and it persists every change, so
+//! a restarted server picks the rollout up where it was (`FleetHandle::resume_rollouts`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use twin_model::job::{JobDefinition, JobStatus};
+use twin_store::now_millis;
+
+use crate::error::FleetError;
+use crate::fleet::FleetHandle;
+
+/// How often a controller looks at its job's executions.
+const TICK: Duration = Duration::from_millis(200);
+/// Executions queued at once when a wave opens.
+const RELEASE_BATCH: usize = 64;
+
+pub enum Control {
+    /// Pause (true) or resume (false) releasing executions.
+    Pause(bool, oneshot::Sender<Result<(), FleetError>>),
+    /// Cancel the job (and its in-progress executions with `force`).
+    Cancel(bool, oneshot::Sender<Result<(), FleetError>>),
+}
+
+/// Whether a job's rollout still has work to do.
+pub fn unfinished(job: &JobDefinition) -> bool {
+    job.canceled_at.is_none() && job.rollout.as_ref().is_some_and(|r| r.aborted_at.is_none())
+}
+
+pub(crate) async fn run(
+    fleet: FleetHandle,
+    mut job: JobDefinition,
+    mut control: mpsc::Receiver<Control>,
+) {
+    let id = job.job_id.clone();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            msg = control.recv() => match msg {
+                Some(Control::Pause(paused, reply)) => {
+                    if let Some(r) = job.rollout.as_mut() {
+                        r.paused = paused;
+                    }
+                    let _ = reply.send(save(&fleet, &job).await);
+                }
+                Some(Control::Cancel(force, reply)) => {
+                    job.canceled_at = Some(now_millis());
+                    let done = match save(&fleet, &job).await {
+                        Ok(()) => fleet.cancel_executions(&id, force).await.map(drop),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(done);
+                    break;
+                }
+                None => break,
+            },
+            _ = tick.tick() => match step(&fleet, &mut job).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => tracing::warn!(job = %id, error = %e, "rollout step failed; retrying"),
+            },
+        }
+    }
+    fleet.shared.rollouts.remove(&id);
+}
+
+async fn save(fleet: &FleetHandle, job: &JobDefinition) -> Result<(), FleetError> {
+    fleet.save_job(job.clone()).await
+}
+
+/// One look at the job: abort, or release what the pace allows. False once the rollout
+/// is over.
+async fn step(fleet: &FleetHandle, job: &mut JobDefinition) -> Result<bool, FleetError> {
+    let Some(rollout) = job.rollout.clone() else {
+        return Ok(false);
+    };
+    let statuses = fleet.job_statuses(&job.job_id).await?;
+    let finished = statuses.iter().filter(|(_, s)| s.is_terminal()).count() as u64;
+    let failed = statuses
+        .iter()
+        .filter(|(_, s)| {
+            matches!(
+                s,
+                JobStatus::Failed | JobStatus::TimedOut | JobStatus::Rejected
+            )
+        })
+        .count() as u64;
+    if rollout.abort.is_some_and(|a| a.tripped(finished, failed)) {
+        if let Some(r) = job.rollout.as_mut() {
+            r.aborted_at = Some(now_millis());
+        }
+        save(fleet, job).await?;
+        fleet.cancel_executions(&job.job_id, false).await?;
+        tracing::warn!(job = %job.job_id, finished, failed, "rollout aborted: too many failures");
+        return Ok(false);
+    }
+    if rollout.released == rollout.total() {
+        return Ok(finished < rollout.total());
+    }
+    if rollout.paused {
+        return Ok(true);
+    }
+    let elapsed = now_millis().saturating_sub(rollout.started_at);
+    let allowed = rollout
+        .pace
+        .allowed(rollout.total(), rollout.released, finished, elapsed);
+    if allowed == rollout.released {
+        return Ok(true);
+    }
+    let definition = Arc::new(job.clone());
+    let batch = &rollout.targets[rollout.released as usize..allowed as usize];
+    for chunk in batch.chunks(RELEASE_BATCH) {
+        let queued: Vec<_> = chunk
+            .iter()
+            .map(|thing| fleet.queue_job(thing, definition.clone()))
+            .collect();
+        for q in queued {
+            match q.await {
+                // Already queued (the release was not yet persisted when the server
+                // stopped), or the thing is gone: nothing to do for it.
+                Ok(_) | Err(FleetError::Rejected(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if let Some(r) = job.rollout.as_mut() {
+        r.released = allowed;
+    }
+    save(fleet, job).await?;
+    Ok(true)
+}

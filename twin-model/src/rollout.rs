@@ -1,0 +1,220 @@
+//! How a job reaches its fleet: how many targets may have an execution by now (waves or
+//! an exponential rate), and when failures stop it. Pure; time passed in.
+
+use serde::{Deserialize, Serialize};
+
+use crate::DeviceId;
+
+/// A paced job's rollout as it stands: persisted with the job, so that it goes on where it
+/// was after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    pub pace: Pace,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<AbortPolicy>,
+    /// Every target, in the order they get their executions.
+    pub targets: Vec<DeviceId>,
+    /// How many of `targets` have an execution.
+    pub released: u64,
+    pub started_at: u64,
+    #[serde(default)]
+    pub paused: bool,
+    /// When the abort policy stopped it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted_at: Option<u64>,
+}
+
+impl Rollout {
+    pub fn total(&self) -> u64 {
+        self.targets.len() as u64
+    }
+}
+
+/// The pace of a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Pace {
+    /// Every target at once.
+    All,
+    /// Cumulative percentages of the targets, such as 1, 10, 100: a wave starts once every
+    /// execution of the waves before it has ended.
+    Waves { percents: Vec<u32> },
+    /// `base_per_minute` executions in the first minute, `factor` times more each minute
+    /// after, never more than `max_per_minute`.
+    #[serde(rename_all = "camelCase")]
+    Rate {
+        base_per_minute: u32,
+        factor: f64,
+        max_per_minute: u32,
+    },
+}
+
+/// Stop the rollout once `failure_percent` of at least `min_finished` ended executions
+/// failed (FAILED, TIMED_OUT or REJECTED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AbortPolicy {
+    pub failure_percent: u32,
+    pub min_finished: u64,
+}
+
+impl AbortPolicy {
+    pub fn tripped(&self, finished: u64, failed: u64) -> bool {
+        finished > 0
+            && finished >= self.min_finished
+            && failed * 100 >= u64::from(self.failure_percent) * finished
+    }
+}
+
+impl Pace {
+    /// Checks the numbers; the error says which one is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Self::All => Ok(()),
+            Self::Waves { percents } => {
+                let rising = percents.windows(2).all(|w| w[0] < w[1]);
+                if percents.is_empty() || !rising || percents.iter().any(|p| !(1..=100).contains(p))
+                {
+                    return Err("waves are rising percentages from 1 to 100".into());
+                }
+                Ok(())
+            }
+            Self::Rate {
+                base_per_minute,
+                factor,
+                max_per_minute,
+            } => {
+                if *base_per_minute == 0
+                    || *factor < 1.0
+                    || !factor.is_finite()
+                    || max_per_minute < base_per_minute
+                {
+                    return Err("a rate needs basePerMinute >= 1, factor >= 1 and maxPerMinute >= basePerMinute".into());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// How many of `total` targets may have an execution `elapsed_ms` after the rollout
+    /// started, when `finished` of the `released` ones have ended. Never less than
+    /// `released`, never more than `total`.
+    pub fn allowed(&self, total: u64, released: u64, finished: u64, elapsed_ms: u64) -> u64 {
+        let allowed = match self {
+            Self::All => total,
+            Self::Waves { percents } => {
+                let mut allowed = 0;
+                for p in percents {
+                    allowed = (total * u64::from(*p)).div_ceil(100);
+                    if finished < allowed {
+                        break;
+                    }
+                }
+                allowed
+            }
+            Self::Rate {
+                base_per_minute,
+                factor,
+                max_per_minute,
+            } => {
+                let minutes = elapsed_ms as f64 / 60_000.0;
+                let (mut sum, mut rate, mut m) = (0.0, f64::from(*base_per_minute), 0.0);
+                while m + 1.0 <= minutes && sum < total as f64 {
+                    sum += rate;
+                    rate = (rate * factor).min(f64::from(*max_per_minute));
+                    m += 1.0;
+                }
+                sum += rate * (minutes - m);
+                // The first execution goes out at once.
+                (sum.ceil() as u64).max(1)
+            }
+        };
+        allowed.clamp(released, total.max(released))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_wait_for_the_previous_wave_to_end() {
+        let waves = Pace::Waves {
+            percents: vec![1, 10, 100],
+        };
+        assert_eq!(waves.allowed(200, 0, 0, 0), 2);
+        assert_eq!(
+            waves.allowed(200, 2, 1, 0),
+            2,
+            "one of the first two still runs"
+        );
+        assert_eq!(waves.allowed(200, 2, 2, 0), 20);
+        assert_eq!(waves.allowed(200, 20, 19, 0), 20);
+        assert_eq!(waves.allowed(200, 20, 20, 0), 200);
+        assert_eq!(waves.allowed(3, 0, 0, 0), 1, "1% of 3 rounds up");
+        assert_eq!(Pace::All.allowed(7, 0, 0, 0), 7);
+    }
+
+    #[test]
+    fn a_rate_grows_by_its_factor_up_to_its_maximum() {
+        let rate = Pace::Rate {
+            base_per_minute: 10,
+            factor: 2.0,
+            max_per_minute: 25,
+        };
+        assert_eq!(rate.allowed(1000, 0, 0, 0), 1, "one at once");
+        assert_eq!(rate.allowed(1000, 0, 0, 30_000), 5);
+        assert_eq!(rate.allowed(1000, 0, 0, 60_000), 10);
+        assert_eq!(rate.allowed(1000, 0, 0, 120_000), 30);
+        assert_eq!(
+            rate.allowed(1000, 0, 0, 180_000),
+            55,
+            "20 then capped at 25"
+        );
+        assert_eq!(rate.allowed(40, 0, 0, 600_000), 40);
+        assert_eq!(
+            rate.allowed(1000, 70, 0, 60_000),
+            70,
+            "never fewer than released"
+        );
+    }
+
+    #[test]
+    fn the_abort_policy_needs_enough_finished_executions() {
+        let p = AbortPolicy {
+            failure_percent: 20,
+            min_finished: 10,
+        };
+        assert!(!p.tripped(9, 9));
+        assert!(!p.tripped(10, 1));
+        assert!(p.tripped(10, 2));
+        assert!(!p.tripped(0, 0));
+    }
+
+    #[test]
+    fn bad_paces_say_why() {
+        for bad in [
+            Pace::Waves { percents: vec![] },
+            Pace::Waves {
+                percents: vec![10, 5],
+            },
+            Pace::Waves {
+                percents: vec![0, 100],
+            },
+            Pace::Rate {
+                base_per_minute: 0,
+                factor: 2.0,
+                max_per_minute: 5,
+            },
+            Pace::Rate {
+                base_per_minute: 5,
+                factor: 0.5,
+                max_per_minute: 5,
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+        assert!(Pace::All.check().is_ok());
+    }
+}
