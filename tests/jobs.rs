@@ -275,11 +275,13 @@ async fn an_operator_cancels_a_job_and_forces_the_running_executions_off() {
 
 /// Devices that run every job they are given: they start the next job when notify-next
 /// says there is one (and once at connect), then report SUCCEEDED, or FAILED where
-/// `fails` says so. Each runs until the test ends.
+/// `fails` says so; after success, those `self_test` picks report `selfTest: "passed"`
+/// in their shadow. Each runs until the test ends.
 fn fleet_of_devices(
     mqtt: &str,
     ids: Vec<String>,
     fails: fn(&str) -> bool,
+    self_test: fn(&str) -> bool,
 ) -> tokio::task::JoinSet<()> {
     let mut set = tokio::task::JoinSet::new();
     for id in ids {
@@ -312,6 +314,16 @@ fn fleet_of_devices(
                     )
                     .unwrap();
                 } else if p.topic.ends_with("/update/accepted") {
+                    if !fails(&id) && self_test(&id) {
+                        let report = json!({"state": {"reported": {"selfTest": "passed"}}});
+                        c.try_publish(
+                            format!("$aws/things/{id}/shadow/update"),
+                            QoS::AtLeastOnce,
+                            false,
+                            report.to_string(),
+                        )
+                        .unwrap();
+                    }
                     start();
                 }
             }
@@ -331,7 +343,7 @@ async fn progress_until(ws: &mut common::Ws, done: impl Fn(&Value) -> bool) -> V
     }
 }
 
-const PROGRESS_SUB: &str = "subscription { otaJobProgress(jobId: \"JOB\") { __typename ... on OtaJob { status targets counts { notReleased queued inProgress succeeded failed canceled } } ... on Lagged { skipped } } }";
+const PROGRESS_SUB: &str = "subscription { otaJobProgress(jobId: \"JOB\") { __typename ... on OtaJob { status targets counts { notReleased queued inProgress succeeded failed canceled unhealthy } } ... on Lagged { skipped } } }";
 
 const CREATE_PACED: &str = "mutation($id: ID!, $ids: [ID!], $rollout: OtaRollout) { createOtaJob(jobId: $id, targets: {thingIds: $ids}, document: {firmware: {version: \"3.0\", url: \"https://fw.example/3.0\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 1}}, rollout: $rollout) { status targets counts { notReleased } } }";
 
@@ -349,7 +361,7 @@ async fn failures_in_the_first_wave_of_200_devices_abort_the_rollout() {
     let ids: Vec<String> = (0..200).map(|i| format!("dev-{i:03}")).collect();
     // Every fourth device fails: 5 of the first wave's 20 (25% > 20%).
     let fails = |id: &str| id[4..].parse::<u32>().unwrap() % 4 == 0;
-    let devices = fleet_of_devices(&server.mqtt, ids.clone(), fails);
+    let devices = fleet_of_devices(&server.mqtt, ids.clone(), fails, |_| true);
     // The devices are registered (auto-register) once they connect.
     for id in &ids {
         let q = format!("{{ thing(id: \"{id}\") {{ id }} }}");
@@ -374,7 +386,7 @@ async fn failures_in_the_first_wave_of_200_devices_abort_the_rollout() {
     let aborted = progress_until(&mut ws, |j| j["status"] == "ABORTED").await;
     assert_eq!(
         aborted["counts"],
-        json!({"notReleased": 180, "queued": 0, "inProgress": 0, "succeeded": 15, "failed": 5, "canceled": 0}),
+        json!({"notReleased": 180, "queued": 0, "inProgress": 0, "succeeded": 15, "failed": 5, "canceled": 0, "unhealthy": 0}),
         "the second wave never started: {aborted}"
     );
     drop(devices);
@@ -406,7 +418,7 @@ async fn a_paused_rollout_waits_resumes_and_survives_a_restart() {
         .await
         .json();
     assert_eq!(r["data"]["pauseOtaJob"]["status"], "PAUSED", "{r}");
-    let devices = fleet_of_devices(&server.mqtt, ids.clone(), |_| false);
+    let devices = fleet_of_devices(&server.mqtt, ids.clone(), |_| false, |_| true);
     let waiting = progress_until(&mut ws, |j| j["counts"]["succeeded"] == 2).await;
     assert_eq!(waiting["status"], "PAUSED");
     assert_eq!(waiting["counts"]["notReleased"], 2);
@@ -425,7 +437,7 @@ async fn a_paused_rollout_waits_resumes_and_survives_a_restart() {
         json!({"status": "PAUSED", "counts": {"notReleased": 2, "succeeded": 2}})
     );
     let mut ws = watch_job(&server, &admin, "fw-4").await;
-    let _devices = fleet_of_devices(&server.mqtt, ids.clone(), |_| false);
+    let _devices = fleet_of_devices(&server.mqtt, ids.clone(), |_| false, |_| true);
     let resume = "mutation { resumeOtaJob(jobId: \"fw-4\") { status } }";
     let r = graphql(&server.http, Some(&admin), resume, json!({}))
         .await
@@ -433,4 +445,38 @@ async fn a_paused_rollout_waits_resumes_and_survives_a_restart() {
     assert_eq!(r["data"]["resumeOtaJob"]["status"], "IN_PROGRESS", "{r}");
     let done = progress_until(&mut ws, |j| j["status"] == "COMPLETED").await;
     assert_eq!(done["counts"]["succeeded"], 4, "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_gate_counts_a_device_that_fails_its_self_test_and_stops_the_waves() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--auto-register"]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let ids: Vec<String> = (0..4).map(|i| format!("pump-{i}")).collect();
+    for id in &ids {
+        register(&server.http, &admin, id, json!({})).await;
+    }
+    let rollout = json!({
+        "waves": [50, 100],
+        "healthGate": {"filter": "reported.selfTest = \"passed\"", "windowSeconds": 1},
+        "abort": {"failurePercent": 50, "minFinished": 2},
+    });
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        CREATE_PACED,
+        json!({"id": "fw-5", "ids": ids, "rollout": rollout}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["createOtaJob"]["targets"], 4, "{r}");
+    let mut ws = watch_job(&server, &admin, "fw-5").await;
+    // pump-1 succeeds but never passes its self test.
+    let _devices = fleet_of_devices(&server.mqtt, ids.clone(), |_| false, |id| id != "pump-1");
+    let stopped = progress_until(&mut ws, |j| j["status"] == "ABORTED").await;
+    assert_eq!(
+        stopped["counts"],
+        json!({"notReleased": 2, "queued": 0, "inProgress": 0, "succeeded": 2, "failed": 0, "canceled": 0, "unhealthy": 1}),
+        "{stopped}"
+    );
 }

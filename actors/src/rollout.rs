@@ -1,13 +1,17 @@
-//! One controller per paced job: it releases executions at the job's pace, stops the job
-//! when its abort policy trips, and takes pause, resume and cancel from operators. It is
+//! One controller per paced job: it releases executions at the job's pace, judges the
+//! health of succeeded devices when the job has a health gate, stops the job when its
+//! abort policy trips, and takes pause, resume and cancel from operators. It is
 //! the only writer of its job's definition while it runs, and it persists every change, so
 //! a restarted server picks the rollout up where it was (`FleetHandle::resume_rollouts`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use tokio::sync::{mpsc, oneshot};
 use twin_model::job::{JobDefinition, JobStatus};
+use twin_model::{DeviceId, Filter};
 use twin_store::now_millis;
 
 use crate::error::FleetError;
@@ -37,6 +41,9 @@ pub(crate) async fn run(
 ) {
     let id = job.job_id.clone();
     let mut tick = tokio::time::interval(TICK);
+    // When this controller first saw each target SUCCEEDED (after a restart, the health
+    // window starts again for those still undecided).
+    let mut succeeded_at: HashMap<DeviceId, u64> = HashMap::new();
     loop {
         tokio::select! {
             msg = control.recv() => match msg {
@@ -57,7 +64,7 @@ pub(crate) async fn run(
                 }
                 None => break,
             },
-            _ = tick.tick() => match step(&fleet, &mut job).await {
+            _ = tick.tick() => match step(&fleet, &mut job, &mut succeeded_at).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => tracing::warn!(job = %id, error = %e, "rollout step failed; retrying"),
@@ -71,14 +78,73 @@ async fn save(fleet: &FleetHandle, job: &JobDefinition) -> Result<(), FleetError
     fleet.save_job(job.clone()).await
 }
 
+/// Gives succeeded targets their health verdict: healthy once they match the gate's
+/// filter, unhealthy when its window passes first. True when a verdict was given.
+fn judge_health(
+    fleet: &FleetHandle,
+    job: &mut JobDefinition,
+    statuses: &[(DeviceId, JobStatus)],
+    succeeded_at: &mut HashMap<DeviceId, u64>,
+) -> bool {
+    let Some(rollout) = job.rollout.as_mut() else {
+        return false;
+    };
+    let Some(gate) = rollout.health.clone() else {
+        return false;
+    };
+    let Ok(filter) = Filter::parse(&gate.filter) else {
+        return false;
+    };
+    let now = now_millis();
+    let mut changed = false;
+    for (thing, status) in statuses {
+        if *status != JobStatus::Succeeded
+            || rollout.healthy.contains(thing)
+            || rollout.unhealthy.contains(thing)
+        {
+            continue;
+        }
+        let since = *succeeded_at.entry(thing.clone()).or_insert(now);
+        if fleet.matches(thing, &filter) {
+            rollout.healthy.push(thing.clone());
+            changed = true;
+        } else if now.saturating_sub(since) >= gate.window_ms {
+            rollout.unhealthy.push(thing.clone());
+            changed = true;
+        }
+    }
+    changed
+}
+
 /// One look at the job: abort, or release what the pace allows. False once the rollout
 /// is over.
-async fn step(fleet: &FleetHandle, job: &mut JobDefinition) -> Result<bool, FleetError> {
+async fn step(
+    fleet: &FleetHandle,
+    job: &mut JobDefinition,
+    succeeded_at: &mut HashMap<DeviceId, u64>,
+) -> Result<bool, FleetError> {
+    if job.rollout.is_none() {
+        return Ok(false);
+    }
+    let statuses = fleet.job_statuses(&job.job_id).await?;
+    if judge_health(fleet, job, &statuses, succeeded_at) {
+        save(fleet, job).await?;
+    }
     let Some(rollout) = job.rollout.clone() else {
         return Ok(false);
     };
-    let statuses = fleet.job_statuses(&job.job_id).await?;
-    let finished = statuses.iter().filter(|(_, s)| s.is_terminal()).count() as u64;
+    let gated = rollout.health.is_some();
+    // Ended, and for a gated job, a succeeded one also judged healthy or not.
+    let finished = statuses
+        .iter()
+        .filter(|(thing, s)| {
+            s.is_terminal()
+                && (!gated
+                    || *s != JobStatus::Succeeded
+                    || rollout.healthy.contains(thing)
+                    || rollout.unhealthy.contains(thing))
+        })
+        .count() as u64;
     let failed = statuses
         .iter()
         .filter(|(_, s)| {
@@ -87,7 +153,8 @@ async fn step(fleet: &FleetHandle, job: &mut JobDefinition) -> Result<bool, Flee
                 JobStatus::Failed | JobStatus::TimedOut | JobStatus::Rejected
             )
         })
-        .count() as u64;
+        .count() as u64
+        + rollout.unhealthy.len() as u64;
     if rollout.abort.is_some_and(|a| a.tripped(finished, failed)) {
         if let Some(r) = job.rollout.as_mut() {
             r.aborted_at = Some(now_millis());

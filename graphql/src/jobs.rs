@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use twin_actors::FleetHandle;
 use twin_model::job::{JobDefinition, JobStatus, MAX_RETRIES, RetryPolicy, Timeouts};
-use twin_model::rollout::{AbortPolicy, Pace, Rollout};
+use twin_model::rollout::{AbortPolicy, HealthGate, Pace, Rollout};
 use twin_model::{DeviceId, TwinEvent};
 
 use crate::error::{ApiError, ApiResult};
@@ -69,6 +69,14 @@ pub struct OtaAbort {
     pub min_finished: u64,
 }
 
+/// After SUCCEEDED, a device must match `filter` (a fleet filter over its twin, such as
+/// `reported.selfTest = "passed"`) within `windowSeconds`, or it counts as failed.
+#[derive(InputObject)]
+pub struct OtaHealthGate {
+    pub filter: String,
+    pub window_seconds: u64,
+}
+
 /// How the job reaches its targets: in waves (cumulative percentages, each wave once the
 /// one before has ended) or at a rate; all at once without either.
 #[derive(InputObject, Default)]
@@ -76,6 +84,7 @@ pub struct OtaRollout {
     pub waves: Option<Vec<u32>>,
     pub rate: Option<OtaRate>,
     pub abort: Option<OtaAbort>,
+    pub health_gate: Option<OtaHealthGate>,
 }
 
 /// Which things a job targets: listed, matching a fleet filter, or both.
@@ -89,6 +98,8 @@ pub struct OtaTargets {
 pub struct OtaJobCounts {
     /// Targets the rollout has not reached yet.
     pub not_released: u64,
+    /// Succeeded, but failed the health gate (also counted in `succeeded`).
+    pub unhealthy: u64,
     pub queued: u64,
     pub in_progress: u64,
     pub succeeded: u64,
@@ -135,8 +146,20 @@ pub struct NewJob {
     pub rollout: OtaRollout,
 }
 
-/// The pace and abort policy asked for, checked; none for all at once.
-fn rollout(r: OtaRollout) -> ApiResult<Option<(Pace, Option<AbortPolicy>)>> {
+/// The pace, abort policy and health gate asked for, checked; none for all at once.
+type Paced = (Pace, Option<AbortPolicy>, Option<HealthGate>);
+
+fn rollout(r: OtaRollout) -> ApiResult<Option<Paced>> {
+    let health = match r.health_gate {
+        Some(g) => {
+            parse_filter(Some(&g.filter))?;
+            Some(HealthGate {
+                filter: g.filter,
+                window_ms: g.window_seconds.saturating_mul(1000),
+            })
+        }
+        None => None,
+    };
     let abort = r.abort.map(|a| AbortPolicy {
         failure_percent: a.failure_percent,
         min_finished: a.min_finished,
@@ -154,11 +177,11 @@ fn rollout(r: OtaRollout) -> ApiResult<Option<(Pace, Option<AbortPolicy>)>> {
             factor: rate.factor,
             max_per_minute: rate.max_per_minute,
         },
-        (None, None) if abort.is_some() => Pace::All,
+        (None, None) if abort.is_some() || health.is_some() => Pace::All,
         (None, None) => return Ok(None),
     };
     pace.check().map_err(ApiError::invalid)?;
-    Ok(Some((pace, abort)))
+    Ok(Some((pace, abort, health)))
 }
 
 fn job_id(id: &str) -> ApiResult<String> {
@@ -252,7 +275,7 @@ pub async fn create(
         timeouts,
         created_at: now,
         canceled_at: None,
-        rollout: paced.map(|(pace, abort)| Rollout {
+        rollout: paced.map(|(pace, abort, health)| Rollout {
             pace,
             abort,
             targets: things.clone(),
@@ -260,6 +283,9 @@ pub async fn create(
             started_at: now,
             paused: false,
             aborted_at: None,
+            health,
+            healthy: Vec::new(),
+            unhealthy: Vec::new(),
         }),
     });
     fleet
@@ -317,7 +343,12 @@ fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
         .as_ref()
         .map_or(statuses.len() as u64, |r| r.total());
     counts.not_released = targets.saturating_sub(statuses.len() as u64);
-    let all_ended = counts.not_released == 0 && statuses.iter().all(|(_, s)| s.is_terminal());
+    counts.unhealthy = job.rollout.as_ref().map_or(0, |r| r.unhealthy.len() as u64);
+    let judged = job.rollout.as_ref().is_none_or(|r| {
+        r.health.is_none() || (r.healthy.len() + r.unhealthy.len()) as u64 == counts.succeeded
+    });
+    let all_ended =
+        counts.not_released == 0 && judged && statuses.iter().all(|(_, s)| s.is_terminal());
     let status = match &job.rollout {
         _ if job.canceled_at.is_some() => OtaJobStatus::Canceled,
         Some(r) if r.aborted_at.is_some() => OtaJobStatus::Aborted,

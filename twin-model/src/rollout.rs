@@ -23,6 +23,23 @@ pub struct Rollout {
     /// When the abort policy stopped it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborted_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthGate>,
+    /// Succeeded targets that met the health gate in time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub healthy: Vec<DeviceId>,
+    /// Succeeded targets that did not: they count as failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unhealthy: Vec<DeviceId>,
+}
+
+/// After `SUCCEEDED`, a device must match `filter` (a fleet filter over its twin, such
+/// as `reported.selfTest = "passed"`) within `window_ms`, or it counts as failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthGate {
+    pub filter: String,
+    pub window_ms: u64,
 }
 
 impl Rollout {
