@@ -480,3 +480,75 @@ async fn a_health_gate_counts_a_device_that_fails_its_self_test_and_stops_the_wa
         "{stopped}"
     );
 }
+
+#[tokio::test]
+async fn a_device_that_fails_after_installing_is_rolled_back_automatically() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let secret = register(&server.http, &admin, "valve-9", json!({})).await;
+    let (c, mut el) = device(&server.mqtt, "valve-9", &secret).await;
+    let create = "mutation { createOtaJob(jobId: \"fw-6\", targets: {thingIds: [\"valve-9\"]}, document: {firmware: {version: \"2.0\", url: \"https://fw.example/2.0\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 1}, rollbackTo: {version: \"1.9\", url: \"https://fw.example/1.9\", sha256: \"60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752\", size: 1}}) { rollbackJobId } }";
+    let r = graphql(&server.http, Some(&admin), create, json!({}))
+        .await
+        .json();
+    assert_eq!(
+        r["data"]["createOtaJob"]["rollbackJobId"], "fw-6-rollback",
+        "{r}"
+    );
+
+    // The update fails while verifying, after the install.
+    let started = ask(&c, &mut el, "valve-9", "start-next", json!({})).await;
+    assert_eq!(started["execution"]["jobId"], "fw-6");
+    ask(
+        &c,
+        &mut el,
+        "valve-9",
+        "fw-6/update",
+        json!({"status": "IN_PROGRESS", "statusDetails": {"step": "verify"}}),
+    )
+    .await;
+    ask(
+        &c,
+        &mut el,
+        "valve-9",
+        "fw-6/update",
+        json!({"status": "FAILED"}),
+    )
+    .await;
+    // Its next job is the rollback, which installs the previous firmware (notify-next
+    // said so too, before the update's answer).
+    let next = ask(&c, &mut el, "valve-9", "$next/get", json!({})).await;
+    assert_eq!(next["execution"]["jobId"], "fw-6-rollback", "{next}");
+    assert_eq!(
+        next["execution"]["jobDocument"]["firmware"]["version"],
+        "1.9"
+    );
+    ask(&c, &mut el, "valve-9", "start-next", json!({})).await;
+    let done = ask(
+        &c,
+        &mut el,
+        "valve-9",
+        "fw-6-rollback/update",
+        json!({"status": "SUCCEEDED"}),
+    )
+    .await;
+    assert_eq!(done["_rejected"], false, "{done}");
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        "{ a: otaJob(jobId: \"fw-6\") { counts { failed } } b: otaJob(jobId: \"fw-6-rollback\") { targets counts { succeeded } } thing(id: \"valve-9\") { shadow { reported } } }",
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["a"]["counts"]["failed"], 1, "{r}");
+    assert_eq!(
+        r["data"]["b"],
+        json!({"targets": 1, "counts": {"succeeded": 1}})
+    );
+    assert_eq!(
+        r["data"]["thing"]["shadow"]["reported"]["firmware"]["version"],
+        "1.9"
+    );
+}

@@ -583,6 +583,7 @@ fn firmware_job(id: &str, retry: RetryPolicy, timeouts: Timeouts) -> Arc<JobDefi
         timeouts,
         created_at: 0,
         canceled_at: None,
+        rollback_job: None,
         rollout: None,
     })
 }

@@ -39,6 +39,10 @@ pub struct OtaDocument {
     pub firmware: FirmwareInput,
     /// More fields of the document, beside `firmware`.
     pub data: Option<Json<Value>>,
+    /// `rollback: auto`: a device whose execution fails after installing (its last
+    /// `statusDetails.step` was install, reboot, verify or activate) gets the job
+    /// `{jobId}-rollback`, which installs this firmware.
+    pub rollback_to: Option<FirmwareInput>,
 }
 
 /// How each execution behaves: retries and time limits (none by default).
@@ -128,6 +132,8 @@ pub enum OtaJobStatus {
 pub struct OtaJob {
     pub job_id: ID,
     pub status: OtaJobStatus,
+    /// The job that rolls failed devices back, if this one has one.
+    pub rollback_job_id: Option<ID>,
     /// What devices receive as `jobDocument`, signed (see `signingKey`).
     pub document: Json<Value>,
     pub created_at: DateTime,
@@ -194,8 +200,7 @@ fn job_id(id: &str) -> ApiResult<String> {
     }
 }
 
-fn document(doc: OtaDocument) -> ApiResult<Value> {
-    let (firmware, extra) = (&doc.firmware, doc.data.map(|d| d.0));
+fn job_document(firmware: &FirmwareInput, extra: Option<Value>) -> ApiResult<Value> {
     let hex = firmware.sha256.len() == 64 && firmware.sha256.bytes().all(|b| b.is_ascii_hexdigit());
     if firmware.version.is_empty() || firmware.url.is_empty() || !hex || firmware.size == 0 {
         return Err(ApiError::invalid(
@@ -263,8 +268,39 @@ pub async fn create(
         step_ms: minutes(new.executions.step_minutes),
     };
     let paced = rollout(new.rollout)?;
-    let document = signer.sign(document(new.document)?);
+    let OtaDocument {
+        firmware,
+        data,
+        rollback_to,
+    } = new.document;
+    let document = signer.sign(job_document(&firmware, data.map(|d| d.0))?);
     let things = resolve(fleet, &new.targets)?;
+    let rollback_job = match rollback_to {
+        Some(previous) => {
+            let id = format!("{job_id}-rollback");
+            if !twin_model::topic::valid_job_id(&id) {
+                return Err(ApiError::invalid(
+                    "with rollbackTo, jobId must be at most 55 characters",
+                ));
+            }
+            let rollback = JobDefinition {
+                job_id: id.clone(),
+                document: signer.sign(job_document(&previous, None)?),
+                retry: RetryPolicy::default(),
+                timeouts: Timeouts::default(),
+                created_at: now,
+                canceled_at: None,
+                rollback_job: None,
+                rollout: None,
+            };
+            fleet
+                .create_job(Arc::new(rollback))
+                .await
+                .map_err(ApiError::from)?;
+            Some(id)
+        }
+        None => None,
+    };
     let job = Arc::new(JobDefinition {
         job_id: job_id.clone(),
         document,
@@ -275,6 +311,7 @@ pub async fn create(
         timeouts,
         created_at: now,
         canceled_at: None,
+        rollback_job,
         rollout: paced.map(|(pace, abort, health)| Rollout {
             pace,
             abort,
@@ -359,6 +396,7 @@ fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
     OtaJob {
         job_id: ID(job.job_id),
         status,
+        rollback_job_id: job.rollback_job.map(ID),
         document: Json(job.document),
         created_at: DateTime(job.created_at),
         targets,

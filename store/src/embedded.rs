@@ -678,6 +678,7 @@ mod tests {
             timeouts: Timeouts::default(),
             created_at: 1,
             canceled_at: None,
+            rollback_job: None,
             rollout: None,
         };
         let exec = |thing: &str| {

@@ -28,6 +28,9 @@ pub const MAX_DETAIL_VALUE: usize = 1024;
 pub const MAX_STEP_TIMEOUT_MINUTES: i64 = 10_080;
 /// Most retries a job may configure.
 pub const MAX_RETRIES: u32 = 10;
+/// `statusDetails.step` values from which on a failed update has touched the installed
+/// firmware, so that the device needs a rollback.
+pub const AFTER_INSTALL_STEPS: &[&str] = &["install", "reboot", "verify", "activate"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -261,6 +264,10 @@ pub struct JobDefinition {
     /// A paced rollout; without one, every target got its execution at creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<crate::rollout::Rollout>,
+    /// The job (back to the previous firmware) a device gets when its execution fails
+    /// after installing (`rollback: auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_job: Option<String>,
 }
 
 impl JobDefinition {
@@ -334,6 +341,15 @@ impl JobExecution {
             step_deadline: None,
             failed_at_step: None,
         }
+    }
+
+    /// Whether this execution failed for good after installing.
+    pub fn needs_rollback(&self) -> bool {
+        self.status == JobStatus::Failed
+            && self
+                .failed_at_step
+                .as_deref()
+                .is_some_and(|s| AFTER_INSTALL_STEPS.contains(&s))
     }
 
     pub fn state(&self) -> ExecutionState {
@@ -775,9 +791,19 @@ mod tests {
         );
         assert_eq!(f.failed_at_step.as_deref(), Some("install"));
         f.start(None, None, 2).unwrap();
+        assert!(!f.needs_rollback(), "retried, not failed for good");
         let t = f.update(&update(json!({"status": "FAILED"})), 3).unwrap();
         assert_eq!(t, Transition::Ended(JobStatus::Failed));
         assert_eq!(f.execution_number, 2);
+        assert!(
+            !f.needs_rollback(),
+            "the second attempt failed before installing"
+        );
+        let mut g = exec(RetryPolicy::default(), Timeouts::default());
+        g.start(json!({"step": "verify"}).as_object().cloned(), None, 0)
+            .unwrap();
+        g.update(&update(json!({"status": "FAILED"})), 1).unwrap();
+        assert!(g.needs_rollback());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! pending executions, starts the next one, describes and updates them; the twin keeps
 //! every execution of its thing, applies their timeouts and retries, and tells the device
 //! (`notify`, `notify-next`) when they change. A firmware job that succeeds writes the
-//! installed version into the thing's reported state.
+//! installed version into the thing's reported state; one that fails after installing
+//! queues the job's rollback job for the device, if it has one.
 
 use std::sync::Arc;
 
@@ -218,6 +219,9 @@ impl DeviceState {
         if execution.status == JobStatus::Succeeded {
             self.record_firmware(&execution.job_id).await?;
         }
+        if execution.needs_rollback() {
+            self.roll_back(job).await?;
+        }
         let mut m = Map::new();
         if update.include_job_execution_state {
             m.insert("executionState".into(), execution.state().to_json());
@@ -226,6 +230,23 @@ impl DeviceState {
             m.insert("jobDocument".into(), self.job_document(job).await?);
         }
         Ok(Ok(accepted(m, body, now)))
+    }
+
+    /// The device failed after installing: it gets the job's rollback job, if it has one.
+    async fn roll_back(&mut self, job: &str) -> Result<(), FleetError> {
+        self.job_document(job).await?;
+        let Some(rollback) = self.documents.get(job).and_then(|d| d.rollback_job.clone()) else {
+            return Ok(());
+        };
+        self.job_document(&rollback).await?;
+        let Some(definition) = self.documents.get(&rollback).cloned() else {
+            return Ok(());
+        };
+        match self.queue_job(definition).await {
+            // Queued, or already queued by an earlier failure.
+            Ok(_) | Err(FleetError::Rejected(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// A firmware job succeeded: the installed version becomes reported state.
