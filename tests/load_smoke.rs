@@ -214,3 +214,47 @@ async fn twin_shadow(server: &common::Server, thing: &str) -> serde_json::Value 
     .json();
     r["data"]["thing"]["shadow"].clone()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ota_rollout_reaches_every_simulated_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--auto-register"]).await;
+    let fleet = Fleet {
+        target: server.mqtt.parse().unwrap(),
+        devices: 30,
+        protocol: Protocol::V4,
+        source_addrs: 2,
+        prefix: "ota".into(),
+        connect_concurrency: 8,
+        password: None,
+    };
+    let api = Api {
+        http: server.http.parse().unwrap(),
+        token: server.admin_token.clone(),
+        http_connections: 2,
+    };
+    let args = twin_load::api::RolloutArgs {
+        waves: vec![10, 100],
+        rate_base: None,
+        rate_factor: 2.0,
+        rate_max: 100,
+        fail_percent: 10,
+        timeout: Duration::from_secs(60),
+        server_pid: server.child.id(),
+    };
+    let report = twin_load::api::ota_rollout(&fleet, &api, &args)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.figures["final_status"],
+        "COMPLETED",
+        "{}",
+        report.summary()
+    );
+    // 10% fail, spread evenly: devices 0, 11 and 19 of these 30 (i * 37 % 100 < 10).
+    assert_eq!(report.figures["succeeded"], 27, "{}", report.summary());
+    assert_eq!(report.figures["failed"], 3);
+    assert_eq!(report.ok, 30, "every device finished its update");
+    assert_eq!(report.errors, 0);
+    assert!(report.figures.contains_key("server_cpu_ms_per_execution"));
+}

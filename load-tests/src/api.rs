@@ -377,3 +377,225 @@ pub async fn fleet_query(
         machine: Machine::this(),
     })
 }
+
+/// A device's side of a job rollout: it starts its next job whenever told (and once at
+/// connect), reports SUCCEEDED (or FAILED when `fails`), and records, for each job,
+/// the time from hearing of it to its final status being accepted.
+async fn run_jobs(
+    mut conn: Conn,
+    id: String,
+    fails: bool,
+    recorder: Arc<Recorder>,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let base = format!("$aws/things/{id}/jobs");
+    let start = format!("{base}/start-next");
+    if conn.publish(&start, b"{}").await.is_err() {
+        return;
+    }
+    let mut heard: Option<Instant> = None;
+    loop {
+        let incoming = tokio::select! {
+            () = stop.notified() => return,
+            i = conn.next() => i,
+        };
+        let Ok(Incoming::Publish { topic, payload }) = incoming else {
+            if incoming.is_err() {
+                recorder.failure(Instant::now());
+                return;
+            }
+            continue;
+        };
+        let v: Value = serde_json::from_slice(&payload).unwrap_or_default();
+        let sent = if topic.ends_with("/notify-next") && v.get("execution").is_some() {
+            heard.get_or_insert_with(Instant::now);
+            conn.publish(&start, b"{}").await
+        } else if topic.ends_with("/start-next/accepted") {
+            match v["execution"]["jobId"].as_str() {
+                Some(job) => {
+                    heard.get_or_insert_with(Instant::now);
+                    let status = if fails { "FAILED" } else { "SUCCEEDED" };
+                    let body = json!({"status": status, "statusDetails": {"step": "download"}});
+                    conn.publish(&format!("{base}/{job}/update"), body.to_string().as_bytes())
+                        .await
+                }
+                None => Ok(()),
+            }
+        } else if topic.ends_with("/update/accepted") {
+            if let Some(t0) = heard.take() {
+                recorder.success(Instant::now(), t0.elapsed());
+            }
+            conn.publish(&start, b"{}").await
+        } else {
+            Ok(())
+        };
+        if sent.is_err() {
+            recorder.failure(Instant::now());
+            return;
+        }
+    }
+}
+
+/// The server's CPU time so far (user + system), from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow::anyhow!("bad /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("bad /proc/{pid}/stat"))?
+            .parse::<f64>()?)
+    };
+    // Clock ticks are 100 per second on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// How `ota-rollout` rolls out.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutArgs {
+    /// Cumulative wave percentages, such as 1,10,100 (all at once without waves or a rate)
+    #[arg(long, value_delimiter = ',')]
+    pub waves: Vec<u32>,
+    /// Executions per minute at first (with --rate-factor and --rate-max)
+    #[arg(long)]
+    pub rate_base: Option<u32>,
+    #[arg(long, default_value_t = 2.0)]
+    pub rate_factor: f64,
+    #[arg(long, default_value_t = 100_000)]
+    pub rate_max: u32,
+    /// Share of devices whose update fails, in percent (spread evenly over the fleet)
+    #[arg(long, default_value_t = 0)]
+    pub fail_percent: u32,
+    /// Give up after this long
+    #[arg(long, default_value = "10m", value_parser = crate::scenarios::parse_duration)]
+    pub timeout: Duration,
+    /// Process id of the server (same machine), to report its CPU time per execution
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+/// `ota-rollout`: every device runs the jobs device API; an operator creates one
+/// firmware job for the whole fleet through GraphQL and the run lasts until the job has
+/// ended. Measures devices updated per minute, the device-side time per update, and the
+/// server's CPU time per execution.
+pub async fn ota_rollout(fleet: &Fleet, api: &Api, args: &RolloutArgs) -> anyhow::Result<Report> {
+    let (conns, failures) = connected(fleet).await?;
+    let mut devices = Vec::with_capacity(conns.len());
+    for (i, mut conn) in conns {
+        let base = format!("$aws/things/{}/jobs", fleet.id(i));
+        for channel in ["notify-next", "start-next/accepted", "+/update/accepted"] {
+            conn.subscribe(&format!("{base}/{channel}")).await?;
+        }
+        devices.push((i, conn));
+    }
+    let pool = api.pool();
+    let ids: Vec<String> = devices.iter().map(|(i, _)| fleet.id(*i)).collect();
+    let job_id = format!("{}-{}", fleet.prefix, now_epoch());
+    let mut rollout = Map::new();
+    if !args.waves.is_empty() {
+        rollout.insert("waves".into(), json!(args.waves));
+    }
+    if let Some(base) = args.rate_base {
+        rollout.insert(
+            "rate".into(),
+            json!({"basePerMinute": base, "factor": args.rate_factor, "maxPerMinute": args.rate_max}),
+        );
+    }
+    let recorder = Arc::new(Recorder::new(Instant::now()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = JoinSet::new();
+    for (i, conn) in devices {
+        // Spread evenly: exactly fail_percent of every hundred devices (37 is coprime to 100).
+        let fails = (i * 37) % 100 < args.fail_percent as usize;
+        tasks.spawn(run_jobs(
+            conn,
+            fleet.id(i),
+            fails,
+            recorder.clone(),
+            stop.clone(),
+        ));
+    }
+    let cpu_before = args.server_pid.map(cpu_seconds).transpose()?;
+    let started_at = now_epoch();
+    let start = Instant::now();
+    let (bar, ticker) = progress(&recorder, "devices updated");
+    let create = "mutation($id: ID!, $ids: [ID!], $rollout: OtaRollout) { createOtaJob(jobId: $id, targets: {thingIds: $ids}, document: {firmware: {version: \"9.0.0\", url: \"https://fw.example/9.0.0.bin\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 1048576}}, rollout: $rollout) { targets } }";
+    let rollout = (!rollout.is_empty()).then_some(Value::Object(rollout));
+    pool.execute(
+        create,
+        json!({"id": job_id, "ids": ids, "rollout": rollout}),
+    )
+    .await
+    .map_err(|e| e.context("creating the job"))?;
+    let created = start.elapsed();
+    let watch = "query($id: ID!) { otaJob(jobId: $id) { status counts { succeeded failed timedOut rejected } } }";
+    let final_state = loop {
+        let job = pool.execute(watch, json!({"id": job_id})).await?;
+        let status = job["otaJob"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if status != "IN_PROGRESS" || start.elapsed() > args.timeout {
+            break job["otaJob"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let elapsed = start.elapsed();
+    // The job ends when the server accepts the last updates; let the devices read their
+    // answers before they stop.
+    let ended = ["succeeded", "failed", "timedOut", "rejected"]
+        .iter()
+        .filter_map(|k| final_state["counts"][k].as_u64())
+        .sum::<u64>();
+    while recorder.ok.load(std::sync::atomic::Ordering::Relaxed) < ended
+        && start.elapsed() < args.timeout
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.notify_waiters();
+    ticker.abort();
+    bar.finish_and_clear();
+    while tasks.join_next().await.is_some() {}
+    let mut figures = Map::new();
+    figures.insert("job".into(), json!(job_id));
+    figures.insert("final_status".into(), final_state["status"].clone());
+    figures.insert(
+        "succeeded".into(),
+        final_state["counts"]["succeeded"].clone(),
+    );
+    figures.insert("failed".into(), final_state["counts"]["failed"].clone());
+    figures.insert(
+        "create_job_ms".into(),
+        json!((created.as_secs_f64() * 1000.0).round()),
+    );
+    let updated = recorder.ok.load(std::sync::atomic::Ordering::Relaxed);
+    figures.insert(
+        "devices_updated_per_minute".into(),
+        json!((updated as f64 / elapsed.as_secs_f64() * 60.0).round()),
+    );
+    if let (Some(before), Some(pid)) = (cpu_before, args.server_pid) {
+        let used = cpu_seconds(pid)? - before;
+        figures.insert(
+            "server_cpu_seconds".into(),
+            json!((used * 100.0).round() / 100.0),
+        );
+        figures.insert(
+            "server_cpu_ms_per_execution".into(),
+            json!((used * 1000.0 / updated.max(1) as f64 * 100.0).round() / 100.0),
+        );
+    }
+    connect_failures(&failures, &mut figures);
+    Ok(report(
+        "ota-rollout",
+        fleet,
+        start,
+        started_at,
+        &recorder,
+        figures,
+    ))
+}

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use twin_load::api::{self, Api};
+use twin_load::api::{self, Api, RolloutArgs};
 use twin_load::scenarios::{self, Fleet, Pace, parse_duration};
 
 #[derive(Parser)]
@@ -99,6 +99,21 @@ enum Scenario {
         #[command(flatten)]
         output: Output,
     },
+    /// Every device runs the AWS IoT Jobs device API; one firmware job is created for the
+    /// whole fleet through GraphQL (all at once, in --waves or at a --rate-base) and the
+    /// run lasts until it has ended. Measures devices updated per minute and, with
+    /// --server-pid, the server's CPU time per execution. Run Doppel with --auto-register
+    /// and give an operator token.
+    OtaRollout {
+        #[command(flatten)]
+        fleet: Fleet,
+        #[command(flatten)]
+        api: Api,
+        #[command(flatten)]
+        rollout: RolloutArgs,
+        #[command(flatten)]
+        output: Output,
+    },
     /// The same devices and payloads as shadow-update against any MQTT broker, as a QoS 1
     /// echo (each device subscribes to load/ID and publishes to it): the raw broker ceiling.
     Baseline {
@@ -143,6 +158,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             api,
             output,
         } => (api::desired_roundtrip(&fleet, &pace, &api).await?, output),
+        Scenario::OtaRollout {
+            fleet,
+            api,
+            rollout,
+            output,
+        } => (api::ota_rollout(&fleet, &api, &rollout).await?, output),
         Scenario::FleetQuery {
             api,
             things,
