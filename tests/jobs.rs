@@ -389,6 +389,18 @@ async fn failures_in_the_first_wave_of_200_devices_abort_the_rollout() {
         json!({"notReleased": 180, "queued": 0, "inProgress": 0, "succeeded": 15, "failed": 5, "canceled": 0, "unhealthy": 0}),
         "the second wave never started: {aborted}"
     );
+    let q = "{ otaJob(jobId: \"fw-3\") { waves { percent targets counts { notReleased succeeded failed } } } }";
+    let r = graphql(&server.http, Some(&admin), q, json!({}))
+        .await
+        .json();
+    assert_eq!(
+        r["data"]["otaJob"]["waves"],
+        json!([
+            {"percent": 10, "targets": 20, "counts": {"notReleased": 0, "succeeded": 15, "failed": 5}},
+            {"percent": 50, "targets": 80, "counts": {"notReleased": 80, "succeeded": 0, "failed": 0}},
+            {"percent": 100, "targets": 100, "counts": {"notReleased": 100, "succeeded": 0, "failed": 0}},
+        ])
+    );
     drop(devices);
 }
 

@@ -1,6 +1,7 @@
 //! OTA jobs in the schema: creating a firmware job for a set of things and reading its
 //! progress.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_graphql::futures_util::stream::{self, Stream, StreamExt};
@@ -140,6 +141,17 @@ pub struct OtaJob {
     /// Things the job is for.
     pub targets: u64,
     /// Targets per execution status (or not released); they add up to `targets`.
+    pub counts: OtaJobCounts,
+    /// For a rollout in waves: each wave's targets and counts.
+    pub waves: Vec<OtaWave>,
+}
+
+#[derive(SimpleObject)]
+pub struct OtaWave {
+    /// The wave's cumulative percentage of the targets.
+    pub percent: u32,
+    /// Targets in this wave.
+    pub targets: u64,
     pub counts: OtaJobCounts,
 }
 
@@ -360,9 +372,12 @@ pub async fn progress(fleet: &FleetHandle, job_id: &str) -> ApiResult<Option<Ota
     Ok(Some(summary(job, &statuses)))
 }
 
-fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
+/// Counts `statuses`; `targets` more than there are statuses are not released yet.
+fn count<'a>(statuses: impl Iterator<Item = &'a JobStatus>, targets: u64) -> OtaJobCounts {
     let mut counts = OtaJobCounts::default();
-    for (_, status) in statuses {
+    let mut seen = 0;
+    for status in statuses {
+        seen += 1;
         let n = match status {
             JobStatus::Queued => &mut counts.queued,
             JobStatus::InProgress => &mut counts.in_progress,
@@ -375,11 +390,39 @@ fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
         };
         *n += 1;
     }
+    counts.not_released = targets.saturating_sub(seen);
+    counts
+}
+
+/// Per-wave counts of a job rolled out in waves.
+fn wave_counts(rollout: &Rollout, statuses: &[(DeviceId, JobStatus)]) -> Vec<OtaWave> {
+    let Pace::Waves { percents } = &rollout.pace else {
+        return Vec::new();
+    };
+    let by_thing: HashMap<&DeviceId, JobStatus> = statuses.iter().map(|(t, s)| (t, *s)).collect();
+    let total = rollout.total();
+    let mut start = 0u64;
+    let mut waves = Vec::with_capacity(percents.len());
+    for p in percents {
+        let end = (total * u64::from(*p)).div_ceil(100).max(start);
+        let members = &rollout.targets[start as usize..end as usize];
+        let counts = count(members.iter().filter_map(|t| by_thing.get(t)), end - start);
+        waves.push(OtaWave {
+            percent: *p,
+            targets: end - start,
+            counts,
+        });
+        start = end;
+    }
+    waves
+}
+
+fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
     let targets = job
         .rollout
         .as_ref()
         .map_or(statuses.len() as u64, |r| r.total());
-    counts.not_released = targets.saturating_sub(statuses.len() as u64);
+    let mut counts = count(statuses.iter().map(|(_, s)| s), targets);
     counts.unhealthy = job.rollout.as_ref().map_or(0, |r| r.unhealthy.len() as u64);
     let judged = job.rollout.as_ref().is_none_or(|r| {
         r.health.is_none() || (r.healthy.len() + r.unhealthy.len()) as u64 == counts.succeeded
@@ -393,6 +436,10 @@ fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
         Some(r) if r.paused => OtaJobStatus::Paused,
         _ => OtaJobStatus::InProgress,
     };
+    let waves = job
+        .rollout
+        .as_ref()
+        .map_or_else(Vec::new, |r| wave_counts(r, statuses));
     OtaJob {
         job_id: ID(job.job_id),
         status,
@@ -401,6 +448,7 @@ fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
         created_at: DateTime(job.created_at),
         targets,
         counts,
+        waves,
     }
 }
 
@@ -497,4 +545,76 @@ pub fn watch(fleet: FleetHandle, job_id: String) -> impl Stream<Item = OtaJobEve
 pub enum OtaJobEvent {
     OtaJob(OtaJob),
     Lagged(Lagged),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(c: &OtaJobCounts) -> u64 {
+        c.not_released
+            + c.queued
+            + c.in_progress
+            + c.succeeded
+            + c.failed
+            + c.timed_out
+            + c.rejected
+            + c.removed
+            + c.canceled
+    }
+
+    #[test]
+    fn counts_add_up_to_the_targets_for_the_job_and_each_wave() {
+        let all = [
+            JobStatus::Queued,
+            JobStatus::InProgress,
+            JobStatus::Succeeded,
+            JobStatus::Failed,
+            JobStatus::TimedOut,
+            JobStatus::Rejected,
+            JobStatus::Removed,
+            JobStatus::Canceled,
+        ];
+        for total in [0u64, 1, 3, 7, 50, 101] {
+            for released in [0, total / 3, total] {
+                let targets: Vec<DeviceId> = (0..total)
+                    .map(|i| DeviceId::parse(&format!("t{i}")).unwrap())
+                    .collect();
+                let statuses: Vec<(DeviceId, JobStatus)> = targets[..released as usize]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.clone(), all[i % all.len()]))
+                    .collect();
+                let job = JobDefinition {
+                    job_id: "j".into(),
+                    document: Value::Null,
+                    retry: RetryPolicy::default(),
+                    timeouts: Timeouts::default(),
+                    created_at: 0,
+                    canceled_at: None,
+                    rollback_job: None,
+                    rollout: Some(Rollout {
+                        pace: Pace::Waves {
+                            percents: vec![1, 10, 100],
+                        },
+                        abort: None,
+                        targets,
+                        released,
+                        started_at: 0,
+                        paused: false,
+                        aborted_at: None,
+                        health: None,
+                        healthy: Vec::new(),
+                        unhealthy: Vec::new(),
+                    }),
+                };
+                let s = summary(job, &statuses);
+                assert_eq!(sum(&s.counts), total, "total {total}, released {released}");
+                assert_eq!(s.waves.iter().map(|w| w.targets).sum::<u64>(), total);
+                for w in &s.waves {
+                    assert_eq!(sum(&w.counts), w.targets, "a wave's counts add up");
+                }
+            }
+        }
+    }
 }
