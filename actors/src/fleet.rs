@@ -94,6 +94,18 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Runs a store read on the blocking pool (the store does disk IO).
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&dyn TwinStore) -> Result<T, twin_store::StoreError> + Send + 'static,
+    ) -> Result<T, FleetError> {
+        let store = self.committer.store().clone();
+        tokio::task::spawn_blocking(move || read(&*store))
+            .await
+            .map_err(|e| FleetError::Unavailable(e.to_string()))?
+            .map_err(|e| FleetError::Unavailable(e.to_string()))
+    }
+
     pub(crate) fn emit(&self, event: Arc<TwinEvent>) {
         let link = self.links.get(event.thing()).map(|l| l.value().clone());
         if let Some(link) = link {
@@ -329,12 +341,11 @@ impl FleetHandle {
 
     /// A command execution by id, as its twin sees it now (its deadlines applied).
     pub async fn command(&self, execution_id: &str) -> Result<Arc<CommandExecution>, FleetError> {
-        let store = self.shared.committer.store().clone();
         let id = execution_id.to_owned();
-        let stored = tokio::task::spawn_blocking(move || store.command(&id))
-            .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?
+        let stored = self
+            .shared
+            .read(move |store| store.command(&id))
+            .await?
             .ok_or_else(|| {
                 FleetError::Rejected(Rejection::new(
                     RejectionKind::NotFound,
@@ -357,12 +368,10 @@ impl FleetHandle {
         before: Option<String>,
         limit: usize,
     ) -> Result<Vec<CommandExecution>, FleetError> {
-        let store = self.shared.committer.store().clone();
         let thing = thing.clone();
-        tokio::task::spawn_blocking(move || store.commands(&thing, before.as_deref(), limit))
+        self.shared
+            .read(move |store| store.commands(&thing, before.as_deref(), limit))
             .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?
-            .map_err(|e| FleetError::Unavailable(e.to_string()))
     }
 
     /// Stores a new job's definition (and starts its rollout, if paced); fails when the
@@ -520,12 +529,8 @@ impl FleetHandle {
 
     /// A job's definition.
     pub async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, FleetError> {
-        let store = self.shared.committer.store().clone();
         let id = job_id.to_owned();
-        tokio::task::spawn_blocking(move || store.job(&id))
-            .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?
-            .map_err(|e| FleetError::Unavailable(e.to_string()))
+        self.shared.read(move |store| store.job(&id)).await
     }
 
     /// Job definitions in id order, after `after`.
@@ -534,11 +539,9 @@ impl FleetHandle {
         after: Option<String>,
         limit: usize,
     ) -> Result<Vec<JobDefinition>, FleetError> {
-        let store = self.shared.committer.store().clone();
-        tokio::task::spawn_blocking(move || store.jobs(after.as_deref(), limit))
+        self.shared
+            .read(move |store| store.jobs(after.as_deref(), limit))
             .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?
-            .map_err(|e| FleetError::Unavailable(e.to_string()))
     }
 
     /// The status of every execution of a job, by thing.
@@ -546,12 +549,8 @@ impl FleetHandle {
         &self,
         job_id: &str,
     ) -> Result<Vec<(DeviceId, JobStatus)>, FleetError> {
-        let store = self.shared.committer.store().clone();
         let id = job_id.to_owned();
-        tokio::task::spawn_blocking(move || store.job_statuses(&id))
-            .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?
-            .map_err(|e| FleetError::Unavailable(e.to_string()))
+        self.shared.read(move |store| store.job_statuses(&id)).await
     }
 
     /// A registered twin as it is now (resident or not).

@@ -51,11 +51,11 @@ pub(crate) async fn run(
                     if let Some(r) = job.rollout.as_mut() {
                         r.paused = paused;
                     }
-                    let _ = reply.send(save(&fleet, &job).await);
+                    let _ = reply.send(fleet.save_job(job.clone()).await);
                 }
                 Some(Control::Cancel(force, reply)) => {
                     job.canceled_at = Some(now_millis());
-                    let done = match save(&fleet, &job).await {
+                    let done = match fleet.save_job(job.clone()).await {
                         Ok(()) => fleet.cancel_executions(&id, force).await.map(drop),
                         Err(e) => Err(e),
                     };
@@ -72,10 +72,6 @@ pub(crate) async fn run(
         }
     }
     fleet.shared.rollouts.remove(&id);
-}
-
-async fn save(fleet: &FleetHandle, job: &JobDefinition) -> Result<(), FleetError> {
-    fleet.save_job(job.clone()).await
 }
 
 /// Gives succeeded targets their health verdict: healthy once they match the gate's
@@ -128,7 +124,7 @@ async fn step(
     }
     let statuses = fleet.job_statuses(&job.job_id).await?;
     if judge_health(fleet, job, &statuses, succeeded_at) {
-        save(fleet, job).await?;
+        fleet.save_job(job.clone()).await?;
     }
     let Some(rollout) = job.rollout.clone() else {
         return Ok(false);
@@ -159,7 +155,7 @@ async fn step(
         if let Some(r) = job.rollout.as_mut() {
             r.aborted_at = Some(now_millis());
         }
-        save(fleet, job).await?;
+        fleet.save_job(job.clone()).await?;
         fleet.cancel_executions(&job.job_id, false).await?;
         tracing::warn!(job = %job.job_id, finished, failed, "rollout aborted: too many failures");
         return Ok(false);
@@ -196,6 +192,6 @@ async fn step(
     if let Some(r) = job.rollout.as_mut() {
         r.released = allowed;
     }
-    save(fleet, job).await?;
+    fleet.save_job(job.clone()).await?;
     Ok(true)
 }

@@ -91,12 +91,8 @@ impl DeviceState {
 
     /// An ended execution of this thing, from the store.
     async fn stored_command(&self, execution_id: &str) -> Result<CommandExecution, FleetError> {
-        let store = self.shared.committer.store().clone();
         let id = execution_id.to_owned();
-        let found = tokio::task::spawn_blocking(move || store.command(&id))
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?;
+        let found = self.shared.read(move |store| store.command(&id)).await?;
         found
             .filter(|c| c.thing == self.thing)
             .ok_or_else(|| not_found(execution_id))

@@ -15,7 +15,7 @@ use twin_model::topic::JobOp;
 use twin_model::{Rejection, RejectionKind, ShadowName, TwinEvent, UpdateRequest};
 use twin_store::{Write, now_millis};
 
-use super::{DeviceState, unavailable};
+use super::DeviceState;
 use crate::error::FleetError;
 
 /// What a device request gets: the `accepted` payload, or why it was rejected.
@@ -269,12 +269,11 @@ impl DeviceState {
         if let Some(d) = self.documents.get(job) {
             return Ok(d.document.clone());
         }
-        let store = self.shared.committer.store().clone();
         let id = job.to_owned();
-        let found = tokio::task::spawn_blocking(move || store.job(&id))
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)?
+        let found = self
+            .shared
+            .read(move |store| store.job(&id))
+            .await?
             .ok_or_else(|| FleetError::Unavailable(format!("job {job} has no definition")))?;
         let document = found.document.clone();
         self.documents.insert(job.to_owned(), Arc::new(found));

@@ -78,12 +78,8 @@ fn thing_not_found() -> FleetError {
 impl DeviceState {
     async fn load(&mut self) -> Result<&mut Loaded, FleetError> {
         if self.loaded.is_none() {
-            let store = self.shared.committer.store().clone();
             let thing = self.thing.clone();
-            let snap: TwinSnapshot = tokio::task::spawn_blocking(move || store.load(&thing))
-                .await
-                .map_err(unavailable)?
-                .map_err(unavailable)?;
+            let snap: TwinSnapshot = self.shared.read(move |store| store.load(&thing)).await?;
             self.loaded = Some(Loaded {
                 record: snap.record,
                 connectivity: snap.connectivity,
