@@ -29,7 +29,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         EmbeddedStore::open(&config.data_dir, config.history_per_shadow)
             .with_context(|| format!("cannot open data_dir {}", config.data_dir.display()))?,
     );
-    let (committer, commit_thread) = Committer::start(store, 65_536, 8192)?;
+    let (committer, commits) = Committer::start(store, 65_536, 8192);
     let fleet = FleetHandle::start(config.fleet(), committer).await?;
 
     let mut listeners = vec![Listener::Plain(listen(config.mqtt_listen).with_context(
@@ -121,10 +121,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     drop(fleet);
     let _ = stop_http.send(());
     let _ = http_task.await;
-    // The commit thread ends (after a final flush) once the last handle is gone.
-    tokio::task::spawn_blocking(move || commit_thread.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the commit thread panicked"))?;
+    // The commit loop ends (after a final flush) once the last handle is gone.
+    commits
+        .await
+        .map_err(|_| anyhow::anyhow!("the commit loop panicked"))?;
     tracing::info!("stopped; every accepted change is on disk");
     Ok(())
 }

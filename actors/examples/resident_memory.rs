@@ -54,7 +54,7 @@ async fn main() {
         }
         store.commit(&writes).expect("commit");
     }
-    let (committer, _) = Committer::start(store, 65_536, 8192).expect("committer");
+    let (committer, _) = Committer::start(store, 65_536, 8192);
     let fleet = FleetHandle::start(FleetConfig::default(), committer)
         .await
         .expect("fleet");

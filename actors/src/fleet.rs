@@ -26,6 +26,7 @@ use twin_store::{Committer, TwinStore, Write};
 use serde_json::{Map, Value};
 use twin_model::Filter;
 
+use crate::clock::Clock;
 use crate::device::{DeviceMsg, JobAnswer, Port, RegistryOp};
 use crate::error::FleetError;
 use crate::index::{FleetIndex, Page, TwinView};
@@ -45,6 +46,7 @@ pub struct FleetConfig {
     /// Development only: unknown devices are registered on connect, passwords unchecked.
     pub auto_register: bool,
     pub event_buffer: usize,
+    pub clock: Clock,
 }
 
 impl Default for FleetConfig {
@@ -58,6 +60,7 @@ impl Default for FleetConfig {
             limits: Limits::default(),
             auto_register: false,
             event_buffer: 65_536,
+            clock: Clock::System,
         }
     }
 }
@@ -94,6 +97,10 @@ pub struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn now_millis(&self) -> u64 {
+        self.config.clock.now_millis()
+    }
+
     /// Runs a store read on the blocking pool (the store does disk IO).
     pub(crate) async fn read<T: Send + 'static>(
         &self,
@@ -175,6 +182,11 @@ impl FleetHandle {
 
     pub fn config(&self) -> &FleetConfig {
         &self.shared.config
+    }
+
+    /// The fleet's time, in milliseconds since the Unix epoch (see [`Clock`]).
+    pub fn now_millis(&self) -> u64 {
+        self.shared.now_millis()
     }
 
     pub fn store(&self) -> &Arc<dyn TwinStore> {
@@ -415,7 +427,7 @@ impl FleetHandle {
         }
         let mut job = self.job(job_id).await?.ok_or_else(|| no_job(job_id))?;
         if job.canceled_at.is_none() {
-            job.canceled_at = Some(twin_store::now_millis());
+            job.canceled_at = Some(self.now_millis());
             self.save_job(job).await?;
         }
         self.cancel_executions(job_id, force).await.map(drop)

@@ -9,6 +9,7 @@
 //! [`twin_store::Committer`]); then the twin emits a [`twin_model::TwinEvent`] to the
 //! device's [`DeviceLink`] (its MQTT session) and to the fleet-wide event stream.
 
+pub mod clock;
 pub mod device;
 pub mod error;
 pub mod fleet;
@@ -16,6 +17,7 @@ pub mod index;
 pub mod rollout;
 pub mod shard;
 
+pub use clock::Clock;
 pub use device::{JobAnswer, RegistryOp};
 pub use error::FleetError;
 pub use fleet::{ConnectOk, DeviceLink, FleetConfig, FleetHandle, Reply};

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{DeviceId, Filter};
-use twin_store::now_millis;
 
 use crate::error::FleetError;
 use crate::fleet::FleetHandle;
@@ -49,12 +48,12 @@ pub(crate) async fn run(
             msg = control.recv() => match msg {
                 Some(Control::Pause(paused, reply)) => {
                     if let Some(r) = job.rollout.as_mut() {
-                        r.paused = paused;
+                        r.pause(paused, fleet.now_millis());
                     }
                     let _ = reply.send(fleet.save_job(job.clone()).await);
                 }
                 Some(Control::Cancel(force, reply)) => {
-                    job.canceled_at = Some(now_millis());
+                    job.canceled_at = Some(fleet.now_millis());
                     let done = match fleet.save_job(job.clone()).await {
                         Ok(()) => fleet.cancel_executions(&id, force).await.map(drop),
                         Err(e) => Err(e),
@@ -91,7 +90,7 @@ fn judge_health(
     let Ok(filter) = Filter::parse(&gate.filter) else {
         return false;
     };
-    let now = now_millis();
+    let now = fleet.now_millis();
     let mut changed = false;
     for (thing, status) in statuses {
         if *status != JobStatus::Succeeded
@@ -153,7 +152,7 @@ async fn step(
         + rollout.unhealthy.len() as u64;
     if rollout.abort.is_some_and(|a| a.tripped(finished, failed)) {
         if let Some(r) = job.rollout.as_mut() {
-            r.aborted_at = Some(now_millis());
+            r.aborted_at = Some(fleet.now_millis());
         }
         fleet.save_job(job.clone()).await?;
         fleet.cancel_executions(&job.job_id, false).await?;
@@ -163,10 +162,10 @@ async fn step(
     if rollout.released == rollout.total() {
         return Ok(finished < rollout.total());
     }
-    if rollout.paused {
+    if rollout.paused_at.is_some() {
         return Ok(true);
     }
-    let elapsed = now_millis().saturating_sub(rollout.started_at);
+    let elapsed = rollout.running_ms(fleet.now_millis());
     let allowed = rollout
         .pace
         .allowed(rollout.total(), rollout.released, finished, elapsed);

@@ -7,11 +7,14 @@
 //!   messages for it wait here meanwhile;
 //! - at most `max_resident` twins: activating one more passivates the least recently used;
 //! - twins idle longer than `idle_timeout` are passivated on the next tick;
+//! - a twin passivated with a command or job deadline ahead is woken for it by the tick
+//!   after the deadline, so that timeouts do not wait for the device's next message;
 //! - a twin that panicked is forgotten; the next message activates a fresh one, which
 //!   loads the last persisted state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ractor::{
@@ -63,9 +66,12 @@ pub struct ShardState {
     /// Least recently used first.
     lru: BTreeMap<u64, DeviceId>,
     clock: u64,
-    by_actor: HashMap<ActorId, DeviceId>,
+    /// Live twins (resident or stopping), with their deadline.
+    by_actor: HashMap<ActorId, (DeviceId, Arc<AtomicU64>)>,
     /// Things whose twin is stopping, with the messages that arrived meanwhile.
     stopping: HashMap<DeviceId, Vec<DeviceMsg>>,
+    /// Deadlines of twins that are not resident, soonest first.
+    alarms: BTreeSet<(u64, DeviceId)>,
 }
 
 impl ShardState {
@@ -86,7 +92,7 @@ impl ShardState {
             if r.actor.drain().is_ok() {
                 self.stopping.entry(thing.clone()).or_default();
             } else {
-                self.by_actor.remove(&r.actor.get_id());
+                self.forget(&r.actor.get_id());
             }
         }
     }
@@ -102,13 +108,16 @@ impl ShardState {
             };
             self.passivate(&oldest);
         }
+        let alarm = Arc::new(AtomicU64::new(0));
         let args = DeviceArgs {
             thing: thing.clone(),
             shared: self.shared.clone(),
+            alarm: alarm.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, DeviceTwin, args, myself.get_cell()).await?;
         self.clock += 1;
-        self.by_actor.insert(actor.get_id(), thing.clone());
+        self.by_actor
+            .insert(actor.get_id(), (thing.clone(), alarm.clone()));
         self.lru.insert(self.clock, thing.clone());
         self.twins.insert(
             thing.clone(),
@@ -152,9 +161,30 @@ impl ShardState {
         Ok(())
     }
 
-    /// Removes a stopped or failed twin; returns the messages that waited for it.
+    /// Wakes the passivated twins whose deadline has come; a twin that is resident again
+    /// has set its own timer when it loaded.
+    async fn wake_due(&mut self, myself: &ActorRef<ShardMsg>) -> Result<(), ActorProcessingErr> {
+        let now = self.shared.now_millis();
+        while let Some(first) = self.alarms.first() {
+            if first.0 > now {
+                break;
+            }
+            let (_, thing) = self.alarms.pop_first().expect("seen above");
+            if !self.twins.contains_key(&thing) {
+                self.route(myself, thing, DeviceMsg::Clock).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a stopped or failed twin, keeping its deadline; returns the messages that
+    /// waited for it.
     fn forget(&mut self, id: &ActorId) -> Option<(DeviceId, Vec<DeviceMsg>)> {
-        let thing = self.by_actor.remove(id)?;
+        let (thing, alarm) = self.by_actor.remove(id)?;
+        let at = alarm.load(Ordering::Relaxed);
+        if at != 0 {
+            self.alarms.insert((at, thing.clone()));
+        }
         if self
             .twins
             .get(&thing)
@@ -190,6 +220,7 @@ impl Actor for ShardSupervisor {
             clock: 0,
             by_actor: HashMap::new(),
             stopping: HashMap::new(),
+            alarms: BTreeSet::new(),
         })
     }
 
@@ -217,6 +248,7 @@ impl Actor for ShardSupervisor {
                 for thing in idle {
                     state.passivate(&thing);
                 }
+                state.wake_due(&myself).await?;
             }
             ShardMsg::Resident(reply) => {
                 let _ = reply.send(state.twins.len());

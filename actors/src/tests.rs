@@ -15,10 +15,13 @@ use twin_store::{
 use twin_model::command::{
     CommandError, CommandExecution, CommandStatus, DeviceResponse, NewCommand,
 };
-use twin_model::job::{JobDefinition, JobErrorCode, JobStatus, RetryPolicy, Timeouts};
+use twin_model::job::{
+    JobDefinition, JobErrorCode, JobExecution, JobStatus, RetryPolicy, Timeouts,
+};
+use twin_model::rollout::{Pace, Rollout};
 use twin_model::topic::JobOp;
 
-use crate::{FleetConfig, FleetError, FleetHandle};
+use crate::{Clock, FleetConfig, FleetError, FleetHandle};
 
 fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).unwrap()
@@ -42,7 +45,7 @@ struct Fleet {
 async fn fleet(config: FleetConfig) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
-    let (committer, _) = Committer::start(store, 1024, 1024).unwrap();
+    let (committer, _) = Committer::start(store, 1024, 1024);
     Fleet {
         fleet: FleetHandle::start(config, committer).await.unwrap(),
         _dir: dir,
@@ -266,7 +269,7 @@ impl TwinStore for Stalled {
 #[tokio::test]
 async fn overload_is_refused_at_once_not_queued() {
     let store = Arc::new(Stalled::default());
-    let (committer, _) = Committer::start(store.clone(), 16, 16).unwrap();
+    let (committer, _) = Committer::start(store.clone(), 16, 16);
     let fleet = FleetHandle::start(
         FleetConfig {
             max_pending: 2,
@@ -511,70 +514,122 @@ async fn a_command_waits_for_a_listening_device_and_runs_to_success() {
     assert_eq!(ghost.kind(), RejectionKind::NotFound);
 }
 
-#[tokio::test]
-async fn commands_time_out_undelivered_and_unanswered_and_survive_a_restart() {
+/// A fleet on tokio's clock: under paused time, deadlines minutes or hours away pass at
+/// once and exactly.
+fn on_tokio_time() -> FleetConfig {
+    FleetConfig {
+        clock: Clock::tokio(),
+        ..FleetConfig::default()
+    }
+}
+
+/// The next event `pick` takes, or None once `limit` of (paused) time has passed.
+async fn next_event<T>(
+    events: &mut tokio::sync::broadcast::Receiver<Arc<TwinEvent>>,
+    limit: Duration,
+    pick: impl Fn(&TwinEvent) -> Option<T>,
+) -> Option<T> {
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Some(t) = pick(&events.recv().await.unwrap()) {
+                return t;
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+fn command_of(e: &TwinEvent) -> Option<Arc<CommandExecution>> {
+    match e {
+        TwinEvent::Command { execution, .. } => Some(execution.clone()),
+        _ => None,
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[tokio::test(start_paused = true)]
+async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
     let dir = tempfile::tempdir().unwrap();
+    let config = on_tokio_time();
     let start = || async {
         let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
-        let (committer, thread) = Committer::start(store, 1024, 1024).unwrap();
-        let fleet = FleetHandle::start(FleetConfig::default(), committer)
-            .await
-            .unwrap();
-        (fleet, thread)
+        let (committer, commits) = Committer::start(store, 1024, 1024);
+        let fleet = FleetHandle::start(config.clone(), committer).await.unwrap();
+        (fleet, commits)
     };
-    let (fleet, thread) = start().await;
+    let (fleet, commits) = start().await;
     let thing = id("pump");
     let secret = fleet.register(&thing, Default::default()).await.unwrap();
     let mut events = fleet.subscribe();
     let offline = fleet
-        .send_command(&thing, new_command(60, 1))
+        .send_command(&thing, new_command(300, 3600))
         .await
         .unwrap();
-    command_event(&mut events).await;
-    // Nobody listens: it expires on the twin's own timer.
-    let (expired, _) = command_event(&mut events).await;
+    // Nobody listens. After the idle timeout (10 minutes) the twin is passivated, and
+    // its shard wakes it for the expiry an hour after the command was sent.
+    tokio::time::sleep(15 * MINUTE).await;
+    assert_eq!(fleet.resident_twins().await, 0);
+    let created = command_of(&events.recv().await.unwrap()).unwrap();
+    assert_eq!(created.status, CommandStatus::Created);
+    let expired = next_event(&mut events, 2 * HOUR, command_of)
+        .await
+        .expect("the command expires");
     assert_eq!(expired.execution_id, offline.execution_id);
     assert_eq!(expired.status, CommandStatus::TimedOut);
     assert_eq!(expired.reason.as_ref().unwrap().reason_code, "EXPIRED");
+    let late = expired.completed_at.unwrap() - offline.created_at;
+    assert!(
+        (3_600_000..=3_630_000).contains(&late),
+        "expired {late} ms after it was sent: within one shard tick of the hour"
+    );
 
+    // Delivered and never answered: the device has `timeoutSeconds`, to the millisecond.
     let ok = fleet.connect(&thing, Some(secret.clone())).await.unwrap();
     fleet.commands_wanted(&thing, ok.session);
     let silent = fleet
-        .send_command(&thing, new_command(1, 600))
+        .send_command(&thing, new_command(300, 3600))
         .await
         .unwrap();
-    assert!(command_event(&mut events).await.1);
-    let (timed_out, _) = command_event(&mut events).await;
+    let delivered_at = silent.delivered_at.expect("delivered at once");
+    tokio::time::sleep(Duration::from_secs(299)).await;
+    let waiting = fleet.command(&silent.execution_id).await.unwrap();
+    assert!(!waiting.status.is_terminal(), "{:?}", waiting.status);
+    let timed_out = next_event(&mut events, MINUTE, |e| {
+        command_of(e).filter(|c| c.status.is_terminal())
+    })
+    .await
+    .expect("the device's time runs out");
     assert_eq!(timed_out.execution_id, silent.execution_id);
     assert_eq!(
         timed_out.reason.as_ref().unwrap().reason_code,
         "DEVICE_TIMEOUT"
     );
+    assert_eq!(timed_out.completed_at.unwrap() - delivered_at, 300_000);
 
     // A pending command survives a restart and reaches the device when it listens.
-    let waiting = fleet
-        .send_command(&thing, new_command(60, 600))
+    let pending = fleet
+        .send_command(&thing, new_command(300, 3600))
         .await
         .unwrap();
     fleet.shutdown().await;
     drop(fleet);
-    // The commit thread ends with the last handle, releasing the store.
-    tokio::task::spawn_blocking(move || thread.join().unwrap())
-        .await
-        .unwrap();
-    let (fleet, _thread) = start().await;
+    // The commit loop ends with the last handle, releasing the store.
+    commits.await.unwrap();
+    let (fleet, _commits) = start().await;
     let mut events = fleet.subscribe();
     let ok = fleet.connect(&thing, Some(secret)).await.unwrap();
     fleet.commands_wanted(&thing, ok.session);
     let (delivered, deliver) = command_event(&mut events).await;
     assert!(deliver);
-    assert_eq!(delivered.execution_id, waiting.execution_id);
+    assert_eq!(delivered.execution_id, pending.execution_id);
     assert_eq!(
         fleet.command(&offline.execution_id).await.unwrap().status,
         CommandStatus::TimedOut
     );
 }
-
 fn firmware_job(id: &str, retry: RetryPolicy, timeouts: Timeouts) -> Arc<JobDefinition> {
     Arc::new(JobDefinition {
         job_id: id.into(),
@@ -679,56 +734,164 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
     );
 }
 
-#[tokio::test]
-async fn a_job_step_times_out_and_is_retried_on_the_twin_timer() {
-    let f = fleet(FleetConfig::default()).await;
+fn job_of(e: &TwinEvent) -> Option<Arc<JobExecution>> {
+    match e {
+        TwinEvent::Job { execution, .. } => Some(execution.clone()),
+        _ => None,
+    }
+}
+
+/// The end of a job attempt: queued again (with the next execution number) or, past the
+/// retry limit, the end of the execution.
+async fn attempt_ended(
+    events: &mut tokio::sync::broadcast::Receiver<Arc<TwinEvent>>,
+) -> Option<Arc<JobExecution>> {
+    next_event(events, 2 * HOUR, |e| {
+        job_of(e).filter(|x| x.status != JobStatus::InProgress)
+    })
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn job_attempts_time_out_and_retry_on_the_clock_up_to_their_limits() {
+    let f = fleet(on_tokio_time()).await;
     let thing = id("fan");
     registered(&f.fleet, &["fan"]).await;
     let job = firmware_job(
         "fw-3",
         RetryPolicy {
-            on_failure: 0,
-            on_timeout: 1,
+            on_failure: 1,
+            on_timeout: 2,
         },
         Timeouts {
-            in_progress_ms: 0,
-            step_ms: 300,
+            in_progress_ms: 30 * 60_000,
+            step_ms: 5 * 60_000,
         },
     );
     f.fleet.create_job(job.clone()).await.unwrap();
     f.fleet.queue_job(&thing, job).await.unwrap();
     let mut events = f.fleet.subscribe();
-    let start = || f.fleet.job_request(&thing, JobOp::StartNext, json!({}));
-    start().await.unwrap().unwrap();
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
-            .await
-            .expect("the step timer fires")
-            .unwrap();
-        if let TwinEvent::Job { execution, .. } = &*e {
-            seen.push((execution.status, execution.execution_number));
-            if execution.status == JobStatus::Queued && execution.execution_number == 2 {
-                start().await.unwrap().unwrap();
-            }
-        }
-    }
+    let ask = |op: JobOp, body: serde_json::Value| f.fleet.job_request(&thing, op, body);
+    let start = || async {
+        let started = ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
+        assert_eq!(started["execution"]["status"], "IN_PROGRESS");
+        f.fleet.now_millis()
+    };
+
+    // 1: the device starts and goes quiet: the 5-minute step timeout.
+    let started = start().await;
+    let retry = attempt_ended(&mut events).await.unwrap();
     assert_eq!(
-        seen,
-        [
-            (JobStatus::InProgress, 1),
-            (JobStatus::Queued, 2),
-            (JobStatus::InProgress, 2)
-        ]
+        (retry.status, retry.execution_number),
+        (JobStatus::Queued, 2)
     );
-    let e = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let TwinEvent::Job { execution, .. } = &*events.recv().await.unwrap() {
-                return execution.clone();
-            }
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!((e.status, e.execution_number), (JobStatus::TimedOut, 2));
+    assert_eq!(retry.last_updated_at - started, 5 * 60_000);
+
+    // 2: the device re-arms its step timer every 4 minutes (as AWS devices do, with
+    // `stepTimeoutInMinutes`), but the attempt as a whole has 30 minutes.
+    let started = start().await;
+    for _ in 0..7 {
+        tokio::time::sleep(4 * MINUTE).await;
+        ask(
+            JobOp::Update("fw-3".into()),
+            json!({"status": "IN_PROGRESS", "stepTimeoutInMinutes": 5, "statusDetails": {"step": "download"}}),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    let retry = attempt_ended(&mut events).await.unwrap();
+    assert_eq!(
+        (retry.status, retry.execution_number),
+        (JobStatus::Queued, 3)
+    );
+    assert_eq!(retry.last_updated_at - started, 30 * 60_000);
+
+    // 3: the device fails: its one retry after a failure.
+    start().await;
+    ask(JobOp::Update("fw-3".into()), json!({"status": "FAILED"}))
+        .await
+        .unwrap()
+        .unwrap();
+    let retry = attempt_ended(&mut events).await.unwrap();
+    assert_eq!(
+        (retry.status, retry.execution_number),
+        (JobStatus::Queued, 4)
+    );
+
+    // 4: a third timeout is one more than the two retries allow: the execution ends.
+    let started = start().await;
+    let last = attempt_ended(&mut events).await.unwrap();
+    assert_eq!(
+        (last.status, last.execution_number),
+        (JobStatus::TimedOut, 4)
+    );
+    assert_eq!(last.last_updated_at - started, 5 * 60_000);
+    assert_eq!(
+        (last.retries_after_timeout, last.retries_after_failure),
+        (2, 1)
+    );
+    // Nothing more happens to it, however long we wait.
+    assert!(next_event(&mut events, 24 * HOUR, job_of).await.is_none());
+    assert_eq!(
+        f.fleet.job_statuses("fw-3").await.unwrap(),
+        [(thing.clone(), JobStatus::TimedOut)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst() {
+    let f = fleet(on_tokio_time()).await;
+    let names: Vec<String> = (0..200).map(|i| format!("dev-{i:03}")).collect();
+    for n in &names {
+        f.fleet.register(&id(n), Default::default()).await.unwrap();
+    }
+    let mut job = (*firmware_job("fw-rate", RetryPolicy::default(), Timeouts::default())).clone();
+    job.rollout = Some(Rollout {
+        pace: Pace::Rate {
+            base_per_minute: 10,
+            factor: 2.0,
+            max_per_minute: 40,
+        },
+        abort: None,
+        targets: names.iter().map(|n| id(n)).collect(),
+        released: 0,
+        started_at: f.fleet.now_millis(),
+        paused_at: None,
+        aborted_at: None,
+        health: None,
+        healthy: vec![],
+        unhealthy: vec![],
+    });
+    let t0 = tokio::time::Instant::now();
+    f.fleet.create_job(Arc::new(job)).await.unwrap();
+    // The controller looks every 200 ms from t0: each count is read 100 ms after a look.
+    let released_at = async |at: Duration| {
+        tokio::time::sleep_until(t0 + at + Duration::from_millis(100)).await;
+        let job = f.fleet.job("fw-rate").await.unwrap().unwrap();
+        let released = job.rollout.unwrap().released;
+        let queued = f.fleet.job_statuses("fw-rate").await.unwrap();
+        assert_eq!(
+            queued.len() as u64,
+            released,
+            "every release has its execution"
+        );
+        released
+    };
+    assert_eq!(released_at(Duration::ZERO).await, 1, "the first at once");
+    assert_eq!(released_at(MINUTE).await, 10);
+    assert_eq!(released_at(2 * MINUTE).await, 10 + 20);
+    f.fleet.pause_job("fw-rate", true).await.unwrap();
+    assert_eq!(released_at(20 * MINUTE).await, 30, "nothing while paused");
+    assert_eq!(released_at(32 * MINUTE).await, 30);
+    f.fleet.pause_job("fw-rate", false).await.unwrap();
+    // The 30 paused minutes do not count: the third minute of running releases 40.
+    assert_eq!(released_at(33 * MINUTE).await, 30 + 40);
+    assert_eq!(
+        released_at(34 * MINUTE).await,
+        70 + 40,
+        "capped at 40 a minute"
+    );
+    assert_eq!(released_at(36 * MINUTE).await, 110 + 80);
+    assert_eq!(released_at(37 * MINUTE).await, 200);
 }

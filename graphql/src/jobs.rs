@@ -330,7 +330,7 @@ pub async fn create(
             targets: things.clone(),
             released: 0,
             started_at: now,
-            paused: false,
+            paused_at: None,
             aborted_at: None,
             health,
             healthy: Vec::new(),
@@ -433,7 +433,7 @@ fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
         _ if job.canceled_at.is_some() => OtaJobStatus::Canceled,
         Some(r) if r.aborted_at.is_some() => OtaJobStatus::Aborted,
         _ if all_ended => OtaJobStatus::Completed,
-        Some(r) if r.paused => OtaJobStatus::Paused,
+        Some(r) if r.paused_at.is_some() => OtaJobStatus::Paused,
         _ => OtaJobStatus::InProgress,
     };
     let waves = job
@@ -601,7 +601,7 @@ mod tests {
                         targets,
                         released,
                         started_at: 0,
-                        paused: false,
+                        paused_at: None,
                         aborted_at: None,
                         health: None,
                         healthy: Vec::new(),

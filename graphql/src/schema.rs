@@ -597,7 +597,7 @@ impl Mutation {
             executions: executions.unwrap_or_default(),
             rollout: rollout.unwrap_or_default(),
         };
-        Ok(jobs::create(&api.fleet, &api.signer, new, twin_store::now_millis()).await?)
+        Ok(jobs::create(&api.fleet, &api.signer, new, api.fleet.now_millis()).await?)
     }
 
     /// Pauses a paced job's rollout (operator): no new executions until resumed.

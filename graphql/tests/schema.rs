@@ -13,12 +13,12 @@ struct Fixture {
     schema: DoppelSchema,
     fleet: FleetHandle,
     dir: Arc<tempfile::TempDir>,
-    commit_thread: std::thread::JoinHandle<()>,
+    commits: tokio::task::JoinHandle<()>,
 }
 
 async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture {
     let store = EmbeddedStore::open(dir.path(), 100).unwrap();
-    let (committer, commit_thread) = Committer::start(Arc::new(store), 1024, 256).unwrap();
+    let (committer, commits) = Committer::start(Arc::new(store), 1024, 256);
     let fleet = FleetHandle::start(config, committer).await.unwrap();
     let tokens = Arc::new(Tokens::open(dir.path()).unwrap());
     let limits = ApiLimits {
@@ -38,7 +38,7 @@ async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture
         schema,
         fleet,
         dir,
-        commit_thread,
+        commits,
     }
 }
 
@@ -53,7 +53,7 @@ impl Fixture {
         self.fleet.shutdown().await;
         drop(self.schema);
         drop(self.fleet);
-        self.commit_thread.join().unwrap();
+        self.commits.await.unwrap();
     }
 
     async fn run_as(&self, role: Option<Role>, query: &str, vars: Value) -> Value {

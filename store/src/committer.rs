@@ -1,6 +1,6 @@
 //! Group commit.
 //!
-//! One thread owns the writes to the store. Callers hand it their changes and wait; while
+//! One task owns the writes to the store. Callers hand it their changes and wait; while
 //! a durable commit is in progress, new changes queue up, and the next commit takes all of
 //! them (up to `max_batch` writes) in one atomic, durable batch. Under load, thousands of
 //! twins share each fsync; when idle, a lone change is committed at once.
@@ -10,9 +10,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::{StoreError, TwinStore, Write};
 
@@ -24,7 +24,7 @@ struct Job {
     reply: oneshot::Sender<Result<(), Arc<StoreError>>>,
 }
 
-/// Counters of the commit thread.
+/// Counters of the commit loop.
 #[derive(Debug, Default)]
 pub struct CommitStats {
     pub batches: AtomicU64,
@@ -32,8 +32,8 @@ pub struct CommitStats {
     pub failures: AtomicU64,
 }
 
-/// A cloneable handle to the commit thread. The thread ends when the last handle is
-/// dropped, after committing what was queued.
+/// A cloneable handle to the commit loop. The loop ends when the last handle is dropped,
+/// after committing what was queued.
 #[derive(Clone)]
 pub struct Committer {
     tx: mpsc::Sender<Job>,
@@ -42,59 +42,17 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the commit thread over `store`.
+    /// Starts the commit loop over `store`, on the current tokio runtime. The returned
+    /// task ends after the last handle is dropped and the store is flushed.
     pub fn start(
         store: Arc<dyn TwinStore>,
         queue: usize,
         max_batch: usize,
-    ) -> Result<(Self, JoinHandle<()>), StoreError> {
-        let (tx, mut rx) = mpsc::channel::<Job>(queue.max(1));
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel::<Job>(queue.max(1));
         let stats = Arc::new(CommitStats::default());
-        let thread_stats = stats.clone();
-        let thread_store = store.clone();
-        let handle = std::thread::Builder::new()
-            .name("doppel-commit".into())
-            .spawn(move || {
-                let mut batch = Vec::new();
-                let mut replies = Vec::new();
-                while let Some(first) = rx.blocking_recv() {
-                    batch.extend(first.writes);
-                    replies.push(first.reply);
-                    while batch.len() < max_batch {
-                        match rx.try_recv() {
-                            Ok(job) => {
-                                batch.extend(job.writes);
-                                replies.push(job.reply);
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    let started = std::time::Instant::now();
-                    let result = thread_store.commit(&batch).map_err(Arc::new);
-                    let took = started.elapsed();
-                    if took >= SLOW_COMMIT {
-                        tracing::warn!(ms = took.as_millis() as u64, writes = batch.len(), "slow durable commit: every change in it waited");
-                    }
-                    thread_stats.batches.fetch_add(1, Ordering::Relaxed);
-                    thread_stats.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = &result {
-                        thread_stats.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, writes = batch.len(), "commit failed; the changes were refused");
-                    }
-                    for reply in replies.drain(..) {
-                        let _ = reply.send(result.clone());
-                    }
-                    batch.clear();
-                }
-                if let Err(e) = thread_store.flush() {
-                    tracing::error!(error = %e, "final flush failed");
-                }
-            })
-            .map_err(|source| StoreError::Io {
-                path: "commit thread".into(),
-                source,
-            })?;
-        Ok((Self { tx, stats, store }, handle))
+        let task = tokio::spawn(commit_loop(rx, store.clone(), stats.clone(), max_batch));
+        (Self { tx, stats, store }, task)
     }
 
     /// Commits `writes` atomically; returns once they are durable.
@@ -114,6 +72,68 @@ impl Committer {
     /// The store behind the committer, for reads.
     pub fn store(&self) -> &Arc<dyn TwinStore> {
         &self.store
+    }
+}
+
+/// Takes what waits (up to `max_batch` writes) and commits it as one durable batch on the
+/// blocking pool, where tokio can see the commit (a test's paused clock does not jump
+/// ahead while one is under way); new changes queue up meanwhile.
+async fn commit_loop(
+    mut rx: mpsc::Receiver<Job>,
+    store: Arc<dyn TwinStore>,
+    stats: Arc<CommitStats>,
+    max_batch: usize,
+) {
+    let mut replies = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = first.writes;
+        replies.push(first.reply);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => {
+                    batch.extend(job.writes);
+                    replies.push(job.reply);
+                }
+                Err(_) => break,
+            }
+        }
+        let writes = batch.len();
+        let store = store.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let result = store.commit(&batch);
+            (result, started.elapsed())
+        })
+        .await;
+        let result = match result {
+            Ok((result, took)) => {
+                if took >= SLOW_COMMIT {
+                    tracing::warn!(
+                        ms = took.as_millis() as u64,
+                        writes,
+                        "slow durable commit: every change in it waited"
+                    );
+                }
+                result.map_err(Arc::new)
+            }
+            Err(e) => Err(Arc::new(StoreError::Engine(format!(
+                "commit panicked: {e}"
+            )))),
+        };
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.writes.fetch_add(writes as u64, Ordering::Relaxed);
+        if let Err(e) = &result {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, writes, "commit failed; the changes were refused");
+        }
+        for reply in replies.drain(..) {
+            let _ = reply.send(result.clone());
+        }
+    }
+    match tokio::task::spawn_blocking(move || store.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
+        Err(e) => tracing::error!(error = %e, "final flush panicked"),
     }
 }
 
@@ -213,7 +233,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn waiting_changes_share_one_commit() {
         let store = Arc::new(Recording::default());
-        let (committer, thread) = Committer::start(store.clone(), 1024, 10_000).unwrap();
+        let (committer, task) = Committer::start(store.clone(), 1024, 10_000);
         let mut waiting = Vec::new();
         for i in 0..50 {
             let c = committer.clone();
@@ -221,7 +241,7 @@ mod tests {
         }
         // On a current-thread runtime one yield polls every spawned task once, and each
         // send completes on its first poll: all 50 changes are queued (or taken by the
-        // blocked commit thread) before the first commit is released.
+        // blocked first commit) before that commit is released.
         tokio::task::yield_now().await;
         store.released.store(true, Ordering::SeqCst);
         for w in waiting {
@@ -235,7 +255,7 @@ mod tests {
             batches.len()
         );
         drop(committer);
-        thread.join().unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -243,7 +263,7 @@ mod tests {
         let store = Arc::new(Recording::default());
         store.released.store(true, Ordering::SeqCst);
         store.fail.store(true, Ordering::SeqCst);
-        let (committer, _thread) = Committer::start(store, 16, 100).unwrap();
+        let (committer, _task) = Committer::start(store, 16, 100);
         let err = committer.commit(vec![write(1)]).await.unwrap_err();
         assert!(err.to_string().contains("disk on fire"));
         assert_eq!(committer.stats().failures.load(Ordering::Relaxed), 1);

@@ -17,9 +17,12 @@ pub struct Rollout {
     pub targets: Vec<DeviceId>,
     /// How many of `targets` have an execution.
     pub released: u64,
+    /// When the rollout started, moved on by the time it spent paused: a rate counts
+    /// running time only, so resuming does not release a burst.
     pub started_at: u64,
-    #[serde(default)]
-    pub paused: bool,
+    /// Since when the rollout is paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<u64>,
     /// When the abort policy stopped it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborted_at: Option<u64>,
@@ -45,6 +48,25 @@ pub struct HealthGate {
 impl Rollout {
     pub fn total(&self) -> u64 {
         self.targets.len() as u64
+    }
+
+    /// Pauses (true) or resumes (false) at `now`; doing either twice changes nothing.
+    pub fn pause(&mut self, pause: bool, now: u64) {
+        match (pause, self.paused_at) {
+            (true, None) => self.paused_at = Some(now),
+            (false, Some(at)) => {
+                self.started_at += now.saturating_sub(at);
+                self.paused_at = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// How long the rollout has run at `now`, not counting its pauses.
+    pub fn running_ms(&self, now: u64) -> u64 {
+        self.paused_at
+            .unwrap_or(now)
+            .saturating_sub(self.started_at)
     }
 }
 
@@ -195,6 +217,30 @@ mod tests {
             70,
             "never fewer than released"
         );
+    }
+
+    #[test]
+    fn paused_time_does_not_count_as_running_time() {
+        let mut r = Rollout {
+            pace: Pace::All,
+            abort: None,
+            targets: vec![],
+            released: 0,
+            started_at: 1_000,
+            paused_at: None,
+            aborted_at: None,
+            health: None,
+            healthy: vec![],
+            unhealthy: vec![],
+        };
+        assert_eq!(r.running_ms(61_000), 60_000);
+        r.pause(true, 61_000);
+        r.pause(true, 90_000);
+        assert_eq!(r.running_ms(3_600_000), 60_000, "stands still while paused");
+        r.pause(false, 3_661_000);
+        r.pause(false, 3_700_000);
+        assert_eq!(r.paused_at, None);
+        assert_eq!(r.running_ms(3_721_000), 120_000);
     }
 
     #[test]

@@ -3,13 +3,14 @@
 //! the clock. Every transition is durable before it is visible or announced.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use twin_model::command::{
     CommandError, CommandExecution, CommandStatus, DeviceResponse, NewCommand,
 };
 use twin_model::{Rejection, RejectionKind, TwinEvent};
-use twin_store::{Write, now_millis, secret};
+use twin_store::{Write, secret};
 
 use super::{DeviceMsg, DeviceState, unavailable};
 use crate::error::FleetError;
@@ -35,7 +36,7 @@ impl DeviceState {
         request: NewCommand,
     ) -> Result<Arc<CommandExecution>, FleetError> {
         self.registered().await?;
-        let now = now_millis();
+        let now = self.shared.now_millis();
         let mut execution =
             CommandExecution::new(execution_id(now)?, self.thing.clone(), request, now)
                 .map_err(|e| FleetError::Rejected(e.into()))?;
@@ -59,7 +60,7 @@ impl DeviceState {
         // A malformed answer is refused as such, whatever the execution's status.
         let response = response.map_err(|e| FleetError::Rejected(e.into()))?;
         self.expire_commands().await?;
-        let now = now_millis();
+        let now = self.shared.now_millis();
         let Some(mut execution) = self.registered().await?.commands.get(execution_id).cloned()
         else {
             // Not pending: it ended, or it never existed for this thing.
@@ -108,7 +109,7 @@ impl DeviceState {
         }
         self.listening = true;
         self.expire_commands().await?;
-        let now = now_millis();
+        let now = self.shared.now_millis();
         let (mut first, mut again) = (Vec::new(), Vec::new());
         for c in self.registered().await?.commands.values_mut() {
             if c.delivered(now) {
@@ -128,10 +129,18 @@ impl DeviceState {
         Ok(())
     }
 
+    /// A deadline has come: from the twin's own timer, or from its shard when the twin
+    /// had been passivated (then it loads first).
+    pub(super) async fn on_clock(&mut self) -> Result<(), FleetError> {
+        self.load().await?;
+        self.expire_commands().await?;
+        self.expire_jobs().await
+    }
+
     /// Applies the clock to the pending executions.
     pub(super) async fn expire_commands(&mut self) -> Result<(), FleetError> {
         self.alarm_at = None;
-        let now = now_millis();
+        let now = self.shared.now_millis();
         let Some(loaded) = self.loaded.as_mut() else {
             return Ok(());
         };
@@ -181,6 +190,8 @@ impl DeviceState {
             let jobs = l.jobs.values().filter_map(|e| e.deadline());
             commands.chain(jobs).min()
         });
+        self.next_deadline
+            .store(next.unwrap_or(0), Ordering::Relaxed);
         let Some(next) = next else {
             return;
         };
@@ -188,7 +199,7 @@ impl DeviceState {
             return;
         }
         self.alarm_at = Some(next);
-        let wait = Duration::from_millis(next.saturating_sub(now_millis()));
+        let wait = Duration::from_millis(next.saturating_sub(self.shared.now_millis()));
         self.myself.send_after(wait, || DeviceMsg::Clock);
     }
 }

@@ -13,7 +13,7 @@ use twin_model::job::{
 };
 use twin_model::topic::JobOp;
 use twin_model::{Rejection, RejectionKind, ShadowName, TwinEvent, UpdateRequest};
-use twin_store::{Write, now_millis};
+use twin_store::Write;
 
 use super::DeviceState;
 use crate::error::FleetError;
@@ -77,7 +77,7 @@ impl DeviceState {
             self.thing.clone(),
             job.retry,
             job.timeouts,
-            now_millis(),
+            self.shared.now_millis(),
         );
         self.documents.insert(job.job_id.clone(), job);
         self.save_job(execution).await
@@ -95,7 +95,7 @@ impl DeviceState {
         if execution.status.is_terminal() {
             return Ok(Ok(Arc::new(execution)));
         }
-        if let Err(e) = execution.cancel(force, now_millis()) {
+        if let Err(e) = execution.cancel(force, self.shared.now_millis()) {
             return Ok(Err(e));
         }
         self.save_job(execution).await.map(Ok)
@@ -108,7 +108,7 @@ impl DeviceState {
         body: Value,
     ) -> Result<JobAnswer, FleetError> {
         self.expire_jobs().await?;
-        let now = now_millis();
+        let now = self.shared.now_millis();
         let answer = match op {
             JobOp::GetPending => {
                 let loaded = self.registered().await?;
@@ -282,7 +282,7 @@ impl DeviceState {
 
     /// Applies the clock to the running executions.
     pub(super) async fn expire_jobs(&mut self) -> Result<(), FleetError> {
-        let now = now_millis();
+        let now = self.shared.now_millis();
         let due: Vec<JobExecution> = match self.loaded.as_ref() {
             Some(l) => l
                 .jobs
@@ -305,7 +305,7 @@ impl DeviceState {
         let execution = Arc::new(execution);
         self.commit(vec![Write::JobExecution(execution.clone())])
             .await?;
-        let now = now_millis();
+        let now = self.shared.now_millis();
         let before = self.next_pending().await?;
         self.registered()
             .await?

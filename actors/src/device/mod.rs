@@ -12,6 +12,7 @@ mod messages;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
@@ -21,7 +22,7 @@ use twin_model::{
     ChangeOp, Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName,
     TwinEvent, json,
 };
-use twin_store::{ThingRecord, TwinSnapshot, Write, now_millis, secret};
+use twin_store::{ThingRecord, TwinSnapshot, Write, secret};
 
 pub use jobs::JobAnswer;
 pub use messages::{DeviceMsg, Port, RegistryOp};
@@ -34,6 +35,9 @@ pub struct DeviceTwin;
 pub struct DeviceArgs {
     pub thing: DeviceId,
     pub shared: Arc<Shared>,
+    /// Where the twin publishes its next deadline (0: none), for its shard to wake it
+    /// after a passivation.
+    pub alarm: Arc<AtomicU64>,
 }
 
 pub struct DeviceState {
@@ -47,6 +51,8 @@ pub struct DeviceState {
     listening: bool,
     /// When the twin's command and job timer fires, if one is set.
     alarm_at: Option<u64>,
+    /// The next deadline, for the shard.
+    next_deadline: Arc<AtomicU64>,
     /// Job definitions the twin has needed, by job id.
     documents: HashMap<String, Arc<JobDefinition>>,
     myself: ActorRef<DeviceMsg>,
@@ -61,10 +67,6 @@ struct Loaded {
     commands: BTreeMap<String, CommandExecution>,
     /// Every job execution of the thing, by job id.
     jobs: BTreeMap<String, JobExecution>,
-}
-
-fn now_secs() -> u64 {
-    now_millis() / 1000
 }
 
 fn unavailable(e: impl std::fmt::Display) -> FleetError {
@@ -186,7 +188,7 @@ impl DeviceState {
     ) -> Result<Arc<ShadowChange>, FleetError> {
         let limits = self.shared.config.limits;
         let previous = self.current(&name).await?;
-        let (change, next) = previous.update(&request, now_secs(), &limits)?;
+        let (change, next) = previous.update(&request, self.shared.now_millis() / 1000, &limits)?;
         self.change_shadow(name, previous, change, next).await
     }
 
@@ -207,7 +209,7 @@ impl DeviceState {
         let change = previous.decide_delete(
             name.name().unwrap_or(self.thing.as_str()),
             client_token,
-            now_secs(),
+            self.shared.now_millis() / 1000,
         )?;
         // A deleted shadow keeps only its version: nothing of the old one to copy.
         let mut next = Shadow::default();
@@ -230,7 +232,7 @@ impl DeviceState {
         json::merge(&mut attrs, &attributes);
         self.check_attributes(&attrs)?;
         let (mut record, secret) =
-            ThingRecord::new(self.thing.clone(), now_millis()).map_err(unavailable)?;
+            ThingRecord::new(self.thing.clone(), self.shared.now_millis()).map_err(unavailable)?;
         record.attributes = attrs;
         self.save_record(record.clone()).await?;
         Ok((record, secret))
@@ -339,7 +341,7 @@ impl DeviceState {
         self.listening = false;
         self.set_connectivity(Connectivity {
             connected: true,
-            since: now_millis(),
+            since: self.shared.now_millis(),
             disconnect_reason: None,
         })
         .await?;
@@ -413,7 +415,7 @@ impl DeviceState {
                     self.listening = false;
                     let c = Connectivity {
                         connected: false,
-                        since: now_millis(),
+                        since: self.shared.now_millis(),
                         disconnect_reason: Some(reason),
                     };
                     if let Err(e) = self.set_connectivity(c).await {
@@ -478,11 +480,7 @@ impl DeviceState {
                 drop(permit);
             }
             DeviceMsg::Clock => {
-                let expired = match self.expire_commands().await {
-                    Ok(()) => self.expire_jobs().await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = expired {
+                if let Err(e) = self.on_clock().await {
                     tracing::warn!(thing = %self.thing, error = %e, "could not time out commands or jobs");
                 }
             }
@@ -514,6 +512,7 @@ impl Actor for DeviceTwin {
             session: 0,
             listening: false,
             alarm_at: None,
+            next_deadline: args.alarm,
             documents: HashMap::new(),
             myself,
         })

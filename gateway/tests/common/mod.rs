@@ -42,7 +42,7 @@ pub async fn server_tls(
 ) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
-    let (committer, _) = Committer::start(store, 4096, 4096).unwrap();
+    let (committer, _) = Committer::start(store, 4096, 4096);
     let fleet = FleetHandle::start(fleet, committer).await.unwrap();
     let mut listeners = vec![Listener::Plain(
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
