@@ -6,6 +6,7 @@
 //! made one after another for the same twin are handled in that order; the returned
 //! [`Reply`] then waits (at most `request_timeout`) for the answer.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -433,6 +434,89 @@ impl FleetHandle {
         self.cancel_executions(job_id, force).await.map(drop)
     }
 
+    /// Takes things out of a job: those not released yet never get an execution, and
+    /// the others' executions end `REMOVED` (in-progress ones only with `force`). Refused
+    /// as a whole, before any change, when a thing is not a target of the job or (without
+    /// `force`) its execution is in progress.
+    pub async fn remove_from_job(
+        &self,
+        job_id: &str,
+        things: HashSet<DeviceId>,
+        force: bool,
+    ) -> Result<(), FleetError> {
+        let job = self.job(job_id).await?.ok_or_else(|| no_job(job_id))?;
+        let statuses: HashMap<DeviceId, JobStatus> =
+            self.job_statuses(job_id).await?.into_iter().collect();
+        let unreleased: HashSet<&DeviceId> = job.rollout.as_ref().map_or_else(HashSet::new, |r| {
+            r.targets.iter().skip(r.released as usize).collect()
+        });
+        for thing in &things {
+            match statuses.get(thing) {
+                Some(JobStatus::InProgress) if !force => {
+                    return Err(Rejection::new(
+                        RejectionKind::VersionConflict,
+                        format!("{thing} is running job {job_id}: remove it with force"),
+                    )
+                    .into());
+                }
+                Some(_) => {}
+                None if unreleased.contains(thing) => {}
+                None => {
+                    return Err(Rejection::new(
+                        RejectionKind::NotFound,
+                        format!("{thing} is not a target of job {job_id}"),
+                    )
+                    .into());
+                }
+            }
+        }
+        if !unreleased.is_empty() {
+            // Withdrawn first, so that the rollout does not release them meanwhile.
+            if let Some(control) = self.controller(job_id) {
+                let (tx, rx) = oneshot();
+                control
+                    .send(Control::Withdraw(things.clone(), tx))
+                    .await
+                    .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))?;
+                rx.await
+                    .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))??;
+            } else {
+                let mut job = job.clone();
+                if job
+                    .rollout
+                    .as_mut()
+                    .is_some_and(|r| r.withdraw(&things) > 0)
+                {
+                    self.save_job(job).await?;
+                }
+            }
+        }
+        // Read again: the rollout may have released some of them before the withdrawal.
+        for (thing, status) in self.job_statuses(job_id).await? {
+            if status.is_terminal() || !things.contains(&thing) {
+                continue;
+            }
+            let id = job_id.to_owned();
+            let ended = self
+                .request(&thing, |reply, permit| DeviceMsg::EndJob {
+                    job_id: id,
+                    removed: true,
+                    force,
+                    reply,
+                    permit,
+                })
+                .await?;
+            if let Err(e) = ended {
+                return Err(Rejection::new(
+                    RejectionKind::VersionConflict,
+                    format!("{thing}: {}", e.message),
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     /// Stores a job's changed definition and tells `job_changes` subscribers.
     pub(crate) async fn save_job(&self, job: JobDefinition) -> Result<(), FleetError> {
         let id: Arc<str> = job.job_id.as_str().into();
@@ -515,8 +599,9 @@ impl FleetHandle {
             }
             let id = job_id.to_owned();
             let canceled = self
-                .request(&thing, |reply, permit| DeviceMsg::CancelJob {
+                .request(&thing, |reply, permit| DeviceMsg::EndJob {
                     job_id: id,
+                    removed: false,
                     force,
                     reply,
                     permit,

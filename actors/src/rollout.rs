@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio::sync::{mpsc, oneshot};
 use twin_model::job::{JobDefinition, JobStatus};
@@ -26,6 +26,8 @@ pub enum Control {
     Pause(bool, oneshot::Sender<Result<(), FleetError>>),
     /// Cancel the job (and its in-progress executions with `force`).
     Cancel(bool, oneshot::Sender<Result<(), FleetError>>),
+    /// Take these things out of the targets not released yet.
+    Withdraw(HashSet<DeviceId>, oneshot::Sender<Result<(), FleetError>>),
 }
 
 /// Whether a job's rollout still has work to do.
@@ -51,6 +53,15 @@ pub(crate) async fn run(
                         r.pause(paused, fleet.now_millis());
                     }
                     let _ = reply.send(fleet.save_job(job.clone()).await);
+                }
+                Some(Control::Withdraw(things, reply)) => {
+                    let withdrawn = job.rollout.as_mut().map_or(0, |r| r.withdraw(&things));
+                    let saved = if withdrawn > 0 {
+                        fleet.save_job(job.clone()).await
+                    } else {
+                        Ok(())
+                    };
+                    let _ = reply.send(saved);
                 }
                 Some(Control::Cancel(force, reply)) => {
                     job.canceled_at = Some(fleet.now_millis());

@@ -895,3 +895,108 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
     assert_eq!(released_at(36 * MINUTE).await, 110 + 80);
     assert_eq!(released_at(37 * MINUTE).await, 200);
 }
+
+#[tokio::test(start_paused = true)]
+async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
+    let f = fleet(on_tokio_time()).await;
+    let names = ["a", "b", "c", "d"];
+    registered(&f.fleet, &names).await;
+    let mut job = (*firmware_job("fw-out", RetryPolicy::default(), Timeouts::default())).clone();
+    job.rollout = Some(Rollout {
+        pace: Pace::Waves {
+            percents: vec![50, 100],
+        },
+        abort: None,
+        targets: names.iter().map(|n| id(n)).collect(),
+        released: 0,
+        started_at: f.fleet.now_millis(),
+        paused_at: None,
+        aborted_at: None,
+        health: None,
+        healthy: vec![],
+        unhealthy: vec![],
+    });
+    let mut events = f.fleet.subscribe();
+    f.fleet.create_job(Arc::new(job)).await.unwrap();
+    // The first wave: a and b.
+    for _ in 0..2 {
+        next_event(&mut events, MINUTE, job_of).await.unwrap();
+    }
+    f.fleet
+        .job_request(&id("a"), JobOp::StartNext, json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    let statuses = async || {
+        let mut s = f.fleet.job_statuses("fw-out").await.unwrap();
+        s.sort();
+        s
+    };
+    let out = |things: &[&str]| things.iter().map(|t| id(t)).collect();
+    let before = statuses().await;
+
+    let running = f
+        .fleet
+        .remove_from_job("fw-out", out(&["a", "b"]), false)
+        .await
+        .unwrap_err();
+    assert_eq!(running.kind(), RejectionKind::VersionConflict);
+    let stranger = f
+        .fleet
+        .remove_from_job("fw-out", out(&["b", "ghost"]), false)
+        .await
+        .unwrap_err();
+    assert_eq!(stranger.kind(), RejectionKind::NotFound);
+    assert_eq!(statuses().await, before, "a refusal changes nothing");
+
+    // b has an execution: REMOVED, and its device hears that nothing is pending. d has
+    // none yet: it never gets one.
+    f.fleet
+        .remove_from_job("fw-out", out(&["b", "d"]), false)
+        .await
+        .unwrap();
+    let (removed, notify) = next_event(&mut events, MINUTE, |e| match e {
+        TwinEvent::Job {
+            execution, notify, ..
+        } if execution.thing.as_str() == "b" => Some((execution.clone(), notify.clone())),
+        _ => None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(removed.status, JobStatus::Removed);
+    assert_eq!(
+        notify["jobs"],
+        json!({"QUEUED": [], "IN_PROGRESS": []}),
+        "nothing pending"
+    );
+    let targets = f
+        .fleet
+        .job("fw-out")
+        .await
+        .unwrap()
+        .unwrap()
+        .rollout
+        .unwrap()
+        .targets;
+    assert_eq!(targets, [id("a"), id("b"), id("c")]);
+
+    // With force, a running execution too; then the first wave has ended and c is next.
+    f.fleet
+        .remove_from_job("fw-out", out(&["a"]), true)
+        .await
+        .unwrap();
+    let queued = next_event(&mut events, MINUTE, |e| {
+        job_of(e).filter(|x| x.status == JobStatus::Queued)
+    })
+    .await
+    .expect("the next wave opens");
+    assert_eq!(queued.thing, id("c"));
+    assert_eq!(
+        statuses().await,
+        [
+            (id("a"), JobStatus::Removed),
+            (id("b"), JobStatus::Removed),
+            (id("c"), JobStatus::Queued)
+        ]
+    );
+}

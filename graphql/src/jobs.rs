@@ -474,6 +474,32 @@ pub async fn cancel(fleet: &FleetHandle, job_id: &str, force: bool) -> ApiResult
         .ok_or_else(|| ApiError::not_found(format!("no job {job_id}")))
 }
 
+/// `removeOtaJobTargets`: takes things out of a job (see `FleetHandle::remove_from_job`).
+pub async fn remove_targets(
+    fleet: &FleetHandle,
+    job_id: &str,
+    thing_ids: &[ID],
+    force: bool,
+) -> ApiResult<OtaJob> {
+    if thing_ids.is_empty() || thing_ids.len() > MAX_TARGETS {
+        return Err(ApiError::invalid(format!(
+            "thingIds takes 1 to {MAX_TARGETS} things"
+        )));
+    }
+    let things = thing_ids
+        .iter()
+        .map(|id| DeviceId::parse(id))
+        .collect::<Result<_, _>>()
+        .map_err(ApiError::from)?;
+    fleet
+        .remove_from_job(job_id, things, force)
+        .await
+        .map_err(ApiError::from)?;
+    progress(fleet, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no job {job_id}")))
+}
+
 /// Jobs in id order after `after`, with their counts.
 pub async fn list(
     fleet: &FleetHandle,

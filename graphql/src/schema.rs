@@ -625,6 +625,21 @@ impl Mutation {
         Ok(jobs::cancel(&api.fleet, &job_id, force.unwrap_or(false)).await?)
     }
 
+    /// Takes things out of an OTA job (operator): those without an execution yet never get
+    /// one, and the others' executions end `REMOVED` (their devices are told on `notify`).
+    /// An in-progress execution is removed only with `force`; without it, or when a thing
+    /// is not a target of the job, nothing is changed (`VERSION_CONFLICT`, `NOT_FOUND`).
+    async fn remove_ota_job_targets(
+        &self,
+        ctx: &Context<'_>,
+        job_id: ID,
+        thing_ids: Vec<ID>,
+        #[graphql(desc = "Default false.")] force: Option<bool>,
+    ) -> async_graphql::Result<OtaJob> {
+        let api = allowed(ctx, Role::Operator)?;
+        Ok(jobs::remove_targets(&api.fleet, &job_id, &thing_ids, force.unwrap_or(false)).await?)
+    }
+
     /// Sends a command to a thing (operator). The device receives `payload` on
     /// `$aws/commands/things/{thing}/executions/{executionId}/request/json` once it
     /// subscribes there; undelivered after `expiresInSeconds`, or unfinished

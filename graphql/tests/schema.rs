@@ -755,5 +755,48 @@ async fn ota_jobs_are_created_for_their_targets_and_counted() {
         )
         .await;
     assert_eq!(code(&r), "FORBIDDEN");
+
+    // Taking things out of the job: their executions end REMOVED.
+    let remove = "mutation($id: ID!, $things: [ID!]!) { removeOtaJobTargets(jobId: $id, thingIds: $things) { targets counts { queued removed } } }";
+    let d = f
+        .run_as(
+            Some(Role::Operator),
+            remove,
+            json!({"id": "j1", "things": ["b1"]}),
+        )
+        .await;
+    let job = &d["data"]["removeOtaJobTargets"];
+    assert_eq!(job["counts"], json!({"queued": 2, "removed": 1}), "{d}");
+    assert_eq!(job["targets"], 3);
+    for (vars, role, want) in [
+        (
+            json!({"id": "j1", "things": ["zz"]}),
+            Role::Operator,
+            "NOT_FOUND",
+        ),
+        (
+            json!({"id": "nope", "things": ["a1"]}),
+            Role::Operator,
+            "NOT_FOUND",
+        ),
+        (
+            json!({"id": "j1", "things": ["a 1"]}),
+            Role::Operator,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"id": "j1", "things": []}),
+            Role::Operator,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"id": "j1", "things": ["a1"]}),
+            Role::Viewer,
+            "FORBIDDEN",
+        ),
+    ] {
+        let r = f.run_as(Some(role), remove, vars.clone()).await;
+        assert_eq!(code(&r), want, "{vars}: {r}");
+    }
     f.close().await;
 }

@@ -7,7 +7,8 @@
 //!   │  └──────────── device ─────────────────▶ SUCCEEDED | FAILED | REJECTED
 //!   │                   │ clock (step or in-progress timeout)
 //!   │                   └──────────────────▶ TIMED_OUT
-//!   └── operator ──▶ CANCELED (IN_PROGRESS too, with force) · job deleted ──▶ REMOVED
+//!   └── operator ──▶ CANCELED (job canceled) | REMOVED (thing taken out of the job);
+//!                    IN_PROGRESS too, with force
 //! ```
 //!
 //! A `FAILED` or `TIMED_OUT` attempt with retries left starts a new attempt: back to
@@ -520,31 +521,36 @@ impl JobExecution {
 
     /// The operator cancels. An `IN_PROGRESS` execution is canceled only with `force`.
     pub fn cancel(&mut self, force: bool, now: u64) -> Result<Transition, JobError> {
+        self.end_by_operator(JobStatus::Canceled, force, now)
+    }
+
+    /// The operator takes the thing out of the job. An `IN_PROGRESS` execution is removed
+    /// only with `force`.
+    pub fn remove(&mut self, force: bool, now: u64) -> Result<Transition, JobError> {
+        self.end_by_operator(JobStatus::Removed, force, now)
+    }
+
+    fn end_by_operator(
+        &mut self,
+        status: JobStatus,
+        force: bool,
+        now: u64,
+    ) -> Result<Transition, JobError> {
         match self.status {
             JobStatus::Queued => {}
             JobStatus::InProgress if force => {}
             JobStatus::InProgress => {
                 return Err(self.refuse(
                     JobErrorCode::InvalidStateTransition,
-                    "the execution is IN_PROGRESS: cancel it with force",
+                    "the execution is IN_PROGRESS: end it with force",
                 ));
             }
             s => return Ok(Transition::Ended(s)),
         }
-        self.status = JobStatus::Canceled;
+        self.status = status;
         self.step_deadline = None;
         self.touch(now);
-        Ok(Transition::Ended(JobStatus::Canceled))
-    }
-
-    /// The job was deleted: the execution is removed, whatever its status.
-    pub fn remove(&mut self, now: u64) -> Transition {
-        if !self.status.is_terminal() {
-            self.status = JobStatus::Removed;
-            self.step_deadline = None;
-            self.touch(now);
-        }
-        Transition::Ended(self.status)
+        Ok(Transition::Ended(status))
     }
 
     /// After an attempt ended with `status`: retry when the policy allows.
@@ -822,12 +828,19 @@ mod tests {
             Ok(Transition::Ended(JobStatus::Canceled))
         );
         let mut r = exec(RetryPolicy::default(), Timeouts::default());
-        assert_eq!(r.remove(4), Transition::Ended(JobStatus::Removed));
         assert_eq!(
-            p.remove(5),
-            Transition::Ended(JobStatus::Canceled),
+            r.remove(false, 4),
+            Ok(Transition::Ended(JobStatus::Removed))
+        );
+        assert_eq!(
+            p.remove(true, 5),
+            Ok(Transition::Ended(JobStatus::Canceled)),
             "terminal stays"
         );
+        let mut q = exec(RetryPolicy::default(), Timeouts::default());
+        q.start(None, None, 1).unwrap();
+        assert!(q.remove(false, 2).is_err());
+        assert_eq!(q.remove(true, 3), Ok(Transition::Ended(JobStatus::Removed)));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! How a job reaches its fleet: how many targets may have an execution by now (waves or
 //! an exponential rate), and when failures stop it. Pure; time passed in.
 
+use std::collections::HashSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::DeviceId;
@@ -60,6 +62,19 @@ impl Rollout {
             }
             _ => {}
         }
+    }
+
+    /// Takes `things` out of the targets not released yet (the released ones keep their
+    /// place: their executions end `REMOVED`). Returns how many were taken out.
+    pub fn withdraw(&mut self, things: &HashSet<DeviceId>) -> usize {
+        let released = (self.released as usize).min(self.targets.len());
+        let before = self.targets.len();
+        let mut index = 0;
+        self.targets.retain(|t| {
+            index += 1;
+            index <= released || !things.contains(t)
+        });
+        before - self.targets.len()
     }
 
     /// How long the rollout has run at `now`, not counting its pauses.
@@ -219,10 +234,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn paused_time_does_not_count_as_running_time() {
-        let mut r = Rollout {
-            pace: Pace::All,
+    fn rollout(pace: Pace) -> Rollout {
+        Rollout {
+            pace,
             abort: None,
             targets: vec![],
             released: 0,
@@ -232,7 +246,12 @@ mod tests {
             health: None,
             healthy: vec![],
             unhealthy: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn paused_time_does_not_count_as_running_time() {
+        let mut r = rollout(Pace::All);
         assert_eq!(r.running_ms(61_000), 60_000);
         r.pause(true, 61_000);
         r.pause(true, 90_000);
@@ -241,6 +260,21 @@ mod tests {
         r.pause(false, 3_700_000);
         assert_eq!(r.paused_at, None);
         assert_eq!(r.running_ms(3_721_000), 120_000);
+    }
+
+    #[test]
+    fn only_targets_not_released_yet_are_withdrawn() {
+        let ids: Vec<DeviceId> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|t| DeviceId::parse(t).unwrap())
+            .collect();
+        let mut r = rollout(Pace::All);
+        r.targets = ids.clone();
+        r.released = 2;
+        let out: HashSet<DeviceId> = [&ids[0], &ids[2]].into_iter().cloned().collect();
+        assert_eq!(r.withdraw(&out), 1);
+        assert_eq!(r.targets, [ids[0].clone(), ids[1].clone(), ids[3].clone()]);
+        assert_eq!(r.withdraw(&out), 0);
     }
 
     #[test]

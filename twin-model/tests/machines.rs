@@ -20,7 +20,7 @@ enum JobOp {
     },
     Tick,
     Cancel(bool),
-    Remove,
+    Remove(bool),
 }
 
 fn job_op() -> impl Strategy<Value = JobOp> {
@@ -42,7 +42,7 @@ fn job_op() -> impl Strategy<Value = JobOp> {
             .prop_map(|(status, expected, execution, step)| JobOp::Update { status, expected, execution, step }),
         3 => Just(JobOp::Tick),
         1 => any::<bool>().prop_map(JobOp::Cancel),
-        1 => Just(JobOp::Remove),
+        1 => any::<bool>().prop_map(JobOp::Remove),
     ]
 }
 
@@ -77,7 +77,7 @@ proptest! {
                 }
                 JobOp::Tick => e.tick(now).map(Ok),
                 JobOp::Cancel(force) => Some(e.cancel(force, now).map_err(|_| ())),
-                JobOp::Remove => Some(Ok(e.remove(now))),
+                JobOp::Remove(force) => Some(e.remove(force, now).map_err(|_| ())),
             };
             // Once ended for good, nothing changes it again.
             if let Some(status) = ended {

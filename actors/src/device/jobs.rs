@@ -83,10 +83,12 @@ impl DeviceState {
         self.save_job(execution).await
     }
 
-    /// Cancels this thing's execution of `job`; an `IN_PROGRESS` one only with `force`.
-    pub(super) async fn cancel_job(
+    /// Ends this thing's execution of `job`, `REMOVED` or `CANCELED`; an `IN_PROGRESS` one
+    /// only with `force`.
+    pub(super) async fn end_job(
         &mut self,
         job: &str,
+        removed: bool,
         force: bool,
     ) -> Result<Result<Arc<JobExecution>, JobError>, FleetError> {
         let Some(mut execution) = self.registered().await?.jobs.get(job).cloned() else {
@@ -95,7 +97,13 @@ impl DeviceState {
         if execution.status.is_terminal() {
             return Ok(Ok(Arc::new(execution)));
         }
-        if let Err(e) = execution.cancel(force, self.shared.now_millis()) {
+        let now = self.shared.now_millis();
+        let ended = if removed {
+            execution.remove(force, now)
+        } else {
+            execution.cancel(force, now)
+        };
+        if let Err(e) = ended {
             return Ok(Err(e));
         }
         self.save_job(execution).await.map(Ok)

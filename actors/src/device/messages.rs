@@ -75,9 +75,11 @@ pub enum DeviceMsg {
         reply: Port<Arc<JobExecution>>,
         permit: OwnedSemaphorePermit,
     },
-    /// Cancels the thing's execution of a job (an `IN_PROGRESS` one only with `force`).
-    CancelJob {
+    /// Ends the thing's execution of a job: `REMOVED` (the thing was taken out of the job)
+    /// or `CANCELED` (the job was canceled); an `IN_PROGRESS` one only with `force`.
+    EndJob {
         job_id: String,
+        removed: bool,
         force: bool,
         reply: Port<Result<Arc<JobExecution>, twin_model::job::JobError>>,
         permit: OwnedSemaphorePermit,

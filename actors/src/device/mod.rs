@@ -461,13 +461,14 @@ impl DeviceState {
                 answer(reply, self.queue_job(job).await);
                 drop(permit);
             }
-            DeviceMsg::CancelJob {
+            DeviceMsg::EndJob {
                 job_id,
+                removed,
                 force,
                 reply,
                 permit,
             } => {
-                answer(reply, self.cancel_job(&job_id, force).await);
+                answer(reply, self.end_job(&job_id, removed, force).await);
                 drop(permit);
             }
             DeviceMsg::JobRequest {
