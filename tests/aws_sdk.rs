@@ -1,6 +1,6 @@
 //! The official AWS IoT Device SDK v2 (Python `awsiotsdk`, unmodified) runs the shadow
-//! update, delta, get and delete flows, and a job to SUCCEEDED with its jobs client,
-//! against the real `doppel` binary.
+//! update, delta, get and delete flows, a job to SUCCEEDED with its jobs client, and a
+//! command on the commands topics with its MQTT 5 client, against the real `doppel` binary.
 //!
 //! The SDK is installed from PyPI into a virtual environment kept in Cargo's target
 //! directory (created on the first run). It needs `python3` with `venv` and access to
@@ -127,5 +127,55 @@ async fn the_aws_iot_device_sdk_jobs_client_runs_a_job_to_success_unchanged() {
         finished.success() && rest.iter().any(|l| l == "SDK CHECK PASSED"),
         "stdout:\n{}\nstderr:\n{stderr}",
         rest.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn a_device_on_the_aws_iot_device_sdk_runs_a_command_sent_while_it_was_offline() {
+    let python = sdk_python();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let secret = common::register(&server.http, &admin, "sdk-cmd", serde_json::json!({})).await;
+    let send = "mutation { sendCommand(thingId: \"sdk-cmd\", name: \"reboot\", payload: {delay: 5}, timeoutSeconds: 60) { executionId status } }";
+    let r = common::graphql(&server.http, Some(&admin), send, serde_json::json!({}))
+        .await
+        .json();
+    assert_eq!(r["data"]["sendCommand"]["status"], "CREATED", "{r}");
+    let execution = r["data"]["sendCommand"]["executionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let (host, port) = server.mqtt.rsplit_once(':').unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aws_sdk_commands.py");
+    let run = tokio::process::Command::new(&python)
+        .arg(script)
+        .args([host, port, "sdk-cmd", &secret, &execution])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(common::WAIT * 3, run)
+        .await
+        .expect("the SDK script finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("SDK CHECK PASSED"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let q = "query($id: ID!) { command(executionId: $id) { status result } }";
+    let r = common::graphql(
+        &server.http,
+        Some(&admin),
+        q,
+        serde_json::json!({"id": execution}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        r["data"]["command"],
+        serde_json::json!({"status": "SUCCEEDED", "result": {"uptime": {"s": "3"}}}),
+        "{r}"
     );
 }
