@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::sync::{mpsc, oneshot};
 use twin_model::job::{JobDefinition, JobStatus};
-use twin_model::{DeviceId, Filter};
+use twin_model::{DeviceId, Filter, RejectionKind};
 
 use crate::error::FleetError;
 use crate::fleet::FleetHandle;
@@ -185,22 +185,27 @@ async fn step(
     }
     let definition = Arc::new(job.clone());
     let batch = &rollout.targets[rollout.released as usize..allowed as usize];
+    let mut gone = HashSet::new();
     for chunk in batch.chunks(RELEASE_BATCH) {
         let queued: Vec<_> = chunk
             .iter()
             .map(|thing| fleet.queue_job(thing, definition.clone()))
             .collect();
-        for q in queued {
+        for (thing, q) in chunk.iter().zip(queued) {
             match q.await {
-                // Already queued (the release was not yet persisted when the server
-                // stopped), or the thing is gone: nothing to do for it.
-                Ok(_) | Err(FleetError::Rejected(_)) => {}
+                Ok(_) => {}
+                // Deleted before its turn: it leaves the job.
+                Err(e) if e.kind() == RejectionKind::NotFound => {
+                    gone.insert(thing.clone());
+                }
+                // Already queued: the release was not yet persisted when the server stopped.
+                Err(FleetError::Rejected(_)) => {}
                 Err(e) => return Err(e),
             }
         }
     }
     if let Some(r) = job.rollout.as_mut() {
-        r.released = allowed;
+        r.release(allowed, &gone);
     }
     fleet.save_job(job.clone()).await?;
     Ok(true)

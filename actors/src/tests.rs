@@ -21,7 +21,7 @@ use twin_model::job::{
 use twin_model::rollout::{Pace, Rollout};
 use twin_model::topic::JobOp;
 
-use crate::{Clock, FleetConfig, FleetError, FleetHandle};
+use crate::{Clock, FleetConfig, FleetError, FleetHandle, RegistryOp};
 
 fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).unwrap()
@@ -997,6 +997,88 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
             (id("a"), JobStatus::Removed),
             (id("b"), JobStatus::Removed),
             (id("c"), JobStatus::Queued)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add_up() {
+    let f = fleet(on_tokio_time()).await;
+    let names = ["a", "b", "c", "d"];
+    registered(&f.fleet, &names).await;
+    let mut job = (*firmware_job("fw-del", RetryPolicy::default(), Timeouts::default())).clone();
+    job.rollout = Some(Rollout {
+        pace: Pace::Waves {
+            percents: vec![50, 100],
+        },
+        abort: None,
+        targets: names.iter().map(|n| id(n)).collect(),
+        released: 0,
+        started_at: f.fleet.now_millis(),
+        paused_at: None,
+        aborted_at: None,
+        health: None,
+        healthy: vec![],
+        unhealthy: vec![],
+    });
+    let mut events = f.fleet.subscribe();
+    f.fleet.create_job(Arc::new(job)).await.unwrap();
+    for _ in 0..2 {
+        next_event(&mut events, MINUTE, job_of).await.unwrap();
+    }
+    let succeed = async |thing: &str| {
+        let ask = |op, body| f.fleet.job_request(&id(thing), op, body);
+        ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
+        ask(
+            JobOp::Update("fw-del".into()),
+            json!({"status": "SUCCEEDED"}),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    };
+    // b is deleted with its execution queued, d before its wave.
+    for gone in ["b", "d"] {
+        f.fleet
+            .registry(&id(gone), RegistryOp::Delete)
+            .await
+            .unwrap();
+    }
+    let removed = next_event(&mut events, MINUTE, job_of).await.unwrap();
+    assert_eq!(
+        (removed.thing.as_str(), removed.status),
+        ("b", JobStatus::Removed)
+    );
+    succeed("a").await;
+    let queued = next_event(&mut events, MINUTE, |e| {
+        job_of(e).filter(|x| x.status == JobStatus::Queued)
+    })
+    .await
+    .expect("the second wave opens");
+    assert_eq!(queued.thing, id("c"));
+    succeed("c").await;
+
+    // The controller sees that every target has ended, and stops.
+    tokio::time::sleep(MINUTE).await;
+    assert!(f.fleet.shared.rollouts.is_empty(), "the rollout is over");
+    let rollout = f
+        .fleet
+        .job("fw-del")
+        .await
+        .unwrap()
+        .unwrap()
+        .rollout
+        .unwrap();
+    assert_eq!(rollout.targets, [id("a"), id("b"), id("c")]);
+    assert_eq!(rollout.released, 3);
+    let mut statuses = f.fleet.job_statuses("fw-del").await.unwrap();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            (id("a"), JobStatus::Succeeded),
+            (id("b"), JobStatus::Removed),
+            (id("c"), JobStatus::Succeeded)
         ]
     );
 }

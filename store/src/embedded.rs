@@ -14,7 +14,7 @@
 //! - `jobs`: `{jobId}` -> [`JobDefinition`] (JSON)
 //! - `job_execs`: `{thing}\0{jobId}` -> [`JobExecution`] (JSON)
 //! - `job_targets`: `{jobId}\0{thing}` -> the execution's status (JSON), to count a job's
-//!   executions without reading them.
+//!   executions without reading them; kept when the thing is deleted.
 //! - `events`:   `{thing}\0{shadow}\0{slot:be64}` -> [`ShadowChange`] (JSON): a ring of
 //!   the newest changes per shadow, slot = (2 * version + is_delete) mod (2 * history).
 //!   Each change overwrites the slot of the change `history` versions older, so the
@@ -282,11 +282,7 @@ impl TwinStore for EmbeddedStore {
                         let key = kv.key().map_err(engine)?;
                         b.remove(&self.command_ids, &key[prefix.len()..]);
                     }
-                    for kv in self.job_execs.prefix(&prefix) {
-                        let key = kv.key().map_err(engine)?;
-                        let job = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-                        b.remove(&self.job_targets, job_target_key(&job, thing));
-                    }
+                    // `job_targets` keeps the thing's final status in each job it was in.
                     for ks in [&self.shadows, &self.events, &self.commands, &self.job_execs] {
                         for kv in ks.prefix(&prefix) {
                             b.remove(ks, kv.key().map_err(engine)?);
@@ -720,7 +716,11 @@ mod tests {
         store.commit(&[Write::DeleteThing(id("t2"))]).unwrap();
         assert_eq!(
             store.job_statuses("fw-2").unwrap(),
-            [(id("t1"), JobStatus::Queued)]
+            [
+                (id("t1"), JobStatus::Queued),
+                (id("t2"), JobStatus::Succeeded)
+            ],
+            "the job keeps how a deleted thing ended"
         );
         assert!(store.load(&id("t2")).unwrap().job_executions.is_empty());
     }

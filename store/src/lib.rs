@@ -92,7 +92,8 @@ pub enum Write {
     Job(Arc<JobDefinition>),
     /// A job execution as it is now.
     JobExecution(Arc<JobExecution>),
-    /// Removes the thing with its presence, shadows, history and commands.
+    /// Removes the thing with its presence, shadows, history, commands and job executions;
+    /// each job keeps the status the thing's execution ended with.
     DeleteThing(DeviceId),
 }
 

@@ -77,6 +77,20 @@ impl Rollout {
         before - self.targets.len()
     }
 
+    /// Marks the targets up to `upto` released, except those `gone` (deleted before their
+    /// turn), which leave the targets.
+    pub fn release(&mut self, upto: u64, gone: &HashSet<DeviceId>) {
+        let from = (self.released as usize).min(self.targets.len());
+        let upto = (upto as usize).clamp(from, self.targets.len());
+        let before = self.targets.len();
+        let mut index = 0;
+        self.targets.retain(|t| {
+            index += 1;
+            index <= from || index > upto || !gone.contains(t)
+        });
+        self.released = (upto - (before - self.targets.len())) as u64;
+    }
+
     /// How long the rollout has run at `now`, not counting its pauses.
     pub fn running_ms(&self, now: u64) -> u64 {
         self.paused_at
@@ -275,6 +289,27 @@ mod tests {
         assert_eq!(r.withdraw(&out), 1);
         assert_eq!(r.targets, [ids[0].clone(), ids[1].clone(), ids[3].clone()]);
         assert_eq!(r.withdraw(&out), 0);
+    }
+
+    #[test]
+    fn targets_gone_before_their_release_leave_the_rollout() {
+        let ids: Vec<DeviceId> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|t| DeviceId::parse(t).unwrap())
+            .collect();
+        let mut r = rollout(Pace::All);
+        r.targets = ids.clone();
+        r.released = 1;
+        // a was released before it was deleted: it keeps its place.
+        let gone: HashSet<DeviceId> = [&ids[0], &ids[2], &ids[4]].into_iter().cloned().collect();
+        r.release(4, &gone);
+        assert_eq!(
+            r.targets,
+            [&ids[0], &ids[1], &ids[3], &ids[4]].map(Clone::clone)
+        );
+        assert_eq!(r.released, 3);
+        r.release(4, &HashSet::new());
+        assert_eq!(r.released, 4);
     }
 
     #[test]

@@ -305,6 +305,21 @@ impl DeviceState {
                 Ok(Some(secret))
             }
             RegistryOp::Delete => {
+                // Its unfinished job executions end REMOVED first: the jobs keep a final
+                // status for every target, so their counts add up and rollouts finish.
+                let unfinished: Vec<String> = self
+                    .registered()
+                    .await?
+                    .jobs
+                    .values()
+                    .filter(|e| !e.status.is_terminal())
+                    .map(|e| e.job_id.clone())
+                    .collect();
+                for job in unfinished {
+                    if let Err(e) = self.end_job(&job, true, true).await? {
+                        return Err(unavailable(e.message));
+                    }
+                }
                 self.commit(vec![Write::DeleteThing(self.thing.clone())])
                     .await?;
                 self.loaded = Some(Loaded::default());
