@@ -62,11 +62,28 @@ async fn the_aws_iot_device_sdk_runs_the_shadow_flows_unchanged() {
         .to_owned();
 
     let server = start(dir.path(), &[]).await;
-    let (host, port) = server.mqtt.rsplit_once(':').unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aws_sdk_shadow.py");
-    let run = tokio::process::Command::new(&python)
+    run_check(
+        &python,
+        "aws_sdk_shadow.py",
+        &server.mqtt,
+        &["sdk-thing", &secret],
+    )
+    .await;
+}
+
+/// Runs an SDK script against the MQTT endpoint at `mqtt` (host:port, then `args`) and
+/// asserts that it passed.
+async fn run_check(python: &Path, script: &str, mqtt: &str, args: &[&str]) {
+    let (host, port) = mqtt.rsplit_once(':').unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let run = tokio::process::Command::new(python)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .arg(script)
-        .args([host, port, "sdk-thing", &secret])
+        .args([host, port])
+        .args(args)
+        .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(common::WAIT * 3, run)
         .await
@@ -91,6 +108,7 @@ async fn the_aws_iot_device_sdk_jobs_client_runs_a_job_to_success_unchanged() {
     let (host, port) = server.mqtt.rsplit_once(':').unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aws_sdk_jobs.py");
     let mut child = tokio::process::Command::new(&python)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .arg(script)
         .args([host, port, "sdk-jobs", &secret])
         .stdout(std::process::Stdio::piped())
@@ -147,23 +165,13 @@ async fn a_device_on_the_aws_iot_device_sdk_runs_a_command_sent_while_it_was_off
         .unwrap()
         .to_owned();
 
-    let (host, port) = server.mqtt.rsplit_once(':').unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aws_sdk_commands.py");
-    let run = tokio::process::Command::new(&python)
-        .arg(script)
-        .args([host, port, "sdk-cmd", &secret, &execution])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(common::WAIT * 3, run)
-        .await
-        .expect("the SDK script finishes")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("SDK CHECK PASSED"),
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_check(
+        &python,
+        "aws_sdk_commands.py",
+        &server.mqtt,
+        &["sdk-cmd", &secret, &execution],
+    )
+    .await;
     let q = "query($id: ID!) { command(executionId: $id) { status result } }";
     let r = common::graphql(
         &server.http,

@@ -10,39 +10,18 @@ import json
 import sys
 from concurrent.futures import Future
 from awscrt import mqtt5
+from sdk_check import Waiter, fail
 
 host, port, thing, password, execution_id = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 base = "$aws/commands/things/%s/executions" % thing
 Q = mqtt5.QoS.AT_LEAST_ONCE
 
-
-class Inbox:
-    """Publishes received, by topic suffix; `take()` waits for the next one."""
-    def __init__(self):
-        self.items = []; self.future = Future()
-    def __call__(self, data):
-        self.items.append(data.publish_packet)
-        if not self.future.done():
-            self.future.set_result(None)
-    def take(self, timeout=10):
-        self.future.result(timeout)
-        item = self.items.pop(0)
-        self.future = Future()
-        if self.items:
-            self.future.set_result(None)
-        return item
-
-
-def fail(what):
-    print("SDK CHECK FAILED:", what, flush=True); sys.exit(1)
-
-
-inbox = Inbox()
+inbox = Waiter()
 connected = Future()
 client = mqtt5.Client(mqtt5.ClientOptions(
     host_name=host, port=port,
     connect_options=mqtt5.ConnectPacket(client_id=thing, username="sdk-check", password=password),
-    on_publish_callback_fn=inbox,
+    on_publish_callback_fn=lambda data: inbox(data.publish_packet),
     on_lifecycle_event_connection_success_fn=lambda _: connected.set_result(None),
     on_lifecycle_event_connection_failure_fn=lambda d: connected.set_exception(Exception(str(d.exception))),
 ))

@@ -5,9 +5,9 @@ Run by tests/aws_sdk.rs: python aws_sdk_jobs.py HOST PORT THING SECRET
 It prints READY once subscribed; the test then creates the job "fw-sdk".
 """
 import sys
-from concurrent.futures import Future
 from awscrt import io, mqtt
 from awsiot import iotjobs
+from sdk_check import Waiter, fail
 
 host, port, thing, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 elg = io.EventLoopGroup(1); resolver = io.DefaultHostResolver(elg); bootstrap = io.ClientBootstrap(elg, resolver)
@@ -17,25 +17,6 @@ conn = mqtt.Connection(client=client, host_name=host, port=port, client_id=thing
 conn.connect().result(10)
 jobs = iotjobs.IotJobsClient(conn)
 Q = mqtt.QoS.AT_LEAST_ONCE
-
-class Waiter:
-    """Collects one kind of message; `take()` waits for the next one."""
-    def __init__(self):
-        self.items = []; self.future = Future()
-    def __call__(self, item):
-        self.items.append(item)
-        if not self.future.done():
-            self.future.set_result(None)
-    def take(self, timeout=10):
-        self.future.result(timeout)
-        item = self.items.pop(0)
-        self.future = Future()
-        if self.items:
-            self.future.set_result(None)
-        return item
-
-def fail(what):
-    print("SDK CHECK FAILED:", what, flush=True); sys.exit(1)
 
 next_changed = Waiter(); pending_ok = Waiter(); start_ok = Waiter(); start_err = Waiter()
 update_ok = Waiter(); update_err = Waiter()

@@ -839,6 +839,46 @@ async fn job_attempts_time_out_and_retry_on_the_clock_up_to_their_limits() {
     );
 }
 
+/// A firmware job rolled out to `targets` at `pace`, starting now on the fleet's clock.
+fn paced_job(f: &FleetHandle, id_: &str, targets: &[String], pace: Pace) -> Arc<JobDefinition> {
+    let mut job = (*firmware_job(id_, RetryPolicy::default(), Timeouts::default())).clone();
+    job.rollout = Some(Rollout {
+        pace,
+        abort: None,
+        targets: targets.iter().map(|n| id(n)).collect(),
+        released: 0,
+        started_at: f.now_millis(),
+        paused_at: None,
+        aborted_at: None,
+        health: None,
+        healthy: vec![],
+        unhealthy: vec![],
+    });
+    Arc::new(job)
+}
+
+/// A job in two waves over a, b, c and d, created once its first wave (a, b) is queued.
+async fn two_waves(
+    f: &FleetHandle,
+    job_id: &str,
+) -> tokio::sync::broadcast::Receiver<Arc<TwinEvent>> {
+    let names = ["a", "b", "c", "d"].map(String::from);
+    for n in &names {
+        f.register(&id(n), Default::default()).await.unwrap();
+    }
+    let pace = Pace::Waves {
+        percents: vec![50, 100],
+    };
+    let mut events = f.subscribe();
+    f.create_job(paced_job(f, job_id, &names, pace))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        next_event(&mut events, MINUTE, job_of).await.unwrap();
+    }
+    events
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst() {
     let f = fleet(on_tokio_time()).await;
@@ -846,25 +886,16 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
     for n in &names {
         f.fleet.register(&id(n), Default::default()).await.unwrap();
     }
-    let mut job = (*firmware_job("fw-rate", RetryPolicy::default(), Timeouts::default())).clone();
-    job.rollout = Some(Rollout {
-        pace: Pace::Rate {
-            base_per_minute: 10,
-            factor: 2.0,
-            max_per_minute: 40,
-        },
-        abort: None,
-        targets: names.iter().map(|n| id(n)).collect(),
-        released: 0,
-        started_at: f.fleet.now_millis(),
-        paused_at: None,
-        aborted_at: None,
-        health: None,
-        healthy: vec![],
-        unhealthy: vec![],
-    });
+    let rate = Pace::Rate {
+        base_per_minute: 10,
+        factor: 2.0,
+        max_per_minute: 40,
+    };
     let t0 = tokio::time::Instant::now();
-    f.fleet.create_job(Arc::new(job)).await.unwrap();
+    f.fleet
+        .create_job(paced_job(&f.fleet, "fw-rate", &names, rate))
+        .await
+        .unwrap();
     // The controller looks every 200 ms from t0: each count is read 100 ms after a look.
     let released_at = async |at: Duration| {
         tokio::time::sleep_until(t0 + at + Duration::from_millis(100)).await;
@@ -899,29 +930,7 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
 #[tokio::test(start_paused = true)]
 async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
     let f = fleet(on_tokio_time()).await;
-    let names = ["a", "b", "c", "d"];
-    registered(&f.fleet, &names).await;
-    let mut job = (*firmware_job("fw-out", RetryPolicy::default(), Timeouts::default())).clone();
-    job.rollout = Some(Rollout {
-        pace: Pace::Waves {
-            percents: vec![50, 100],
-        },
-        abort: None,
-        targets: names.iter().map(|n| id(n)).collect(),
-        released: 0,
-        started_at: f.fleet.now_millis(),
-        paused_at: None,
-        aborted_at: None,
-        health: None,
-        healthy: vec![],
-        unhealthy: vec![],
-    });
-    let mut events = f.fleet.subscribe();
-    f.fleet.create_job(Arc::new(job)).await.unwrap();
-    // The first wave: a and b.
-    for _ in 0..2 {
-        next_event(&mut events, MINUTE, job_of).await.unwrap();
-    }
+    let mut events = two_waves(&f.fleet, "fw-out").await;
     f.fleet
         .job_request(&id("a"), JobOp::StartNext, json!({}))
         .await
@@ -1004,28 +1013,7 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
 #[tokio::test(start_paused = true)]
 async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add_up() {
     let f = fleet(on_tokio_time()).await;
-    let names = ["a", "b", "c", "d"];
-    registered(&f.fleet, &names).await;
-    let mut job = (*firmware_job("fw-del", RetryPolicy::default(), Timeouts::default())).clone();
-    job.rollout = Some(Rollout {
-        pace: Pace::Waves {
-            percents: vec![50, 100],
-        },
-        abort: None,
-        targets: names.iter().map(|n| id(n)).collect(),
-        released: 0,
-        started_at: f.fleet.now_millis(),
-        paused_at: None,
-        aborted_at: None,
-        health: None,
-        healthy: vec![],
-        unhealthy: vec![],
-    });
-    let mut events = f.fleet.subscribe();
-    f.fleet.create_job(Arc::new(job)).await.unwrap();
-    for _ in 0..2 {
-        next_event(&mut events, MINUTE, job_of).await.unwrap();
-    }
+    let mut events = two_waves(&f.fleet, "fw-del").await;
     let succeed = async |thing: &str| {
         let ask = |op, body| f.fleet.job_request(&id(thing), op, body);
         ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
