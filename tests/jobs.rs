@@ -460,6 +460,48 @@ async fn a_paused_rollout_waits_resumes_and_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_mid_rollout_exits_cleanly_and_the_rollout_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--auto-register"]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let ids: Vec<String> = (0..2).map(|i| format!("gw-{i}")).collect();
+    for id in &ids {
+        register(&server.http, &admin, id, json!({})).await;
+    }
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        CREATE_PACED,
+        json!({"id": "fw-6", "ids": ids, "rollout": {"waves": [50, 100]}}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["createOtaJob"]["status"], "IN_PROGRESS", "{r}");
+    let mut ws = watch_job(&server, &admin, "fw-6").await;
+    progress_until(&mut ws, |j| j["counts"]["notReleased"] == 1).await;
+    drop(ws);
+
+    // SIGTERM with the rollout's controller running: the server stops, and says so.
+    let pid = server.child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let mut child = server.child;
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("the server stops within the wait")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let server = start(dir.path(), &["--auto-register"]).await;
+    let mut ws = watch_job(&server, &admin, "fw-6").await;
+    let _devices = fleet_of_devices(&server.mqtt, ids.clone(), |_| false, |_| true);
+    let done = progress_until(&mut ws, |j| j["status"] == "COMPLETED").await;
+    assert_eq!(done["counts"]["succeeded"], 2, "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_gate_counts_a_device_that_fails_its_self_test_and_stops_the_waves() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &["--auto-register"]).await;

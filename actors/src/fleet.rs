@@ -699,6 +699,9 @@ impl FleetHandle {
 
     /// Stops every twin (each finishes its mailbox) and every shard.
     pub async fn shutdown(&self) {
+        // Rollout controllers stop first: each holds the fleet (and so the store) open.
+        // Their jobs are persisted as they stand and go on at the next start.
+        self.shared.rollouts.clear();
         for shard in self.shards.iter() {
             shard
                 .drain_children_and_wait(Some(Duration::from_secs(10)))
