@@ -567,7 +567,8 @@ impl FleetHandle {
         tokio::spawn(rollout::run(self.clone(), job, rx));
     }
 
-    /// Picks up every paced rollout that was under way (at start).
+    /// Picks up every paced rollout that was under way (at start). A rate goes on from
+    /// where its releases stood: the time the server was down does not count.
     pub async fn resume_rollouts(&self) -> Result<usize, FleetError> {
         let (mut after, mut resumed) = (None, 0);
         loop {
@@ -576,8 +577,11 @@ impl FleetHandle {
                 return Ok(resumed);
             };
             after = Some(last.job_id.clone());
-            for job in page {
+            for mut job in page {
                 if rollout::unfinished(&job) {
+                    if let Some(r) = job.rollout.as_mut() {
+                        r.restart(self.now_millis());
+                    }
                     resumed += 1;
                     self.start_rollout(job);
                 }

@@ -928,6 +928,52 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_rate_paced_rollout_goes_on_after_a_restart_without_catching_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = on_tokio_time();
+    let start = || async {
+        let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
+        let (committer, commits) = Committer::start(store, 1024, 1024);
+        let fleet = FleetHandle::start(config.clone(), committer).await.unwrap();
+        (fleet, commits)
+    };
+    let (fleet, commits) = start().await;
+    let names: Vec<String> = (0..200).map(|i| format!("dev-{i:03}")).collect();
+    for n in &names {
+        fleet.register(&id(n), Default::default()).await.unwrap();
+    }
+    let rate = Pace::Rate {
+        base_per_minute: 10,
+        factor: 2.0,
+        max_per_minute: 40,
+    };
+    let released = async |fleet: &FleetHandle| {
+        let job = fleet.job("fw-rate").await.unwrap().unwrap();
+        job.rollout.unwrap().released
+    };
+    fleet
+        .create_job(paced_job(&fleet, "fw-rate", &names, rate))
+        .await
+        .unwrap();
+    tokio::time::sleep(2 * MINUTE + Duration::from_millis(100)).await;
+    assert_eq!(released(&fleet).await, 30);
+    fleet.shutdown().await;
+    drop(fleet);
+    commits.await.unwrap();
+
+    // Down for an hour: 200 would be due by the clock, but the rate goes on from 30.
+    tokio::time::sleep(HOUR).await;
+    let (fleet, _commits) = start().await;
+    assert_eq!(fleet.resume_rollouts().await.unwrap(), 1);
+    tokio::time::sleep(MINUTE).await;
+    let after = released(&fleet).await;
+    assert!(
+        (60..=70).contains(&after),
+        "{after} released a minute after the restart"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
     let f = fleet(on_tokio_time()).await;
     let mut events = two_waves(&f.fleet, "fw-out").await;

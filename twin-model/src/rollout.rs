@@ -91,6 +91,30 @@ impl Rollout {
         self.released = (upto - (before - self.targets.len())) as u64;
     }
 
+    /// Goes on after the server was down: a rate takes up where its releases stood
+    /// instead of catching up on the time the server was away (at once, in a burst). The
+    /// start moves on so that the running time is the least in which the pace allows what
+    /// was released.
+    pub fn restart(&mut self, now: u64) {
+        if !matches!(self.pace, Pace::Rate { .. }) || self.paused_at.is_some() {
+            return;
+        }
+        let (total, released) = (self.total(), self.released);
+        let (mut low, mut high) = (0, self.running_ms(now));
+        if self.pace.allowed(total, 0, 0, high) < released {
+            return;
+        }
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if self.pace.allowed(total, 0, 0, mid) >= released {
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
+        self.started_at = now - high;
+    }
+
     /// How long the rollout has run at `now`, not counting its pauses.
     pub fn running_ms(&self, now: u64) -> u64 {
         self.paused_at
@@ -310,6 +334,35 @@ mod tests {
         assert_eq!(r.released, 3);
         r.release(4, &HashSet::new());
         assert_eq!(r.released, 4);
+    }
+
+    #[test]
+    fn a_rate_restarted_after_downtime_goes_on_where_it_stood() {
+        let mut r = rollout(Pace::Rate {
+            base_per_minute: 10,
+            factor: 2.0,
+            max_per_minute: 40,
+        });
+        r.targets = (0..200)
+            .map(|i| DeviceId::parse(&format!("d{i}")).unwrap())
+            .collect();
+        r.started_at = 0;
+        r.released = 30; // two minutes' worth
+        r.restart(3_600_000); // an hour later
+        // The least running time in which 30 go out: the 30th is due after 117 s.
+        assert_eq!(r.running_ms(3_600_000), 117_001);
+        let one_more_minute = r.running_ms(3_660_000);
+        assert_eq!(
+            r.pace.allowed(200, 30, 0, one_more_minute),
+            69,
+            "a minute of the third minute's rate, not the hour missed"
+        );
+
+        let mut waves = rollout(Pace::Waves {
+            percents: vec![100],
+        });
+        waves.restart(3_600_000);
+        assert_eq!(waves.started_at, 1_000, "only a rate counts time");
     }
 
     #[test]
