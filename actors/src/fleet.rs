@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use ractor::{Actor, ActorRef, RpcReplyPort, concurrency::oneshot};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::topic::JobOp;
@@ -31,7 +31,7 @@ use crate::clock::Clock;
 use crate::device::{DeviceMsg, JobAnswer, Port, RegistryOp};
 use crate::error::FleetError;
 use crate::index::{FleetIndex, Page, TwinView};
-use crate::rollout::{self, Control};
+use crate::rollout::{self, Control, RolloutLink};
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 
 /// Settings of the twin layer.
@@ -92,7 +92,7 @@ pub struct Shared {
     links: DashMap<DeviceId, Arc<dyn DeviceLink>>,
     pub(crate) index: FleetIndex,
     /// The controllers of the paced jobs under way, by job id.
-    pub(crate) rollouts: DashMap<String, mpsc::Sender<Control>>,
+    pub(crate) rollouts: DashMap<String, RolloutLink>,
     /// Ids of jobs whose definition changed (paused, resumed, released, aborted, canceled).
     pub(crate) jobs_changed: broadcast::Sender<Arc<str>>,
 }
@@ -112,6 +112,13 @@ impl Shared {
             .await
             .map_err(|e| FleetError::Unavailable(e.to_string()))?
             .map_err(|e| FleetError::Unavailable(e.to_string()))
+    }
+
+    /// One of the job's executions changed: its rollout controller takes another look.
+    pub(crate) fn execution_changed(&self, job_id: &str) {
+        if let Some(link) = self.rollouts.get(job_id) {
+            link.changed.notify_one();
+        }
     }
 
     pub(crate) fn emit(&self, event: Arc<TwinEvent>) {
@@ -553,7 +560,7 @@ impl FleetHandle {
     }
 
     fn controller(&self, job_id: &str) -> Option<mpsc::Sender<Control>> {
-        self.shared.rollouts.get(job_id).map(|c| c.value().clone())
+        self.shared.rollouts.get(job_id).map(|c| c.control.clone())
     }
 
     /// Starts the controller of a paced job (nothing for a job without a rollout or one
@@ -562,9 +569,14 @@ impl FleetHandle {
         if !rollout::unfinished(&job) || self.shared.rollouts.contains_key(&job.job_id) {
             return;
         }
-        let (tx, rx) = mpsc::channel(16);
-        self.shared.rollouts.insert(job.job_id.clone(), tx);
-        tokio::spawn(rollout::run(self.clone(), job, rx));
+        let (control, rx) = mpsc::channel(16);
+        let changed = Arc::new(Notify::new());
+        let link = RolloutLink {
+            control,
+            changed: changed.clone(),
+        };
+        self.shared.rollouts.insert(job.job_id.clone(), link);
+        tokio::spawn(rollout::run(self.clone(), job, rx, changed));
     }
 
     /// Picks up every paced rollout that was under way (at start). A rate goes on from

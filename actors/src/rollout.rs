@@ -9,14 +9,17 @@ use std::time::Duration;
 
 use std::collections::{HashMap, HashSet};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::MissedTickBehavior;
 use twin_model::job::{JobDefinition, JobStatus};
+use twin_model::rollout::Pace;
 use twin_model::{DeviceId, Filter, RejectionKind};
 
 use crate::error::FleetError;
 use crate::fleet::FleetHandle;
 
-/// How often a controller looks at its job's executions.
+/// How often a controller may look at its job's executions. It looks only when one of
+/// them changed, or when time matters (a rate, a health window).
 const TICK: Duration = Duration::from_millis(200);
 /// Executions queued at once when a wave opens.
 const RELEASE_BATCH: usize = 64;
@@ -30,6 +33,13 @@ pub enum Control {
     Withdraw(HashSet<DeviceId>, oneshot::Sender<Result<(), FleetError>>),
 }
 
+/// What the fleet keeps of a running controller.
+pub(crate) struct RolloutLink {
+    pub control: mpsc::Sender<Control>,
+    /// Pinged by the twins when one of the job's executions changed.
+    pub changed: Arc<Notify>,
+}
+
 /// Whether a job's rollout still has work to do.
 pub fn unfinished(job: &JobDefinition) -> bool {
     job.canceled_at.is_none() && job.rollout.as_ref().is_some_and(|r| r.aborted_at.is_none())
@@ -39,9 +49,14 @@ pub(crate) async fn run(
     fleet: FleetHandle,
     mut job: JobDefinition,
     mut control: mpsc::Receiver<Control>,
+    changed: Arc<Notify>,
 ) {
     let id = job.job_id.clone();
     let mut tick = tokio::time::interval(TICK);
+    // A look skipped while nothing changed is not made up for later.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Something changed since the last look, or the next look is due on time alone.
+    let (mut dirty, mut poll) = (true, false);
     // When this controller first saw each target SUCCEEDED (after a restart, the health
     // window starts again for those still undecided).
     let mut succeeded_at: HashMap<DeviceId, u64> = HashMap::new();
@@ -52,6 +67,7 @@ pub(crate) async fn run(
                     if let Some(r) = job.rollout.as_mut() {
                         r.pause(paused, fleet.now_millis());
                     }
+                    dirty = true;
                     let _ = reply.send(fleet.save_job(job.clone()).await);
                 }
                 Some(Control::Withdraw(things, reply)) => {
@@ -74,11 +90,18 @@ pub(crate) async fn run(
                 }
                 None => break,
             },
-            _ = tick.tick() => match step(&fleet, &mut job, &mut succeeded_at).await {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => tracing::warn!(job = %id, error = %e, "rollout step failed; retrying"),
-            },
+            () = changed.notified() => dirty = true,
+            _ = tick.tick(), if dirty || poll => {
+                dirty = false;
+                match step(&fleet, &mut job, &mut succeeded_at).await {
+                    Ok(Some(again)) => poll = again,
+                    Ok(None) => break,
+                    Err(e) => {
+                        dirty = true;
+                        tracing::warn!(job = %id, error = %e, "rollout step failed; retrying");
+                    }
+                }
+            }
         }
     }
     fleet.shared.rollouts.remove(&id);
@@ -122,24 +145,31 @@ fn judge_health(
     changed
 }
 
-/// One look at the job: abort, or release what the pace allows. False once the rollout
-/// is over.
+/// One look at the job: abort, or release what the pace allows. None once the rollout is
+/// over; otherwise whether to look again on time alone (a rate still releasing, a health
+/// verdict pending), not only when an execution changes.
 async fn step(
     fleet: &FleetHandle,
     job: &mut JobDefinition,
     succeeded_at: &mut HashMap<DeviceId, u64>,
-) -> Result<bool, FleetError> {
+) -> Result<Option<bool>, FleetError> {
     if job.rollout.is_none() {
-        return Ok(false);
+        return Ok(None);
     }
     let statuses = fleet.job_statuses(&job.job_id).await?;
     if judge_health(fleet, job, &statuses, succeeded_at) {
         fleet.save_job(job.clone()).await?;
     }
     let Some(rollout) = job.rollout.clone() else {
-        return Ok(false);
+        return Ok(None);
     };
     let gated = rollout.health.is_some();
+    let awaiting_verdicts = gated
+        && statuses.iter().any(|(thing, s)| {
+            *s == JobStatus::Succeeded
+                && !rollout.healthy.contains(thing)
+                && !rollout.unhealthy.contains(thing)
+        });
     // Ended, and for a gated job, a succeeded one also judged healthy or not.
     let finished = statuses
         .iter()
@@ -168,20 +198,21 @@ async fn step(
         fleet.save_job(job.clone()).await?;
         fleet.cancel_executions(&job.job_id, false).await?;
         tracing::warn!(job = %job.job_id, finished, failed, "rollout aborted: too many failures");
-        return Ok(false);
+        return Ok(None);
     }
     if rollout.released == rollout.total() {
-        return Ok(finished < rollout.total());
+        return Ok((finished < rollout.total()).then_some(awaiting_verdicts));
     }
     if rollout.paused_at.is_some() {
-        return Ok(true);
+        return Ok(Some(awaiting_verdicts));
     }
+    let rate = matches!(rollout.pace, Pace::Rate { .. });
     let elapsed = rollout.running_ms(fleet.now_millis());
     let allowed = rollout
         .pace
         .allowed(rollout.total(), rollout.released, finished, elapsed);
     if allowed == rollout.released {
-        return Ok(true);
+        return Ok(Some(rate || awaiting_verdicts));
     }
     let definition = Arc::new(job.clone());
     let batch = &rollout.targets[rollout.released as usize..allowed as usize];
@@ -208,5 +239,5 @@ async fn step(
         r.release(allowed, &gone);
     }
     fleet.save_job(job.clone()).await?;
-    Ok(true)
+    Ok(Some(rate || awaiting_verdicts))
 }

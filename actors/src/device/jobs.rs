@@ -313,6 +313,7 @@ impl DeviceState {
         let execution = Arc::new(execution);
         self.commit(vec![Write::JobExecution(execution.clone())])
             .await?;
+        self.shared.execution_changed(&execution.job_id);
         let now = self.shared.now_millis();
         let before = self.next_pending().await?;
         self.registered()
