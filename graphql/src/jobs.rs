@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_graphql::futures_util::stream::{self, Stream, StreamExt};
 use async_graphql::{Enum, ID, InputObject, Json, SimpleObject, Union};
 use serde_json::{Map, Value, json};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use twin_actors::FleetHandle;
 use twin_model::job::{JobDefinition, JobStatus, MAX_RETRIES, RetryPolicy, Timeouts};
 use twin_model::rollout::{AbortPolicy, HealthGate, Pace, Rollout};
@@ -556,6 +556,16 @@ pub fn watch(fleet: FleetHandle, job_id: String) -> impl Stream<Item = OtaJobEve
                     let state = (events, jobs, fleet, job_id, false);
                     return Some((OtaJobEvent::Lagged(lagged), state));
                 }
+                // One count for a burst: what has already arrived is in the job counted
+                // below, which is a whole snapshot.
+                while !matches!(
+                    events.try_recv(),
+                    Err(TryRecvError::Empty | TryRecvError::Closed)
+                ) {}
+                while !matches!(
+                    jobs.try_recv(),
+                    Err(TryRecvError::Empty | TryRecvError::Closed)
+                ) {}
             }
             let job = progress(&fleet, &job_id).await.ok().flatten()?;
             Some((
