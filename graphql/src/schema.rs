@@ -884,7 +884,8 @@ impl SubscriptionRoot {
         Ok(commands::updates(api.fleet.subscribe(), thing))
     }
 
-    /// An OTA job's counts now, then after every change of one of its executions.
+    /// An OTA job's counts now, then again after its executions change (a burst of changes
+    /// gives one up-to-date job).
     async fn ota_job_progress(
         &self,
         ctx: &Context<'_>,
