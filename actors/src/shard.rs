@@ -108,16 +108,16 @@ impl ShardState {
             };
             self.passivate(&oldest);
         }
-        let alarm = Arc::new(AtomicU64::new(0));
+        let next_deadline = Arc::new(AtomicU64::new(0));
         let args = DeviceArgs {
             thing: thing.clone(),
             shared: self.shared.clone(),
-            alarm: alarm.clone(),
+            next_deadline: next_deadline.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, DeviceTwin, args, myself.get_cell()).await?;
         self.clock += 1;
         self.by_actor
-            .insert(actor.get_id(), (thing.clone(), alarm.clone()));
+            .insert(actor.get_id(), (thing.clone(), next_deadline));
         self.lru.insert(self.clock, thing.clone());
         self.twins.insert(
             thing.clone(),
@@ -180,8 +180,8 @@ impl ShardState {
     /// Removes a stopped or failed twin, keeping its deadline; returns the messages that
     /// waited for it.
     fn forget(&mut self, id: &ActorId) -> Option<(DeviceId, Vec<DeviceMsg>)> {
-        let (thing, alarm) = self.by_actor.remove(id)?;
-        let at = alarm.load(Ordering::Relaxed);
+        let (thing, next_deadline) = self.by_actor.remove(id)?;
+        let at = next_deadline.load(Ordering::Relaxed);
         if at != 0 {
             self.alarms.insert((at, thing.clone()));
         }

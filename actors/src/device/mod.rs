@@ -37,7 +37,7 @@ pub struct DeviceArgs {
     pub shared: Arc<Shared>,
     /// Where the twin publishes its next deadline (0: none), for its shard to wake it
     /// after a passivation.
-    pub alarm: Arc<AtomicU64>,
+    pub next_deadline: Arc<AtomicU64>,
 }
 
 pub struct DeviceState {
@@ -528,7 +528,7 @@ impl Actor for DeviceTwin {
             session: 0,
             listening: false,
             alarm_at: None,
-            next_deadline: args.alarm,
+            next_deadline: args.next_deadline,
             documents: HashMap::new(),
             myself,
         })
