@@ -150,9 +150,15 @@ impl FleetHandle {
     pub async fn start(config: FleetConfig, committer: Committer) -> Result<Self, FleetError> {
         let (events, _) = broadcast::channel(config.event_buffer.max(16));
         let store = committer.store().clone();
-        let index = tokio::task::spawn_blocking(move || {
+        let (index, deadlines) = tokio::task::spawn_blocking(move || {
             let index = FleetIndex::default();
-            store.scan(&mut |record| index.load(record)).map(|()| index)
+            let mut deadlines = Vec::new();
+            store
+                .scan(&mut |record| match record {
+                    twin_store::Scanned::Deadline(thing, at) => deadlines.push((thing, at)),
+                    record => index.load(record),
+                })
+                .map(|()| (index, deadlines))
         })
         .await
         .map_err(|e| FleetError::Unavailable(format!("loading the fleet index: {e}")))?
@@ -180,6 +186,15 @@ impl FleetHandle {
                 .await
                 .map_err(|e| FleetError::Unavailable(format!("starting a shard: {e}")))?;
             shards.push(shard);
+        }
+        // Twins are loaded on demand; their shards wake those with a deadline for it.
+        tracing::info!(
+            deadlines = deadlines.len(),
+            "command and job deadlines loaded"
+        );
+        for (thing, at) in deadlines {
+            let shard = &shards[shard_for(&thing, shard_count)];
+            let _ = shard.send_message(ShardMsg::Alarm(at, thing));
         }
         Ok(Self {
             shards: shards.into(),

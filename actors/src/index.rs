@@ -472,6 +472,7 @@ impl FleetIndex {
                     .map(|m| json::latest_timestamp(m) * 1000);
                 self.set_shadow(&thing, name, Arc::from(shadow), reported_at);
             }
+            twin_store::Scanned::Deadline(..) => {}
         }
     }
 

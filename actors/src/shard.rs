@@ -7,8 +7,9 @@
 //!   messages for it wait here meanwhile;
 //! - at most `max_resident` twins: activating one more passivates the least recently used;
 //! - twins idle longer than `idle_timeout` are passivated on the next tick;
-//! - a twin passivated with a command or job deadline ahead is woken for it by the tick
-//!   after the deadline, so that timeouts do not wait for the device's next message;
+//! - a twin passivated with a command or job deadline ahead (or not loaded since the
+//!   server started) is woken for it by the tick after the deadline, so that timeouts do
+//!   not wait for the device's next message;
 //! - a twin that panicked is forgotten; the next message activates a fresh one, which
 //!   loads the last persisted state.
 
@@ -42,6 +43,8 @@ pub enum ShardMsg {
     Tick,
     /// How many twins are resident.
     Resident(RpcReplyPort<usize>),
+    /// Wake the thing's twin at this time (a deadline found in the store at start).
+    Alarm(u64, DeviceId),
 }
 
 pub struct ShardSupervisor;
@@ -252,6 +255,9 @@ impl Actor for ShardSupervisor {
             }
             ShardMsg::Resident(reply) => {
                 let _ = reply.send(state.twins.len());
+            }
+            ShardMsg::Alarm(at, thing) => {
+                state.alarms.insert((at, thing));
             }
         }
         Ok(())

@@ -630,6 +630,60 @@ async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
         CommandStatus::TimedOut
     );
 }
+#[tokio::test(start_paused = true)]
+async fn deadlines_pending_at_a_restart_are_met_without_waking_the_twins_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = on_tokio_time();
+    let start = || async {
+        let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
+        let (committer, commits) = Committer::start(store, 1024, 1024);
+        let fleet = FleetHandle::start(config.clone(), committer).await.unwrap();
+        (fleet, commits)
+    };
+    let (fleet, commits) = start().await;
+    registered(&fleet, &["pump", "fan"]).await;
+    let command = fleet
+        .send_command(&id("pump"), new_command(300, 3600))
+        .await
+        .unwrap();
+    let job = firmware_job(
+        "fw-9",
+        RetryPolicy::default(),
+        Timeouts {
+            in_progress_ms: 0,
+            step_ms: 30 * 60_000,
+        },
+    );
+    fleet.create_job(job.clone()).await.unwrap();
+    fleet.queue_job(&id("fan"), job).await.unwrap();
+    fleet
+        .job_request(&id("fan"), JobOp::StartNext, json!({}))
+        .await
+        .unwrap()
+        .unwrap();
+    fleet.shutdown().await;
+    drop(fleet);
+    commits.await.unwrap();
+
+    // Nothing asks for either twin after the restart: the shards wake them when due.
+    let (fleet, _commits) = start().await;
+    let mut events = fleet.subscribe();
+    let step = next_event(&mut events, HOUR, job_of)
+        .await
+        .expect("the step times out");
+    assert_eq!(
+        (step.thing.as_str(), step.status),
+        ("fan", JobStatus::TimedOut)
+    );
+    let expired = next_event(&mut events, 2 * HOUR, command_of)
+        .await
+        .expect("the command expires");
+    assert_eq!(expired.execution_id, command.execution_id);
+    assert_eq!(expired.status, CommandStatus::TimedOut);
+    let late = expired.completed_at.unwrap() - command.created_at;
+    assert!((3_600_000..=3_630_000).contains(&late), "{late} ms");
+}
+
 fn firmware_job(id: &str, retry: RetryPolicy, timeouts: Timeouts) -> Arc<JobDefinition> {
     Arc::new(JobDefinition {
         job_id: id.into(),

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
 use twin_model::command::CommandExecution;
-use twin_model::job::{JobDefinition, JobStatus};
+use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{ChangeOp, DeviceId, ShadowChange, ShadowName};
 
 use crate::{Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
@@ -452,6 +452,20 @@ impl TwinStore for EmbeddedStore {
             let (thing, shadow) = split_shadow_key(&k)?;
             visit(Scanned::Shadow(thing, shadow, Box::new(decode(&k, &v)?)));
         }
+        for kv in self.commands.iter() {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let c: CommandExecution = decode(&k, &v)?;
+            if let Some(at) = c.deadline() {
+                visit(Scanned::Deadline(c.thing, at));
+            }
+        }
+        for kv in self.job_execs.iter() {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let e: JobExecution = decode(&k, &v)?;
+            if let Some(at) = e.deadline() {
+                visit(Scanned::Deadline(e.thing, at));
+            }
+        }
         Ok(())
     }
 
@@ -566,6 +580,8 @@ mod tests {
                     thing: id("t1"),
                     connectivity: Connectivity::default(),
                 },
+                // Pending, so it has a deadline: created at 7, expiring 10 s later.
+                Write::Command(Arc::new(command("t1", 7))),
             ])
             .unwrap();
         let seen = |store: &EmbeddedStore| {
@@ -576,6 +592,7 @@ mod tests {
                         Scanned::Thing(r) => format!("thing {}", r.id),
                         Scanned::Presence(t, _) => format!("presence {t}"),
                         Scanned::Shadow(t, n, s) => format!("shadow {t}/{n} v{}", s.version),
+                        Scanned::Deadline(t, at) => format!("deadline {t} at {at}"),
                     })
                 })
                 .unwrap();
@@ -587,7 +604,8 @@ mod tests {
                 "thing t1",
                 "thing t10",
                 "presence t1",
-                "shadow t1/(classic) v1"
+                "shadow t1/(classic) v1",
+                "deadline t1 at 10007"
             ]
         );
         store.commit(&[Write::DeleteThing(id("t1"))]).unwrap();

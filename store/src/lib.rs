@@ -103,6 +103,8 @@ pub enum Scanned {
     Thing(ThingRecord),
     Presence(DeviceId, Connectivity),
     Shadow(DeviceId, ShadowName, Box<Shadow>),
+    /// A deadline of one of the thing's pending commands or running job executions.
+    Deadline(DeviceId, u64),
 }
 
 pub trait TwinStore: Send + Sync + 'static {
