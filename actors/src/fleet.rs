@@ -503,7 +503,7 @@ impl FleetHandle {
                 rx.await
                     .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))??;
             } else {
-                let mut job = job.clone();
+                let mut job = job;
                 if job
                     .rollout
                     .as_mut()
