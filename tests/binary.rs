@@ -123,16 +123,7 @@ async fn health_endpoints_and_the_device_registry_cli() {
     ));
 
     // SIGTERM stops it cleanly; then the registry is readable again.
-    let pid = server.child.id().unwrap();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let mut child = server.child;
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = server.terminate().await;
     assert!(status.success(), "{status:?}");
     let list = common::doppel(&["device", "list"], dir.path());
     let listing = String::from_utf8(list.stdout).unwrap();

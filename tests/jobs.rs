@@ -345,6 +345,27 @@ async fn progress_until(ws: &mut common::Ws, done: impl Fn(&Value) -> bool) -> V
 
 const PROGRESS_SUB: &str = "subscription { otaJobProgress(jobId: \"JOB\") { __typename ... on OtaJob { status targets counts { notReleased queued inProgress succeeded failed canceled unhealthy } } ... on Lagged { skipped } } }";
 
+/// Registers each of `ids`.
+async fn register_all(server: &common::Server, admin: &str, ids: &[String]) {
+    for id in ids {
+        register(&server.http, admin, id, json!({})).await;
+    }
+}
+
+/// Creates the firmware job `job` for `ids` at `rollout`'s pace; returns the response.
+async fn create_paced(
+    server: &common::Server,
+    admin: &str,
+    job: &str,
+    ids: &[String],
+    rollout: Value,
+) -> Value {
+    let vars = json!({"id": job, "ids": ids, "rollout": rollout});
+    graphql(&server.http, Some(admin), CREATE_PACED, vars)
+        .await
+        .json()
+}
+
 const CREATE_PACED: &str = "mutation($id: ID!, $ids: [ID!], $rollout: OtaRollout) { createOtaJob(jobId: $id, targets: {thingIds: $ids}, document: {firmware: {version: \"3.0\", url: \"https://fw.example/3.0\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 1}}, rollout: $rollout) { status targets counts { notReleased } } }";
 
 async fn watch_job(server: &common::Server, token: &str, job: &str) -> common::Ws {
@@ -373,14 +394,14 @@ async fn failures_in_the_first_wave_of_200_devices_abort_the_rollout() {
             tokio::task::yield_now().await;
         }
     }
-    let r = graphql(
-        &server.http,
-        Some(&admin),
-        CREATE_PACED,
-        json!({"id": "fw-3", "ids": ids, "rollout": {"waves": [10, 50, 100], "abort": {"failurePercent": 20, "minFinished": 20}}}),
+    let r = create_paced(
+        &server,
+        &admin,
+        "fw-3",
+        &ids,
+        json!({"waves": [10, 50, 100], "abort": {"failurePercent": 20, "minFinished": 20}}),
     )
-    .await
-    .json();
+    .await;
     assert_eq!(r["data"]["createOtaJob"]["targets"], 200, "{r}");
     let mut ws = watch_job(&server, &admin, "fw-3").await;
     let aborted = progress_until(&mut ws, |j| j["status"] == "ABORTED").await;
@@ -410,17 +431,8 @@ async fn a_paused_rollout_waits_resumes_and_survives_a_restart() {
     let mut server = start(dir.path(), &["--auto-register"]).await;
     let admin = server.admin_token.clone().unwrap();
     let ids: Vec<String> = (0..4).map(|i| format!("cam-{i}")).collect();
-    for id in &ids {
-        register(&server.http, &admin, id, json!({})).await;
-    }
-    let r = graphql(
-        &server.http,
-        Some(&admin),
-        CREATE_PACED,
-        json!({"id": "fw-4", "ids": ids, "rollout": {"waves": [50, 100]}}),
-    )
-    .await
-    .json();
+    register_all(&server, &admin, &ids).await;
+    let r = create_paced(&server, &admin, "fw-4", &ids, json!({"waves": [50, 100]})).await;
     assert_eq!(r["data"]["createOtaJob"]["targets"], 4, "{r}");
     // Once the first wave is out, pause; the devices finish it while paused.
     let mut ws = watch_job(&server, &admin, "fw-4").await;
@@ -465,33 +477,15 @@ async fn a_server_stopped_mid_rollout_exits_cleanly_and_the_rollout_goes_on() {
     let server = start(dir.path(), &["--auto-register"]).await;
     let admin = server.admin_token.clone().unwrap();
     let ids: Vec<String> = (0..2).map(|i| format!("gw-{i}")).collect();
-    for id in &ids {
-        register(&server.http, &admin, id, json!({})).await;
-    }
-    let r = graphql(
-        &server.http,
-        Some(&admin),
-        CREATE_PACED,
-        json!({"id": "fw-6", "ids": ids, "rollout": {"waves": [50, 100]}}),
-    )
-    .await
-    .json();
+    register_all(&server, &admin, &ids).await;
+    let r = create_paced(&server, &admin, "fw-6", &ids, json!({"waves": [50, 100]})).await;
     assert_eq!(r["data"]["createOtaJob"]["status"], "IN_PROGRESS", "{r}");
     let mut ws = watch_job(&server, &admin, "fw-6").await;
     progress_until(&mut ws, |j| j["counts"]["notReleased"] == 1).await;
     drop(ws);
 
     // SIGTERM with the rollout's controller running: the server stops, and says so.
-    let pid = server.child.id().unwrap();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    let mut child = server.child;
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("the server stops within the wait")
-        .unwrap();
+    let status = server.terminate().await;
     assert!(status.success(), "{status:?}");
 
     let server = start(dir.path(), &["--auto-register"]).await;
@@ -507,22 +501,13 @@ async fn a_health_gate_counts_a_device_that_fails_its_self_test_and_stops_the_wa
     let server = start(dir.path(), &["--auto-register"]).await;
     let admin = server.admin_token.clone().unwrap();
     let ids: Vec<String> = (0..4).map(|i| format!("pump-{i}")).collect();
-    for id in &ids {
-        register(&server.http, &admin, id, json!({})).await;
-    }
+    register_all(&server, &admin, &ids).await;
     let rollout = json!({
         "waves": [50, 100],
         "healthGate": {"filter": "reported.selfTest = \"passed\"", "windowSeconds": 1},
         "abort": {"failurePercent": 50, "minFinished": 2},
     });
-    let r = graphql(
-        &server.http,
-        Some(&admin),
-        CREATE_PACED,
-        json!({"id": "fw-5", "ids": ids, "rollout": rollout}),
-    )
-    .await
-    .json();
+    let r = create_paced(&server, &admin, "fw-5", &ids, rollout).await;
     assert_eq!(r["data"]["createOtaJob"]["targets"], 4, "{r}");
     let mut ws = watch_job(&server, &admin, "fw-5").await;
     // pump-1 succeeds but never passes its self test.

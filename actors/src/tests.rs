@@ -1,16 +1,13 @@
 //! Actor tests, through `FleetHandle` only.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
-use twin_model::{
-    ChangeOp, DeviceId, Limits, RejectionKind, ShadowChange, ShadowName, TwinEvent, UpdateRequest,
-};
-use twin_store::{
-    Committer, EmbeddedStore, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write,
-};
+use twin_model::{ChangeOp, DeviceId, Limits, RejectionKind, ShadowName, TwinEvent, UpdateRequest};
+use twin_store::testing::GatedStore;
+use twin_store::{Committer, EmbeddedStore, TwinStore};
 
 use twin_model::command::{
     CommandError, CommandExecution, CommandStatus, DeviceResponse, NewCommand,
@@ -42,14 +39,29 @@ struct Fleet {
     _dir: tempfile::TempDir,
 }
 
+/// A fleet over the store in `dir`, with the task that commits for it.
+async fn fleet_in(
+    dir: &std::path::Path,
+    config: &FleetConfig,
+) -> (FleetHandle, tokio::task::JoinHandle<()>) {
+    let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir, 100).unwrap());
+    let (committer, commits) = Committer::start(store, 1024, 1024);
+    let fleet = FleetHandle::start(config.clone(), committer).await.unwrap();
+    (fleet, commits)
+}
+
+/// Stops a fleet like a server does; the store is closed when this returns.
+async fn stop(fleet: FleetHandle, commits: tokio::task::JoinHandle<()>) {
+    fleet.shutdown().await;
+    drop(fleet);
+    // The commit loop ends with the last handle, releasing the store.
+    commits.await.unwrap();
+}
+
 async fn fleet(config: FleetConfig) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
-    let (committer, _) = Committer::start(store, 1024, 1024);
-    Fleet {
-        fleet: FleetHandle::start(config, committer).await.unwrap(),
-        _dir: dir,
-    }
+    let (fleet, _) = fleet_in(dir.path(), &config).await;
+    Fleet { fleet, _dir: dir }
 }
 
 async fn registered(f: &FleetHandle, names: &[&str]) {
@@ -189,86 +201,9 @@ async fn a_twin_that_panics_restarts_from_its_persisted_state() {
     assert_eq!(change.version, 2);
 }
 
-/// A registry where every thing exists and every commit waits until released.
-#[derive(Default)]
-struct Stalled {
-    released: AtomicBool,
-}
-
-impl TwinStore for Stalled {
-    fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
-        Ok(TwinSnapshot {
-            record: Some(ThingRecord {
-                id: thing.clone(),
-                secret_hash: String::new(),
-                enabled: true,
-                created_at: 0,
-                attributes: Default::default(),
-            }),
-            ..TwinSnapshot::default()
-        })
-    }
-    fn commit(&self, _: &[Write]) -> Result<(), StoreError> {
-        while !self.released.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    }
-    fn history(
-        &self,
-        _: &DeviceId,
-        _: &ShadowName,
-        _: usize,
-    ) -> Result<Vec<ShadowChange>, StoreError> {
-        Ok(vec![])
-    }
-    fn scan(&self, _: &mut dyn FnMut(twin_store::Scanned)) -> Result<(), StoreError> {
-        Ok(())
-    }
-    fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
-        Ok(None)
-    }
-    fn job(&self, _: &str) -> Result<Option<twin_model::job::JobDefinition>, StoreError> {
-        Ok(None)
-    }
-    fn jobs(
-        &self,
-        _: Option<&str>,
-        _: usize,
-    ) -> Result<Vec<twin_model::job::JobDefinition>, StoreError> {
-        Ok(vec![])
-    }
-    fn job_statuses(
-        &self,
-        _: &str,
-    ) -> Result<Vec<(DeviceId, twin_model::job::JobStatus)>, StoreError> {
-        Ok(vec![])
-    }
-    fn command(
-        &self,
-        _: &str,
-    ) -> Result<Option<twin_model::command::CommandExecution>, StoreError> {
-        Ok(None)
-    }
-    fn commands(
-        &self,
-        _: &DeviceId,
-        _: Option<&str>,
-        _: usize,
-    ) -> Result<Vec<twin_model::command::CommandExecution>, StoreError> {
-        Ok(vec![])
-    }
-    fn things(&self, _: Option<&DeviceId>, _: usize) -> Result<Vec<ThingRecord>, StoreError> {
-        Ok(vec![])
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn overload_is_refused_at_once_not_queued() {
-    let store = Arc::new(Stalled::default());
+    let store = Arc::new(GatedStore::registered());
     let (committer, _) = Committer::start(store.clone(), 16, 16);
     let fleet = FleetHandle::start(
         FleetConfig {
@@ -554,13 +489,7 @@ const MINUTE: Duration = Duration::from_secs(60);
 async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
     let dir = tempfile::tempdir().unwrap();
     let config = on_tokio_time();
-    let start = || async {
-        let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
-        let (committer, commits) = Committer::start(store, 1024, 1024);
-        let fleet = FleetHandle::start(config.clone(), committer).await.unwrap();
-        (fleet, commits)
-    };
-    let (fleet, commits) = start().await;
+    let (fleet, commits) = fleet_in(dir.path(), &config).await;
     let thing = id("pump");
     let secret = fleet.register(&thing, Default::default()).await.unwrap();
     let mut events = fleet.subscribe();
@@ -614,11 +543,8 @@ async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
         .send_command(&thing, new_command(300, 3600))
         .await
         .unwrap();
-    fleet.shutdown().await;
-    drop(fleet);
-    // The commit loop ends with the last handle, releasing the store.
-    commits.await.unwrap();
-    let (fleet, _commits) = start().await;
+    stop(fleet, commits).await;
+    let (fleet, _commits) = fleet_in(dir.path(), &config).await;
     let mut events = fleet.subscribe();
     let ok = fleet.connect(&thing, Some(secret)).await.unwrap();
     fleet.commands_wanted(&thing, ok.session);
@@ -634,13 +560,7 @@ async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
 async fn deadlines_pending_at_a_restart_are_met_without_waking_the_twins_first() {
     let dir = tempfile::tempdir().unwrap();
     let config = on_tokio_time();
-    let start = || async {
-        let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
-        let (committer, commits) = Committer::start(store, 1024, 1024);
-        let fleet = FleetHandle::start(config.clone(), committer).await.unwrap();
-        (fleet, commits)
-    };
-    let (fleet, commits) = start().await;
+    let (fleet, commits) = fleet_in(dir.path(), &config).await;
     registered(&fleet, &["pump", "fan"]).await;
     let command = fleet
         .send_command(&id("pump"), new_command(300, 3600))
@@ -661,12 +581,10 @@ async fn deadlines_pending_at_a_restart_are_met_without_waking_the_twins_first()
         .await
         .unwrap()
         .unwrap();
-    fleet.shutdown().await;
-    drop(fleet);
-    commits.await.unwrap();
+    stop(fleet, commits).await;
 
     // Nothing asks for either twin after the restart: the shards wake them when due.
-    let (fleet, _commits) = start().await;
+    let (fleet, _commits) = fleet_in(dir.path(), &config).await;
     let mut events = fleet.subscribe();
     let step = next_event(&mut events, HOUR, job_of)
         .await
@@ -985,13 +903,7 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
 async fn a_rate_paced_rollout_goes_on_after_a_restart_without_catching_up() {
     let dir = tempfile::tempdir().unwrap();
     let config = on_tokio_time();
-    let start = || async {
-        let store: Arc<dyn TwinStore> = Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap());
-        let (committer, commits) = Committer::start(store, 1024, 1024);
-        let fleet = FleetHandle::start(config.clone(), committer).await.unwrap();
-        (fleet, commits)
-    };
-    let (fleet, commits) = start().await;
+    let (fleet, commits) = fleet_in(dir.path(), &config).await;
     let names: Vec<String> = (0..200).map(|i| format!("dev-{i:03}")).collect();
     for n in &names {
         fleet.register(&id(n), Default::default()).await.unwrap();
@@ -1011,13 +923,11 @@ async fn a_rate_paced_rollout_goes_on_after_a_restart_without_catching_up() {
         .unwrap();
     tokio::time::sleep(2 * MINUTE + Duration::from_millis(100)).await;
     assert_eq!(released(&fleet).await, 30);
-    fleet.shutdown().await;
-    drop(fleet);
-    commits.await.unwrap();
+    stop(fleet, commits).await;
 
     // Down for an hour: 200 would be due by the clock, but the rate goes on from 30.
     tokio::time::sleep(HOUR).await;
-    let (fleet, _commits) = start().await;
+    let (fleet, _commits) = fleet_in(dir.path(), &config).await;
     assert_eq!(fleet.resume_rollouts().await.unwrap(), 1);
     tokio::time::sleep(MINUTE).await;
     let after = released(&fleet).await;

@@ -139,86 +139,10 @@ async fn commit_loop(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-    use std::sync::atomic::AtomicBool;
-
     use super::*;
-    use crate::{ThingRecord, TwinSnapshot};
-    use twin_model::{DeviceId, ShadowChange, ShadowName};
-
-    /// Records batch sizes; the first commit blocks until released, so that the rest pile up.
-    #[derive(Default)]
-    struct Recording {
-        batches: Mutex<Vec<usize>>,
-        released: AtomicBool,
-        fail: AtomicBool,
-    }
-
-    impl TwinStore for Recording {
-        fn load(&self, _: &DeviceId) -> Result<TwinSnapshot, StoreError> {
-            Ok(TwinSnapshot::default())
-        }
-        fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
-            while !self.released.load(Ordering::SeqCst) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            self.batches.lock().unwrap().push(batch.len());
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(StoreError::Engine("disk on fire".into()));
-            }
-            Ok(())
-        }
-        fn history(
-            &self,
-            _: &DeviceId,
-            _: &ShadowName,
-            _: usize,
-        ) -> Result<Vec<ShadowChange>, StoreError> {
-            Ok(vec![])
-        }
-        fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
-            Ok(None)
-        }
-        fn job(&self, _: &str) -> Result<Option<twin_model::job::JobDefinition>, StoreError> {
-            Ok(None)
-        }
-        fn jobs(
-            &self,
-            _: Option<&str>,
-            _: usize,
-        ) -> Result<Vec<twin_model::job::JobDefinition>, StoreError> {
-            Ok(vec![])
-        }
-        fn job_statuses(
-            &self,
-            _: &str,
-        ) -> Result<Vec<(DeviceId, twin_model::job::JobStatus)>, StoreError> {
-            Ok(vec![])
-        }
-        fn command(
-            &self,
-            _: &str,
-        ) -> Result<Option<twin_model::command::CommandExecution>, StoreError> {
-            Ok(None)
-        }
-        fn commands(
-            &self,
-            _: &DeviceId,
-            _: Option<&str>,
-            _: usize,
-        ) -> Result<Vec<twin_model::command::CommandExecution>, StoreError> {
-            Ok(vec![])
-        }
-        fn things(&self, _: Option<&DeviceId>, _: usize) -> Result<Vec<ThingRecord>, StoreError> {
-            Ok(vec![])
-        }
-        fn scan(&self, _: &mut dyn FnMut(crate::Scanned)) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn flush(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
+    use crate::ThingRecord;
+    use crate::testing::GatedStore;
+    use twin_model::DeviceId;
 
     fn write(i: usize) -> Write {
         Write::Thing(ThingRecord {
@@ -232,7 +156,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn waiting_changes_share_one_commit() {
-        let store = Arc::new(Recording::default());
+        let store = Arc::new(GatedStore::default());
         let (committer, task) = Committer::start(store.clone(), 1024, 10_000);
         let mut waiting = Vec::new();
         for i in 0..50 {
@@ -260,7 +184,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_commit_is_reported_to_every_waiter() {
-        let store = Arc::new(Recording::default());
+        let store = Arc::new(GatedStore::default());
         store.released.store(true, Ordering::SeqCst);
         store.fail.store(true, Ordering::SeqCst);
         let (committer, _task) = Committer::start(store, 16, 100);

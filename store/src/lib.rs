@@ -12,6 +12,8 @@
 pub mod committer;
 pub mod embedded;
 pub mod secret;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 use std::sync::Arc;
 

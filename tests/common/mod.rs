@@ -31,6 +31,21 @@ pub struct Server {
     pub admin_token: Option<String>,
 }
 
+impl Server {
+    /// Sends SIGTERM and waits (at most `WAIT`) for the server to exit; returns its status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("the server stops within the wait")
+            .unwrap()
+    }
+}
+
 /// Starts `doppel serve` on free ports and waits for it to log both addresses.
 pub async fn start(dir: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_doppel"))
