@@ -23,7 +23,9 @@ pub const ENV_PREFIX: &str = "DOPPEL_";
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub data_dir: PathBuf,
+    #[serde(deserialize_with = "listen_addr")]
     pub mqtt_listen: SocketAddr,
+    #[serde(deserialize_with = "listen_addr")]
     pub http_listen: SocketAddr,
     pub auto_register: bool,
     pub shards: usize,
@@ -43,7 +45,15 @@ pub struct Config {
     pub graphql_max_depth: usize,
     pub graphql_max_complexity: usize,
     pub graphql_max_body_bytes: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_max_connections: usize,
+    pub http_header_timeout_secs: u64,
+    pub http_idle_timeout_secs: u64,
+    pub http_body_timeout_secs: u64,
+    pub http_ws_ping_secs: u64,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_listen_addr"
+    )]
     pub mqtt_tls_listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_file: Option<PathBuf>,
@@ -80,12 +90,61 @@ impl Default for Config {
             graphql_max_depth: api.max_depth,
             graphql_max_complexity: api.max_complexity,
             graphql_max_body_bytes: api.max_body_bytes,
+            http_max_connections: 10_000,
+            http_header_timeout_secs: 10,
+            http_idle_timeout_secs: 60,
+            http_body_timeout_secs: 30,
+            http_ws_ping_secs: 30,
             mqtt_tls_listen: None,
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
         }
     }
+}
+
+/// The forms a listen address may take, for error messages.
+pub const LISTEN_FORMS: &str = "expected IP:PORT, HOST:PORT or :PORT (all interfaces), for example 0.0.0.0:1883, localhost:1883 or :1883";
+
+/// Parses a listen address: `IP:PORT`, `[IPv6]:PORT`, `HOST:PORT` (resolved; the first
+/// address wins) or `:PORT` for every IPv4 interface.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    let text = text.trim();
+    if let Some(port) = text.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| {
+            format!("{text:?}: the port is not a number from 0 to 65535; {LISTEN_FORMS}")
+        })?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} has no port; {LISTEN_FORMS}"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{text:?} is not an address; {LISTEN_FORMS}"));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("host {host:?} has no address; {LISTEN_FORMS}")),
+        Err(e) => Err(format!(
+            "cannot resolve host {host:?} ({e}); {LISTEN_FORMS}"
+        )),
+    }
+}
+
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
+fn optional_listen_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    listen_addr(d).map(Some)
 }
 
 fn known(key: &str) -> bool {
@@ -204,6 +263,11 @@ impl Config {
             ("graphql_max_depth", self.graphql_max_depth as u64),
             ("graphql_max_complexity", self.graphql_max_complexity as u64),
             ("graphql_max_body_bytes", self.graphql_max_body_bytes as u64),
+            ("http_max_connections", self.http_max_connections as u64),
+            ("http_header_timeout_secs", self.http_header_timeout_secs),
+            ("http_idle_timeout_secs", self.http_idle_timeout_secs),
+            ("http_body_timeout_secs", self.http_body_timeout_secs),
+            ("http_ws_ping_secs", self.http_ws_ping_secs),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -263,6 +327,23 @@ impl Config {
         }
     }
 
+    pub fn http_limits(&self) -> crate::http_server::HttpLimits {
+        crate::http_server::HttpLimits {
+            max_connections: self.http_max_connections,
+            header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.http_idle_timeout_secs),
+            body_timeout: Duration::from_secs(self.http_body_timeout_secs),
+        }
+    }
+
+    pub fn graphql_http(&self) -> twin_graphql::http::HttpConfig {
+        twin_graphql::http::HttpConfig {
+            max_body_bytes: self.graphql_max_body_bytes,
+            ws_ping: Duration::from_secs(self.http_ws_ping_secs),
+            ws_init_timeout: Duration::from_secs(self.http_header_timeout_secs),
+        }
+    }
+
     pub fn gateway(&self) -> GatewayConfig {
         GatewayConfig {
             max_packet_size: self.mqtt_max_packet_size,
@@ -303,7 +384,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ("data_dir", "Where the embedded store keeps its files."),
     (
         "mqtt_listen",
-        "MQTT device endpoint address (port 0 picks a free port).",
+        "MQTT device endpoint address: IP:PORT, HOST:PORT or :PORT for all interfaces (port 0 picks a free port).",
     ),
     (
         "http_listen",
@@ -371,6 +452,26 @@ pub const DOCS: &[(&str, &str)] = &[
     (
         "graphql_max_body_bytes",
         "Largest GraphQL request body, in bytes.",
+    ),
+    (
+        "http_max_connections",
+        "Concurrent HTTP connections, apart from MQTT's; at the cap a new one replaces the oldest idle one, or gets 503 when all are busy.",
+    ),
+    (
+        "http_header_timeout_secs",
+        "Seconds a client has to send a request's headers (from connecting, or from their first byte), and a WebSocket its connection_init.",
+    ),
+    (
+        "http_idle_timeout_secs",
+        "Seconds a kept-alive HTTP connection may wait for its next request.",
+    ),
+    (
+        "http_body_timeout_secs",
+        "Seconds a request body has to arrive whole after its headers (408 after that).",
+    ),
+    (
+        "http_ws_ping_secs",
+        "Seconds between pings on a subscription WebSocket; one silent for two of them is closed.",
     ),
     (
         "mqtt_tls_listen",
@@ -465,6 +566,32 @@ mod tests {
         let err = Config::load(Some(&file), &BTreeMap::new(), Table::new()).unwrap_err();
         assert!(
             err.to_string().contains("unknown setting `shardz`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_addresses_take_the_forms_the_readme_uses() {
+        assert_eq!(
+            parse_listen(":8080"),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 8080)))
+        );
+        assert_eq!(
+            parse_listen("127.0.0.1:1883"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 1883)))
+        );
+        assert_eq!(parse_listen("[::1]:0").unwrap().port(), 0);
+        assert!(parse_listen("localhost:1883").unwrap().ip().is_loopback());
+        for bad in ["8080", ":http", "host:", ":99999", ""] {
+            let err = parse_listen(bad).unwrap_err();
+            assert!(err.ends_with(LISTEN_FORMS), "{bad}: {err}");
+        }
+        let err =
+            Config::load(None, &env(&[("DOPPEL_HTTP_LISTEN", "8080")]), Table::new()).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("setting `http_listen`"), "{err}");
+        assert!(
+            err.contains("expected IP:PORT, HOST:PORT or :PORT"),
             "{err}"
         );
     }

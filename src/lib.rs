@@ -3,8 +3,12 @@
 
 pub mod config;
 pub mod http;
+pub mod http_server;
+pub mod logging;
 
 use std::future::Future;
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -25,6 +29,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             "auto_register is on: unknown devices are registered when they connect and passwords are not checked; use it for development only"
         );
     }
+    raise_open_file_limit(&config);
     let store: Arc<dyn TwinStore> = Arc::new(
         EmbeddedStore::open(&config.data_dir, config.history_per_shadow)
             .with_context(|| format!("cannot open data_dir {}", config.data_dir.display()))?,
@@ -67,10 +72,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let tokens =
         Arc::new(Tokens::open(&config.data_dir).context("cannot open the API token file")?);
     if let Some(admin) = tokens.first_admin()? {
-        // Printed once, on the first start of a data directory; only its hash is kept.
-        eprintln!(
-            "\nFirst start: an admin API token was created. It is shown only this once:\n\n    {admin}\n\nUse it as `Authorization: Bearer <token>`; make more with `doppel token create`.\n"
-        );
+        hand_over_first_admin_token(&config.data_dir, &admin)?;
     }
     let signer = Arc::new(
         twin_graphql::Signer::open(&config.data_dir).context("cannot open the job-signing key")?,
@@ -84,20 +86,20 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let router = http::ops_router(ready.clone()).merge(twin_graphql::http::router(
         schema,
         tokens,
-        config.graphql_max_body_bytes,
+        config.graphql_http(),
     ));
-    let http = tokio::net::TcpListener::bind(config.http_listen)
-        .await
+    let http = listen(config.http_listen)
         .with_context(|| format!("cannot listen on http_listen {}", config.http_listen))?;
     let http_addr = http.local_addr()?;
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http_task = tokio::spawn(
-        axum::serve(http, router)
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .into_future(),
-    );
+    let http_task = tokio::spawn(http_server::serve(
+        http,
+        router,
+        config.http_limits(),
+        async {
+            let _ = http_stopped.await;
+        },
+    ));
     if let Some(addr) = gateway.addr(true) {
         let certs = if config.tls_client_ca_file.is_some() {
             "required"
@@ -143,11 +145,116 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener
     socket.listen(65_535)
 }
 
+/// An error and its causes on one line, each cause once: many errors already quote their
+/// source in their own message ("cannot read x: File exists"), and printing the chain as
+/// well would say it twice.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+/// File descriptors kept for the store, logs and the like, besides connections.
+const RESERVED_FILES: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one (each connection takes a descriptor),
+/// logs both, and warns when they are short of what the connection caps need.
+fn raise_open_file_limit(config: &Config) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    let mut raised = before;
+    if before.current != before.maximum {
+        raised.current = before.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit to its hard limit");
+            raised = before;
+        }
+    }
+    let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    tracing::info!(
+        soft = %show(raised.current),
+        hard = %show(raised.maximum),
+        was = %show(before.current),
+        "open-file limit"
+    );
+    let needed = (config.mqtt_max_connections as u64)
+        .saturating_add(config.http_max_connections as u64)
+        .saturating_add(RESERVED_FILES);
+    if let Some(limit) = raised.current
+        && limit < needed
+    {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below mqtt_max_connections + http_max_connections + {RESERVED_FILES}: past it, new connections fail; raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower the caps"
+        );
+    }
+}
+
+/// The file the first admin token goes to when standard error is not a terminal.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// Gives the first admin token to whoever started the server, never to the log: on the
+/// terminal when standard error is one, otherwise in an owner-only file whose path (not
+/// its content) is logged.
+fn hand_over_first_admin_token(data_dir: &Path, token: &str) -> anyhow::Result<()> {
+    if std::io::stderr().is_terminal() {
+        eprintln!(
+            "\nFirst start: an admin API token was created. It is shown only this once:\n\n    {token}\n\nUse it as `Authorization: Bearer <token>`; make more with `doppel token create`.\n"
+        );
+        return Ok(());
+    }
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot replace {}", path.display()));
+        }
+        _ => {}
+    }
+    twin_graphql::signing::write_private(&path, format!("{token}\n").as_bytes())
+        .with_context(|| format!("cannot write the first admin token to {}", path.display()))?;
+    tracing::info!(
+        path = %path.display(),
+        "first start: an admin API token was written to this file, readable by its owner only (standard error is not a terminal, so it is not printed); read it, then delete the file"
+    );
+    Ok(())
+}
+
+/// The data directory of a command other than `serve`, which must already be one: a
+/// mistyped path must not quietly become a new, empty installation.
+pub fn existing_data_dir(config: &Config) -> anyhow::Result<&Path> {
+    let dir = &config.data_dir;
+    if !dir.join("fjall").is_dir() {
+        let what = if dir.exists() {
+            "is not a Doppel data directory (it holds no store)"
+        } else {
+            "does not exist"
+        };
+        anyhow::bail!(
+            "data_dir {} {what}; check --data-dir (or DOPPEL_DATA_DIR, data_dir in the config file), or start `doppel serve --data-dir {}` once to create it",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn open_store(config: &Config) -> anyhow::Result<EmbeddedStore> {
+    let dir: PathBuf = existing_data_dir(config)?.to_path_buf();
+    Ok(EmbeddedStore::open(dir, config.history_per_shadow)?)
+}
+
 /// `doppel device add`: registers a thing directly in the data directory and returns its
 /// secret. Refused while a server holds the directory.
 pub fn add_device(config: &Config, id: &str) -> anyhow::Result<String> {
     let id = DeviceId::parse(id)?;
-    let store = EmbeddedStore::open(&config.data_dir, config.history_per_shadow)?;
+    let store = open_store(config)?;
     if store.thing(&id)?.is_some() {
         anyhow::bail!("thing {id} is already registered");
     }
@@ -164,24 +271,20 @@ pub fn create_token(
     ttl_ms: Option<u64>,
     note: Option<String>,
 ) -> anyhow::Result<String> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    let tokens = Tokens::open(&config.data_dir)?;
+    let tokens = Tokens::open(existing_data_dir(config)?)?;
     Ok(tokens.create(role, ttl_ms, note)?.0)
 }
 
 /// `doppel signing-key`: the public key that verifies job documents (created with the
 /// key on first use).
 pub fn signing_key(config: &Config) -> anyhow::Result<String> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-    Ok(twin_graphql::Signer::open(&config.data_dir)?.public_key())
+    Ok(twin_graphql::Signer::open(existing_data_dir(config)?)?.public_key())
 }
 
 /// `doppel device disable` / `enable`: a disabled device is refused at connect.
 pub fn set_device_enabled(config: &Config, id: &str, enabled: bool) -> anyhow::Result<()> {
     let id = DeviceId::parse(id)?;
-    let store = EmbeddedStore::open(&config.data_dir, config.history_per_shadow)?;
+    let store = open_store(config)?;
     let mut record = store
         .thing(&id)?
         .ok_or_else(|| anyhow::anyhow!("thing {id} is not registered"))?;
@@ -192,7 +295,7 @@ pub fn set_device_enabled(config: &Config, id: &str, enabled: bool) -> anyhow::R
 
 /// `doppel device list`: every registered thing, in id order.
 pub fn list_devices(config: &Config) -> anyhow::Result<Vec<ThingRecord>> {
-    let store = EmbeddedStore::open(&config.data_dir, config.history_per_shadow)?;
+    let store = open_store(config)?;
     let mut all = Vec::new();
     loop {
         let page = store.things(all.last().map(|r: &ThingRecord| &r.id), 1000)?;
@@ -200,5 +303,35 @@ pub fn list_devices(config: &Config) -> anyhow::Result<Vec<ThingRecord>> {
             return Ok(all);
         }
         all.extend(page);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot write {path}: {source}")]
+    struct Quoting {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(17);
+        let e = anyhow::Error::new(Quoting {
+            path: "/d/k",
+            source: io,
+        })
+        .context("cannot open the job-signing key");
+        let text = error_chain(&e);
+        assert_eq!(text.matches("os error 17").count(), 1, "{text}");
+        assert!(
+            text.starts_with("cannot open the job-signing key: cannot write /d/k: "),
+            "{text}"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
     }
 }

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -108,14 +107,14 @@ struct ServeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     source: Source,
-    /// MQTT device endpoint address; port 0 picks a free port [default: 0.0.0.0:1883] [env: DOPPEL_MQTT_LISTEN]
+    /// MQTT device endpoint address: IP:PORT, HOST:PORT or :PORT; port 0 picks a free port [default: 0.0.0.0:1883] [env: DOPPEL_MQTT_LISTEN]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    mqtt_listen: Option<SocketAddr>,
-    /// HTTP address (GraphQL, /healthz, /readyz); port 0 picks a free port [default: 0.0.0.0:8080] [env: DOPPEL_HTTP_LISTEN]
+    mqtt_listen: Option<String>,
+    /// HTTP address (GraphQL, /healthz, /readyz), as --mqtt-listen [default: 0.0.0.0:8080] [env: DOPPEL_HTTP_LISTEN]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    http_listen: Option<SocketAddr>,
+    http_listen: Option<String>,
     /// Development only: register unknown devices on connect, skip password checks [env: DOPPEL_AUTO_REGISTER]
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -188,10 +187,30 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     graphql_max_body_bytes: Option<usize>,
-    /// MQTT over TLS address; off unless set [env: DOPPEL_MQTT_TLS_LISTEN]
+    /// Concurrent HTTP connections, apart from MQTT's [default: 10000] [env: DOPPEL_HTTP_MAX_CONNECTIONS]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    mqtt_tls_listen: Option<SocketAddr>,
+    http_max_connections: Option<usize>,
+    /// Seconds to send a request's headers (and a WebSocket's connection_init) [default: 10] [env: DOPPEL_HTTP_HEADER_TIMEOUT_SECS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_header_timeout_secs: Option<u64>,
+    /// Seconds a kept-alive HTTP connection may wait for its next request [default: 60] [env: DOPPEL_HTTP_IDLE_TIMEOUT_SECS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_idle_timeout_secs: Option<u64>,
+    /// Seconds a request body has to arrive after its headers [default: 30] [env: DOPPEL_HTTP_BODY_TIMEOUT_SECS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_body_timeout_secs: Option<u64>,
+    /// Seconds between pings on subscription WebSockets [default: 30] [env: DOPPEL_HTTP_WS_PING_SECS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_ws_ping_secs: Option<u64>,
+    /// MQTT over TLS address, as --mqtt-listen; off unless set [env: DOPPEL_MQTT_TLS_LISTEN]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_tls_listen: Option<String>,
     /// PEM server certificate chain for --mqtt-tls-listen [env: DOPPEL_TLS_CERT_FILE]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -312,18 +331,11 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    doppel::logging::init(std::io::stderr().is_terminal());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", doppel::error_chain(&e));
             ExitCode::FAILURE
         }
     }

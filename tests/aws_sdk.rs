@@ -52,6 +52,8 @@ fn make_venv() -> PathBuf {
 async fn the_aws_iot_device_sdk_runs_the_shadow_flows_unchanged() {
     let python = sdk_python();
     let dir = tempfile::tempdir().unwrap();
+    // A first start makes the data directory that `doppel device add` works on.
+    assert!(start(dir.path(), &[]).await.terminate().await.success());
     let add = common::doppel(&["device", "add", "sdk-thing"], dir.path());
     assert!(add.status.success());
     let secret = String::from_utf8(add.stdout)

@@ -66,6 +66,8 @@ async fn sigkill_loses_no_accepted_version() {
 #[tokio::test]
 async fn health_endpoints_and_the_device_registry_cli() {
     let dir = tempfile::tempdir().unwrap();
+    // The first start makes the data directory; the device commands need one.
+    assert!(start(dir.path(), &[]).await.terminate().await.success());
     let add = common::doppel(&["device", "add", "meter-7"], dir.path());
     assert!(
         add.status.success(),

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Read;
 
-use common::{Ws, client, doppel, graphql, http, next_on, register, start, ws_as};
+use common::{WAIT, Ws, client, doppel, graphql, http, next_on, register, start, ws_as};
 use rumqttc::{Event, Packet, QoS};
 use serde_json::json;
 
@@ -330,9 +330,11 @@ async fn auth_failures_are_explicit() {
         "INVALID_ARGUMENT"
     );
 
-    // A WebSocket without a token is closed, saying why.
+    // A WebSocket without a valid token is closed with graphql-transport-ws's 4401
+    // Unauthorized, saying why.
     let mut ws = Ws::connect(&server.http, "graphql-transport-ws", json!({}), None).await;
-    let (_, reason) = ws.next().await.expect_err("the socket is closed");
+    let (code, reason) = ws.next().await.expect_err("the socket is closed");
+    assert_eq!(code, 4401, "{reason}");
     assert!(reason.starts_with("UNAUTHENTICATED"), "{reason}");
     let mut ws = Ws::connect(
         &server.http,
@@ -341,8 +343,124 @@ async fn auth_failures_are_explicit() {
         None,
     )
     .await;
-    let (_, reason) = ws.next().await.expect_err("the socket is closed");
+    let (code, reason) = ws.next().await.expect_err("the socket is closed");
+    assert_eq!(code, 4401, "{reason}");
     assert!(reason.starts_with("UNAUTHENTICATED"), "{reason}");
+
+    // A batch (a JSON array) is refused, saying so; a body over the limit names it.
+    let r = common::http(
+        &server.http,
+        "POST",
+        "/graphql",
+        &[("Authorization", &auth)],
+        br#"[{"query":"{ things { totalCount } }"}]"#,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let message = r.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.starts_with("batched requests (a JSON array) are not supported"),
+        "{message}"
+    );
+    let r = common::http(
+        &server.http,
+        "POST",
+        "/graphql",
+        &[("Authorization", &auth)],
+        &[b' '; 4096],
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    let message = r.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        message,
+        "the request body is larger than 2048 bytes (setting graphql_max_body_bytes)"
+    );
+}
+
+#[tokio::test]
+async fn subscription_sockets_are_pinged_and_silent_ones_closed() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        dir.path(),
+        &[
+            "--http-ws-ping-secs",
+            "1",
+            "--http-header-timeout-secs",
+            "1",
+        ],
+    )
+    .await;
+    let admin = server.admin_token.clone().unwrap();
+
+    // No connection_init in time: 4408, as graphql-transport-ws says.
+    let (mut raw, _) = tokio_tungstenite::client_async(
+        ws_request(&server.http),
+        tokio::net::TcpStream::connect(&server.http).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match raw.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(closed, Some(4408));
+
+    // A client that answers pings stays; one whose reads stop (no pongs) is closed.
+    let mut ws = common::ws_as(&server.http, &admin, None).await;
+    let mut pings = 0;
+    tokio::time::timeout(WAIT, async {
+        while pings < 3 {
+            // tungstenite answers each ping with a pong as it reads.
+            if let Some(Ok(Message::Ping(_))) = ws.socket.next().await {
+                pings += 1;
+            }
+        }
+    })
+    .await
+    .expect("three pings, about a second apart");
+    // Stop reading: tungstenite sends no more pongs, and nothing else is sent.
+    let started = tokio::time::Instant::now();
+    let mut sink = Vec::new();
+    let mut stream = ws.socket.into_inner();
+    tokio::time::timeout(WAIT, async {
+        use tokio::io::AsyncReadExt;
+        let _ = stream.read_to_end(&mut sink).await;
+    })
+    .await
+    .expect("the server closes a silent socket");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+fn ws_request(addr: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/graphql/ws")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    request
 }
 
 #[tokio::test]

@@ -123,7 +123,6 @@ pub enum PubAckCode {
     Success,
     NoMatchingSubscribers,
     NotAuthorized,
-    TopicNameInvalid,
 }
 
 /// DISCONNECT reason codes we send (MQTT 5 only; 3.1.1 just closes).
@@ -138,6 +137,7 @@ pub enum DisconnectCode {
     PacketTooLarge,
     QoSNotSupported,
     RetainNotSupported,
+    TopicNameInvalid,
     Administrative,
 }
 
@@ -508,7 +508,6 @@ fn write5(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
                 PubAckCode::Success => v5::PubAckReason::Success,
                 PubAckCode::NoMatchingSubscribers => v5::PubAckReason::NoMatchingSubscribers,
                 PubAckCode::NotAuthorized => v5::PubAckReason::NotAuthorized,
-                PubAckCode::TopicNameInvalid => v5::PubAckReason::TopicNameInvalid,
             },
             properties: None,
         }),
@@ -544,6 +543,7 @@ fn write5(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
                 DisconnectCode::PacketTooLarge => R::PacketTooLarge,
                 DisconnectCode::QoSNotSupported => R::QoSNotSupported,
                 DisconnectCode::RetainNotSupported => R::RetainNotSupported,
+                DisconnectCode::TopicNameInvalid => R::TopicNameInvalid,
                 DisconnectCode::Administrative => R::AdministrativeAction,
             });
             d.properties = Some(v5::DisconnectProperties {

@@ -30,6 +30,7 @@ use twin_model::{
 };
 
 use crate::GatewayConfig;
+use crate::accept::RateLimitedLog;
 use crate::acl;
 use crate::codec::{
     self, ConnCode, ConnectInfo, DisconnectCode, InPublish, Inbound, Outbound, PubAckCode,
@@ -141,6 +142,9 @@ struct Conn<S> {
     session: u64,
     keep_alive: u16,
     will: Option<codec::Will>,
+    /// Publishes that were not requests of the device API, and when they were last logged.
+    ignored: u64,
+    ignored_log: RateLimitedLog,
 }
 
 /// Serves one TCP connection until it ends.
@@ -334,6 +338,8 @@ async fn accept<S: Stream>(
         session: ok.session,
         keep_alive,
         will: connect.will,
+        ignored: 0,
+        ignored_log: RateLimitedLog::default(),
     };
     conn.resend_inflight();
     conn.want_commands();
@@ -545,16 +551,11 @@ impl<S: Stream> Conn<S> {
         }
         let ack = |code| (p.qos == 1).then_some(Outbound::PubAck { pkid: p.pkid, code });
         if !acl::valid_topic(&p.topic) {
-            return match (self.version, ack(PubAckCode::TopicNameInvalid)) {
-                (Version::V5, Some(a)) => {
-                    self.send(&a);
-                    None
-                }
-                _ => Some(Close::Server(
-                    DisconnectCode::ProtocolError,
-                    format!("invalid topic name {:?}", p.topic),
-                )),
-            };
+            // A protocol error in both versions (MQTT 5 section 3.3.2.1, 3.1.1 section 3.3.2.1).
+            return Some(Close::Server(
+                DisconnectCode::TopicNameInvalid,
+                "invalid topic name: empty, or with a wildcard (+ #) or NUL".into(),
+            ));
         }
         if !acl::allowed(&self.thing, &p.topic) {
             tracing::warn!(client_id = %self.thing, topic = %p.topic, "publish refused: outside the thing's topics");
@@ -605,9 +606,29 @@ impl<S: Stream> Conn<S> {
             {
                 return self.job_request(t, body, ack);
             }
-            _ => return false,
+            Err(topic::TopicError::ShadowName(e)) if is_shadow_request(topic_name) => {
+                // As AWS answers a request it cannot take: on the request's `rejected` topic.
+                self.send_ack(ack);
+                let rejection = Rejection::bad_request(format!("Invalid shadow name: {e}"));
+                self.publish(format!("{topic_name}/rejected"), || {
+                    payload::rejected(&rejection, now_secs(), None)
+                });
+                return true;
+            }
+            Err(e) => {
+                self.ignore(topic_name, &e.to_string());
+                return false;
+            }
+            Ok(_) => {
+                self.ignore(topic_name, "not a request topic");
+                return false;
+            }
         };
         if t.channel != ShadowChannel::Request {
+            self.ignore(
+                topic_name,
+                "a response topic: devices publish requests, Doppel publishes the answers",
+            );
             return false;
         }
         let ShadowTopic {
@@ -765,6 +786,15 @@ impl<S: Stream> Conn<S> {
         let payload =
             CommandExecution::rejected_payload(execution_id, rejection, twin_store::now_millis());
         self.command_answer(execution_id, CommandChannel::Rejected, reply_to, payload);
+    }
+
+    /// A publish in the thing's own topics that the device API does not take: logged (at
+    /// most once per `LOG_EVERY` per connection) and counted.
+    fn ignore(&mut self, topic: &str, why: &str) {
+        self.ignored += 1;
+        if let Some(suppressed) = self.ignored_log.admit(tokio::time::Instant::now()) {
+            tracing::info!(client_id = %self.thing, topic, reason = why, suppressed, ignored_total = self.ignored, "publish ignored: not a request of the device API");
+        }
     }
 
     fn reject(
@@ -1016,7 +1046,7 @@ impl<S: Stream> Conn<S> {
         }
         let _ = self.stream.shutdown().await;
         let reason = close.reason();
-        tracing::debug!(peer = %self.peer, thing = %self.thing, %reason, "device disconnected");
+        tracing::debug!(peer = %self.peer, thing = %self.thing, %reason, ignored_publishes = self.ignored, "device disconnected");
         if close.publishes_will()
             && let Some(will) = self.will.take()
         {
@@ -1031,4 +1061,9 @@ impl<S: Stream> Conn<S> {
             .sessions
             .release(&self.ctx.fleet, &self.slot, &self.kick);
     }
+}
+
+/// Whether a topic names a shadow request (`.../update`, `/get`, `/delete`).
+fn is_shadow_request(topic: &str) -> bool {
+    topic.ends_with("/update") || topic.ends_with("/get") || topic.ends_with("/delete")
 }

@@ -13,6 +13,7 @@
 //! with reason 0x9B; a QoS 2 subscription is granted QoS 1. Retained messages are not
 //! supported (`Retain Available = 0`).
 
+pub mod accept;
 pub mod acl;
 pub mod codec;
 mod connection;
@@ -160,14 +161,16 @@ async fn accept_loop(
 ) {
     let mut shutdown = ctx.shutdown.clone();
     let mut connections = JoinSet::new();
+    let mut errors = accept::AcceptErrors::new(if tls.is_some() { "mqtts" } else { "mqtt" });
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    errors.accepted();
                     if connections.len() >= ctx.config.max_connections {
-                        tracing::warn!(%peer, limit = ctx.config.max_connections, "connection refused: too many connections");
+                        errors.refused(peer, ctx.config.max_connections);
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
@@ -187,11 +190,7 @@ async fn accept_loop(
                         }
                     }
                 }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(e) => errors.failed(&e).await,
             }
         }
     }

@@ -580,3 +580,85 @@ async fn a_packet_over_the_maximum_size_ends_the_connection() {
         "the oversized update changed nothing"
     );
 }
+
+/// An MQTT 5 CONNECT with a password, byte for byte (rumqttc refuses to send what the
+/// tests below need to send).
+fn raw_v5_connect(id: &str, password: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0b1100_0010, 0, 60, 0];
+    for field in [id, id, password] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    with_fixed_header(0x10, body)
+}
+
+/// An MQTT 5 QoS 1 PUBLISH with packet id 1 and no properties.
+fn raw_v5_publish(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&[0, 1, 0]);
+    body.extend_from_slice(payload);
+    with_fixed_header(0x32, body)
+}
+
+fn with_fixed_header(first: u8, body: Vec<u8>) -> Vec<u8> {
+    assert!(body.len() < 128, "one-byte remaining length");
+    let mut packet = vec![first, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+#[tokio::test]
+async fn an_mqtt_5_publish_to_a_wildcard_topic_ends_the_connection_with_0x90() {
+    let s = server().await;
+    let secret = s.register("wild").await;
+    for topic in ["$aws/things/wild/shadow/+", "$aws/things/wild/#"] {
+        let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        sock.write_all(&raw_v5_connect("wild", &secret))
+            .await
+            .unwrap();
+        sock.write_all(&raw_v5_publish(topic, b"{}")).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, sock.read_to_end(&mut got))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        // CONNACK (0x20, success), then DISCONNECT (0xE0) with reason 0x90, no PUBACK.
+        assert_eq!(&got[..4], &[0x20, got[1], 0, 0], "{got:x?}");
+        let rest = &got[2 + got[1] as usize..];
+        assert_eq!(rest[0], 0xE0, "DISCONNECT, not a PUBACK: {got:x?}");
+        assert_eq!(rest[2], 0x90, "Topic Name invalid: {got:x?}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_for_a_shadow_name_over_64_characters_is_rejected_with_400() {
+    let s = server().await;
+    for proto in BOTH {
+        let id = format!("longname-{proto:?}");
+        let mut d = device(&s, proto, &id).await;
+        assert_eq!(d.subscribe(&format!("{}/#", shadow(&id))).await, 1);
+        let long = "n".repeat(65);
+        let (ch, answer) = d
+            .request(
+                &format!("{}/name/{long}/update", shadow(&id)),
+                r#"{"state":{"reported":{"a":1}}}"#,
+            )
+            .await;
+        assert_eq!(ch, "rejected", "{answer}");
+        assert_eq!(answer["code"], 400, "{answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.contains("65 characters long; the limit is 64"),
+            "{message}"
+        );
+        // A name at the limit works.
+        let (ch, _) = d
+            .request(
+                &format!("{}/name/{}/update", shadow(&id), "n".repeat(64)),
+                r#"{"state":{"reported":{"a":1}}}"#,
+            )
+            .await;
+        assert_eq!(ch, "accepted");
+    }
+}

@@ -9,6 +9,7 @@
 //! | `UNAUTHENTICATED`   | no valid bearer token                                       |
 //! | `FORBIDDEN`         | the token's role may not do this                            |
 //! | `OVERLOADED`        | too many requests in flight; retry later                    |
+//! | `TIMEOUT`           | the request body did not arrive in time (HTTP 408)          |
 //! | `INTERNAL`          | storage failure, shutdown, timeout                          |
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub enum Code {
     Unauthenticated,
     Forbidden,
     Overloaded,
+    Timeout,
     Internal,
 }
 
@@ -41,6 +43,7 @@ impl Code {
             Self::Unauthenticated => "UNAUTHENTICATED",
             Self::Forbidden => "FORBIDDEN",
             Self::Overloaded => "OVERLOADED",
+            Self::Timeout => "TIMEOUT",
             Self::Internal => "INTERNAL",
         }
     }
@@ -138,33 +141,55 @@ pub fn response(e: ApiError) -> Response {
 }
 
 /// Gives every error a code: the parser's and validator's own errors (syntax, unknown
-/// fields, depth and complexity limits) are the caller's mistakes.
-pub struct Coded;
+/// fields, depth and complexity limits) are the caller's mistakes. The validator's limit
+/// errors are reworded to say the limit and the setting that changes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Coded {
+    pub max_depth: usize,
+    pub max_complexity: usize,
+}
 
 impl ExtensionFactory for Coded {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(Coded)
+        Arc::new(*self)
     }
 }
 
-fn code_errors(mut response: Response) -> Response {
-    for e in &mut response.errors {
-        code_error(e);
+impl Coded {
+    fn code_errors(&self, mut response: Response) -> Response {
+        for e in &mut response.errors {
+            self.code_error(e);
+        }
+        response
     }
-    response
-}
 
-fn code_error(e: &mut ServerError) {
-    let ext = e.extensions.get_or_insert_with(Default::default);
-    if ext.get("code").is_none() {
-        ext.set("code", Code::InvalidArgument.as_str());
+    fn code_error(&self, e: &mut ServerError) {
+        match e.message.as_str() {
+            "Query is nested too deep." => {
+                e.message = format!(
+                    "the query is nested too deep: at most {} levels (setting graphql_max_depth)",
+                    self.max_depth
+                );
+            }
+            "Query is too complex." => {
+                e.message = format!(
+                    "the query is too complex: at most {} (one per field, times `first` for pages; setting graphql_max_complexity)",
+                    self.max_complexity
+                );
+            }
+            _ => {}
+        }
+        let ext = e.extensions.get_or_insert_with(Default::default);
+        if ext.get("code").is_none() {
+            ext.set("code", Code::InvalidArgument.as_str());
+        }
     }
 }
 
 #[async_graphql::async_trait::async_trait]
 impl Extension for Coded {
     async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
-        code_errors(next.run(ctx).await)
+        self.code_errors(next.run(ctx).await)
     }
 
     fn subscribe<'s>(
@@ -173,7 +198,10 @@ impl Extension for Coded {
         stream: BoxStream<'s, Response>,
         next: async_graphql::extensions::NextSubscribe<'_>,
     ) -> BoxStream<'s, Response> {
-        next.run(ctx, stream).map(code_errors).boxed()
+        let coded = *self;
+        next.run(ctx, stream)
+            .map(move |r| coded.code_errors(r))
+            .boxed()
     }
 }
 
@@ -191,7 +219,7 @@ mod tests {
                 "VERSION_CONFLICT",
             ),
             (
-                FleetError::Rejected(Rejection::too_large()),
+                FleetError::Rejected(Rejection::too_large(8192)),
                 "PAYLOAD_TOO_LARGE",
             ),
             (FleetError::Rejected(Rejection::no_shadow("x")), "NOT_FOUND"),

@@ -3,12 +3,20 @@
 //!
 //! Whole-request failures answer with a GraphQL error body and an HTTP status: a missing
 //! or bad token 401 (`UNAUTHENTICATED`), a body over the limit 413
-//! (`PAYLOAD_TOO_LARGE`), a body that is not a GraphQL request 400
-//! (`INVALID_ARGUMENT`). WebSocket clients send their token in `connection_init`'s
-//! payload (`{"Authorization": "Bearer ..."}`) or in the upgrade request's header;
-//! without one the socket is closed with the reason `UNAUTHENTICATED: ...`.
+//! (`PAYLOAD_TOO_LARGE`), a body that did not arrive in time 408 (`TIMEOUT`), a body that
+//! is not a GraphQL request, or a batch (a JSON array), 400 (`INVALID_ARGUMENT`).
+//!
+//! WebSocket clients send their token in `connection_init`'s payload
+//! (`{"Authorization": "Bearer ..."}`) or in the upgrade request's header. On
+//! `graphql-transport-ws`, a socket without a valid token is closed with 4401
+//! (`UNAUTHENTICATED: ...`), one whose token may not subscribe with 4403, one that sends no
+//! `connection_init` within [`HttpConfig::ws_init_timeout`] with 4408, as the protocol
+//! says. Every socket is pinged each [`HttpConfig::ws_ping`] and closed (1001) when it has
+//! sent nothing, not even a pong, for two of them: a vanished client does not hold its
+//! subscriptions and file descriptor for ever.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_graphql::futures_util::{Stream, StreamExt};
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, WebSocketProtocols as Protocols, WsMessage};
@@ -26,15 +34,37 @@ use crate::auth::Tokens;
 use crate::error::{self, ApiError, Code};
 use crate::schema::DoppelSchema;
 
+/// The limits of the GraphQL endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpConfig {
+    /// Largest request body (setting `graphql_max_body_bytes`).
+    pub max_body_bytes: usize,
+    /// How often a subscription socket is pinged (setting `http_ws_ping_secs`); silent
+    /// for two of these, it is closed.
+    pub ws_ping: Duration,
+    /// Time from the upgrade to `connection_init` (setting `http_header_timeout_secs`).
+    pub ws_init_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            ws_ping: Duration::from_secs(30),
+            ws_init_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct App {
     schema: DoppelSchema,
     tokens: Arc<Tokens>,
-    max_body_bytes: usize,
+    config: HttpConfig,
 }
 
 /// The GraphQL routes over a built schema.
-pub fn router(schema: DoppelSchema, tokens: Arc<Tokens>, max_body_bytes: usize) -> Router {
+pub fn router(schema: DoppelSchema, tokens: Arc<Tokens>, config: HttpConfig) -> Router {
     Router::new()
         .route("/graphql", get(graphiql).post(execute))
         .route("/graphql/ws", get(subscribe))
@@ -42,7 +72,7 @@ pub fn router(schema: DoppelSchema, tokens: Arc<Tokens>, max_body_bytes: usize) 
         .with_state(App {
             schema,
             tokens,
-            max_body_bytes,
+            config,
         })
 }
 
@@ -71,19 +101,17 @@ async fn execute(
         Ok(p) => p,
         Err(e) => return failure(StatusCode::UNAUTHORIZED, e),
     };
-    let bytes = match to_bytes(body, app.max_body_bytes).await {
+    let limit = app.config.max_body_bytes;
+    let bytes = match to_bytes(body, limit).await {
         Ok(b) => b,
-        Err(_) => {
-            let e = ApiError::new(
-                Code::PayloadTooLarge,
-                format!(
-                    "the request body is larger than {} bytes",
-                    app.max_body_bytes
-                ),
-            );
-            return failure(StatusCode::PAYLOAD_TOO_LARGE, e);
-        }
+        Err(e) => return body_failure(&e, limit),
     };
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        let e = ApiError::invalid(
+            "batched requests (a JSON array) are not supported: send one {\"query\": ...} object per request",
+        );
+        return failure(StatusCode::BAD_REQUEST, e);
+    }
     let request: async_graphql::Request = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
         Err(e) => {
@@ -95,6 +123,34 @@ async fn execute(
     };
     let response: Response = app.schema.execute(request.data(principal)).await;
     Json(response).into_response()
+}
+
+/// Why a request body could not be read: too large (413), too slow (408, from the HTTP
+/// server's body timeout), or cut off (400).
+fn body_failure(e: &axum::Error, limit: usize) -> axum::response::Response {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = source {
+        if cause.is::<http_body_util::LengthLimitError>() {
+            let e = ApiError::new(
+                Code::PayloadTooLarge,
+                format!(
+                    "the request body is larger than {limit} bytes (setting graphql_max_body_bytes)"
+                ),
+            );
+            return failure(StatusCode::PAYLOAD_TOO_LARGE, e);
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            let e = ApiError::new(Code::Timeout, io.to_string());
+            return failure(StatusCode::REQUEST_TIMEOUT, e);
+        }
+        source = cause.source();
+    }
+    failure(
+        StatusCode::BAD_REQUEST,
+        ApiError::invalid(format!("the request body could not be read: {e}")),
+    )
 }
 
 async fn subscribe(
@@ -115,6 +171,21 @@ async fn subscribe(
         return failure(StatusCode::BAD_REQUEST, e);
     };
     upgrade.on_upgrade(move |socket| serve_socket(app, socket, protocol, header_auth))
+}
+
+/// The close code for an ended protocol state machine: graphql-transport-ws's own codes
+/// where async-graphql uses generic ones.
+fn close_code(protocol: Protocols, code: u16, reason: &str) -> u16 {
+    if protocol != Protocols::GraphQLWS {
+        return code;
+    }
+    match code {
+        1002 if reason.starts_with(Code::Unauthenticated.as_str()) => 4401,
+        1002 if reason.starts_with(Code::Forbidden.as_str()) => 4403,
+        // A subscribe before connection_ack.
+        1011 => 4401,
+        code => code,
+    }
 }
 
 /// Client messages waiting for the protocol; a client that sends more is cut off.
@@ -148,28 +219,62 @@ async fn serve_socket(
                 data.insert(principal);
                 Ok(data)
             });
+    let ping_every = app.config.ws_ping;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    let mut heard = tokio::time::Instant::now();
+    let init_deadline = tokio::time::sleep(app.config.ws_init_timeout);
+    tokio::pin!(init_deadline);
+    let mut acked = false;
     loop {
         tokio::select! {
+            () = &mut init_deadline, if !acked => {
+                let reason = format!(
+                    "no connection_init within {} s (setting http_header_timeout_secs)",
+                    app.config.ws_init_timeout.as_secs_f64()
+                );
+                close_soon(&mut socket, 4408, &reason).await;
+                return;
+            }
+            _ = ping.tick() => {
+                if heard.elapsed() >= ping_every * 2 {
+                    let reason = format!(
+                        "nothing heard for {} s, not even a pong (setting http_ws_ping_secs)",
+                        heard.elapsed().as_secs()
+                    );
+                    close_soon(&mut socket, 1001, &reason).await;
+                    return;
+                }
+                if tokio::time::timeout(ping_every, socket.send(Message::Ping(Default::default()))).await.map_or(true, |r| r.is_err()) {
+                    return;
+                }
+            }
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => {
+                    heard = tokio::time::Instant::now();
                     if input.try_send(text.as_str().as_bytes().to_vec()).is_err() {
                         let _ = socket.send(close(4429, "too many messages")).await;
                         return;
                     }
                 }
                 Some(Ok(Message::Binary(bytes))) => {
+                    heard = tokio::time::Instant::now();
                     if input.try_send(bytes.to_vec()).is_err() {
                         let _ = socket.send(close(4429, "too many messages")).await;
                         return;
                     }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => heard = tokio::time::Instant::now(),
             },
             outgoing = machine.next() => {
                 let msg = match outgoing {
-                    Some(WsMessage::Text(text)) => Message::Text(text.into()),
-                    Some(WsMessage::Close(code, reason)) => close(code, &reason),
+                    Some(WsMessage::Text(text)) => {
+                        acked |= text.starts_with(r#"{"type":"connection_ack""#);
+                        Message::Text(text.into())
+                    }
+                    Some(WsMessage::Close(code, reason)) => {
+                        close(close_code(protocol, code, &reason), &reason)
+                    }
                     None => return,
                 };
                 let closing = matches!(msg, Message::Close(_));
@@ -179,6 +284,11 @@ async fn serve_socket(
             }
         }
     }
+}
+
+/// Sends a close frame, waiting at most a second for a client that does not read.
+async fn close_soon(socket: &mut WebSocket, code: u16, reason: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close(code, reason))).await;
 }
 
 fn close(code: u16, reason: &str) -> Message {

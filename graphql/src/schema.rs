@@ -939,7 +939,10 @@ pub fn build(api: Api) -> DoppelSchema {
         .data(api)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
-        .extension(crate::error::Coded)
+        .extension(crate::error::Coded {
+            max_depth: limits.max_depth,
+            max_complexity: limits.max_complexity,
+        })
         .finish()
 }
 

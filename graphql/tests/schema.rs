@@ -422,7 +422,7 @@ async fn roles_and_request_limits() {
         r["errors"][0]["message"]
             .as_str()
             .unwrap()
-            .contains("nested too deep"),
+            .contains("nested too deep: at most 6 levels (setting graphql_max_depth)"),
         "{r}"
     );
     let complex = "{ things(first: 5) { edges { node { id attributes enabled version createdAt shadows { name desired reported delta metadata version updatedAt } connectivity { connected since lastSeen disconnectReason } } } } }";
@@ -432,7 +432,7 @@ async fn roles_and_request_limits() {
         r["errors"][0]["message"]
             .as_str()
             .unwrap()
-            .contains("too complex"),
+            .contains("too complex: at most 60 (one per field, times `first` for pages; setting graphql_max_complexity)"),
         "{r}"
     );
     let r = f

@@ -23,6 +23,8 @@ pub fn doppel(args: &[&str], dir: &Path) -> std::process::Output {
 
 pub struct Server {
     pub child: Child,
+    /// Every line the server logged so far.
+    pub log: Log,
     pub mqtt: String,
     pub http: String,
     /// The MQTT-over-TLS address, when started with `--mqtt-tls-listen`.
@@ -46,9 +48,58 @@ impl Server {
     }
 }
 
+/// The server's log lines, as they come.
+#[derive(Clone, Default)]
+pub struct Log {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    added: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Log {
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+        self.added.notify_waiters();
+    }
+
+    /// The lines logged so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits (at most `WAIT`) for a line containing `text`.
+    pub async fn line_with(&self, text: &str) -> String {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let added = self.added.notified();
+                if let Some(l) = self.lines().into_iter().find(|l| l.contains(text)) {
+                    return l;
+                }
+                added.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with {text:?} in {:#?}", self.lines()))
+    }
+}
+
 /// Starts `doppel serve` on free ports and waits for it to log both addresses.
 pub async fn start(dir: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_doppel"))
+    start_with(Command::new(env!("CARGO_BIN_EXE_doppel")), dir, extra).await
+}
+
+/// `start` with the process's open-file limit (soft and hard) set to `nofile`.
+pub async fn start_with_nofile(dir: &Path, extra: &[&str], nofile: u32) -> Server {
+    let mut shell = Command::new("bash");
+    shell.args([
+        "-c",
+        &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+        env!("CARGO_BIN_EXE_doppel"),
+    ]);
+    start_with(shell, dir, extra).await
+}
+
+async fn start_with(mut command: Command, dir: &Path, extra: &[&str]) -> Server {
+    let mut child = command
         .args([
             "serve",
             "--mqtt-listen",
@@ -66,17 +117,18 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = Log::default();
     let (mut mqtt, mut http, mut mqtts, mut admin_token) = (None, None, None, None);
     tokio::time::timeout(WAIT, async {
         while mqtt.is_none() || http.is_none() {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("doppel exited before it was listening");
+            let line = lines.next_line().await.unwrap().unwrap_or_else(|| {
+                panic!("doppel exited before it was listening: {:#?}", log.lines())
+            });
+            log.push(line.clone());
             let addr = || line.rsplit(' ').next().unwrap().to_owned();
-            if line.trim_start().starts_with("dpl_") {
-                admin_token = Some(line.trim().to_owned());
+            if line.contains("an admin API token was written") {
+                let file = dir.join("admin-token");
+                admin_token = Some(std::fs::read_to_string(file).unwrap().trim().to_owned());
             } else if line.contains("mqtts listening on ") {
                 mqtts = Some(addr());
             } else if line.contains("mqtt listening on ") {
@@ -89,9 +141,15 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
     .await
     .expect("doppel logs its addresses");
     // Keep draining the log so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let collected = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            collected.push(line);
+        }
+    });
     Server {
         child,
+        log,
         mqtt: mqtt.unwrap(),
         http: http.unwrap(),
         mqtts,

@@ -59,10 +59,13 @@ impl Rejection {
         Self::new(RejectionKind::VersionConflict, "Version conflict")
     }
 
-    pub fn too_large() -> Self {
+    /// AWS's message, and the limit: `max_state_bytes` bytes of state.
+    pub fn too_large(max_state_bytes: usize) -> Self {
         Self::new(
             RejectionKind::PayloadTooLarge,
-            "The payload exceeds the maximum size allowed",
+            format!(
+                "The payload exceeds the maximum size allowed: {max_state_bytes} bytes of state (setting max_state_bytes)"
+            ),
         )
     }
 

@@ -122,7 +122,7 @@ impl UpdateRequest {
         })?;
         // A request far larger than any acceptable state is refused before parsing it.
         if text.len() > limits.max_state_bytes.saturating_mul(4).max(16 * 1024) {
-            return Err(Rejection::too_large());
+            return Err(Rejection::too_large(limits.max_state_bytes));
         }
         let value: Value =
             serde_json::from_str(text).map_err(|_| Rejection::bad_request("Invalid JSON"))?;
@@ -261,7 +261,7 @@ impl Shadow {
         let size = next.desired.as_ref().map_or(0, json::encoded_len)
             + next.reported.as_ref().map_or(0, json::encoded_len);
         if size > limits.max_state_bytes {
-            return Err(Rejection::too_large());
+            return Err(Rejection::too_large(limits.max_state_bytes));
         }
         Ok((change, next))
     }

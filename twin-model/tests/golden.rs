@@ -275,7 +275,10 @@ fn version_conflict_and_size_limit_change_nothing() {
     let err = shadow.decide_update(&req, T2, &limits).unwrap_err();
     assert_eq!(
         (err.code(), err.message.as_str()),
-        (413, "The payload exceeds the maximum size allowed")
+        (
+            413,
+            "The payload exceeds the maximum size allowed: 8192 bytes of state (setting max_state_bytes)"
+        )
     );
     let huge = json!({"state": {"reported": {"blob": "x".repeat(64 * 1024)}}}).to_string();
     assert_eq!(

@@ -1,0 +1,193 @@
+//! The log format: tracing's text format, with every field value escaped and truncated.
+//!
+//! Much of what Doppel logs comes from outside: client ids, usernames, topics, thing
+//! ids, GraphQL operation names, filter texts, error messages that quote them. Rather
+//! than trusting every call site to wrap such values, the formatter escapes them all: a
+//! control character (newline, carriage return, ESC, DEL, C1) or a Unicode line separator
+//! or bidirectional override is written as an escape (`\n`, `\u{1b}`), so a value can
+//! neither start a forged log line nor drive the terminal; and a value longer than
+//! [`MAX_VALUE_CHARS`] characters (the message: [`MAX_MESSAGE_CHARS`]) is cut, saying how
+//! many bytes were left out.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::Writer;
+
+/// Longest field value written, in characters.
+pub const MAX_VALUE_CHARS: usize = 256;
+/// Longest message written, in characters.
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+
+/// Sets up logging to standard error: the level from `RUST_LOG` (default `info`), ANSI
+/// colours only on a terminal, values escaped.
+pub fn init(ansi: bool) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .fmt_fields(EscapedFields)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
+/// Formats fields as tracing's default does (`message key=value ...`), escaping values.
+pub struct EscapedFields;
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = Escaping {
+            writer,
+            first: true,
+            value: String::new(),
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct Escaping<'w> {
+    writer: Writer<'w>,
+    first: bool,
+    value: String,
+    result: fmt::Result,
+}
+
+impl Visit for Escaping<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.record_debug(field, &format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() || field.name().starts_with("log.") {
+            return;
+        }
+        self.value.clear();
+        if write!(self.value, "{value:?}").is_err() {
+            self.value.replace_range(.., "<unprintable>");
+        }
+        let name = field.name().trim_start_matches("r#");
+        self.result = (|| {
+            if !self.first {
+                self.writer.write_char(' ')?;
+            }
+            self.first = false;
+            if name == "message" {
+                escape_into(&mut self.writer, &self.value, MAX_MESSAGE_CHARS)
+            } else {
+                write!(self.writer, "{name}=")?;
+                escape_into(&mut self.writer, &self.value, MAX_VALUE_CHARS)
+            }
+        })();
+    }
+}
+
+/// Writes `text` with control characters, line separators and bidirectional overrides
+/// escaped, cut after `max_chars` characters.
+pub fn escape_into(out: &mut impl fmt::Write, text: &str, max_chars: usize) -> fmt::Result {
+    for (n, (at, ch)) in text.char_indices().enumerate() {
+        if n == max_chars {
+            return write!(out, "…[{} more bytes]", text.len() - at);
+        }
+        match ch {
+            '\n' => out.write_str("\\n")?,
+            '\r' => out.write_str("\\r")?,
+            '\t' => out.write_str("\\t")?,
+            c if c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                write!(out, "\\u{{{:x}}}", c as u32)?
+            }
+            c => out.write_char(c)?,
+        }
+    }
+    Ok(())
+}
+
+/// `text` escaped and cut as in the log, for messages that are printed, not logged.
+pub fn escaped(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars));
+    let _ = escape_into(&mut out, text, max_chars);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(f: impl FnOnce()) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(EscapedFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_forged_client_id_stays_on_one_escaped_line() {
+        let id = "evil\n2026-01-01T00:00:00Z  INFO doppel: FAKE admin token dpl_x\x1b[31m";
+        let text = logged(|| tracing::info!(client_id = %id, user = id, "connection refused"));
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(r"client_id=evil\n2026-01-01T00:00:00Z  INFO doppel: FAKE admin token dpl_x\u{1b}[31m"),
+            "{text}"
+        );
+        assert!(text.contains(r#"user="evil\n2026"#), "{text}");
+        assert!(!text.contains('\x1b'), "{text}");
+    }
+
+    #[test]
+    fn long_values_are_cut_and_say_how_much() {
+        let long = "a".repeat(500);
+        let text = logged(|| tracing::warn!(topic = %long, "publish refused"));
+        assert!(
+            text.contains(&format!("topic={}…[244 more bytes]", "a".repeat(256))),
+            "{text}"
+        );
+        let message = "m".repeat(2000);
+        let text = logged(|| tracing::warn!("{message}"));
+        assert!(text.contains("…[976 more bytes]"), "{text}");
+    }
+
+    #[test]
+    fn line_separators_and_bidi_overrides_are_escaped() {
+        assert_eq!(
+            escaped("a\u{2028}b\u{202e}c\u{85}d\te", 100),
+            r"a\u{2028}b\u{202e}c\u{85}d\te"
+        );
+        assert_eq!(escaped("ünïcode ok", 100), "ünïcode ok");
+    }
+}
