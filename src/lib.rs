@@ -83,10 +83,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         limits: config.api_limits(),
         signer,
     });
+    let (stop_subscriptions, subscriptions_stopping) = tokio::sync::watch::channel(false);
     let router = http::ops_router(ready.clone()).merge(twin_graphql::http::router(
         schema,
         tokens,
         config.graphql_http(),
+        subscriptions_stopping,
     ));
     let http = listen(config.http_listen)
         .with_context(|| format!("cannot listen on http_listen {}", config.http_listen))?;
@@ -121,6 +123,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     gateway.shutdown().await;
     fleet.shutdown().await;
     drop(fleet);
+    let _ = stop_subscriptions.send(true);
     let _ = stop_http.send(());
     let _ = http_task.await;
     // The commit loop ends (after a final flush) once the last handle is gone.

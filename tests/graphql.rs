@@ -516,3 +516,20 @@ async fn graphiql_is_served_with_its_bundle_offline() {
         404
     );
 }
+
+#[tokio::test]
+async fn a_server_with_live_subscriptions_stops_and_tells_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server.admin_token.clone().unwrap();
+    let mut ws = ws_as(&server.http, &admin, None).await;
+    ws.subscribe(
+        "1",
+        &format!(r#"subscription {{ thingsChanged(filter: "connected = true") {{ {EVENT} }} }}"#),
+    )
+    .await;
+    let status = server.terminate().await;
+    assert!(status.success(), "{status:?}");
+    let (code, reason) = ws.next().await.expect_err("the socket is closed");
+    assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
+}

@@ -28,7 +28,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::Tokens;
 use crate::error::{self, ApiError, Code};
@@ -61,10 +61,18 @@ struct App {
     schema: DoppelSchema,
     tokens: Arc<Tokens>,
     config: HttpConfig,
+    stopping: watch::Receiver<bool>,
 }
 
-/// The GraphQL routes over a built schema.
-pub fn router(schema: DoppelSchema, tokens: Arc<Tokens>, config: HttpConfig) -> Router {
+/// The GraphQL routes over a built schema. Subscription sockets are closed (1001) once
+/// `stopping` turns true or its sender is gone: they would otherwise keep the server's
+/// fleet alive after shutdown.
+pub fn router(
+    schema: DoppelSchema,
+    tokens: Arc<Tokens>,
+    config: HttpConfig,
+    stopping: watch::Receiver<bool>,
+) -> Router {
     Router::new()
         .route("/graphql", get(graphiql).post(execute))
         .route("/graphql/ws", get(subscribe))
@@ -73,6 +81,7 @@ pub fn router(schema: DoppelSchema, tokens: Arc<Tokens>, config: HttpConfig) -> 
             schema,
             tokens,
             config,
+            stopping,
         })
 }
 
@@ -225,8 +234,13 @@ async fn serve_socket(
     let init_deadline = tokio::time::sleep(app.config.ws_init_timeout);
     tokio::pin!(init_deadline);
     let mut acked = false;
+    let mut stopping = app.stopping.clone();
     loop {
         tokio::select! {
+            _ = async { stopping.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                close_soon(&mut socket, 1001, "server shutting down").await;
+                return;
+            }
             () = &mut init_deadline, if !acked => {
                 let reason = format!(
                     "no connection_init within {} s (setting http_header_timeout_secs)",
