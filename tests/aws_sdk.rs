@@ -9,7 +9,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::start;
 
@@ -23,29 +22,7 @@ fn sdk_python() -> PathBuf {
 }
 
 fn make_venv() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("aws-iot-sdk-venv");
-    let python = venv.join("bin/python");
-    let marker = venv.join(SDK);
-    if !marker.exists() {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status();
-        assert!(
-            made.is_ok_and(|s| s.success()),
-            "cannot create a Python venv: install python3 and python3-venv"
-        );
-        let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", SDK])
-            .status();
-        assert!(
-            pip.is_ok_and(|s| s.success()),
-            "cannot install {SDK} from PyPI into {}",
-            venv.display()
-        );
-        std::fs::write(&marker, "").unwrap();
-    }
-    python
+    common::python_venv("aws-iot-sdk-venv", SDK).join("bin/python")
 }
 
 #[tokio::test]

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use regex::Regex;
 
+mod common;
+
 const WALKTHROUGH_DEADLINE: Duration = Duration::from_secs(180);
 const WEBSOCKETS: &str = "websockets==17.4";
 
@@ -129,29 +131,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A venv with `websockets`, made once per build directory.
+/// The bin directory of a venv with `websockets`, made once per build directory.
 fn python_with_websockets() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("readme-venv");
-    let marker = venv.join(WEBSOCKETS);
-    if !marker.exists() {
-        let made = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status();
-        assert!(
-            made.is_ok_and(|s| s.success()),
-            "cannot create a Python venv: install python3 and python3-venv"
-        );
-        let pip = std::process::Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", WEBSOCKETS])
-            .status();
-        assert!(
-            pip.is_ok_and(|s| s.success()),
-            "cannot install {WEBSOCKETS}"
-        );
-        std::fs::write(&marker, "").unwrap();
-    }
-    venv.join("bin")
+    common::python_venv("readme-venv", WEBSOCKETS).join("bin")
 }
 
 /// The walkthrough as one bash script, each `NAME_PORT=N` set to the port `port(NAME_PORT)`

@@ -459,3 +459,30 @@ pub async fn ws_as(addr: &str, token: &str, recv_buffer: Option<u32>) -> Ws {
     .acked()
     .await
 }
+
+/// A Python virtual environment under Cargo's target directory with `package` installed
+/// from PyPI, made on first use (kept between runs); its path.
+pub fn python_venv(name: &str, package: &str) -> std::path::PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let marker = venv.join(package);
+    if !marker.exists() {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "cannot create a Python venv: install python3 and python3-venv"
+        );
+        let pip = std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", package])
+            .status();
+        assert!(
+            pip.is_ok_and(|s| s.success()),
+            "cannot install {package} from PyPI into {}",
+            venv.display()
+        );
+        std::fs::write(&marker, "").unwrap();
+    }
+    venv
+}
