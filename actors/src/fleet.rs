@@ -66,6 +66,16 @@ impl Default for FleetConfig {
     }
 }
 
+/// A committed change, as the fleet's subscribers get it: what happened, and the twin's
+/// view right after it (`None` once the thing is deleted). Filters on the fleet's state
+/// look at `view`, never at the index as it is when the subscriber reads, which may
+/// already be later.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub event: Arc<TwinEvent>,
+    pub view: Option<Arc<TwinView>>,
+}
+
 /// Where a connected device's events go: its MQTT session. Must not block.
 pub trait DeviceLink: Send + Sync + 'static {
     fn deliver(&self, event: Arc<TwinEvent>);
@@ -88,13 +98,15 @@ pub type Reply<T> = Pin<Box<dyn Future<Output = Result<T, FleetError>> + Send>>;
 pub struct Shared {
     pub(crate) committer: Committer,
     pub(crate) config: FleetConfig,
-    events: broadcast::Sender<Arc<TwinEvent>>,
+    events: broadcast::Sender<Change>,
     links: DashMap<DeviceId, Arc<dyn DeviceLink>>,
     pub(crate) index: FleetIndex,
     /// The controllers of the paced jobs under way, by job id.
     pub(crate) rollouts: DashMap<String, RolloutLink>,
     /// Ids of jobs whose definition changed (paused, resumed, released, aborted, canceled).
     pub(crate) jobs_changed: broadcast::Sender<Arc<str>>,
+    /// Held while a job is checked and created, so that an id is created once.
+    creating_jobs: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -121,13 +133,18 @@ impl Shared {
         }
     }
 
+    /// Hands a committed change on, after the twin updated the index: to the device's
+    /// link, then to the fleet's subscribers with the twin's view as it is right after
+    /// the change (the twin is its view's only writer, and it is still handling this
+    /// change).
     pub(crate) fn emit(&self, event: Arc<TwinEvent>) {
         let link = self.links.get(event.thing()).map(|l| l.value().clone());
         if let Some(link) = link {
             link.deliver(event.clone());
         }
+        let view = self.index.get(event.thing());
         // No subscriber is fine: nobody is watching.
-        let _ = self.events.send(event);
+        let _ = self.events.send(Change { event, view });
     }
 
     pub(crate) fn kick(&self, thing: &DeviceId, reason: &str) {
@@ -167,6 +184,7 @@ impl FleetHandle {
         let shared = Arc::new(Shared {
             rollouts: DashMap::new(),
             jobs_changed: broadcast::channel(1024).0,
+            creating_jobs: tokio::sync::Mutex::new(()),
             committer,
             config: config.clone(),
             events,
@@ -411,20 +429,38 @@ impl FleetHandle {
 
     /// Stores a new job's definition (and starts its rollout, if paced); fails when the
     /// job id is taken.
-    pub async fn create_job(&self, job: Arc<JobDefinition>) -> Result<(), FleetError> {
-        if self.job(&job.job_id).await?.is_some() {
-            return Err(Rejection::new(
-                RejectionKind::VersionConflict,
-                format!("job {} already exists", job.job_id),
-            )
-            .into());
+    pub async fn create_job(
+        &self,
+        job: Arc<JobDefinition>,
+        rollback: Option<Arc<JobDefinition>>,
+    ) -> Result<(), FleetError> {
+        let jobs: Vec<Arc<JobDefinition>> = rollback.into_iter().chain([job.clone()]).collect();
+        {
+            // A job id is created once: no other creation runs between the check and the
+            // commit. (A store shared by several nodes will need a conditional write.)
+            let _creating = self.shared.creating_jobs.lock().await;
+            for j in &jobs {
+                if self.job(&j.job_id).await?.is_some() {
+                    return Err(Rejection::new(
+                        RejectionKind::VersionConflict,
+                        format!("job {} already exists", j.job_id),
+                    )
+                    .into());
+                }
+            }
+            // The job and its rollback job in one atomic commit.
+            self.shared
+                .committer
+                .commit(jobs.into_iter().map(Write::Job).collect())
+                .await
+                .map_err(|e| FleetError::Unavailable(e.to_string()))?;
         }
-        self.shared
-            .committer
-            .commit(vec![Write::Job(job.clone())])
-            .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?;
-        self.start_rollout((*job).clone());
+        // Its controller releases the executions, persisting each release, so that a
+        // restart at any point goes on where the fan-out stood. The first release (every
+        // target, for a job without a pace) is made before this returns.
+        if let Some(first_release) = self.start_rollout((*job).clone()) {
+            let _ = first_release.await;
+        }
         Ok(())
     }
 
@@ -580,9 +616,11 @@ impl FleetHandle {
 
     /// Starts the controller of a paced job (nothing for a job without a rollout or one
     /// that is over).
-    pub fn start_rollout(&self, job: JobDefinition) {
+    /// Starts the controller of a job with a rollout still under way; the receiver hears
+    /// when its first look at the job (and release) is done.
+    pub fn start_rollout(&self, job: JobDefinition) -> Option<tokio::sync::oneshot::Receiver<()>> {
         if !rollout::unfinished(&job) || self.shared.rollouts.contains_key(&job.job_id) {
-            return;
+            return None;
         }
         let (control, rx) = mpsc::channel(16);
         let changed = Arc::new(Notify::new());
@@ -591,7 +629,9 @@ impl FleetHandle {
             changed: changed.clone(),
         };
         self.shared.rollouts.insert(job.job_id.clone(), link);
-        tokio::spawn(rollout::run(self.clone(), job, rx, changed));
+        let (first_step, first_step_done) = oneshot();
+        tokio::spawn(rollout::run(self.clone(), job, rx, changed, first_step));
+        Some(first_step_done)
     }
 
     /// Picks up every paced rollout that was under way (at start). A rate goes on from
@@ -696,9 +736,9 @@ impl FleetHandle {
         self.shared.index.matches(thing, filter)
     }
 
-    /// Every event of every twin. A receiver that falls behind by more than the buffer
+    /// Every change of every twin. A receiver that falls behind by more than the buffer
     /// gets `RecvError::Lagged` and must resynchronize.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TwinEvent>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.shared.events.subscribe()
     }
 

@@ -20,7 +20,7 @@ pub mod shard;
 pub use clock::Clock;
 pub use device::{JobAnswer, RegistryOp};
 pub use error::FleetError;
-pub use fleet::{ConnectOk, DeviceLink, FleetConfig, FleetHandle, Reply};
+pub use fleet::{Change, ConnectOk, DeviceLink, FleetConfig, FleetHandle, Reply};
 pub use index::{Page, ShadowView, TwinView};
 pub use shard::shard_for;
 

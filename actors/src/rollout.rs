@@ -1,4 +1,5 @@
-//! One controller per paced job: it releases executions at the job's pace, judges the
+//! One controller per job with targets: it releases executions at the job's pace (all at
+//! once for a job without one), judges the
 //! health of succeeded devices when the job has a health gate, stops the job when its
 //! abort policy trips, and takes pause, resume and cancel from operators. It is
 //! the only writer of its job's definition while it runs, and it persists every change, so
@@ -50,7 +51,9 @@ pub(crate) async fn run(
     mut job: JobDefinition,
     mut control: mpsc::Receiver<Control>,
     changed: Arc<Notify>,
+    first_step: oneshot::Sender<()>,
 ) {
+    let mut first_step = Some(first_step);
     let id = job.job_id.clone();
     let mut tick = tokio::time::interval(TICK);
     // A look skipped while nothing changed is not made up for later.
@@ -93,7 +96,11 @@ pub(crate) async fn run(
             () = changed.notified() => dirty = true,
             _ = tick.tick(), if dirty || poll => {
                 dirty = false;
-                match step(&fleet, &mut job, &mut succeeded_at).await {
+                let stepped = step(&fleet, &mut job, &mut succeeded_at).await;
+                if let Some(done) = first_step.take() {
+                    let _ = done.send(());
+                }
+                match stepped {
                     Ok(Some(again)) => poll = again,
                     Ok(None) => break,
                     Err(e) => {

@@ -18,7 +18,9 @@ use twin_model::job::{
 use twin_model::rollout::{Pace, Rollout};
 use twin_model::topic::JobOp;
 
-use crate::{Clock, FleetConfig, FleetError, FleetHandle, RegistryOp};
+use crate::{Change, Clock, FleetConfig, FleetError, FleetHandle, RegistryOp};
+
+mod creation;
 
 fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).unwrap()
@@ -295,7 +297,7 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
 
     let mut seen = Vec::new();
     while let Ok(e) = events.try_recv() {
-        seen.push(match &*e {
+        seen.push(match &*e.event {
             TwinEvent::Connectivity { connectivity, .. } => {
                 format!("connected={}", connectivity.connected)
             }
@@ -350,7 +352,7 @@ async fn auto_register_creates_unknown_devices_on_connect() {
 
 /// The next command event of the fleet, as (status, deliver).
 async fn command_event(
-    events: &mut tokio::sync::broadcast::Receiver<Arc<TwinEvent>>,
+    events: &mut tokio::sync::broadcast::Receiver<Change>,
 ) -> (Arc<CommandExecution>, bool) {
     loop {
         let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
@@ -359,7 +361,7 @@ async fn command_event(
             .unwrap();
         if let TwinEvent::Command {
             execution, deliver, ..
-        } = &*e
+        } = &*e.event
         {
             return (execution.clone(), *deliver);
         }
@@ -460,13 +462,13 @@ fn on_tokio_time() -> FleetConfig {
 
 /// The next event `pick` takes, or None once `limit` of (paused) time has passed.
 async fn next_event<T>(
-    events: &mut tokio::sync::broadcast::Receiver<Arc<TwinEvent>>,
+    events: &mut tokio::sync::broadcast::Receiver<Change>,
     limit: Duration,
     pick: impl Fn(&TwinEvent) -> Option<T>,
 ) -> Option<T> {
     tokio::time::timeout(limit, async {
         loop {
-            if let Some(t) = pick(&events.recv().await.unwrap()) {
+            if let Some(t) = pick(&events.recv().await.unwrap().event) {
                 return t;
             }
         }
@@ -501,7 +503,7 @@ async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
     // its shard wakes it for the expiry an hour after the command was sent.
     tokio::time::sleep(15 * MINUTE).await;
     assert_eq!(fleet.resident_twins().await, 0);
-    let created = command_of(&events.recv().await.unwrap()).unwrap();
+    let created = command_of(&events.recv().await.unwrap().event).unwrap();
     assert_eq!(created.status, CommandStatus::Created);
     let expired = next_event(&mut events, 2 * HOUR, command_of)
         .await
@@ -574,7 +576,7 @@ async fn deadlines_pending_at_a_restart_are_met_without_waking_the_twins_first()
             step_ms: 30 * 60_000,
         },
     );
-    fleet.create_job(job.clone()).await.unwrap();
+    fleet.create_job(job.clone(), None).await.unwrap();
     fleet.queue_job(&id("fan"), job).await.unwrap();
     fleet
         .job_request(&id("fan"), JobOp::StartNext, json!({}))
@@ -621,8 +623,8 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
     let thing = id("pump");
     registered(&f.fleet, &["pump"]).await;
     let job = firmware_job("fw-2", RetryPolicy::default(), Timeouts::default());
-    f.fleet.create_job(job.clone()).await.unwrap();
-    let again = f.fleet.create_job(job.clone()).await.unwrap_err();
+    f.fleet.create_job(job.clone(), None).await.unwrap();
+    let again = f.fleet.create_job(job.clone(), None).await.unwrap_err();
     assert_eq!(again.kind(), RejectionKind::VersionConflict);
     let mut events = f.fleet.subscribe();
     f.fleet.queue_job(&thing, job.clone()).await.unwrap();
@@ -632,7 +634,7 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
             notify,
             notify_next,
             ..
-        } = &*e
+        } = &*e.event
         {
             break (notify.clone(), notify_next.clone());
         }
@@ -716,7 +718,7 @@ fn job_of(e: &TwinEvent) -> Option<Arc<JobExecution>> {
 /// The end of a job attempt: queued again (with the next execution number) or, past the
 /// retry limit, the end of the execution.
 async fn attempt_ended(
-    events: &mut tokio::sync::broadcast::Receiver<Arc<TwinEvent>>,
+    events: &mut tokio::sync::broadcast::Receiver<Change>,
 ) -> Option<Arc<JobExecution>> {
     next_event(events, 2 * HOUR, |e| {
         job_of(e).filter(|x| x.status != JobStatus::InProgress)
@@ -740,7 +742,7 @@ async fn job_attempts_time_out_and_retry_on_the_clock_up_to_their_limits() {
             step_ms: 5 * 60_000,
         },
     );
-    f.fleet.create_job(job.clone()).await.unwrap();
+    f.fleet.create_job(job.clone(), None).await.unwrap();
     f.fleet.queue_job(&thing, job).await.unwrap();
     let mut events = f.fleet.subscribe();
     let ask = |op: JobOp, body: serde_json::Value| f.fleet.job_request(&thing, op, body);
@@ -830,10 +832,7 @@ fn paced_job(f: &FleetHandle, id_: &str, targets: &[String], pace: Pace) -> Arc<
 }
 
 /// A job in two waves over a, b, c and d, created once its first wave (a, b) is queued.
-async fn two_waves(
-    f: &FleetHandle,
-    job_id: &str,
-) -> tokio::sync::broadcast::Receiver<Arc<TwinEvent>> {
+async fn two_waves(f: &FleetHandle, job_id: &str) -> tokio::sync::broadcast::Receiver<Change> {
     let names = ["a", "b", "c", "d"].map(String::from);
     for n in &names {
         f.register(&id(n), Default::default()).await.unwrap();
@@ -842,7 +841,7 @@ async fn two_waves(
         percents: vec![50, 100],
     };
     let mut events = f.subscribe();
-    f.create_job(paced_job(f, job_id, &names, pace))
+    f.create_job(paced_job(f, job_id, &names, pace), None)
         .await
         .unwrap();
     for _ in 0..2 {
@@ -865,7 +864,7 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
     };
     let t0 = tokio::time::Instant::now();
     f.fleet
-        .create_job(paced_job(&f.fleet, "fw-rate", &names, rate))
+        .create_job(paced_job(&f.fleet, "fw-rate", &names, rate), None)
         .await
         .unwrap();
     // The controller looks every 200 ms from t0: each count is read 100 ms after a look.
@@ -918,7 +917,7 @@ async fn a_rate_paced_rollout_goes_on_after_a_restart_without_catching_up() {
         job.rollout.unwrap().released
     };
     fleet
-        .create_job(paced_job(&fleet, "fw-rate", &names, rate))
+        .create_job(paced_job(&fleet, "fw-rate", &names, rate), None)
         .await
         .unwrap();
     tokio::time::sleep(2 * MINUTE + Duration::from_millis(100)).await;

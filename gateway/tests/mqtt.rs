@@ -330,7 +330,7 @@ async fn a_silent_client_is_closed_after_one_and_a_half_keep_alives() {
             .await
             .unwrap()
             .unwrap();
-        if let TwinEvent::Connectivity { connectivity, .. } = &*e
+        if let TwinEvent::Connectivity { connectivity, .. } = &*e.event
             && !connectivity.connected
         {
             assert_eq!(
@@ -443,7 +443,7 @@ async fn the_last_will_is_applied_when_a_device_vanishes() {
             .await
             .unwrap()
             .unwrap();
-        if let TwinEvent::Shadow { current, .. } = &*e {
+        if let TwinEvent::Shadow { current, .. } = &*e.event {
             assert_eq!(current.reported.as_ref().unwrap()["online"], json!(false));
             break;
         }

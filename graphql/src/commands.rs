@@ -7,6 +7,7 @@ use async_graphql::{Enum, ID, Json, Object, SimpleObject, Union};
 use serde_json::Value;
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::broadcast::error::RecvError;
+use twin_actors::Change;
 use twin_model::command::{self, CommandExecution};
 use twin_model::{DeviceId, TwinEvent};
 
@@ -140,10 +141,7 @@ pub enum CommandEvent {
 
 /// The command events of `thing` from `rx`, with `Lagged` where the subscriber fell
 /// behind (it should then read the thing's `commands`).
-pub fn updates(
-    rx: Receiver<Arc<TwinEvent>>,
-    thing: DeviceId,
-) -> impl Stream<Item = CommandEvent> + use<> {
+pub fn updates(rx: Receiver<Change>, thing: DeviceId) -> impl Stream<Item = CommandEvent> + use<> {
     let subscribed = CommandEvent::Subscribed(Subscribed {
         thing_id: Some(ID(thing.to_string())),
         version: None,
@@ -151,8 +149,8 @@ pub fn updates(
     let live = stream::unfold((rx, thing), |(mut rx, thing)| async move {
         loop {
             match rx.recv().await {
-                Ok(event) => {
-                    if let TwinEvent::Command { execution, .. } = &*event
+                Ok(change) => {
+                    if let TwinEvent::Command { execution, .. } = &*change.event
                         && execution.thing == thing
                     {
                         let e = CommandEvent::CommandUpdated(Command(execution.clone()));

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_graphql::futures_util::stream::{self, Stream, StreamExt};
+use async_graphql::futures_util::stream::{self, Stream};
 use async_graphql::{Enum, ID, InputObject, Json, SimpleObject, Union};
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -19,8 +19,6 @@ use crate::signing::Signer;
 
 /// Most things one job may target.
 pub const MAX_TARGETS: usize = 100_000;
-/// Executions queued at once while a job is created.
-const QUEUE_CONCURRENCY: usize = 64;
 
 /// The firmware a job installs; devices find it under `jobDocument.firmware`.
 #[derive(InputObject)]
@@ -260,7 +258,8 @@ fn resolve(fleet: &FleetHandle, targets: &OtaTargets) -> ApiResult<Vec<DeviceId>
     Ok(things)
 }
 
-/// Creates the job and queues an execution on every target.
+/// Creates the job (and its rollback job) and releases its first executions: with no
+/// pace, every target's.
 pub async fn create(
     fleet: &FleetHandle,
     signer: &Signer,
@@ -287,7 +286,7 @@ pub async fn create(
     } = new.document;
     let document = signer.sign(job_document(&firmware, data.map(|d| d.0))?);
     let things = resolve(fleet, &new.targets)?;
-    let rollback_job = match rollback_to {
+    let rollback = match rollback_to {
         Some(previous) => {
             let id = format!("{job_id}-rollback");
             if !twin_model::topic::valid_job_id(&id) {
@@ -295,8 +294,8 @@ pub async fn create(
                     "with rollbackTo, jobId must be at most 55 characters",
                 ));
             }
-            let rollback = JobDefinition {
-                job_id: id.clone(),
+            Some(Arc::new(JobDefinition {
+                job_id: id,
                 document: signer.sign(job_document(&previous, None)?),
                 retry: RetryPolicy::default(),
                 timeouts: Timeouts::default(),
@@ -304,15 +303,13 @@ pub async fn create(
                 canceled_at: None,
                 rollback_job: None,
                 rollout: None,
-            };
-            fleet
-                .create_job(Arc::new(rollback))
-                .await
-                .map_err(ApiError::from)?;
-            Some(id)
+            }))
         }
         None => None,
     };
+    // Without a pace, every target at once: the job's controller fans out either way, so
+    // that the fan-out survives a restart.
+    let (pace, abort, health) = paced.unwrap_or((Pace::All, None, None));
     let job = Arc::new(JobDefinition {
         job_id: job_id.clone(),
         document,
@@ -323,11 +320,11 @@ pub async fn create(
         timeouts,
         created_at: now,
         canceled_at: None,
-        rollback_job,
-        rollout: paced.map(|(pace, abort, health)| Rollout {
+        rollback_job: rollback.as_ref().map(|r| r.job_id.clone()),
+        rollout: Some(Rollout {
             pace,
             abort,
-            targets: things.clone(),
+            targets: things,
             released: 0,
             started_at: now,
             paused_at: None,
@@ -338,26 +335,9 @@ pub async fn create(
         }),
     });
     fleet
-        .create_job(job.clone())
+        .create_job(job, rollback)
         .await
         .map_err(ApiError::from)?;
-    if job.rollout.is_some() {
-        // Its controller releases the executions.
-        return progress(fleet, &job_id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("the job disappeared"));
-    }
-    let queued: Vec<_> = stream::iter(things)
-        .map(|thing| {
-            let job = job.clone();
-            async move { fleet.queue_job(&thing, job).await }
-        })
-        .buffer_unordered(QUEUE_CONCURRENCY)
-        .collect()
-        .await;
-    if let Some(Err(e)) = queued.into_iter().find(Result::is_err) {
-        return Err(ApiError::from(e));
-    }
     progress(fleet, &job_id)
         .await?
         .ok_or_else(|| ApiError::not_found("the job disappeared"))
@@ -530,7 +510,7 @@ pub fn watch(fleet: FleetHandle, job_id: String) -> impl Stream<Item = OtaJobEve
                     tokio::select! {
                         e = events.recv() => match e {
                             Ok(e) => {
-                                if let TwinEvent::Job { execution, .. } = &*e
+                                if let TwinEvent::Job { execution, .. } = &*e.event
                                     && execution.job_id == job_id
                                 {
                                     break None;

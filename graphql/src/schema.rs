@@ -10,7 +10,7 @@ use async_graphql::{
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::broadcast::error::RecvError;
-use twin_actors::{FleetHandle, RegistryOp, ShadowView, TwinView};
+use twin_actors::{Change, FleetHandle, RegistryOp, ShadowView, TwinView};
 use twin_model::command::NewCommand;
 use twin_model::{ChangeOp, DeviceId, Filter, ShadowName, TwinEvent, UpdateRequest, json};
 
@@ -799,13 +799,13 @@ fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
 /// the subscriber fell behind. `watched` is the one thing of `thingChanged` and its
 /// version when the subscription started.
 fn events<F>(
-    rx: Receiver<Arc<TwinEvent>>,
+    rx: Receiver<Change>,
     fleet: &FleetHandle,
     watched: Option<(DeviceId, u64)>,
     select: F,
 ) -> impl Stream<Item = ThingEvent> + use<F>
 where
-    F: Fn(&FleetHandle, &TwinEvent) -> bool + Send + 'static,
+    F: Fn(&Change) -> bool + Send + 'static,
 {
     let subscribed = ThingEvent::Subscribed(Subscribed {
         thing_id: watched.as_ref().map(|(t, _)| ID(t.to_string())),
@@ -816,13 +816,13 @@ where
         |(mut rx, fleet, mut watched, select)| async move {
             loop {
                 match rx.recv().await {
-                    Ok(event) => {
-                        let Some(shown) = to_graphql(&event).filter(|_| select(&fleet, &event))
+                    Ok(change) => {
+                        let Some(shown) = to_graphql(&change.event).filter(|_| select(&change))
                         else {
                             continue;
                         };
                         if let Some((_, seen)) = &mut watched {
-                            *seen = event.version();
+                            *seen = change.event.version();
                         }
                         return Some((shown, (rx, fleet, watched, select)));
                     }
@@ -858,8 +858,8 @@ impl SubscriptionRoot {
         let rx = api.fleet.subscribe();
         let version = view(&api.fleet, &thing)?.0.version();
         let watched = Some((thing.clone(), version));
-        Ok(events(rx, &api.fleet, watched, move |_, e| {
-            e.thing() == &thing
+        Ok(events(rx, &api.fleet, watched, move |c| {
+            c.event.thing() == &thing
         }))
     }
 
@@ -925,8 +925,13 @@ fn fleet_events(
     let api = allowed(ctx, Role::Viewer)?;
     let filter = parse_filter(filter)?;
     let rx = api.fleet.subscribe();
-    Ok(events(rx, &api.fleet, None, move |fleet, e| {
-        kind(e) && filter.as_ref().is_none_or(|f| fleet.matches(e.thing(), f))
+    // The filter sees each twin as it was right after its change, however late the
+    // subscriber reads.
+    Ok(events(rx, &api.fleet, None, move |c| {
+        kind(&c.event)
+            && filter
+                .as_ref()
+                .is_none_or(|f| c.view.as_ref().is_some_and(|v| f.matches(&**v)))
     }))
 }
 

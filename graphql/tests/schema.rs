@@ -696,6 +696,12 @@ async fn ota_jobs_are_created_for_their_targets_and_counted() {
     assert_eq!(job["targets"], 3, "ids and filter, without duplicates");
     assert_eq!(job["counts"]["queued"], 3);
     assert_eq!(job["document"]["firmware"]["sha256"], sha);
+    // Without a pace too, the fan-out is recorded with the job (every target at once), so
+    // that a restart half-way goes on where it stood (see the fan-out test in twin-actors).
+    let stored = f.fleet.job("j1").await.unwrap().unwrap();
+    let rollout = stored.rollout.expect("the fan-out is part of the job");
+    assert_eq!(rollout.pace, twin_model::rollout::Pace::All);
+    assert_eq!((rollout.total(), rollout.released), (3, 3));
     let key = f.admin("{ signingKey }", json!({})).await["signingKey"]
         .as_str()
         .unwrap()
@@ -798,5 +804,41 @@ async fn ota_jobs_are_created_for_their_targets_and_counted() {
         let r = f.run_as(Some(role), remove, vars.clone()).await;
         assert_eq!(code(&r), want, "{vars}: {r}");
     }
+    f.close().await;
+}
+
+#[tokio::test]
+async fn filtered_subscriptions_judge_each_change_by_the_state_right_after_it() {
+    let f = fixture().await;
+    f.register("probe", json!({})).await;
+    let mut hot = f.schema.execute_stream(
+        async_graphql::Request::new(
+            r#"subscription { thingsChanged(filter: "reported.temp > 30") { __typename ... on ShadowChanged { version state } } }"#,
+        )
+        .data(Principal { role: Role::Viewer }),
+    );
+    assert_eq!(
+        data(&mut hot).await["thingsChanged"]["__typename"],
+        "Subscribed"
+    );
+    // All five are acknowledged before the subscriber reads one: by then the twin is
+    // far past the first changes.
+    for temp in [40, 10, 50, 5, 60] {
+        f.report("probe", json!({"temp": temp})).await;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = data(&mut hot).await;
+        seen.push((
+            e["thingsChanged"]["version"].as_u64().unwrap(),
+            e["thingsChanged"]["state"]["reported"]["temp"].clone(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [(1, json!(40)), (3, json!(50)), (5, json!(60))],
+        "the changes that left the twin hot, and only those"
+    );
+    drop(hot);
     f.close().await;
 }

@@ -1,0 +1,190 @@
+//! Creating jobs: an id is created once, and a job reaches every target however the server
+//! stops during its fan-out.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use twin_model::command::CommandExecution;
+use twin_model::job::{JobDefinition, JobStatus, RetryPolicy, Timeouts};
+use twin_model::rollout::Pace;
+use twin_model::{DeviceId, RejectionKind, ShadowChange, ShadowName};
+use twin_store::{
+    Committer, EmbeddedStore, Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write,
+};
+
+use super::{firmware_job, fleet, fleet_in, paced_job, registered, stop};
+use crate::{FleetConfig, FleetHandle};
+
+#[tokio::test]
+async fn a_job_id_is_created_once_even_by_concurrent_calls() {
+    let f = fleet(FleetConfig::default()).await;
+    for round in 0..20 {
+        let job = firmware_job(
+            &format!("fw-{round}"),
+            RetryPolicy::default(),
+            Timeouts::default(),
+        );
+        let (a, b) = tokio::join!(
+            f.fleet.create_job(job.clone(), None),
+            f.fleet.create_job(job.clone(), None)
+        );
+        let refused: Vec<_> = [a, b].into_iter().filter_map(Result::err).collect();
+        assert_eq!(
+            refused.len(),
+            1,
+            "round {round}: exactly one of the two is refused"
+        );
+        assert_eq!(refused[0].kind(), RejectionKind::VersionConflict);
+    }
+}
+
+#[tokio::test]
+async fn a_job_and_its_rollback_job_are_created_together_or_not_at_all() {
+    let f = fleet(FleetConfig::default()).await;
+    let job = firmware_job("fw-1", RetryPolicy::default(), Timeouts::default());
+    f.fleet.create_job(job.clone(), None).await.unwrap();
+    let rollback = firmware_job("fw-1-rollback", RetryPolicy::default(), Timeouts::default());
+    let refused = f.fleet.create_job(job, Some(rollback)).await.unwrap_err();
+    assert_eq!(refused.kind(), RejectionKind::VersionConflict);
+    assert!(
+        f.fleet.job("fw-1-rollback").await.unwrap().is_none(),
+        "the rollback job of a refused job was not created"
+    );
+}
+
+/// The embedded store, until it "crashes": past its first `commits` commits, every commit
+/// fails, as if the process had been killed before they reached the disk.
+struct CrashingStore {
+    inner: EmbeddedStore,
+    commits: AtomicUsize,
+}
+
+impl TwinStore for CrashingStore {
+    fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+        self.inner.load(thing)
+    }
+    fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
+        let left = self.commits.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(StoreError::Engine("killed".into()));
+        }
+        self.commits.store(left - 1, Ordering::SeqCst);
+        self.inner.commit(batch)
+    }
+    fn history(
+        &self,
+        thing: &DeviceId,
+        shadow: &ShadowName,
+        limit: usize,
+    ) -> Result<Vec<ShadowChange>, StoreError> {
+        self.inner.history(thing, shadow, limit)
+    }
+    fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
+        self.inner.thing(thing)
+    }
+    fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
+        self.inner.job(job_id)
+    }
+    fn jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<JobDefinition>, StoreError> {
+        self.inner.jobs(after, limit)
+    }
+    fn job_statuses(&self, job_id: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
+        self.inner.job_statuses(job_id)
+    }
+    fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
+        self.inner.command(execution_id)
+    }
+    fn commands(
+        &self,
+        thing: &DeviceId,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CommandExecution>, StoreError> {
+        self.inner.commands(thing, before, limit)
+    }
+    fn things(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<ThingRecord>, StoreError> {
+        self.inner.things(after, limit)
+    }
+    fn scan(&self, visit: &mut dyn FnMut(Scanned)) -> Result<(), StoreError> {
+        self.inner.scan(visit)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+}
+
+const TARGETS: [&str; 5] = ["t1", "t2", "t3", "t4", "t5"];
+
+/// Creates an un-paced job over `TARGETS` on a store that dies after `commits` more
+/// commits; then starts again on what reached the disk, as a restarted server does.
+/// Returns the job's execution statuses once every target has one (or what there is
+/// after ten seconds), and whether the job exists.
+async fn fan_out_killed_after(commits: usize) -> (bool, Vec<(DeviceId, JobStatus)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = FleetConfig::default();
+    let (f, done) = fleet_in(dir.path(), &config).await;
+    registered(&f, &TARGETS).await;
+    stop(f, done).await;
+
+    let store = Arc::new(CrashingStore {
+        inner: EmbeddedStore::open(dir.path(), 100).unwrap(),
+        commits: AtomicUsize::new(commits),
+    });
+    let (committer, done) = Committer::start(store, 1024, 1024);
+    let f = FleetHandle::start(config.clone(), committer).await.unwrap();
+    let names = TARGETS.map(String::from);
+    let _ = f
+        .create_job(paced_job(&f, "fw-all", &names, Pace::All), None)
+        .await;
+    stop(f, done).await;
+
+    let (f, done) = fleet_in(dir.path(), &config).await;
+    let mut events = f.subscribe();
+    f.resume_rollouts().await.unwrap();
+    let exists = f.job("fw-all").await.unwrap().is_some();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let statuses = loop {
+        let statuses = f.job_statuses("fw-all").await.unwrap();
+        if !exists || statuses.len() == TARGETS.len() {
+            break statuses;
+        }
+        // Wait for the next execution to be queued, up to the deadline.
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(_)) => {}
+            _ => break statuses,
+        }
+    };
+    stop(f, done).await;
+    (exists, statuses)
+}
+
+#[tokio::test]
+async fn an_unpaced_job_reaches_every_target_however_its_fan_out_was_cut_short() {
+    // The definition, one execution per target, and the persisted release: a kill after
+    // any of them, and after all.
+    for commits in 0..=TARGETS.len() + 2 {
+        let (exists, statuses) = fan_out_killed_after(commits).await;
+        if commits == 0 {
+            assert!(
+                !exists,
+                "a job whose definition never reached the disk is not there"
+            );
+            continue;
+        }
+        assert!(exists, "killed after {commits} commits: the job is there");
+        let things: Vec<&str> = statuses.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(
+            things, TARGETS,
+            "killed after {commits} commits: every target, once"
+        );
+        assert!(
+            statuses.iter().all(|(_, s)| *s == JobStatus::Queued),
+            "killed after {commits} commits: {statuses:?}"
+        );
+    }
+}
