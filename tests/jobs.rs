@@ -334,14 +334,24 @@ fn fleet_of_devices(
 
 /// Waits on `otaJobProgress` until `done` holds for the job's counts and status.
 async fn progress_until(ws: &mut common::Ws, done: impl Fn(&Value) -> bool) -> Value {
-    loop {
-        let e = ws.data().await;
-        let job = e["otaJobProgress"].clone();
-        if done(&job) {
-            return job;
+    let mut last = Value::Null;
+    let waited = tokio::time::timeout(PROGRESS_DEADLINE, async {
+        loop {
+            let e = ws.data().await;
+            last = e["otaJobProgress"].clone();
+            if done(&last) {
+                return last.clone();
+            }
         }
-    }
+    })
+    .await;
+    waited.unwrap_or_else(|_| {
+        panic!("the job did not get there within {PROGRESS_DEADLINE:?}; last seen: {last}")
+    })
 }
+
+/// How long a rollout in these tests may take to reach a state.
+const PROGRESS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
 const PROGRESS_SUB: &str = "subscription { otaJobProgress(jobId: \"JOB\") { __typename ... on OtaJob { status targets counts { notReleased queued inProgress succeeded failed canceled unhealthy } } ... on Lagged { skipped } } }";
 
@@ -384,16 +394,22 @@ async fn failures_in_the_first_wave_of_200_devices_abort_the_rollout() {
     let fails = |id: &str| id[4..].parse::<u32>().unwrap() % 4 == 0;
     let devices = fleet_of_devices(&server.mqtt, ids.clone(), fails, |_| true);
     // The devices are registered (auto-register) once they connect.
-    for id in &ids {
-        let q = format!("{{ thing(id: \"{id}\") {{ id }} }}");
-        while graphql(&server.http, Some(&admin), &q, json!({}))
+    let count = "{ things { totalCount } }";
+    let all_registered = tokio::time::timeout(WAIT, async {
+        while graphql(&server.http, Some(&admin), count, json!({}))
             .await
-            .json()["data"]["thing"]
-            .is_null()
+            .json()["data"]["things"]["totalCount"]
+            != ids.len()
         {
-            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-    }
+    })
+    .await;
+    assert!(
+        all_registered.is_ok(),
+        "the {} devices were not all registered within {WAIT:?}",
+        ids.len()
+    );
     let r = create_paced(
         &server,
         &admin,

@@ -180,20 +180,38 @@ async fn idle_twins_are_passivated() {
     assert_eq!(f.fleet.resident_twins().await, 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_twin_that_panics_restarts_from_its_persisted_state() {
-    let f = fleet(FleetConfig::default()).await;
+    let f = fleet(on_tokio_time()).await;
     registered(&f.fleet, &["p"]).await;
     f.fleet
         .update_shadow(&id("p"), ShadowName::classic(), reported(3))
         .await
         .unwrap();
+    // An undelivered command that expires in a minute: its timer lives in the twin.
+    let command = f
+        .fleet
+        .send_command(&id("p"), new_command(30, 60))
+        .await
+        .unwrap();
+    let mut events = f.fleet.subscribe();
     f.fleet.crash(&id("p"));
-    // A request already queued behind the panic is lost with the mailbox and says so.
-    match f.fleet.get_shadow(&id("p"), ShadowName::classic()).await {
-        Ok(s) => assert_eq!(s.version, 1),
-        Err(e) => assert!(matches!(e, FleetError::Unavailable(_)), "{e}"),
-    }
+    // Nothing asks for the twin again: its supervisor takes its persisted deadline, and
+    // the restarted twin expires the command on time (well before the twin would have
+    // been passivated, at ten minutes).
+    let expired = next_event(&mut events, 5 * MINUTE, |e| {
+        command_of(e).filter(|c| c.status.is_terminal())
+    })
+    .await
+    .expect("the command expires after the panic");
+    assert_eq!(expired.execution_id, command.execution_id);
+    assert_eq!(expired.reason.as_ref().unwrap().reason_code, "EXPIRED");
+    let late = expired.completed_at.unwrap() - command.created_at;
+    assert!(
+        (60_000..=90_000).contains(&late),
+        "expired {late} ms after it was sent: within one shard tick of the minute"
+    );
+    // The state it had persisted is there, and it goes on from it.
     assert_eq!(n_of(&f.fleet, "p").await, (1, json!(3)));
     let change = f
         .fleet
@@ -201,6 +219,79 @@ async fn a_twin_that_panics_restarts_from_its_persisted_state() {
         .await
         .unwrap();
     assert_eq!(change.version, 2);
+}
+
+/// Opens a gated store's gate when dropped.
+struct OpenOnDrop(Arc<GatedStore>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.released.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_twin_answers_only_once_its_change_is_durable() {
+    let store = Arc::new(GatedStore::registered());
+    // A failed assertion must not leave the commit blocked: the runtime would wait for it.
+    let _open = OpenOnDrop(store.clone());
+    let (committer, _) = Committer::start(store.clone(), 16, 16);
+    let fleet = FleetHandle::start(FleetConfig::default(), committer)
+        .await
+        .unwrap();
+    let mut events = fleet.subscribe();
+    let update = tokio::spawn(fleet.update_shadow(&id("d"), ShadowName::classic(), reported(1)));
+    // The change is at the store, which holds it: no answer, no event yet.
+    tokio::time::timeout(Duration::from_secs(10), store.arrived.notified())
+        .await
+        .expect("the change reaches the store");
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !update.is_finished(),
+        "answered before the commit was durable"
+    );
+    assert!(
+        events.try_recv().is_err(),
+        "an event before the commit was durable"
+    );
+    store.released.store(true, Ordering::SeqCst);
+    assert_eq!(update.await.unwrap().unwrap().version, 1);
+    assert!(events.recv().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_change_whose_commit_fails_is_refused_and_changes_nothing() {
+    let store = Arc::new(GatedStore::registered());
+    store.released.store(true, Ordering::SeqCst);
+    let (committer, _) = Committer::start(store.clone(), 16, 16);
+    let fleet = FleetHandle::start(FleetConfig::default(), committer)
+        .await
+        .unwrap();
+    let mut events = fleet.subscribe();
+    store.fail.store(true, Ordering::SeqCst);
+    let refused = fleet
+        .update_shadow(&id("f"), ShadowName::classic(), reported(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, FleetError::Unavailable(_)), "{refused}");
+    assert!(
+        events.try_recv().is_err(),
+        "no event for a change that was not stored"
+    );
+    // The twin kept nothing of it: no shadow, and the next change is version 1.
+    let missing = fleet
+        .get_shadow(&id("f"), ShadowName::classic())
+        .await
+        .unwrap_err();
+    assert_eq!(missing.kind(), RejectionKind::NotFound);
+    store.fail.store(false, Ordering::SeqCst);
+    let change = fleet
+        .update_shadow(&id("f"), ShadowName::classic(), reported(2))
+        .await
+        .unwrap();
+    assert_eq!(change.version, 1);
 }
 
 #[tokio::test]

@@ -11,13 +11,15 @@ use twin_model::{DeviceId, ShadowChange, ShadowName};
 use crate::{Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
 
 /// Reads find nothing, except that with `registered` every thing exists. Every commit
-/// waits until `released`, is recorded in `batches` (its size), and fails when `fail`.
+/// notifies `arrived`, waits until `released`, is recorded in `batches` (its size), and
+/// fails when `fail`.
 #[derive(Default)]
 pub struct GatedStore {
     pub registered: bool,
     pub released: AtomicBool,
     pub fail: AtomicBool,
     pub batches: Mutex<Vec<usize>>,
+    pub arrived: tokio::sync::Notify,
 }
 
 impl GatedStore {
@@ -45,6 +47,7 @@ impl TwinStore for GatedStore {
         })
     }
     fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
+        self.arrived.notify_one();
         while !self.released.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
