@@ -98,6 +98,19 @@ pub async fn start_with_nofile(dir: &Path, extra: &[&str], nofile: u32) -> Serve
     start_with(shell, dir, extra).await
 }
 
+/// `start` under `strace`, which writes the server's calls that make files durable
+/// (fsync, fdatasync, syncfs, sync_file_range) to `trace`.
+pub async fn start_traced(dir: &Path, extra: &[&str], trace: &Path) -> Server {
+    let mut strace = Command::new("strace");
+    strace
+        .args(["-f", "-qq", "-e", "signal=none", "-e"])
+        .arg("trace=fsync,fdatasync,syncfs,sync_file_range")
+        .arg("-o")
+        .arg(trace)
+        .args(["--", env!("CARGO_BIN_EXE_doppel")]);
+    start_with(strace, dir, extra).await
+}
+
 async fn start_with(mut command: Command, dir: &Path, extra: &[&str]) -> Server {
     let mut child = command
         .args([
