@@ -481,6 +481,50 @@ mod tests {
     use super::*;
     use twin_model::{Connectivity, Limits, Shadow, UpdateRequest};
 
+    crate::conformance_suite!(|history| {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), history).unwrap();
+        crate::conformance::Backend {
+            store: Box::new(store),
+            keep: Box::new(dir),
+        }
+    });
+
+    #[test]
+    fn what_was_committed_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shadow = Shadow::default();
+        {
+            let store = EmbeddedStore::open(dir.path(), 3).unwrap();
+            let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
+            store
+                .commit(&[
+                    Write::Thing(record),
+                    change(&mut shadow, r#"{"state":{"reported":{"n":1}}}"#, 10),
+                    Write::Connectivity {
+                        thing: id("t1"),
+                        connectivity: Connectivity {
+                            connected: true,
+                            since: 5,
+                            disconnect_reason: None,
+                        },
+                    },
+                ])
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path(), 3).unwrap();
+        let snap = store.load(&id("t1")).unwrap();
+        assert_eq!(snap.shadows, vec![(ShadowName::classic(), shadow)]);
+        assert!(snap.connectivity.connected);
+        assert_eq!(
+            store
+                .history(&id("t1"), &ShadowName::classic(), 10)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
     fn id(s: &str) -> DeviceId {
         DeviceId::parse(s).unwrap()
     }
@@ -498,252 +542,6 @@ mod tests {
     }
 
     #[test]
-    fn survives_reopen_and_keeps_bounded_history() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut shadow = Shadow::default();
-        {
-            let store = EmbeddedStore::open(dir.path(), 3).unwrap();
-            let record = ThingRecord {
-                id: id("t1"),
-                secret_hash: "h".into(),
-                enabled: true,
-                created_at: 1,
-                attributes: Default::default(),
-            };
-            store.commit(&[Write::Thing(record)]).unwrap();
-            for i in 0..5 {
-                let w = change(
-                    &mut shadow,
-                    &format!(r#"{{"state":{{"reported":{{"n":{i}}}}}}}"#),
-                    10 + i,
-                );
-                store.commit(&[w]).unwrap();
-            }
-            store
-                .commit(&[Write::Connectivity {
-                    thing: id("t1"),
-                    connectivity: Connectivity {
-                        connected: true,
-                        since: 5,
-                        disconnect_reason: None,
-                    },
-                }])
-                .unwrap();
-        }
-        let store = EmbeddedStore::open(dir.path(), 3).unwrap();
-        let snap = store.load(&id("t1")).unwrap();
-        assert_eq!(snap.shadows, vec![(ShadowName::classic(), shadow.clone())]);
-        assert!(snap.connectivity.connected);
-        assert!(snap.record.unwrap().enabled);
-        let versions: Vec<u64> = store
-            .history(&id("t1"), &ShadowName::classic(), 10)
-            .unwrap()
-            .iter()
-            .map(|c| c.version)
-            .collect();
-        assert_eq!(versions, vec![3, 4, 5]);
-
-        // A delete keeps the version and takes its own slot: the update it follows stays.
-        let del = shadow.decide_delete("t1", None, 20).unwrap();
-        shadow.apply(&del);
-        store
-            .commit(&[Write::Shadow {
-                thing: id("t1"),
-                shadow: ShadowName::classic(),
-                state: Arc::new(shadow.clone()),
-                change: Arc::new(del),
-            }])
-            .unwrap();
-        let ops: Vec<(u64, bool)> = store
-            .history(&id("t1"), &ShadowName::classic(), 10)
-            .unwrap()
-            .iter()
-            .map(|c| (c.version, matches!(c.op, ChangeOp::Delete)))
-            .collect();
-        assert_eq!(ops, vec![(4, false), (5, false), (5, true)]);
-        assert_eq!(store.load(&id("nobody")).unwrap(), TwinSnapshot::default());
-    }
-
-    #[test]
-    fn scan_visits_everything_and_delete_thing_removes_everything() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), 10).unwrap();
-        let mut shadow = Shadow::default();
-        let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
-        let (other, _) = ThingRecord::new(id("t10"), 1).unwrap();
-        store
-            .commit(&[
-                Write::Thing(record),
-                Write::Thing(other),
-                change(&mut shadow, r#"{"state":{"reported":{"a":1}}}"#, 2),
-                Write::Connectivity {
-                    thing: id("t1"),
-                    connectivity: Connectivity::default(),
-                },
-                // Pending, so it has a deadline: created at 7, expiring 10 s later.
-                Write::Command(Arc::new(command("t1", 7))),
-            ])
-            .unwrap();
-        let seen = |store: &EmbeddedStore| {
-            let mut seen = Vec::new();
-            store
-                .scan(&mut |s| {
-                    seen.push(match s {
-                        Scanned::Thing(r) => format!("thing {}", r.id),
-                        Scanned::Presence(t, _) => format!("presence {t}"),
-                        Scanned::Shadow(t, n, s) => format!("shadow {t}/{n} v{}", s.version),
-                        Scanned::Deadline(t, at) => format!("deadline {t} at {at}"),
-                    })
-                })
-                .unwrap();
-            seen
-        };
-        assert_eq!(
-            seen(&store),
-            [
-                "thing t1",
-                "thing t10",
-                "presence t1",
-                "shadow t1/(classic) v1",
-                "deadline t1 at 10007"
-            ]
-        );
-        store.commit(&[Write::DeleteThing(id("t1"))]).unwrap();
-        assert_eq!(seen(&store), ["thing t10"]);
-        assert_eq!(store.load(&id("t1")).unwrap(), TwinSnapshot::default());
-        assert!(
-            store
-                .history(&id("t1"), &ShadowName::classic(), 10)
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    fn command(thing: &str, n: u64) -> CommandExecution {
-        use twin_model::command::NewCommand;
-        CommandExecution::new(
-            format!("{n:04}"),
-            id(thing),
-            NewCommand {
-                name: "reboot".into(),
-                payload: serde_json::json!({"n": n}),
-                timeout_seconds: 10,
-                expires_in_seconds: 10,
-            },
-            n,
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn commands_persist_list_newest_first_and_go_with_their_thing() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = EmbeddedStore::open(dir.path(), 10).unwrap();
-            let mut writes: Vec<Write> = (1..=5)
-                .map(|n| Write::Command(Arc::new(command("t1", n))))
-                .collect();
-            writes.push(Write::Command(Arc::new(command("t10", 9))));
-            store.commit(&writes).unwrap();
-            // Command 2 ends; the newer state replaces the older.
-            let mut done = command("t1", 2);
-            done.expire(1_000_000);
-            store.commit(&[Write::Command(Arc::new(done))]).unwrap();
-        }
-        let store = EmbeddedStore::open(dir.path(), 10).unwrap();
-        let ids = |v: Vec<CommandExecution>| -> Vec<String> {
-            v.into_iter().map(|c| c.execution_id).collect()
-        };
-        assert_eq!(
-            ids(store.commands(&id("t1"), None, 3).unwrap()),
-            ["0005", "0004", "0003"]
-        );
-        assert_eq!(
-            ids(store.commands(&id("t1"), Some("0003"), 10).unwrap()),
-            ["0002", "0001"]
-        );
-        let pending = store.load(&id("t1")).unwrap().pending_commands;
-        assert_eq!(ids(pending), ["0001", "0003", "0004", "0005"]);
-        let two = store.command("0002").unwrap().unwrap();
-        assert_eq!(
-            (two.thing.as_str(), two.status),
-            ("t1", twin_model::command::CommandStatus::TimedOut)
-        );
-        assert_eq!(
-            store.command("0009").unwrap().unwrap().thing.as_str(),
-            "t10"
-        );
-        assert_eq!(store.command("nope").unwrap(), None);
-        store.commit(&[Write::DeleteThing(id("t1"))]).unwrap();
-        assert!(store.commands(&id("t1"), None, 10).unwrap().is_empty());
-        assert_eq!(store.command("0002").unwrap(), None);
-        assert_eq!(ids(store.commands(&id("t10"), None, 10).unwrap()), ["0009"]);
-    }
-
-    #[test]
-    fn jobs_and_their_executions_persist_and_count() {
-        use twin_model::job::{JobExecution, RetryPolicy, Timeouts};
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), 10).unwrap();
-        let job = JobDefinition {
-            job_id: "fw-2".into(),
-            document: serde_json::json!({"firmware": {"version": "2.0"}}),
-            retry: RetryPolicy::default(),
-            timeouts: Timeouts::default(),
-            created_at: 1,
-            canceled_at: None,
-            rollback_job: None,
-            rollout: None,
-        };
-        let exec = |thing: &str| {
-            JobExecution::new(
-                "fw-2".into(),
-                id(thing),
-                RetryPolicy::default(),
-                Timeouts::default(),
-                1,
-            )
-        };
-        let mut done = exec("t2");
-        done.start(None, None, 2).unwrap();
-        let succeeded = serde_json::json!({"status": "SUCCEEDED"}).to_string();
-        done.update(
-            &twin_model::job::ExecutionUpdate::parse(succeeded.as_bytes()).unwrap(),
-            3,
-        )
-        .unwrap();
-        store
-            .commit(&[
-                Write::Job(Arc::new(job.clone())),
-                Write::JobExecution(Arc::new(exec("t1"))),
-                Write::JobExecution(Arc::new(done.clone())),
-            ])
-            .unwrap();
-        assert_eq!(store.job("fw-2").unwrap(), Some(job));
-        assert_eq!(store.job("nope").unwrap(), None);
-        assert_eq!(store.jobs(None, 10).unwrap().len(), 1);
-        assert!(store.jobs(Some("fw-2"), 10).unwrap().is_empty());
-        assert_eq!(
-            store.job_statuses("fw-2").unwrap(),
-            [
-                (id("t1"), JobStatus::Queued),
-                (id("t2"), JobStatus::Succeeded)
-            ]
-        );
-        assert_eq!(store.load(&id("t2")).unwrap().job_executions, [done]);
-        store.commit(&[Write::DeleteThing(id("t2"))]).unwrap();
-        assert_eq!(
-            store.job_statuses("fw-2").unwrap(),
-            [
-                (id("t1"), JobStatus::Queued),
-                (id("t2"), JobStatus::Succeeded)
-            ],
-            "the job keeps how a deleted thing ended"
-        );
-        assert!(store.load(&id("t2")).unwrap().job_executions.is_empty());
-    }
-
-    #[test]
     fn a_second_opener_is_told_who_holds_the_directory() {
         let dir = tempfile::tempdir().unwrap();
         let _first = EmbeddedStore::open(dir.path(), 10).unwrap();
@@ -756,38 +554,5 @@ mod tests {
             err.to_string()
                 .contains("in use by a running doppel server")
         );
-    }
-
-    #[test]
-    fn lists_things_in_pages() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = EmbeddedStore::open(dir.path(), 10).unwrap();
-        let writes: Vec<Write> = ["c", "a", "b"]
-            .iter()
-            .map(|n| {
-                Write::Thing(ThingRecord {
-                    id: id(n),
-                    secret_hash: String::new(),
-                    enabled: true,
-                    created_at: 0,
-                    attributes: Default::default(),
-                })
-            })
-            .collect();
-        store.commit(&writes).unwrap();
-        let page: Vec<String> = store
-            .things(None, 2)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id.to_string())
-            .collect();
-        assert_eq!(page, ["a", "b"]);
-        let rest: Vec<String> = store
-            .things(Some(&id("b")), 2)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id.to_string())
-            .collect();
-        assert_eq!(rest, ["c"]);
     }
 }

@@ -4,12 +4,15 @@
 //!   changes atomically and durably, event history, the device registry);
 //! - [`embedded::EmbeddedStore`]: the default backend, fjall on local disk;
 //! - [`committer::Committer`]: group commit, so that many twins' changes share one
-//!   durable write.
+//!   durable write;
+//! - [`conformance`] (feature `test-util`): the suite every backend passes.
 //!
 //! The trait is synchronous: embedded engines block on disk. Callers on an async runtime
 //! go through the committer (its own thread) or `spawn_blocking`.
 
 pub mod committer;
+#[cfg(any(test, feature = "test-util"))]
+pub mod conformance;
 pub mod embedded;
 pub mod secret;
 #[cfg(any(test, feature = "test-util"))]
