@@ -63,11 +63,13 @@ macro_rules! conformance_suite {
     };
 }
 
-fn id(s: &str) -> DeviceId {
+/// A thing id the checks use.
+pub fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).unwrap()
 }
 
-fn change(shadow: &mut Shadow, body: &str, now: u64) -> Write {
+/// Applies an update (`body`) to `shadow` and returns its write for thing `t1`.
+pub fn change(shadow: &mut Shadow, body: &str, now: u64) -> Write {
     let req = UpdateRequest::parse(body.as_bytes(), &Limits::default()).unwrap();
     let c = shadow.decide_update(&req, now, &Limits::default()).unwrap();
     shadow.apply(&c);

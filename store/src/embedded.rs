@@ -476,10 +476,9 @@ impl TwinStore for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use twin_model::{Connectivity, Limits, Shadow, UpdateRequest};
+    use crate::conformance::{change, id};
+    use twin_model::{Connectivity, Shadow};
 
     crate::conformance_suite!(|history| {
         let dir = tempfile::tempdir().unwrap();
@@ -523,22 +522,6 @@ mod tests {
                 .len(),
             1
         );
-    }
-
-    fn id(s: &str) -> DeviceId {
-        DeviceId::parse(s).unwrap()
-    }
-
-    fn change(shadow: &mut Shadow, body: &str, now: u64) -> Write {
-        let req = UpdateRequest::parse(body.as_bytes(), &Limits::default()).unwrap();
-        let c = shadow.decide_update(&req, now, &Limits::default()).unwrap();
-        shadow.apply(&c);
-        Write::Shadow {
-            thing: id("t1"),
-            shadow: ShadowName::classic(),
-            state: Arc::new(shadow.clone()),
-            change: Arc::new(c),
-        }
     }
 
     #[test]
