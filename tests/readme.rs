@@ -123,12 +123,42 @@ fn matches(expected: &str, actual: &str) -> bool {
         .is_match(&mask(actual))
 }
 
+/// A port no one listens on, below the ephemeral range (32768 and up on Linux), so that no
+/// client's outgoing connection takes it before its server binds it, and never the same
+/// one twice in a run.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 5_000) as u16,
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(port < 32_000, "no free port below the ephemeral range");
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// The servers' logs of a walkthrough (`*.log` under its directory), for a failure report.
+fn logs(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() && !path.is_symlink() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                out.push_str(&format!("--- {}\n{text}", path.display()));
+            }
+        }
+    }
+    out
 }
 
 /// The bin directory of a venv with `websockets`, made once per build directory.
@@ -186,6 +216,9 @@ async fn run(w: &Walkthrough, python_bin: &Path) -> Result<(), String> {
         .arg("-c")
         .arg(&text)
         .current_dir(dir.path())
+        // `mktemp -d` makes its directories here too: gone with the walkthrough, and
+        // their logs can be shown when it fails.
+        .env("TMPDIR", dir.path())
         .env("PATH", path)
         .env_remove("TOKEN")
         .env("RUST_LOG", "info")
@@ -221,7 +254,12 @@ async fn run(w: &Walkthrough, python_bin: &Path) -> Result<(), String> {
             printed.last_mut().unwrap().push(line);
         }
     }
-    let context = || format!("the script:\n{text}\nprinted:\n{out}");
+    let context = || {
+        format!(
+            "the script:\n{text}\nprinted:\n{out}\nthe logs:\n{}",
+            logs(dir.path())
+        )
+    };
     if !status.success() {
         return Err(format!(
             "{heading}: the walkthrough failed ({status}) in step {}\n{}",
