@@ -255,3 +255,55 @@ async fn a_half_sent_http_request_is_closed_at_the_header_timeout() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn publishes_the_device_api_does_not_take_are_logged_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--auto-register"]).await;
+    let (c, mut el) = common::client(&server.mqtt, "stray", None).await;
+    for topic in [
+        "$aws/things/stray/shadow/foo",
+        "$aws/things/stray/shadow/update/accepted",
+    ] {
+        c.publish(topic, rumqttc::QoS::AtLeastOnce, false, "{}")
+            .await
+            .unwrap();
+    }
+    // Both are acknowledged (they go nowhere); the first is logged, the second counted.
+    let mut acks = 0;
+    while acks < 2 {
+        if let Event::Incoming(Packet::PubAck(_)) = tokio::time::timeout(WAIT, el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            acks += 1;
+        }
+    }
+    let line = server.log.line_with("publish ignored").await;
+    assert!(
+        line.contains("topic=\"$aws/things/stray/shadow/foo\""),
+        "{line}"
+    );
+    assert!(line.contains("ignored_total=1"), "{line}");
+    let update = "$aws/things/stray/shadow/update";
+    c.publish(
+        update,
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        r#"{"state":{"reported":{"a":1}}}"#,
+    )
+    .await
+    .unwrap();
+    common::next_on(&mut el, "/update/accepted").await;
+    assert_eq!(
+        server
+            .log
+            .lines()
+            .iter()
+            .filter(|l| l.contains("publish ignored"))
+            .count(),
+        1,
+        "one line per 10 s, however many publishes"
+    );
+}

@@ -44,6 +44,16 @@ pub(crate) struct Context {
     pub(crate) config: GatewayConfig,
     pub(crate) sessions: Sessions,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) ignored: IgnoredPublishes,
+}
+
+/// Publishes in devices' own topics that the device API does not take, across the
+/// endpoint: counted, and logged at most once per `LOG_EVERY` (a fleet publishing to an
+/// unsupported topic must not flood the log).
+#[derive(Default)]
+pub(crate) struct IgnoredPublishes {
+    count: std::sync::atomic::AtomicU64,
+    log: std::sync::Mutex<RateLimitedLog>,
 }
 
 /// Why a connection ended.
@@ -142,9 +152,8 @@ struct Conn<S> {
     session: u64,
     keep_alive: u16,
     will: Option<codec::Will>,
-    /// Publishes that were not requests of the device API, and when they were last logged.
+    /// Publishes of this connection that were not requests of the device API.
     ignored: u64,
-    ignored_log: RateLimitedLog,
 }
 
 /// Serves one TCP connection until it ends.
@@ -339,7 +348,6 @@ async fn accept<S: Stream>(
         keep_alive,
         will: connect.will,
         ignored: 0,
-        ignored_log: RateLimitedLog::default(),
     };
     conn.resend_inflight();
     conn.want_commands();
@@ -788,12 +796,22 @@ impl<S: Stream> Conn<S> {
         self.command_answer(execution_id, CommandChannel::Rejected, reply_to, payload);
     }
 
-    /// A publish in the thing's own topics that the device API does not take: logged (at
-    /// most once per `LOG_EVERY` per connection) and counted.
+    /// A publish in the thing's own topics that the device API does not take: counted, and
+    /// logged at most once per `LOG_EVERY` across the endpoint.
     fn ignore(&mut self, topic: &str, why: &str) {
         self.ignored += 1;
-        if let Some(suppressed) = self.ignored_log.admit(tokio::time::Instant::now()) {
-            tracing::info!(client_id = %self.thing, topic, reason = why, suppressed, ignored_total = self.ignored, "publish ignored: not a request of the device API");
+        let ignored = &self.ctx.ignored;
+        let total = ignored
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let admitted = ignored
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(tokio::time::Instant::now());
+        if let Some(suppressed) = admitted {
+            tracing::info!(client_id = %self.thing, topic, reason = why, suppressed, ignored_total = total, "publish ignored: not a request of the device API");
         }
     }
 

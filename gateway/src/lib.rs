@@ -96,6 +96,7 @@ impl Gateway {
             sessions: Sessions::new(config.max_queued_messages),
             config,
             shutdown,
+            ignored: Default::default(),
         });
         let mut addrs = Vec::new();
         let mut tasks = vec![tokio::spawn(sweep_sessions(ctx.clone()))];
