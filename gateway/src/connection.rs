@@ -573,9 +573,11 @@ impl<S: Stream> Conn<S> {
                     None
                 }
                 (Version::V5, None) => None,
+                // The reason is kept as the thing's disconnect reason, shown through the
+                // API: it does not quote the device's topic (the log line above does).
                 (Version::V4, _) => Some(Close::Server(
                     DisconnectCode::NotAuthorized,
-                    format!("publish to {} is not authorized", p.topic),
+                    "publish outside the thing's topics is not authorized".into(),
                 )),
             };
         }
