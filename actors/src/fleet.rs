@@ -614,8 +614,6 @@ impl FleetHandle {
         self.shared.rollouts.get(job_id).map(|c| c.control.clone())
     }
 
-    /// Starts the controller of a paced job (nothing for a job without a rollout or one
-    /// that is over).
     /// Starts the controller of a job with a rollout still under way; the receiver hears
     /// when its first look at the job (and release) is done.
     pub fn start_rollout(&self, job: JobDefinition) -> Option<tokio::sync::oneshot::Receiver<()>> {
@@ -634,7 +632,7 @@ impl FleetHandle {
         Some(first_step_done)
     }
 
-    /// Picks up every paced rollout that was under way (at start). A rate goes on from
+    /// Picks up every rollout (every fan-out, paced or not) that was under way (at start). A rate goes on from
     /// where its releases stood: the time the server was down does not count.
     pub async fn resume_rollouts(&self) -> Result<usize, FleetError> {
         let (mut after, mut resumed) = (None, 0);
