@@ -101,7 +101,7 @@ pub struct Shared {
     events: broadcast::Sender<Change>,
     links: DashMap<DeviceId, Arc<dyn DeviceLink>>,
     pub(crate) index: FleetIndex,
-    /// The controllers of the paced jobs under way, by job id.
+    /// The controllers of the jobs whose rollout is under way, by job id.
     pub(crate) rollouts: DashMap<String, RolloutLink>,
     /// Ids of jobs whose definition changed (paused, resumed, released, aborted, canceled).
     pub(crate) jobs_changed: broadcast::Sender<Arc<str>>,
@@ -632,8 +632,9 @@ impl FleetHandle {
         Some(first_step_done)
     }
 
-    /// Picks up every rollout (every fan-out, paced or not) that was under way (at start). A rate goes on from
-    /// where its releases stood: the time the server was down does not count.
+    /// Picks up every rollout (every fan-out, paced or not) that was under way (at start).
+    /// A rate goes on from where its releases stood: the time the server was down does
+    /// not count.
     pub async fn resume_rollouts(&self) -> Result<usize, FleetError> {
         let (mut after, mut resumed) = (None, 0);
         loop {
