@@ -10,8 +10,8 @@
 //! - **A cap on connections**, `max_connections`, apart from the MQTT endpoint's own, so
 //!   that neither listener can take the other's file descriptors. At the cap, a new
 //!   connection takes the place of the oldest *idle* one (waiting for its first request or
-//!   kept alive between requests: nothing is lost by closing it, as nginx does); when every
-//!   connection is busy, it is answered `503` and closed. A flood of idle sockets therefore
+//!   kept alive between requests: nothing is lost by closing it, as nginx does), once that
+//!   one's socket is closed; when every connection is busy, it is answered `503` and closed. A flood of idle sockets therefore
 //!   never locks out `/healthz` or a real client.
 //! - WebSocket connections (subscriptions) leave these timers after their upgrade: the
 //!   GraphQL socket pings its client and closes a silent one itself.
@@ -53,6 +53,9 @@ pub struct HttpLimits {
 
 /// What the server answers when every connection is busy.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 62\r\n\r\nevery HTTP connection is busy (http_max_connections); retry\n";
+
+/// How long a new connection waits for the idle one it replaces to close.
+const EVICTION_WAIT: Duration = Duration::from_millis(100);
 
 /// Refused connections being answered at once; past that, they are just closed.
 const MAX_REFUSING: usize = 64;
@@ -104,10 +107,16 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     errors.accepted();
-                    if open.load(Ordering::Acquire) >= limits.max_connections && !idle.evict_oldest() {
-                        errors.refused(peer, limits.max_connections);
-                        refuse(stream, &refusing);
-                        continue;
+                    if open.load(Ordering::Acquire) >= limits.max_connections {
+                        let Some(evicted) = idle.evict_oldest() else {
+                            errors.refused(peer, limits.max_connections);
+                            refuse(stream, &refusing);
+                            continue;
+                        };
+                        // Its socket is closed before the new one is served, so that a flood
+                        // never holds more descriptors than the cap (it may have turned busy
+                        // meanwhile and stay: then the cap is passed by one, for a moment).
+                        let _ = tokio::time::timeout(EVICTION_WAIT, evicted.closed.notified()).await;
                     }
                     let _ = stream.set_nodelay(true);
                     let slot = idle.admit();
@@ -167,11 +176,12 @@ async fn connection(
             }
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .header_read_timeout(None)
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    tokio::pin!(conn);
+    let mut conn = Box::pin(
+        hyper::server::conn::http1::Builder::new()
+            .header_read_timeout(None)
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades(),
+    );
     let mut stop_requested = false;
     loop {
         tokio::select! {
@@ -197,6 +207,9 @@ async fn connection(
         }
     }
     idle.remove(slot.id);
+    // Closes the socket (unless it was upgraded: then it lives on with its WebSocket).
+    drop(conn);
+    slot.closed.notify_one();
 }
 
 /// One connection's state, shared by its IO, its requests and the eviction list.
@@ -209,6 +222,8 @@ struct Slot {
     /// Upgraded to another protocol (WebSocket): no HTTP timers, never evicted.
     upgraded: AtomicBool,
     evict: Notify,
+    /// Notified once the connection has let go of its socket.
+    closed: Notify,
     /// The reader waiting on the socket: woken when a request ends, to start the idle timer.
     reader: AtomicWaker,
 }
@@ -234,6 +249,7 @@ impl IdleConnections {
             answered: AtomicU64::new(0),
             upgraded: AtomicBool::new(false),
             evict: Notify::new(),
+            closed: Notify::new(),
             reader: AtomicWaker::new(),
         });
         self.lock().insert(slot.id, slot.clone());
@@ -244,15 +260,14 @@ impl IdleConnections {
         self.lock().remove(&id);
     }
 
-    /// Tells the oldest idle connection to close; false when every one is busy.
-    fn evict_oldest(&self) -> bool {
+    /// Tells the oldest idle connection to close and returns it; None when every one is
+    /// busy.
+    fn evict_oldest(&self) -> Option<Arc<Slot>> {
         let mut slots = self.lock();
-        let Some(id) = slots.values().find(|s| s.is_idle()).map(|s| s.id) else {
-            return false;
-        };
+        let id = slots.values().find(|s| s.is_idle()).map(|s| s.id)?;
         let slot = slots.remove(&id).expect("the slot was just found");
         slot.evict.notify_one();
-        true
+        Some(slot)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Slot>>> {
