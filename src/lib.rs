@@ -8,7 +8,7 @@ pub mod logging;
 
 use std::future::Future;
 use std::io::IsTerminal as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -249,8 +249,10 @@ pub fn existing_data_dir(config: &Config) -> anyhow::Result<&Path> {
 }
 
 fn open_store(config: &Config) -> anyhow::Result<EmbeddedStore> {
-    let dir: PathBuf = existing_data_dir(config)?.to_path_buf();
-    Ok(EmbeddedStore::open(dir, config.history_per_shadow)?)
+    Ok(EmbeddedStore::open(
+        existing_data_dir(config)?,
+        config.history_per_shadow,
+    )?)
 }
 
 /// `doppel device add`: registers a thing directly in the data directory and returns its
