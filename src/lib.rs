@@ -17,6 +17,7 @@ use twin_actors::FleetHandle;
 use twin_gateway::{Gateway, Listener};
 use twin_graphql::{Role, Tokens};
 use twin_model::DeviceId;
+use twin_store::embedded::Engine;
 use twin_store::{Committer, EmbeddedStore, ThingRecord, TwinStore, Write, now_millis};
 
 pub use config::Config;
@@ -248,8 +249,9 @@ pub fn existing_data_dir(config: &Config) -> anyhow::Result<&Path> {
     Ok(dir)
 }
 
-fn open_store(config: &Config) -> anyhow::Result<EmbeddedStore> {
-    Ok(EmbeddedStore::open(
+/// The embedded store's blocking engine: the CLI's commands run without an async runtime.
+fn open_store(config: &Config) -> anyhow::Result<Engine> {
+    Ok(Engine::open(
         existing_data_dir(config)?,
         config.history_per_shadow,
     )?)

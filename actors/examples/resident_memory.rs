@@ -52,7 +52,7 @@ async fn main() {
                 change: Arc::new(change),
             });
         }
-        store.commit(&writes).expect("commit");
+        store.commit(writes).await.expect("commit");
     }
     let (committer, _) = Committer::start(store, 65_536, 8192);
     let fleet = FleetHandle::start(FleetConfig::default(), committer)

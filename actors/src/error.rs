@@ -1,8 +1,13 @@
-//! Errors of the fleet API.
+//! Errors of the fleet API. Each failure keeps its kind and its cause: a store error is
+//! carried as it came (with its source chain), not flattened into text.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use twin_model::{Rejection, RejectionKind};
+use twin_store::StoreError;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FleetError {
     /// The request was refused by the twin; nothing changed.
     #[error("{0}")]
@@ -10,9 +15,19 @@ pub enum FleetError {
     /// Too many requests are in flight; retry later.
     #[error("overloaded: too many requests in flight, retry later")]
     Overloaded,
-    /// The twin could not answer: storage failure, restart, shutdown or timeout.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    /// The store failed: the change was not acknowledged (it may or may not have landed).
+    #[error("storage failed: {0}")]
+    Store(#[source] Arc<StoreError>),
+    /// The twin did not answer within the request timeout.
+    #[error("unavailable: no answer within {0:?}")]
+    Timeout(Duration),
+    /// What was to answer (a twin, a job's rollout) stopped first: it panicked and is
+    /// restarted on the next request, or the server is stopping. Retry.
+    #[error("unavailable: {0} stopped before answering; retry")]
+    Stopped(&'static str),
+    /// Stored data contradicts itself (a job execution without its job).
+    #[error("internal error: {0}")]
+    Inconsistent(String),
 }
 
 impl FleetError {
@@ -21,7 +36,9 @@ impl FleetError {
         match self {
             Self::Rejected(r) => r.clone(),
             Self::Overloaded => Rejection::overloaded(),
-            Self::Unavailable(_) => Rejection::internal(),
+            Self::Store(_) | Self::Timeout(_) | Self::Stopped(_) | Self::Inconsistent(_) => {
+                Rejection::internal()
+            }
         }
     }
 
@@ -33,5 +50,17 @@ impl FleetError {
 impl From<Rejection> for FleetError {
     fn from(r: Rejection) -> Self {
         Self::Rejected(r)
+    }
+}
+
+impl From<StoreError> for FleetError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(Arc::new(e))
+    }
+}
+
+impl From<Arc<StoreError>> for FleetError {
+    fn from(e: Arc<StoreError>) -> Self {
+        Self::Store(e)
     }
 }

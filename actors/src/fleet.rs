@@ -31,6 +31,7 @@ use crate::clock::Clock;
 use crate::device::{DeviceMsg, JobAnswer, Port, RegistryOp};
 use crate::error::FleetError;
 use crate::index::{FleetIndex, Page, TwinView};
+use crate::loading;
 use crate::rollout::{self, Control, RolloutLink};
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 
@@ -114,16 +115,9 @@ impl Shared {
         self.config.clock.now_millis()
     }
 
-    /// Runs a store read on the blocking pool (the store does disk IO).
-    pub(crate) async fn read<T: Send + 'static>(
-        &self,
-        read: impl FnOnce(&dyn TwinStore) -> Result<T, twin_store::StoreError> + Send + 'static,
-    ) -> Result<T, FleetError> {
-        let store = self.committer.store().clone();
-        tokio::task::spawn_blocking(move || read(&*store))
-            .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?
-            .map_err(|e| FleetError::Unavailable(e.to_string()))
+    /// The store, for reads (writes go through the committer).
+    pub(crate) fn store(&self) -> &dyn TwinStore {
+        &**self.committer.store()
     }
 
     /// One of the job's executions changed: its rollout controller takes another look.
@@ -166,20 +160,12 @@ impl FleetHandle {
     /// Loads the fleet index from `committer`'s store and starts the shards.
     pub async fn start(config: FleetConfig, committer: Committer) -> Result<Self, FleetError> {
         let (events, _) = broadcast::channel(config.event_buffer.max(16));
-        let store = committer.store().clone();
-        let (index, deadlines) = tokio::task::spawn_blocking(move || {
-            let index = FleetIndex::default();
-            let mut deadlines = Vec::new();
-            store
-                .scan(&mut |record| match record {
-                    twin_store::Scanned::Deadline(thing, at) => deadlines.push((thing, at)),
-                    record => index.load(record),
-                })
-                .map(|()| (index, deadlines))
-        })
-        .await
-        .map_err(|e| FleetError::Unavailable(format!("loading the fleet index: {e}")))?
-        .map_err(|e| FleetError::Unavailable(format!("loading the fleet index: {e}")))?;
+        let index = Arc::new(FleetIndex::default());
+        let partitions = (0..twin_model::PARTITIONS).collect();
+        let deadlines = loading::load(committer.store().clone(), index.clone(), partitions).await?;
+        let index = Arc::into_inner(index).ok_or_else(|| {
+            FleetError::Inconsistent("the fleet index is still being loaded".into())
+        })?;
         tracing::info!(things = index.len(), "fleet index loaded");
         let shared = Arc::new(Shared {
             rollouts: DashMap::new(),
@@ -202,7 +188,7 @@ impl FleetHandle {
             };
             let (shard, _) = Actor::spawn(None, ShardSupervisor, args)
                 .await
-                .map_err(|e| FleetError::Unavailable(format!("starting a shard: {e}")))?;
+                .map_err(|e| FleetError::Inconsistent(format!("cannot start a shard: {e}")))?;
             shards.push(shard);
         }
         // Twins are loaded on demand; their shards wake those with a deadline for it.
@@ -210,7 +196,7 @@ impl FleetHandle {
             deadlines = deadlines.len(),
             "command and job deadlines loaded"
         );
-        for (thing, at) in deadlines {
+        for twin_store::Deadline { thing, at, .. } in deadlines {
             let shard = &shards[shard_for(&thing, shard_count)];
             let _ = shard.send_message(ShardMsg::Alarm(at, thing));
         }
@@ -245,7 +231,7 @@ impl FleetHandle {
         let shard = &self.shards[shard_for(thing, self.shards.len())];
         shard
             .send_message(ShardMsg::Route(thing.clone(), msg))
-            .map_err(|_| FleetError::Unavailable("the fleet is shutting down".into()))
+            .map_err(|_| FleetError::Stopped("the fleet"))
     }
 
     /// Sends a request built by `make` and returns the pending answer.
@@ -264,12 +250,8 @@ impl FleetHandle {
             let rx = sent?;
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(answer)) => answer,
-                Ok(Err(_)) => Err(FleetError::Unavailable(
-                    "the twin stopped before answering; retry".into(),
-                )),
-                Err(_) => Err(FleetError::Unavailable(format!(
-                    "no answer within {timeout:?}"
-                ))),
+                Ok(Err(_)) => Err(FleetError::Stopped("the twin")),
+                Err(_) => Err(FleetError::Timeout(timeout)),
             }
         })
     }
@@ -346,7 +328,7 @@ impl FleetHandle {
         Box::pin(async move {
             answer
                 .await?
-                .ok_or_else(|| FleetError::Unavailable("registration made no secret".into()))
+                .ok_or_else(|| FleetError::Inconsistent("registration made no secret".into()))
         })
     }
 
@@ -394,10 +376,10 @@ impl FleetHandle {
 
     /// A command execution by id, as its twin sees it now (its deadlines applied).
     pub async fn command(&self, execution_id: &str) -> Result<Arc<CommandExecution>, FleetError> {
-        let id = execution_id.to_owned();
         let stored = self
             .shared
-            .read(move |store| store.command(&id))
+            .store()
+            .command(execution_id)
             .await?
             .ok_or_else(|| {
                 FleetError::Rejected(Rejection::new(
@@ -421,10 +403,11 @@ impl FleetHandle {
         before: Option<String>,
         limit: usize,
     ) -> Result<Vec<CommandExecution>, FleetError> {
-        let thing = thing.clone();
-        self.shared
-            .read(move |store| store.commands(&thing, before.as_deref(), limit))
-            .await
+        Ok(self
+            .shared
+            .store()
+            .commands(thing, before.as_deref(), limit)
+            .await?)
     }
 
     /// Stores a new job's definition (and starts its rollout, if paced); fails when the
@@ -452,8 +435,7 @@ impl FleetHandle {
             self.shared
                 .committer
                 .commit(jobs.into_iter().map(Write::Job).collect())
-                .await
-                .map_err(|e| FleetError::Unavailable(e.to_string()))?;
+                .await?;
         }
         // Its controller releases the executions, persisting each release, so that a
         // restart at any point goes on where the fan-out stood. The first release (every
@@ -479,9 +461,7 @@ impl FleetHandle {
         if let Some(control) = self.controller(job_id) {
             let (tx, rx) = oneshot();
             if control.send(Control::Cancel(force, tx)).await.is_ok() {
-                return rx
-                    .await
-                    .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))?;
+                return rx.await.map_err(|_| FleetError::Stopped("the rollout"))?;
             }
         }
         let mut job = self.job(job_id).await?.ok_or_else(|| no_job(job_id))?;
@@ -535,9 +515,8 @@ impl FleetHandle {
                 control
                     .send(Control::Withdraw(things.clone(), tx))
                     .await
-                    .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))?;
-                rx.await
-                    .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))??;
+                    .map_err(|_| FleetError::Stopped("the rollout"))?;
+                rx.await.map_err(|_| FleetError::Stopped("the rollout"))??;
             } else {
                 let mut job = job;
                 if job
@@ -581,8 +560,7 @@ impl FleetHandle {
         self.shared
             .committer
             .commit(vec![Write::Job(Arc::new(job))])
-            .await
-            .map_err(|e| FleetError::Unavailable(e.to_string()))?;
+            .await?;
         let _ = self.shared.jobs_changed.send(id);
         Ok(())
     }
@@ -605,9 +583,8 @@ impl FleetHandle {
         control
             .send(Control::Pause(paused, tx))
             .await
-            .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))?;
-        rx.await
-            .map_err(|_| FleetError::Unavailable("the rollout stopped".into()))?
+            .map_err(|_| FleetError::Stopped("the rollout"))?;
+        rx.await.map_err(|_| FleetError::Stopped("the rollout"))?
     }
 
     fn controller(&self, job_id: &str) -> Option<mpsc::Sender<Control>> {
@@ -696,8 +673,7 @@ impl FleetHandle {
 
     /// A job's definition.
     pub async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, FleetError> {
-        let id = job_id.to_owned();
-        self.shared.read(move |store| store.job(&id)).await
+        Ok(self.shared.store().job(job_id).await?)
     }
 
     /// Job definitions in id order, after `after`.
@@ -706,18 +682,32 @@ impl FleetHandle {
         after: Option<String>,
         limit: usize,
     ) -> Result<Vec<JobDefinition>, FleetError> {
-        self.shared
-            .read(move |store| store.jobs(after.as_deref(), limit))
-            .await
+        Ok(self.shared.store().jobs(after.as_deref(), limit).await?)
     }
 
-    /// The status of every execution of a job, by thing.
+    /// The status of every execution of a job, in thing order (read a page at a time).
     pub async fn job_statuses(
         &self,
         job_id: &str,
     ) -> Result<Vec<(DeviceId, JobStatus)>, FleetError> {
-        let id = job_id.to_owned();
-        self.shared.read(move |store| store.job_statuses(&id)).await
+        let mut all: Vec<(DeviceId, JobStatus)> = Vec::new();
+        loop {
+            let after = all.last().map(|(thing, _)| thing);
+            let page = self
+                .shared
+                .store()
+                .job_statuses(job_id, after, 1000)
+                .await?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
+    }
+
+    /// How many of a job's executions have each status.
+    pub async fn job_counts(&self, job_id: &str) -> Result<twin_store::JobCounts, FleetError> {
+        Ok(self.shared.store().job_counts(job_id).await?)
     }
 
     /// A registered twin as it is now (resident or not).

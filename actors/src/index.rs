@@ -458,21 +458,17 @@ impl FleetIndex {
         self.write(thing).remove(thing);
     }
 
-    /// Loads a stored record (at start, before twins run).
-    pub fn load(&self, scanned: twin_store::Scanned) {
-        match scanned {
-            twin_store::Scanned::Thing(record) => self.put_record(record),
-            twin_store::Scanned::Presence(thing, connectivity) => {
-                self.set_connectivity(&thing, connectivity)
-            }
-            twin_store::Scanned::Shadow(thing, name, shadow) => {
-                let reported_at = shadow
-                    .metadata_reported
-                    .as_ref()
-                    .map(|m| json::latest_timestamp(m) * 1000);
-                self.set_shadow(&thing, name, Arc::from(shadow), reported_at);
-            }
-            twin_store::Scanned::Deadline(..) => {}
+    /// Loads a stored twin (at start, before twins run).
+    pub fn load(&self, twin: twin_store::IndexedTwin) {
+        let thing = twin.record.id.clone();
+        self.put_record(twin.record);
+        self.set_connectivity(&thing, twin.connectivity);
+        for (name, shadow) in twin.shadows {
+            let reported_at = shadow
+                .metadata_reported
+                .as_ref()
+                .map(|m| json::latest_timestamp(m) * 1000);
+            self.set_shadow(&thing, name, Arc::new(shadow), reported_at);
         }
     }
 

@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod fleet;
 pub mod index;
+pub mod loading;
 pub mod rollout;
 pub mod shard;
 

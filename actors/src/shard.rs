@@ -27,14 +27,9 @@ use twin_model::DeviceId;
 use crate::device::{DeviceArgs, DeviceMsg, DeviceTwin};
 use crate::fleet::Shared;
 
-/// The shard of a thing: FNV-1a of its name, stable across builds and platforms.
+/// The shard of a thing, from its stable hash.
 pub fn shard_for(thing: &DeviceId, shard_count: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in thing.as_str().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % shard_count.max(1) as u64) as usize
+    (thing.stable_hash() % shard_count.max(1) as u64) as usize
 }
 
 pub enum ShardMsg {

@@ -366,7 +366,7 @@ async fn a_second_connection_takes_the_session_over() {
             )
             .await;
         assert_eq!(ch, "accepted");
-        let presence = s.fleet.store().load(&id(&name)).unwrap().connectivity;
+        let presence = s.fleet.store().load(&id(&name)).await.unwrap().connectivity;
         assert!(
             presence.connected,
             "the old connection's end must not mark the device offline"

@@ -99,7 +99,10 @@ impl From<FleetError> for ApiError {
         match e {
             FleetError::Rejected(r) => r.into(),
             FleetError::Overloaded => Self::new(Code::Overloaded, e.to_string()),
-            FleetError::Unavailable(_) => {
+            FleetError::Store(_)
+            | FleetError::Timeout(_)
+            | FleetError::Stopped(_)
+            | FleetError::Inconsistent(_) => {
                 tracing::warn!(error = %e, "GraphQL request failed");
                 Self::new(Code::Internal, e.to_string())
             }
@@ -213,7 +216,14 @@ mod tests {
     fn fleet_failures_map_to_stable_codes() {
         for (e, code) in [
             (FleetError::Overloaded, "OVERLOADED"),
-            (FleetError::Unavailable("disk".into()), "INTERNAL"),
+            (
+                twin_store::StoreError::Engine("disk".into()).into(),
+                "INTERNAL",
+            ),
+            (
+                FleetError::Timeout(std::time::Duration::from_secs(10)),
+                "INTERNAL",
+            ),
             (
                 FleetError::Rejected(Rejection::version_conflict()),
                 "VERSION_CONFLICT",

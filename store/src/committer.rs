@@ -75,9 +75,8 @@ impl Committer {
     }
 }
 
-/// Takes what waits (up to `max_batch` writes) and commits it as one durable batch on the
-/// blocking pool, where tokio can see the commit (a test's paused clock does not jump
-/// ahead while one is under way); new changes queue up meanwhile.
+/// Takes what waits (up to `max_batch` writes) and commits it as one durable batch; new
+/// changes queue up meanwhile.
 async fn commit_loop(
     mut rx: mpsc::Receiver<Job>,
     store: Arc<dyn TwinStore>,
@@ -98,28 +97,16 @@ async fn commit_loop(
             }
         }
         let writes = batch.len();
-        let store = store.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let result = store.commit(&batch);
-            (result, started.elapsed())
-        })
-        .await;
-        let result = match result {
-            Ok((result, took)) => {
-                if took >= SLOW_COMMIT {
-                    tracing::warn!(
-                        ms = took.as_millis() as u64,
-                        writes,
-                        "slow durable commit: every change in it waited"
-                    );
-                }
-                result.map_err(Arc::new)
-            }
-            Err(e) => Err(Arc::new(StoreError::Engine(format!(
-                "commit panicked: {e}"
-            )))),
-        };
+        let started = std::time::Instant::now();
+        let result = store.commit(batch).await.map_err(Arc::new);
+        let took = started.elapsed();
+        if took >= SLOW_COMMIT {
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                writes,
+                "slow durable commit: every change in it waited"
+            );
+        }
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.writes.fetch_add(writes as u64, Ordering::Relaxed);
         if let Err(e) = &result {
@@ -130,10 +117,8 @@ async fn commit_loop(
             let _ = reply.send(result.clone());
         }
     }
-    match tokio::task::spawn_blocking(move || store.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
-        Err(e) => tracing::error!(error = %e, "final flush panicked"),
+    if let Err(e) = store.flush().await {
+        tracing::error!(error = %e, "final flush failed");
     }
 }
 

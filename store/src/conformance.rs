@@ -9,11 +9,11 @@ use twin_model::command::CommandExecution;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{ChangeOp, Connectivity, DeviceId, Limits, Shadow, ShadowName, UpdateRequest};
 
-use crate::{Scanned, ThingRecord, TwinSnapshot, TwinStore, Write};
+use crate::{ThingRecord, TwinSnapshot, TwinStore, Write};
 
 /// An empty store under test, with what must live as long as it (a directory).
 pub struct Backend {
-    pub store: Box<dyn TwinStore>,
+    pub store: Arc<dyn TwinStore>,
     pub keep: Box<dyn std::any::Any>,
 }
 
@@ -28,36 +28,34 @@ macro_rules! conformance_suite {
                 ($make)(history)
             }
 
-            #[test]
-            fn loads_what_was_committed_and_keeps_bounded_history() {
+            #[tokio::test]
+            async fn loads_what_was_committed_and_keeps_bounded_history() {
                 let b = backend(3);
-                $crate::conformance::loads_what_was_committed_and_keeps_bounded_history(&*b.store);
+                $crate::conformance::loads_what_was_committed_and_keeps_bounded_history(&*b.store).await;
             }
 
-            #[test]
-            fn scan_visits_everything_and_delete_thing_removes_everything() {
+            #[tokio::test]
+            async fn index_and_deadlines_list_by_partition_and_delete_thing_removes_everything() {
                 let b = backend(10);
-                $crate::conformance::scan_visits_everything_and_delete_thing_removes_everything(
-                    &*b.store,
-                );
+                $crate::conformance::index_and_deadlines_list_by_partition_and_delete_thing_removes_everything(&*b.store).await;
             }
 
-            #[test]
-            fn commands_list_newest_first_and_go_with_their_thing() {
+            #[tokio::test]
+            async fn commands_list_newest_first_and_go_with_their_thing() {
                 let b = backend(10);
-                $crate::conformance::commands_list_newest_first_and_go_with_their_thing(&*b.store);
+                $crate::conformance::commands_list_newest_first_and_go_with_their_thing(&*b.store).await;
             }
 
-            #[test]
-            fn jobs_and_their_executions_persist_and_count() {
+            #[tokio::test]
+            async fn jobs_and_their_executions_persist_and_count() {
                 let b = backend(10);
-                $crate::conformance::jobs_and_their_executions_persist_and_count(&*b.store);
+                $crate::conformance::jobs_and_their_executions_persist_and_count(&*b.store).await;
             }
 
-            #[test]
-            fn lists_things_in_pages() {
+            #[tokio::test]
+            async fn lists_things_in_pages() {
                 let b = backend(10);
-                $crate::conformance::lists_things_in_pages(&*b.store);
+                $crate::conformance::lists_things_in_pages(&*b.store).await;
             }
         }
     };
@@ -81,7 +79,7 @@ pub fn change(shadow: &mut Shadow, body: &str, now: u64) -> Write {
     }
 }
 
-fn command(thing: &str, n: u64) -> CommandExecution {
+pub fn command(thing: &str, n: u64) -> CommandExecution {
     use twin_model::command::NewCommand;
     CommandExecution::new(
         format!("{n:04}"),
@@ -97,55 +95,132 @@ fn command(thing: &str, n: u64) -> CommandExecution {
     .unwrap()
 }
 
-/// `scan` visits registry records, presence, shadows and deadlines; deleting a thing
-/// removes all of it.
-pub fn scan_visits_everything_and_delete_thing_removes_everything(store: &dyn TwinStore) {
+/// Registered things are listed by placement partition, a page at a time, with their
+/// presence and shadows; pending deadlines are listed the same way and follow their
+/// executions; deleting a thing removes all of it.
+pub async fn index_and_deadlines_list_by_partition_and_delete_thing_removes_everything(
+    store: &dyn TwinStore,
+) {
     let mut shadow = Shadow::default();
     let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
-    let (other, _) = ThingRecord::new(id("t10"), 1).unwrap();
-    store
-        .commit(&[
-            Write::Thing(record),
-            Write::Thing(other),
-            change(&mut shadow, r#"{"state":{"reported":{"a":1}}}"#, 2),
-            Write::Connectivity {
-                thing: id("t1"),
-                connectivity: Connectivity::default(),
+    // Three more things in the partition of t1, to page through.
+    let partition = id("t1").partition();
+    let mates: Vec<DeviceId> = (0..)
+        .map(|n| id(&format!("m{n}")))
+        .filter(|m| m.partition() == partition)
+        .take(3)
+        .collect();
+    let mut writes = vec![
+        Write::Thing(record.clone()),
+        change(&mut shadow, r#"{"state":{"reported":{"a":1}}}"#, 2),
+        Write::Connectivity {
+            thing: id("t1"),
+            connectivity: Connectivity {
+                connected: true,
+                since: 3,
+                disconnect_reason: None,
             },
-            // Pending, so it has a deadline: created at 7, expiring 10 s later.
-            Write::Command(Arc::new(command("t1", 7))),
-        ])
-        .unwrap();
-    let seen = |store: &dyn TwinStore| {
-        let mut seen = Vec::new();
-        store
-            .scan(&mut |s| {
-                seen.push(match s {
-                    Scanned::Thing(r) => format!("thing {}", r.id),
-                    Scanned::Presence(t, _) => format!("presence {t}"),
-                    Scanned::Shadow(t, n, s) => format!("shadow {t}/{n} v{}", s.version),
-                    Scanned::Deadline(t, at) => format!("deadline {t} at {at}"),
-                })
-            })
+        },
+        // Pending, so it has a deadline: created at 7, expiring 10 s later.
+        Write::Command(Arc::new(command("t1", 7))),
+        Write::Command(Arc::new(command("t1", 8))),
+    ];
+    for m in &mates {
+        writes.push(Write::Thing(ThingRecord::new(m.clone(), 1).unwrap().0));
+    }
+    store.commit(writes).await.unwrap();
+
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .index_page(partition, after.as_ref(), 2)
+            .await
             .unwrap();
-        seen
-    };
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.record.id.clone());
+        listed.extend(page);
+    }
+    let mut expected: Vec<&DeviceId> = mates.iter().chain([&record.id]).collect();
+    expected.sort();
     assert_eq!(
-        seen(store),
-        [
-            "thing t1",
-            "thing t10",
-            "presence t1",
-            "shadow t1/(classic) v1",
-            "deadline t1 at 10007"
-        ]
+        listed.iter().map(|t| &t.record.id).collect::<Vec<_>>(),
+        expected
     );
-    store.commit(&[Write::DeleteThing(id("t1"))]).unwrap();
-    assert_eq!(seen(store), ["thing t10"]);
-    assert_eq!(store.load(&id("t1")).unwrap(), TwinSnapshot::default());
+    let t1 = listed.iter().find(|t| t.record.id == record.id).unwrap();
+    assert_eq!(t1.record, record);
+    assert!(t1.connectivity.connected);
+    assert_eq!(t1.shadows, vec![(ShadowName::classic(), shadow.clone())]);
+    let other = (partition + 1) % twin_model::PARTITIONS;
+    assert!(
+        store
+            .index_page(other, None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|t| t.record.id.partition() == other)
+    );
+
+    let deadlines = |after: Option<(DeviceId, String)>| async move {
+        store
+            .pending_deadlines(partition, after.as_ref().map(|(t, i)| (t, i.as_str())), 1)
+            .await
+            .unwrap()
+    };
+    let first = deadlines(None).await;
+    assert_eq!(
+        first
+            .iter()
+            .map(|d| (d.thing.as_str(), d.at))
+            .collect::<Vec<_>>(),
+        [("t1", 10_007)]
+    );
+    let second = deadlines(Some((first[0].thing.clone(), first[0].item.clone()))).await;
+    assert_eq!(
+        second
+            .iter()
+            .map(|d| (d.thing.as_str(), d.at))
+            .collect::<Vec<_>>(),
+        [("t1", 10_008)]
+    );
+    // An ended command has no deadline left.
+    let mut ended = command("t1", 7);
+    ended.expire(1_000_000);
+    store
+        .commit(vec![Write::Command(Arc::new(ended))])
+        .await
+        .unwrap();
+    assert_eq!(
+        deadlines(None)
+            .await
+            .iter()
+            .map(|d| d.at)
+            .collect::<Vec<_>>(),
+        [10_008]
+    );
+
+    store
+        .commit(vec![Write::DeleteThing(id("t1"))])
+        .await
+        .unwrap();
+    assert!(deadlines(None).await.is_empty());
+    assert!(
+        store
+            .index_page(partition, None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|t| t.record.id != record.id)
+    );
+    assert_eq!(
+        store.load(&id("t1")).await.unwrap(),
+        TwinSnapshot::default()
+    );
     assert!(
         store
             .history(&id("t1"), &ShadowName::classic(), 10)
+            .await
             .unwrap()
             .is_empty()
     );
@@ -153,50 +228,65 @@ pub fn scan_visits_everything_and_delete_thing_removes_everything(store: &dyn Tw
 
 /// Commands are kept as they are now, listed newest first, found by id, and go with
 /// their thing.
-pub fn commands_list_newest_first_and_go_with_their_thing(store: &dyn TwinStore) {
+pub async fn commands_list_newest_first_and_go_with_their_thing(store: &dyn TwinStore) {
     {
         let mut writes: Vec<Write> = (1..=5)
             .map(|n| Write::Command(Arc::new(command("t1", n))))
             .collect();
         writes.push(Write::Command(Arc::new(command("t10", 9))));
-        store.commit(&writes).unwrap();
+        store.commit(writes).await.unwrap();
         // Command 2 ends; the newer state replaces the older.
         let mut done = command("t1", 2);
         done.expire(1_000_000);
-        store.commit(&[Write::Command(Arc::new(done))]).unwrap();
+        store
+            .commit(vec![Write::Command(Arc::new(done))])
+            .await
+            .unwrap();
     }
     let ids = |v: Vec<CommandExecution>| -> Vec<String> {
         v.into_iter().map(|c| c.execution_id).collect()
     };
     assert_eq!(
-        ids(store.commands(&id("t1"), None, 3).unwrap()),
+        ids(store.commands(&id("t1"), None, 3).await.unwrap()),
         ["0005", "0004", "0003"]
     );
     assert_eq!(
-        ids(store.commands(&id("t1"), Some("0003"), 10).unwrap()),
+        ids(store.commands(&id("t1"), Some("0003"), 10).await.unwrap()),
         ["0002", "0001"]
     );
-    let pending = store.load(&id("t1")).unwrap().pending_commands;
+    let pending = store.load(&id("t1")).await.unwrap().pending_commands;
     assert_eq!(ids(pending), ["0001", "0003", "0004", "0005"]);
-    let two = store.command("0002").unwrap().unwrap();
+    let two = store.command("0002").await.unwrap().unwrap();
     assert_eq!(
         (two.thing.as_str(), two.status),
         ("t1", twin_model::command::CommandStatus::TimedOut)
     );
     assert_eq!(
-        store.command("0009").unwrap().unwrap().thing.as_str(),
+        store.command("0009").await.unwrap().unwrap().thing.as_str(),
         "t10"
     );
-    assert_eq!(store.command("nope").unwrap(), None);
-    store.commit(&[Write::DeleteThing(id("t1"))]).unwrap();
-    assert!(store.commands(&id("t1"), None, 10).unwrap().is_empty());
-    assert_eq!(store.command("0002").unwrap(), None);
-    assert_eq!(ids(store.commands(&id("t10"), None, 10).unwrap()), ["0009"]);
+    assert_eq!(store.command("nope").await.unwrap(), None);
+    store
+        .commit(vec![Write::DeleteThing(id("t1"))])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .commands(&id("t1"), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.command("0002").await.unwrap(), None);
+    assert_eq!(
+        ids(store.commands(&id("t10"), None, 10).await.unwrap()),
+        ["0009"]
+    );
 }
 
 /// Job definitions and executions are kept, paged and counted; a job keeps how a
 /// deleted thing's execution ended.
-pub fn jobs_and_their_executions_persist_and_count(store: &dyn TwinStore) {
+pub async fn jobs_and_their_executions_persist_and_count(store: &dyn TwinStore) {
     use twin_model::job::{JobExecution, RetryPolicy, Timeouts};
     let job = JobDefinition {
         job_id: "fw-2".into(),
@@ -226,38 +316,73 @@ pub fn jobs_and_their_executions_persist_and_count(store: &dyn TwinStore) {
     )
     .unwrap();
     store
-        .commit(&[
+        .commit(vec![
             Write::Job(Arc::new(job.clone())),
             Write::JobExecution(Arc::new(exec("t1"))),
             Write::JobExecution(Arc::new(done.clone())),
+            Write::JobExecution(Arc::new(exec("t3"))),
         ])
+        .await
         .unwrap();
-    assert_eq!(store.job("fw-2").unwrap(), Some(job));
-    assert_eq!(store.job("nope").unwrap(), None);
-    assert_eq!(store.jobs(None, 10).unwrap().len(), 1);
-    assert!(store.jobs(Some("fw-2"), 10).unwrap().is_empty());
+    assert_eq!(store.job("fw-2").await.unwrap(), Some(job));
+    assert_eq!(store.job("nope").await.unwrap(), None);
+    assert_eq!(store.jobs(None, 10).await.unwrap().len(), 1);
+    assert!(store.jobs(Some("fw-2"), 10).await.unwrap().is_empty());
     assert_eq!(
-        store.job_statuses("fw-2").unwrap(),
+        store.job_statuses("fw-2", None, 2).await.unwrap(),
         [
             (id("t1"), JobStatus::Queued),
             (id("t2"), JobStatus::Succeeded)
         ]
     );
-    assert_eq!(store.load(&id("t2")).unwrap().job_executions, [done]);
-    store.commit(&[Write::DeleteThing(id("t2"))]).unwrap();
     assert_eq!(
-        store.job_statuses("fw-2").unwrap(),
+        store
+            .job_statuses("fw-2", Some(&id("t2")), 2)
+            .await
+            .unwrap(),
+        [(id("t3"), JobStatus::Queued)]
+    );
+    assert!(
+        store
+            .job_statuses("fw-", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let counts = store.job_counts("fw-2").await.unwrap();
+    assert_eq!(
+        (
+            counts.get(JobStatus::Queued),
+            counts.get(JobStatus::Succeeded),
+            counts.total()
+        ),
+        (2, 1, 3)
+    );
+    assert_eq!(store.load(&id("t2")).await.unwrap().job_executions, [done]);
+    store
+        .commit(vec![Write::DeleteThing(id("t2"))])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.job_statuses("fw-2", None, 2).await.unwrap(),
         [
             (id("t1"), JobStatus::Queued),
             (id("t2"), JobStatus::Succeeded)
         ],
         "the job keeps how a deleted thing ended"
     );
-    assert!(store.load(&id("t2")).unwrap().job_executions.is_empty());
+    assert!(
+        store
+            .load(&id("t2"))
+            .await
+            .unwrap()
+            .job_executions
+            .is_empty()
+    );
 }
 
 /// Registered things come in id order, a page at a time.
-pub fn lists_things_in_pages(store: &dyn TwinStore) {
+pub async fn lists_things_in_pages(store: &dyn TwinStore) {
     let writes: Vec<Write> = ["c", "a", "b"]
         .iter()
         .map(|n| {
@@ -270,9 +395,10 @@ pub fn lists_things_in_pages(store: &dyn TwinStore) {
             })
         })
         .collect();
-    store.commit(&writes).unwrap();
+    store.commit(writes).await.unwrap();
     let page: Vec<String> = store
         .things(None, 2)
+        .await
         .unwrap()
         .into_iter()
         .map(|r| r.id.to_string())
@@ -280,6 +406,7 @@ pub fn lists_things_in_pages(store: &dyn TwinStore) {
     assert_eq!(page, ["a", "b"]);
     let rest: Vec<String> = store
         .things(Some(&id("b")), 2)
+        .await
         .unwrap()
         .into_iter()
         .map(|r| r.id.to_string())
@@ -289,7 +416,7 @@ pub fn lists_things_in_pages(store: &dyn TwinStore) {
 
 /// A twin loads as it was committed, and each shadow keeps its newest changes (the
 /// store was made to keep 3): a delete keeps its version and takes its own slot.
-pub fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn TwinStore) {
+pub async fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn TwinStore) {
     let mut shadow = Shadow::default();
     {
         let record = ThingRecord {
@@ -299,17 +426,17 @@ pub fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn TwinStore)
             created_at: 1,
             attributes: Default::default(),
         };
-        store.commit(&[Write::Thing(record)]).unwrap();
+        store.commit(vec![Write::Thing(record)]).await.unwrap();
         for i in 0..5 {
             let w = change(
                 &mut shadow,
                 &format!(r#"{{"state":{{"reported":{{"n":{i}}}}}}}"#),
                 10 + i,
             );
-            store.commit(&[w]).unwrap();
+            store.commit(vec![w]).await.unwrap();
         }
         store
-            .commit(&[Write::Connectivity {
+            .commit(vec![Write::Connectivity {
                 thing: id("t1"),
                 connectivity: Connectivity {
                     connected: true,
@@ -317,14 +444,16 @@ pub fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn TwinStore)
                     disconnect_reason: None,
                 },
             }])
+            .await
             .unwrap();
     }
-    let snap = store.load(&id("t1")).unwrap();
+    let snap = store.load(&id("t1")).await.unwrap();
     assert_eq!(snap.shadows, vec![(ShadowName::classic(), shadow.clone())]);
     assert!(snap.connectivity.connected);
     assert!(snap.record.unwrap().enabled);
     let versions: Vec<u64> = store
         .history(&id("t1"), &ShadowName::classic(), 10)
+        .await
         .unwrap()
         .iter()
         .map(|c| c.version)
@@ -335,19 +464,24 @@ pub fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn TwinStore)
     let del = shadow.decide_delete("t1", None, 20).unwrap();
     shadow.apply(&del);
     store
-        .commit(&[Write::Shadow {
+        .commit(vec![Write::Shadow {
             thing: id("t1"),
             shadow: ShadowName::classic(),
             state: Arc::new(shadow.clone()),
             change: Arc::new(del),
         }])
+        .await
         .unwrap();
     let ops: Vec<(u64, bool)> = store
         .history(&id("t1"), &ShadowName::classic(), 10)
+        .await
         .unwrap()
         .iter()
         .map(|c| (c.version, matches!(c.op, ChangeOp::Delete)))
         .collect();
     assert_eq!(ops, vec![(4, false), (5, false), (5, true)]);
-    assert_eq!(store.load(&id("nobody")).unwrap(), TwinSnapshot::default());
+    assert_eq!(
+        store.load(&id("nobody")).await.unwrap(),
+        TwinSnapshot::default()
+    );
 }

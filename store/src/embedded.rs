@@ -21,12 +21,26 @@
 //!   history stays bounded without tombstones (two writes per update, not four); a
 //!   delete, which keeps its shadow's version, has a slot of its own.
 //!
+//! - `members`:  `{partition:be16}{thing}` -> empty: the registered things of each
+//!   placement partition, the [`IndexSource`] of the fleet index.
+//! - `deadlines`: `{partition:be16}{thing}\0{c|j}{executionId|jobId}` -> deadline
+//!   (be64 milliseconds): every pending command and running job execution with a
+//!   deadline, kept with each write of one ([`DeadlineIndex`]).
+//! - `meta`: `layout` -> the layout version ([`LAYOUT`]); a directory written by an
+//!   older version gets the listings above built once when it is opened.
+//!
 //! A `LOCK` file held with an OS lock keeps a second process off the directory.
+//!
+//! [`Engine`] is the blocking engine (the CLI uses it directly); [`EmbeddedStore`] runs
+//! it on tokio's blocking pool behind the async [`TwinStore`] traits.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write as _};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
@@ -34,9 +48,16 @@ use twin_model::command::CommandExecution;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{ChangeOp, DeviceId, ShadowChange, ShadowName};
 
-use crate::{Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
+use crate::{
+    CommandStore, Deadline, DeadlineIndex, IndexSource, IndexedTwin, JobCounts, JobStore,
+    RegistryStore, StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+};
 
-pub struct EmbeddedStore {
+/// The on-disk layout this version writes. 2 added `members`, `deadlines` and `meta`.
+pub const LAYOUT: u32 = 2;
+
+/// The blocking engine: every method does disk IO on the calling thread.
+pub struct Engine {
     db: Database,
     things: Keyspace,
     presence: Keyspace,
@@ -47,6 +68,9 @@ pub struct EmbeddedStore {
     jobs: Keyspace,
     job_execs: Keyspace,
     job_targets: Keyspace,
+    members: Keyspace,
+    deadlines: Keyspace,
+    meta: Keyspace,
     history: u64,
     _lock: File,
 }
@@ -115,18 +139,48 @@ fn job_target_key(job_id: &str, thing: &DeviceId) -> Vec<u8> {
     k
 }
 
-/// The thing and shadow of a `shadows` key.
-fn split_shadow_key(k: &[u8]) -> Result<(DeviceId, ShadowName), StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        key: String::from_utf8_lossy(k).replace('\0', "/"),
-        reason: "bad shadow key".into(),
+fn member_key(thing: &DeviceId) -> Vec<u8> {
+    let mut k = thing.partition().to_be_bytes().to_vec();
+    k.extend_from_slice(thing.as_str().as_bytes());
+    k
+}
+
+/// The prefix of a thing's pending deadlines.
+fn deadline_prefix(thing: &DeviceId) -> Vec<u8> {
+    let mut k = member_key(thing);
+    k.push(0);
+    k
+}
+
+/// `kind` is `c` (a command execution) or `j` (a job execution).
+fn deadline_key(thing: &DeviceId, kind: u8, id: &str) -> Vec<u8> {
+    let mut k = deadline_prefix(thing);
+    k.push(kind);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The keys of `partition` after `after` (a key inside it), or all of them.
+fn partition_range(partition: u16, after: Option<Vec<u8>>) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    let start = match after {
+        Some(k) => Bound::Excluded(k),
+        None => Bound::Included(partition.to_be_bytes().to_vec()),
     };
-    let text = std::str::from_utf8(k).map_err(|_| corrupt())?;
-    let (thing, shadow) = text.split_once('\0').ok_or_else(corrupt)?;
-    Ok((
-        DeviceId::parse(thing).map_err(|_| corrupt())?,
-        ShadowName::from_key(shadow).map_err(|_| corrupt())?,
-    ))
+    let end = match partition.checked_add(1) {
+        Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
+        None => Bound::Unbounded,
+    };
+    (start, end)
+}
+
+fn parse_thing(k: &[u8], bytes: &[u8]) -> Result<DeviceId, StoreError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| DeviceId::parse(t).ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            key: String::from_utf8_lossy(k).replace('\0', "/"),
+            reason: "bad thing name".into(),
+        })
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
@@ -144,7 +198,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     buf
 }
 
-impl EmbeddedStore {
+impl Engine {
     /// Opens (creating if needed) the store in `dir`, keeping the newest `history`
     /// changes of each shadow.
     pub fn open(dir: impl Into<PathBuf>, history: u64) -> Result<Self, StoreError> {
@@ -158,7 +212,7 @@ impl EmbeddedStore {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(engine)
         };
-        Ok(Self {
+        Self {
             things: ks("things")?,
             presence: ks("presence")?,
             shadows: ks("shadows")?,
@@ -168,15 +222,72 @@ impl EmbeddedStore {
             jobs: ks("jobs")?,
             job_execs: ks("job_execs")?,
             job_targets: ks("job_targets")?,
+            members: ks("members")?,
+            deadlines: ks("deadlines")?,
+            meta: ks("meta")?,
             db,
             history: history.max(1),
             _lock: lock,
-        })
+        }
+        .upgraded()
     }
-}
 
-impl TwinStore for EmbeddedStore {
-    fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+    /// Brings a directory written with an older layout up to [`LAYOUT`], in one durable
+    /// batch; refuses one written by a newer version.
+    fn upgraded(self) -> Result<Self, StoreError> {
+        let layout = match self.meta.get("layout").map_err(engine)? {
+            Some(v) => decode::<u32>(b"layout", &v)?,
+            None => 1,
+        };
+        if layout > LAYOUT {
+            return Err(StoreError::Corrupt {
+                key: "layout".into(),
+                reason: format!(
+                    "written by a newer doppel (layout {layout}; this one reads up to {LAYOUT})"
+                ),
+            });
+        }
+        if layout == LAYOUT {
+            return Ok(self);
+        }
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        for kv in self.things.iter() {
+            let k = kv.key().map_err(engine)?;
+            b.insert(&self.members, member_key(&parse_thing(&k, &k)?), []);
+        }
+        for kv in self.commands.iter() {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let c: CommandExecution = decode(&k, &v)?;
+            if let Some(at) = c.deadline() {
+                b.insert(
+                    &self.deadlines,
+                    deadline_key(&c.thing, b'c', &c.execution_id),
+                    at.to_be_bytes(),
+                );
+            }
+        }
+        for kv in self.job_execs.iter() {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let e: JobExecution = decode(&k, &v)?;
+            if let Some(at) = e.deadline() {
+                b.insert(
+                    &self.deadlines,
+                    deadline_key(&e.thing, b'j', &e.job_id),
+                    at.to_be_bytes(),
+                );
+            }
+        }
+        b.insert(&self.meta, "layout", encode(&LAYOUT));
+        b.commit().map_err(engine)?;
+        tracing::info!(
+            from = layout,
+            to = LAYOUT,
+            "upgraded the data directory's layout"
+        );
+        Ok(self)
+    }
+
+    pub fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
         let key = thing.as_str().as_bytes();
         let record = match self.things.get(key).map_err(engine)? {
             Some(v) => Some(decode(key, &v)?),
@@ -222,7 +333,9 @@ impl TwinStore for EmbeddedStore {
         })
     }
 
-    fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
+    /// Writes a batch atomically (the whole batch: stronger than [`TwinStateStore`] asks)
+    /// and durably.
+    pub fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
         let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
         for w in batch {
             match w {
@@ -249,6 +362,7 @@ impl TwinStore for EmbeddedStore {
                 }
                 Write::Thing(record) => {
                     b.insert(&self.things, record.id.as_str(), encode(record));
+                    b.insert(&self.members, member_key(&record.id), []);
                 }
                 Write::Command(c) => {
                     b.insert(
@@ -257,6 +371,11 @@ impl TwinStore for EmbeddedStore {
                         encode(&**c),
                     );
                     b.insert(&self.command_ids, c.execution_id.as_str(), c.thing.as_str());
+                    let key = deadline_key(&c.thing, b'c', &c.execution_id);
+                    match c.deadline() {
+                        Some(at) => b.insert(&self.deadlines, key, at.to_be_bytes()),
+                        None => b.remove(&self.deadlines, key),
+                    }
                 }
                 Write::Job(job) => {
                     b.insert(&self.jobs, job.job_id.as_str(), encode(&**job));
@@ -272,10 +391,19 @@ impl TwinStore for EmbeddedStore {
                         job_target_key(&e.job_id, &e.thing),
                         encode(&e.status),
                     );
+                    let key = deadline_key(&e.thing, b'j', &e.job_id);
+                    match e.deadline() {
+                        Some(at) => b.insert(&self.deadlines, key, at.to_be_bytes()),
+                        None => b.remove(&self.deadlines, key),
+                    }
                 }
                 Write::DeleteThing(thing) => {
                     b.remove(&self.things, thing.as_str());
                     b.remove(&self.presence, thing.as_str());
+                    b.remove(&self.members, member_key(thing));
+                    for kv in self.deadlines.prefix(deadline_prefix(thing)) {
+                        b.remove(&self.deadlines, kv.key().map_err(engine)?);
+                    }
                     let mut prefix = thing.as_str().as_bytes().to_vec();
                     prefix.push(0);
                     for kv in self.commands.prefix(&prefix) {
@@ -294,7 +422,7 @@ impl TwinStore for EmbeddedStore {
         b.commit().map_err(engine)
     }
 
-    fn history(
+    pub fn history(
         &self,
         thing: &DeviceId,
         shadow: &ShadowName,
@@ -313,7 +441,7 @@ impl TwinStore for EmbeddedStore {
         Ok(out.split_off(out.len() - keep))
     }
 
-    fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
+    pub fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
         let key = thing.as_str().as_bytes();
         match self.things.get(key).map_err(engine)? {
             Some(v) => Ok(Some(decode(key, &v)?)),
@@ -321,14 +449,18 @@ impl TwinStore for EmbeddedStore {
         }
     }
 
-    fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
+    pub fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
         match self.jobs.get(job_id).map_err(engine)? {
             Some(v) => Ok(Some(decode(job_id.as_bytes(), &v)?)),
             None => Ok(None),
         }
     }
 
-    fn jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<JobDefinition>, StoreError> {
+    pub fn jobs(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobDefinition>, StoreError> {
         let start = match after {
             Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
             None => Bound::Unbounded,
@@ -345,35 +477,50 @@ impl TwinStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn job_statuses(&self, job_id: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
+    pub fn job_statuses(
+        &self,
+        job_id: &str,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
         let mut prefix = job_id.as_bytes().to_vec();
         prefix.push(0);
+        let start = match after {
+            Some(a) => Bound::Excluded(job_target_key(job_id, a)),
+            None => Bound::Included(prefix.clone()),
+        };
+        // One past the prefix: `\0` + 1.
+        let mut end = job_id.as_bytes().to_vec();
+        end.push(1);
         let mut out = Vec::new();
-        for kv in self.job_targets.prefix(&prefix) {
+        for kv in self
+            .job_targets
+            .range::<Vec<u8>, _>((start, Bound::Excluded(end)))
+            .take(limit)
+        {
             let (k, v) = kv.into_inner().map_err(engine)?;
-            let thing = std::str::from_utf8(&k[prefix.len()..])
-                .ok()
-                .and_then(|t| DeviceId::parse(t).ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).replace('\0', "/"),
-                    reason: "bad thing name".into(),
-                })?;
-            out.push((thing, decode(&k, &v)?));
+            out.push((parse_thing(&k, &k[prefix.len()..])?, decode(&k, &v)?));
         }
         Ok(out)
     }
 
-    fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
+    /// Counts the job's `job_targets` entries: a read of one status per target.
+    pub fn job_counts(&self, job_id: &str) -> Result<JobCounts, StoreError> {
+        let mut prefix = job_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut counts = JobCounts::default();
+        for kv in self.job_targets.prefix(&prefix) {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            counts.add(decode(&k, &v)?);
+        }
+        Ok(counts)
+    }
+
+    pub fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
         let Some(thing) = self.command_ids.get(execution_id).map_err(engine)? else {
             return Ok(None);
         };
-        let thing = std::str::from_utf8(&thing)
-            .ok()
-            .and_then(|t| DeviceId::parse(t).ok())
-            .ok_or_else(|| StoreError::Corrupt {
-                key: execution_id.to_owned(),
-                reason: "bad thing name".into(),
-            })?;
+        let thing = parse_thing(execution_id.as_bytes(), &thing)?;
         let key = command_key(&thing, execution_id);
         match self.commands.get(&key).map_err(engine)? {
             Some(v) => Ok(Some(decode(&key, &v)?)),
@@ -381,7 +528,7 @@ impl TwinStore for EmbeddedStore {
         }
     }
 
-    fn commands(
+    pub fn commands(
         &self,
         thing: &DeviceId,
         before: Option<&str>,
@@ -410,7 +557,7 @@ impl TwinStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn things(
+    pub fn things(
         &self,
         after: Option<&DeviceId>,
         limit: usize,
@@ -431,46 +578,237 @@ impl TwinStore for EmbeddedStore {
         Ok(out)
     }
 
-    fn scan(&self, visit: &mut dyn FnMut(Scanned)) -> Result<(), StoreError> {
-        for kv in self.things.iter() {
-            let (k, v) = kv.into_inner().map_err(engine)?;
-            visit(Scanned::Thing(decode(&k, &v)?));
+    pub fn index_page(
+        &self,
+        partition: u16,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<IndexedTwin>, StoreError> {
+        let range = partition_range(partition, after.map(member_key));
+        let mut out = Vec::new();
+        for kv in self.members.range::<Vec<u8>, _>(range).take(limit) {
+            let k = kv.key().map_err(engine)?;
+            let thing = parse_thing(&k, &k[2..])?;
+            let snap = self.load(&thing)?;
+            let Some(record) = snap.record else {
+                return Err(StoreError::Corrupt {
+                    key: thing.to_string(),
+                    reason: "listed as a member, but not registered".into(),
+                });
+            };
+            out.push(IndexedTwin {
+                record,
+                connectivity: snap.connectivity,
+                shadows: snap.shadows,
+            });
         }
-        for kv in self.presence.iter() {
-            let (k, v) = kv.into_inner().map_err(engine)?;
-            let thing = std::str::from_utf8(&k)
-                .ok()
-                .and_then(|s| DeviceId::parse(s).ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    reason: "bad thing name".into(),
-                })?;
-            visit(Scanned::Presence(thing, decode(&k, &v)?));
-        }
-        for kv in self.shadows.iter() {
-            let (k, v) = kv.into_inner().map_err(engine)?;
-            let (thing, shadow) = split_shadow_key(&k)?;
-            visit(Scanned::Shadow(thing, shadow, Box::new(decode(&k, &v)?)));
-        }
-        for kv in self.commands.iter() {
-            let (k, v) = kv.into_inner().map_err(engine)?;
-            let c: CommandExecution = decode(&k, &v)?;
-            if let Some(at) = c.deadline() {
-                visit(Scanned::Deadline(c.thing, at));
-            }
-        }
-        for kv in self.job_execs.iter() {
-            let (k, v) = kv.into_inner().map_err(engine)?;
-            let e: JobExecution = decode(&k, &v)?;
-            if let Some(at) = e.deadline() {
-                visit(Scanned::Deadline(e.thing, at));
-            }
-        }
-        Ok(())
+        Ok(out)
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
+    pub fn pending_deadlines(
+        &self,
+        partition: u16,
+        after: Option<(&DeviceId, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Deadline>, StoreError> {
+        // Items sort after their kind byte; the cursor names the item with its kind.
+        let after = after.map(|(thing, item)| {
+            let mut k = deadline_prefix(thing);
+            k.extend_from_slice(item.as_bytes());
+            k
+        });
+        let mut out = Vec::new();
+        for kv in self
+            .deadlines
+            .range::<Vec<u8>, _>(partition_range(partition, after))
+            .take(limit)
+        {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let corrupt = || StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                reason: "bad deadline entry".into(),
+            };
+            let rest = k.get(2..).ok_or_else(corrupt)?;
+            let split = rest.iter().position(|&b| b == 0).ok_or_else(corrupt)?;
+            let item = std::str::from_utf8(&rest[split + 1..]).map_err(|_| corrupt())?;
+            let at: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
+            out.push(Deadline {
+                thing: parse_thing(&k, &rest[..split])?,
+                item: item.to_owned(),
+                at: u64::from_be_bytes(at),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
         self.db.persist(PersistMode::SyncAll).map_err(engine)
+    }
+}
+
+/// The embedded backend behind the async [`TwinStore`] traits: each call runs the
+/// [`Engine`] on tokio's blocking pool, where a test's paused clock also sees it running.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    engine: Arc<Engine>,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `dir`; see [`Engine::open`].
+    pub fn open(dir: impl Into<PathBuf>, history: u64) -> Result<Self, StoreError> {
+        Ok(Self {
+            engine: Arc::new(Engine::open(dir, history)?),
+        })
+    }
+
+    /// The blocking engine, for callers that are not on an async runtime (the CLI).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || f(&engine))
+            .await
+            .map_err(|e| StoreError::Engine(format!("a store call panicked: {e}")))?
+    }
+}
+
+#[async_trait]
+impl TwinStateStore for EmbeddedStore {
+    async fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+        let thing = thing.clone();
+        self.blocking(move |e| e.load(&thing)).await
+    }
+
+    async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        self.blocking(move |e| e.commit(&batch)).await
+    }
+
+    async fn history(
+        &self,
+        thing: &DeviceId,
+        shadow: &ShadowName,
+        limit: usize,
+    ) -> Result<Vec<ShadowChange>, StoreError> {
+        let (thing, shadow) = (thing.clone(), shadow.clone());
+        self.blocking(move |e| e.history(&thing, &shadow, limit))
+            .await
+    }
+}
+
+#[async_trait]
+impl RegistryStore for EmbeddedStore {
+    async fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
+        let thing = thing.clone();
+        self.blocking(move |e| e.thing(&thing)).await
+    }
+
+    async fn things(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<ThingRecord>, StoreError> {
+        let after = after.cloned();
+        self.blocking(move |e| e.things(after.as_ref(), limit))
+            .await
+    }
+}
+
+#[async_trait]
+impl CommandStore for EmbeddedStore {
+    async fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
+        let id = execution_id.to_owned();
+        self.blocking(move |e| e.command(&id)).await
+    }
+
+    async fn commands(
+        &self,
+        thing: &DeviceId,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CommandExecution>, StoreError> {
+        let (thing, before) = (thing.clone(), before.map(str::to_owned));
+        self.blocking(move |e| e.commands(&thing, before.as_deref(), limit))
+            .await
+    }
+}
+
+#[async_trait]
+impl JobStore for EmbeddedStore {
+    async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
+        let id = job_id.to_owned();
+        self.blocking(move |e| e.job(&id)).await
+    }
+
+    async fn jobs(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobDefinition>, StoreError> {
+        let after = after.map(str::to_owned);
+        self.blocking(move |e| e.jobs(after.as_deref(), limit))
+            .await
+    }
+
+    async fn job_statuses(
+        &self,
+        job_id: &str,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
+        let (id, after) = (job_id.to_owned(), after.cloned());
+        self.blocking(move |e| e.job_statuses(&id, after.as_ref(), limit))
+            .await
+    }
+
+    async fn job_counts(&self, job_id: &str) -> Result<JobCounts, StoreError> {
+        let id = job_id.to_owned();
+        self.blocking(move |e| e.job_counts(&id)).await
+    }
+}
+
+#[async_trait]
+impl DeadlineIndex for EmbeddedStore {
+    async fn pending_deadlines(
+        &self,
+        partition: u16,
+        after: Option<(&DeviceId, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Deadline>, StoreError> {
+        let after = after.map(|(t, i)| (t.clone(), i.to_owned()));
+        self.blocking(move |e| {
+            e.pending_deadlines(
+                partition,
+                after.as_ref().map(|(t, i)| (t, i.as_str())),
+                limit,
+            )
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl IndexSource for EmbeddedStore {
+    async fn index_page(
+        &self,
+        partition: u16,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<IndexedTwin>, StoreError> {
+        let after = after.cloned();
+        self.blocking(move |e| e.index_page(partition, after.as_ref(), limit))
+            .await
+    }
+}
+
+#[async_trait]
+impl TwinStore for EmbeddedStore {
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.blocking(Engine::flush).await
     }
 }
 
@@ -484,7 +822,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), history).unwrap();
         crate::conformance::Backend {
-            store: Box::new(store),
+            store: std::sync::Arc::new(store),
             keep: Box::new(dir),
         }
     });
@@ -494,7 +832,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut shadow = Shadow::default();
         {
-            let store = EmbeddedStore::open(dir.path(), 3).unwrap();
+            let store = Engine::open(dir.path(), 3).unwrap();
             let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
             store
                 .commit(&[
@@ -511,7 +849,7 @@ mod tests {
                 ])
                 .unwrap();
         }
-        let store = EmbeddedStore::open(dir.path(), 3).unwrap();
+        let store = Engine::open(dir.path(), 3).unwrap();
         let snap = store.load(&id("t1")).unwrap();
         assert_eq!(snap.shadows, vec![(ShadowName::classic(), shadow)]);
         assert!(snap.connectivity.connected);
@@ -527,8 +865,8 @@ mod tests {
     #[test]
     fn a_second_opener_is_told_who_holds_the_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = EmbeddedStore::open(dir.path(), 10).unwrap();
-        let err = EmbeddedStore::open(dir.path(), 10).err().unwrap();
+        let _first = Engine::open(dir.path(), 10).unwrap();
+        let err = Engine::open(dir.path(), 10).err().unwrap();
         assert!(
             matches!(err, StoreError::Locked { pid: Some(p), .. } if p == std::process::id()),
             "{err}"
@@ -536,6 +874,59 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("in use by a running doppel server")
+        );
+    }
+
+    #[test]
+    fn a_directory_of_the_first_layout_gets_its_listings_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
+        let command = crate::conformance::command("t1", 1);
+        {
+            let store = Engine::open(dir.path(), 3).unwrap();
+            store
+                .commit(&[
+                    Write::Thing(record.clone()),
+                    Write::Command(std::sync::Arc::new(command.clone())),
+                ])
+                .unwrap();
+            // What a first-layout directory looks like: no listings, no layout mark.
+            for ks in [&store.members, &store.deadlines, &store.meta] {
+                for kv in ks.iter() {
+                    ks.remove(kv.key().unwrap()).unwrap();
+                }
+            }
+            assert!(
+                store
+                    .index_page(id("t1").partition(), None, 10)
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        let store = Engine::open(dir.path(), 3).unwrap();
+        let page = store.index_page(id("t1").partition(), None, 10).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].record, record);
+        let deadlines = store
+            .pending_deadlines(id("t1").partition(), None, 10)
+            .unwrap();
+        assert_eq!(
+            deadlines.iter().map(|d| d.at).collect::<Vec<_>>(),
+            vec![command.deadline().unwrap()]
+        );
+    }
+
+    #[test]
+    fn a_directory_of_a_newer_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Engine::open(dir.path(), 3).unwrap();
+            store.meta.insert("layout", encode(&(LAYOUT + 1))).unwrap();
+        }
+        let err = Engine::open(dir.path(), 3).err().unwrap();
+        assert!(
+            err.to_string().contains("written by a newer doppel"),
+            "{err}"
         );
     }
 }

@@ -1,14 +1,17 @@
 //! Doppel's persistence.
 //!
-//! - [`TwinStore`]: what the twins need from a database (load a twin, commit a batch of
-//!   changes atomically and durably, event history, the device registry);
+//! - [`TwinStore`]: what Doppel needs from a database, split by what callers need: a
+//!   twin's own state ([`TwinStateStore`]), the registry ([`RegistryStore`]), commands
+//!   ([`CommandStore`]), jobs with paged statuses and counts ([`JobStore`]), pending
+//!   deadlines ([`DeadlineIndex`]) and the fleet index's source ([`IndexSource`]), the
+//!   last two paged by placement partition ([`twin_model::PARTITIONS`]);
 //! - [`embedded::EmbeddedStore`]: the default backend, fjall on local disk;
 //! - [`committer::Committer`]: group commit, so that many twins' changes share one
 //!   durable write;
 //! - [`conformance`] (feature `test-util`): the suite every backend passes.
 //!
-//! The trait is synchronous: embedded engines block on disk. Callers on an async runtime
-//! go through the committer (its own thread) or `spawn_blocking`.
+//! The traits are async, so that a network database fits them; the embedded backend
+//! runs its blocking engine on tokio's blocking pool.
 
 pub mod committer;
 #[cfg(any(test, feature = "test-util"))]
@@ -19,6 +22,8 @@ pub mod secret;
 pub mod testing;
 
 use std::sync::Arc;
+
+use async_trait::async_trait;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -102,66 +107,155 @@ pub enum Write {
     DeleteThing(DeviceId),
 }
 
-/// One stored record, as [`TwinStore::scan`] visits them.
-#[derive(Debug, Clone)]
-pub enum Scanned {
-    Thing(ThingRecord),
-    Presence(DeviceId, Connectivity),
-    Shadow(DeviceId, ShadowName, Box<Shadow>),
-    /// A deadline of one of the thing's pending commands or running job executions.
-    Deadline(DeviceId, u64),
+/// A registered twin as the fleet index needs it, from [`IndexSource::index_page`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexedTwin {
+    pub record: ThingRecord,
+    pub connectivity: Connectivity,
+    pub shadows: Vec<(ShadowName, Shadow)>,
 }
 
-pub trait TwinStore: Send + Sync + 'static {
-    /// Loads a twin's registry record, presence and shadows.
-    fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError>;
+/// A pending deadline: a command or job execution of `thing` (`item` names which) that
+/// times out at `at` (milliseconds) unless it ends first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deadline {
+    pub thing: DeviceId,
+    pub item: String,
+    pub at: u64,
+}
 
-    /// Writes a batch atomically; returns only once it is durable.
-    fn commit(&self, batch: &[Write]) -> Result<(), StoreError>;
+/// How many executions of a job have each status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts([u64; JobStatus::ALL.len()]);
+
+impl JobCounts {
+    pub fn add(&mut self, status: JobStatus) {
+        self.0[status as usize] += 1;
+    }
+
+    pub fn get(&self, status: JobStatus) -> u64 {
+        self.0[status as usize]
+    }
+
+    /// Executions created so far (every status).
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// A twin's own state: what a twin loads when it wakes and commits when it changes.
+///
+/// `commit` is atomic per twin (all of a twin's writes in the batch, or none of them) and
+/// per job definition, and returns only once the whole batch is durable. Writes of
+/// different twins may land independently: a network database's atomicity ends at a
+/// partition. An error means an unknown outcome for the batch; the twins that made it
+/// keep their state from before and reload from the store when they next wake.
+#[async_trait]
+pub trait TwinStateStore: Send + Sync + 'static {
+    /// A twin's registry record, presence, shadows, pending commands and job executions.
+    async fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError>;
+
+    /// Writes a batch (see the trait's docs for what is atomic); returns once durable.
+    async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError>;
 
     /// The newest `limit` changes of a shadow, oldest first.
-    fn history(
+    async fn history(
         &self,
         thing: &DeviceId,
         shadow: &ShadowName,
         limit: usize,
     ) -> Result<Vec<ShadowChange>, StoreError>;
+}
 
-    fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError>;
+/// The device registry.
+#[async_trait]
+pub trait RegistryStore: Send + Sync + 'static {
+    async fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError>;
 
-    fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError>;
+    /// Registered things in id order, starting after `after`.
+    async fn things(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<ThingRecord>, StoreError>;
+}
 
-    /// Job definitions in id order, starting after `after`.
-    fn jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<JobDefinition>, StoreError>;
-
-    /// Every execution status of a job, by thing.
-    fn job_statuses(&self, job_id: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError>;
-
+/// Command executions, ended ones included.
+#[async_trait]
+pub trait CommandStore: Send + Sync + 'static {
     /// A command execution by its id (ids are unique across the fleet).
-    fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError>;
+    async fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError>;
 
     /// A thing's command executions, newest first, starting before the execution id
     /// `before` (execution ids sort in creation order).
-    fn commands(
+    async fn commands(
         &self,
         thing: &DeviceId,
         before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<CommandExecution>, StoreError>;
+}
 
-    /// Registered things in id order, starting after `after`.
-    fn things(
+/// Job definitions and the status of each of their executions.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError>;
+
+    /// Job definitions in id order, starting after `after`.
+    async fn jobs(
         &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobDefinition>, StoreError>;
+
+    /// The execution status of a job's targets, in thing order, starting after `after`.
+    /// A deleted thing keeps the status its execution ended with.
+    async fn job_statuses(
+        &self,
+        job_id: &str,
         after: Option<&DeviceId>,
         limit: usize,
-    ) -> Result<Vec<ThingRecord>, StoreError>;
+    ) -> Result<Vec<(DeviceId, JobStatus)>, StoreError>;
 
-    /// Visits every registry record, then every presence, then every shadow (at start,
-    /// to build the fleet index).
-    fn scan(&self, visit: &mut dyn FnMut(Scanned)) -> Result<(), StoreError>;
+    /// How many of the job's executions have each status.
+    async fn job_counts(&self, job_id: &str) -> Result<JobCounts, StoreError>;
+}
 
-    /// Flushes everything to disk (at shutdown).
-    fn flush(&self) -> Result<(), StoreError>;
+/// The pending deadlines of commands and job executions, kept with every write of one, so
+/// that a starting node finds them without reading every execution.
+#[async_trait]
+pub trait DeadlineIndex: Send + Sync + 'static {
+    /// The pending deadlines of the things of `partition`, in (thing, item) order,
+    /// starting after `after`.
+    async fn pending_deadlines(
+        &self,
+        partition: u16,
+        after: Option<(&DeviceId, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Deadline>, StoreError>;
+}
+
+/// Where the fleet index comes from at start, one partition at a time.
+#[async_trait]
+pub trait IndexSource: Send + Sync + 'static {
+    /// The registered things of `partition` with their presence and shadows, in id order,
+    /// starting after `after`.
+    async fn index_page(
+        &self,
+        partition: u16,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<IndexedTwin>, StoreError>;
+}
+
+/// A whole backend: every part above, and a flush at shutdown. Callers that need one part
+/// take it alone (`Arc<dyn TwinStore>` coerces to `Arc<dyn JobStore>` and the others).
+#[async_trait]
+pub trait TwinStore:
+    TwinStateStore + RegistryStore + CommandStore + JobStore + DeadlineIndex + IndexSource
+{
+    /// Makes everything written so far durable (at shutdown).
+    async fn flush(&self) -> Result<(), StoreError>;
 }
 
 impl ThingRecord {

@@ -1,14 +1,18 @@
 //! A store for testing what sits on top of one (feature `test-util`): its commits wait at
 //! a gate until the test opens it, so that work piles up behind them.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use twin_model::command::CommandExecution;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{DeviceId, ShadowChange, ShadowName};
 
-use crate::{Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
+use crate::{
+    CommandStore, Deadline, DeadlineIndex, IndexSource, IndexedTwin, JobCounts, JobStore,
+    RegistryStore, StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+};
 
 /// Reads find nothing, except that with `registered` every thing exists. Every commit
 /// notifies `arrived`, waits until `released`, is recorded in `batches` (its size), and
@@ -16,7 +20,7 @@ use crate::{Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write};
 #[derive(Default)]
 pub struct GatedStore {
     pub registered: bool,
-    pub released: AtomicBool,
+    pub released: Arc<AtomicBool>,
     pub fail: AtomicBool,
     pub batches: Mutex<Vec<usize>>,
     pub arrived: tokio::sync::Notify,
@@ -32,8 +36,9 @@ impl GatedStore {
     }
 }
 
-impl TwinStore for GatedStore {
-    fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+#[async_trait]
+impl TwinStateStore for GatedStore {
+    async fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
         let record = self.registered.then(|| ThingRecord {
             id: thing.clone(),
             secret_hash: String::new(),
@@ -46,18 +51,26 @@ impl TwinStore for GatedStore {
             ..TwinSnapshot::default()
         })
     }
-    fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
+
+    /// Waits on the blocking pool, as a disk would: a test's paused clock does not jump
+    /// ahead while a commit is held.
+    async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError> {
         self.arrived.notify_one();
-        while !self.released.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let released = self.released.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            while !released.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+        .await;
         self.batches.lock().unwrap().push(batch.len());
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Engine("disk on fire".into()));
         }
         Ok(())
     }
-    fn history(
+
+    async fn history(
         &self,
         _: &DeviceId,
         _: &ShadowName,
@@ -65,25 +78,24 @@ impl TwinStore for GatedStore {
     ) -> Result<Vec<ShadowChange>, StoreError> {
         Ok(vec![])
     }
-    fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
+}
+
+#[async_trait]
+impl RegistryStore for GatedStore {
+    async fn thing(&self, _: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
         Ok(None)
     }
-    fn things(&self, _: Option<&DeviceId>, _: usize) -> Result<Vec<ThingRecord>, StoreError> {
+    async fn things(&self, _: Option<&DeviceId>, _: usize) -> Result<Vec<ThingRecord>, StoreError> {
         Ok(vec![])
     }
-    fn job(&self, _: &str) -> Result<Option<JobDefinition>, StoreError> {
+}
+
+#[async_trait]
+impl CommandStore for GatedStore {
+    async fn command(&self, _: &str) -> Result<Option<CommandExecution>, StoreError> {
         Ok(None)
     }
-    fn jobs(&self, _: Option<&str>, _: usize) -> Result<Vec<JobDefinition>, StoreError> {
-        Ok(vec![])
-    }
-    fn job_statuses(&self, _: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
-        Ok(vec![])
-    }
-    fn command(&self, _: &str) -> Result<Option<CommandExecution>, StoreError> {
-        Ok(None)
-    }
-    fn commands(
+    async fn commands(
         &self,
         _: &DeviceId,
         _: Option<&str>,
@@ -91,10 +103,180 @@ impl TwinStore for GatedStore {
     ) -> Result<Vec<CommandExecution>, StoreError> {
         Ok(vec![])
     }
-    fn scan(&self, _: &mut dyn FnMut(Scanned)) -> Result<(), StoreError> {
+}
+
+#[async_trait]
+impl JobStore for GatedStore {
+    async fn job(&self, _: &str) -> Result<Option<JobDefinition>, StoreError> {
+        Ok(None)
+    }
+    async fn jobs(&self, _: Option<&str>, _: usize) -> Result<Vec<JobDefinition>, StoreError> {
+        Ok(vec![])
+    }
+    async fn job_statuses(
+        &self,
+        _: &str,
+        _: Option<&DeviceId>,
+        _: usize,
+    ) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
+        Ok(vec![])
+    }
+    async fn job_counts(&self, _: &str) -> Result<JobCounts, StoreError> {
+        Ok(JobCounts::default())
+    }
+}
+
+#[async_trait]
+impl DeadlineIndex for GatedStore {
+    async fn pending_deadlines(
+        &self,
+        _: u16,
+        _: Option<(&DeviceId, &str)>,
+        _: usize,
+    ) -> Result<Vec<Deadline>, StoreError> {
+        Ok(vec![])
+    }
+}
+
+#[async_trait]
+impl IndexSource for GatedStore {
+    async fn index_page(
+        &self,
+        _: u16,
+        _: Option<&DeviceId>,
+        _: usize,
+    ) -> Result<Vec<IndexedTwin>, StoreError> {
+        Ok(vec![])
+    }
+}
+
+#[async_trait]
+impl TwinStore for GatedStore {
+    async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
+}
+
+/// Another store, until it "crashes": past its first `commits` commits, every commit fails
+/// without writing, as if the process had been killed before they reached the disk.
+pub struct CrashAfter {
+    pub inner: Arc<dyn TwinStore>,
+    pub commits: std::sync::atomic::AtomicUsize,
+}
+
+impl CrashAfter {
+    pub fn new(inner: Arc<dyn TwinStore>, commits: usize) -> Self {
+        Self {
+            inner,
+            commits: commits.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl TwinStateStore for CrashAfter {
+    async fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+        self.inner.load(thing).await
+    }
+    async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        let left = self.commits.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(StoreError::Engine("killed".into()));
+        }
+        self.commits.store(left - 1, Ordering::SeqCst);
+        self.inner.commit(batch).await
+    }
+    async fn history(
+        &self,
+        thing: &DeviceId,
+        shadow: &ShadowName,
+        limit: usize,
+    ) -> Result<Vec<ShadowChange>, StoreError> {
+        self.inner.history(thing, shadow, limit).await
+    }
+}
+
+#[async_trait]
+impl RegistryStore for CrashAfter {
+    async fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
+        self.inner.thing(thing).await
+    }
+    async fn things(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<ThingRecord>, StoreError> {
+        self.inner.things(after, limit).await
+    }
+}
+
+#[async_trait]
+impl CommandStore for CrashAfter {
+    async fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
+        self.inner.command(execution_id).await
+    }
+    async fn commands(
+        &self,
+        thing: &DeviceId,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<CommandExecution>, StoreError> {
+        self.inner.commands(thing, before, limit).await
+    }
+}
+
+#[async_trait]
+impl JobStore for CrashAfter {
+    async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
+        self.inner.job(job_id).await
+    }
+    async fn jobs(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobDefinition>, StoreError> {
+        self.inner.jobs(after, limit).await
+    }
+    async fn job_statuses(
+        &self,
+        job_id: &str,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
+        self.inner.job_statuses(job_id, after, limit).await
+    }
+    async fn job_counts(&self, job_id: &str) -> Result<JobCounts, StoreError> {
+        self.inner.job_counts(job_id).await
+    }
+}
+
+#[async_trait]
+impl DeadlineIndex for CrashAfter {
+    async fn pending_deadlines(
+        &self,
+        partition: u16,
+        after: Option<(&DeviceId, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Deadline>, StoreError> {
+        self.inner.pending_deadlines(partition, after, limit).await
+    }
+}
+
+#[async_trait]
+impl IndexSource for CrashAfter {
+    async fn index_page(
+        &self,
+        partition: u16,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<IndexedTwin>, StoreError> {
+        self.inner.index_page(partition, after, limit).await
+    }
+}
+
+#[async_trait]
+impl TwinStore for CrashAfter {
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
     }
 }

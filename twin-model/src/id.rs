@@ -58,7 +58,29 @@ impl DeviceId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// FNV-1a of the name: stable across builds, platforms and versions, because stores
+    /// keep data under it ([`DeviceId::partition`]).
+    pub fn stable_hash(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.0.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
+    /// The placement partition of the thing, below [`PARTITIONS`]. Stores group their
+    /// per-thing listings (the fleet index's source, pending deadlines) by partition, so
+    /// that a node can load only the partitions it owns.
+    pub fn partition(&self) -> u16 {
+        (self.stable_hash() % u64::from(PARTITIONS)) as u16
+    }
 }
+
+/// How many placement partitions the fleet is divided into. Fixed: stored data is keyed
+/// by it.
+pub const PARTITIONS: u16 = 1024;
 
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

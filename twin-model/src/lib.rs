@@ -22,7 +22,7 @@ pub mod topic;
 
 pub use event::{Connectivity, TwinEvent};
 pub use filter::{Filter, FilterError, FilterTarget};
-pub use id::{DeviceId, NameError, ShadowName};
+pub use id::{DeviceId, NameError, PARTITIONS, ShadowName};
 pub use rejection::{Rejection, RejectionKind};
 pub use shadow::{ChangeOp, Limits, SectionPatch, Shadow, ShadowChange, UpdateRequest};
 

@@ -12,7 +12,7 @@ use twin_model::command::{
 use twin_model::{Rejection, RejectionKind, TwinEvent};
 use twin_store::{Write, secret};
 
-use super::{DeviceMsg, DeviceState, unavailable};
+use super::{DeviceMsg, DeviceState};
 use crate::error::FleetError;
 
 fn not_found(execution_id: &str) -> FleetError {
@@ -26,7 +26,7 @@ fn not_found(execution_id: &str) -> FleetError {
 /// A new execution id: the creation time first, so that ids sort in creation order,
 /// then randomness.
 fn execution_id(now: u64) -> Result<String, FleetError> {
-    let random = secret::generate().map_err(unavailable)?;
+    let random = secret::generate()?;
     Ok(format!("{now:012x}{}", &random[..12]))
 }
 
@@ -92,8 +92,7 @@ impl DeviceState {
 
     /// An ended execution of this thing, from the store.
     async fn stored_command(&self, execution_id: &str) -> Result<CommandExecution, FleetError> {
-        let id = execution_id.to_owned();
-        let found = self.shared.read(move |store| store.command(&id)).await?;
+        let found = self.shared.store().command(execution_id).await?;
         found
             .filter(|c| c.thing == self.thing)
             .ok_or_else(|| not_found(execution_id))

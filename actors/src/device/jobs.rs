@@ -277,12 +277,12 @@ impl DeviceState {
         if let Some(d) = self.documents.get(job) {
             return Ok(d.document.clone());
         }
-        let id = job.to_owned();
         let found = self
             .shared
-            .read(move |store| store.job(&id))
+            .store()
+            .job(job)
             .await?
-            .ok_or_else(|| FleetError::Unavailable(format!("job {job} has no definition")))?;
+            .ok_or_else(|| FleetError::Inconsistent(format!("job {job} has no definition")))?;
         let document = found.document.clone();
         self.documents.insert(job.to_owned(), Arc::new(found));
         Ok(document)

@@ -69,10 +69,6 @@ struct Loaded {
     jobs: BTreeMap<String, JobExecution>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> FleetError {
-    FleetError::Unavailable(e.to_string())
-}
-
 fn thing_not_found() -> FleetError {
     FleetError::Rejected(Rejection::new(RejectionKind::NotFound, "Thing not found"))
 }
@@ -80,8 +76,7 @@ fn thing_not_found() -> FleetError {
 impl DeviceState {
     async fn load(&mut self) -> Result<&mut Loaded, FleetError> {
         if self.loaded.is_none() {
-            let thing = self.thing.clone();
-            let snap: TwinSnapshot = self.shared.read(move |store| store.load(&thing)).await?;
+            let snap: TwinSnapshot = self.shared.store().load(&self.thing).await?;
             self.loaded = Some(Loaded {
                 record: snap.record,
                 connectivity: snap.connectivity,
@@ -118,7 +113,7 @@ impl DeviceState {
             .committer
             .commit(writes)
             .await
-            .map_err(unavailable)
+            .map_err(FleetError::from)
     }
 
     /// Makes an accepted shadow change: durable first, then visible, then announced.
@@ -231,8 +226,7 @@ impl DeviceState {
         let mut attrs = Map::new();
         json::merge(&mut attrs, &attributes);
         self.check_attributes(&attrs)?;
-        let (mut record, secret) =
-            ThingRecord::new(self.thing.clone(), self.shared.now_millis()).map_err(unavailable)?;
+        let (mut record, secret) = ThingRecord::new(self.thing.clone(), self.shared.now_millis())?;
         record.attributes = attrs;
         self.save_record(record.clone()).await?;
         Ok((record, secret))
@@ -298,7 +292,7 @@ impl DeviceState {
                 Ok(None)
             }
             RegistryOp::RotateSecret => {
-                let secret = secret::generate().map_err(unavailable)?;
+                let secret = secret::generate()?;
                 record.secret_hash = secret::hash(&secret);
                 self.save_record(record).await?;
                 self.shared.kick(&self.thing, "thing secret rotated");
@@ -317,7 +311,7 @@ impl DeviceState {
                     .collect();
                 for job in unfinished {
                     if let Err(e) = self.end_job(&job, true, true).await? {
-                        return Err(unavailable(e.message));
+                        return Err(FleetError::Inconsistent(e.message));
                     }
                 }
                 self.commit(vec![Write::DeleteThing(self.thing.clone())])

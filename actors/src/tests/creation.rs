@@ -2,16 +2,13 @@
 //! stops during its fan-out.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use twin_model::command::CommandExecution;
-use twin_model::job::{JobDefinition, JobStatus, RetryPolicy, Timeouts};
+use twin_model::job::{JobStatus, RetryPolicy, Timeouts};
 use twin_model::rollout::Pace;
-use twin_model::{DeviceId, RejectionKind, ShadowChange, ShadowName};
-use twin_store::{
-    Committer, EmbeddedStore, Scanned, StoreError, ThingRecord, TwinSnapshot, TwinStore, Write,
-};
+use twin_model::{DeviceId, RejectionKind};
+use twin_store::testing::CrashAfter;
+use twin_store::{Committer, EmbeddedStore};
 
 use super::{firmware_job, fleet, fleet_in, paced_job, registered, stop};
 use crate::{FleetConfig, FleetHandle};
@@ -53,71 +50,6 @@ async fn a_job_and_its_rollback_job_are_created_together_or_not_at_all() {
     );
 }
 
-/// The embedded store, until it "crashes": past its first `commits` commits, every commit
-/// fails, as if the process had been killed before they reached the disk.
-struct CrashingStore {
-    inner: EmbeddedStore,
-    commits: AtomicUsize,
-}
-
-impl TwinStore for CrashingStore {
-    fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
-        self.inner.load(thing)
-    }
-    fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
-        let left = self.commits.load(Ordering::SeqCst);
-        if left == 0 {
-            return Err(StoreError::Engine("killed".into()));
-        }
-        self.commits.store(left - 1, Ordering::SeqCst);
-        self.inner.commit(batch)
-    }
-    fn history(
-        &self,
-        thing: &DeviceId,
-        shadow: &ShadowName,
-        limit: usize,
-    ) -> Result<Vec<ShadowChange>, StoreError> {
-        self.inner.history(thing, shadow, limit)
-    }
-    fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
-        self.inner.thing(thing)
-    }
-    fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
-        self.inner.job(job_id)
-    }
-    fn jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<JobDefinition>, StoreError> {
-        self.inner.jobs(after, limit)
-    }
-    fn job_statuses(&self, job_id: &str) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
-        self.inner.job_statuses(job_id)
-    }
-    fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
-        self.inner.command(execution_id)
-    }
-    fn commands(
-        &self,
-        thing: &DeviceId,
-        before: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<CommandExecution>, StoreError> {
-        self.inner.commands(thing, before, limit)
-    }
-    fn things(
-        &self,
-        after: Option<&DeviceId>,
-        limit: usize,
-    ) -> Result<Vec<ThingRecord>, StoreError> {
-        self.inner.things(after, limit)
-    }
-    fn scan(&self, visit: &mut dyn FnMut(Scanned)) -> Result<(), StoreError> {
-        self.inner.scan(visit)
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
-    }
-}
-
 const TARGETS: [&str; 5] = ["t1", "t2", "t3", "t4", "t5"];
 
 /// Creates an un-paced job over `TARGETS` on a store that dies after `commits` more
@@ -131,10 +63,10 @@ async fn fan_out_killed_after(commits: usize) -> (bool, Vec<(DeviceId, JobStatus
     registered(&f, &TARGETS).await;
     stop(f, done).await;
 
-    let store = Arc::new(CrashingStore {
-        inner: EmbeddedStore::open(dir.path(), 100).unwrap(),
-        commits: AtomicUsize::new(commits),
-    });
+    let store = Arc::new(CrashAfter::new(
+        Arc::new(EmbeddedStore::open(dir.path(), 100).unwrap()),
+        commits,
+    ));
     let (committer, done) = Committer::start(store, 1024, 1024);
     let f = FleetHandle::start(config.clone(), committer).await.unwrap();
     let names = TARGETS.map(String::from);
