@@ -417,6 +417,15 @@ impl FleetHandle {
         job: Arc<JobDefinition>,
         rollback: Option<Arc<JobDefinition>>,
     ) -> Result<(), FleetError> {
+        // A gate whose filter does not parse would hold every success unjudged for ever.
+        if let Some(gate) = job.rollout.as_ref().and_then(|r| r.health.as_ref()) {
+            Filter::parse(&gate.filter).map_err(|e| {
+                Rejection::new(
+                    RejectionKind::BadRequest,
+                    format!("the health gate's filter is invalid: {e}"),
+                )
+            })?;
+        }
         let jobs: Vec<Arc<JobDefinition>> = rollback.into_iter().chain([job.clone()]).collect();
         {
             // A job id is created once: no other creation runs between the check and the
@@ -594,7 +603,7 @@ impl FleetHandle {
     /// Starts the controller of a job with a rollout still under way; the receiver hears
     /// when its first look at the job (and release) is done.
     pub fn start_rollout(&self, job: JobDefinition) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        if !rollout::unfinished(&job) || self.shared.rollouts.contains_key(&job.job_id) {
+        if !job.rollout_under_way() || self.shared.rollouts.contains_key(&job.job_id) {
             return None;
         }
         let (control, rx) = mpsc::channel(16);
@@ -621,7 +630,7 @@ impl FleetHandle {
             };
             after = Some(last.job_id.clone());
             for mut job in page {
-                if rollout::unfinished(&job) {
+                if job.rollout_under_way() {
                     if let Some(r) = job.rollout.as_mut() {
                         r.restart(self.now_millis());
                     }

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use twin_model::job::{JobDefinition, JobStatus};
+use twin_model::progress::Progress;
 use twin_model::rollout::Pace;
 use twin_model::{DeviceId, Filter, RejectionKind};
 
@@ -39,11 +40,6 @@ pub(crate) struct RolloutLink {
     pub control: mpsc::Sender<Control>,
     /// Pinged by the twins when one of the job's executions changed.
     pub changed: Arc<Notify>,
-}
-
-/// Whether a job's rollout still has work to do.
-pub fn unfinished(job: &JobDefinition) -> bool {
-    job.canceled_at.is_none() && job.rollout.as_ref().is_some_and(|r| r.aborted_at.is_none())
 }
 
 pub(crate) async fn run(
@@ -128,8 +124,14 @@ fn judge_health(
     let Some(gate) = rollout.health.clone() else {
         return false;
     };
-    let Ok(filter) = Filter::parse(&gate.filter) else {
-        return false;
+    // Checked when the job was created; a stored one that no longer parses (a newer
+    // filter syntax, read by an older build) is said, not passed over in silence.
+    let filter = match Filter::parse(&gate.filter) {
+        Ok(filter) => filter,
+        Err(e) => {
+            tracing::error!(job = %job.job_id, error = %e, "the health gate's filter does not parse; no target is judged");
+            return false;
+        }
     };
     let now = fleet.now_millis();
     let mut changed = false;
@@ -170,34 +172,13 @@ async fn step(
     let Some(rollout) = job.rollout.clone() else {
         return Ok(None);
     };
-    let gated = rollout.health.is_some();
-    let awaiting_verdicts = gated
-        && statuses.iter().any(|(thing, s)| {
-            *s == JobStatus::Succeeded
-                && !rollout.healthy.contains(thing)
-                && !rollout.unhealthy.contains(thing)
-        });
-    // Ended, and for a gated job, a succeeded one also judged healthy or not.
-    let finished = statuses
-        .iter()
-        .filter(|(thing, s)| {
-            s.is_terminal()
-                && (!gated
-                    || *s != JobStatus::Succeeded
-                    || rollout.healthy.contains(thing)
-                    || rollout.unhealthy.contains(thing))
-        })
-        .count() as u64;
-    let failed = statuses
-        .iter()
-        .filter(|(_, s)| {
-            matches!(
-                s,
-                JobStatus::Failed | JobStatus::TimedOut | JobStatus::Rejected
-            )
-        })
-        .count() as u64
-        + rollout.unhealthy.len() as u64;
+    let progress = Progress::of(job, &statuses);
+    let Progress {
+        finished,
+        failed,
+        awaiting_verdicts,
+        ..
+    } = progress;
     if rollout.abort.is_some_and(|a| a.tripped(finished, failed)) {
         if let Some(r) = job.rollout.as_mut() {
             r.aborted_at = Some(fleet.now_millis());
@@ -208,7 +189,7 @@ async fn step(
         return Ok(None);
     }
     if rollout.released == rollout.total() {
-        return Ok((finished < rollout.total()).then_some(awaiting_verdicts));
+        return Ok((!progress.complete()).then_some(awaiting_verdicts));
     }
     if rollout.paused_at.is_some() {
         return Ok(Some(awaiting_verdicts));

@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use twin_actors::FleetHandle;
 use twin_model::job::{JobDefinition, JobStatus, MAX_RETRIES, RetryPolicy, Timeouts};
+use twin_model::progress::{JobState, Progress};
 use twin_model::rollout::{AbortPolicy, HealthGate, Pace, Rollout};
 use twin_model::{DeviceId, TwinEvent};
 
@@ -398,23 +399,16 @@ fn wave_counts(rollout: &Rollout, statuses: &[(DeviceId, JobStatus)]) -> Vec<Ota
 }
 
 fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
-    let targets = job
-        .rollout
-        .as_ref()
-        .map_or(statuses.len() as u64, |r| r.total());
+    let progress = Progress::of(&job, statuses);
+    let targets = progress.targets;
     let mut counts = count(statuses.iter().map(|(_, s)| s), targets);
     counts.unhealthy = job.rollout.as_ref().map_or(0, |r| r.unhealthy.len() as u64);
-    let judged = job.rollout.as_ref().is_none_or(|r| {
-        r.health.is_none() || (r.healthy.len() + r.unhealthy.len()) as u64 == counts.succeeded
-    });
-    let all_ended =
-        counts.not_released == 0 && judged && statuses.iter().all(|(_, s)| s.is_terminal());
-    let status = match &job.rollout {
-        _ if job.canceled_at.is_some() => OtaJobStatus::Canceled,
-        Some(r) if r.aborted_at.is_some() => OtaJobStatus::Aborted,
-        _ if all_ended => OtaJobStatus::Completed,
-        Some(r) if r.paused_at.is_some() => OtaJobStatus::Paused,
-        _ => OtaJobStatus::InProgress,
+    let status = match job.state(&progress) {
+        JobState::InProgress => OtaJobStatus::InProgress,
+        JobState::Paused => OtaJobStatus::Paused,
+        JobState::Completed => OtaJobStatus::Completed,
+        JobState::Canceled => OtaJobStatus::Canceled,
+        JobState::Aborted => OtaJobStatus::Aborted,
     };
     let waves = job
         .rollout

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use twin_model::job::{JobStatus, RetryPolicy, Timeouts};
-use twin_model::rollout::Pace;
+use twin_model::rollout::{HealthGate, Pace};
 use twin_model::{DeviceId, RejectionKind};
 use twin_store::testing::CrashAfter;
 use twin_store::{Committer, EmbeddedStore};
@@ -51,6 +51,23 @@ async fn a_job_and_its_rollback_job_are_created_together_or_not_at_all() {
 }
 
 const TARGETS: [&str; 5] = ["t1", "t2", "t3", "t4", "t5"];
+
+#[tokio::test]
+async fn a_job_whose_health_gate_does_not_parse_is_refused_not_stalled() {
+    let f = fleet(FleetConfig::default()).await;
+    registered(&f.fleet, &["t1"]).await;
+    let mut job = (*paced_job(&f.fleet, "fw-gate", &["t1".into()], Pace::All)).clone();
+    if let Some(r) = job.rollout.as_mut() {
+        r.health = Some(HealthGate {
+            filter: "reported.selfTest =".into(),
+            window_ms: 1000,
+        });
+    }
+    let refused = f.fleet.create_job(Arc::new(job), None).await.unwrap_err();
+    assert_eq!(refused.kind(), RejectionKind::BadRequest, "{refused}");
+    assert!(refused.to_string().contains("health gate"), "{refused}");
+    assert!(f.fleet.job("fw-gate").await.unwrap().is_none());
+}
 
 /// Creates an un-paced job over `TARGETS` on a store that dies after `commits` more
 /// commits; then starts again on what reached the disk, as a restarted server does.
