@@ -15,8 +15,10 @@
 
 pub mod accept;
 pub mod acl;
+mod api;
 pub mod codec;
 mod connection;
+mod protocol;
 mod session;
 pub mod tls;
 
