@@ -18,10 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::SystemTime;
 
+use async_graphql::{Context, Object, SimpleObject};
 use serde::{Deserialize, Serialize};
 use twin_store::{now_millis, secret};
 
 use crate::error::{ApiError, Code};
+use crate::schema::{DateTime, RoleGuard, api};
 
 #[derive(
     Debug,
@@ -351,5 +353,45 @@ mod tests {
         for bad in ["", "30", "d", "3x", "0h", "99999999999999999999d"] {
             assert!(parse_ttl(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct CreatedToken {
+    /// The bearer token, shown only here, once.
+    pub token: String,
+    pub role: Role,
+    pub expires_at: Option<DateTime>,
+}
+
+#[derive(Default)]
+pub struct TokensMutation;
+
+#[Object]
+impl TokensMutation {
+    /// Issues an API token (admin), shown once.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn create_token(
+        &self,
+        ctx: &Context<'_>,
+        role: Role,
+        ttl_seconds: Option<u64>,
+        note: Option<String>,
+    ) -> async_graphql::Result<CreatedToken> {
+        let api = api(ctx);
+        if ttl_seconds == Some(0) {
+            return Err(ApiError::invalid("ttlSeconds must be positive").into());
+        }
+        let tokens = api.tokens.clone();
+        let ttl = ttl_seconds.map(|s| s.saturating_mul(1000));
+        let (token, record) = tokio::task::spawn_blocking(move || tokens.create(role, ttl, note))
+            .await
+            .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?
+            .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
+        Ok(CreatedToken {
+            token,
+            role,
+            expires_at: record.expires_at.map(DateTime),
+        })
     }
 }

@@ -3,15 +3,16 @@
 use std::sync::Arc;
 
 use async_graphql::futures_util::stream::{self, Stream, StreamExt};
-use async_graphql::{Enum, ID, Json, Object, SimpleObject, Union};
-use serde_json::Value;
+use async_graphql::{Context, Enum, ID, Json, Object, SimpleObject, Subscription, Union};
+use serde_json::{Map, Value};
 use tokio::sync::broadcast::Receiver;
-use tokio::sync::broadcast::error::RecvError;
 use twin_actors::Change;
-use twin_model::command::{self, CommandExecution};
-use twin_model::{DeviceId, TwinEvent};
+use twin_model::command::{self, CommandExecution, NewCommand};
+use twin_model::{DeviceId, TwinEvent, json};
 
-use crate::schema::{DateTime, Lagged, PageInfo, Subscribed};
+use crate::auth::Role;
+use crate::error::{ApiError, Code};
+use crate::schema::{self, DateTime, Lagged, PageInfo, RoleGuard, Subscribed, api, lagging};
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq)]
 #[graphql(name = "CommandStatus")]
@@ -146,28 +147,151 @@ pub fn updates(rx: Receiver<Change>, thing: DeviceId) -> impl Stream<Item = Comm
         thing_id: Some(ID(thing.to_string())),
         version: None,
     });
-    let live = stream::unfold((rx, thing), |(mut rx, thing)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(change) => {
-                    if let TwinEvent::Command { execution, .. } = &*change.event
-                        && execution.thing == thing
-                    {
-                        let e = CommandEvent::CommandUpdated(Command(execution.clone()));
-                        return Some((e, (rx, thing)));
-                    }
+    let live = lagging(rx).filter_map(move |change| {
+        let event = match change {
+            Ok(change) => match &*change.event {
+                TwinEvent::Command { execution, .. } if execution.thing == thing => {
+                    Some(CommandEvent::CommandUpdated(Command(execution.clone())))
                 }
-                Err(RecvError::Lagged(skipped)) => {
-                    let lagged = Lagged {
-                        skipped,
-                        resume_from_version: None,
-                        thing_id: Some(ID(thing.to_string())),
-                    };
-                    return Some((CommandEvent::Lagged(lagged), (rx, thing)));
-                }
-                Err(RecvError::Closed) => return None,
-            }
-        }
+                _ => None,
+            },
+            Err(skipped) => Some(CommandEvent::Lagged(Lagged {
+                skipped,
+                resume_from_version: None,
+                thing_id: Some(ID(thing.to_string())),
+            })),
+        };
+        std::future::ready(event)
     });
     stream::once(async { subscribed }).chain(live)
+}
+
+#[derive(Default)]
+pub struct CommandsQuery;
+
+#[Object]
+impl CommandsQuery {
+    /// A command execution by id, its deadlines applied; null when there is none.
+    #[graphql(guard = "RoleGuard(Role::Viewer)")]
+    async fn command(
+        &self,
+        ctx: &Context<'_>,
+        execution_id: ID,
+    ) -> async_graphql::Result<Option<Command>> {
+        let api = api(ctx);
+        if !twin_model::topic::valid_execution_id(&execution_id) {
+            return Ok(None);
+        }
+        match api.fleet.command(&execution_id).await {
+            Ok(c) => Ok(Some(Command(c))),
+            Err(e) if e.kind() == twin_model::RejectionKind::NotFound => Ok(None),
+            Err(e) => Err(ApiError::from(e).into()),
+        }
+    }
+
+    /// A thing's command executions, newest first.
+    #[graphql(
+        guard = "RoleGuard(Role::Viewer)",
+        complexity = "(first.max(1) as usize).saturating_mul(child_complexity)"
+    )]
+    async fn commands(
+        &self,
+        ctx: &Context<'_>,
+        thing_id: ID,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+    ) -> async_graphql::Result<CommandConnection> {
+        let api = api(ctx);
+        let max = api.limits.max_page_size;
+        if first < 1 || first as usize > max {
+            return Err(ApiError::invalid(format!("first must be between 1 and {max}")).into());
+        }
+        let thing = schema::thing_id(&thing_id)?;
+        let mut list = api
+            .fleet
+            .commands(&thing, after, first as usize + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let has_next_page = list.len() > first as usize;
+        list.truncate(first as usize);
+        let edges: Vec<CommandEdge> = list
+            .into_iter()
+            .map(|c| CommandEdge {
+                cursor: c.execution_id.clone(),
+                node: Command(Arc::new(c)),
+            })
+            .collect();
+        Ok(CommandConnection {
+            page_info: PageInfo {
+                has_next_page,
+                end_cursor: edges.last().map(|e| e.cursor.clone()),
+            },
+            edges,
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct CommandsMutation;
+
+#[Object]
+impl CommandsMutation {
+    /// Sends a command to a thing (operator). The device receives `payload` on
+    /// `$aws/commands/things/{thing}/executions/{executionId}/request/json` once it
+    /// subscribes there; undelivered after `expiresInSeconds`, or unfinished
+    /// `timeoutSeconds` after delivery, the command times out.
+    #[graphql(guard = "RoleGuard(Role::Operator)")]
+    async fn send_command(
+        &self,
+        ctx: &Context<'_>,
+        thing_id: ID,
+        name: String,
+        payload: Option<Json<Value>>,
+        #[graphql(desc = "Default 60.")] timeout_seconds: Option<u64>,
+        #[graphql(desc = "Default 3600.")] expires_in_seconds: Option<u64>,
+    ) -> async_graphql::Result<Command> {
+        let api = api(ctx);
+        let thing = schema::thing_id(&thing_id)?;
+        let request = NewCommand {
+            name,
+            payload: payload.map_or(Value::Object(Map::new()), |p| p.0),
+            timeout_seconds: timeout_seconds.unwrap_or(60),
+            expires_in_seconds: expires_in_seconds.unwrap_or(3600),
+        };
+        if json::encoded_len(&request.payload) > api.fleet.config().limits.max_state_bytes {
+            return Err(ApiError::new(
+                Code::PayloadTooLarge,
+                format!(
+                    "the payload is larger than {} bytes",
+                    api.fleet.config().limits.max_state_bytes
+                ),
+            )
+            .into());
+        }
+        let execution = api
+            .fleet
+            .send_command(&thing, request)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Command(execution))
+    }
+}
+
+#[derive(Default)]
+pub struct CommandsSubscription;
+
+#[Subscription]
+impl CommandsSubscription {
+    /// Every change of a thing's command executions (created, delivered, answered,
+    /// timed out).
+    #[graphql(guard = "RoleGuard(Role::Viewer)")]
+    async fn command_updated(
+        &self,
+        ctx: &Context<'_>,
+        thing_id: ID,
+    ) -> async_graphql::Result<impl Stream<Item = CommandEvent> + use<>> {
+        let api = api(ctx);
+        let thing = schema::thing_id(&thing_id)?;
+        Ok(updates(api.fleet.subscribe(), thing))
+    }
 }

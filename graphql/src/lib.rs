@@ -1,8 +1,11 @@
 //! Doppel's GraphQL API.
 //!
-//! - [`schema`]: the async-graphql schema (queries, mutations, subscriptions);
-//! - [`commands`]: command executions in the schema;
-//! - [`jobs`]: OTA jobs in the schema;
+//! - [`schema`]: the async-graphql schema, merged from one object per domain, and what
+//!   the domains share (roles as guards, paging, the `Lagged` adapter);
+//! - [`things`] and [`thing_events`]: things, shadows, the registry and their
+//!   subscriptions;
+//! - [`commands`]: command executions;
+//! - [`jobs`]: OTA jobs (creation, progress, pause, cancel) and their fields;
 //! - [`signing`]: the Ed25519 key that signs job documents;
 //! - [`http`]: the axum router: `POST /graphql`, GraphiQL on `GET /graphql`, and
 //!   subscriptions on `/graphql/ws` (`graphql-transport-ws`, and the legacy `graphql-ws`);
@@ -19,6 +22,8 @@ pub mod http;
 pub mod jobs;
 pub mod schema;
 pub mod signing;
+pub mod thing_events;
+pub mod things;
 
 pub use auth::{Principal, Role, Tokens};
 pub use schema::{Api, ApiLimits, DoppelSchema, build, sdl};

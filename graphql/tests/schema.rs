@@ -7,18 +7,22 @@ use serde_json::{Value, json};
 use twin_actors::{FleetConfig, FleetHandle};
 use twin_graphql::{Api, ApiLimits, DoppelSchema, Principal, Role, Tokens};
 use twin_model::{DeviceId, Limits, ShadowName, UpdateRequest};
+use twin_store::testing::CrashAfter;
 use twin_store::{Committer, EmbeddedStore};
 
 struct Fixture {
     schema: DoppelSchema,
     fleet: FleetHandle,
+    /// The store under the fleet: the embedded store, with a switch to fail job reads.
+    store: Arc<CrashAfter>,
     dir: Arc<tempfile::TempDir>,
     commits: tokio::task::JoinHandle<()>,
 }
 
 async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture {
-    let store = EmbeddedStore::open(dir.path(), 100).unwrap();
-    let (committer, commits) = Committer::start(Arc::new(store), 1024, 256);
+    let embedded = EmbeddedStore::open(dir.path(), 100).unwrap();
+    let store = Arc::new(CrashAfter::new(Arc::new(embedded), usize::MAX));
+    let (committer, commits) = Committer::start(store.clone(), 1024, 256);
     let fleet = FleetHandle::start(config, committer).await.unwrap();
     let tokens = Arc::new(Tokens::open(dir.path()).unwrap());
     let limits = ApiLimits {
@@ -37,6 +41,7 @@ async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture
     Fixture {
         schema,
         fleet,
+        store,
         dir,
         commits,
     }
@@ -841,4 +846,189 @@ async fn filtered_subscriptions_judge_each_change_by_the_state_right_after_it() 
     );
     drop(hot);
     f.close().await;
+}
+
+/// A literal for an argument of `ty` (introspected), using only required input fields.
+fn literal(ty: &Value, types: &Value) -> String {
+    match ty["kind"].as_str() {
+        Some("NON_NULL") => literal(&ty["ofType"], types),
+        Some("LIST") => format!("[{}]", literal(&ty["ofType"], types)),
+        _ => {
+            let name = ty["name"].as_str().unwrap();
+            let def = types
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == name)
+                .unwrap();
+            match (def["kind"].as_str().unwrap(), name) {
+                ("SCALAR", "Int") => "1".into(),
+                ("SCALAR", "Boolean") => "false".into(),
+                ("SCALAR", "JSON") => "{}".into(),
+                ("SCALAR", _) => "\"x\"".into(),
+                ("ENUM", _) => def["enumValues"][0]["name"].as_str().unwrap().into(),
+                ("INPUT_OBJECT", _) => {
+                    let fields: Vec<String> = def["inputFields"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|f| f["type"]["kind"] == "NON_NULL")
+                        .map(|f| {
+                            format!(
+                                "{}: {}",
+                                f["name"].as_str().unwrap(),
+                                literal(&f["type"], types)
+                            )
+                        })
+                        .collect();
+                    format!("{{{}}}", fields.join(", "))
+                }
+                (kind, _) => panic!("no literal for {kind} {name}"),
+            }
+        }
+    }
+}
+
+/// Every root field as a request with its required arguments.
+async fn every_root_field() -> Vec<(&'static str, String)> {
+    use twin_graphql::schema::{Mutation, Query, SubscriptionRoot};
+    // Introspected without the depth limit of a served schema.
+    let plain = async_graphql::Schema::build(
+        Query::default(),
+        Mutation::default(),
+        SubscriptionRoot::default(),
+    )
+    .finish();
+    let d = plain
+        .execute(
+            r#"{ __schema { types { name kind enumValues { name } inputFields { name type { ...T } } fields { name args { name type { ...T } } type { ...T } } } } }
+            fragment T on __Type { kind name ofType { kind name ofType { kind name ofType { kind name } } } }"#,
+        )
+        .await;
+    let d = serde_json::to_value(d.data).unwrap();
+    let types = &d["__schema"]["types"];
+    let mut requests = Vec::new();
+    for (root, op) in [
+        ("Query", "query"),
+        ("Mutation", "mutation"),
+        ("SubscriptionRoot", "subscription"),
+    ] {
+        let def = types
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == root)
+            .unwrap();
+        for field in def["fields"].as_array().unwrap() {
+            let args: Vec<String> = field["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["type"]["kind"] == "NON_NULL")
+                .map(|a| {
+                    format!(
+                        "{}: {}",
+                        a["name"].as_str().unwrap(),
+                        literal(&a["type"], types)
+                    )
+                })
+                .collect();
+            let args = if args.is_empty() {
+                String::new()
+            } else {
+                format!("({})", args.join(", "))
+            };
+            let mut ty = &field["type"];
+            while ty["kind"] == "NON_NULL" || ty["kind"] == "LIST" {
+                ty = &ty["ofType"];
+            }
+            let selection = if ty["kind"] == "SCALAR" {
+                ""
+            } else {
+                " { __typename }"
+            };
+            requests.push((
+                op,
+                format!(
+                    "{op} {{ {}{args}{selection} }}",
+                    field["name"].as_str().unwrap()
+                ),
+            ));
+        }
+    }
+    requests
+}
+
+#[tokio::test]
+async fn every_field_has_its_role_guard() {
+    let f = fixture().await;
+    let requests = every_root_field().await;
+    assert!(requests.len() > 25, "{requests:?}");
+    let schema = &f.schema;
+    for (op, request) in &requests {
+        let answer = |role| async move {
+            let mut req = async_graphql::Request::new(request.as_str());
+            if let Some(role) = role {
+                req = req.data(Principal { role });
+            }
+            let r = if *op == "subscription" {
+                let mut s = schema.execute_stream(req);
+                tokio::time::timeout(std::time::Duration::from_secs(10), s.next())
+                    .await
+                    .expect("an answer within 10 s")
+                    .expect("an answer")
+            } else {
+                schema.execute(req).await
+            };
+            serde_json::to_value(r).unwrap()
+        };
+        let r = answer(None).await;
+        assert_eq!(code(&r), "UNAUTHENTICATED", "{request}: {r}");
+        if *op == "mutation" {
+            let r = answer(Some(Role::Viewer)).await;
+            assert_eq!(code(&r), "FORBIDDEN", "{request}: {r}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_store_error_ends_a_job_subscription_with_an_error_the_client_sees() {
+    let f = fixture().await;
+    f.register("a1", json!({})).await;
+    let create = "mutation { createOtaJob(jobId: \"j1\", targets: {thingIds: [\"a1\"]}, document: {firmware: {version: \"3.1\", url: \"https://x/3.1\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 10}}) { jobId } }";
+    f.admin(create, json!({})).await;
+    let watch = "subscription { otaJobProgress(jobId: \"j1\") { __typename } }";
+    let mut s = f
+        .schema
+        .execute_stream(async_graphql::Request::new(watch).data(Principal { role: Role::Viewer }));
+    let within = std::time::Duration::from_secs(10);
+    let first = tokio::time::timeout(within, s.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.errors.is_empty(), "{first:?}");
+
+    f.store
+        .jobs_unreadable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // A change of the job (paused, by its rollout controller, without reading the store)
+    // wakes the subscription, whose read then fails.
+    f.fleet.pause_job("j1", true).await.unwrap();
+    let failed = tokio::time::timeout(within, s.next())
+        .await
+        .expect("an answer within 10 s")
+        .expect("the error is delivered");
+    let failed = serde_json::to_value(failed).unwrap();
+    assert_eq!(code(&failed), "INTERNAL", "{failed}");
+    assert!(
+        failed.to_string().contains("jobs unreadable"),
+        "the cause reaches the client: {failed}"
+    );
+    assert!(
+        tokio::time::timeout(within, s.next())
+            .await
+            .unwrap()
+            .is_none(),
+        "the subscription ends after its error"
+    );
 }

@@ -158,10 +158,12 @@ impl TwinStore for GatedStore {
 }
 
 /// Another store, until it "crashes": past its first `commits` commits, every commit fails
-/// without writing, as if the process had been killed before they reached the disk.
+/// without writing, as if the process had been killed before they reached the disk. While
+/// `jobs_unreadable`, reads of jobs fail too.
 pub struct CrashAfter {
     pub inner: Arc<dyn TwinStore>,
     pub commits: std::sync::atomic::AtomicUsize,
+    pub jobs_unreadable: AtomicBool,
 }
 
 impl CrashAfter {
@@ -169,7 +171,15 @@ impl CrashAfter {
         Self {
             inner,
             commits: commits.into(),
+            jobs_unreadable: AtomicBool::new(false),
         }
+    }
+
+    fn job_read(&self) -> Result<(), StoreError> {
+        if self.jobs_unreadable.load(Ordering::SeqCst) {
+            return Err(StoreError::Engine("jobs unreadable".into()));
+        }
+        Ok(())
     }
 }
 
@@ -228,6 +238,7 @@ impl CommandStore for CrashAfter {
 #[async_trait]
 impl JobStore for CrashAfter {
     async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
+        self.job_read()?;
         self.inner.job(job_id).await
     }
     async fn jobs(
@@ -243,6 +254,7 @@ impl JobStore for CrashAfter {
         after: Option<&DeviceId>,
         limit: usize,
     ) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
+        self.job_read()?;
         self.inner.job_statuses(job_id, after, limit).await
     }
     async fn job_counts(&self, job_id: &str) -> Result<JobCounts, StoreError> {

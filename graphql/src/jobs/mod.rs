@@ -4,10 +4,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_graphql::futures_util::stream::{self, Stream};
-use async_graphql::{Enum, ID, InputObject, Json, SimpleObject, Union};
+use std::future::ready;
+
+use async_graphql::futures_util::FutureExt;
+use async_graphql::futures_util::stream::{self, Stream, StreamExt};
+use async_graphql::{ID, Json, Union};
 use serde_json::{Map, Value, json};
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use twin_actors::FleetHandle;
 use twin_model::job::{JobDefinition, JobStatus, MAX_RETRIES, RetryPolicy, Timeouts};
 use twin_model::progress::{JobState, Progress};
@@ -15,153 +17,16 @@ use twin_model::rollout::{AbortPolicy, HealthGate, Pace, Rollout};
 use twin_model::{DeviceId, TwinEvent};
 
 use crate::error::{ApiError, ApiResult};
-use crate::schema::{DateTime, Lagged, parse_filter};
+use crate::schema::{DateTime, Lagged, lagging, parse_filter};
 use crate::signing::Signer;
+
+pub mod resolvers;
+mod types;
+
+pub use types::*;
 
 /// Most things one job may target.
 pub const MAX_TARGETS: usize = 100_000;
-
-/// The firmware a job installs; devices find it under `jobDocument.firmware`.
-#[derive(InputObject)]
-pub struct FirmwareInput {
-    pub version: String,
-    /// Where the device downloads the image.
-    pub url: String,
-    /// The image's SHA-256, 64 hex digits.
-    pub sha256: String,
-    /// The image's size in bytes.
-    pub size: u64,
-}
-
-/// The job document: the firmware, and any more JSON for the device.
-#[derive(InputObject)]
-pub struct OtaDocument {
-    pub firmware: FirmwareInput,
-    /// More fields of the document, beside `firmware`.
-    pub data: Option<Json<Value>>,
-    /// `rollback: auto`: a device whose execution fails after installing (its last
-    /// `statusDetails.step` was install, reboot, verify or activate) gets the job
-    /// `{jobId}-rollback`, which installs this firmware.
-    pub rollback_to: Option<FirmwareInput>,
-}
-
-/// How each execution behaves: retries and time limits (none by default).
-#[derive(InputObject, Default)]
-pub struct OtaExecutions {
-    /// Retries after FAILED and after TIMED_OUT (each), at most 10.
-    pub retries: Option<u32>,
-    /// From IN_PROGRESS to a terminal status.
-    pub in_progress_minutes: Option<u64>,
-    /// The step timeout `start-next` sets when the device asks for none.
-    pub step_minutes: Option<u64>,
-}
-
-/// Executions per minute: `basePerMinute` at first, `factor` times more each minute, at
-/// most `maxPerMinute`.
-#[derive(InputObject)]
-pub struct OtaRate {
-    pub base_per_minute: u32,
-    pub factor: f64,
-    pub max_per_minute: u32,
-}
-
-/// Stop the job once `failurePercent` of at least `minFinished` ended executions failed
-/// (FAILED, TIMED_OUT or REJECTED); its queued executions are canceled.
-#[derive(InputObject)]
-pub struct OtaAbort {
-    pub failure_percent: u32,
-    pub min_finished: u64,
-}
-
-/// After SUCCEEDED, a device must match `filter` (a fleet filter over its twin, such as
-/// `reported.selfTest = "passed"`) within `windowSeconds`, or it counts as failed.
-#[derive(InputObject)]
-pub struct OtaHealthGate {
-    pub filter: String,
-    pub window_seconds: u64,
-}
-
-/// How the job reaches its targets: in waves (cumulative percentages, each wave once the
-/// one before has ended) or at a rate; all at once without either.
-#[derive(InputObject, Default)]
-pub struct OtaRollout {
-    pub waves: Option<Vec<u32>>,
-    pub rate: Option<OtaRate>,
-    pub abort: Option<OtaAbort>,
-    pub health_gate: Option<OtaHealthGate>,
-}
-
-/// Which things a job targets: listed, matching a fleet filter, or both.
-#[derive(InputObject)]
-pub struct OtaTargets {
-    pub thing_ids: Option<Vec<ID>>,
-    pub filter: Option<String>,
-}
-
-#[derive(SimpleObject, Default)]
-pub struct OtaJobCounts {
-    /// Targets the rollout has not reached yet.
-    pub not_released: u64,
-    /// Succeeded, but failed the health gate (also counted in `succeeded`).
-    pub unhealthy: u64,
-    pub queued: u64,
-    pub in_progress: u64,
-    pub succeeded: u64,
-    pub failed: u64,
-    pub timed_out: u64,
-    pub rejected: u64,
-    pub removed: u64,
-    pub canceled: u64,
-}
-
-#[derive(Enum, Copy, Clone, Eq, PartialEq)]
-pub enum OtaJobStatus {
-    /// Some executions have not ended, or the rollout has targets left.
-    InProgress,
-    /// The rollout releases no new executions until resumed.
-    Paused,
-    /// Every target's execution ended.
-    Completed,
-    /// An operator canceled it (executions already running may still end otherwise).
-    Canceled,
-    /// Too many executions failed: the abort policy stopped it.
-    Aborted,
-}
-
-#[derive(SimpleObject)]
-pub struct OtaJob {
-    pub job_id: ID,
-    pub status: OtaJobStatus,
-    /// The job that rolls failed devices back, if this one has one.
-    pub rollback_job_id: Option<ID>,
-    /// What devices receive as `jobDocument`, signed (see `signingKey`).
-    pub document: Json<Value>,
-    pub created_at: DateTime,
-    /// Things the job is for.
-    pub targets: u64,
-    /// Targets per execution status (or not released); they add up to `targets`.
-    pub counts: OtaJobCounts,
-    /// For a rollout in waves: each wave's targets and counts.
-    pub waves: Vec<OtaWave>,
-}
-
-#[derive(SimpleObject)]
-pub struct OtaWave {
-    /// The wave's cumulative percentage of the targets.
-    pub percent: u32,
-    /// Targets in this wave.
-    pub targets: u64,
-    pub counts: OtaJobCounts,
-}
-
-/// What `createOtaJob` asks for.
-pub struct NewJob {
-    pub job_id: String,
-    pub targets: OtaTargets,
-    pub document: OtaDocument,
-    pub executions: OtaExecutions,
-    pub rollout: OtaRollout,
-}
 
 /// The pace, abort policy and health gate asked for, checked; none for all at once.
 type Paced = (Pace, Option<AbortPolicy>, Option<HealthGate>);
@@ -493,61 +358,69 @@ pub async fn list(
 }
 
 /// `otaJobProgress`: the job now, then again after every change of it or of one of its
-/// executions (`Lagged` when the subscriber falls behind: read `otaJob`).
-pub fn watch(fleet: FleetHandle, job_id: String) -> impl Stream<Item = OtaJobEvent> + use<> {
-    let state = (fleet.subscribe(), fleet.job_changes(), fleet, job_id, true);
-    stream::unfold(
-        state,
-        |(mut events, mut jobs, fleet, job_id, first)| async move {
-            if !first {
-                let skipped = loop {
-                    tokio::select! {
-                        e = events.recv() => match e {
-                            Ok(e) => {
-                                if let TwinEvent::Job { execution, .. } = &*e.event
-                                    && execution.job_id == job_id
-                                {
-                                    break None;
-                                }
-                            }
-                            Err(RecvError::Lagged(n)) => break Some(n),
-                            Err(RecvError::Closed) => return None,
-                        },
-                        j = jobs.recv() => match j {
-                            Ok(id) if *id == *job_id => break None,
-                            Ok(_) => {}
-                            Err(RecvError::Lagged(n)) => break Some(n),
-                            Err(RecvError::Closed) => return None,
-                        },
-                    }
-                };
-                if let Some(skipped) = skipped {
-                    let lagged = Lagged {
-                        skipped,
-                        resume_from_version: None,
-                        thing_id: None,
-                    };
-                    let state = (events, jobs, fleet, job_id, false);
-                    return Some((OtaJobEvent::Lagged(lagged), state));
-                }
-                // One count for a burst: what has already arrived is in the job counted
-                // below, which is a whole snapshot.
-                while !matches!(
-                    events.try_recv(),
-                    Err(TryRecvError::Empty | TryRecvError::Closed)
-                ) {}
-                while !matches!(
-                    jobs.try_recv(),
-                    Err(TryRecvError::Empty | TryRecvError::Closed)
-                ) {}
+/// executions (`Lagged` when the subscriber falls behind: read `otaJob`). A store error
+/// is the stream's last item: the client sees it, and the subscription ends.
+pub fn watch(
+    fleet: FleetHandle,
+    job_id: String,
+) -> impl Stream<Item = async_graphql::Result<OtaJobEvent>> + use<> {
+    // What wakes the watch: `None` for a change of the job, `Some(skipped)` for a gap.
+    let id = job_id.clone();
+    let executions = lagging(fleet.subscribe()).filter_map(move |change| {
+        ready(match change {
+            Ok(c) => {
+                matches!(&*c.event, TwinEvent::Job { execution, .. } if execution.job_id == id)
+                    .then_some(None)
             }
-            let job = progress(&fleet, &job_id).await.ok().flatten()?;
-            Some((
-                OtaJobEvent::OtaJob(job),
-                (events, jobs, fleet, job_id, false),
-            ))
+            Err(skipped) => Some(Some(skipped)),
+        })
+    });
+    let id = job_id.clone();
+    let definitions = lagging(fleet.job_changes()).filter_map(move |changed| {
+        ready(match changed {
+            Ok(changed) => (*changed == *id).then_some(None),
+            Err(skipped) => Some(Some(skipped)),
+        })
+    });
+    let wakes = Box::pin(stream::select(executions, definitions));
+    stream::unfold(
+        (wakes, fleet, job_id, Watch::First),
+        |(mut wakes, fleet, job_id, watch)| async move {
+            match watch {
+                Watch::Failed => return None,
+                Watch::First => {}
+                Watch::Next => {
+                    if let Some(skipped) = wakes.next().await? {
+                        let lagged = OtaJobEvent::Lagged(Lagged {
+                            skipped,
+                            resume_from_version: None,
+                            thing_id: None,
+                        });
+                        return Some((Ok(lagged), (wakes, fleet, job_id, Watch::Next)));
+                    }
+                    // One count for a burst: what has already arrived is in the job
+                    // counted below, which is a whole snapshot.
+                    while let Some(Some(_)) = wakes.next().now_or_never() {}
+                }
+            }
+            match progress(&fleet, &job_id).await {
+                Ok(Some(job)) => Some((
+                    Ok(OtaJobEvent::OtaJob(job)),
+                    (wakes, fleet, job_id, Watch::Next),
+                )),
+                Ok(None) => None,
+                Err(e) => Some((Err(e.into()), (wakes, fleet, job_id, Watch::Failed))),
+            }
         },
     )
+}
+
+/// Where a watch stands.
+enum Watch {
+    First,
+    Next,
+    /// It delivered an error: it ends.
+    Failed,
 }
 
 /// What `otaJobProgress` delivers.

@@ -1,0 +1,209 @@
+//! The thing subscriptions: `thingChanged`, `thingsChanged` and `connectivityChanged`,
+//! fed by the fleet's change pipeline. A filter looks at each twin as it was right after
+//! its change, however late the subscriber reads.
+
+use async_graphql::futures_util::stream::{self, Stream, StreamExt};
+use async_graphql::{Context, Enum, ID, Json, SimpleObject, Subscription, Union};
+use serde_json::{Map, Value};
+use tokio::sync::broadcast::Receiver;
+use twin_actors::Change;
+use twin_model::{ChangeOp, DeviceId, TwinEvent};
+
+use crate::auth::Role;
+use crate::error::ApiResult;
+use crate::schema::{
+    DateTime, Lagged, RoleGuard, Subscribed, api, lagging, parse_filter, thing_id,
+};
+use crate::things::view;
+
+#[derive(Enum, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowOperation {
+    Updated,
+    Deleted,
+}
+
+/// What a subscription delivers.
+#[derive(Union)]
+pub enum ThingEvent {
+    Subscribed(Subscribed),
+    ShadowChanged(ShadowChanged),
+    ConnectivityChanged(ConnectivityChanged),
+    Lagged(Lagged),
+}
+
+/// An accepted, durable shadow change.
+#[derive(SimpleObject)]
+pub struct ShadowChanged {
+    pub thing_id: ID,
+    /// Null for the classic shadow.
+    pub shadow: Option<String>,
+    pub operation: ShadowOperation,
+    /// The twin's version after the change.
+    pub version: u64,
+    pub shadow_version: u64,
+    /// What the update wrote: `{"desired": ..., "reported": ...}` (null for a delete).
+    pub state: Option<Json<Value>>,
+    /// The shadow's delta after the change; null when in sync.
+    pub delta: Option<Json<Map<String, Value>>>,
+    pub client_token: Option<String>,
+    pub at: DateTime,
+}
+
+#[derive(SimpleObject)]
+pub struct ConnectivityChanged {
+    pub thing_id: ID,
+    /// The twin's version (presence does not change it).
+    pub version: u64,
+    pub connected: bool,
+    pub since: DateTime,
+    pub disconnect_reason: Option<String>,
+}
+
+/// A shadow or connectivity event as the thing subscriptions show it (commands have
+/// their own subscription).
+fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
+    Some(match event {
+        TwinEvent::Shadow {
+            thing,
+            shadow,
+            change,
+            current,
+            version,
+            ..
+        } => {
+            let (operation, state) = match &change.op {
+                ChangeOp::Update { desired, reported } => {
+                    let mut state = Map::new();
+                    for (key, patch) in [("desired", desired), ("reported", reported)] {
+                        if let Some(p) = patch {
+                            state.insert(key.into(), serde_json::to_value(p).unwrap_or_default());
+                        }
+                    }
+                    (ShadowOperation::Updated, Some(Json(Value::Object(state))))
+                }
+                ChangeOp::Delete => (ShadowOperation::Deleted, None),
+            };
+            ThingEvent::ShadowChanged(ShadowChanged {
+                thing_id: ID(thing.to_string()),
+                shadow: shadow.name().map(str::to_owned),
+                operation,
+                version: *version,
+                shadow_version: change.version,
+                state,
+                delta: current.delta().map(Json),
+                client_token: change.client_token.clone(),
+                at: DateTime(change.timestamp * 1000),
+            })
+        }
+        TwinEvent::Connectivity {
+            thing,
+            connectivity,
+            version,
+        } => ThingEvent::ConnectivityChanged(ConnectivityChanged {
+            thing_id: ID(thing.to_string()),
+            version: *version,
+            connected: connectivity.connected,
+            since: DateTime(connectivity.since),
+            disconnect_reason: connectivity.disconnect_reason.clone(),
+        }),
+        TwinEvent::Command { .. } | TwinEvent::Job { .. } => return None,
+    })
+}
+
+/// The fleet's events from `rx` that `select` keeps, with a `Lagged` event wherever
+/// the subscriber fell behind. `watched` is the one thing of `thingChanged` and its
+/// version when the subscription started.
+fn events<F>(
+    rx: Receiver<Change>,
+    watched: Option<(DeviceId, u64)>,
+    select: F,
+) -> impl Stream<Item = ThingEvent> + use<F>
+where
+    F: Fn(&Change) -> bool + Send + 'static,
+{
+    let subscribed = ThingEvent::Subscribed(Subscribed {
+        thing_id: watched.as_ref().map(|(t, _)| ID(t.to_string())),
+        version: watched.as_ref().map(|(_, v)| *v),
+    });
+    let live = lagging(rx).scan(watched, move |watched, change| {
+        let shown = match change {
+            Ok(change) => to_graphql(&change.event)
+                .filter(|_| select(&change))
+                .inspect(|_| {
+                    if let Some((_, seen)) = watched {
+                        *seen = change.event.version();
+                    }
+                }),
+            Err(skipped) => Some(ThingEvent::Lagged(Lagged {
+                skipped,
+                resume_from_version: watched.as_ref().map(|(_, v)| v + 1),
+                thing_id: watched.as_ref().map(|(t, _)| ID(t.to_string())),
+            })),
+        };
+        std::future::ready(Some(shown))
+    });
+    stream::once(async { subscribed }).chain(live.filter_map(std::future::ready))
+}
+
+#[derive(Default)]
+pub struct ThingsSubscription;
+
+#[Subscription]
+impl ThingsSubscription {
+    /// Every shadow and connectivity change of one thing.
+    #[graphql(guard = "RoleGuard(Role::Viewer)")]
+    async fn thing_changed(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
+        let api = api(ctx);
+        let thing = thing_id(&id)?;
+        // Subscribe first, then read the version: no change can fall between the two.
+        let rx = api.fleet.subscribe();
+        let version = view(&api.fleet, &thing)?.0.version();
+        let watched = Some((thing.clone(), version));
+        Ok(events(rx, watched, move |c| c.event.thing() == &thing))
+    }
+
+    /// Shadow and connectivity changes of every thing matching `filter` after the change.
+    #[graphql(guard = "RoleGuard(Role::Viewer)")]
+    async fn things_changed(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<String>,
+    ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
+        Ok(fleet_events(ctx, filter.as_deref(), |_| true)?)
+    }
+
+    /// Connects and disconnects of every thing matching `filter`.
+    #[graphql(guard = "RoleGuard(Role::Viewer)")]
+    async fn connectivity_changed(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<String>,
+    ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
+        Ok(fleet_events(ctx, filter.as_deref(), |e| {
+            matches!(e, TwinEvent::Connectivity { .. })
+        })?)
+    }
+}
+
+/// The events `kind` keeps of every thing matching `filter` (all things without one).
+fn fleet_events(
+    ctx: &Context<'_>,
+    filter: Option<&str>,
+    kind: fn(&TwinEvent) -> bool,
+) -> ApiResult<impl Stream<Item = ThingEvent> + use<>> {
+    let api = api(ctx);
+    let filter = parse_filter(filter)?;
+    let rx = api.fleet.subscribe();
+    // The filter sees each twin as it was right after its change, however late the
+    // subscriber reads.
+    Ok(events(rx, None, move |c| {
+        kind(&c.event)
+            && filter
+                .as_ref()
+                .is_none_or(|f| c.view.as_ref().is_some_and(|v| f.matches(&**v)))
+    }))
+}

@@ -1,0 +1,378 @@
+//! Things in the schema: a thing with its twin and shadows, the fleet query, the registry
+//! mutations (admin) and steering desired state (operator).
+
+use std::sync::Arc;
+
+use async_graphql::{Context, ID, Json, Object, SimpleObject};
+use serde_json::{Map, Value, json};
+use twin_actors::{FleetHandle, RegistryOp, ShadowView, TwinView};
+use twin_model::{DeviceId, ShadowName, UpdateRequest};
+
+use crate::auth::Role;
+use crate::error::{ApiError, ApiResult, Code};
+use crate::schema::{DateTime, PageInfo, RoleGuard, api, parse_filter, shadow_name, thing_id};
+
+/// A registered thing (device) and its twin.
+pub struct Thing(pub(crate) Arc<TwinView>);
+
+#[Object]
+impl Thing {
+    async fn id(&self) -> ID {
+        ID(self.0.id().to_string())
+    }
+
+    /// The registry's free-form description (site, model, owner...).
+    async fn attributes(&self) -> Json<&Map<String, Value>> {
+        Json(&self.0.record.attributes)
+    }
+
+    /// A disabled thing cannot connect.
+    async fn enabled(&self) -> bool {
+        self.0.record.enabled
+    }
+
+    async fn created_at(&self) -> DateTime {
+        DateTime(self.0.record.created_at)
+    }
+
+    /// The twin's version: the sum of its shadows' versions, +1 per accepted update.
+    async fn version(&self) -> u64 {
+        self.0.version()
+    }
+
+    async fn connectivity(&self) -> Connectivity {
+        let c = &self.0.connectivity;
+        Connectivity {
+            connected: c.connected,
+            since: (c.since > 0).then_some(DateTime(c.since)),
+            last_seen: (self.0.last_seen > 0).then_some(DateTime(self.0.last_seen)),
+            disconnect_reason: c.disconnect_reason.clone(),
+        }
+    }
+
+    /// A shadow by name (the classic shadow without one); null when it does not exist.
+    async fn shadow(&self, name: Option<String>) -> async_graphql::Result<Option<Shadow>> {
+        let name = shadow_name(name.as_deref())?;
+        Ok(self.0.shadow(&name).map(|v| Shadow::new(name, v)))
+    }
+
+    /// Every existing shadow, the classic one first.
+    async fn shadows(&self) -> Vec<Shadow> {
+        self.0
+            .shadows()
+            .map(|(n, v)| Shadow::new(n.clone(), v))
+            .collect()
+    }
+}
+
+/// The device's presence as the platform last saw it.
+#[derive(SimpleObject)]
+pub struct Connectivity {
+    pub connected: bool,
+    /// When `connected` last changed.
+    pub since: Option<DateTime>,
+    /// When the device was last heard from (connect, disconnect or reported state).
+    pub last_seen: Option<DateTime>,
+    pub disconnect_reason: Option<String>,
+}
+
+/// A device shadow, with AWS IoT Device Shadow semantics.
+pub struct Shadow {
+    name: ShadowName,
+    view: ShadowView,
+}
+
+impl Shadow {
+    fn new(name: ShadowName, view: &ShadowView) -> Self {
+        Self {
+            name,
+            view: view.clone(),
+        }
+    }
+}
+
+#[Object]
+impl Shadow {
+    /// Null for the classic (unnamed) shadow.
+    async fn name(&self) -> Option<&str> {
+        self.name.name()
+    }
+
+    async fn desired(&self) -> Option<Json<&Map<String, Value>>> {
+        self.view.shadow.desired.as_ref().map(Json)
+    }
+
+    async fn reported(&self) -> Option<Json<&Map<String, Value>>> {
+        self.view.shadow.reported.as_ref().map(Json)
+    }
+
+    /// Every desired leaf that differs from reported; null when in sync.
+    async fn delta(&self) -> Option<Json<&Map<String, Value>>> {
+        self.view.delta.as_ref().map(Json)
+    }
+
+    /// `{"desired": ..., "reported": ...}` with a `{"timestamp": seconds}` per leaf.
+    async fn metadata(&self) -> Json<Value> {
+        let s = &self.view.shadow;
+        let mut m = Map::new();
+        if let Some(d) = &s.metadata_desired {
+            m.insert("desired".into(), Value::Object(d.clone()));
+        }
+        if let Some(r) = &s.metadata_reported {
+            m.insert("reported".into(), Value::Object(r.clone()));
+        }
+        Json(Value::Object(m))
+    }
+
+    /// +1 per accepted update; kept across a delete.
+    async fn version(&self) -> u64 {
+        self.view.shadow.version
+    }
+
+    async fn updated_at(&self) -> DateTime {
+        DateTime(self.view.shadow.timestamp * 1000)
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct ThingConnection {
+    /// Things matching the filter, on all pages.
+    pub total_count: u64,
+    pub edges: Vec<ThingEdge>,
+    pub page_info: PageInfo,
+}
+
+#[derive(SimpleObject)]
+pub struct ThingEdge {
+    /// Opaque; pass as `after` to continue after this thing.
+    pub cursor: String,
+    pub node: Thing,
+}
+
+/// A thing and its device secret, which is shown only here, once.
+#[derive(SimpleObject)]
+pub struct ThingSecret {
+    pub thing: Thing,
+    /// The device's MQTT password. Not stored: it cannot be shown again.
+    pub secret: String,
+}
+
+#[derive(SimpleObject)]
+pub struct DeletedShadow {
+    pub thing_id: ID,
+    pub shadow: Option<String>,
+    /// The version the deleted shadow keeps (the next update makes version + 1).
+    pub version: u64,
+}
+
+/// The view of a thing that was just changed (it can only be gone if deleted meanwhile).
+pub(crate) fn view(fleet: &FleetHandle, id: &DeviceId) -> ApiResult<Thing> {
+    fleet
+        .thing(id)
+        .map(Thing)
+        .ok_or_else(|| ApiError::not_found(format!("thing {id} is not registered")))
+}
+
+#[derive(Default)]
+pub struct ThingsQuery;
+
+#[Object]
+impl ThingsQuery {
+    /// A thing by id; null when it is not registered.
+    #[graphql(guard = "RoleGuard(Role::Viewer)")]
+    async fn thing(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Thing>> {
+        let api = api(ctx);
+        Ok(api.fleet.thing(&thing_id(&id)?).map(Thing))
+    }
+
+    /// Registered things in id order, optionally filtered, e.g.
+    /// `reported.temp > 30 AND attributes.site = "plant-7" AND connected = true`.
+    #[graphql(
+        guard = "RoleGuard(Role::Viewer)",
+        complexity = "(first.max(1) as usize).saturating_mul(child_complexity)"
+    )]
+    async fn things(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<String>,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+    ) -> async_graphql::Result<ThingConnection> {
+        let api = api(ctx);
+        let max = api.limits.max_page_size;
+        if first < 1 || first as usize > max {
+            return Err(ApiError::invalid(format!("first must be between 1 and {max}")).into());
+        }
+        let filter = parse_filter(filter.as_deref())?;
+        let after = after
+            .map(|a| DeviceId::parse(&a))
+            .transpose()
+            .map_err(|_| ApiError::invalid("after is not a cursor of this connection"))?;
+        let page = api
+            .fleet
+            .query(filter.as_ref(), after.as_ref(), first as usize);
+        let edges: Vec<ThingEdge> = page
+            .items
+            .into_iter()
+            .map(|v| ThingEdge {
+                cursor: v.id().to_string(),
+                node: Thing(v),
+            })
+            .collect();
+        Ok(ThingConnection {
+            total_count: page.total as u64,
+            page_info: PageInfo {
+                has_next_page: page.has_next,
+                end_cursor: edges.last().map(|e| e.cursor.clone()),
+            },
+            edges,
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct ThingsMutation;
+
+impl ThingsMutation {
+    async fn registry(
+        ctx: &Context<'_>,
+        id: &ID,
+        op: RegistryOp,
+    ) -> ApiResult<(Thing, Option<String>)> {
+        let api = api(ctx);
+        let thing = thing_id(id)?;
+        let secret = api.fleet.registry(&thing, op).await?;
+        Ok((view(&api.fleet, &thing)?, secret))
+    }
+
+    fn with_secret((thing, secret): (Thing, Option<String>)) -> ApiResult<ThingSecret> {
+        let secret = secret.ok_or_else(|| ApiError::new(Code::Internal, "no secret was made"))?;
+        Ok(ThingSecret { thing, secret })
+    }
+}
+
+#[Object]
+impl ThingsMutation {
+    /// Registers a thing (admin). The answer holds its device secret, shown once.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn register_thing(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        attributes: Option<Json<Map<String, Value>>>,
+    ) -> async_graphql::Result<ThingSecret> {
+        let op = RegistryOp::Register(attributes.map(|a| a.0).unwrap_or_default());
+        Ok(Self::with_secret(Self::registry(ctx, &id, op).await?)?)
+    }
+
+    /// Merges into a thing's attributes (admin); a `null` value deletes an attribute.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn update_thing_attributes(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        attributes: Json<Map<String, Value>>,
+    ) -> async_graphql::Result<Thing> {
+        let op = RegistryOp::MergeAttributes(attributes.0);
+        Ok(Self::registry(ctx, &id, op).await?.0)
+    }
+
+    /// Merges into a shadow's desired state (operator), exactly like an MQTT update: a
+    /// `null` deletes a key, a stale `expectedVersion` is refused, and the device gets
+    /// its delta.
+    #[graphql(guard = "RoleGuard(Role::Operator)")]
+    async fn update_desired(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        shadow: Option<String>,
+        desired: Json<Value>,
+        expected_version: Option<u64>,
+        client_token: Option<String>,
+    ) -> async_graphql::Result<Shadow> {
+        let api = api(ctx);
+        let thing = thing_id(&id)?;
+        let name = shadow_name(shadow.as_deref())?;
+        let mut body = json!({"state": {"desired": desired.0}});
+        if let Some(v) = expected_version {
+            body["version"] = v.into();
+        }
+        if let Some(t) = client_token {
+            body["clientToken"] = t.into();
+        }
+        let request = UpdateRequest::parse(body.to_string().as_bytes(), &api.fleet.config().limits)
+            .map_err(ApiError::from)?;
+        api.fleet
+            .update_shadow(&thing, name.clone(), request)
+            .await
+            .map_err(ApiError::from)?;
+        let view = view(&api.fleet, &thing)?;
+        let shadow = view
+            .0
+            .shadow(&name)
+            .ok_or_else(|| ApiError::not_found("the shadow was deleted meanwhile"))?;
+        Ok(Shadow::new(name, shadow))
+    }
+
+    /// Deletes a shadow (operator); it keeps its version.
+    #[graphql(guard = "RoleGuard(Role::Operator)")]
+    async fn delete_shadow(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        shadow: Option<String>,
+    ) -> async_graphql::Result<DeletedShadow> {
+        let api = api(ctx);
+        let thing = thing_id(&id)?;
+        let name = shadow_name(shadow.as_deref())?;
+        let change = api
+            .fleet
+            .delete_shadow(&thing, name.clone(), None)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(DeletedShadow {
+            thing_id: id,
+            shadow: name.name().map(str::to_owned),
+            version: change.version,
+        })
+    }
+
+    /// Deletes a thing with its shadows and history (admin); ends its connection.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn delete_thing(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<ID> {
+        let api = api(ctx);
+        let thing = thing_id(&id)?;
+        api.fleet
+            .registry(&thing, RegistryOp::Delete)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(id)
+    }
+
+    /// Disables a thing (admin): its live connection ends and reconnects are refused.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn disable_thing(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Thing> {
+        Ok(Self::registry(ctx, &id, RegistryOp::SetEnabled(false))
+            .await?
+            .0)
+    }
+
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn enable_thing(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Thing> {
+        Ok(Self::registry(ctx, &id, RegistryOp::SetEnabled(true))
+            .await?
+            .0)
+    }
+
+    /// A new device secret (admin); the old one stops working and the live connection ends.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn rotate_thing_secret(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<ThingSecret> {
+        Ok(Self::with_secret(
+            Self::registry(ctx, &id, RegistryOp::RotateSecret).await?,
+        )?)
+    }
+}
