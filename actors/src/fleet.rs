@@ -12,7 +12,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use ractor::{Actor, ActorRef, RpcReplyPort, concurrency::oneshot};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
@@ -28,11 +27,15 @@ use serde_json::{Map, Value};
 use twin_model::Filter;
 
 use crate::clock::Clock;
-use crate::device::{DeviceMsg, JobAnswer, Port, RegistryOp};
+use crate::device::{AnswerPort, DeviceMsg, Ending, JobAnswer, RegistryOp, Running};
 use crate::error::FleetError;
 use crate::index::{FleetIndex, Page, TwinView};
 use crate::loading;
-use crate::rollout::{self, Control, RolloutLink};
+use crate::pipeline::{
+    Change, Committed, Consumer, DeviceLink, DeviceLinks, Pipeline, RolloutLink, Rollouts,
+    Subscribers,
+};
+use crate::rollout::{self, Control};
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 
 /// Settings of the twin layer.
@@ -67,23 +70,6 @@ impl Default for FleetConfig {
     }
 }
 
-/// A committed change, as the fleet's subscribers get it: what happened, and the twin's
-/// view right after it (`None` once the thing is deleted). Filters on the fleet's state
-/// look at `view`, never at the index as it is when the subscriber reads, which may
-/// already be later.
-#[derive(Debug, Clone)]
-pub struct Change {
-    pub event: Arc<TwinEvent>,
-    pub view: Option<Arc<TwinView>>,
-}
-
-/// Where a connected device's events go: its MQTT session. Must not block.
-pub trait DeviceLink: Send + Sync + 'static {
-    fn deliver(&self, event: Arc<TwinEvent>);
-    /// Ends the device's connection (the thing was disabled).
-    fn kick(&self, reason: &str);
-}
-
 /// A successful device connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectOk {
@@ -95,22 +81,16 @@ pub struct ConnectOk {
 
 pub type Reply<T> = Pin<Box<dyn Future<Output = Result<T, FleetError>> + Send>>;
 
-/// What every twin shares.
-pub struct Shared {
+/// What every twin is given: where it commits, reads and publishes its changes, and the
+/// fleet's settings. Nothing else: devices, subscribers and rollouts hear of a twin's
+/// changes through the [`Pipeline`]'s consumers.
+pub struct TwinContext {
     pub(crate) committer: Committer,
     pub(crate) config: FleetConfig,
-    events: broadcast::Sender<Change>,
-    links: DashMap<DeviceId, Arc<dyn DeviceLink>>,
-    pub(crate) index: FleetIndex,
-    /// The controllers of the jobs whose rollout is under way, by job id.
-    pub(crate) rollouts: DashMap<String, RolloutLink>,
-    /// Ids of jobs whose definition changed (paused, resumed, released, aborted, canceled).
-    pub(crate) jobs_changed: broadcast::Sender<Arc<str>>,
-    /// Held while a job is checked and created, so that an id is created once.
-    creating_jobs: tokio::sync::Mutex<()>,
+    pub(crate) pipeline: Pipeline,
 }
 
-impl Shared {
+impl TwinContext {
     pub(crate) fn now_millis(&self) -> u64 {
         self.config.clock.now_millis()
     }
@@ -120,46 +100,42 @@ impl Shared {
         &**self.committer.store()
     }
 
-    /// One of the job's executions changed: its rollout controller takes another look.
-    pub(crate) fn execution_changed(&self, job_id: &str) {
-        if let Some(link) = self.rollouts.get(job_id) {
-            link.changed.notify_one();
-        }
+    /// Hands a durable change of `thing` to the pipeline.
+    pub(crate) fn publish(&self, thing: &DeviceId, what: Committed) {
+        self.pipeline.publish(thing, what);
     }
 
-    /// Hands a committed change on, after the twin updated the index: to the device's
-    /// link, then to the fleet's subscribers with the twin's view as it is right after
-    /// the change (the twin is its view's only writer, and it is still handling this
-    /// change).
-    pub(crate) fn emit(&self, event: Arc<TwinEvent>) {
-        let link = self.links.get(event.thing()).map(|l| l.value().clone());
-        if let Some(link) = link {
-            link.deliver(event.clone());
-        }
-        let view = self.index.get(event.thing());
-        // No subscriber is fine: nobody is watching.
-        let _ = self.events.send(Change { event, view });
+    /// Hands a durable change subscribers see to the pipeline.
+    pub(crate) fn publish_event(&self, event: TwinEvent) {
+        let thing = event.thing().clone();
+        self.pipeline
+            .publish(&thing, Committed::Event(Arc::new(event)));
     }
+}
 
-    pub(crate) fn kick(&self, thing: &DeviceId, reason: &str) {
-        let link = self.links.get(thing).map(|l| l.value().clone());
-        if let Some(link) = link {
-            link.kick(reason);
-        }
-    }
+/// The jobs' state outside the twins: their rollout controllers, who hears of a changed
+/// definition, and the lock that creates an id once.
+pub(crate) struct JobsState {
+    pub(crate) rollouts: Arc<Rollouts>,
+    /// Ids of jobs whose definition changed (paused, resumed, released, aborted, canceled).
+    pub(crate) changed: broadcast::Sender<Arc<str>>,
+    /// Held while a job is checked and created, so that an id is created once.
+    creating: tokio::sync::Mutex<()>,
 }
 
 #[derive(Clone)]
 pub struct FleetHandle {
     shards: Arc<[ActorRef<ShardMsg>]>,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) twins: Arc<TwinContext>,
+    links: Arc<DeviceLinks>,
+    subscribers: Arc<Subscribers>,
+    pub(crate) jobs: Arc<JobsState>,
     pending: Arc<Semaphore>,
 }
 
 impl FleetHandle {
     /// Loads the fleet index from `committer`'s store and starts the shards.
     pub async fn start(config: FleetConfig, committer: Committer) -> Result<Self, FleetError> {
-        let (events, _) = broadcast::channel(config.event_buffer.max(16));
         let index = Arc::new(FleetIndex::default());
         let partitions = (0..twin_model::PARTITIONS).collect();
         let deadlines = loading::load(committer.store().clone(), index.clone(), partitions).await?;
@@ -167,22 +143,28 @@ impl FleetHandle {
             FleetError::Inconsistent("the fleet index is still being loaded".into())
         })?;
         tracing::info!(things = index.len(), "fleet index loaded");
-        let shared = Arc::new(Shared {
-            rollouts: DashMap::new(),
-            jobs_changed: broadcast::channel(1024).0,
-            creating_jobs: tokio::sync::Mutex::new(()),
+        let links = Arc::new(DeviceLinks::default());
+        let subscribers = Arc::new(Subscribers::new(config.event_buffer));
+        let rollouts = Arc::new(Rollouts::default());
+        // Every consumer of committed changes, in the order each change reaches them.
+        let consumers: Vec<Arc<dyn Consumer>> =
+            vec![links.clone(), subscribers.clone(), rollouts.clone()];
+        let twins = Arc::new(TwinContext {
             committer,
             config: config.clone(),
-            events,
-            links: DashMap::new(),
-            index,
+            pipeline: Pipeline::new(index, consumers),
+        });
+        let jobs = Arc::new(JobsState {
+            rollouts,
+            changed: broadcast::channel(1024).0,
+            creating: tokio::sync::Mutex::new(()),
         });
         let shard_count = config.shards.max(1);
         let per_shard = config.max_resident_twins.div_ceil(shard_count).max(1);
         let mut shards = Vec::with_capacity(shard_count);
         for _ in 0..shard_count {
             let args = ShardArgs {
-                shared: shared.clone(),
+                ctx: twins.clone(),
                 max_resident: per_shard,
                 idle_timeout: config.idle_timeout,
             };
@@ -202,22 +184,25 @@ impl FleetHandle {
         }
         Ok(Self {
             shards: shards.into(),
-            shared,
+            twins,
+            links,
+            subscribers,
+            jobs,
             pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
         })
     }
 
     pub fn config(&self) -> &FleetConfig {
-        &self.shared.config
+        &self.twins.config
     }
 
     /// The fleet's time, in milliseconds since the Unix epoch (see [`Clock`]).
     pub fn now_millis(&self) -> u64 {
-        self.shared.now_millis()
+        self.twins.now_millis()
     }
 
     pub fn store(&self) -> &Arc<dyn TwinStore> {
-        self.shared.committer.store()
+        self.twins.committer.store()
     }
 
     fn permit(&self) -> Result<OwnedSemaphorePermit, FleetError> {
@@ -238,14 +223,14 @@ impl FleetHandle {
     fn request<T: Send + 'static>(
         &self,
         thing: &DeviceId,
-        make: impl FnOnce(Port<T>, OwnedSemaphorePermit) -> DeviceMsg,
+        make: impl FnOnce(AnswerPort<T>, OwnedSemaphorePermit) -> DeviceMsg,
     ) -> Reply<T> {
         let sent = self.permit().and_then(|permit| {
             let (tx, rx) = oneshot();
             self.route(thing, make(RpcReplyPort::from(tx), permit))
                 .map(|()| rx)
         });
-        let timeout = self.shared.config.request_timeout;
+        let timeout = self.twins.config.request_timeout;
         Box::pin(async move {
             let rx = sent?;
             match tokio::time::timeout(timeout, rx).await {
@@ -377,7 +362,7 @@ impl FleetHandle {
     /// A command execution by id, as its twin sees it now (its deadlines applied).
     pub async fn command(&self, execution_id: &str) -> Result<Arc<CommandExecution>, FleetError> {
         let stored = self
-            .shared
+            .twins
             .store()
             .command(execution_id)
             .await?
@@ -404,7 +389,7 @@ impl FleetHandle {
         limit: usize,
     ) -> Result<Vec<CommandExecution>, FleetError> {
         Ok(self
-            .shared
+            .twins
             .store()
             .commands(thing, before.as_deref(), limit)
             .await?)
@@ -430,7 +415,7 @@ impl FleetHandle {
         {
             // A job id is created once: no other creation runs between the check and the
             // commit. (A store shared by several nodes will need a conditional write.)
-            let _creating = self.shared.creating_jobs.lock().await;
+            let _creating = self.jobs.creating.lock().await;
             for j in &jobs {
                 if self.job(&j.job_id).await?.is_some() {
                     return Err(Rejection::new(
@@ -441,7 +426,7 @@ impl FleetHandle {
                 }
             }
             // The job and its rollback job in one atomic commit.
-            self.shared
+            self.twins
                 .committer
                 .commit(jobs.into_iter().map(Write::Job).collect())
                 .await?;
@@ -546,8 +531,8 @@ impl FleetHandle {
             let ended = self
                 .request(&thing, |reply, permit| DeviceMsg::EndJob {
                     job_id: id,
-                    removed: true,
-                    force,
+                    ending: Ending::Removed,
+                    running: Running::ended_if(force),
                     reply,
                     permit,
                 })
@@ -566,18 +551,18 @@ impl FleetHandle {
     /// Stores a job's changed definition and tells `job_changes` subscribers.
     pub(crate) async fn save_job(&self, job: JobDefinition) -> Result<(), FleetError> {
         let id: Arc<str> = job.job_id.as_str().into();
-        self.shared
+        self.twins
             .committer
             .commit(vec![Write::Job(Arc::new(job))])
             .await?;
-        let _ = self.shared.jobs_changed.send(id);
+        let _ = self.jobs.changed.send(id);
         Ok(())
     }
 
     /// Ids of jobs whose definition changed: paused, resumed, released more targets,
     /// aborted or canceled. (Execution changes are `TwinEvent::Job`s.)
     pub fn job_changes(&self) -> broadcast::Receiver<Arc<str>> {
-        self.shared.jobs_changed.subscribe()
+        self.jobs.changed.subscribe()
     }
 
     /// Pauses (or resumes) a paced job's rollout: no new executions meanwhile.
@@ -597,13 +582,13 @@ impl FleetHandle {
     }
 
     fn controller(&self, job_id: &str) -> Option<mpsc::Sender<Control>> {
-        self.shared.rollouts.get(job_id).map(|c| c.control.clone())
+        self.jobs.rollouts.control(job_id)
     }
 
     /// Starts the controller of a job with a rollout still under way; the receiver hears
     /// when its first look at the job (and release) is done.
     pub fn start_rollout(&self, job: JobDefinition) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        if !job.rollout_under_way() || self.shared.rollouts.contains_key(&job.job_id) {
+        if !job.rollout_under_way() || self.jobs.rollouts.contains(&job.job_id) {
             return None;
         }
         let (control, rx) = mpsc::channel(16);
@@ -612,7 +597,7 @@ impl FleetHandle {
             control,
             changed: changed.clone(),
         };
-        self.shared.rollouts.insert(job.job_id.clone(), link);
+        self.jobs.rollouts.insert(job.job_id.clone(), link);
         let (first_step, first_step_done) = oneshot();
         tokio::spawn(rollout::run(self.clone(), job, rx, changed, first_step));
         Some(first_step_done)
@@ -657,8 +642,8 @@ impl FleetHandle {
             let canceled = self
                 .request(&thing, |reply, permit| DeviceMsg::EndJob {
                     job_id: id,
-                    removed: false,
-                    force,
+                    ending: Ending::Canceled,
+                    running: Running::ended_if(force),
                     reply,
                     permit,
                 })
@@ -682,7 +667,7 @@ impl FleetHandle {
 
     /// A job's definition.
     pub async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, FleetError> {
-        Ok(self.shared.store().job(job_id).await?)
+        Ok(self.twins.store().job(job_id).await?)
     }
 
     /// Job definitions in id order, after `after`.
@@ -691,7 +676,7 @@ impl FleetHandle {
         after: Option<String>,
         limit: usize,
     ) -> Result<Vec<JobDefinition>, FleetError> {
-        Ok(self.shared.store().jobs(after.as_deref(), limit).await?)
+        Ok(self.twins.store().jobs(after.as_deref(), limit).await?)
     }
 
     /// The status of every execution of a job, in thing order (read a page at a time).
@@ -702,11 +687,7 @@ impl FleetHandle {
         let mut all: Vec<(DeviceId, JobStatus)> = Vec::new();
         loop {
             let after = all.last().map(|(thing, _)| thing);
-            let page = self
-                .shared
-                .store()
-                .job_statuses(job_id, after, 1000)
-                .await?;
+            let page = self.twins.store().job_statuses(job_id, after, 1000).await?;
             if page.is_empty() {
                 return Ok(all);
             }
@@ -716,40 +697,38 @@ impl FleetHandle {
 
     /// How many of a job's executions have each status.
     pub async fn job_counts(&self, job_id: &str) -> Result<twin_store::JobCounts, FleetError> {
-        Ok(self.shared.store().job_counts(job_id).await?)
+        Ok(self.twins.store().job_counts(job_id).await?)
     }
 
     /// A registered twin as it is now (resident or not).
     pub fn thing(&self, thing: &DeviceId) -> Option<Arc<TwinView>> {
-        self.shared.index.get(thing)
+        self.twins.pipeline.index().get(thing)
     }
 
     /// Registered twins matching `filter`, in id order after `after`.
     pub fn query(&self, filter: Option<&Filter>, after: Option<&DeviceId>, first: usize) -> Page {
-        self.shared.index.query(filter, after, first)
+        self.twins.pipeline.index().query(filter, after, first)
     }
 
     /// Whether a registered twin matches `filter` now.
     pub fn matches(&self, thing: &DeviceId, filter: &Filter) -> bool {
-        self.shared.index.matches(thing, filter)
+        self.twins.pipeline.index().matches(thing, filter)
     }
 
     /// Every change of every twin. A receiver that falls behind by more than the buffer
     /// gets `RecvError::Lagged` and must resynchronize.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.shared.events.subscribe()
+        self.subscribers.subscribe()
     }
 
     /// Routes the events of `thing` to `link` (replacing a previous link).
     pub fn attach(&self, thing: &DeviceId, link: Arc<dyn DeviceLink>) {
-        self.shared.links.insert(thing.clone(), link);
+        self.links.attach(thing, link);
     }
 
     /// Stops routing to `link`, if it is still the thing's link.
     pub fn detach(&self, thing: &DeviceId, link: &Arc<dyn DeviceLink>) {
-        self.shared
-            .links
-            .remove_if(thing, |_, l| Arc::ptr_eq(l, link));
+        self.links.detach(thing, link);
     }
 
     /// Twins currently in memory.
@@ -770,7 +749,7 @@ impl FleetHandle {
     pub async fn shutdown(&self) {
         // Rollout controllers stop first: each holds the fleet (and so the store) open.
         // Their jobs are persisted as they stand and go on at the next start.
-        self.shared.rollouts.clear();
+        self.jobs.rollouts.clear();
         for shard in self.shards.iter() {
             shard
                 .drain_children_and_wait(Some(Duration::from_secs(10)))

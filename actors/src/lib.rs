@@ -15,14 +15,16 @@ pub mod error;
 pub mod fleet;
 pub mod index;
 pub mod loading;
+pub mod pipeline;
 pub mod rollout;
 pub mod shard;
 
 pub use clock::Clock;
 pub use device::{JobAnswer, RegistryOp};
 pub use error::FleetError;
-pub use fleet::{Change, ConnectOk, DeviceLink, FleetConfig, FleetHandle, Reply};
+pub use fleet::{ConnectOk, FleetConfig, FleetHandle, Reply};
 pub use index::{Page, ShadowView, TwinView};
+pub use pipeline::{Change, Committed, CommittedChange, Consumer, DeviceLink};
 pub use shard::shard_for;
 
 #[cfg(test)]

@@ -35,13 +35,6 @@ pub enum Control {
     Withdraw(HashSet<DeviceId>, oneshot::Sender<Result<(), FleetError>>),
 }
 
-/// What the fleet keeps of a running controller.
-pub(crate) struct RolloutLink {
-    pub control: mpsc::Sender<Control>,
-    /// Pinged by the twins when one of the job's executions changed.
-    pub changed: Arc<Notify>,
-}
-
 pub(crate) async fn run(
     fleet: FleetHandle,
     mut job: JobDefinition,
@@ -107,7 +100,7 @@ pub(crate) async fn run(
             }
         }
     }
-    fleet.shared.rollouts.remove(&id);
+    fleet.jobs.rollouts.remove(&id);
 }
 
 /// Gives succeeded targets their health verdict: healthy once they match the gate's

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use twin_model::DeviceId;
 
 use crate::device::{DeviceArgs, DeviceMsg, DeviceTwin};
-use crate::fleet::Shared;
+use crate::fleet::TwinContext;
 
 /// The shard of a thing, from its stable hash.
 pub fn shard_for(thing: &DeviceId, shard_count: usize) -> usize {
@@ -45,7 +45,7 @@ pub enum ShardMsg {
 pub struct ShardSupervisor;
 
 pub struct ShardArgs {
-    pub shared: Arc<Shared>,
+    pub ctx: Arc<TwinContext>,
     pub max_resident: usize,
     pub idle_timeout: Duration,
 }
@@ -57,7 +57,7 @@ struct Resident {
 }
 
 pub struct ShardState {
-    shared: Arc<Shared>,
+    ctx: Arc<TwinContext>,
     max_resident: usize,
     idle_timeout: Duration,
     twins: HashMap<DeviceId, Resident>,
@@ -109,7 +109,7 @@ impl ShardState {
         let next_deadline = Arc::new(AtomicU64::new(0));
         let args = DeviceArgs {
             thing: thing.clone(),
-            shared: self.shared.clone(),
+            ctx: self.ctx.clone(),
             next_deadline: next_deadline.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, DeviceTwin, args, myself.get_cell()).await?;
@@ -162,7 +162,7 @@ impl ShardState {
     /// Wakes the passivated twins whose deadline has come; a twin that is resident again
     /// has set its own timer when it loaded.
     async fn wake_due(&mut self, myself: &ActorRef<ShardMsg>) -> Result<(), ActorProcessingErr> {
-        let now = self.shared.now_millis();
+        let now = self.ctx.now_millis();
         while let Some(first) = self.alarms.first() {
             if first.0 > now {
                 break;
@@ -210,7 +210,7 @@ impl Actor for ShardSupervisor {
             (args.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
         myself.send_interval(period, || ShardMsg::Tick);
         Ok(ShardState {
-            shared: args.shared,
+            ctx: args.ctx,
             max_resident: args.max_resident.max(1),
             idle_timeout: args.idle_timeout,
             twins: HashMap::new(),

@@ -1169,7 +1169,7 @@ async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add
 
     // The controller sees that every target has ended, and stops.
     tokio::time::sleep(MINUTE).await;
-    assert!(f.fleet.shared.rollouts.is_empty(), "the rollout is over");
+    assert!(f.fleet.jobs.rollouts.is_empty(), "the rollout is over");
     let rollout = f
         .fleet
         .job("fw-del")

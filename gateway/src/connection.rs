@@ -1,5 +1,5 @@
 //! One device connection's IO: CONNECT and authentication, then a loop over the socket,
-//! the twin's answers, the twin's events, the keep-alive timer, a kick and server
+//! the twin's answers, the twin's events, the keep-alive timer, a close and server
 //! shutdown.
 //!
 //! What packets mean is decided by the session core ([`crate::protocol`]); what the AWS
@@ -29,7 +29,7 @@ use crate::codec::{
     Version,
 };
 use crate::protocol::{Close, Core, Request};
-use crate::session::{Kick, OutMsg, SessionState, Sessions, Slot, lock};
+use crate::session::{CloseSignal, OutMsg, Session, SessionState, Sessions, lock};
 
 /// Everything a connection needs from the endpoint.
 pub(crate) struct Context {
@@ -86,14 +86,15 @@ struct Conn<S> {
     stream: S,
     peer: SocketAddr,
     core: Core,
-    slot: Arc<Slot>,
-    kick: Arc<Kick>,
+    session: Arc<Session>,
+    close: Arc<CloseSignal>,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Largest packet the client accepts.
     client_max: usize,
     answers: FuturesUnordered<AnswerFuture>,
-    session: u64,
+    /// The fleet's number for this connection (see `FleetHandle::connect`).
+    connection: u64,
     will: Option<codec::Will>,
     /// Publishes of this connection that were not requests of the device API.
     ignored: u64,
@@ -255,18 +256,18 @@ async fn accept<S: Stream>(
         server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
     };
 
-    let kick = Arc::new(Kick::default());
-    let (slot, resumed) = ctx
+    let close = Arc::new(CloseSignal::default());
+    let (session, resumed) = ctx
         .sessions
-        .take(&ctx.fleet, &thing, connect.clean_start, &kick)
+        .take(&ctx.fleet, &thing, connect.clean_start, &close)
         .await;
-    lock(&slot.state).expiry = Duration::from_secs(u64::from(expiry));
+    lock(&session.state).expiry = Duration::from_secs(u64::from(expiry));
     if send_connack(&mut stream, version, ConnCode::Accepted, resumed, limits)
         .await
         .is_err()
     {
-        kick.finish();
-        ctx.sessions.release(&ctx.fleet, &slot, &kick);
+        close.finish();
+        ctx.sessions.release(&ctx.fleet, &session, &close);
         ctx.fleet
             .disconnected(&thing, ok.session, "connection lost during CONNACK");
         return None;
@@ -286,12 +287,12 @@ async fn accept<S: Stream>(
         ctx: ctx.clone(),
         stream,
         peer,
-        slot,
-        kick,
+        session,
+        close,
         rbuf,
         wbuf: BytesMut::new(),
         answers: FuturesUnordered::new(),
-        session: ok.session,
+        connection: ok.session,
         will: connect.will,
         ignored: 0,
     };
@@ -325,7 +326,7 @@ impl<S: Stream> Conn<S> {
 
     /// Runs `write` on the session queue as the API adapters see it.
     fn outbox<T>(&self, write: impl FnOnce(&mut dyn Outbox) -> T) -> T {
-        let mut st = lock(&self.slot.state);
+        let mut st = lock(&self.session.state);
         write(&mut SessionOutbox {
             st: &mut st,
             thing: self.core.thing(),
@@ -349,12 +350,12 @@ impl<S: Stream> Conn<S> {
             if let Err(e) = self.flush().await {
                 return Close::Lost(format!("write failed: {e}"));
             }
-            let link = self.slot.link.clone();
-            let kick = self.kick.clone();
+            let link = self.session.events.clone();
+            let close = self.close.clone();
             tokio::select! {
                 biased;
-                () = kick.fire.notified() => {
-                    let (code, why) = self.kick.reason();
+                () = close.fire.notified() => {
+                    let (code, why) = self.close.reason();
                     return Close::Server(code, why);
                 }
                 _ = shutdown.changed() => return Close::Server(DisconnectCode::ServerShuttingDown, "server shutting down".into()),
@@ -391,7 +392,7 @@ impl<S: Stream> Conn<S> {
     fn drain_ready(&mut self) {
         loop {
             let mut progressed = false;
-            if !self.slot.link.is_empty() {
+            if !self.session.events.is_empty() {
                 self.drain_link();
                 progressed = true;
             }
@@ -436,14 +437,14 @@ impl<S: Stream> Conn<S> {
     }
 
     fn on_packet(&mut self, packet: Inbound) -> Option<Close> {
-        let actions = self.core.handle(&mut lock(&self.slot.state), packet);
+        let actions = self.core.handle(&mut lock(&self.session.state), packet);
         for packet in &actions.send {
             self.send(packet);
         }
         if actions.wants_commands {
             self.ctx
                 .fleet
-                .commands_wanted(self.core.thing(), self.session);
+                .commands_wanted(self.core.thing(), self.connection);
         }
         if let Some(request) = actions.request {
             self.request(request);
@@ -507,15 +508,15 @@ impl<S: Stream> Conn<S> {
     fn drain_link(&mut self) {
         self.outbox(|out| {
             for _ in 0..256 {
-                let Some(event) = self.slot.link.pop() else {
+                let Some(event) = self.session.events.pop() else {
                     return;
                 };
                 api::event(self.core.thing(), &event, out);
             }
         });
         // More than one batch waiting: come back after serving the socket.
-        if !self.slot.link.is_empty() {
-            self.slot.link.notify.notify_one();
+        if !self.session.events.is_empty() {
+            self.session.events.notify.notify_one();
         }
     }
 
@@ -523,12 +524,12 @@ impl<S: Stream> Conn<S> {
     fn pump(&mut self) {
         let Self {
             core,
-            slot,
+            session,
             wbuf,
             client_max,
             ..
         } = self;
-        core.pump(&mut lock(&slot.state), |packet| {
+        core.pump(&mut lock(&session.state), |packet| {
             codec::write(packet, core.version(), wbuf, *client_max)
         });
     }
@@ -536,16 +537,16 @@ impl<S: Stream> Conn<S> {
     /// A resumed session that subscribed to its command requests before gets the
     /// commands that wait for the device (a new one gets them when it subscribes).
     fn want_commands(&self) {
-        if self.core.listens_for_commands(&lock(&self.slot.state)) {
+        if self.core.listens_for_commands(&lock(&self.session.state)) {
             self.ctx
                 .fleet
-                .commands_wanted(self.core.thing(), self.session);
+                .commands_wanted(self.core.thing(), self.connection);
         }
     }
 
     /// A resumed session first resends what was sent but never acknowledged.
     fn resend_inflight(&mut self) {
-        let packets = self.core.resend(&lock(&self.slot.state));
+        let packets = self.core.resend(&lock(&self.session.state));
         for packet in &packets {
             codec::write(packet, self.core.version(), &mut self.wbuf, self.client_max);
         }
@@ -571,10 +572,10 @@ impl<S: Stream> Conn<S> {
                 reply_to: None,
             });
         }
-        self.ctx.fleet.disconnected(&thing, self.session, reason);
-        self.kick.finish();
+        self.ctx.fleet.disconnected(&thing, self.connection, reason);
+        self.close.finish();
         self.ctx
             .sessions
-            .release(&self.ctx.fleet, &self.slot, &self.kick);
+            .release(&self.ctx.fleet, &self.session, &self.close);
     }
 }

@@ -130,7 +130,7 @@ impl Gateway {
         let kicks = self
             .ctx
             .sessions
-            .kick_all(DisconnectCode::ServerShuttingDown, "server shutting down");
+            .close_all(DisconnectCode::ServerShuttingDown, "server shutting down");
         for task in self.tasks {
             let _ = task.await;
         }

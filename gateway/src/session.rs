@@ -1,9 +1,9 @@
 //! MQTT sessions: what outlives a connection.
 //!
-//! One [`Slot`] per client id holds the subscriptions, the QoS 1 messages sent but not
-//! acknowledged, the messages waiting to be sent, and the [`Link`] the device's twin
+//! One [`Session`] per client id holds the subscriptions, the QoS 1 messages sent but not
+//! acknowledged, the messages waiting to be sent, and the [`EventQueue`] the device's twin
 //! delivers events into. A persistent session (`clean session = 0`, or an MQTT 5 session
-//! expiry) keeps its slot after the connection ends, until it expires; the twin keeps
+//! expiry) outlives its connection until it expires; the twin keeps
 //! delivering into it meanwhile (bounded: the oldest messages are dropped first).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -28,14 +28,14 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Tells one connection to close, and tells whoever asked when it has.
 #[derive(Default)]
-pub(crate) struct Kick {
+pub(crate) struct CloseSignal {
     pub(crate) fire: Notify,
     reason: Mutex<Option<(DisconnectCode, String)>>,
     pub(crate) finished: Notify,
     done: AtomicBool,
 }
 
-impl Kick {
+impl CloseSignal {
     pub(crate) fn fire(&self, code: DisconnectCode, reason: &str) {
         *lock(&self.reason) = Some((code, reason.to_owned()));
         self.fire.notify_one();
@@ -64,15 +64,15 @@ impl Kick {
 }
 
 /// Where the twin delivers a device's events. Never blocks the twin.
-pub(crate) struct Link {
+pub(crate) struct EventQueue {
     events: Mutex<VecDeque<Arc<TwinEvent>>>,
     pub(crate) notify: Notify,
     cap: usize,
     pub(crate) dropped: AtomicU64,
-    pub(crate) active: Mutex<Option<Arc<Kick>>>,
+    pub(crate) active: Mutex<Option<Arc<CloseSignal>>>,
 }
 
-impl Link {
+impl EventQueue {
     fn new(cap: usize) -> Self {
         Self {
             events: Mutex::new(VecDeque::new()),
@@ -92,7 +92,7 @@ impl Link {
     }
 }
 
-impl DeviceLink for Link {
+impl DeviceLink for EventQueue {
     fn deliver(&self, event: Arc<TwinEvent>) {
         {
             let mut q = lock(&self.events);
@@ -112,7 +112,7 @@ impl DeviceLink for Link {
         self.notify.notify_one();
     }
 
-    fn kick(&self, reason: &str) {
+    fn end_session(&self, reason: &str) {
         if let Some(k) = lock(&self.active).clone() {
             k.fire(DisconnectCode::NotAuthorized, reason);
         }
@@ -172,17 +172,17 @@ impl SessionState {
     }
 }
 
-pub(crate) struct Slot {
+pub(crate) struct Session {
     pub(crate) thing: DeviceId,
-    pub(crate) link: Arc<Link>,
-    pub(crate) dyn_link: Arc<dyn DeviceLink>,
+    pub(crate) events: Arc<EventQueue>,
+    pub(crate) device_link: Arc<dyn DeviceLink>,
     pub(crate) state: Mutex<SessionState>,
     pub(crate) expires_at: Mutex<Option<Instant>>,
 }
 
 /// Every session, by client id.
 pub(crate) struct Sessions {
-    map: DashMap<DeviceId, Arc<Slot>>,
+    map: DashMap<DeviceId, Arc<Session>>,
     queue_cap: usize,
 }
 
@@ -195,96 +195,103 @@ impl Sessions {
     }
 
     /// Takes over the client id's session: the live connection (if any) is told to close
-    /// and waited for. With `clean`, a stored session is discarded. Returns the slot and
+    /// and waited for. With `clean`, a stored session is discarded. Returns the session and
     /// whether a stored session was resumed.
     pub(crate) async fn take(
         &self,
         fleet: &FleetHandle,
         thing: &DeviceId,
         clean: bool,
-        kick: &Arc<Kick>,
-    ) -> (Arc<Slot>, bool) {
+        close: &Arc<CloseSignal>,
+    ) -> (Arc<Session>, bool) {
         if let Some(old) = self.map.get(thing).map(|s| s.value().clone()) {
-            let previous = lock(&old.link.active).take();
+            let previous = lock(&old.events.active).take();
             if let Some(previous) = previous {
                 previous.fire(DisconnectCode::SessionTakenOver, "session taken over");
                 previous.wait_finished(Duration::from_secs(5)).await;
             }
         }
         let existing = self.map.get(thing).map(|s| s.value().clone());
-        let (slot, resumed) = match existing {
-            Some(slot) if !clean && lock(&slot.expires_at).is_none_or(|t| t > Instant::now()) => {
-                (slot, true)
+        let (session, resumed) = match existing {
+            Some(session)
+                if !clean && lock(&session.expires_at).is_none_or(|t| t > Instant::now()) =>
+            {
+                (session, true)
             }
             _ => {
-                let link = Arc::new(Link::new(self.queue_cap));
-                let dyn_link: Arc<dyn DeviceLink> = link.clone();
-                let slot = Arc::new(Slot {
+                let events = Arc::new(EventQueue::new(self.queue_cap));
+                let device_link: Arc<dyn DeviceLink> = events.clone();
+                let session = Arc::new(Session {
                     thing: thing.clone(),
-                    link,
-                    dyn_link,
+                    events,
+                    device_link,
                     state: Mutex::new(SessionState::default()),
                     expires_at: Mutex::new(None),
                 });
-                if let Some(old) = self.map.insert(thing.clone(), slot.clone()) {
-                    fleet.detach(thing, &old.dyn_link);
+                if let Some(old) = self.map.insert(thing.clone(), session.clone()) {
+                    fleet.detach(thing, &old.device_link);
                 }
-                (slot, false)
+                (session, false)
             }
         };
-        *lock(&slot.expires_at) = None;
-        *lock(&slot.link.active) = Some(kick.clone());
-        fleet.attach(thing, slot.dyn_link.clone());
-        (slot, resumed)
+        *lock(&session.expires_at) = None;
+        *lock(&session.events.active) = Some(close.clone());
+        fleet.attach(thing, session.device_link.clone());
+        (session, resumed)
     }
 
-    /// The connection holding `kick` ended: keep the session until it expires, or drop it.
-    pub(crate) fn release(&self, fleet: &FleetHandle, slot: &Arc<Slot>, kick: &Arc<Kick>) {
+    /// The connection holding `close` ended: keep the session until it expires, or drop it.
+    pub(crate) fn release(
+        &self,
+        fleet: &FleetHandle,
+        session: &Arc<Session>,
+        close: &Arc<CloseSignal>,
+    ) {
         {
-            let mut active = lock(&slot.link.active);
-            if !active.as_ref().is_some_and(|a| Arc::ptr_eq(a, kick)) {
+            let mut active = lock(&session.events.active);
+            if !active.as_ref().is_some_and(|a| Arc::ptr_eq(a, close)) {
                 return; // A newer connection owns the session now.
             }
             *active = None;
         }
-        let expiry = lock(&slot.state).expiry;
+        let expiry = lock(&session.state).expiry;
         if expiry.is_zero() {
-            self.remove(fleet, slot);
+            self.remove(fleet, session);
         } else {
-            *lock(&slot.expires_at) = Some(Instant::now() + expiry);
+            *lock(&session.expires_at) = Some(Instant::now() + expiry);
         }
     }
 
-    fn remove(&self, fleet: &FleetHandle, slot: &Arc<Slot>) {
+    fn remove(&self, fleet: &FleetHandle, session: &Arc<Session>) {
         if self
             .map
-            .remove_if(&slot.thing, |_, s| Arc::ptr_eq(s, slot))
+            .remove_if(&session.thing, |_, s| Arc::ptr_eq(s, session))
             .is_some()
         {
-            fleet.detach(&slot.thing, &slot.dyn_link);
+            fleet.detach(&session.thing, &session.device_link);
         }
     }
 
     /// Drops sessions whose expiry has passed. Returns how many.
     pub(crate) fn sweep(&self, fleet: &FleetHandle) -> usize {
         let now = Instant::now();
-        let expired: Vec<Arc<Slot>> = self
+        let expired: Vec<Arc<Session>> = self
             .map
             .iter()
             .filter(|s| lock(&s.expires_at).is_some_and(|t| t <= now))
             .map(|s| s.value().clone())
             .collect();
-        for slot in &expired {
-            self.remove(fleet, slot);
+        for session in &expired {
+            self.remove(fleet, session);
         }
         expired.len()
     }
 
     /// Tells every live connection to close.
-    pub(crate) fn kick_all(&self, code: DisconnectCode, reason: &str) -> Vec<Arc<Kick>> {
+    pub(crate) fn close_all(&self, code: DisconnectCode, reason: &str) -> Vec<Arc<CloseSignal>> {
         let mut kicks = Vec::new();
-        for slot in self.map.iter() {
-            if let Some(k) = lock(&slot.link.active).clone() {
+        for session in self.map.iter() {
+            if let Some(k) = lock(&session.events.active).clone() {
                 k.fire(code, reason);
                 kicks.push(k);
             }

@@ -36,7 +36,7 @@ impl DeviceState {
         request: NewCommand,
     ) -> Result<Arc<CommandExecution>, FleetError> {
         self.registered().await?;
-        let now = self.shared.now_millis();
+        let now = self.ctx.now_millis();
         let mut execution =
             CommandExecution::new(execution_id(now)?, self.thing.clone(), request, now)
                 .map_err(|e| FleetError::Rejected(e.into()))?;
@@ -60,7 +60,7 @@ impl DeviceState {
         // A malformed answer is refused as such, whatever the execution's status.
         let response = response.map_err(|e| FleetError::Rejected(e.into()))?;
         self.expire_commands().await?;
-        let now = self.shared.now_millis();
+        let now = self.ctx.now_millis();
         let Some(mut execution) = self.registered().await?.commands.get(execution_id).cloned()
         else {
             // Not pending: it ended, or it never existed for this thing.
@@ -92,7 +92,7 @@ impl DeviceState {
 
     /// An ended execution of this thing, from the store.
     async fn stored_command(&self, execution_id: &str) -> Result<CommandExecution, FleetError> {
-        let found = self.shared.store().command(execution_id).await?;
+        let found = self.ctx.store().command(execution_id).await?;
         found
             .filter(|c| c.thing == self.thing)
             .ok_or_else(|| not_found(execution_id))
@@ -108,7 +108,7 @@ impl DeviceState {
         }
         self.listening = true;
         self.expire_commands().await?;
-        let now = self.shared.now_millis();
+        let now = self.ctx.now_millis();
         let (mut first, mut again) = (Vec::new(), Vec::new());
         for c in self.registered().await?.commands.values_mut() {
             if c.delivered(now) {
@@ -139,7 +139,7 @@ impl DeviceState {
     /// Applies the clock to the pending executions.
     pub(super) async fn expire_commands(&mut self) -> Result<(), FleetError> {
         self.alarm_at = None;
-        let now = self.shared.now_millis();
+        let now = self.ctx.now_millis();
         let Some(loaded) = self.loaded.as_mut() else {
             return Ok(());
         };
@@ -174,12 +174,12 @@ impl DeviceState {
     }
 
     fn announce(&self, execution: &Arc<CommandExecution>, deliver: bool) {
-        self.shared.emit(Arc::new(TwinEvent::Command {
+        self.ctx.publish_event(TwinEvent::Command {
             thing: self.thing.clone(),
             execution: execution.clone(),
             deliver,
             version: self.version(),
-        }));
+        });
     }
 
     /// Wakes the twin at its next command or job deadline (one timer at a time).
@@ -198,7 +198,7 @@ impl DeviceState {
             return;
         }
         self.alarm_at = Some(next);
-        let wait = Duration::from_millis(next.saturating_sub(self.shared.now_millis()));
+        let wait = Duration::from_millis(next.saturating_sub(self.ctx.now_millis()));
         self.myself.send_after(wait, || DeviceMsg::Clock);
     }
 }

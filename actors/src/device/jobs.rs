@@ -15,7 +15,7 @@ use twin_model::topic::JobOp;
 use twin_model::{Rejection, RejectionKind, ShadowName, TwinEvent, UpdateRequest};
 use twin_store::Write;
 
-use super::DeviceState;
+use super::{DeviceState, Ending, Running};
 use crate::error::FleetError;
 
 /// What a device request gets: the `accepted` payload, or why it was rejected.
@@ -77,19 +77,19 @@ impl DeviceState {
             self.thing.clone(),
             job.retry,
             job.timeouts,
-            self.shared.now_millis(),
+            self.ctx.now_millis(),
         );
         self.documents.insert(job.job_id.clone(), job);
         self.save_job(execution).await
     }
 
-    /// Ends this thing's execution of `job`, `REMOVED` or `CANCELED`; an `IN_PROGRESS` one
-    /// only with `force`.
+    /// Ends this thing's execution of `job` as `ending` says; an `IN_PROGRESS` one only
+    /// when `running` is `Ended`.
     pub(super) async fn end_job(
         &mut self,
         job: &str,
-        removed: bool,
-        force: bool,
+        ending: Ending,
+        running: Running,
     ) -> Result<Result<Arc<JobExecution>, JobError>, FleetError> {
         let Some(mut execution) = self.registered().await?.jobs.get(job).cloned() else {
             return Ok(Err(not_found(job)));
@@ -97,11 +97,11 @@ impl DeviceState {
         if execution.status.is_terminal() {
             return Ok(Ok(Arc::new(execution)));
         }
-        let now = self.shared.now_millis();
-        let ended = if removed {
-            execution.remove(force, now)
-        } else {
-            execution.cancel(force, now)
+        let now = self.ctx.now_millis();
+        let force = running == Running::Ended;
+        let ended = match ending {
+            Ending::Removed => execution.remove(force, now),
+            Ending::Canceled => execution.cancel(force, now),
         };
         if let Err(e) = ended {
             return Ok(Err(e));
@@ -116,7 +116,7 @@ impl DeviceState {
         body: Value,
     ) -> Result<JobAnswer, FleetError> {
         self.expire_jobs().await?;
-        let now = self.shared.now_millis();
+        let now = self.ctx.now_millis();
         let answer = match op {
             JobOp::GetPending => {
                 let loaded = self.registered().await?;
@@ -267,7 +267,7 @@ impl DeviceState {
             return Ok(());
         };
         let body = json!({"state": {"reported": {"firmware": {"version": version}}}});
-        let request = UpdateRequest::parse(body.to_string().as_bytes(), &self.shared.config.limits)
+        let request = UpdateRequest::parse(body.to_string().as_bytes(), &self.ctx.config.limits)
             .map_err(FleetError::Rejected)?;
         self.update(ShadowName::classic(), request).await.map(drop)
     }
@@ -278,7 +278,7 @@ impl DeviceState {
             return Ok(d.document.clone());
         }
         let found = self
-            .shared
+            .ctx
             .store()
             .job(job)
             .await?
@@ -290,7 +290,7 @@ impl DeviceState {
 
     /// Applies the clock to the running executions.
     pub(super) async fn expire_jobs(&mut self) -> Result<(), FleetError> {
-        let now = self.shared.now_millis();
+        let now = self.ctx.now_millis();
         let due: Vec<JobExecution> = match self.loaded.as_ref() {
             Some(l) => l
                 .jobs
@@ -313,8 +313,7 @@ impl DeviceState {
         let execution = Arc::new(execution);
         self.commit(vec![Write::JobExecution(execution.clone())])
             .await?;
-        self.shared.execution_changed(&execution.job_id);
-        let now = self.shared.now_millis();
+        let now = self.ctx.now_millis();
         let before = self.next_pending().await?;
         self.registered()
             .await?
@@ -348,13 +347,13 @@ impl DeviceState {
         } else {
             None
         };
-        self.shared.emit(Arc::new(TwinEvent::Job {
+        self.ctx.publish_event(TwinEvent::Job {
             thing: self.thing.clone(),
             execution: execution.clone(),
             notify: Arc::new(notify),
             notify_next,
             version: self.version(),
-        }));
+        });
         self.set_alarm();
         Ok(execution)
     }

@@ -13,30 +13,30 @@ use twin_model::{Shadow, ShadowChange, ShadowName, UpdateRequest};
 use crate::error::FleetError;
 use crate::fleet::ConnectOk;
 
-pub type Port<T> = RpcReplyPort<Result<T, FleetError>>;
+pub type AnswerPort<T> = RpcReplyPort<Result<T, FleetError>>;
 
 pub enum DeviceMsg {
     Update {
         shadow: ShadowName,
         request: Box<UpdateRequest>,
-        reply: Port<Arc<ShadowChange>>,
+        reply: AnswerPort<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },
     Get {
         shadow: ShadowName,
-        reply: Port<Arc<Shadow>>,
+        reply: AnswerPort<Arc<Shadow>>,
         permit: OwnedSemaphorePermit,
     },
     Delete {
         shadow: ShadowName,
         client_token: Option<String>,
-        reply: Port<Arc<ShadowChange>>,
+        reply: AnswerPort<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },
     /// A device authenticates and comes online.
     Connect {
         password: Option<String>,
-        reply: Port<ConnectOk>,
+        reply: AnswerPort<ConnectOk>,
         permit: OwnedSemaphorePermit,
     },
     /// The connection of `session` ended.
@@ -45,26 +45,26 @@ pub enum DeviceMsg {
     /// made one (shown once, never stored).
     Registry {
         op: RegistryOp,
-        reply: Port<Option<String>>,
+        reply: AnswerPort<Option<String>>,
         permit: OwnedSemaphorePermit,
     },
     /// Creates a command execution; it goes to the device as soon as the device listens.
     SendCommand {
         request: NewCommand,
-        reply: Port<Arc<CommandExecution>>,
+        reply: AnswerPort<Arc<CommandExecution>>,
         permit: OwnedSemaphorePermit,
     },
     /// The device answered a command (the response as parsed, or why it did not parse).
     CommandResponse {
         execution_id: String,
         response: Result<DeviceResponse, CommandError>,
-        reply: Port<Arc<CommandExecution>>,
+        reply: AnswerPort<Arc<CommandExecution>>,
         permit: OwnedSemaphorePermit,
     },
     /// One command execution as it is now.
     Command {
         execution_id: String,
-        reply: Port<Arc<CommandExecution>>,
+        reply: AnswerPort<Arc<CommandExecution>>,
         permit: OwnedSemaphorePermit,
     },
     /// The connection of `session` subscribed to its command requests: deliver what waits.
@@ -72,23 +72,22 @@ pub enum DeviceMsg {
     /// Queues a job's execution for the thing.
     QueueJob {
         job: Arc<JobDefinition>,
-        reply: Port<Arc<JobExecution>>,
+        reply: AnswerPort<Arc<JobExecution>>,
         permit: OwnedSemaphorePermit,
     },
-    /// Ends the thing's execution of a job: `REMOVED` (the thing was taken out of the job)
-    /// or `CANCELED` (the job was canceled); an `IN_PROGRESS` one only with `force`.
+    /// Ends the thing's execution of a job early.
     EndJob {
         job_id: String,
-        removed: bool,
-        force: bool,
-        reply: Port<Result<Arc<JobExecution>, twin_model::job::JobError>>,
+        ending: Ending,
+        running: Running,
+        reply: AnswerPort<Result<Arc<JobExecution>, twin_model::job::JobError>>,
         permit: OwnedSemaphorePermit,
     },
     /// A device request on the jobs topics, with its JSON body.
     JobRequest {
         op: JobOp,
         body: serde_json::Value,
-        reply: Port<super::jobs::JobAnswer>,
+        reply: AnswerPort<super::jobs::JobAnswer>,
         permit: OwnedSemaphorePermit,
     },
     /// A command or job deadline is due.
@@ -110,4 +109,29 @@ pub enum RegistryOp {
     RotateSecret,
     /// Removes the thing, its shadows and history; ends the live connection.
     Delete,
+}
+
+/// How a thing's execution of a job ends early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The thing was taken out of the job: `REMOVED`.
+    Removed,
+    /// The job was canceled: `CANCELED`.
+    Canceled,
+}
+
+/// What ending a job early does to an `IN_PROGRESS` execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Running {
+    /// It goes on: only queued executions end (the request is refused for it).
+    Spared,
+    /// It ends too (the operator's `force`).
+    Ended,
+}
+
+impl Running {
+    /// From an API's `force` flag.
+    pub fn ended_if(force: bool) -> Self {
+        if force { Self::Ended } else { Self::Spared }
+    }
 }

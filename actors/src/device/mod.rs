@@ -19,22 +19,23 @@ use serde_json::{Map, Value};
 use twin_model::command::CommandExecution;
 use twin_model::job::{JobDefinition, JobExecution};
 use twin_model::{
-    ChangeOp, Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName,
-    TwinEvent, json,
+    Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
+    json,
 };
 use twin_store::{ThingRecord, TwinSnapshot, Write, secret};
 
 pub use jobs::JobAnswer;
-pub use messages::{DeviceMsg, Port, RegistryOp};
+pub use messages::{AnswerPort, DeviceMsg, Ending, RegistryOp, Running};
 
 use crate::error::FleetError;
-use crate::fleet::{ConnectOk, Shared};
+use crate::fleet::{ConnectOk, TwinContext};
+use crate::pipeline::Committed;
 
 pub struct DeviceTwin;
 
 pub struct DeviceArgs {
     pub thing: DeviceId,
-    pub shared: Arc<Shared>,
+    pub ctx: Arc<TwinContext>,
     /// Where the twin publishes its next deadline (0: none), for its shard to wake it
     /// after a passivation.
     pub next_deadline: Arc<AtomicU64>,
@@ -42,7 +43,7 @@ pub struct DeviceArgs {
 
 pub struct DeviceState {
     thing: DeviceId,
-    shared: Arc<Shared>,
+    ctx: Arc<TwinContext>,
     loaded: Option<Loaded>,
     /// Increases with every accepted connection, so that a late disconnect of a
     /// taken-over session does not mark the device offline.
@@ -76,7 +77,7 @@ fn thing_not_found() -> FleetError {
 impl DeviceState {
     async fn load(&mut self) -> Result<&mut Loaded, FleetError> {
         if self.loaded.is_none() {
-            let snap: TwinSnapshot = self.shared.store().load(&self.thing).await?;
+            let snap: TwinSnapshot = self.ctx.store().load(&self.thing).await?;
             self.loaded = Some(Loaded {
                 record: snap.record,
                 connectivity: snap.connectivity,
@@ -109,7 +110,7 @@ impl DeviceState {
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<(), FleetError> {
-        self.shared
+        self.ctx
             .committer
             .commit(writes)
             .await
@@ -136,24 +137,14 @@ impl DeviceState {
         if let Some(l) = self.loaded.as_mut() {
             l.shadows.insert(name.clone(), current.clone());
         }
-        let version = self.version();
-        let reported_at = match &change.op {
-            ChangeOp::Update {
-                reported: Some(_), ..
-            } => Some(change.timestamp * 1000),
-            _ => None,
-        };
-        self.shared
-            .index
-            .set_shadow(&self.thing, name.clone(), current.clone(), reported_at);
-        self.shared.emit(Arc::new(TwinEvent::Shadow {
+        self.ctx.publish_event(TwinEvent::Shadow {
             thing: self.thing.clone(),
             shadow: name,
             change: change.clone(),
             previous,
             current,
-            version,
-        }));
+            version: self.version(),
+        });
         Ok(change)
     }
 
@@ -181,9 +172,9 @@ impl DeviceState {
         name: ShadowName,
         request: twin_model::UpdateRequest,
     ) -> Result<Arc<ShadowChange>, FleetError> {
-        let limits = self.shared.config.limits;
+        let limits = self.ctx.config.limits;
         let previous = self.current(&name).await?;
-        let (change, next) = previous.update(&request, self.shared.now_millis() / 1000, &limits)?;
+        let (change, next) = previous.update(&request, self.ctx.now_millis() / 1000, &limits)?;
         self.change_shadow(name, previous, change, next).await
     }
 
@@ -204,7 +195,7 @@ impl DeviceState {
         let change = previous.decide_delete(
             name.name().unwrap_or(self.thing.as_str()),
             client_token,
-            self.shared.now_millis() / 1000,
+            self.ctx.now_millis() / 1000,
         )?;
         // A deleted shadow keeps only its version: nothing of the old one to copy.
         let mut next = Shadow::default();
@@ -226,14 +217,14 @@ impl DeviceState {
         let mut attrs = Map::new();
         json::merge(&mut attrs, &attributes);
         self.check_attributes(&attrs)?;
-        let (mut record, secret) = ThingRecord::new(self.thing.clone(), self.shared.now_millis())?;
+        let (mut record, secret) = ThingRecord::new(self.thing.clone(), self.ctx.now_millis())?;
         record.attributes = attrs;
-        self.save_record(record.clone()).await?;
+        self.save_record(record.clone(), None).await?;
         Ok((record, secret))
     }
 
     fn check_attributes(&self, attributes: &Map<String, Value>) -> Result<(), FleetError> {
-        let limits = self.shared.config.limits;
+        let limits = self.ctx.config.limits;
         let value = Value::Object(attributes.clone());
         if json::encoded_len(&value) > limits.max_state_bytes {
             return Err(Rejection::new(
@@ -255,13 +246,24 @@ impl DeviceState {
         Ok(())
     }
 
-    /// Makes a registry record durable, then current, then searchable.
-    async fn save_record(&mut self, record: ThingRecord) -> Result<(), FleetError> {
+    /// Makes a registry record durable, then current, then published; `ends_session`
+    /// ends the device's live session, for that reason.
+    async fn save_record(
+        &mut self,
+        record: ThingRecord,
+        ends_session: Option<&'static str>,
+    ) -> Result<(), FleetError> {
         self.commit(vec![Write::Thing(record.clone())]).await?;
         if let Some(l) = self.loaded.as_mut() {
             l.record = Some(record.clone());
         }
-        self.shared.index.put_record(record);
+        self.ctx.publish(
+            &self.thing,
+            Committed::Record {
+                record,
+                ends_session,
+            },
+        );
         Ok(())
     }
 
@@ -279,23 +281,21 @@ impl DeviceState {
             RegistryOp::Register(_) => unreachable!("handled above"),
             RegistryOp::SetEnabled(enabled) => {
                 record.enabled = enabled;
-                self.save_record(record).await?;
-                if !enabled {
-                    self.shared.kick(&self.thing, "thing disabled");
-                }
+                let ends_session = (!enabled).then_some("thing disabled");
+                self.save_record(record, ends_session).await?;
                 Ok(None)
             }
             RegistryOp::MergeAttributes(patch) => {
                 json::merge(&mut record.attributes, &patch);
                 self.check_attributes(&record.attributes)?;
-                self.save_record(record).await?;
+                self.save_record(record, None).await?;
                 Ok(None)
             }
             RegistryOp::RotateSecret => {
                 let secret = secret::generate()?;
                 record.secret_hash = secret::hash(&secret);
-                self.save_record(record).await?;
-                self.shared.kick(&self.thing, "thing secret rotated");
+                self.save_record(record, Some("thing secret rotated"))
+                    .await?;
                 Ok(Some(secret))
             }
             RegistryOp::Delete => {
@@ -310,22 +310,21 @@ impl DeviceState {
                     .map(|e| e.job_id.clone())
                     .collect();
                 for job in unfinished {
-                    if let Err(e) = self.end_job(&job, true, true).await? {
+                    if let Err(e) = self.end_job(&job, Ending::Removed, Running::Ended).await? {
                         return Err(FleetError::Inconsistent(e.message));
                     }
                 }
                 self.commit(vec![Write::DeleteThing(self.thing.clone())])
                     .await?;
                 self.loaded = Some(Loaded::default());
-                self.shared.index.remove(&self.thing);
-                self.shared.kick(&self.thing, "thing deleted");
+                self.ctx.publish(&self.thing, Committed::Deleted);
                 Ok(None)
             }
         }
     }
 
     async fn connect(&mut self, password: Option<String>) -> Result<ConnectOk, FleetError> {
-        let auto_register = self.shared.config.auto_register;
+        let auto_register = self.ctx.config.auto_register;
         let mut registered_now = false;
         let record = match self.load().await?.record.clone() {
             Some(r) => r,
@@ -350,7 +349,7 @@ impl DeviceState {
         self.listening = false;
         self.set_connectivity(Connectivity {
             connected: true,
-            since: self.shared.now_millis(),
+            since: self.ctx.now_millis(),
             disconnect_reason: None,
         })
         .await?;
@@ -369,15 +368,11 @@ impl DeviceState {
         if let Some(l) = self.loaded.as_mut() {
             l.connectivity = connectivity.clone();
         }
-        let version = self.version();
-        self.shared
-            .index
-            .set_connectivity(&self.thing, connectivity.clone());
-        self.shared.emit(Arc::new(TwinEvent::Connectivity {
+        self.ctx.publish_event(TwinEvent::Connectivity {
             thing: self.thing.clone(),
             connectivity,
-            version,
-        }));
+            version: self.version(),
+        });
         Ok(())
     }
 }
@@ -424,7 +419,7 @@ impl DeviceState {
                     self.listening = false;
                     let c = Connectivity {
                         connected: false,
-                        since: self.shared.now_millis(),
+                        since: self.ctx.now_millis(),
                         disconnect_reason: Some(reason),
                     };
                     if let Err(e) = self.set_connectivity(c).await {
@@ -472,12 +467,12 @@ impl DeviceState {
             }
             DeviceMsg::EndJob {
                 job_id,
-                removed,
-                force,
+                ending,
+                running,
                 reply,
                 permit,
             } => {
-                answer(reply, self.end_job(&job_id, removed, force).await);
+                answer(reply, self.end_job(&job_id, ending, running).await);
                 drop(permit);
             }
             DeviceMsg::JobRequest {
@@ -500,7 +495,7 @@ impl DeviceState {
     }
 }
 
-fn answer<T>(reply: Port<T>, result: Result<T, FleetError>) {
+fn answer<T>(reply: AnswerPort<T>, result: Result<T, FleetError>) {
     // The caller may have given up (timeout, closed connection); nothing to do then.
     let _ = reply.send(result);
 }
@@ -517,7 +512,7 @@ impl Actor for DeviceTwin {
     ) -> Result<DeviceState, ActorProcessingErr> {
         Ok(DeviceState {
             thing: args.thing,
-            shared: args.shared,
+            ctx: args.ctx,
             loaded: None,
             session: 0,
             listening: false,
