@@ -62,6 +62,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         ));
     }
     let resumed = fleet
+        .jobs()
         .resume_rollouts()
         .await
         .context("cannot resume the OTA rollouts under way")?;

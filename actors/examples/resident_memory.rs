@@ -61,7 +61,8 @@ async fn main() {
     // Warm the runtime and the store's read path with a first round on a few twins.
     for id in ids.iter().take(1000) {
         fleet
-            .get_shadow(id, ShadowName::classic())
+            .shadows()
+            .get(id, ShadowName::classic())
             .await
             .expect("get");
     }
@@ -69,7 +70,7 @@ async fn main() {
     for chunk in ids[1000..].chunks(5000) {
         let replies: Vec<_> = chunk
             .iter()
-            .map(|id| fleet.get_shadow(id, ShadowName::classic()))
+            .map(|id| fleet.shadows().get(id, ShadowName::classic()))
             .collect();
         for r in replies {
             r.await.expect("get");

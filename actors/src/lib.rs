@@ -2,12 +2,18 @@
 //!
 //! - [`device`]: `DeviceTwin`, one actor per thing, the single writer of its shadows;
 //! - [`shard`]: `ShardSupervisor`, which activates, passivates and restarts twins;
-//! - [`fleet`]: [`FleetHandle`], the API every edge (MQTT, GraphQL, ...) uses;
-//! - [`index`]: the fleet index every query and filtered subscription reads.
+//! - [`fleet`]: [`FleetHandle`]: starts the fleet and routes requests to twins;
+//! - [`services`]: the typed APIs every edge (MQTT, GraphQL, ...) uses, one per concern:
+//!   shadows, registry, device sessions, commands, jobs, queries;
+//! - [`pipeline`]: the post-commit change pipeline and its consumers;
+//! - [`index`]: the fleet index every query and filtered subscription reads;
+//! - [`rollout`]: one controller per job that releases executions at the job's pace;
+//! - [`loading`]: what a starting node reads (index and deadlines, by partition).
 //!
 //! A change is acknowledged only after it is durable (through the group
-//! [`twin_store::Committer`]); then the twin emits a [`twin_model::TwinEvent`] to the
-//! device's [`DeviceLink`] (its MQTT session) and to the fleet-wide event stream.
+//! [`twin_store::Committer`]); then the twin hands it to the [`pipeline::Pipeline`],
+//! which updates the index and tells every consumer: the device's [`DeviceLink`] (its
+//! MQTT session), the fleet-wide event stream and the job's rollout controller.
 
 pub mod clock;
 pub mod device;
@@ -17,6 +23,7 @@ pub mod index;
 pub mod loading;
 pub mod pipeline;
 pub mod rollout;
+pub mod services;
 pub mod shard;
 
 pub use clock::Clock;

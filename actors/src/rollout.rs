@@ -3,7 +3,7 @@
 //! health of succeeded devices when the job has a health gate, stops the job when its
 //! abort policy trips, and takes pause, resume and cancel from operators. It is
 //! the only writer of its job's definition while it runs, and it persists every change, so
-//! a restarted server picks the rollout up where it was (`FleetHandle::resume_rollouts`).
+//! a restarted server picks the rollout up where it was (`Jobs::resume_rollouts`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,12 +60,12 @@ pub(crate) async fn run(
                         r.pause(paused, fleet.now_millis());
                     }
                     dirty = true;
-                    let _ = reply.send(fleet.save_job(job.clone()).await);
+                    let _ = reply.send(fleet.jobs().save(job.clone()).await);
                 }
                 Some(Control::Withdraw(things, reply)) => {
                     let withdrawn = job.rollout.as_mut().map_or(0, |r| r.withdraw(&things));
                     let saved = if withdrawn > 0 {
-                        fleet.save_job(job.clone()).await
+                        fleet.jobs().save(job.clone()).await
                     } else {
                         Ok(())
                     };
@@ -73,8 +73,8 @@ pub(crate) async fn run(
                 }
                 Some(Control::Cancel(force, reply)) => {
                     job.canceled_at = Some(fleet.now_millis());
-                    let done = match fleet.save_job(job.clone()).await {
-                        Ok(()) => fleet.cancel_executions(&id, force).await.map(drop),
+                    let done = match fleet.jobs().save(job.clone()).await {
+                        Ok(()) => fleet.jobs().cancel_executions(&id, force).await.map(drop),
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(done);
@@ -100,7 +100,7 @@ pub(crate) async fn run(
             }
         }
     }
-    fleet.jobs.rollouts.remove(&id);
+    fleet.job_state.rollouts.remove(&id);
 }
 
 /// Gives succeeded targets their health verdict: healthy once they match the gate's
@@ -136,7 +136,7 @@ fn judge_health(
             continue;
         }
         let since = *succeeded_at.entry(thing.clone()).or_insert(now);
-        if fleet.matches(thing, &filter) {
+        if fleet.queries().matches(thing, &filter) {
             rollout.healthy.push(thing.clone());
             changed = true;
         } else if now.saturating_sub(since) >= gate.window_ms {
@@ -158,9 +158,9 @@ async fn step(
     if job.rollout.is_none() {
         return Ok(None);
     }
-    let statuses = fleet.job_statuses(&job.job_id).await?;
+    let statuses = fleet.jobs().statuses(&job.job_id).await?;
     if judge_health(fleet, job, &statuses, succeeded_at) {
-        fleet.save_job(job.clone()).await?;
+        fleet.jobs().save(job.clone()).await?;
     }
     let Some(rollout) = job.rollout.clone() else {
         return Ok(None);
@@ -176,8 +176,8 @@ async fn step(
         if let Some(r) = job.rollout.as_mut() {
             r.aborted_at = Some(fleet.now_millis());
         }
-        fleet.save_job(job.clone()).await?;
-        fleet.cancel_executions(&job.job_id, false).await?;
+        fleet.jobs().save(job.clone()).await?;
+        fleet.jobs().cancel_executions(&job.job_id, false).await?;
         tracing::warn!(job = %job.job_id, finished, failed, "rollout aborted: too many failures");
         return Ok(None);
     }
@@ -201,7 +201,7 @@ async fn step(
     for chunk in batch.chunks(RELEASE_BATCH) {
         let queued: Vec<_> = chunk
             .iter()
-            .map(|thing| fleet.queue_job(thing, definition.clone()))
+            .map(|thing| fleet.jobs().queue(thing, definition.clone()))
             .collect();
         for (thing, q) in chunk.iter().zip(queued) {
             match q.await {
@@ -219,6 +219,6 @@ async fn step(
     if let Some(r) = job.rollout.as_mut() {
         r.release(allowed, &gone);
     }
-    fleet.save_job(job.clone()).await?;
+    fleet.jobs().save(job.clone()).await?;
     Ok(Some(rate || awaiting_verdicts))
 }

@@ -68,13 +68,17 @@ async fn fleet(config: FleetConfig) -> Fleet {
 
 async fn registered(f: &FleetHandle, names: &[&str]) {
     for n in names {
-        f.register(&id(n), Default::default()).await.unwrap();
+        f.registry()
+            .register(&id(n), Default::default())
+            .await
+            .unwrap();
     }
 }
 
 async fn n_of(f: &FleetHandle, thing: &str) -> (u64, serde_json::Value) {
     let s = f
-        .get_shadow(&id(thing), ShadowName::classic())
+        .shadows()
+        .get(&id(thing), ShadowName::classic())
         .await
         .unwrap();
     (
@@ -88,7 +92,8 @@ async fn updates_need_a_registered_thing_and_are_answered_in_mailbox_order() {
     let f = fleet(FleetConfig::default()).await;
     let err = f
         .fleet
-        .update_shadow(&id("ghost"), ShadowName::classic(), reported(1))
+        .shadows()
+        .update(&id("ghost"), ShadowName::classic(), reported(1))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), RejectionKind::NotFound);
@@ -98,7 +103,8 @@ async fn updates_need_a_registered_thing_and_are_answered_in_mailbox_order() {
     let replies: Vec<_> = (0..100)
         .map(|i| {
             f.fleet
-                .update_shadow(&id("t1"), ShadowName::classic(), reported(i))
+                .shadows()
+                .update(&id("t1"), ShadowName::classic(), reported(i))
         })
         .collect();
     for (i, reply) in replies.into_iter().enumerate() {
@@ -108,7 +114,8 @@ async fn updates_need_a_registered_thing_and_are_answered_in_mailbox_order() {
     assert_eq!(n_of(&f.fleet, "t1").await, (100, json!(99)));
     let err = f
         .fleet
-        .get_shadow(&id("t1"), ShadowName::named("other").unwrap())
+        .shadows()
+        .get(&id("t1"), ShadowName::named("other").unwrap())
         .await
         .unwrap_err();
     assert_eq!(
@@ -133,7 +140,8 @@ async fn least_recently_used_twins_are_passivated_and_reload_their_state() {
     );
     for (i, t) in ["a", "b", "c"].iter().enumerate() {
         f.fleet
-            .update_shadow(&id(t), ShadowName::classic(), reported(i as i64))
+            .shadows()
+            .update(&id(t), ShadowName::classic(), reported(i as i64))
             .await
             .unwrap();
     }
@@ -142,7 +150,8 @@ async fn least_recently_used_twins_are_passivated_and_reload_their_state() {
     assert_eq!(n_of(&f.fleet, "a").await, (1, json!(0)));
     let change = f
         .fleet
-        .update_shadow(&id("a"), ShadowName::classic(), reported(7))
+        .shadows()
+        .update(&id("a"), ShadowName::classic(), reported(7))
         .await
         .unwrap();
     assert_eq!(change.version, 2);
@@ -161,7 +170,8 @@ async fn idle_twins_are_passivated() {
     .await;
     registered(&f.fleet, &["x", "y"]).await;
     f.fleet
-        .update_shadow(&id("x"), ShadowName::classic(), reported(5))
+        .shadows()
+        .update(&id("x"), ShadowName::classic(), reported(5))
         .await
         .unwrap();
     assert_eq!(f.fleet.resident_twins().await, 2);
@@ -185,16 +195,18 @@ async fn a_twin_that_panics_restarts_from_its_persisted_state() {
     let f = fleet(on_tokio_time()).await;
     registered(&f.fleet, &["p"]).await;
     f.fleet
-        .update_shadow(&id("p"), ShadowName::classic(), reported(3))
+        .shadows()
+        .update(&id("p"), ShadowName::classic(), reported(3))
         .await
         .unwrap();
     // An undelivered command that expires in a minute: its timer lives in the twin.
     let command = f
         .fleet
-        .send_command(&id("p"), new_command(30, 60))
+        .commands()
+        .send(&id("p"), new_command(30, 60))
         .await
         .unwrap();
-    let mut events = f.fleet.subscribe();
+    let mut events = f.fleet.queries().subscribe();
     f.fleet.crash(&id("p"));
     // Nothing asks for the twin again: its supervisor takes its persisted deadline, and
     // the restarted twin expires the command on time (well before the twin would have
@@ -215,7 +227,8 @@ async fn a_twin_that_panics_restarts_from_its_persisted_state() {
     assert_eq!(n_of(&f.fleet, "p").await, (1, json!(3)));
     let change = f
         .fleet
-        .update_shadow(&id("p"), ShadowName::classic(), reported(4))
+        .shadows()
+        .update(&id("p"), ShadowName::classic(), reported(4))
         .await
         .unwrap();
     assert_eq!(change.version, 2);
@@ -239,8 +252,12 @@ async fn a_twin_answers_only_once_its_change_is_durable() {
     let fleet = FleetHandle::start(FleetConfig::default(), committer)
         .await
         .unwrap();
-    let mut events = fleet.subscribe();
-    let update = tokio::spawn(fleet.update_shadow(&id("d"), ShadowName::classic(), reported(1)));
+    let mut events = fleet.queries().subscribe();
+    let update = tokio::spawn(
+        fleet
+            .shadows()
+            .update(&id("d"), ShadowName::classic(), reported(1)),
+    );
     // The change is at the store, which holds it: no answer, no event yet.
     tokio::time::timeout(Duration::from_secs(10), store.arrived.notified())
         .await
@@ -269,10 +286,11 @@ async fn a_change_whose_commit_fails_is_refused_and_changes_nothing() {
     let fleet = FleetHandle::start(FleetConfig::default(), committer)
         .await
         .unwrap();
-    let mut events = fleet.subscribe();
+    let mut events = fleet.queries().subscribe();
     store.fail.store(true, Ordering::SeqCst);
     let refused = fleet
-        .update_shadow(&id("f"), ShadowName::classic(), reported(1))
+        .shadows()
+        .update(&id("f"), ShadowName::classic(), reported(1))
         .await
         .unwrap_err();
     // The store's own error comes through as the cause, not as flattened text.
@@ -288,13 +306,15 @@ async fn a_change_whose_commit_fails_is_refused_and_changes_nothing() {
     );
     // The twin kept nothing of it: no shadow, and the next change is version 1.
     let missing = fleet
-        .get_shadow(&id("f"), ShadowName::classic())
+        .shadows()
+        .get(&id("f"), ShadowName::classic())
         .await
         .unwrap_err();
     assert_eq!(missing.kind(), RejectionKind::NotFound);
     store.fail.store(false, Ordering::SeqCst);
     let change = fleet
-        .update_shadow(&id("f"), ShadowName::classic(), reported(2))
+        .shadows()
+        .update(&id("f"), ShadowName::classic(), reported(2))
         .await
         .unwrap();
     assert_eq!(change.version, 1);
@@ -313,10 +333,15 @@ async fn overload_is_refused_at_once_not_queued() {
     )
     .await
     .unwrap();
-    let first = fleet.update_shadow(&id("o"), ShadowName::classic(), reported(1));
-    let second = fleet.update_shadow(&id("o"), ShadowName::classic(), reported(2));
+    let first = fleet
+        .shadows()
+        .update(&id("o"), ShadowName::classic(), reported(1));
+    let second = fleet
+        .shadows()
+        .update(&id("o"), ShadowName::classic(), reported(2));
     let third = fleet
-        .update_shadow(&id("o"), ShadowName::classic(), reported(3))
+        .shadows()
+        .update(&id("o"), ShadowName::classic(), reported(3))
         .await;
     assert!(matches!(third.unwrap_err(), FleetError::Overloaded));
     assert_eq!(FleetError::Overloaded.to_rejection().code(), 429);
@@ -326,7 +351,8 @@ async fn overload_is_refused_at_once_not_queued() {
     // Permits are back: new requests go through.
     assert_eq!(
         fleet
-            .update_shadow(&id("o"), ShadowName::classic(), reported(4))
+            .shadows()
+            .update(&id("o"), ShadowName::classic(), reported(4))
             .await
             .unwrap()
             .version,
@@ -337,19 +363,26 @@ async fn overload_is_refused_at_once_not_queued() {
 #[tokio::test]
 async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
     let f = fleet(FleetConfig::default()).await;
-    let mut events = f.fleet.subscribe();
+    let mut events = f.fleet.queries().subscribe();
     let thing = id("dev-1");
     assert_eq!(
         f.fleet
+            .sessions()
             .connect(&thing, Some("x".into()))
             .await
             .unwrap_err()
             .kind(),
         RejectionKind::Unauthorized
     );
-    let secret = f.fleet.register(&thing, Default::default()).await.unwrap();
+    let secret = f
+        .fleet
+        .registry()
+        .register(&thing, Default::default())
+        .await
+        .unwrap();
     assert_eq!(
         f.fleet
+            .registry()
             .register(&thing, Default::default())
             .await
             .unwrap_err()
@@ -358,6 +391,7 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
     );
     assert_eq!(
         f.fleet
+            .sessions()
             .connect(&thing, Some("wrong".into()))
             .await
             .unwrap_err()
@@ -365,17 +399,34 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
         RejectionKind::Unauthorized
     );
     assert_eq!(
-        f.fleet.connect(&thing, None).await.unwrap_err().kind(),
+        f.fleet
+            .sessions()
+            .connect(&thing, None)
+            .await
+            .unwrap_err()
+            .kind(),
         RejectionKind::Unauthorized
     );
-    let first = f.fleet.connect(&thing, Some(secret.clone())).await.unwrap();
-    let second = f.fleet.connect(&thing, Some(secret.clone())).await.unwrap();
+    let first = f
+        .fleet
+        .sessions()
+        .connect(&thing, Some(secret.clone()))
+        .await
+        .unwrap();
+    let second = f
+        .fleet
+        .sessions()
+        .connect(&thing, Some(secret.clone()))
+        .await
+        .unwrap();
     assert!(second.session > first.session);
     // The first session's late disconnect must not mark the device offline.
     f.fleet
+        .sessions()
         .disconnected(&thing, first.session, "session taken over");
     f.fleet
-        .update_shadow(&thing, ShadowName::classic(), reported(1))
+        .shadows()
+        .update(&thing, ShadowName::classic(), reported(1))
         .await
         .unwrap();
     assert!(
@@ -388,9 +439,11 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
             .connected
     );
     f.fleet
+        .sessions()
         .disconnected(&thing, second.session, "keep-alive timeout");
     f.fleet
-        .update_shadow(&thing, ShadowName::classic(), reported(2))
+        .shadows()
+        .update(&thing, ShadowName::classic(), reported(2))
         .await
         .unwrap();
     let presence = f.fleet.store().load(&thing).await.unwrap().connectivity;
@@ -425,9 +478,10 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
         ]
     );
 
-    f.fleet.set_enabled(&thing, false).await.unwrap();
+    f.fleet.registry().set_enabled(&thing, false).await.unwrap();
     assert_eq!(
         f.fleet
+            .sessions()
             .connect(&thing, Some(secret))
             .await
             .unwrap_err()
@@ -443,7 +497,12 @@ async fn auto_register_creates_unknown_devices_on_connect() {
         ..FleetConfig::default()
     })
     .await;
-    let ok = f.fleet.connect(&id("new-dev"), None).await.unwrap();
+    let ok = f
+        .fleet
+        .sessions()
+        .connect(&id("new-dev"), None)
+        .await
+        .unwrap();
     assert!(ok.registered_now);
     assert!(
         f.fleet
@@ -455,6 +514,7 @@ async fn auto_register_creates_unknown_devices_on_connect() {
     );
     assert!(
         !f.fleet
+            .sessions()
             .connect(&id("new-dev"), None)
             .await
             .unwrap()
@@ -497,19 +557,30 @@ fn device_says(status: &str) -> Result<DeviceResponse, CommandError> {
 async fn a_command_waits_for_a_listening_device_and_runs_to_success() {
     let f = fleet(FleetConfig::default()).await;
     let thing = id("lamp");
-    let secret = f.fleet.register(&thing, Default::default()).await.unwrap();
-    let mut events = f.fleet.subscribe();
+    let secret = f
+        .fleet
+        .registry()
+        .register(&thing, Default::default())
+        .await
+        .unwrap();
+    let mut events = f.fleet.queries().subscribe();
     // Offline: the command is created and waits.
     let c = f
         .fleet
-        .send_command(&thing, new_command(30, 600))
+        .commands()
+        .send(&thing, new_command(30, 600))
         .await
         .unwrap();
     assert_eq!(c.status, CommandStatus::Created);
     assert!(!command_event(&mut events).await.1);
-    let ok = f.fleet.connect(&thing, Some(secret)).await.unwrap();
+    let ok = f
+        .fleet
+        .sessions()
+        .connect(&thing, Some(secret))
+        .await
+        .unwrap();
     // Connected is not enough: the device gets it once it subscribes.
-    f.fleet.commands_wanted(&thing, ok.session);
+    f.fleet.sessions().commands_wanted(&thing, ok.session);
     let (delivered, deliver) = command_event(&mut events).await;
     assert!(deliver);
     assert_eq!(delivered.execution_id, c.execution_id);
@@ -517,7 +588,8 @@ async fn a_command_waits_for_a_listening_device_and_runs_to_success() {
     // A second command while listening goes out at once.
     let second = f
         .fleet
-        .send_command(&thing, new_command(30, 600))
+        .commands()
+        .send(&thing, new_command(30, 600))
         .await
         .unwrap();
     assert!(second.delivered_at.is_some());
@@ -526,38 +598,43 @@ async fn a_command_waits_for_a_listening_device_and_runs_to_success() {
     for status in ["IN_PROGRESS", "SUCCEEDED"] {
         let r = f
             .fleet
-            .command_response(&thing, c.execution_id.clone(), device_says(status))
+            .commands()
+            .respond(&thing, c.execution_id.clone(), device_says(status))
             .await
             .unwrap();
         assert_eq!(r.status.as_str(), status);
     }
     let late = f
         .fleet
-        .command_response(&thing, c.execution_id.clone(), device_says("FAILED"))
+        .commands()
+        .respond(&thing, c.execution_id.clone(), device_says("FAILED"))
         .await
         .unwrap_err();
     assert_eq!(late.kind(), RejectionKind::VersionConflict);
     let unknown = f
         .fleet
-        .command_response(&thing, "nope".into(), device_says("FAILED"))
+        .commands()
+        .respond(&thing, "nope".into(), device_says("FAILED"))
         .await
         .unwrap_err();
     assert_eq!(unknown.kind(), RejectionKind::NotFound);
     let bad = f
         .fleet
-        .command_response(&thing, second.execution_id.clone(), device_says("CREATED"))
+        .commands()
+        .respond(&thing, second.execution_id.clone(), device_says("CREATED"))
         .await
         .unwrap_err();
     assert_eq!(bad.kind(), RejectionKind::BadRequest);
 
-    let found = f.fleet.command(&c.execution_id).await.unwrap();
+    let found = f.fleet.commands().get(&c.execution_id).await.unwrap();
     assert_eq!(found.status, CommandStatus::Succeeded);
-    let listed = f.fleet.commands(&thing, None, 10).await.unwrap();
+    let listed = f.fleet.commands().list(&thing, None, 10).await.unwrap();
     let ids: Vec<_> = listed.iter().map(|c| c.execution_id.as_str()).collect();
     assert_eq!(ids, [second.execution_id.as_str(), c.execution_id.as_str()]);
     let ghost = f
         .fleet
-        .send_command(&id("ghost"), new_command(1, 1))
+        .commands()
+        .send(&id("ghost"), new_command(1, 1))
         .await
         .unwrap_err();
     assert_eq!(ghost.kind(), RejectionKind::NotFound);
@@ -605,10 +682,15 @@ async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
     let config = on_tokio_time();
     let (fleet, commits) = fleet_in(dir.path(), &config).await;
     let thing = id("pump");
-    let secret = fleet.register(&thing, Default::default()).await.unwrap();
-    let mut events = fleet.subscribe();
+    let secret = fleet
+        .registry()
+        .register(&thing, Default::default())
+        .await
+        .unwrap();
+    let mut events = fleet.queries().subscribe();
     let offline = fleet
-        .send_command(&thing, new_command(300, 3600))
+        .commands()
+        .send(&thing, new_command(300, 3600))
         .await
         .unwrap();
     // Nobody listens. After the idle timeout (10 minutes) the twin is passivated, and
@@ -630,15 +712,20 @@ async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
     );
 
     // Delivered and never answered: the device has `timeoutSeconds`, to the millisecond.
-    let ok = fleet.connect(&thing, Some(secret.clone())).await.unwrap();
-    fleet.commands_wanted(&thing, ok.session);
+    let ok = fleet
+        .sessions()
+        .connect(&thing, Some(secret.clone()))
+        .await
+        .unwrap();
+    fleet.sessions().commands_wanted(&thing, ok.session);
     let silent = fleet
-        .send_command(&thing, new_command(300, 3600))
+        .commands()
+        .send(&thing, new_command(300, 3600))
         .await
         .unwrap();
     let delivered_at = silent.delivered_at.expect("delivered at once");
     tokio::time::sleep(Duration::from_secs(299)).await;
-    let waiting = fleet.command(&silent.execution_id).await.unwrap();
+    let waiting = fleet.commands().get(&silent.execution_id).await.unwrap();
     assert!(!waiting.status.is_terminal(), "{:?}", waiting.status);
     let timed_out = next_event(&mut events, MINUTE, |e| {
         command_of(e).filter(|c| c.status.is_terminal())
@@ -654,19 +741,29 @@ async fn commands_time_out_on_the_clock_even_after_their_twin_was_passivated() {
 
     // A pending command survives a restart and reaches the device when it listens.
     let pending = fleet
-        .send_command(&thing, new_command(300, 3600))
+        .commands()
+        .send(&thing, new_command(300, 3600))
         .await
         .unwrap();
     stop(fleet, commits).await;
     let (fleet, _commits) = fleet_in(dir.path(), &config).await;
-    let mut events = fleet.subscribe();
-    let ok = fleet.connect(&thing, Some(secret)).await.unwrap();
-    fleet.commands_wanted(&thing, ok.session);
+    let mut events = fleet.queries().subscribe();
+    let ok = fleet
+        .sessions()
+        .connect(&thing, Some(secret))
+        .await
+        .unwrap();
+    fleet.sessions().commands_wanted(&thing, ok.session);
     let (delivered, deliver) = command_event(&mut events).await;
     assert!(deliver);
     assert_eq!(delivered.execution_id, pending.execution_id);
     assert_eq!(
-        fleet.command(&offline.execution_id).await.unwrap().status,
+        fleet
+            .commands()
+            .get(&offline.execution_id)
+            .await
+            .unwrap()
+            .status,
         CommandStatus::TimedOut
     );
 }
@@ -677,7 +774,8 @@ async fn deadlines_pending_at_a_restart_are_met_without_waking_the_twins_first()
     let (fleet, commits) = fleet_in(dir.path(), &config).await;
     registered(&fleet, &["pump", "fan"]).await;
     let command = fleet
-        .send_command(&id("pump"), new_command(300, 3600))
+        .commands()
+        .send(&id("pump"), new_command(300, 3600))
         .await
         .unwrap();
     let job = firmware_job(
@@ -688,10 +786,11 @@ async fn deadlines_pending_at_a_restart_are_met_without_waking_the_twins_first()
             step_ms: 30 * 60_000,
         },
     );
-    fleet.create_job(job.clone(), None).await.unwrap();
-    fleet.queue_job(&id("fan"), job).await.unwrap();
+    fleet.jobs().create(job.clone(), None).await.unwrap();
+    fleet.jobs().queue(&id("fan"), job).await.unwrap();
     fleet
-        .job_request(&id("fan"), JobOp::StartNext, json!({}))
+        .jobs()
+        .request(&id("fan"), JobOp::StartNext, json!({}))
         .await
         .unwrap()
         .unwrap();
@@ -699,7 +798,7 @@ async fn deadlines_pending_at_a_restart_are_met_without_waking_the_twins_first()
 
     // Nothing asks for either twin after the restart: the shards wake them when due.
     let (fleet, _commits) = fleet_in(dir.path(), &config).await;
-    let mut events = fleet.subscribe();
+    let mut events = fleet.queries().subscribe();
     let step = next_event(&mut events, HOUR, job_of)
         .await
         .expect("the step times out");
@@ -735,11 +834,11 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
     let thing = id("pump");
     registered(&f.fleet, &["pump"]).await;
     let job = firmware_job("fw-2", RetryPolicy::default(), Timeouts::default());
-    f.fleet.create_job(job.clone(), None).await.unwrap();
-    let again = f.fleet.create_job(job.clone(), None).await.unwrap_err();
+    f.fleet.jobs().create(job.clone(), None).await.unwrap();
+    let again = f.fleet.jobs().create(job.clone(), None).await.unwrap_err();
     assert_eq!(again.kind(), RejectionKind::VersionConflict);
-    let mut events = f.fleet.subscribe();
-    f.fleet.queue_job(&thing, job.clone()).await.unwrap();
+    let mut events = f.fleet.queries().subscribe();
+    f.fleet.jobs().queue(&thing, job.clone()).await.unwrap();
     let (notify, next) = loop {
         let e = events.recv().await.unwrap();
         if let TwinEvent::Job {
@@ -758,7 +857,7 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
         "2.0.1"
     );
 
-    let ask = |op: JobOp, body: serde_json::Value| f.fleet.job_request(&thing, op, body);
+    let ask = |op: JobOp, body: serde_json::Value| f.fleet.jobs().request(&thing, op, body);
     let pending = ask(JobOp::GetPending, json!({"clientToken": "c1"}))
         .await
         .unwrap()
@@ -800,7 +899,8 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
     // The installed firmware is now reported state.
     let shadow = f
         .fleet
-        .get_shadow(&thing, ShadowName::classic())
+        .shadows()
+        .get(&thing, ShadowName::classic())
         .await
         .unwrap();
     assert_eq!(
@@ -815,7 +915,7 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
         .unwrap_err();
     assert_eq!(unknown.code, JobErrorCode::ResourceNotFound);
     assert_eq!(
-        f.fleet.job_statuses("fw-2").await.unwrap(),
+        f.fleet.jobs().statuses("fw-2").await.unwrap(),
         [(thing.clone(), JobStatus::Succeeded)]
     );
 }
@@ -854,10 +954,10 @@ async fn job_attempts_time_out_and_retry_on_the_clock_up_to_their_limits() {
             step_ms: 5 * 60_000,
         },
     );
-    f.fleet.create_job(job.clone(), None).await.unwrap();
-    f.fleet.queue_job(&thing, job).await.unwrap();
-    let mut events = f.fleet.subscribe();
-    let ask = |op: JobOp, body: serde_json::Value| f.fleet.job_request(&thing, op, body);
+    f.fleet.jobs().create(job.clone(), None).await.unwrap();
+    f.fleet.jobs().queue(&thing, job).await.unwrap();
+    let mut events = f.fleet.queries().subscribe();
+    let ask = |op: JobOp, body: serde_json::Value| f.fleet.jobs().request(&thing, op, body);
     let start = || async {
         let started = ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
         assert_eq!(started["execution"]["status"], "IN_PROGRESS");
@@ -920,7 +1020,7 @@ async fn job_attempts_time_out_and_retry_on_the_clock_up_to_their_limits() {
     // Nothing more happens to it, however long we wait.
     assert!(next_event(&mut events, 24 * HOUR, job_of).await.is_none());
     assert_eq!(
-        f.fleet.job_statuses("fw-3").await.unwrap(),
+        f.fleet.jobs().statuses("fw-3").await.unwrap(),
         [(thing.clone(), JobStatus::TimedOut)]
     );
 }
@@ -947,13 +1047,17 @@ fn paced_job(f: &FleetHandle, id_: &str, targets: &[String], pace: Pace) -> Arc<
 async fn two_waves(f: &FleetHandle, job_id: &str) -> tokio::sync::broadcast::Receiver<Change> {
     let names = ["a", "b", "c", "d"].map(String::from);
     for n in &names {
-        f.register(&id(n), Default::default()).await.unwrap();
+        f.registry()
+            .register(&id(n), Default::default())
+            .await
+            .unwrap();
     }
     let pace = Pace::Waves {
         percents: vec![50, 100],
     };
-    let mut events = f.subscribe();
-    f.create_job(paced_job(f, job_id, &names, pace), None)
+    let mut events = f.queries().subscribe();
+    f.jobs()
+        .create(paced_job(f, job_id, &names, pace), None)
         .await
         .unwrap();
     for _ in 0..2 {
@@ -967,7 +1071,11 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
     let f = fleet(on_tokio_time()).await;
     let names: Vec<String> = (0..200).map(|i| format!("dev-{i:03}")).collect();
     for n in &names {
-        f.fleet.register(&id(n), Default::default()).await.unwrap();
+        f.fleet
+            .registry()
+            .register(&id(n), Default::default())
+            .await
+            .unwrap();
     }
     let rate = Pace::Rate {
         base_per_minute: 10,
@@ -976,15 +1084,16 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
     };
     let t0 = tokio::time::Instant::now();
     f.fleet
-        .create_job(paced_job(&f.fleet, "fw-rate", &names, rate), None)
+        .jobs()
+        .create(paced_job(&f.fleet, "fw-rate", &names, rate), None)
         .await
         .unwrap();
     // The controller looks every 200 ms from t0: each count is read 100 ms after a look.
     let released_at = async |at: Duration| {
         tokio::time::sleep_until(t0 + at + Duration::from_millis(100)).await;
-        let job = f.fleet.job("fw-rate").await.unwrap().unwrap();
+        let job = f.fleet.jobs().get("fw-rate").await.unwrap().unwrap();
         let released = job.rollout.unwrap().released;
-        let queued = f.fleet.job_statuses("fw-rate").await.unwrap();
+        let queued = f.fleet.jobs().statuses("fw-rate").await.unwrap();
         assert_eq!(
             queued.len() as u64,
             released,
@@ -995,10 +1104,10 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
     assert_eq!(released_at(Duration::ZERO).await, 1, "the first at once");
     assert_eq!(released_at(MINUTE).await, 10);
     assert_eq!(released_at(2 * MINUTE).await, 10 + 20);
-    f.fleet.pause_job("fw-rate", true).await.unwrap();
+    f.fleet.jobs().pause("fw-rate", true).await.unwrap();
     assert_eq!(released_at(20 * MINUTE).await, 30, "nothing while paused");
     assert_eq!(released_at(32 * MINUTE).await, 30);
-    f.fleet.pause_job("fw-rate", false).await.unwrap();
+    f.fleet.jobs().pause("fw-rate", false).await.unwrap();
     // The 30 paused minutes do not count: the third minute of running releases 40.
     assert_eq!(released_at(33 * MINUTE).await, 30 + 40);
     assert_eq!(
@@ -1017,7 +1126,11 @@ async fn a_rate_paced_rollout_goes_on_after_a_restart_without_catching_up() {
     let (fleet, commits) = fleet_in(dir.path(), &config).await;
     let names: Vec<String> = (0..200).map(|i| format!("dev-{i:03}")).collect();
     for n in &names {
-        fleet.register(&id(n), Default::default()).await.unwrap();
+        fleet
+            .registry()
+            .register(&id(n), Default::default())
+            .await
+            .unwrap();
     }
     let rate = Pace::Rate {
         base_per_minute: 10,
@@ -1025,11 +1138,12 @@ async fn a_rate_paced_rollout_goes_on_after_a_restart_without_catching_up() {
         max_per_minute: 40,
     };
     let released = async |fleet: &FleetHandle| {
-        let job = fleet.job("fw-rate").await.unwrap().unwrap();
+        let job = fleet.jobs().get("fw-rate").await.unwrap().unwrap();
         job.rollout.unwrap().released
     };
     fleet
-        .create_job(paced_job(&fleet, "fw-rate", &names, rate), None)
+        .jobs()
+        .create(paced_job(&fleet, "fw-rate", &names, rate), None)
         .await
         .unwrap();
     tokio::time::sleep(2 * MINUTE + Duration::from_millis(100)).await;
@@ -1039,7 +1153,7 @@ async fn a_rate_paced_rollout_goes_on_after_a_restart_without_catching_up() {
     // Down for an hour: 200 would be due by the clock, but the rate goes on from 30.
     tokio::time::sleep(HOUR).await;
     let (fleet, _commits) = fleet_in(dir.path(), &config).await;
-    assert_eq!(fleet.resume_rollouts().await.unwrap(), 1);
+    assert_eq!(fleet.jobs().resume_rollouts().await.unwrap(), 1);
     tokio::time::sleep(MINUTE).await;
     let after = released(&fleet).await;
     assert!(
@@ -1053,12 +1167,13 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
     let f = fleet(on_tokio_time()).await;
     let mut events = two_waves(&f.fleet, "fw-out").await;
     f.fleet
-        .job_request(&id("a"), JobOp::StartNext, json!({}))
+        .jobs()
+        .request(&id("a"), JobOp::StartNext, json!({}))
         .await
         .unwrap()
         .unwrap();
     let statuses = async || {
-        let mut s = f.fleet.job_statuses("fw-out").await.unwrap();
+        let mut s = f.fleet.jobs().statuses("fw-out").await.unwrap();
         s.sort();
         s
     };
@@ -1067,13 +1182,15 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
 
     let running = f
         .fleet
-        .remove_from_job("fw-out", out(&["a", "b"]), false)
+        .jobs()
+        .remove_targets("fw-out", out(&["a", "b"]), false)
         .await
         .unwrap_err();
     assert_eq!(running.kind(), RejectionKind::VersionConflict);
     let stranger = f
         .fleet
-        .remove_from_job("fw-out", out(&["b", "ghost"]), false)
+        .jobs()
+        .remove_targets("fw-out", out(&["b", "ghost"]), false)
         .await
         .unwrap_err();
     assert_eq!(stranger.kind(), RejectionKind::NotFound);
@@ -1082,7 +1199,8 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
     // b has an execution: REMOVED, and its device hears that nothing is pending. d has
     // none yet: it never gets one.
     f.fleet
-        .remove_from_job("fw-out", out(&["b", "d"]), false)
+        .jobs()
+        .remove_targets("fw-out", out(&["b", "d"]), false)
         .await
         .unwrap();
     let (removed, notify) = next_event(&mut events, MINUTE, |e| match e {
@@ -1101,7 +1219,8 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
     );
     let targets = f
         .fleet
-        .job("fw-out")
+        .jobs()
+        .get("fw-out")
         .await
         .unwrap()
         .unwrap()
@@ -1112,7 +1231,8 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
 
     // With force, a running execution too; then the first wave has ended and c is next.
     f.fleet
-        .remove_from_job("fw-out", out(&["a"]), true)
+        .jobs()
+        .remove_targets("fw-out", out(&["a"]), true)
         .await
         .unwrap();
     let queued = next_event(&mut events, MINUTE, |e| {
@@ -1136,7 +1256,7 @@ async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add
     let f = fleet(on_tokio_time()).await;
     let mut events = two_waves(&f.fleet, "fw-del").await;
     let succeed = async |thing: &str| {
-        let ask = |op, body| f.fleet.job_request(&id(thing), op, body);
+        let ask = |op, body| f.fleet.jobs().request(&id(thing), op, body);
         ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
         ask(
             JobOp::Update("fw-del".into()),
@@ -1149,7 +1269,8 @@ async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add
     // b is deleted with its execution queued, d before its wave.
     for gone in ["b", "d"] {
         f.fleet
-            .registry(&id(gone), RegistryOp::Delete)
+            .registry()
+            .apply(&id(gone), RegistryOp::Delete)
             .await
             .unwrap();
     }
@@ -1169,10 +1290,11 @@ async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add
 
     // The controller sees that every target has ended, and stops.
     tokio::time::sleep(MINUTE).await;
-    assert!(f.fleet.jobs.rollouts.is_empty(), "the rollout is over");
+    assert!(f.fleet.job_state.rollouts.is_empty(), "the rollout is over");
     let rollout = f
         .fleet
-        .job("fw-del")
+        .jobs()
+        .get("fw-del")
         .await
         .unwrap()
         .unwrap()
@@ -1180,7 +1302,7 @@ async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add
         .unwrap();
     assert_eq!(rollout.targets, [id("a"), id("b"), id("c")]);
     assert_eq!(rollout.released, 3);
-    let mut statuses = f.fleet.job_statuses("fw-del").await.unwrap();
+    let mut statuses = f.fleet.jobs().statuses("fw-del").await.unwrap();
     statuses.sort();
     assert_eq!(
         statuses,

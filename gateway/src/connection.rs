@@ -93,7 +93,7 @@ struct Conn<S> {
     /// Largest packet the client accepts.
     client_max: usize,
     answers: FuturesUnordered<AnswerFuture>,
-    /// The fleet's number for this connection (see `FleetHandle::connect`).
+    /// The fleet's number for this connection (see `DeviceSessions::connect`).
     connection: u64,
     will: Option<codec::Will>,
     /// Publishes of this connection that were not requests of the device API.
@@ -215,7 +215,12 @@ async fn accept<S: Stream>(
         let _ = send_connack(&mut stream, version, code, false, ServerLimits::default()).await;
         return None;
     }
-    let ok = match ctx.fleet.connect(&thing, connect.password.clone()).await {
+    let ok = match ctx
+        .fleet
+        .sessions()
+        .connect(&thing, connect.password.clone())
+        .await
+    {
         Ok(ok) => ok,
         Err(e) => {
             let code = match e.kind() {
@@ -269,6 +274,7 @@ async fn accept<S: Stream>(
         close.finish();
         ctx.sessions.release(&ctx.fleet, &session, &close);
         ctx.fleet
+            .sessions()
             .disconnected(&thing, ok.session, "connection lost during CONNACK");
         return None;
     }
@@ -444,6 +450,7 @@ impl<S: Stream> Conn<S> {
         if actions.wants_commands {
             self.ctx
                 .fleet
+                .sessions()
                 .commands_wanted(self.core.thing(), self.connection);
         }
         if let Some(request) = actions.request {
@@ -540,6 +547,7 @@ impl<S: Stream> Conn<S> {
         if self.core.listens_for_commands(&lock(&self.session.state)) {
             self.ctx
                 .fleet
+                .sessions()
                 .commands_wanted(self.core.thing(), self.connection);
         }
     }
@@ -572,7 +580,10 @@ impl<S: Stream> Conn<S> {
                 reply_to: None,
             });
         }
-        self.ctx.fleet.disconnected(&thing, self.connection, reason);
+        self.ctx
+            .fleet
+            .sessions()
+            .disconnected(&thing, self.connection, reason);
         self.close.finish();
         self.ctx
             .sessions

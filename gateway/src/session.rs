@@ -229,14 +229,14 @@ impl Sessions {
                     expires_at: Mutex::new(None),
                 });
                 if let Some(old) = self.map.insert(thing.clone(), session.clone()) {
-                    fleet.detach(thing, &old.device_link);
+                    fleet.sessions().detach(thing, &old.device_link);
                 }
                 (session, false)
             }
         };
         *lock(&session.expires_at) = None;
         *lock(&session.events.active) = Some(close.clone());
-        fleet.attach(thing, session.device_link.clone());
+        fleet.sessions().attach(thing, session.device_link.clone());
         (session, resumed)
     }
 
@@ -268,7 +268,9 @@ impl Sessions {
             .remove_if(&session.thing, |_, s| Arc::ptr_eq(s, session))
             .is_some()
         {
-            fleet.detach(&session.thing, &session.device_link);
+            fleet
+                .sessions()
+                .detach(&session.thing, &session.device_link);
         }
     }
 

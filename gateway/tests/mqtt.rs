@@ -112,7 +112,8 @@ async fn desired_state_set_by_the_platform_reaches_the_device_as_a_delta() {
         let req = UpdateRequest::parse(br#"{"state":{"desired":{"speed":3}}}"#, &Limits::default())
             .unwrap();
         s.fleet
-            .update_shadow(&id(&name), ShadowName::classic(), req)
+            .shadows()
+            .update(&id(&name), ShadowName::classic(), req)
             .await
             .unwrap();
         let (topic, delta) = d.message().await;
@@ -237,7 +238,8 @@ async fn a_device_cannot_touch_another_devices_topics() {
     // The victim's shadow was never written.
     let err = s
         .fleet
-        .get_shadow(&id("victim"), ShadowName::classic())
+        .shadows()
+        .get(&id("victim"), ShadowName::classic())
         .await
         .unwrap_err();
     assert_eq!(err.to_rejection().code(), 404);
@@ -277,7 +279,11 @@ async fn a_disabled_device_is_disconnected_and_refused() {
         let mut d = Device::connect(s.addr, proto, &name, Some(&secret), Opts::default())
             .await
             .unwrap();
-        s.fleet.set_enabled(&id(&name), false).await.unwrap();
+        s.fleet
+            .registry()
+            .set_enabled(&id(&name), false)
+            .await
+            .unwrap();
         let reason = d.closed().await;
         if proto == Proto::V5 {
             assert_eq!(reason, Some(0x87));
@@ -288,7 +294,11 @@ async fn a_disabled_device_is_disconnected_and_refused() {
                 .err(),
             Some(refused)
         );
-        s.fleet.set_enabled(&id(&name), true).await.unwrap();
+        s.fleet
+            .registry()
+            .set_enabled(&id(&name), true)
+            .await
+            .unwrap();
         assert!(
             Device::connect(s.addr, proto, &name, Some(&secret), Opts::default())
                 .await
@@ -301,7 +311,7 @@ async fn a_disabled_device_is_disconnected_and_refused() {
 async fn a_silent_client_is_closed_after_one_and_a_half_keep_alives() {
     let s = server().await;
     let secret = s.register("sleepy").await;
-    let mut events = s.fleet.subscribe();
+    let mut events = s.fleet.queries().subscribe();
     // A raw client that never pings: CONNECT with keep-alive 1 s, then silence.
     let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     let mut connect = rumqttc::mqttbytes::v4::Connect::new("sleepy");
@@ -401,7 +411,8 @@ async fn a_persistent_session_gets_what_was_sent_while_it_was_away() {
         )
         .unwrap();
         s.fleet
-            .update_shadow(&id(&name), ShadowName::classic(), req)
+            .shadows()
+            .update(&id(&name), ShadowName::classic(), req)
             .await
             .unwrap();
 
@@ -426,7 +437,7 @@ async fn a_persistent_session_gets_what_was_sent_while_it_was_away() {
 async fn the_last_will_is_applied_when_a_device_vanishes() {
     let s = server().await;
     let secret = s.register("flaky").await;
-    let mut events = s.fleet.subscribe();
+    let mut events = s.fleet.queries().subscribe();
     let opts = Opts {
         will: Some((
             format!("{}/update", shadow("flaky")),
@@ -572,7 +583,8 @@ async fn a_packet_over_the_maximum_size_ends_the_connection() {
     assert_eq!(d.closed().await, None, "closed without an answer");
     let shadow_now = s
         .fleet
-        .get_shadow(&id("chatty"), ShadowName::classic())
+        .shadows()
+        .get(&id("chatty"), ShadowName::classic())
         .await
         .unwrap();
     assert_eq!(

@@ -182,7 +182,7 @@ impl CommandsQuery {
         if !twin_model::topic::valid_execution_id(&execution_id) {
             return Ok(None);
         }
-        match api.fleet.command(&execution_id).await {
+        match api.fleet.commands().get(&execution_id).await {
             Ok(c) => Ok(Some(Command(c))),
             Err(e) if e.kind() == twin_model::RejectionKind::NotFound => Ok(None),
             Err(e) => Err(ApiError::from(e).into()),
@@ -209,7 +209,8 @@ impl CommandsQuery {
         let thing = schema::thing_id(&thing_id)?;
         let mut list = api
             .fleet
-            .commands(&thing, after, first as usize + 1)
+            .commands()
+            .list(&thing, after, first as usize + 1)
             .await
             .map_err(ApiError::from)?;
         let has_next_page = list.len() > first as usize;
@@ -270,7 +271,8 @@ impl CommandsMutation {
         }
         let execution = api
             .fleet
-            .send_command(&thing, request)
+            .commands()
+            .send(&thing, request)
             .await
             .map_err(ApiError::from)?;
         Ok(Command(execution))
@@ -292,6 +294,6 @@ impl CommandsSubscription {
     ) -> async_graphql::Result<impl Stream<Item = CommandEvent> + use<>> {
         let api = api(ctx);
         let thing = schema::thing_id(&thing_id)?;
-        Ok(updates(api.fleet.subscribe(), thing))
+        Ok(updates(api.fleet.queries().subscribe(), thing))
     }
 }

@@ -160,7 +160,7 @@ impl ThingsSubscription {
         let api = api(ctx);
         let thing = thing_id(&id)?;
         // Subscribe first, then read the version: no change can fall between the two.
-        let rx = api.fleet.subscribe();
+        let rx = api.fleet.queries().subscribe();
         let version = view(&api.fleet, &thing)?.0.version();
         let watched = Some((thing.clone(), version));
         Ok(events(rx, watched, move |c| c.event.thing() == &thing))
@@ -197,7 +197,7 @@ fn fleet_events(
 ) -> ApiResult<impl Stream<Item = ThingEvent> + use<>> {
     let api = api(ctx);
     let filter = parse_filter(filter)?;
-    let rx = api.fleet.subscribe();
+    let rx = api.fleet.queries().subscribe();
     // The filter sees each twin as it was right after its change, however late the
     // subscriber reads.
     Ok(events(rx, None, move |c| {

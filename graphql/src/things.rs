@@ -168,6 +168,7 @@ pub struct DeletedShadow {
 /// The view of a thing that was just changed (it can only be gone if deleted meanwhile).
 pub(crate) fn view(fleet: &FleetHandle, id: &DeviceId) -> ApiResult<Thing> {
     fleet
+        .queries()
         .thing(id)
         .map(Thing)
         .ok_or_else(|| ApiError::not_found(format!("thing {id} is not registered")))
@@ -182,7 +183,7 @@ impl ThingsQuery {
     #[graphql(guard = "RoleGuard(Role::Viewer)")]
     async fn thing(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Thing>> {
         let api = api(ctx);
-        Ok(api.fleet.thing(&thing_id(&id)?).map(Thing))
+        Ok(api.fleet.queries().thing(&thing_id(&id)?).map(Thing))
     }
 
     /// Registered things in id order, optionally filtered, e.g.
@@ -210,6 +211,7 @@ impl ThingsQuery {
             .map_err(|_| ApiError::invalid("after is not a cursor of this connection"))?;
         let page = api
             .fleet
+            .queries()
             .query(filter.as_ref(), after.as_ref(), first as usize);
         let edges: Vec<ThingEdge> = page
             .items
@@ -241,7 +243,7 @@ impl ThingsMutation {
     ) -> ApiResult<(Thing, Option<String>)> {
         let api = api(ctx);
         let thing = thing_id(id)?;
-        let secret = api.fleet.registry(&thing, op).await?;
+        let secret = api.fleet.registry().apply(&thing, op).await?;
         Ok((view(&api.fleet, &thing)?, secret))
     }
 
@@ -303,7 +305,8 @@ impl ThingsMutation {
         let request = UpdateRequest::parse(body.to_string().as_bytes(), &api.fleet.config().limits)
             .map_err(ApiError::from)?;
         api.fleet
-            .update_shadow(&thing, name.clone(), request)
+            .shadows()
+            .update(&thing, name.clone(), request)
             .await
             .map_err(ApiError::from)?;
         let view = view(&api.fleet, &thing)?;
@@ -327,7 +330,8 @@ impl ThingsMutation {
         let name = shadow_name(shadow.as_deref())?;
         let change = api
             .fleet
-            .delete_shadow(&thing, name.clone(), None)
+            .shadows()
+            .delete(&thing, name.clone(), None)
             .await
             .map_err(ApiError::from)?;
         Ok(DeletedShadow {
@@ -343,7 +347,8 @@ impl ThingsMutation {
         let api = api(ctx);
         let thing = thing_id(&id)?;
         api.fleet
-            .registry(&thing, RegistryOp::Delete)
+            .registry()
+            .apply(&thing, RegistryOp::Delete)
             .await
             .map_err(ApiError::from)?;
         Ok(id)

@@ -90,7 +90,8 @@ impl Fixture {
         let body = json!({"state": {"reported": reported}}).to_string();
         let req = UpdateRequest::parse(body.as_bytes(), &Limits::default()).unwrap();
         self.fleet
-            .update_shadow(&DeviceId::parse(id).unwrap(), ShadowName::classic(), req)
+            .shadows()
+            .update(&DeviceId::parse(id).unwrap(), ShadowName::classic(), req)
             .await
             .unwrap();
     }
@@ -160,8 +161,8 @@ async fn registry_mutations_and_thing_queries() {
         .to_owned();
     assert_ne!(rotated, secret);
     let id = DeviceId::parse("press-1").unwrap();
-    assert!(f.fleet.connect(&id, Some(secret)).await.is_err());
-    assert!(f.fleet.connect(&id, Some(rotated)).await.is_ok());
+    assert!(f.fleet.sessions().connect(&id, Some(secret)).await.is_err());
+    assert!(f.fleet.sessions().connect(&id, Some(rotated)).await.is_ok());
 
     // Registering twice is a conflict; unknown things are not found; bad ids are invalid.
     let r = f
@@ -493,6 +494,7 @@ async fn subscriptions_deliver_changes_and_say_when_they_lag() {
         .unwrap()
         .to_owned();
     f.fleet
+        .sessions()
         .connect(&DeviceId::parse("cold").unwrap(), Some(secret))
         .await
         .unwrap();
@@ -601,13 +603,18 @@ async fn commands_are_sent_answered_listed_and_watched() {
     assert_eq!(next(updates.next().await.unwrap())["status"], "CREATED");
 
     // The device connects and subscribes: the command is delivered, then answered.
-    let ok = f.fleet.connect(&thing, Some(secret)).await.unwrap();
-    f.fleet.commands_wanted(&thing, ok.session);
+    let ok = f
+        .fleet
+        .sessions()
+        .connect(&thing, Some(secret))
+        .await
+        .unwrap();
+    f.fleet.sessions().commands_wanted(&thing, ok.session);
     let delivered = next(updates.next().await.unwrap());
     assert!(delivered["deliveredAt"].is_string(), "{delivered}");
     let respond = |status: &str| {
         let body = json!({"status": status, "result": {"rebooted": {"s": "yes"}}}).to_string();
-        f.fleet.command_response(
+        f.fleet.commands().respond(
             &thing,
             id.clone(),
             twin_model::command::DeviceResponse::parse(body.as_bytes()),
@@ -703,7 +710,7 @@ async fn ota_jobs_are_created_for_their_targets_and_counted() {
     assert_eq!(job["document"]["firmware"]["sha256"], sha);
     // Without a pace too, the fan-out is recorded with the job (every target at once), so
     // that a restart half-way goes on where it stood (see the fan-out test in twin-actors).
-    let stored = f.fleet.job("j1").await.unwrap().unwrap();
+    let stored = f.fleet.jobs().get("j1").await.unwrap().unwrap();
     let rollout = stored.rollout.expect("the fan-out is part of the job");
     assert_eq!(rollout.pace, twin_model::rollout::Pace::All);
     assert_eq!((rollout.total(), rollout.released), (3, 3));
@@ -1013,7 +1020,7 @@ async fn a_store_error_ends_a_job_subscription_with_an_error_the_client_sees() {
         .store(true, std::sync::atomic::Ordering::SeqCst);
     // A change of the job (paused, by its rollout controller, without reading the store)
     // wakes the subscription, whose read then fails.
-    f.fleet.pause_job("j1", true).await.unwrap();
+    f.fleet.jobs().pause("j1", true).await.unwrap();
     let failed = tokio::time::timeout(within, s.next())
         .await
         .expect("an answer within 10 s")

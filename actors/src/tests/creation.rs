@@ -23,8 +23,8 @@ async fn a_job_id_is_created_once_even_by_concurrent_calls() {
             Timeouts::default(),
         );
         let (a, b) = tokio::join!(
-            f.fleet.create_job(job.clone(), None),
-            f.fleet.create_job(job.clone(), None)
+            f.fleet.jobs().create(job.clone(), None),
+            f.fleet.jobs().create(job.clone(), None)
         );
         let refused: Vec<_> = [a, b].into_iter().filter_map(Result::err).collect();
         assert_eq!(
@@ -40,12 +40,17 @@ async fn a_job_id_is_created_once_even_by_concurrent_calls() {
 async fn a_job_and_its_rollback_job_are_created_together_or_not_at_all() {
     let f = fleet(FleetConfig::default()).await;
     let job = firmware_job("fw-1", RetryPolicy::default(), Timeouts::default());
-    f.fleet.create_job(job.clone(), None).await.unwrap();
+    f.fleet.jobs().create(job.clone(), None).await.unwrap();
     let rollback = firmware_job("fw-1-rollback", RetryPolicy::default(), Timeouts::default());
-    let refused = f.fleet.create_job(job, Some(rollback)).await.unwrap_err();
+    let refused = f
+        .fleet
+        .jobs()
+        .create(job, Some(rollback))
+        .await
+        .unwrap_err();
     assert_eq!(refused.kind(), RejectionKind::VersionConflict);
     assert!(
-        f.fleet.job("fw-1-rollback").await.unwrap().is_none(),
+        f.fleet.jobs().get("fw-1-rollback").await.unwrap().is_none(),
         "the rollback job of a refused job was not created"
     );
 }
@@ -63,10 +68,15 @@ async fn a_job_whose_health_gate_does_not_parse_is_refused_not_stalled() {
             window_ms: 1000,
         });
     }
-    let refused = f.fleet.create_job(Arc::new(job), None).await.unwrap_err();
+    let refused = f
+        .fleet
+        .jobs()
+        .create(Arc::new(job), None)
+        .await
+        .unwrap_err();
     assert_eq!(refused.kind(), RejectionKind::BadRequest, "{refused}");
     assert!(refused.to_string().contains("health gate"), "{refused}");
-    assert!(f.fleet.job("fw-gate").await.unwrap().is_none());
+    assert!(f.fleet.jobs().get("fw-gate").await.unwrap().is_none());
 }
 
 /// Creates an un-paced job over `TARGETS` on a store that dies after `commits` more
@@ -88,17 +98,18 @@ async fn fan_out_killed_after(commits: usize) -> (bool, Vec<(DeviceId, JobStatus
     let f = FleetHandle::start(config.clone(), committer).await.unwrap();
     let names = TARGETS.map(String::from);
     let _ = f
-        .create_job(paced_job(&f, "fw-all", &names, Pace::All), None)
+        .jobs()
+        .create(paced_job(&f, "fw-all", &names, Pace::All), None)
         .await;
     stop(f, done).await;
 
     let (f, done) = fleet_in(dir.path(), &config).await;
-    let mut events = f.subscribe();
-    f.resume_rollouts().await.unwrap();
-    let exists = f.job("fw-all").await.unwrap().is_some();
+    let mut events = f.queries().subscribe();
+    f.jobs().resume_rollouts().await.unwrap();
+    let exists = f.jobs().get("fw-all").await.unwrap().is_some();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let statuses = loop {
-        let statuses = f.job_statuses("fw-all").await.unwrap();
+        let statuses = f.jobs().statuses("fw-all").await.unwrap();
         if !exists || statuses.len() == TARGETS.len() {
             break statuses;
         }

@@ -125,15 +125,15 @@ impl Call {
         match self {
             Self::UpdateShadow { shadow, request } => {
                 let token = request.client_token.clone();
-                let reply = fleet.update_shadow(thing, shadow.clone(), request);
+                let reply = fleet.shadows().update(thing, shadow.clone(), request);
                 Box::pin(async move { (ack, Answer::Update(shadow, token, reply.await)) })
             }
             Self::GetShadow { shadow, token } => {
-                let reply = fleet.get_shadow(thing, shadow.clone());
+                let reply = fleet.shadows().get(thing, shadow.clone());
                 Box::pin(async move { (ack, Answer::Get(shadow, token, reply.await)) })
             }
             Self::DeleteShadow { shadow, token } => {
-                let reply = fleet.delete_shadow(thing, shadow.clone(), token.clone());
+                let reply = fleet.shadows().delete(thing, shadow.clone(), token.clone());
                 Box::pin(async move { (ack, Answer::Delete(shadow, token, reply.await)) })
             }
             Self::CommandResponse {
@@ -141,11 +141,13 @@ impl Call {
                 response,
                 reply_to,
             } => {
-                let reply = fleet.command_response(thing, execution_id.clone(), response);
+                let reply = fleet
+                    .commands()
+                    .respond(thing, execution_id.clone(), response);
                 Box::pin(async move { (ack, Answer::Command(execution_id, reply_to, reply.await)) })
             }
             Self::Job { op, token, body } => {
-                let reply = fleet.job_request(thing, op.clone(), body);
+                let reply = fleet.jobs().request(thing, op.clone(), body);
                 Box::pin(async move { (ack, Answer::Job(op, token, reply.await)) })
             }
         }

@@ -85,6 +85,7 @@ impl Server {
     /// Registers a device and returns its secret.
     pub async fn register(&self, id: &str) -> String {
         self.fleet
+            .registry()
             .register(&DeviceId::parse(id).unwrap(), Default::default())
             .await
             .unwrap()

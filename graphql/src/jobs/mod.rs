@@ -100,7 +100,7 @@ fn resolve(fleet: &FleetHandle, targets: &OtaTargets) -> ApiResult<Vec<DeviceId>
     let mut things = Vec::new();
     for id in targets.thing_ids.iter().flatten() {
         let thing = DeviceId::parse(id).map_err(ApiError::from)?;
-        if fleet.thing(&thing).is_none() {
+        if fleet.queries().thing(&thing).is_none() {
             return Err(ApiError::not_found(format!(
                 "thing {thing} is not registered"
             )));
@@ -108,7 +108,7 @@ fn resolve(fleet: &FleetHandle, targets: &OtaTargets) -> ApiResult<Vec<DeviceId>
         things.push(thing);
     }
     if let Some(filter) = parse_filter(targets.filter.as_deref())? {
-        let page = fleet.query(Some(&filter), None, MAX_TARGETS + 1);
+        let page = fleet.queries().query(Some(&filter), None, MAX_TARGETS + 1);
         things.extend(page.items.iter().map(|v| v.id().clone()));
     }
     things.sort();
@@ -201,7 +201,8 @@ pub async fn create(
         }),
     });
     fleet
-        .create_job(job, rollback)
+        .jobs()
+        .create(job, rollback)
         .await
         .map_err(ApiError::from)?;
     progress(fleet, &job_id)
@@ -211,10 +212,14 @@ pub async fn create(
 
 /// A job with its executions counted per status.
 pub async fn progress(fleet: &FleetHandle, job_id: &str) -> ApiResult<Option<OtaJob>> {
-    let Some(job) = fleet.job(job_id).await.map_err(ApiError::from)? else {
+    let Some(job) = fleet.jobs().get(job_id).await.map_err(ApiError::from)? else {
         return Ok(None);
     };
-    let statuses = fleet.job_statuses(job_id).await.map_err(ApiError::from)?;
+    let statuses = fleet
+        .jobs()
+        .statuses(job_id)
+        .await
+        .map_err(ApiError::from)?;
     Ok(Some(summary(job, &statuses)))
 }
 
@@ -294,7 +299,8 @@ fn summary(job: JobDefinition, statuses: &[(DeviceId, JobStatus)]) -> OtaJob {
 /// Pauses or resumes a paced job; returns it as it is afterwards.
 pub async fn pause(fleet: &FleetHandle, job_id: &str, paused: bool) -> ApiResult<OtaJob> {
     fleet
-        .pause_job(job_id, paused)
+        .jobs()
+        .pause(job_id, paused)
         .await
         .map_err(ApiError::from)?;
     progress(fleet, job_id)
@@ -305,7 +311,8 @@ pub async fn pause(fleet: &FleetHandle, job_id: &str, paused: bool) -> ApiResult
 /// Cancels a job; returns it as it is afterwards.
 pub async fn cancel(fleet: &FleetHandle, job_id: &str, force: bool) -> ApiResult<OtaJob> {
     fleet
-        .cancel_job(job_id, force)
+        .jobs()
+        .cancel(job_id, force)
         .await
         .map_err(ApiError::from)?;
     progress(fleet, job_id)
@@ -313,7 +320,7 @@ pub async fn cancel(fleet: &FleetHandle, job_id: &str, force: bool) -> ApiResult
         .ok_or_else(|| ApiError::not_found(format!("no job {job_id}")))
 }
 
-/// `removeOtaJobTargets`: takes things out of a job (see `FleetHandle::remove_from_job`).
+/// `removeOtaJobTargets`: takes things out of a job (see `Jobs::remove_targets`).
 pub async fn remove_targets(
     fleet: &FleetHandle,
     job_id: &str,
@@ -331,7 +338,8 @@ pub async fn remove_targets(
         .collect::<Result<_, _>>()
         .map_err(ApiError::from)?;
     fleet
-        .remove_from_job(job_id, things, force)
+        .jobs()
+        .remove_targets(job_id, things, force)
         .await
         .map_err(ApiError::from)?;
     progress(fleet, job_id)
@@ -345,11 +353,16 @@ pub async fn list(
     after: Option<String>,
     first: usize,
 ) -> ApiResult<Vec<OtaJob>> {
-    let jobs = fleet.jobs(after, first).await.map_err(ApiError::from)?;
+    let jobs = fleet
+        .jobs()
+        .list(after, first)
+        .await
+        .map_err(ApiError::from)?;
     let mut out = Vec::with_capacity(jobs.len());
     for job in jobs {
         let statuses = fleet
-            .job_statuses(&job.job_id)
+            .jobs()
+            .statuses(&job.job_id)
             .await
             .map_err(ApiError::from)?;
         out.push(summary(job, &statuses));
@@ -366,7 +379,7 @@ pub fn watch(
 ) -> impl Stream<Item = async_graphql::Result<OtaJobEvent>> + use<> {
     // What wakes the watch: `None` for a change of the job, `Some(skipped)` for a gap.
     let id = job_id.clone();
-    let executions = lagging(fleet.subscribe()).filter_map(move |change| {
+    let executions = lagging(fleet.queries().subscribe()).filter_map(move |change| {
         ready(match change {
             Ok(c) => {
                 matches!(&*c.event, TwinEvent::Job { execution, .. } if execution.job_id == id)
@@ -376,7 +389,7 @@ pub fn watch(
         })
     });
     let id = job_id.clone();
-    let definitions = lagging(fleet.job_changes()).filter_map(move |changed| {
+    let definitions = lagging(fleet.jobs().changes()).filter_map(move |changed| {
         ready(match changed {
             Ok(changed) => (*changed == *id).then_some(None),
             Err(skipped) => Some(Some(skipped)),

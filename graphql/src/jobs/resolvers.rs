@@ -141,7 +141,8 @@ impl JobsSubscription {
         let api = api(ctx);
         if api
             .fleet
-            .job(&job_id)
+            .jobs()
+            .get(&job_id)
             .await
             .map_err(ApiError::from)?
             .is_none()

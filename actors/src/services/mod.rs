@@ -1,0 +1,20 @@
+//! The fleet's services: one small typed API per concern, each a view of the
+//! [`FleetHandle`](crate::FleetHandle) that routes to the twins and reads the store:
+//! `fleet.shadows()`, `fleet.registry()`, `fleet.sessions()`, `fleet.commands()`,
+//! `fleet.jobs()` and `fleet.queries()`. No service calls another (the rollout
+//! controller in [`rollout`](crate::rollout) uses jobs and queries), so there are no
+//! cycles between them.
+
+mod commands;
+mod jobs;
+mod queries;
+mod registry;
+mod sessions;
+mod shadows;
+
+pub use commands::Commands;
+pub use jobs::Jobs;
+pub use queries::Queries;
+pub use registry::Registry;
+pub use sessions::DeviceSessions;
+pub use shadows::Shadows;
