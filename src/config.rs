@@ -1,5 +1,8 @@
 //! Configuration: one struct, layered defaults < TOML file < `DOPPEL_*` environment <
 //! command-line flags. Every bad setting fails at start with a message naming it.
+//!
+//! Over 600 lines with its unit tests: the code itself is 490 lines, every setting in one place
+//! with its default, check and help text.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

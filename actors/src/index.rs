@@ -11,6 +11,8 @@
 //! candidates are evaluated. What the index cannot answer (`!=`, `NOT`, `EXISTS`)
 //! falls back to evaluating every twin. Sharded so that writers on different twins
 //! rarely wait for each other.
+//!
+//! Over 600 lines with its unit tests: the code itself is 540 lines.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;

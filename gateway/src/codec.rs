@@ -3,6 +3,9 @@
 //!
 //! The endpoint works on one version-neutral model: [`Inbound`] packets from devices and
 //! [`Outbound`] packets to them. The version is fixed by the CONNECT packet.
+//!
+//! Over 600 lines with its unit tests: the code itself is 560 lines, and the tests stay next to
+//! the encodings they pin.
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::{self as m4, v4};

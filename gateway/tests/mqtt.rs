@@ -1,5 +1,8 @@
 //! The MQTT device endpoint end to end: real rumqttc clients (MQTT 3.1.1 and 5) against
 //! the endpoint on a free port, over the real store.
+//!
+//! Over 600 lines: one test binary for the endpoint, sharing the client helpers of `common/`;
+//! each test is independent.
 
 mod common;
 

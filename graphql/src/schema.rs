@@ -1,7 +1,7 @@
 //! The GraphQL schema, merged from one object per domain: [`things`](crate::things) and
 //! [`thing_events`](crate::thing_events), [`commands`](crate::commands),
 //! [`jobs`](crate::jobs) and tokens ([`auth`](crate::auth)). Here: what they share (the
-//! [`Api`], the [`RoleGuard`] every field carries, scalars, paging, the one adapter from
+//! [`Api`], the `RoleGuard` every field carries, scalars, paging, the one adapter from
 //! the fleet's broadcast to `Lagged`) and the schema's assembly.
 
 use std::sync::Arc;

@@ -1,4 +1,7 @@
 //! The schema executed directly (`schema.execute`) over a real fleet on a real store.
+//!
+//! Over 600 lines: one test binary for the whole schema, so that the fixture (a fleet over a real
+//! store) is built once in code; each test is independent.
 
 use std::sync::Arc;
 

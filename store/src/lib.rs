@@ -8,7 +8,7 @@
 //! - [`embedded::EmbeddedStore`]: the default backend, fjall on local disk;
 //! - [`committer::Committer`]: group commit, so that many twins' changes share one
 //!   durable write;
-//! - [`conformance`] (feature `test-util`): the suite every backend passes.
+//! - `conformance` (feature `test-util`): the suite every backend passes.
 //!
 //! The traits are async, so that a network database fits them; the embedded backend
 //! runs its blocking engine on tokio's blocking pool.

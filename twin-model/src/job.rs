@@ -15,6 +15,9 @@
 //! `QUEUED` with the next `executionNumber`. Terminal statuses never change again. Every
 //! change bumps `versionNumber`; a device update may carry the `expectedVersion` and the
 //! `executionNumber` it believes current, and is refused when either is stale.
+//!
+//! Over 600 lines: the job execution state machine and its AWS payloads are one unit (630
+//! lines), followed by its unit tests.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};

@@ -10,7 +10,8 @@ use twin_model::{DeviceId, RejectionKind};
 use twin_store::testing::CrashAfter;
 use twin_store::{Committer, EmbeddedStore};
 
-use super::{firmware_job, fleet, fleet_in, paced_job, registered, stop};
+use super::jobs::{firmware_job, paced_job};
+use super::{fleet, fleet_in, registered, stop};
 use crate::{FleetConfig, FleetHandle};
 
 #[tokio::test]
