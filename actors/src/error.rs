@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use twin_model::job::{JobError, JobErrorCode};
 use twin_model::{Rejection, RejectionKind};
 use twin_store::StoreError;
 
@@ -62,5 +63,44 @@ impl From<StoreError> for FleetError {
 impl From<Arc<StoreError>> for FleetError {
     fn from(e: Arc<StoreError>) -> Self {
         Self::Store(e)
+    }
+}
+
+/// Why a device's request on the Jobs API was not accepted: one error for the Jobs
+/// service's device API.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobRequestError {
+    /// The Jobs API refused it (the device is told this code and message).
+    #[error("{}: {}", .0.code.as_str(), .0.message)]
+    Refused(JobError),
+    /// The fleet could not answer it.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+}
+
+impl JobRequestError {
+    /// What the device is told on the request's `rejected` topic.
+    pub fn to_job_error(&self) -> JobError {
+        match self {
+            Self::Refused(e) => e.clone(),
+            Self::Fleet(e) => {
+                let code = match e {
+                    FleetError::Overloaded => JobErrorCode::RequestThrottled,
+                    FleetError::Rejected(r) if r.kind == RejectionKind::NotFound => {
+                        JobErrorCode::ResourceNotFound
+                    }
+                    _ => JobErrorCode::InternalError,
+                };
+                JobError::new(code, e.to_string())
+            }
+        }
+    }
+
+    /// The refusal, or the fleet's failure as an error.
+    pub fn into_refusal(self) -> Result<JobError, FleetError> {
+        match self {
+            Self::Refused(e) => Ok(e),
+            Self::Fleet(e) => Err(e),
+        }
     }
 }

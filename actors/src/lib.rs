@@ -27,8 +27,8 @@ pub mod services;
 pub mod shard;
 
 pub use clock::Clock;
-pub use device::{JobAnswer, RegistryOp};
-pub use error::FleetError;
+pub use device::RegistryOp;
+pub use error::{FleetError, JobRequestError};
 pub use fleet::{ConnectOk, FleetConfig, FleetHandle, Reply};
 pub use index::{Page, ShadowView, TwinView};
 pub use pipeline::{Change, Committed, CommittedChange, Consumer, DeviceLink};

@@ -1,6 +1,7 @@
 //! Jobs: creation (with a rollback job), the fan-out by a rollout controller (paced or not), pause, cancel, taking targets out, the device's Jobs API, and reading definitions, statuses and counts. Job status rules live in `twin_model::progress`.
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use ractor::concurrency::oneshot;
@@ -11,8 +12,8 @@ use twin_model::topic::JobOp;
 use twin_model::{DeviceId, Filter, Rejection, RejectionKind};
 use twin_store::Write;
 
-use crate::device::{DeviceMsg, Ending, JobAnswer, Running};
-use crate::error::FleetError;
+use crate::device::{DeviceMsg, Ending, Running};
+use crate::error::{FleetError, JobRequestError};
 use crate::fleet::{FleetHandle, Reply, no_job};
 use crate::pipeline::RolloutLink;
 use crate::rollout::{self, Control};
@@ -286,15 +287,22 @@ impl Jobs<'_> {
         Ok(running)
     }
 
-    /// A device request on its jobs topics.
-    pub fn request(self, thing: &DeviceId, op: JobOp, body: Value) -> Reply<JobAnswer> {
-        self.0
+    /// A device request on its jobs topics: the `accepted` payload, or why not.
+    pub fn request(
+        self,
+        thing: &DeviceId,
+        op: JobOp,
+        body: Value,
+    ) -> Pin<Box<dyn Future<Output = Result<Value, JobRequestError>> + Send>> {
+        let answer = self
+            .0
             .request(thing, |reply, permit| DeviceMsg::JobRequest {
                 op,
                 body,
                 reply,
                 permit,
-            })
+            });
+        Box::pin(async move { answer.await?.map_err(JobRequestError::Refused) })
     }
 
     /// A job's definition.

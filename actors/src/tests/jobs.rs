@@ -48,7 +48,6 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
     let ask = |op: JobOp, body: serde_json::Value| f.fleet.jobs().request(&thing, op, body);
     let pending = ask(JobOp::GetPending, json!({"clientToken": "c1"}))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(pending["queuedJobs"][0]["jobId"], "fw-2");
     assert_eq!(pending["clientToken"], "c1");
@@ -57,14 +56,12 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
         json!({"statusDetails": {"step": "download"}}),
     )
     .await
-    .unwrap()
     .unwrap();
     assert_eq!(started["execution"]["status"], "IN_PROGRESS");
     assert_eq!(started["execution"]["versionNumber"], 2);
     // After a reboot the device finds its running job again.
     let resumed = ask(JobOp::Describe("$next".into()), json!({}))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(resumed["execution"]["jobId"], "fw-2");
     assert_eq!(resumed["execution"]["statusDetails"]["step"], "download");
@@ -73,15 +70,15 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
         json!({"status": "IN_PROGRESS", "expectedVersion": 1}),
     )
     .await
-    .unwrap()
-    .unwrap_err();
+    .unwrap_err()
+    .into_refusal()
+    .unwrap();
     assert_eq!(stale.code, JobErrorCode::VersionMismatch);
     let done = ask(
         JobOp::Update("fw-2".into()),
         json!({"status": "SUCCEEDED", "expectedVersion": 2, "includeJobExecutionState": true}),
     )
     .await
-    .unwrap()
     .unwrap();
     assert_eq!(done["executionState"]["status"], "SUCCEEDED");
     // The installed firmware is now reported state.
@@ -95,12 +92,13 @@ async fn a_device_runs_its_jobs_through_the_jobs_api() {
         serde_json::Value::Object(shadow.reported.clone().unwrap())["firmware"]["version"],
         "2.0.1"
     );
-    let none = ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
+    let none = ask(JobOp::StartNext, json!({})).await.unwrap();
     assert!(none.get("execution").is_none());
     let unknown = ask(JobOp::Describe("other".into()), json!({}))
         .await
-        .unwrap()
-        .unwrap_err();
+        .unwrap_err()
+        .into_refusal()
+        .unwrap();
     assert_eq!(unknown.code, JobErrorCode::ResourceNotFound);
     assert_eq!(
         f.fleet.jobs().statuses("fw-2").await.unwrap(),
@@ -147,7 +145,7 @@ async fn job_attempts_time_out_and_retry_on_the_clock_up_to_their_limits() {
     let mut events = f.fleet.queries().subscribe();
     let ask = |op: JobOp, body: serde_json::Value| f.fleet.jobs().request(&thing, op, body);
     let start = || async {
-        let started = ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
+        let started = ask(JobOp::StartNext, json!({})).await.unwrap();
         assert_eq!(started["execution"]["status"], "IN_PROGRESS");
         f.fleet.now_millis()
     };
@@ -172,7 +170,7 @@ async fn job_attempts_time_out_and_retry_on_the_clock_up_to_their_limits() {
         )
         .await
         .unwrap()
-        .unwrap();
+        ;
     }
     let retry = attempt_ended(&mut events).await.unwrap();
     assert_eq!(
@@ -185,7 +183,6 @@ async fn job_attempts_time_out_and_retry_on_the_clock_up_to_their_limits() {
     start().await;
     ask(JobOp::Update("fw-3".into()), json!({"status": "FAILED"}))
         .await
-        .unwrap()
         .unwrap();
     let retry = attempt_ended(&mut events).await.unwrap();
     assert_eq!(
@@ -363,7 +360,6 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
         .jobs()
         .request(&id("a"), JobOp::StartNext, json!({}))
         .await
-        .unwrap()
         .unwrap();
     let statuses = async || {
         let mut s = f.fleet.jobs().statuses("fw-out").await.unwrap();
@@ -450,13 +446,12 @@ async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add
     let mut events = two_waves(&f.fleet, "fw-del").await;
     let succeed = async |thing: &str| {
         let ask = |op, body| f.fleet.jobs().request(&id(thing), op, body);
-        ask(JobOp::StartNext, json!({})).await.unwrap().unwrap();
+        ask(JobOp::StartNext, json!({})).await.unwrap();
         ask(
             JobOp::Update("fw-del".into()),
             json!({"status": "SUCCEEDED"}),
         )
         .await
-        .unwrap()
         .unwrap();
     };
     // b is deleted with its execution queued, d before its wave.

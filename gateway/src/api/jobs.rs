@@ -4,9 +4,8 @@
 
 use bytes::Bytes;
 use serde_json::Value;
-use twin_actors::{FleetError, JobAnswer};
+use twin_actors::JobRequestError;
 use twin_model::DeviceId;
-use twin_model::RejectionKind;
 use twin_model::job::{JobError, JobErrorCode};
 use twin_model::topic::{JobChannel, JobOp, JobTopic};
 
@@ -52,7 +51,7 @@ fn reply(
     thing: &DeviceId,
     op: &JobOp,
     token: Option<&str>,
-    answer: JobAnswer,
+    answer: Result<Value, JobError>,
     out: &mut dyn Outbox,
 ) {
     let (channel, payload) = match answer {
@@ -75,19 +74,10 @@ pub(crate) fn answered(
     thing: &DeviceId,
     op: &JobOp,
     token: Option<&str>,
-    result: Result<JobAnswer, FleetError>,
+    result: Result<Value, JobRequestError>,
     out: &mut dyn Outbox,
 ) {
-    let answer = result.unwrap_or_else(|e| {
-        let code = match &e {
-            FleetError::Overloaded => JobErrorCode::RequestThrottled,
-            FleetError::Rejected(r) if r.kind == RejectionKind::NotFound => {
-                JobErrorCode::ResourceNotFound
-            }
-            _ => JobErrorCode::InternalError,
-        };
-        Err(JobError::new(code, e.to_string()))
-    });
+    let answer = result.map_err(|e| e.to_job_error());
     reply(thing, op, token, answer, out);
 }
 

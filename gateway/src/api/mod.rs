@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
-use twin_actors::{FleetError, FleetHandle, JobAnswer};
+use twin_actors::{FleetError, FleetHandle, JobRequestError};
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse};
 use twin_model::shadow::payload;
 use twin_model::topic::{self, CommandChannel, JobChannel, JobOp, Topic};
@@ -108,7 +108,7 @@ pub(crate) enum Answer {
         Result<Arc<ShadowChange>, FleetError>,
     ),
     Command(String, ReplyTo, Result<Arc<CommandExecution>, FleetError>),
-    Job(JobOp, Option<String>, Result<JobAnswer, FleetError>),
+    Job(JobOp, Option<String>, Result<Value, JobRequestError>),
 }
 
 /// A twin's answer, with the packet id of the request's PUBACK (sent with the answer).
