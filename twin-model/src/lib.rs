@@ -15,6 +15,7 @@ pub mod filter;
 pub mod id;
 pub mod job;
 pub mod json;
+pub mod new_job;
 pub mod progress;
 pub mod rejection;
 pub mod rollout;

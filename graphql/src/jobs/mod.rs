@@ -11,7 +11,7 @@ use async_graphql::futures_util::stream::{self, Stream, StreamExt};
 use async_graphql::{ID, Json, Union};
 use serde_json::{Map, Value, json};
 use twin_actors::FleetHandle;
-use twin_model::job::{JobDefinition, JobStatus, MAX_RETRIES, RetryPolicy, Timeouts};
+use twin_model::job::{JobDefinition, JobStatus, Timeouts};
 use twin_model::progress::{JobState, Progress};
 use twin_model::rollout::{AbortPolicy, HealthGate, Pace, Rollout};
 use twin_model::{DeviceId, TwinEvent};
@@ -133,73 +133,38 @@ pub async fn create(
     now: u64,
 ) -> ApiResult<OtaJob> {
     let job_id = job_id(&new.job_id)?;
-    let retries = new.executions.retries.unwrap_or(0);
-    if retries > MAX_RETRIES {
-        return Err(ApiError::invalid(format!(
-            "retries must be at most {MAX_RETRIES}"
-        )));
-    }
     let minutes = |m: Option<u64>| m.unwrap_or(0).saturating_mul(60_000);
-    let timeouts = Timeouts {
-        in_progress_ms: minutes(new.executions.in_progress_minutes),
-        step_ms: minutes(new.executions.step_minutes),
-    };
     let paced = rollout(new.rollout)?;
     let OtaDocument {
         firmware,
         data,
         rollback_to,
     } = new.document;
-    let document = signer.sign(job_document(&firmware, data.map(|d| d.0))?);
-    let things = resolve(fleet, &new.targets)?;
-    let rollback = match rollback_to {
-        Some(previous) => {
-            let id = format!("{job_id}-rollback");
-            if !twin_model::topic::valid_job_id(&id) {
-                return Err(ApiError::invalid(
-                    "with rollbackTo, jobId must be at most 55 characters",
-                ));
-            }
-            Some(Arc::new(JobDefinition {
-                job_id: id,
-                document: signer.sign(job_document(&previous, None)?),
-                retry: RetryPolicy::default(),
-                timeouts: Timeouts::default(),
-                created_at: now,
-                canceled_at: None,
-                rollback_job: None,
-                rollout: None,
-            }))
-        }
+    let rollback_document = match rollback_to {
+        Some(previous) => Some(signer.sign(job_document(&previous, None)?)),
         None => None,
     };
-    // Without a pace, every target at once: the job's controller fans out either way, so
-    // that the fan-out survives a restart.
-    let (pace, abort, health) = paced.unwrap_or((Pace::All, None, None));
-    let job = Arc::new(JobDefinition {
+    let (pace, abort, health) = match paced {
+        Some((pace, abort, health)) => (Some(pace), abort, health),
+        None => (None, None, None),
+    };
+    let (job, rollback) = twin_model::new_job::NewJob {
         job_id: job_id.clone(),
-        document,
-        retry: RetryPolicy {
-            on_failure: retries,
-            on_timeout: retries,
+        document: signer.sign(job_document(&firmware, data.map(|d| d.0))?),
+        rollback_document,
+        retries: new.executions.retries.unwrap_or(0),
+        timeouts: Timeouts {
+            in_progress_ms: minutes(new.executions.in_progress_minutes),
+            step_ms: minutes(new.executions.step_minutes),
         },
-        timeouts,
-        created_at: now,
-        canceled_at: None,
-        rollback_job: rollback.as_ref().map(|r| r.job_id.clone()),
-        rollout: Some(Rollout {
-            pace,
-            abort,
-            targets: things,
-            released: 0,
-            started_at: now,
-            paused_at: None,
-            aborted_at: None,
-            health,
-            healthy: Vec::new(),
-            unhealthy: Vec::new(),
-        }),
-    });
+        targets: resolve(fleet, &new.targets)?,
+        pace,
+        abort,
+        health,
+    }
+    .into_definitions(now)
+    .map_err(ApiError::invalid)?;
+    let (job, rollback) = (Arc::new(job), rollback.map(Arc::new));
     fleet
         .jobs()
         .create(job, rollback)
@@ -446,6 +411,7 @@ pub enum OtaJobEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twin_model::job::RetryPolicy;
 
     fn sum(c: &OtaJobCounts) -> u64 {
         c.not_released
