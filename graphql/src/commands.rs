@@ -202,19 +202,16 @@ impl CommandsQuery {
         after: Option<String>,
     ) -> async_graphql::Result<CommandConnection> {
         let api = api(ctx);
-        let max = api.limits.max_page_size;
-        if first < 1 || first as usize > max {
-            return Err(ApiError::invalid(format!("first must be between 1 and {max}")).into());
-        }
+        let first = api.page_size(first)?;
         let thing = schema::thing_id(&thing_id)?;
         let mut list = api
             .fleet
             .commands()
-            .list(&thing, after, first as usize + 1)
+            .list(&thing, after, first + 1)
             .await
             .map_err(ApiError::from)?;
-        let has_next_page = list.len() > first as usize;
-        list.truncate(first as usize);
+        let has_next_page = list.len() > first;
+        list.truncate(first);
         let edges: Vec<CommandEdge> = list
             .into_iter()
             .map(|c| CommandEdge {

@@ -72,6 +72,17 @@ impl Guard for RoleGuard {
     }
 }
 
+impl Api {
+    /// A page's `first` argument, checked against `max_page_size`.
+    pub(crate) fn page_size(&self, first: i32) -> ApiResult<usize> {
+        let max = self.limits.max_page_size;
+        usize::try_from(first)
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::invalid(format!("first must be between 1 and {max}")))
+    }
+}
+
 pub(crate) fn thing_id(id: &ID) -> ApiResult<DeviceId> {
     Ok(DeviceId::parse(id.as_str())?)
 }

@@ -200,10 +200,7 @@ impl ThingsQuery {
         after: Option<String>,
     ) -> async_graphql::Result<ThingConnection> {
         let api = api(ctx);
-        let max = api.limits.max_page_size;
-        if first < 1 || first as usize > max {
-            return Err(ApiError::invalid(format!("first must be between 1 and {max}")).into());
-        }
+        let first = api.page_size(first)?;
         let filter = parse_filter(filter.as_deref())?;
         let after = after
             .map(|a| DeviceId::parse(&a))
@@ -212,7 +209,7 @@ impl ThingsQuery {
         let page = api
             .fleet
             .queries()
-            .query(filter.as_ref(), after.as_ref(), first as usize);
+            .query(filter.as_ref(), after.as_ref(), first);
         let edges: Vec<ThingEdge> = page
             .items
             .into_iter()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ractor::concurrency::oneshot;
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc};
-use twin_model::job::{JobDefinition, JobExecution, JobStatus};
+use twin_model::job::{JobDefinition, JobError, JobExecution, JobStatus};
 use twin_model::topic::JobOp;
 use twin_model::{DeviceId, Filter, Rejection, RejectionKind};
 use twin_store::Write;
@@ -156,16 +156,8 @@ impl Jobs<'_> {
             if status.is_terminal() || !things.contains(&thing) {
                 continue;
             }
-            let id = job_id.to_owned();
             let ended = self
-                .0
-                .request(&thing, |reply, permit| DeviceMsg::EndJob {
-                    job_id: id,
-                    ending: Ending::Removed,
-                    running: Running::ended_if(force),
-                    reply,
-                    permit,
-                })
+                .end_execution(&thing, job_id, Ending::Removed, Running::ended_if(force))
                 .await?;
             if let Err(e) = ended {
                 return Err(Rejection::new(
@@ -259,6 +251,25 @@ impl Jobs<'_> {
 
     /// Ends every queued execution of a job (with `force`, in-progress ones too) as
     /// `CANCELED`; returns how many still run.
+    /// Ends `thing`'s execution of a job early; the twin's refusal (an in-progress one
+    /// spared) is the inner error.
+    fn end_execution(
+        self,
+        thing: &DeviceId,
+        job_id: &str,
+        ending: Ending,
+        running: Running,
+    ) -> Reply<Result<Arc<JobExecution>, JobError>> {
+        let job_id = job_id.to_owned();
+        self.0.request(thing, |reply, permit| DeviceMsg::EndJob {
+            job_id,
+            ending,
+            running,
+            reply,
+            permit,
+        })
+    }
+
     pub(crate) async fn cancel_executions(
         self,
         job_id: &str,
@@ -269,16 +280,8 @@ impl Jobs<'_> {
             if status.is_terminal() {
                 continue;
             }
-            let id = job_id.to_owned();
             let canceled = self
-                .0
-                .request(&thing, |reply, permit| DeviceMsg::EndJob {
-                    job_id: id,
-                    ending: Ending::Canceled,
-                    running: Running::ended_if(force),
-                    reply,
-                    permit,
-                })
+                .end_execution(&thing, job_id, Ending::Canceled, Running::ended_if(force))
                 .await?;
             if canceled.is_err() {
                 running += 1;

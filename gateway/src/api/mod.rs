@@ -16,7 +16,7 @@ use serde_json::Value;
 use twin_actors::{FleetError, FleetHandle, JobRequestError};
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse};
 use twin_model::shadow::payload;
-use twin_model::topic::{self, CommandChannel, JobChannel, JobOp, Topic};
+use twin_model::topic::{self, CommandChannel, JobChannel, JobOp, ShadowOp, Topic};
 use twin_model::{
     DeviceId, Limits, Rejection, Shadow, ShadowChange, ShadowName, TwinEvent, UpdateRequest,
 };
@@ -191,15 +191,25 @@ pub(crate) fn dispatch(
 /// Publishes the twin's answer to a call.
 pub(crate) fn answer(thing: &DeviceId, answer: Answer, out: &mut dyn Outbox) {
     match answer {
-        Answer::Update(shadow, token, result) => {
-            shadow::update_answered(thing, &shadow, token.as_deref(), result, out)
-        }
+        Answer::Update(shadow, token, result) => shadow::change_answered(
+            thing,
+            ShadowOp::Update,
+            &shadow,
+            token.as_deref(),
+            result,
+            out,
+        ),
         Answer::Get(shadow, token, result) => {
             shadow::get_answered(thing, &shadow, token.as_deref(), result, out)
         }
-        Answer::Delete(shadow, token, result) => {
-            shadow::delete_answered(thing, &shadow, token.as_deref(), result, out)
-        }
+        Answer::Delete(shadow, token, result) => shadow::change_answered(
+            thing,
+            ShadowOp::Delete,
+            &shadow,
+            token.as_deref(),
+            result,
+            out,
+        ),
         Answer::Command(id, reply_to, result) => {
             commands::answered(thing, &id, reply_to, result, out)
         }

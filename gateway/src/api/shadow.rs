@@ -85,43 +85,18 @@ fn rejected(
     });
 }
 
-/// An accepted update reaches the device as its event; a refused one is answered here.
-pub(crate) fn update_answered(
+/// An accepted update or delete reaches the device as its event (as changes made by
+/// others do); a refused one is answered here.
+pub(crate) fn change_answered(
     thing: &DeviceId,
+    op: ShadowOp,
     shadow: &ShadowName,
     token: Option<&str>,
     result: Result<Arc<ShadowChange>, FleetError>,
     out: &mut dyn Outbox,
 ) {
     if let Err(e) = result {
-        rejected(
-            thing,
-            ShadowOp::Update,
-            shadow,
-            &e.to_rejection(),
-            token,
-            out,
-        );
-    }
-}
-
-/// An accepted delete reaches the device as its event; a refused one is answered here.
-pub(crate) fn delete_answered(
-    thing: &DeviceId,
-    shadow: &ShadowName,
-    token: Option<&str>,
-    result: Result<Arc<ShadowChange>, FleetError>,
-    out: &mut dyn Outbox,
-) {
-    if let Err(e) = result {
-        rejected(
-            thing,
-            ShadowOp::Delete,
-            shadow,
-            &e.to_rejection(),
-            token,
-            out,
-        );
+        rejected(thing, op, shadow, &e.to_rejection(), token, out);
     }
 }
 

@@ -29,11 +29,8 @@ impl JobsQuery {
         after: Option<String>,
     ) -> async_graphql::Result<Vec<OtaJob>> {
         let api = api(ctx);
-        let max = api.limits.max_page_size;
-        if first < 1 || first as usize > max {
-            return Err(ApiError::invalid(format!("first must be between 1 and {max}")).into());
-        }
-        Ok(super::list(&api.fleet, after, first as usize).await?)
+        let first = api.page_size(first)?;
+        Ok(super::list(&api.fleet, after, first).await?)
     }
 
     /// An OTA job and its executions per status; null when there is none.
