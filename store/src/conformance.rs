@@ -17,48 +17,80 @@ pub struct Backend {
     pub keep: Box<dyn std::any::Any>,
 }
 
-/// Runs every check of the suite as its own test, on stores from `$make(history)`.
+/// Runs every check of the suite as its own test, on stores from `$make(history).await`.
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:expr) => {
         mod conformance {
             use super::*;
 
-            fn backend(history: u64) -> $crate::conformance::Backend {
-                ($make)(history)
+            async fn backend(history: u64) -> $crate::conformance::Backend {
+                ($make)(history).await
             }
 
             #[tokio::test]
             async fn loads_what_was_committed_and_keeps_bounded_history() {
-                let b = backend(3);
+                let b = backend(3).await;
                 $crate::conformance::loads_what_was_committed_and_keeps_bounded_history(&*b.store).await;
             }
 
             #[tokio::test]
             async fn index_and_deadlines_list_by_partition_and_delete_thing_removes_everything() {
-                let b = backend(10);
+                let b = backend(10).await;
                 $crate::conformance::index_and_deadlines_list_by_partition_and_delete_thing_removes_everything(&*b.store).await;
             }
 
             #[tokio::test]
             async fn commands_list_newest_first_and_go_with_their_thing() {
-                let b = backend(10);
+                let b = backend(10).await;
                 $crate::conformance::commands_list_newest_first_and_go_with_their_thing(&*b.store).await;
             }
 
             #[tokio::test]
             async fn jobs_and_their_executions_persist_and_count() {
-                let b = backend(10);
+                let b = backend(10).await;
                 $crate::conformance::jobs_and_their_executions_persist_and_count(&*b.store).await;
             }
 
             #[tokio::test]
             async fn lists_things_in_pages() {
-                let b = backend(10);
+                let b = backend(10).await;
                 $crate::conformance::lists_things_in_pages(&*b.store).await;
             }
         }
     };
+}
+
+/// The CQL nodes the ScyllaDB store's tests run against: `DOPPEL_SCYLLA_NODES` (a real
+/// ScyllaDB, comma-separated `host:port`), or else the local Apache Cassandra node of
+/// `tools/cassandra.sh`, started now when it does not answer (and left running;
+/// `tools/cassandra.sh stop` stops it). Fails, saying what is missing, when neither works.
+pub fn scylla_nodes() -> Vec<String> {
+    static NODES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    NODES
+        .get_or_init(|| {
+            if let Ok(nodes) = std::env::var("DOPPEL_SCYLLA_NODES") {
+                return nodes.split(',').map(|n| n.trim().to_owned()).collect();
+            }
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/cassandra.sh");
+            let started = std::process::Command::new(script).arg("start").status();
+            assert!(
+                started.as_ref().is_ok_and(|s| s.success()),
+                "the ScyllaDB store's tests need a CQL node: {script} start failed ({started:?}); it needs Java 17 and Maven, or set DOPPEL_SCYLLA_NODES"
+            );
+            vec!["127.0.0.1:9042".into()]
+        })
+        .clone()
+}
+
+/// A keyspace name no other test of this run uses.
+pub fn fresh_keyspace() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("t{}_{n}_{nanos}", std::process::id())
 }
 
 /// A thing id the checks use.
@@ -364,10 +396,11 @@ pub async fn jobs_and_their_executions_persist_and_count(store: &dyn TwinStore) 
         .await
         .unwrap();
     assert_eq!(
-        store.job_statuses("fw-2", None, 2).await.unwrap(),
+        all_statuses(store, "fw-2", 2).await,
         [
             (id("t1"), JobStatus::Queued),
-            (id("t2"), JobStatus::Succeeded)
+            (id("t2"), JobStatus::Succeeded),
+            (id("t3"), JobStatus::Queued)
         ],
         "the job keeps how a deleted thing ended"
     );
@@ -381,9 +414,30 @@ pub async fn jobs_and_their_executions_persist_and_count(store: &dyn TwinStore) 
     );
 }
 
-/// Registered things come in id order, a page at a time.
+/// Every status of a job, read `page` at a time (in the backend's order), sorted by thing;
+/// no page is longer than asked and no thing comes twice.
+async fn all_statuses(store: &dyn TwinStore, job: &str, page: usize) -> Vec<(DeviceId, JobStatus)> {
+    let mut all: Vec<(DeviceId, JobStatus)> = Vec::new();
+    loop {
+        let after = all.last().map(|(t, _)| t.clone());
+        let next = store.job_statuses(job, after.as_ref(), page).await.unwrap();
+        assert!(next.len() <= page);
+        if next.is_empty() {
+            break;
+        }
+        all.extend(next);
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup_by(|a, b| a.0 == b.0);
+    assert_eq!(sorted.len(), all.len(), "no thing comes twice: {all:?}");
+    sorted
+}
+
+/// Registered things come a page at a time, each once.
 pub async fn lists_things_in_pages(store: &dyn TwinStore) {
-    let writes: Vec<Write> = ["c", "a", "b"]
+    let names = ["c", "a", "b", "d", "e"];
+    let writes: Vec<Write> = names
         .iter()
         .map(|n| {
             Write::Thing(ThingRecord {
@@ -396,22 +450,20 @@ pub async fn lists_things_in_pages(store: &dyn TwinStore) {
         })
         .collect();
     store.commit(writes).await.unwrap();
-    let page: Vec<String> = store
-        .things(None, 2)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id.to_string())
-        .collect();
-    assert_eq!(page, ["a", "b"]);
-    let rest: Vec<String> = store
-        .things(Some(&id("b")), 2)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id.to_string())
-        .collect();
-    assert_eq!(rest, ["c"]);
+    let mut seen: Vec<String> = Vec::new();
+    let mut after: Option<DeviceId> = None;
+    loop {
+        let page = store.things(after.as_ref(), 2).await.unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        seen.extend(page.into_iter().map(|r| r.id.to_string()));
+    }
+    let count = seen.len();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(count, seen.len(), "each thing once");
+    assert_eq!(seen, ["a", "b", "c", "d", "e"]);
 }
 
 /// A twin loads as it was committed, and each shadow keeps its newest changes (the

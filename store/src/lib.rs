@@ -11,12 +11,14 @@
 //! - `conformance` (feature `test-util`): the suite every backend passes.
 //!
 //! The traits are async, so that a network database fits them; the embedded backend
-//! runs its blocking engine on tokio's blocking pool.
+//! runs its blocking engine on tokio's blocking pool. [`scylla::ScyllaStore`] is the
+//! networked backend (ScyllaDB, or Apache Cassandra).
 
 pub mod committer;
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
 pub mod embedded;
+pub mod scylla;
 pub mod secret;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
@@ -172,7 +174,9 @@ pub trait TwinStateStore: Send + Sync + 'static {
 pub trait RegistryStore: Send + Sync + 'static {
     async fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError>;
 
-    /// Registered things in id order, starting after `after`.
+    /// Registered things, a page at a time, resuming after `after`, in an order the
+    /// backend keeps stable (id order on the embedded store; placement partition, then id,
+    /// on ScyllaDB).
     async fn things(
         &self,
         after: Option<&DeviceId>,
@@ -208,8 +212,9 @@ pub trait JobStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<JobDefinition>, StoreError>;
 
-    /// The execution status of a job's targets, in thing order, starting after `after`.
-    /// A deleted thing keeps the status its execution ended with.
+    /// The execution status of a job's targets, a page at a time, resuming after the thing
+    /// `after`, in an order the backend keeps stable. A deleted thing keeps the status its
+    /// execution ended with.
     async fn job_statuses(
         &self,
         job_id: &str,

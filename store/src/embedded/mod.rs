@@ -221,7 +221,7 @@ impl TwinStore for EmbeddedStore {
 mod tests {
     use super::*;
 
-    crate::conformance_suite!(|history| {
+    crate::conformance_suite!(|history| async move {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), history).unwrap();
         crate::conformance::Backend {

@@ -1,0 +1,925 @@
+//! The ScyllaDB backend (tested on Apache Cassandra 5.0, which speaks the same CQL): the
+//! [`TwinStore`] traits over the `scylla` driver, with prepared statements whose
+//! partition key is bound, so that the driver routes each to its replicas and shards.
+//!
+//! The data model is in [`schema`]. A twin's own rows share one partition, so its part of
+//! a commit is one single-partition batch: atomic and isolated, as the
+//! [`TwinStateStore`] contract asks, without a logged batch. The listings kept beside it
+//! (members, deadlines, command ids, job targets, history) are written before the twin's
+//! batch and removed after it, so that a crash between the two leaves an extra listing
+//! entry (which readers skip or which wakes a twin for nothing), never a missing one.
+//! Many twins' parts of one commit are written at once: the network round trip, not an
+//! fsync here, is the cost.
+
+pub mod schema;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::try_join_all;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::Consistency;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use serde::de::DeserializeOwned;
+use twin_model::command::CommandExecution;
+use twin_model::job::{JobDefinition, JobExecution, JobStatus};
+use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowChange, ShadowName};
+
+use crate::{
+    CommandStore, Deadline, DeadlineIndex, IndexSource, IndexedTwin, JobCounts, JobStore,
+    RegistryStore, StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+};
+use schema::kind;
+
+/// How to reach the database and what to keep there.
+#[derive(Debug, Clone)]
+pub struct ScyllaConfig {
+    /// `host:port` of one or more nodes (the driver finds the others).
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// The keyspace's replication, a CQL map, used when the keyspace is created.
+    pub replication: String,
+    /// Consistency of every read and write; a write is acknowledged at this level.
+    pub consistency: Consistency,
+    /// Changes kept per shadow.
+    pub history: u64,
+    /// Longest wait for one request.
+    pub request_timeout: Duration,
+}
+
+impl ScyllaConfig {
+    /// A single-node test or development setup: replication factor 1, `LOCAL_QUORUM`.
+    pub fn single_node(nodes: Vec<String>, keyspace: &str, history: u64) -> Self {
+        Self {
+            nodes,
+            keyspace: keyspace.to_owned(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            consistency: Consistency::LocalQuorum,
+            history,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Every statement the store runs, prepared once.
+struct Statements {
+    load: PreparedStatement,
+    row: PreparedStatement,
+    put_row: PreparedStatement,
+    delete_twin: PreparedStatement,
+    commands: PreparedStatement,
+    commands_before: PreparedStatement,
+    put_change: PreparedStatement,
+    trim_history: PreparedStatement,
+    history: PreparedStatement,
+    delete_history: PreparedStatement,
+    put_member: PreparedStatement,
+    delete_member: PreparedStatement,
+    members: PreparedStatement,
+    members_after: PreparedStatement,
+    put_deadline: PreparedStatement,
+    delete_deadline: PreparedStatement,
+    delete_deadlines: PreparedStatement,
+    deadlines: PreparedStatement,
+    deadlines_after: PreparedStatement,
+    put_command_id: PreparedStatement,
+    command_id: PreparedStatement,
+    delete_command_id: PreparedStatement,
+    put_job: PreparedStatement,
+    job: PreparedStatement,
+    put_job_id: PreparedStatement,
+    job_ids: PreparedStatement,
+    job_ids_after: PreparedStatement,
+    put_target: PreparedStatement,
+    targets: PreparedStatement,
+    targets_after: PreparedStatement,
+}
+
+/// One write of a commit, in flight.
+type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
+pub struct ScyllaStore {
+    session: Arc<Session>,
+    st: Arc<Statements>,
+    history: u64,
+    consistency: Consistency,
+}
+
+fn engine(context: &str) -> impl FnOnce(scylla::errors::ExecutionError) -> StoreError + '_ {
+    move |e| StoreError::Engine(format!("{context}: {e}"))
+}
+
+fn decode<T: DeserializeOwned>(key: &str, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> String {
+    // Our records are plain data: serializing them cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn parse_thing(text: &str) -> Result<DeviceId, StoreError> {
+    DeviceId::parse(text).map_err(|e| StoreError::Corrupt {
+        key: text.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// The bucket of `job_targets` a thing falls in.
+fn job_bucket(thing: &DeviceId) -> i32 {
+    i32::from(thing.partition() % schema::JOB_BUCKETS)
+}
+
+/// Rows of a result as `T`, or a corrupt-data error naming the query.
+fn rows<T>(
+    result: scylla::response::query_result::QueryResult,
+    what: &str,
+) -> Result<Vec<T>, StoreError>
+where
+    T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+{
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt {
+        key: what.to_owned(),
+        reason: e.to_string(),
+    };
+    let rows = result.into_rows_result().map_err(|e| corrupt(&e))?;
+    rows.rows::<T>()
+        .map_err(|e| corrupt(&e))?
+        .collect::<Result<Vec<T>, _>>()
+        .map_err(|e| corrupt(&e))
+}
+
+impl ScyllaStore {
+    /// Connects, creates the keyspace and tables when missing, and refuses a schema newer
+    /// than this build knows.
+    pub async fn connect(config: &ScyllaConfig) -> Result<Self, StoreError> {
+        if !schema::valid_keyspace(&config.keyspace) {
+            return Err(StoreError::Engine(format!(
+                "scylla_keyspace {:?} is not a valid keyspace name (letters, digits and _, at most 48, not starting with a digit)",
+                config.keyspace
+            )));
+        }
+        let nodes = config.nodes.join(",");
+        let session = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .connection_timeout(config.request_timeout)
+            .build()
+            .await
+            .map_err(|e| StoreError::Engine(format!("cannot reach ScyllaDB at {nodes}: {e}")))?;
+        let ddl = |e: scylla::errors::ExecutionError| {
+            StoreError::Engine(format!("cannot create the schema at {nodes}: {e}"))
+        };
+        session
+            .query_unpaged(schema::keyspace(&config.keyspace, &config.replication), ())
+            .await
+            .map_err(ddl)?;
+        for table in schema::tables(&config.keyspace) {
+            session.query_unpaged(table, ()).await.map_err(ddl)?;
+        }
+        let ks = &config.keyspace;
+        let found = session
+            .query_unpaged(
+                format!("SELECT version FROM {ks}.schema_version WHERE id = 0"),
+                (),
+            )
+            .await
+            .map_err(ddl)?;
+        match rows::<(i32,)>(found, "schema_version")?.first() {
+            Some((v,)) if *v > schema::VERSION => {
+                return Err(StoreError::Engine(format!(
+                    "the keyspace {ks} has schema version {v}, newer than this doppel knows ({}); upgrade doppel",
+                    schema::VERSION
+                )));
+            }
+            Some(_) => {}
+            None => {
+                session
+                    .query_unpaged(
+                        format!("INSERT INTO {ks}.schema_version (id, version) VALUES (0, ?)"),
+                        (schema::VERSION,),
+                    )
+                    .await
+                    .map_err(ddl)?;
+            }
+        }
+        let st = Statements::prepare(&session, ks, config)
+            .await
+            .map_err(|e| StoreError::Engine(format!("cannot prepare statements: {e}")))?;
+        Ok(Self {
+            session: Arc::new(session),
+            st: Arc::new(st),
+            history: config.history.max(1),
+            consistency: config.consistency,
+        })
+    }
+
+    async fn value_of(
+        &self,
+        thing: &DeviceId,
+        kind: &str,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.row, (thing.as_str(), kind, key))
+            .await
+            .map_err(engine("reading a twin"))?;
+        Ok(rows::<(String,)>(result, "twin")?
+            .into_iter()
+            .next()
+            .map(|(v,)| v))
+    }
+
+    /// One thing's writes of a commit, in order.
+    async fn commit_thing(&self, thing: &DeviceId, writes: Vec<&Write>) -> Result<(), StoreError> {
+        let mut pending: Vec<&Write> = Vec::new();
+        for w in writes {
+            if let Write::DeleteThing(_) = w {
+                // What came before the delete is deleted with it.
+                pending.clear();
+                self.delete_thing(thing).await?;
+            } else {
+                pending.push(w);
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        // Listings first, then the twin's partition in one batch.
+        let mut listings = Vec::new();
+        let mut rows: Vec<(String, &'static str, String, String)> = Vec::new();
+        for w in pending {
+            match w {
+                Write::Shadow {
+                    shadow,
+                    state,
+                    change,
+                    ..
+                } => {
+                    listings.push(self.put_change(thing, shadow, change));
+                    rows.push((
+                        thing.to_string(),
+                        kind::SHADOW,
+                        shadow.key().to_owned(),
+                        encode(&**state),
+                    ));
+                }
+                Write::Connectivity { connectivity, .. } => {
+                    rows.push((
+                        thing.to_string(),
+                        kind::PRESENCE,
+                        String::new(),
+                        encode(connectivity),
+                    ));
+                }
+                Write::Thing(record) => {
+                    listings.push(Box::pin(self.exec(
+                        &self.st.put_member,
+                        (i32::from(thing.partition()), thing.to_string()),
+                    )));
+                    rows.push((
+                        thing.to_string(),
+                        kind::RECORD,
+                        String::new(),
+                        encode(record),
+                    ));
+                }
+                Write::Command(c) => {
+                    listings.push(Box::pin(self.exec(
+                        &self.st.put_command_id,
+                        (c.execution_id.clone(), thing.to_string()),
+                    )));
+                    listings.push(self.deadline(
+                        thing,
+                        format!("c{}", c.execution_id),
+                        c.deadline(),
+                    ));
+                    rows.push((
+                        thing.to_string(),
+                        kind::COMMAND,
+                        c.execution_id.clone(),
+                        encode(&**c),
+                    ));
+                }
+                Write::JobExecution(e) => {
+                    listings.push(Box::pin(self.exec(
+                        &self.st.put_target,
+                        (
+                            e.job_id.clone(),
+                            job_bucket(thing),
+                            thing.to_string(),
+                            encode(&e.status),
+                        ),
+                    )));
+                    listings.push(self.deadline(thing, format!("j{}", e.job_id), e.deadline()));
+                    rows.push((thing.to_string(), kind::JOB, e.job_id.clone(), encode(&**e)));
+                }
+                Write::Job(_) | Write::DeleteThing(_) => {}
+            }
+        }
+        try_join_all(listings).await?;
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.set_consistency(self.consistency);
+        for _ in &rows {
+            batch.append_statement(self.st.put_row.clone());
+        }
+        self.session
+            .batch(&batch, rows)
+            .await
+            .map_err(engine("writing a twin"))?;
+        Ok(())
+    }
+
+    fn exec<V>(
+        &self,
+        statement: &PreparedStatement,
+        values: V,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + '_
+    where
+        V: scylla::serialize::row::SerializeRow + Send + Sync + 'static,
+    {
+        let statement = statement.clone();
+        async move {
+            self.session
+                .execute_unpaged(&statement, values)
+                .await
+                .map(drop)
+                .map_err(engine("writing a listing"))
+        }
+    }
+
+    fn put_change<'a>(
+        &'a self,
+        thing: &DeviceId,
+        shadow: &ShadowName,
+        change: &ShadowChange,
+    ) -> Pending<'a> {
+        let (thing, shadow) = (thing.to_string(), shadow.key().to_owned());
+        let version = i64::try_from(change.version).unwrap_or(i64::MAX);
+        let delete = matches!(change.op, ChangeOp::Delete);
+        let text = encode(change);
+        let oldest_kept =
+            version.saturating_sub(i64::try_from(self.history).unwrap_or(i64::MAX) - 1);
+        Box::pin(async move {
+            self.session
+                .execute_unpaged(
+                    &self.st.put_change,
+                    (&thing, &shadow, version, delete, text),
+                )
+                .await
+                .map_err(engine("writing history"))?;
+            self.session
+                .execute_unpaged(&self.st.trim_history, (&thing, &shadow, oldest_kept))
+                .await
+                .map_err(engine("trimming history"))?;
+            Ok(())
+        })
+    }
+
+    /// Keeps a deadline listed while it is pending, removes it once it is not.
+    fn deadline<'a>(&'a self, thing: &DeviceId, item: String, at: Option<u64>) -> Pending<'a> {
+        let partition = i32::from(thing.partition());
+        let thing = thing.to_string();
+        Box::pin(async move {
+            let done = match at {
+                Some(at) => {
+                    let at = i64::try_from(at).unwrap_or(i64::MAX);
+                    self.session
+                        .execute_unpaged(&self.st.put_deadline, (partition, thing, item, at))
+                        .await
+                }
+                None => {
+                    self.session
+                        .execute_unpaged(&self.st.delete_deadline, (partition, thing, item))
+                        .await
+                }
+            };
+            done.map(drop).map_err(engine("writing a deadline"))
+        })
+    }
+
+    /// Removes the twin's partition first, then its listings (each job keeps the status
+    /// the thing's execution ended with).
+    async fn delete_thing(&self, thing: &DeviceId) -> Result<(), StoreError> {
+        let snapshot = self.load(thing).await?;
+        self.session
+            .execute_unpaged(&self.st.delete_twin, (thing.as_str(),))
+            .await
+            .map_err(engine("deleting a twin"))?;
+        let partition = i32::from(thing.partition());
+        let mut listings: Vec<Pending<'_>> = vec![
+            Box::pin(self.exec(&self.st.delete_member, (partition, thing.to_string()))),
+            Box::pin(self.exec(&self.st.delete_deadlines, (partition, thing.to_string()))),
+        ];
+        for (shadow, _) in &snapshot.shadows {
+            listings.push(Box::pin(self.exec(
+                &self.st.delete_history,
+                (thing.to_string(), shadow.key().to_owned()),
+            )));
+        }
+        let ids = self.all_command_ids(thing).await?;
+        for id in ids {
+            listings.push(Box::pin(self.exec(&self.st.delete_command_id, (id,))));
+        }
+        try_join_all(listings).await?;
+        Ok(())
+    }
+
+    /// A page of the things listed in a placement partition, in id order.
+    async fn members(
+        &self,
+        partition: u16,
+        after: Option<&DeviceId>,
+        limit_: usize,
+    ) -> Result<Vec<DeviceId>, StoreError> {
+        let p = i32::from(partition);
+        let result = match after {
+            Some(a) => {
+                self.session
+                    .execute_unpaged(&self.st.members_after, (p, a.as_str(), limit(limit_)))
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.st.members, (p, limit(limit_)))
+                    .await
+            }
+        }
+        .map_err(engine("reading members"))?;
+        rows::<(String,)>(result, "members")?
+            .into_iter()
+            .map(|(t,)| parse_thing(&t))
+            .collect()
+    }
+
+    async fn all_command_ids(&self, thing: &DeviceId) -> Result<Vec<String>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.load, (thing.as_str(),))
+            .await
+            .map_err(engine("reading a twin"))?;
+        Ok(rows::<(String, String, String)>(result, "twin")?
+            .into_iter()
+            .filter(|(k, _, _)| k == kind::COMMAND)
+            .map(|(_, key, _)| key)
+            .collect())
+    }
+}
+
+impl Statements {
+    async fn prepare(
+        session: &Session,
+        ks: &str,
+        config: &ScyllaConfig,
+    ) -> Result<Self, scylla::errors::PrepareError> {
+        let p = async |cql: String| -> Result<PreparedStatement, scylla::errors::PrepareError> {
+            let mut s = session.prepare(cql).await?;
+            s.set_consistency(config.consistency);
+            s.set_request_timeout(Some(config.request_timeout));
+            Ok(s)
+        };
+        Ok(Self {
+            load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ?")).await?,
+            row: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = ? AND key = ?")).await?,
+            put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?)")).await?,
+            delete_twin: p(format!("DELETE FROM {ks}.twin WHERE thing = ?")).await?,
+            commands: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' ORDER BY kind DESC, key DESC LIMIT ?")).await?,
+            commands_before: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' AND key < ? ORDER BY kind DESC, key DESC LIMIT ?")).await?,
+            put_change: p(format!("INSERT INTO {ks}.shadow_history (thing, shadow, version, is_delete, change) VALUES (?, ?, ?, ?, ?)")).await?,
+            trim_history: p(format!("DELETE FROM {ks}.shadow_history WHERE thing = ? AND shadow = ? AND version < ?")).await?,
+            history: p(format!("SELECT change FROM {ks}.shadow_history WHERE thing = ? AND shadow = ? ORDER BY version DESC, is_delete DESC LIMIT ?")).await?,
+            delete_history: p(format!("DELETE FROM {ks}.shadow_history WHERE thing = ? AND shadow = ?")).await?,
+            put_member: p(format!("INSERT INTO {ks}.members (partition, thing) VALUES (?, ?)")).await?,
+            delete_member: p(format!("DELETE FROM {ks}.members WHERE partition = ? AND thing = ?")).await?,
+            members: p(format!("SELECT thing FROM {ks}.members WHERE partition = ? LIMIT ?")).await?,
+            members_after: p(format!("SELECT thing FROM {ks}.members WHERE partition = ? AND thing > ? LIMIT ?")).await?,
+            put_deadline: p(format!("INSERT INTO {ks}.deadlines (partition, thing, item, at) VALUES (?, ?, ?, ?)")).await?,
+            delete_deadline: p(format!("DELETE FROM {ks}.deadlines WHERE partition = ? AND thing = ? AND item = ?")).await?,
+            delete_deadlines: p(format!("DELETE FROM {ks}.deadlines WHERE partition = ? AND thing = ?")).await?,
+            deadlines: p(format!("SELECT thing, item, at FROM {ks}.deadlines WHERE partition = ? LIMIT ?")).await?,
+            deadlines_after: p(format!("SELECT thing, item, at FROM {ks}.deadlines WHERE partition = ? AND (thing, item) > (?, ?) LIMIT ?")).await?,
+            put_command_id: p(format!("INSERT INTO {ks}.command_ids (execution_id, thing) VALUES (?, ?)")).await?,
+            command_id: p(format!("SELECT thing FROM {ks}.command_ids WHERE execution_id = ?")).await?,
+            delete_command_id: p(format!("DELETE FROM {ks}.command_ids WHERE execution_id = ?")).await?,
+            put_job: p(format!("INSERT INTO {ks}.job (job_id, definition) VALUES (?, ?)")).await?,
+            job: p(format!("SELECT definition FROM {ks}.job WHERE job_id = ?")).await?,
+            put_job_id: p(format!("INSERT INTO {ks}.job_ids (bucket, job_id) VALUES (0, ?)")).await?,
+            job_ids: p(format!("SELECT job_id FROM {ks}.job_ids WHERE bucket = 0 LIMIT ?")).await?,
+            job_ids_after: p(format!("SELECT job_id FROM {ks}.job_ids WHERE bucket = 0 AND job_id > ? LIMIT ?")).await?,
+            put_target: p(format!("INSERT INTO {ks}.job_targets (job_id, bucket, thing, status) VALUES (?, ?, ?, ?)")).await?,
+            targets: p(format!("SELECT thing, status FROM {ks}.job_targets WHERE job_id = ? AND bucket = ? LIMIT ?")).await?,
+            targets_after: p(format!("SELECT thing, status FROM {ks}.job_targets WHERE job_id = ? AND bucket = ? AND thing > ? LIMIT ?")).await?,
+        })
+    }
+}
+
+fn limit(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+#[async_trait]
+impl TwinStateStore for ScyllaStore {
+    async fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.load, (thing.as_str(),))
+            .await
+            .map_err(engine("reading a twin"))?;
+        let mut snap = TwinSnapshot::default();
+        for (k, key, value) in rows::<(String, String, String)>(result, "twin")? {
+            let at = format!("{thing}/{k}/{key}");
+            match k.as_str() {
+                kind::RECORD => snap.record = Some(decode(&at, &value)?),
+                kind::PRESENCE => snap.connectivity = decode::<Connectivity>(&at, &value)?,
+                kind::SHADOW => {
+                    let name = ShadowName::from_key(&key).map_err(|e| StoreError::Corrupt {
+                        key: at.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    snap.shadows.push((name, decode(&at, &value)?));
+                }
+                kind::COMMAND => {
+                    let c: CommandExecution = decode(&at, &value)?;
+                    if !c.status.is_terminal() {
+                        snap.pending_commands.push(c);
+                    }
+                }
+                kind::JOB => snap
+                    .job_executions
+                    .push(decode::<JobExecution>(&at, &value)?),
+                other => {
+                    tracing::warn!(%thing, kind = other, "unknown row kind in a twin's partition; skipped");
+                }
+            }
+        }
+        Ok(snap)
+    }
+
+    async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        let mut by_thing: HashMap<DeviceId, Vec<&Write>> = HashMap::new();
+        let mut jobs = Vec::new();
+        for w in &batch {
+            let thing = match w {
+                Write::Shadow { thing, .. } | Write::Connectivity { thing, .. } => thing,
+                Write::Thing(r) => &r.id,
+                Write::Command(c) => &c.thing,
+                Write::JobExecution(e) => &e.thing,
+                Write::DeleteThing(thing) => thing,
+                Write::Job(job) => {
+                    jobs.push(job.clone());
+                    continue;
+                }
+            };
+            by_thing.entry(thing.clone()).or_default().push(w);
+        }
+        // Job definitions first: the executions that follow in the batch refer to them.
+        try_join_all(jobs.iter().map(|job| async move {
+            self.exec(&self.st.put_job, (job.job_id.clone(), encode(&**job)))
+                .await?;
+            self.exec(&self.st.put_job_id, (job.job_id.clone(),)).await
+        }))
+        .await?;
+        try_join_all(
+            by_thing
+                .iter()
+                .map(|(thing, writes)| self.commit_thing(thing, writes.clone())),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        thing: &DeviceId,
+        shadow: &ShadowName,
+        limit_: usize,
+    ) -> Result<Vec<ShadowChange>, StoreError> {
+        let n = limit_.min(self.history as usize);
+        let result = self
+            .session
+            .execute_unpaged(&self.st.history, (thing.as_str(), shadow.key(), limit(n)))
+            .await
+            .map_err(engine("reading history"))?;
+        let mut out = rows::<(String,)>(result, "shadow_history")?
+            .into_iter()
+            .map(|(c,)| decode::<ShadowChange>(&format!("{thing}/{shadow}"), &c))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl RegistryStore for ScyllaStore {
+    async fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
+        match self.value_of(thing, kind::RECORD, "").await? {
+            Some(v) => Ok(Some(decode(thing.as_str(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// In (placement partition, id) order: the cursor's partition is its own.
+    async fn things(
+        &self,
+        after: Option<&DeviceId>,
+        limit_: usize,
+    ) -> Result<Vec<ThingRecord>, StoreError> {
+        let mut out = Vec::new();
+        let mut partition = after.map_or(0, DeviceId::partition);
+        let mut cursor = after.cloned();
+        while out.len() < limit_ && partition < twin_model::PARTITIONS {
+            let want = limit_ - out.len();
+            let page = self.members(partition, cursor.as_ref(), want).await?;
+            if page.len() < want {
+                partition += 1;
+                cursor = None;
+            } else {
+                cursor = page.last().cloned();
+            }
+            for thing in page {
+                // A member without its record was never acknowledged: skipped.
+                if let Some(record) = self.thing(&thing).await? {
+                    out.push(record);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl CommandStore for ScyllaStore {
+    async fn command(&self, execution_id: &str) -> Result<Option<CommandExecution>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.command_id, (execution_id,))
+            .await
+            .map_err(engine("reading a command id"))?;
+        let Some((thing,)) = rows::<(String,)>(result, "command_ids")?.into_iter().next() else {
+            return Ok(None);
+        };
+        let thing = parse_thing(&thing)?;
+        match self.value_of(&thing, kind::COMMAND, execution_id).await? {
+            Some(v) => Ok(Some(decode(execution_id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn commands(
+        &self,
+        thing: &DeviceId,
+        before: Option<&str>,
+        limit_: usize,
+    ) -> Result<Vec<CommandExecution>, StoreError> {
+        let result = match before {
+            Some(b) => {
+                self.session
+                    .execute_unpaged(&self.st.commands_before, (thing.as_str(), b, limit(limit_)))
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.st.commands, (thing.as_str(), limit(limit_)))
+                    .await
+            }
+        }
+        .map_err(engine("reading commands"))?;
+        rows::<(String,)>(result, "twin")?
+            .into_iter()
+            .map(|(v,)| decode(thing.as_str(), &v))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl JobStore for ScyllaStore {
+    async fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.job, (job_id,))
+            .await
+            .map_err(engine("reading a job"))?;
+        match rows::<(String,)>(result, "job")?.into_iter().next() {
+            Some((v,)) => Ok(Some(decode(job_id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn jobs(
+        &self,
+        after: Option<&str>,
+        limit_: usize,
+    ) -> Result<Vec<JobDefinition>, StoreError> {
+        let result = match after {
+            Some(a) => {
+                self.session
+                    .execute_unpaged(&self.st.job_ids_after, (a, limit(limit_)))
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.st.job_ids, (limit(limit_),))
+                    .await
+            }
+        }
+        .map_err(engine("listing jobs"))?;
+        let mut out = Vec::new();
+        for (id,) in rows::<(String,)>(result, "job_ids")? {
+            // A listed id whose definition is missing (a crash between the two writes) is
+            // skipped: the job was never acknowledged.
+            if let Some(job) = self.job(&id).await? {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// In (target bucket, thing) order: the cursor's bucket is its own.
+    async fn job_statuses(
+        &self,
+        job_id: &str,
+        after: Option<&DeviceId>,
+        limit_: usize,
+    ) -> Result<Vec<(DeviceId, JobStatus)>, StoreError> {
+        let mut out = Vec::new();
+        let mut bucket = after.map_or(0, job_bucket);
+        let mut cursor = after.map(DeviceId::to_string);
+        while out.len() < limit_ && bucket < i32::from(schema::JOB_BUCKETS) {
+            let want = limit(limit_ - out.len());
+            let result = match &cursor {
+                Some(c) => {
+                    self.session
+                        .execute_unpaged(&self.st.targets_after, (job_id, bucket, c.as_str(), want))
+                        .await
+                }
+                None => {
+                    self.session
+                        .execute_unpaged(&self.st.targets, (job_id, bucket, want))
+                        .await
+                }
+            }
+            .map_err(engine("reading job statuses"))?;
+            let page = rows::<(String, String)>(result, "job_targets")?;
+            let full = page.len() as i32 == want;
+            cursor = page.last().map(|(t, _)| t.clone());
+            for (thing, status) in page {
+                out.push((parse_thing(&thing)?, decode(job_id, &status)?));
+            }
+            if !full {
+                bucket += 1;
+                cursor = None;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn job_counts(&self, job_id: &str) -> Result<JobCounts, StoreError> {
+        let mut counts = JobCounts::default();
+        let mut after: Option<DeviceId> = None;
+        loop {
+            let page = self.job_statuses(job_id, after.as_ref(), 5000).await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(counts);
+            };
+            after = Some(last.clone());
+            for (_, status) in page {
+                counts.add(status);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl DeadlineIndex for ScyllaStore {
+    async fn pending_deadlines(
+        &self,
+        partition: u16,
+        after: Option<(&DeviceId, &str)>,
+        limit_: usize,
+    ) -> Result<Vec<Deadline>, StoreError> {
+        let p = i32::from(partition);
+        let result = match after {
+            Some((thing, item)) => {
+                self.session
+                    .execute_unpaged(
+                        &self.st.deadlines_after,
+                        (p, thing.as_str(), item, limit(limit_)),
+                    )
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.st.deadlines, (p, limit(limit_)))
+                    .await
+            }
+        }
+        .map_err(engine("reading deadlines"))?;
+        rows::<(String, String, i64)>(result, "deadlines")?
+            .into_iter()
+            .map(|(thing, item, at)| {
+                Ok(Deadline {
+                    thing: parse_thing(&thing)?,
+                    item,
+                    at: u64::try_from(at).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl IndexSource for ScyllaStore {
+    async fn index_page(
+        &self,
+        partition: u16,
+        after: Option<&DeviceId>,
+        limit_: usize,
+    ) -> Result<Vec<IndexedTwin>, StoreError> {
+        let things = self.members(partition, after, limit_).await?;
+        let loaded = try_join_all(things.iter().map(|t| self.load(t))).await?;
+        // A member without its record (a crash between the listing and the twin's write,
+        // or a delete half-way) was never acknowledged: it is skipped.
+        Ok(loaded
+            .into_iter()
+            .filter_map(|snap| {
+                snap.record.map(|record| IndexedTwin {
+                    record,
+                    connectivity: snap.connectivity,
+                    shadows: snap.shadows,
+                })
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl TwinStore for ScyllaStore {
+    /// Every write was acknowledged at the configured consistency: nothing to flush.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{fresh_keyspace, scylla_nodes};
+
+    crate::conformance_suite!(|history| async move {
+        let config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), history);
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        crate::conformance::Backend {
+            store: Arc::new(store),
+            keep: Box::new(()),
+        }
+    });
+
+    #[tokio::test]
+    async fn a_keyspace_of_a_newer_schema_is_refused_naming_both_versions() {
+        let config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 10);
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        store
+            .session
+            .query_unpaged(
+                format!(
+                    "UPDATE {}.schema_version SET version = ? WHERE id = 0",
+                    config.keyspace
+                ),
+                (schema::VERSION + 1,),
+            )
+            .await
+            .unwrap();
+        let err = ScyllaStore::connect(&config)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&format!("schema version {}", schema::VERSION + 1))
+                && err.contains(&format!("({})", schema::VERSION)),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_named_with_its_cause() {
+        let mut config = ScyllaConfig::single_node(vec!["127.0.0.1:1".into()], "doppel", 10);
+        config.request_timeout = Duration::from_secs(2);
+        let err = ScyllaStore::connect(&config)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("cannot reach ScyllaDB at 127.0.0.1:1"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! The ScyllaDB data model, as CQL. Every table is designed from the queries the store
+//! makes, with partitions bounded in size:
+//!
+//! | Table | Partition | Rows per partition | For |
+//! |---|---|---|---|
+//! | `twin` | a thing | its record, presence, shadows, commands, job executions (tens to a few thousand) | `load`, and every write of the twin: one partition, so a twin's batch is atomic and isolated |
+//! | `shadow_history` | a thing's shadow | at most `history` changes (older ones are deleted with each write) | `history` |
+//! | `members` | a placement partition (1,024) | about fleet size / 1,024 (10,000 for 10 million things) | the fleet index's paged source, by partition |
+//! | `deadlines` | a placement partition | the partition's pending deadlines | start-up alarms, by partition |
+//! | `command_ids` | an execution id | 1 | a command by its id alone |
+//! | `job` | a job | 1 (the definition, targets included) | `job` |
+//! | `job_ids` | one partition for all job ids | the number of jobs (ids only) | `jobs` in id order |
+//! | `job_targets` | a job and one of 64 target buckets | a job's targets / 64 (1,600 for 100,000) | statuses and counts |
+//! | `schema_version` | one row | 1 | refusing a newer schema |
+//!
+//! Values are the same JSON documents the embedded store keeps: one codec, and a record
+//! format that evolves with serde defaults, not with schema changes.
+
+/// The schema version this build creates and reads.
+pub const VERSION: i32 = 1;
+
+/// Target buckets per job: a job with 100,000 targets is 64 partitions, not one.
+pub const JOB_BUCKETS: u16 = 64;
+
+/// The statements that create the schema in `keyspace` (after the keyspace itself).
+pub fn tables(keyspace: &str) -> Vec<String> {
+    [
+        "CREATE TABLE IF NOT EXISTS {ks}.twin (thing text, kind text, key text, value text, PRIMARY KEY (thing, kind, key))",
+        "CREATE TABLE IF NOT EXISTS {ks}.shadow_history (thing text, shadow text, version bigint, is_delete boolean, change text, PRIMARY KEY ((thing, shadow), version, is_delete))",
+        "CREATE TABLE IF NOT EXISTS {ks}.members (partition int, thing text, PRIMARY KEY (partition, thing))",
+        "CREATE TABLE IF NOT EXISTS {ks}.deadlines (partition int, thing text, item text, at bigint, PRIMARY KEY (partition, thing, item))",
+        "CREATE TABLE IF NOT EXISTS {ks}.command_ids (execution_id text PRIMARY KEY, thing text)",
+        "CREATE TABLE IF NOT EXISTS {ks}.job (job_id text PRIMARY KEY, definition text)",
+        "CREATE TABLE IF NOT EXISTS {ks}.job_ids (bucket int, job_id text, PRIMARY KEY (bucket, job_id))",
+        "CREATE TABLE IF NOT EXISTS {ks}.job_targets (job_id text, bucket int, thing text, status text, PRIMARY KEY ((job_id, bucket), thing))",
+        "CREATE TABLE IF NOT EXISTS {ks}.schema_version (id int PRIMARY KEY, version int)",
+    ]
+    .iter()
+    .map(|s| s.replace("{ks}", keyspace))
+    .collect()
+}
+
+/// The keyspace, with `replication` (a CQL map, such as
+/// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`).
+pub fn keyspace(keyspace: &str, replication: &str) -> String {
+    format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}")
+}
+
+/// Whether `name` can be a keyspace name (letters, digits and `_`, at most 48).
+pub fn valid_keyspace(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 48
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// Kinds of rows in a twin's partition.
+pub mod kind {
+    pub const RECORD: &str = "record";
+    pub const PRESENCE: &str = "presence";
+    pub const SHADOW: &str = "shadow";
+    pub const COMMAND: &str = "command";
+    pub const JOB: &str = "job";
+}

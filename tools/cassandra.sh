@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# A real Apache Cassandra 5.0 node for the tests: the stand-in for ScyllaDB, which cannot
+# be installed here (same CQL protocol; the `scylla` driver's own CI runs on Cassandra).
+#
+#   tools/cassandra.sh start    # fetches cassandra-all from Maven Central once, starts the
+#                               # node on 127.0.0.1:9042, returns once it answers CQL
+#   tools/cassandra.sh stop
+#   tools/cassandra.sh status   # exit 0 when the node answers
+#
+# Java (17) and Maven are test infrastructure only; Doppel never needs them. The node's
+# data and log live in $CASSANDRA_DIR (default: $TMPDIR/doppel-cassandra).
+set -euo pipefail
+here="$(cd "$(dirname "$0")/cassandra" && pwd)"
+state="${CASSANDRA_DIR:-${TMPDIR:-/tmp}/doppel-cassandra}"
+port=9042
+
+answers() {
+  # A CQL OPTIONS frame (protocol v4); a node that answers sends a SUPPORTED frame back.
+  python3 - "$port" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
+s.sendall(bytes([4, 0, 0, 0, 5, 0, 0, 0, 0]))
+head = s.recv(9)
+sys.exit(0 if len(head) == 9 and head[4] == 6 else 1)
+PY
+}
+
+case "${1:-}" in
+start)
+  if answers; then
+    echo "cassandra: already answering on 127.0.0.1:$port"
+    exit 0
+  fi
+  if [ ! -d "$here/target/lib" ]; then
+    echo "cassandra: fetching cassandra-all and its dependencies (Maven Central)"
+    mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies -DoutputDirectory="$here/target/lib"
+  fi
+  mkdir -p "$state"
+  # JVM options after Cassandra's jvm17-server.options: the module exports and opens it
+  # needs on Java 17, G1, and a small heap for a test node.
+  java -Xms512m -Xmx512m -XX:+UseG1GC -XX:+AlwaysPreTouch -Xss256k \
+    -Djava.net.preferIPv4Stack=true -Djdk.attach.allowAttachSelf=true \
+    --add-exports java.base/jdk.internal.misc=ALL-UNNAMED \
+    --add-exports java.base/jdk.internal.ref=ALL-UNNAMED \
+    --add-exports java.base/sun.nio.ch=ALL-UNNAMED \
+    --add-exports java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED \
+    --add-exports java.rmi/sun.rmi.registry=ALL-UNNAMED \
+    --add-exports java.rmi/sun.rmi.server=ALL-UNNAMED \
+    --add-exports java.sql/java.sql=ALL-UNNAMED \
+    --add-opens java.base/java.lang.module=ALL-UNNAMED \
+    --add-opens java.base/jdk.internal.loader=ALL-UNNAMED \
+    --add-opens java.base/jdk.internal.ref=ALL-UNNAMED \
+    --add-opens java.base/jdk.internal.reflect=ALL-UNNAMED \
+    --add-opens java.base/jdk.internal.math=ALL-UNNAMED \
+    --add-opens java.base/jdk.internal.module=ALL-UNNAMED \
+    --add-opens java.base/jdk.internal.util.jar=ALL-UNNAMED \
+    --add-opens jdk.management/com.sun.management.internal=ALL-UNNAMED \
+    --add-opens java.base/sun.nio.ch=ALL-UNNAMED \
+    --add-opens java.base/java.io=ALL-UNNAMED \
+    --add-opens java.base/java.nio=ALL-UNNAMED \
+    --add-opens java.base/java.util.concurrent=ALL-UNNAMED \
+    --add-opens java.base/java.util=ALL-UNNAMED \
+    --add-opens java.base/java.util.concurrent.atomic=ALL-UNNAMED \
+    --add-opens java.base/java.lang=ALL-UNNAMED \
+    --add-opens java.base/java.math=ALL-UNNAMED \
+    --add-opens java.base/java.lang.reflect=ALL-UNNAMED \
+    --add-opens java.base/java.net=ALL-UNNAMED \
+    -Dcassandra.config="file://$here/cassandra.yaml" \
+    -Dlogback.configurationFile="$here/logback.xml" \
+    -Dcassandra.storagedir="$state" \
+    -Dcassandra-foreground=yes \
+    -Dcassandra.skip_wait_for_gossip_to_settle=0 \
+    -Dcassandra.ring_delay_ms=100 \
+    -Dcassandra.jmx.local.port=7199 \
+    -cp "$here/target/lib/*" org.apache.cassandra.service.CassandraDaemon \
+    >"$state/cassandra.log" 2>&1 &
+  echo $! >"$state/pid"
+  for _ in $(seq 1 180); do
+    if answers; then
+      echo "cassandra: answering on 127.0.0.1:$port (pid $(cat "$state/pid"), log $state/cassandra.log)"
+      exit 0
+    fi
+    if ! kill -0 "$(cat "$state/pid")" 2>/dev/null; then
+      echo "cassandra: the node exited while starting; its log ends:" >&2
+      tail -n 40 "$state/cassandra.log" >&2
+      exit 1
+    fi
+    sleep 1
+  done
+  echo "cassandra: no answer on 127.0.0.1:$port after 180 s; its log ends:" >&2
+  tail -n 40 "$state/cassandra.log" >&2
+  exit 1
+  ;;
+stop)
+  if [ -f "$state/pid" ]; then
+    pid="$(cat "$state/pid")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$state/pid"
+  fi
+  echo "cassandra: stopped"
+  ;;
+status)
+  answers
+  ;;
+*)
+  echo "usage: tools/cassandra.sh start|stop|status" >&2
+  exit 2
+  ;;
+esac
