@@ -26,6 +26,18 @@ pub const ENV_PREFIX: &str = "DOPPEL_";
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub data_dir: PathBuf,
+    pub store: StoreKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scylla_nodes: Option<String>,
+    pub scylla_keyspace: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scylla_replication: Option<String>,
+    pub scylla_consistency: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scylla_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scylla_password: Option<String>,
+    pub scylla_request_timeout_secs: u64,
     #[serde(deserialize_with = "listen_addr")]
     pub mqtt_listen: SocketAddr,
     #[serde(deserialize_with = "listen_addr")]
@@ -73,6 +85,14 @@ impl Default for Config {
         let api = ApiLimits::default();
         Self {
             data_dir: PathBuf::from("./doppel-data"),
+            store: StoreKind::Embedded,
+            scylla_nodes: None,
+            scylla_keyspace: "doppel".into(),
+            scylla_replication: None,
+            scylla_consistency: "LOCAL_QUORUM".into(),
+            scylla_username: None,
+            scylla_password: None,
+            scylla_request_timeout_secs: 10,
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             auto_register: false,
@@ -104,6 +124,40 @@ impl Default for Config {
             tls_client_ca_file: None,
         }
     }
+}
+
+/// Where twins persist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// fjall in `data_dir`.
+    Embedded,
+    /// ScyllaDB (or Apache Cassandra) at `scylla_nodes`.
+    Scylla,
+}
+
+/// The consistency levels `scylla_consistency` takes.
+pub const CONSISTENCIES: &str =
+    "ONE, TWO, THREE, QUORUM, ALL, LOCAL_QUORUM, EACH_QUORUM, LOCAL_ONE";
+
+/// Parses a consistency level by its CQL name.
+pub fn parse_consistency(text: &str) -> Result<twin_store::scylla::Consistency, String> {
+    use twin_store::scylla::Consistency as C;
+    Ok(match text.trim().to_ascii_uppercase().as_str() {
+        "ONE" => C::One,
+        "TWO" => C::Two,
+        "THREE" => C::Three,
+        "QUORUM" => C::Quorum,
+        "ALL" => C::All,
+        "LOCAL_QUORUM" => C::LocalQuorum,
+        "EACH_QUORUM" => C::EachQuorum,
+        "LOCAL_ONE" => C::LocalOne,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a consistency level; one of {CONSISTENCIES}"
+            ));
+        }
+    })
 }
 
 /// The forms a listen address may take, for error messages.
@@ -271,6 +325,10 @@ impl Config {
             ("http_idle_timeout_secs", self.http_idle_timeout_secs),
             ("http_body_timeout_secs", self.http_body_timeout_secs),
             ("http_ws_ping_secs", self.http_ws_ping_secs),
+            (
+                "scylla_request_timeout_secs",
+                self.scylla_request_timeout_secs,
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -299,10 +357,55 @@ impl Config {
         {
             bail!("setting `{name}` has no effect without `mqtt_tls_listen`");
         }
+        if let Err(e) = parse_consistency(&self.scylla_consistency) {
+            bail!("setting `scylla_consistency`: {e}");
+        }
+        if !twin_store::scylla::schema::valid_keyspace(&self.scylla_keyspace) {
+            bail!(
+                "setting `scylla_keyspace` = {:?}: letters, digits and _, at most 48, not starting with a digit",
+                self.scylla_keyspace
+            );
+        }
+        if self.store == StoreKind::Scylla && self.scylla_nodes.is_none() {
+            bail!(
+                "setting `scylla_nodes` is required with `store = \"scylla\"` (for example 10.0.0.5:9042,10.0.0.6:9042)"
+            );
+        }
+        if self.scylla_username.is_some() != self.scylla_password.is_some() {
+            bail!("settings `scylla_username` and `scylla_password` go together");
+        }
         if self.mqtt_max_packet_size > 256 * 1024 * 1024 {
             bail!("setting `mqtt_max_packet_size` is over the MQTT limit of 256 MiB");
         }
         Ok(())
+    }
+
+    /// How to reach ScyllaDB (with `store = "scylla"`).
+    pub fn scylla(&self) -> twin_store::scylla::ScyllaConfig {
+        let nodes = self
+            .scylla_nodes
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        twin_store::scylla::ScyllaConfig {
+            nodes,
+            keyspace: self.scylla_keyspace.clone(),
+            replication: self
+                .scylla_replication
+                .clone()
+                .unwrap_or_else(|| twin_store::scylla::SINGLE_REPLICA.into()),
+            consistency: parse_consistency(&self.scylla_consistency)
+                .unwrap_or(twin_store::scylla::Consistency::LocalQuorum),
+            credentials: self
+                .scylla_username
+                .clone()
+                .zip(self.scylla_password.clone()),
+            history: self.history_per_shadow,
+            request_timeout: Duration::from_secs(self.scylla_request_timeout_secs),
+        }
     }
 
     pub fn fleet(&self) -> FleetConfig {
@@ -384,7 +487,39 @@ impl Config {
 
 /// One line per setting, for `doppel config --default` (the README table says the same).
 pub const DOCS: &[(&str, &str)] = &[
-    ("data_dir", "Where the embedded store keeps its files."),
+    (
+        "data_dir",
+        "Where the embedded store keeps its files (and, with either store, the API tokens and the job-signing key).",
+    ),
+    (
+        "store",
+        "Where twins persist: embedded (fjall in data_dir) or scylla (ScyllaDB or Apache Cassandra at scylla_nodes).",
+    ),
+    (
+        "scylla_nodes",
+        "With store = scylla: host:port of one or more database nodes, comma-separated (the driver finds the others).",
+    ),
+    (
+        "scylla_keyspace",
+        "The keyspace Doppel keeps its tables in (created on first start).",
+    ),
+    (
+        "scylla_replication",
+        "The keyspace's replication when it is created, a CQL map such as {'class': 'NetworkTopologyStrategy', 'dc1': 3}; unset: one replica (development), said in the log.",
+    ),
+    (
+        "scylla_consistency",
+        "Consistency of every read and write; an update is acknowledged once written at this level (ONE, QUORUM, LOCAL_QUORUM, ...).",
+    ),
+    (
+        "scylla_username",
+        "User name for a database with password authentication (with scylla_password).",
+    ),
+    ("scylla_password", "Password of scylla_username."),
+    (
+        "scylla_request_timeout_secs",
+        "Longest wait for one database request, and for connecting at start.",
+    ),
     (
         "mqtt_listen",
         "MQTT device endpoint address: IP:PORT, HOST:PORT or :PORT for all interfaces (port 0 picks a free port).",
@@ -632,6 +767,49 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.tls_cert_file, Some(PathBuf::from("c.pem")));
+    }
+
+    #[test]
+    fn the_readme_lists_every_setting_with_its_flag_and_variable() {
+        let readme = include_str!("../README.md");
+        for (key, _) in DOCS {
+            let row = format!(
+                "| `{key}` | `--{}` | `{ENV_PREFIX}{}` |",
+                key.replace('_', "-"),
+                key.to_uppercase()
+            );
+            assert!(readme.contains(&row), "README.md has no row {row}");
+        }
+    }
+
+    #[test]
+    fn scylla_settings_are_checked_and_named() {
+        let scylla = |pairs: &[(&str, &str)]| Config::load(None, &env(pairs), Table::new());
+        let err = scylla(&[("DOPPEL_STORE", "scylla")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`scylla_nodes` is required"), "{err}");
+        let err = scylla(&[
+            ("DOPPEL_STORE", "scylla"),
+            ("DOPPEL_SCYLLA_NODES", "db:9042"),
+            ("DOPPEL_SCYLLA_CONSISTENCY", "MOSTLY"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("scylla_consistency") && err.contains("LOCAL_QUORUM"),
+            "{err}"
+        );
+        let c = scylla(&[
+            ("DOPPEL_STORE", "scylla"),
+            ("DOPPEL_SCYLLA_NODES", "a:9042, b:9042"),
+        ])
+        .unwrap();
+        assert_eq!(c.scylla().nodes, ["a:9042", "b:9042"]);
+        let err = scylla(&[("DOPPEL_STORE", "cassandra")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`store`"), "{err}");
     }
 
     #[test]

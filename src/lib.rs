@@ -17,10 +17,10 @@ use twin_actors::FleetHandle;
 use twin_gateway::{Gateway, Listener};
 use twin_graphql::{Role, Tokens};
 use twin_model::DeviceId;
-use twin_store::embedded::Engine;
+use twin_store::scylla::ScyllaStore;
 use twin_store::{Committer, EmbeddedStore, ThingRecord, TwinStore, Write, now_millis};
 
-pub use config::Config;
+pub use config::{Config, StoreKind};
 
 /// Runs the platform until `shutdown` completes, then stops cleanly: devices are told,
 /// twins finish their mailboxes, the store is flushed.
@@ -31,10 +31,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         );
     }
     raise_open_file_limit(&config);
-    let store: Arc<dyn TwinStore> = Arc::new(
-        EmbeddedStore::open(&config.data_dir, config.history_per_shadow)
-            .with_context(|| format!("cannot open data_dir {}", config.data_dir.display()))?,
-    );
+    let store = open_store(&config).await?;
     let (committer, commits) = Committer::start(store, 65_536, 8192);
     let fleet = FleetHandle::start(config.fleet(), committer).await?;
 
@@ -132,7 +129,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     commits
         .await
         .map_err(|_| anyhow::anyhow!("the commit loop panicked"))?;
-    tracing::info!("stopped; every accepted change is on disk");
+    tracing::info!("stopped; every accepted change is durable");
     Ok(())
 }
 
@@ -231,11 +228,46 @@ fn hand_over_first_admin_token(data_dir: &Path, token: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// The store `config` names: the embedded store in `data_dir` (created if missing), or
+/// ScyllaDB at `scylla_nodes` (its schema created if missing; `data_dir` is created for
+/// the API tokens and the job-signing key).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn TwinStore>> {
+    if config.store == StoreKind::Embedded && config.scylla_nodes.is_some() {
+        tracing::warn!(
+            "scylla_nodes is set but store is embedded: the embedded store is used (set store = scylla to use ScyllaDB)"
+        );
+    }
+    Ok(match config.store {
+        StoreKind::Embedded => Arc::new(
+            EmbeddedStore::open(&config.data_dir, config.history_per_shadow)
+                .with_context(|| format!("cannot open data_dir {}", config.data_dir.display()))?,
+        ),
+        StoreKind::Scylla => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+            let scylla = config.scylla();
+            let store = ScyllaStore::connect(&scylla).await.with_context(|| {
+                format!(
+                    "cannot open the ScyllaDB store (scylla_nodes {}, scylla_keyspace {})",
+                    scylla.nodes.join(","),
+                    scylla.keyspace
+                )
+            })?;
+            tracing::info!(nodes = %scylla.nodes.join(","), keyspace = %scylla.keyspace, "ScyllaDB store connected");
+            Arc::new(store)
+        }
+    })
+}
+
 /// The data directory of a command other than `serve`, which must already be one: a
 /// mistyped path must not quietly become a new, empty installation.
 pub fn existing_data_dir(config: &Config) -> anyhow::Result<&Path> {
     let dir = &config.data_dir;
-    if !dir.join("fjall").is_dir() {
+    let ready = match config.store {
+        StoreKind::Embedded => dir.join("fjall").is_dir(),
+        StoreKind::Scylla => dir.is_dir(),
+    };
+    if !ready {
         let what = if dir.exists() {
             "is not a Doppel data directory (it holds no store)"
         } else {
@@ -250,25 +282,34 @@ pub fn existing_data_dir(config: &Config) -> anyhow::Result<&Path> {
     Ok(dir)
 }
 
-/// The embedded store's blocking engine: the CLI's commands run without an async runtime.
-fn open_store(config: &Config) -> anyhow::Result<Engine> {
-    Ok(Engine::open(
-        existing_data_dir(config)?,
-        config.history_per_shadow,
-    )?)
+/// Runs a CLI command on the configured store, on a runtime of its own (the CLI has none).
+fn on_store<T>(
+    config: &Config,
+    command: impl AsyncFnOnce(Arc<dyn TwinStore>) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    existing_data_dir(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let store = open_store(config).await?;
+        command(store).await
+    })
 }
 
-/// `doppel device add`: registers a thing directly in the data directory and returns its
-/// secret. Refused while a server holds the directory.
+/// `doppel device add`: registers a thing directly in the store and returns its secret.
+/// On the embedded store, refused while a server holds the directory.
 pub fn add_device(config: &Config, id: &str) -> anyhow::Result<String> {
     let id = DeviceId::parse(id)?;
-    let store = open_store(config)?;
-    if store.thing(&id)?.is_some() {
-        anyhow::bail!("thing {id} is already registered");
-    }
-    let (record, secret) = ThingRecord::new(id, now_millis())?;
-    store.commit(&[Write::Thing(record)])?;
-    Ok(secret)
+    on_store(config, async |store| {
+        if store.thing(&id).await?.is_some() {
+            anyhow::bail!("thing {id} is already registered");
+        }
+        let (record, secret) = ThingRecord::new(id, now_millis())?;
+        store.commit(vec![Write::Thing(record)]).await?;
+        Ok(secret)
+    })
 }
 
 /// `doppel token create`: a bearer token for the GraphQL API. Works while a server runs
@@ -292,26 +333,30 @@ pub fn signing_key(config: &Config) -> anyhow::Result<String> {
 /// `doppel device disable` / `enable`: a disabled device is refused at connect.
 pub fn set_device_enabled(config: &Config, id: &str, enabled: bool) -> anyhow::Result<()> {
     let id = DeviceId::parse(id)?;
-    let store = open_store(config)?;
-    let mut record = store
-        .thing(&id)?
-        .ok_or_else(|| anyhow::anyhow!("thing {id} is not registered"))?;
-    record.enabled = enabled;
-    store.commit(&[Write::Thing(record)])?;
-    Ok(())
+    on_store(config, async |store| {
+        let mut record = store
+            .thing(&id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("thing {id} is not registered"))?;
+        record.enabled = enabled;
+        store.commit(vec![Write::Thing(record)]).await?;
+        Ok(())
+    })
 }
 
 /// `doppel device list`: every registered thing, in id order.
 pub fn list_devices(config: &Config) -> anyhow::Result<Vec<ThingRecord>> {
-    let store = open_store(config)?;
-    let mut all = Vec::new();
-    loop {
-        let page = store.things(all.last().map(|r: &ThingRecord| &r.id), 1000)?;
-        if page.is_empty() {
-            return Ok(all);
+    on_store(config, async |store| {
+        let mut all: Vec<ThingRecord> = Vec::new();
+        loop {
+            let page = store.things(all.last().map(|r| &r.id), 1000).await?;
+            if page.is_empty() {
+                all.sort_by(|a, b| a.id.cmp(&b.id));
+                return Ok(all);
+            }
+            all.extend(page);
         }
-        all.extend(page);
-    }
+    })
 }
 
 #[cfg(test)]

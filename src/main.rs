@@ -107,6 +107,38 @@ struct ServeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     source: Source,
+    /// Where twins persist: embedded (fjall in --data-dir) or scylla (ScyllaDB or Apache Cassandra at --scylla-nodes) [default: embedded] [env: DOPPEL_STORE]
+    #[arg(long, value_parser = ["embedded", "scylla"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
+    /// With --store scylla: database nodes, host:port comma-separated [env: DOPPEL_SCYLLA_NODES]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_nodes: Option<String>,
+    /// Keyspace of Doppel's tables, created on first start [default: doppel] [env: DOPPEL_SCYLLA_KEYSPACE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_keyspace: Option<String>,
+    /// Replication of a keyspace created now, a CQL map, e.g. "{'class': 'NetworkTopologyStrategy', 'dc1': 3}" [default: one replica] [env: DOPPEL_SCYLLA_REPLICATION]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_replication: Option<String>,
+    /// Consistency of every read and write (ONE, QUORUM, LOCAL_QUORUM, ...) [default: LOCAL_QUORUM] [env: DOPPEL_SCYLLA_CONSISTENCY]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_consistency: Option<String>,
+    /// User name for password authentication, with --scylla-password [env: DOPPEL_SCYLLA_USERNAME]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_username: Option<String>,
+    /// Password of --scylla-username (prefer DOPPEL_SCYLLA_PASSWORD or the config file) [env: DOPPEL_SCYLLA_PASSWORD]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_password: Option<String>,
+    /// Longest wait for one database request, and to connect at start [default: 10] [env: DOPPEL_SCYLLA_REQUEST_TIMEOUT_SECS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_request_timeout_secs: Option<u64>,
     /// MQTT device endpoint address: IP:PORT, HOST:PORT or :PORT; port 0 picks a free port [default: 0.0.0.0:1883] [env: DOPPEL_MQTT_LISTEN]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

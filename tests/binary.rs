@@ -8,8 +8,22 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 #[tokio::test]
 async fn sigkill_loses_no_accepted_version() {
+    sigkill_loses_nothing(&["--auto-register"]).await;
+}
+
+#[tokio::test]
+async fn sigkill_loses_no_accepted_version_on_scylladb() {
+    let args = common::scylla_args();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.push("--auto-register");
+    sigkill_loses_nothing(&args).await;
+}
+
+/// Kills the server (SIGKILL) in the middle of a stream of updates, then restarts it on
+/// the same store: every version acknowledged before the kill is there.
+async fn sigkill_loses_nothing(args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start(dir.path(), &["--auto-register"]).await;
+    let mut server = start(dir.path(), args).await;
     let (c, mut el) = client(&server.mqtt, "crashy", None).await;
     let topic = "$aws/things/crashy/shadow/update";
     // A stream of updates, eight in flight at a time; kill right after the 150th accepted.
@@ -46,7 +60,7 @@ async fn sigkill_loses_no_accepted_version() {
     );
     let (last_version, _) = *accepted.last().unwrap();
 
-    let server = start(dir.path(), &["--auto-register"]).await;
+    let server = start(dir.path(), args).await;
     let (c, mut el) = client(&server.mqtt, "crashy", None).await;
     c.publish("$aws/things/crashy/shadow/get", QoS::AtLeastOnce, false, "")
         .await

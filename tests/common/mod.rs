@@ -499,3 +499,16 @@ pub fn python_venv(name: &str, package: &str) -> std::path::PathBuf {
     }
     venv
 }
+
+/// The flags that put a server on a fresh keyspace of the test CQL node (see
+/// `twin_store::conformance::scylla_nodes`).
+pub fn scylla_args() -> Vec<String> {
+    vec![
+        "--store".into(),
+        "scylla".into(),
+        "--scylla-nodes".into(),
+        twin_store::conformance::scylla_nodes().join(","),
+        "--scylla-keyspace".into(),
+        twin_store::conformance::fresh_keyspace(),
+    ]
+}

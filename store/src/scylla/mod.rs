@@ -13,6 +13,11 @@
 
 pub mod schema;
 
+pub use scylla::statement::Consistency;
+
+/// The replication of a keyspace created without one: a single replica, for development.
+pub const SINGLE_REPLICA: &str = "{'class': 'SimpleStrategy', 'replication_factor': 1}";
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +26,6 @@ use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
-use scylla::statement::Consistency;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use serde::de::DeserializeOwned;
@@ -45,6 +49,8 @@ pub struct ScyllaConfig {
     pub replication: String,
     /// Consistency of every read and write; a write is acknowledged at this level.
     pub consistency: Consistency,
+    /// User name and password, for a database with password authentication.
+    pub credentials: Option<(String, String)>,
     /// Changes kept per shadow.
     pub history: u64,
     /// Longest wait for one request.
@@ -57,8 +63,9 @@ impl ScyllaConfig {
         Self {
             nodes,
             keyspace: keyspace.to_owned(),
-            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
+            replication: SINGLE_REPLICA.into(),
             consistency: Consistency::LocalQuorum,
+            credentials: None,
             history,
             request_timeout: Duration::from_secs(10),
         }
@@ -167,9 +174,16 @@ impl ScyllaStore {
             )));
         }
         let nodes = config.nodes.join(",");
-        let session = SessionBuilder::new()
+        if config.replication == SINGLE_REPLICA {
+            tracing::warn!(keyspace = %config.keyspace, "a keyspace created now keeps one replica of each row: set scylla_replication for production");
+        }
+        let mut builder = SessionBuilder::new()
             .known_nodes(&config.nodes)
-            .connection_timeout(config.request_timeout)
+            .connection_timeout(config.request_timeout);
+        if let Some((user, password)) = &config.credentials {
+            builder = builder.user(user, password);
+        }
+        let session = builder
             .build()
             .await
             .map_err(|e| StoreError::Engine(format!("cannot reach ScyllaDB at {nodes}: {e}")))?;
