@@ -8,17 +8,23 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-pub fn ops_router(ready: Arc<AtomicBool>) -> Router {
+/// `serving` is false once the server is stopping; `store` while the store cannot be
+/// reached (see `twin_store::Committer::store_reachable`).
+pub fn ops_router(serving: Arc<AtomicBool>, store: Arc<AtomicBool>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(ready)
+        .with_state((serving, store))
 }
 
-async fn readyz(State(ready): State<Arc<AtomicBool>>) -> (StatusCode, &'static str) {
-    if ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
-    } else {
+async fn readyz(
+    State((serving, store)): State<(Arc<AtomicBool>, Arc<AtomicBool>)>,
+) -> (StatusCode, &'static str) {
+    if !serving.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if !store.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
+    } else {
+        (StatusCode::OK, "ready\n")
     }
 }

@@ -33,6 +33,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     raise_open_file_limit(&config);
     let store = open_store(&config).await?;
     let (committer, commits) = Committer::start(store, 65_536, 8192);
+    let store_reachable = committer.store_reachable();
+    committer.probe(std::time::Duration::from_secs(1));
     let fleet = FleetHandle::start(config.fleet(), committer).await?;
 
     let mut listeners = vec![Listener::Plain(listen(config.mqtt_listen).with_context(
@@ -83,12 +85,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         signer,
     });
     let (stop_subscriptions, subscriptions_stopping) = tokio::sync::watch::channel(false);
-    let router = http::ops_router(ready.clone()).merge(twin_graphql::http::router(
-        schema,
-        tokens,
-        config.graphql_http(),
-        subscriptions_stopping,
-    ));
+    let router =
+        http::ops_router(ready.clone(), store_reachable).merge(twin_graphql::http::router(
+            schema,
+            tokens,
+            config.graphql_http(),
+            subscriptions_stopping,
+        ));
     let http = listen(config.http_listen)
         .with_context(|| format!("cannot listen on http_listen {}", config.http_listen))?;
     let http_addr = http.local_addr()?;

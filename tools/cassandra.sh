@@ -8,11 +8,15 @@
 #   tools/cassandra.sh status   # exit 0 when the node answers
 #
 # Java (17) and Maven are test infrastructure only; Doppel never needs them. The node's
-# data and log live in $CASSANDRA_DIR (default: $TMPDIR/doppel-cassandra).
+# data, log and configuration live in $CASSANDRA_DIR (default: $TMPDIR/doppel-cassandra).
+# A second node for a test of its own takes other ports: $CASSANDRA_PORT (CQL, 9042),
+# $CASSANDRA_STORAGE_PORT (7000) and $CASSANDRA_JMX_PORT (7199), and another directory.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/cassandra" && pwd)"
 state="${CASSANDRA_DIR:-${TMPDIR:-/tmp}/doppel-cassandra}"
-port=9042
+port="${CASSANDRA_PORT:-9042}"
+storage_port="${CASSANDRA_STORAGE_PORT:-7000}"
+jmx_port="${CASSANDRA_JMX_PORT:-7199}"
 
 answers() {
   # A CQL OPTIONS frame (protocol v4); a node that answers sends a SUPPORTED frame back.
@@ -36,6 +40,10 @@ start)
     mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies -DoutputDirectory="$here/target/lib"
   fi
   mkdir -p "$state"
+  sed -e "s/^native_transport_port: .*/native_transport_port: $port/" \
+    -e "s/^storage_port: .*/storage_port: $storage_port/" \
+    -e "s/127.0.0.1:7000/127.0.0.1:$storage_port/" \
+    "$here/cassandra.yaml" >"$state/cassandra.yaml"
   # JVM options after Cassandra's jvm17-server.options: the module exports and opens it
   # needs on Java 17, G1, and a small heap for a test node.
   java -Xms512m -Xmx512m -XX:+UseG1GC -XX:+AlwaysPreTouch -Xss256k \
@@ -65,13 +73,13 @@ start)
     --add-opens java.base/java.math=ALL-UNNAMED \
     --add-opens java.base/java.lang.reflect=ALL-UNNAMED \
     --add-opens java.base/java.net=ALL-UNNAMED \
-    -Dcassandra.config="file://$here/cassandra.yaml" \
+    -Dcassandra.config="file://$state/cassandra.yaml" \
     -Dlogback.configurationFile="$here/logback.xml" \
     -Dcassandra.storagedir="$state" \
     -Dcassandra-foreground=yes \
     -Dcassandra.skip_wait_for_gossip_to_settle=0 \
     -Dcassandra.ring_delay_ms=100 \
-    -Dcassandra.jmx.local.port=7199 \
+    -Dcassandra.jmx.local.port="$jmx_port" \
     -cp "$here/target/lib/*" org.apache.cassandra.service.CassandraDaemon \
     >"$state/cassandra.log" 2>&1 &
   echo $! >"$state/pid"

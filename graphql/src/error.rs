@@ -31,6 +31,8 @@ pub enum Code {
     Overloaded,
     Timeout,
     Internal,
+    /// The store cannot be reached; retry later.
+    Unavailable,
 }
 
 impl Code {
@@ -45,6 +47,7 @@ impl Code {
             Self::Overloaded => "OVERLOADED",
             Self::Timeout => "TIMEOUT",
             Self::Internal => "INTERNAL",
+            Self::Unavailable => "UNAVAILABLE",
         }
     }
 }
@@ -89,6 +92,7 @@ impl From<Rejection> for ApiError {
             RejectionKind::Forbidden => Code::Forbidden,
             RejectionKind::TooManyRequests => Code::Overloaded,
             RejectionKind::Internal => Code::Internal,
+            RejectionKind::Unavailable => Code::Unavailable,
         };
         Self::new(code, r.message)
     }
@@ -99,6 +103,10 @@ impl From<FleetError> for ApiError {
         match e {
             FleetError::Rejected(r) => r.into(),
             FleetError::Overloaded => Self::new(Code::Overloaded, e.to_string()),
+            FleetError::Store(ref cause) if cause.is_unavailable() => {
+                tracing::warn!(error = %e, "GraphQL request failed: the store is unavailable");
+                Self::new(Code::Unavailable, e.to_string())
+            }
             FleetError::Store(_)
             | FleetError::Timeout(_)
             | FleetError::Stopped(_)
@@ -223,6 +231,10 @@ mod tests {
             (
                 FleetError::Timeout(std::time::Duration::from_secs(10)),
                 "INTERNAL",
+            ),
+            (
+                twin_store::StoreError::Unavailable("no connection".into()).into(),
+                "UNAVAILABLE",
             ),
             (
                 FleetError::Rejected(Rejection::version_conflict()),

@@ -9,7 +9,7 @@
 //! (which in turn reject new requests once their own bounds are reached).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -39,6 +39,7 @@ pub struct Committer {
     tx: mpsc::Sender<Job>,
     stats: Arc<CommitStats>,
     store: Arc<dyn TwinStore>,
+    reachable: Arc<AtomicBool>,
 }
 
 impl Committer {
@@ -51,8 +52,53 @@ impl Committer {
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Job>(queue.max(1));
         let stats = Arc::new(CommitStats::default());
-        let task = tokio::spawn(commit_loop(rx, store.clone(), stats.clone(), max_batch));
-        (Self { tx, stats, store }, task)
+        let reachable = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(commit_loop(
+            rx,
+            store.clone(),
+            stats.clone(),
+            reachable.clone(),
+            max_batch,
+        ));
+        let committer = Self {
+            tx,
+            stats,
+            store,
+            reachable,
+        };
+        (committer, task)
+    }
+
+    /// False from a commit that found the store unavailable until a commit or a
+    /// [`probe`](Self::probe) reaches it again: what `/readyz` reports.
+    pub fn store_reachable(&self) -> Arc<AtomicBool> {
+        self.reachable.clone()
+    }
+
+    /// While the store is unreachable, tries a read every `every` and says when it answers
+    /// again (so that readiness comes back on an idle server). Runs until the committer's
+    /// last handle is gone.
+    pub fn probe(&self, every: std::time::Duration) -> JoinHandle<()> {
+        let (store, reachable, tx) = (
+            self.store.clone(),
+            self.reachable.clone(),
+            self.tx.downgrade(),
+        );
+        tokio::spawn(async move {
+            let probe = twin_model::DeviceId::parse("doppel-probe").expect("a valid id");
+            while tx.upgrade().is_some() {
+                if !reachable.load(Ordering::SeqCst) {
+                    match store.thing(&probe).await {
+                        Ok(_) => {
+                            reachable.store(true, Ordering::SeqCst);
+                            tracing::info!("the store answers again");
+                        }
+                        Err(e) => tracing::debug!(error = %e, "the store is still unavailable"),
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
     }
 
     /// Commits `writes` atomically; returns once they are durable.
@@ -81,6 +127,7 @@ async fn commit_loop(
     mut rx: mpsc::Receiver<Job>,
     store: Arc<dyn TwinStore>,
     stats: Arc<CommitStats>,
+    reachable: Arc<AtomicBool>,
     max_batch: usize,
 ) {
     let mut replies = Vec::new();
@@ -109,9 +156,19 @@ async fn commit_loop(
         }
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.writes.fetch_add(writes as u64, Ordering::Relaxed);
-        if let Err(e) = &result {
-            stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, writes, "commit failed; the changes were refused");
+        match &result {
+            Err(e) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                if e.is_unavailable() && reachable.swap(false, Ordering::SeqCst) {
+                    tracing::error!(error = %e, "the store is unavailable: changes are refused until it is back");
+                }
+                tracing::error!(error = %e, writes, "commit failed; the changes were refused");
+            }
+            Ok(()) => {
+                if !reachable.swap(true, Ordering::SeqCst) {
+                    tracing::info!("the store answers again");
+                }
+            }
         }
         for reply in replies.drain(..) {
             let _ = reply.send(result.clone());

@@ -45,6 +45,10 @@ pub enum StoreError {
     Locked { dir: String, pid: Option<u32> },
     #[error("storage engine error: {0}")]
     Engine(String),
+    /// The database cannot be reached (or did not answer in time): nothing is known to be
+    /// written; the caller may retry once it is back.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("corrupt record {key}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("the store is shutting down")]
@@ -55,6 +59,13 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (rather than refusing or failing).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
 }
 
 /// A registered device.

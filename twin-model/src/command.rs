@@ -109,7 +109,7 @@ pub fn error_code(kind: RejectionKind) -> &'static str {
         RejectionKind::TooManyRequests => "RequestThrottled",
         RejectionKind::Unauthorized | RejectionKind::Forbidden => "AccessDenied",
         RejectionKind::UnsupportedEncoding => "UnsupportedPayloadFormat",
-        RejectionKind::Internal => "InternalError",
+        RejectionKind::Internal | RejectionKind::Unavailable => "InternalError",
     }
 }
 

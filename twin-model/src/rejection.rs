@@ -16,6 +16,8 @@ pub enum RejectionKind {
     UnsupportedEncoding,
     TooManyRequests,
     Internal,
+    /// The store cannot be reached: nothing was changed; retry later.
+    Unavailable,
 }
 
 impl RejectionKind {
@@ -31,6 +33,7 @@ impl RejectionKind {
             Self::UnsupportedEncoding => 415,
             Self::TooManyRequests => 429,
             Self::Internal => 500,
+            Self::Unavailable => 503,
         }
     }
 }
@@ -49,6 +52,11 @@ impl Rejection {
             kind,
             message: message.into(),
         }
+    }
+
+    /// The store cannot be reached (503).
+    pub fn store_unavailable() -> Self {
+        Self::new(RejectionKind::Unavailable, "store unavailable")
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {

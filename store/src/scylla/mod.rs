@@ -116,8 +116,30 @@ pub struct ScyllaStore {
     consistency: Consistency,
 }
 
+/// A driver error as the store's: a statement the database refuses is an engine error
+/// (a bug); anything else (no connection, a timeout, too few replicas) means the
+/// database is unavailable, and a later retry may work.
 fn engine(context: &str) -> impl FnOnce(scylla::errors::ExecutionError) -> StoreError + '_ {
-    move |e| StoreError::Engine(format!("{context}: {e}"))
+    use scylla::errors::{DbError, ExecutionError, RequestAttemptError};
+    move |e| {
+        let refused = match &e {
+            ExecutionError::BadQuery(_) => true,
+            ExecutionError::LastAttemptError(RequestAttemptError::DbError(db, _)) => matches!(
+                db,
+                DbError::SyntaxError
+                    | DbError::Invalid
+                    | DbError::AlreadyExists { .. }
+                    | DbError::Unauthorized
+                    | DbError::ConfigError
+            ),
+            _ => false,
+        };
+        if refused {
+            StoreError::Engine(format!("{context}: {e}"))
+        } else {
+            StoreError::Unavailable(format!("{context}: {e}"))
+        }
+    }
 }
 
 fn decode<T: DeserializeOwned>(key: &str, text: &str) -> Result<T, StoreError> {
