@@ -285,6 +285,31 @@ pub fn existing_data_dir(config: &Config) -> anyhow::Result<&Path> {
     Ok(dir)
 }
 
+/// `doppel migrate --dry-run`: the CQL that creates the ScyllaDB schema.
+pub fn migration(config: &Config) -> anyhow::Result<Vec<String>> {
+    if config.store != StoreKind::Scylla {
+        anyhow::bail!(
+            "doppel migrate is for store = scylla; the embedded store brings its layout up to date itself when it is opened"
+        );
+    }
+    let scylla = config.scylla();
+    Ok(twin_store::scylla::schema::statements(
+        &scylla.keyspace,
+        &scylla.replication,
+    ))
+}
+
+/// `doppel migrate`: creates the ScyllaDB schema where it is missing, or says that the
+/// keyspace's is newer than this build knows.
+pub fn migrate(config: &Config) -> anyhow::Result<()> {
+    migration(config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(open_store(config)).map(drop)
+}
+
 /// Runs a CLI command on the configured store, on a runtime of its own (the CLI has none).
 fn on_store<T>(
     config: &Config,

@@ -50,6 +50,14 @@ enum Command {
         #[command(flatten)]
         source: Source,
     },
+    /// Create or check the ScyllaDB schema (store = scylla); with --dry-run, print its CQL
+    Migrate {
+        /// Print the CQL statements instead of running them
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        source: Source,
+    },
     /// Print the configuration
     Config {
         /// Print every setting with its default, as a TOML file
@@ -313,6 +321,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 role.as_str()
             );
             println!("{token}");
+            Ok(())
+        }
+        Command::Migrate { dry_run, source } => {
+            let config = load(source.config.clone(), &source)?;
+            if dry_run {
+                for statement in doppel::migration(&config)? {
+                    println!("{statement};");
+                }
+            } else {
+                doppel::migrate(&config)?;
+                println!(
+                    "keyspace {} has schema version {}",
+                    config.scylla_keyspace,
+                    twin_store::scylla::schema::VERSION
+                );
+            }
             Ok(())
         }
         Command::Schema => {

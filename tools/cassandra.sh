@@ -46,7 +46,7 @@ start)
     "$here/cassandra.yaml" >"$state/cassandra.yaml"
   # JVM options after Cassandra's jvm17-server.options: the module exports and opens it
   # needs on Java 17, G1, and a small heap for a test node.
-  java -Xms512m -Xmx512m -XX:+UseG1GC -XX:+AlwaysPreTouch -Xss256k \
+  java -Xms1g -Xmx1g -XX:+UseG1GC -XX:+AlwaysPreTouch -Xss256k \
     -Djava.net.preferIPv4Stack=true -Djdk.attach.allowAttachSelf=true \
     --add-exports java.base/jdk.internal.misc=ALL-UNNAMED \
     --add-exports java.base/jdk.internal.ref=ALL-UNNAMED \

@@ -55,12 +55,12 @@ async fn load_partition(
     let mut after = None;
     loop {
         let page = store.index_page(partition, after.as_ref(), PAGE).await?;
-        let Some(last) = page.last() else {
-            return Ok(());
-        };
-        after = Some(last.record.id.clone());
-        for twin in page {
+        for twin in page.twins {
             index.load(twin);
+        }
+        after = page.next;
+        if after.is_none() {
+            return Ok(());
         }
     }
 }

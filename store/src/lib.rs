@@ -128,6 +128,16 @@ pub struct IndexedTwin {
     pub shadows: Vec<(ShadowName, Shadow)>,
 }
 
+/// A page of the fleet index's source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IndexPage {
+    pub twins: Vec<IndexedTwin>,
+    /// Where the next page starts: the last thing listed, whether or not it is in `twins`
+    /// (a listed thing whose rows are corrupt, or that was never registered, is skipped
+    /// with a warning); `None` once the partition is read.
+    pub next: Option<DeviceId>,
+}
+
 /// A pending deadline: a command or job execution of `thing` (`item` names which) that
 /// times out at `at` (milliseconds) unless it ends first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,13 +265,14 @@ pub trait DeadlineIndex: Send + Sync + 'static {
 #[async_trait]
 pub trait IndexSource: Send + Sync + 'static {
     /// The registered things of `partition` with their presence and shadows, in id order,
-    /// starting after `after`.
+    /// starting after `after` (at most `limit` things listed). A thing whose rows do not
+    /// decode is reported with its key and skipped, never a failed start.
     async fn index_page(
         &self,
         partition: u16,
         after: Option<&DeviceId>,
         limit: usize,
-    ) -> Result<Vec<IndexedTwin>, StoreError>;
+    ) -> Result<IndexPage, StoreError>;
 }
 
 /// A whole backend: every part above, and a flush at shutdown. Callers that need one part
@@ -272,6 +283,35 @@ pub trait TwinStore:
 {
     /// Makes everything written so far durable (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// A listed thing as the index gets it: `None`, with a warning, when its rows are corrupt
+/// or it is not registered (never acknowledged); other errors fail the read.
+pub(crate) fn indexed(
+    thing: &DeviceId,
+    loaded: Result<TwinSnapshot, StoreError>,
+) -> Result<Option<IndexedTwin>, StoreError> {
+    match loaded {
+        Ok(TwinSnapshot {
+            record: Some(record),
+            connectivity,
+            shadows,
+            ..
+        }) => Ok(Some(IndexedTwin {
+            record,
+            connectivity,
+            shadows,
+        })),
+        Ok(_) => {
+            tracing::warn!(%thing, "listed in its partition but not registered; skipped");
+            Ok(None)
+        }
+        Err(StoreError::Corrupt { key, reason }) => {
+            tracing::warn!(%thing, key, reason, "a twin's stored rows are corrupt; it is left out of the fleet index");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl ThingRecord {

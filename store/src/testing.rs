@@ -10,7 +10,7 @@ use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{DeviceId, ShadowChange, ShadowName};
 
 use crate::{
-    CommandStore, Deadline, DeadlineIndex, IndexSource, IndexedTwin, JobCounts, JobStore,
+    CommandStore, Deadline, DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore,
     RegistryStore, StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
@@ -145,8 +145,8 @@ impl IndexSource for GatedStore {
         _: u16,
         _: Option<&DeviceId>,
         _: usize,
-    ) -> Result<Vec<IndexedTwin>, StoreError> {
-        Ok(vec![])
+    ) -> Result<IndexPage, StoreError> {
+        Ok(IndexPage::default())
     }
 }
 
@@ -281,7 +281,7 @@ impl IndexSource for CrashAfter {
         partition: u16,
         after: Option<&DeviceId>,
         limit: usize,
-    ) -> Result<Vec<IndexedTwin>, StoreError> {
+    ) -> Result<IndexPage, StoreError> {
         self.inner.index_page(partition, after, limit).await
     }
 }

@@ -15,7 +15,9 @@ use twin_model::command::CommandExecution;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{ChangeOp, DeviceId, ShadowChange, ShadowName};
 
-use crate::{Deadline, IndexedTwin, JobCounts, StoreError, ThingRecord, TwinSnapshot, Write};
+use crate::{
+    Deadline, IndexPage, JobCounts, StoreError, ThingRecord, TwinSnapshot, Write, indexed,
+};
 
 /// The on-disk layout this version writes. 2 added `members`, `deadlines` and `meta`.
 pub const LAYOUT: u32 = 2;
@@ -547,26 +549,18 @@ impl Engine {
         partition: u16,
         after: Option<&DeviceId>,
         limit: usize,
-    ) -> Result<Vec<IndexedTwin>, StoreError> {
+    ) -> Result<IndexPage, StoreError> {
         let range = partition_range(partition, after.map(member_key));
-        let mut out = Vec::new();
+        let mut page = IndexPage::default();
         for kv in self.members.range::<Vec<u8>, _>(range).take(limit) {
             let k = kv.key().map_err(engine)?;
             let thing = parse_thing(&k, &k[2..])?;
-            let snap = self.load(&thing)?;
-            let Some(record) = snap.record else {
-                return Err(StoreError::Corrupt {
-                    key: thing.to_string(),
-                    reason: "listed as a member, but not registered".into(),
-                });
-            };
-            out.push(IndexedTwin {
-                record,
-                connectivity: snap.connectivity,
-                shadows: snap.shadows,
-            });
+            page.next = Some(thing.clone());
+            if let Some(twin) = indexed(&thing, self.load(&thing))? {
+                page.twins.push(twin);
+            }
         }
-        Ok(out)
+        Ok(page)
     }
 
     pub fn pending_deadlines(
@@ -689,13 +683,14 @@ mod tests {
                 store
                     .index_page(id("t1").partition(), None, 10)
                     .unwrap()
+                    .twins
                     .is_empty()
             );
         }
         let store = Engine::open(dir.path(), 3).unwrap();
         let page = store.index_page(id("t1").partition(), None, 10).unwrap();
-        assert_eq!(page.len(), 1);
-        assert_eq!(page[0].record, record);
+        assert_eq!(page.twins.len(), 1);
+        assert_eq!(page.twins[0].record, record);
         let deadlines = store
             .pending_deadlines(id("t1").partition(), None, 10)
             .unwrap();
@@ -717,5 +712,39 @@ mod tests {
             err.to_string().contains("written by a newer doppel"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_twin_with_corrupt_rows_is_skipped_and_the_partition_still_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Engine::open(dir.path(), 3).unwrap();
+        let partition = id("t1").partition();
+        let mates: Vec<DeviceId> = (0..)
+            .map(|n| id(&format!("m{n}")))
+            .filter(|m| m.partition() == partition)
+            .take(2)
+            .collect();
+        let mut writes = vec![Write::Thing(ThingRecord::new(id("t1"), 1).unwrap().0)];
+        for m in &mates {
+            writes.push(Write::Thing(ThingRecord::new(m.clone(), 1).unwrap().0));
+        }
+        store.commit(&writes).unwrap();
+        store
+            .things
+            .insert(mates[0].as_str(), b"{not json")
+            .unwrap();
+        // One thing a page: the corrupt one's page lists no twin but goes on.
+        let (mut listed, mut after) = (Vec::new(), None);
+        loop {
+            let page = store.index_page(partition, after.as_ref(), 1).unwrap();
+            listed.extend(page.twins.into_iter().map(|t| t.record.id));
+            after = page.next;
+            if after.is_none() {
+                break;
+            }
+        }
+        let mut expected = vec![id("t1"), mates[1].clone()];
+        expected.sort();
+        assert_eq!(listed, expected);
     }
 }

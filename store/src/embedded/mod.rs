@@ -47,7 +47,7 @@ use twin_model::{DeviceId, ShadowChange, ShadowName};
 pub use engine::{Engine, LAYOUT};
 
 use crate::{
-    CommandStore, Deadline, DeadlineIndex, IndexSource, IndexedTwin, JobCounts, JobStore,
+    CommandStore, Deadline, DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore,
     RegistryStore, StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
@@ -203,7 +203,7 @@ impl IndexSource for EmbeddedStore {
         partition: u16,
         after: Option<&DeviceId>,
         limit: usize,
-    ) -> Result<Vec<IndexedTwin>, StoreError> {
+    ) -> Result<IndexPage, StoreError> {
         let after = after.cloned();
         self.blocking(move |e| e.index_page(partition, after.as_ref(), limit))
             .await
@@ -227,6 +227,7 @@ mod tests {
         crate::conformance::Backend {
             store: std::sync::Arc::new(store),
             keep: Box::new(dir),
+            cleanup: None,
         }
     });
 }

@@ -46,6 +46,18 @@ pub fn keyspace(keyspace: &str, replication: &str) -> String {
     format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}")
 }
 
+/// Every statement that creates the schema, in order, as `doppel migrate --dry-run`
+/// prints them: the keyspace, the tables, and the schema version (written only when the
+/// keyspace has none).
+pub fn statements(ks: &str, replication: &str) -> Vec<String> {
+    let mut all = vec![keyspace(ks, replication)];
+    all.extend(tables(ks));
+    all.push(format!(
+        "INSERT INTO {ks}.schema_version (id, version) VALUES (0, {VERSION}) IF NOT EXISTS"
+    ));
+    all
+}
+
 /// Whether `name` can be a keyspace name (letters, digits and `_`, at most 48).
 pub fn valid_keyspace(name: &str) -> bool {
     !name.is_empty()
