@@ -404,17 +404,17 @@ impl ScyllaStore {
         let oldest_kept =
             version.saturating_sub(i64::try_from(self.history).unwrap_or(i64::MAX) - 1);
         Box::pin(async move {
-            self.session
-                .execute_unpaged(
-                    &self.st.put_change,
-                    (&thing, &shadow, version, delete, text),
-                )
-                .await
-                .map_err(engine("writing history"))?;
-            self.session
-                .execute_unpaged(&self.st.trim_history, (&thing, &shadow, oldest_kept))
-                .await
-                .map_err(engine("trimming history"))?;
+            // The new change and the trim of the oldest touch different rows: one round trip.
+            let put = self.session.execute_unpaged(
+                &self.st.put_change,
+                (&thing, &shadow, version, delete, text),
+            );
+            let trim = self
+                .session
+                .execute_unpaged(&self.st.trim_history, (&thing, &shadow, oldest_kept));
+            let (put, trim) = futures_util::future::join(put, trim).await;
+            put.map_err(engine("writing history"))?;
+            trim.map_err(engine("trimming history"))?;
             Ok(())
         })
     }
