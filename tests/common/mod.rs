@@ -17,6 +17,7 @@ pub fn doppel(args: &[&str], dir: &Path) -> std::process::Output {
         .args(args)
         .arg("--data-dir")
         .arg(dir)
+        .env_remove("DOPPEL_SCYLLA_NODES")
         .output()
         .unwrap()
 }
@@ -123,6 +124,8 @@ async fn start_with(mut command: Command, dir: &Path, extra: &[&str]) -> Server 
         ])
         .arg(dir)
         .args(extra)
+        // The harness's CQL node is passed as a flag where a test wants it.
+        .env_remove("DOPPEL_SCYLLA_NODES")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
