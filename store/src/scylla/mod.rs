@@ -5,7 +5,7 @@
 //! The data model is in [`schema`]. A twin's own rows share one partition, so its part of
 //! a commit is one single-partition batch: atomic and isolated, as the
 //! [`TwinStateStore`] contract asks, without a logged batch. The listings kept beside it
-//! (members, deadlines, command ids, job targets, history) are written before the twin's
+//! (members, deadlines, command ids, job targets) are written before the twin's
 //! batch and removed after it, so that a crash between the two leaves an extra listing
 //! entry (which readers skip or which wakes a twin for nothing), never a missing one.
 //! Many twins' parts of one commit are written at once: the network round trip, not an
@@ -80,10 +80,8 @@ struct Statements {
     delete_twin: PreparedStatement,
     commands: PreparedStatement,
     commands_before: PreparedStatement,
-    put_change: PreparedStatement,
     trim_history: PreparedStatement,
     history: PreparedStatement,
-    delete_history: PreparedStatement,
     put_member: PreparedStatement,
     delete_member: PreparedStatement,
     members: PreparedStatement,
@@ -289,7 +287,8 @@ impl ScyllaStore {
             return Ok(());
         }
         // Listings first, then the twin's partition in one batch.
-        let mut listings = Vec::new();
+        let mut listings: Vec<Pending<'_>> = Vec::new();
+        let mut trims: Vec<Pending<'_>> = Vec::new();
         let mut rows: Vec<(String, &'static str, String, String)> = Vec::new();
         for w in pending {
             match w {
@@ -299,7 +298,18 @@ impl ScyllaStore {
                     change,
                     ..
                 } => {
-                    listings.push(self.put_change(thing, shadow, change));
+                    // The change goes into the twin's partition, in the same batch: one
+                    // write, atomic with the state it produced.
+                    let delete = matches!(change.op, ChangeOp::Delete);
+                    rows.push((
+                        thing.to_string(),
+                        kind::HISTORY,
+                        history_key(shadow, change.version, delete),
+                        encode(&**change),
+                    ));
+                    if change.version % TRIM_EVERY == 0 && change.version > self.history {
+                        trims.push(self.trim(thing, shadow, change.version));
+                    }
                     rows.push((
                         thing.to_string(),
                         kind::SHADOW,
@@ -366,10 +376,16 @@ impl ScyllaStore {
         for _ in &rows {
             batch.append_statement(self.st.put_row.clone());
         }
-        self.session
-            .batch(&batch, rows)
-            .await
-            .map_err(engine("writing a twin"))?;
+        let written = async {
+            self.session
+                .batch(&batch, rows)
+                .await
+                .map(drop)
+                .map_err(engine("writing a twin"))
+        };
+        let (written, trimmed) = futures_util::future::join(written, try_join_all(trims)).await;
+        written?;
+        trimmed?;
         Ok(())
     }
 
@@ -391,31 +407,21 @@ impl ScyllaStore {
         }
     }
 
-    fn put_change<'a>(
-        &'a self,
-        thing: &DeviceId,
-        shadow: &ShadowName,
-        change: &ShadowChange,
-    ) -> Pending<'a> {
-        let (thing, shadow) = (thing.to_string(), shadow.key().to_owned());
-        let version = i64::try_from(change.version).unwrap_or(i64::MAX);
-        let delete = matches!(change.op, ChangeOp::Delete);
-        let text = encode(change);
-        let oldest_kept =
-            version.saturating_sub(i64::try_from(self.history).unwrap_or(i64::MAX) - 1);
+    /// Deletes a shadow's changes older than the newest `history` versions (once every
+    /// `TRIM_EVERY` versions: a range delete per change would double the writes).
+    fn trim<'a>(&'a self, thing: &DeviceId, shadow: &ShadowName, version: u64) -> Pending<'a> {
+        let thing = thing.to_string();
+        let oldest_kept = version.saturating_sub(self.history - 1);
+        let (from, to) = (
+            history_key_prefix(shadow),
+            history_key(shadow, oldest_kept, false),
+        );
         Box::pin(async move {
-            // The new change and the trim of the oldest touch different rows: one round trip.
-            let put = self.session.execute_unpaged(
-                &self.st.put_change,
-                (&thing, &shadow, version, delete, text),
-            );
-            let trim = self
-                .session
-                .execute_unpaged(&self.st.trim_history, (&thing, &shadow, oldest_kept));
-            let (put, trim) = futures_util::future::join(put, trim).await;
-            put.map_err(engine("writing history"))?;
-            trim.map_err(engine("trimming history"))?;
-            Ok(())
+            self.session
+                .execute_unpaged(&self.st.trim_history, (thing, from, to))
+                .await
+                .map(drop)
+                .map_err(engine("trimming history"))
         })
     }
 
@@ -444,7 +450,6 @@ impl ScyllaStore {
     /// Removes the twin's partition first, then its listings (each job keeps the status
     /// the thing's execution ended with).
     async fn delete_thing(&self, thing: &DeviceId) -> Result<(), StoreError> {
-        let snapshot = self.load(thing).await?;
         self.session
             .execute_unpaged(&self.st.delete_twin, (thing.as_str(),))
             .await
@@ -454,12 +459,6 @@ impl ScyllaStore {
             Box::pin(self.exec(&self.st.delete_member, (partition, thing.to_string()))),
             Box::pin(self.exec(&self.st.delete_deadlines, (partition, thing.to_string()))),
         ];
-        for (shadow, _) in &snapshot.shadows {
-            listings.push(Box::pin(self.exec(
-                &self.st.delete_history,
-                (thing.to_string(), shadow.key().to_owned()),
-            )));
-        }
         let ids = self.all_command_ids(thing).await?;
         for id in ids {
             listings.push(Box::pin(self.exec(&self.st.delete_command_id, (id,))));
@@ -522,16 +521,14 @@ impl Statements {
             Ok(s)
         };
         Ok(Self {
-            load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ?")).await?,
+            load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow', 'command', 'job')")).await?,
             row: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = ? AND key = ?")).await?,
             put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?)")).await?,
             delete_twin: p(format!("DELETE FROM {ks}.twin WHERE thing = ?")).await?,
             commands: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' ORDER BY kind DESC, key DESC LIMIT ?")).await?,
             commands_before: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' AND key < ? ORDER BY kind DESC, key DESC LIMIT ?")).await?,
-            put_change: p(format!("INSERT INTO {ks}.shadow_history (thing, shadow, version, is_delete, change) VALUES (?, ?, ?, ?, ?)")).await?,
-            trim_history: p(format!("DELETE FROM {ks}.shadow_history WHERE thing = ? AND shadow = ? AND version < ?")).await?,
-            history: p(format!("SELECT change FROM {ks}.shadow_history WHERE thing = ? AND shadow = ? ORDER BY version DESC, is_delete DESC LIMIT ?")).await?,
-            delete_history: p(format!("DELETE FROM {ks}.shadow_history WHERE thing = ? AND shadow = ?")).await?,
+            trim_history: p(format!("DELETE FROM {ks}.twin WHERE thing = ? AND kind = 'history' AND key >= ? AND key < ?")).await?,
+            history: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'history' AND key >= ? AND key < ? ORDER BY kind DESC, key DESC LIMIT ?")).await?,
             put_member: p(format!("INSERT INTO {ks}.members (partition, thing) VALUES (?, ?)")).await?,
             delete_member: p(format!("DELETE FROM {ks}.members WHERE partition = ? AND thing = ?")).await?,
             members: p(format!("SELECT thing FROM {ks}.members WHERE partition = ? LIMIT ?")).await?,
@@ -554,6 +551,24 @@ impl Statements {
             targets_after: p(format!("SELECT thing, status FROM {ks}.job_targets WHERE job_id = ? AND bucket = ? AND thing > ? LIMIT ?")).await?,
         })
     }
+}
+
+/// How often (in versions) a shadow's history is trimmed to `history` changes.
+const TRIM_EVERY: u64 = 16;
+
+/// Where a shadow's changes start among its twin's rows: `{shadow}/`.
+fn history_key_prefix(shadow: &ShadowName) -> String {
+    format!("{}/", shadow.key())
+}
+
+/// Just past a shadow's changes (`0` follows `/`; shadow names hold neither).
+fn history_key_end(shadow: &ShadowName) -> String {
+    format!("{}0", shadow.key())
+}
+
+/// A change's row key, in (version, delete after update) order.
+fn history_key(shadow: &ShadowName, version: u64, delete: bool) -> String {
+    format!("{}/{version:020}{}", shadow.key(), u8::from(delete))
 }
 
 fn limit(n: usize) -> i32 {
@@ -640,10 +655,18 @@ impl TwinStateStore for ScyllaStore {
         let n = limit_.min(self.history as usize);
         let result = self
             .session
-            .execute_unpaged(&self.st.history, (thing.as_str(), shadow.key(), limit(n)))
+            .execute_unpaged(
+                &self.st.history,
+                (
+                    thing.as_str(),
+                    history_key_prefix(shadow),
+                    history_key_end(shadow),
+                    limit(n),
+                ),
+            )
             .await
             .map_err(engine("reading history"))?;
-        let mut out = rows::<(String,)>(result, "shadow_history")?
+        let mut out = rows::<(String,)>(result, "twin history")?
             .into_iter()
             .map(|(c,)| decode::<ShadowChange>(&format!("{thing}/{shadow}"), &c))
             .collect::<Result<Vec<_>, _>>()?;
@@ -986,6 +1009,44 @@ mod tests {
         let listed: Vec<&DeviceId> = page.twins.iter().map(|t| &t.record.id).collect();
         assert_eq!(listed, [&thing]);
         assert!(page.next.is_some());
+        dropped(Arc::new(store), config.keyspace).await;
+    }
+
+    #[tokio::test]
+    async fn history_rows_are_trimmed_every_few_versions() {
+        let config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 3);
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        let mut shadow = twin_model::Shadow::default();
+        for n in 0..40 {
+            let body = format!(r#"{{"state":{{"reported":{{"n":{n}}}}}}}"#);
+            let w = crate::conformance::change(&mut shadow, &body, n);
+            store.commit(vec![w]).await.unwrap();
+        }
+        let t1 = DeviceId::parse("t1").unwrap();
+        let versions: Vec<u64> = store
+            .history(&t1, &ShadowName::classic(), 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.version)
+            .collect();
+        assert_eq!(versions, [38, 39, 40]);
+        let found = store
+            .session
+            .query_unpaged(
+                format!(
+                    "SELECT key FROM {}.twin WHERE thing = 't1' AND kind = 'history'",
+                    config.keyspace
+                ),
+                (),
+            )
+            .await
+            .unwrap();
+        let kept = rows::<(String,)>(found, "twin").unwrap().len() as u64;
+        assert!(
+            kept <= 3 + TRIM_EVERY,
+            "{kept} history rows kept for a history of 3"
+        );
         dropped(Arc::new(store), config.keyspace).await;
     }
 

@@ -3,8 +3,7 @@
 //!
 //! | Table | Partition | Rows per partition | For |
 //! |---|---|---|---|
-//! | `twin` | a thing | its record, presence, shadows, commands, job executions (tens to a few thousand) | `load`, and every write of the twin: one partition, so a twin's batch is atomic and isolated |
-//! | `shadow_history` | a thing's shadow | at most `history` changes (older ones are deleted with each write) | `history` |
+//! | `twin` | a thing | its record, presence, shadows, commands, job executions, and each shadow's newest changes (`history` to `history` + 15 per shadow) | `load`, `history`, and every write of the twin: one partition, so a twin's batch (a change with its history row) is atomic and isolated |
 //! | `members` | a placement partition (1,024) | about fleet size / 1,024 (10,000 for 10 million things) | the fleet index's paged source, by partition |
 //! | `deadlines` | a placement partition | the partition's pending deadlines | start-up alarms, by partition |
 //! | `command_ids` | an execution id | 1 | a command by its id alone |
@@ -26,7 +25,6 @@ pub const JOB_BUCKETS: u16 = 64;
 pub fn tables(keyspace: &str) -> Vec<String> {
     [
         "CREATE TABLE IF NOT EXISTS {ks}.twin (thing text, kind text, key text, value text, PRIMARY KEY (thing, kind, key))",
-        "CREATE TABLE IF NOT EXISTS {ks}.shadow_history (thing text, shadow text, version bigint, is_delete boolean, change text, PRIMARY KEY ((thing, shadow), version, is_delete))",
         "CREATE TABLE IF NOT EXISTS {ks}.members (partition int, thing text, PRIMARY KEY (partition, thing))",
         "CREATE TABLE IF NOT EXISTS {ks}.deadlines (partition int, thing text, item text, at bigint, PRIMARY KEY (partition, thing, item))",
         "CREATE TABLE IF NOT EXISTS {ks}.command_ids (execution_id text PRIMARY KEY, thing text)",
@@ -73,4 +71,6 @@ pub mod kind {
     pub const SHADOW: &str = "shadow";
     pub const COMMAND: &str = "command";
     pub const JOB: &str = "job";
+    /// A shadow's change: key `{shadow}/{version:020}{0 update | 1 delete}`.
+    pub const HISTORY: &str = "history";
 }
