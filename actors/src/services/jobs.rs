@@ -339,9 +339,4 @@ impl Jobs<'_> {
             all.extend(page);
         }
     }
-
-    /// How many of a job's executions have each status.
-    pub async fn counts(self, job_id: &str) -> Result<twin_store::JobCounts, FleetError> {
-        Ok(self.0.twins.store().job_counts(job_id).await?)
-    }
 }

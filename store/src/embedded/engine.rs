@@ -254,6 +254,26 @@ impl Engine {
     }
 
     pub fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+        let mut snap = self.load_view(thing)?;
+        let mut prefix = thing.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        for kv in self.commands.prefix(&prefix) {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            let c: CommandExecution = decode(&k, &v)?;
+            if !c.status.is_terminal() {
+                snap.pending_commands.push(c);
+            }
+        }
+        for kv in self.job_execs.prefix(&prefix) {
+            let (k, v) = kv.into_inner().map_err(engine)?;
+            snap.job_executions.push(decode(&k, &v)?);
+        }
+        Ok(snap)
+    }
+
+    /// A twin's record, presence and shadows: what the fleet index needs, without its
+    /// commands and job executions.
+    fn load_view(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
         let key = thing.as_str().as_bytes();
         let record = match self.things.get(key).map_err(engine)? {
             Some(v) => Some(decode(key, &v)?),
@@ -277,25 +297,11 @@ impl Engine {
                 })?;
             shadows.push((name, decode(&k, &v)?));
         }
-        let mut pending_commands = Vec::new();
-        for kv in self.commands.prefix(&prefix) {
-            let (k, v) = kv.into_inner().map_err(engine)?;
-            let c: CommandExecution = decode(&k, &v)?;
-            if !c.status.is_terminal() {
-                pending_commands.push(c);
-            }
-        }
-        let mut job_executions = Vec::new();
-        for kv in self.job_execs.prefix(&prefix) {
-            let (k, v) = kv.into_inner().map_err(engine)?;
-            job_executions.push(decode(&k, &v)?);
-        }
         Ok(TwinSnapshot {
             record,
             connectivity,
             shadows,
-            pending_commands,
-            job_executions,
+            ..TwinSnapshot::default()
         })
     }
 
@@ -556,7 +562,7 @@ impl Engine {
             let k = kv.key().map_err(engine)?;
             let thing = parse_thing(&k, &k[2..])?;
             page.next = Some(thing.clone());
-            if let Some(twin) = indexed(&thing, self.load(&thing))? {
+            if let Some(twin) = indexed(&thing, self.load_view(&thing))? {
                 page.twins.push(twin);
             }
         }

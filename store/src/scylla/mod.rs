@@ -75,6 +75,7 @@ impl ScyllaConfig {
 /// Every statement the store runs, prepared once.
 struct Statements {
     load: PreparedStatement,
+    load_view: PreparedStatement,
     row: PreparedStatement,
     put_row: PreparedStatement,
     delete_twin: PreparedStatement,
@@ -467,6 +468,47 @@ impl ScyllaStore {
         Ok(())
     }
 
+    /// A twin's rows that `statement` selects (all of its own, or what the index needs).
+    async fn load_with(
+        &self,
+        statement: &PreparedStatement,
+        thing: &DeviceId,
+    ) -> Result<TwinSnapshot, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(statement, (thing.as_str(),))
+            .await
+            .map_err(engine("reading a twin"))?;
+        let mut snap = TwinSnapshot::default();
+        for (k, key, value) in rows::<(String, String, String)>(result, "twin")? {
+            let at = format!("{thing}/{k}/{key}");
+            match k.as_str() {
+                kind::RECORD => snap.record = Some(decode(&at, &value)?),
+                kind::PRESENCE => snap.connectivity = decode::<Connectivity>(&at, &value)?,
+                kind::SHADOW => {
+                    let name = ShadowName::from_key(&key).map_err(|e| StoreError::Corrupt {
+                        key: at.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    snap.shadows.push((name, decode(&at, &value)?));
+                }
+                kind::COMMAND => {
+                    let c: CommandExecution = decode(&at, &value)?;
+                    if !c.status.is_terminal() {
+                        snap.pending_commands.push(c);
+                    }
+                }
+                kind::JOB => snap
+                    .job_executions
+                    .push(decode::<JobExecution>(&at, &value)?),
+                other => {
+                    tracing::warn!(%thing, kind = other, "unknown row kind in a twin's partition; skipped");
+                }
+            }
+        }
+        Ok(snap)
+    }
+
     /// A page of the things listed in a placement partition, in id order.
     async fn members(
         &self,
@@ -522,6 +564,7 @@ impl Statements {
         };
         Ok(Self {
             load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow', 'command', 'job')")).await?,
+            load_view: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow')")).await?,
             row: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = ? AND key = ?")).await?,
             put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?)")).await?,
             delete_twin: p(format!("DELETE FROM {ks}.twin WHERE thing = ?")).await?,
@@ -578,39 +621,7 @@ fn limit(n: usize) -> i32 {
 #[async_trait]
 impl TwinStateStore for ScyllaStore {
     async fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.st.load, (thing.as_str(),))
-            .await
-            .map_err(engine("reading a twin"))?;
-        let mut snap = TwinSnapshot::default();
-        for (k, key, value) in rows::<(String, String, String)>(result, "twin")? {
-            let at = format!("{thing}/{k}/{key}");
-            match k.as_str() {
-                kind::RECORD => snap.record = Some(decode(&at, &value)?),
-                kind::PRESENCE => snap.connectivity = decode::<Connectivity>(&at, &value)?,
-                kind::SHADOW => {
-                    let name = ShadowName::from_key(&key).map_err(|e| StoreError::Corrupt {
-                        key: at.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    snap.shadows.push((name, decode(&at, &value)?));
-                }
-                kind::COMMAND => {
-                    let c: CommandExecution = decode(&at, &value)?;
-                    if !c.status.is_terminal() {
-                        snap.pending_commands.push(c);
-                    }
-                }
-                kind::JOB => snap
-                    .job_executions
-                    .push(decode::<JobExecution>(&at, &value)?),
-                other => {
-                    tracing::warn!(%thing, kind = other, "unknown row kind in a twin's partition; skipped");
-                }
-            }
-        }
-        Ok(snap)
+        self.load_with(&self.st.load, thing).await
     }
 
     async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError> {
@@ -902,7 +913,10 @@ impl IndexSource for ScyllaStore {
         limit_: usize,
     ) -> Result<IndexPage, StoreError> {
         let things = self.members(partition, after, limit_).await?;
-        let loaded = futures_util::future::join_all(things.iter().map(|t| self.load(t))).await;
+        let loaded = futures_util::future::join_all(
+            things.iter().map(|t| self.load_with(&self.st.load_view, t)),
+        )
+        .await;
         // A member without its record (a crash between the listing and the twin's write,
         // or a delete half-way) was never acknowledged: it is skipped, as a corrupt one.
         let mut page = IndexPage {
