@@ -14,7 +14,9 @@ const UPDATE: &str = "__typename ... on CommandExecution { executionId status de
 async fn device(addr: &str, thing: &str, secret: &str) -> (AsyncClient, EventLoop) {
     let requests = format!("$aws/commands/things/{thing}/executions/+/request/#");
     let answers = format!("$aws/commands/things/{thing}/executions/+/response/+/json");
-    client_on(addr, thing, Some(secret), &[&requests, &answers]).await
+    // The request topics last: a command waiting for the device is sent as soon as it
+    // subscribes there, and `client_on` passes over what comes before its last SUBACK.
+    client_on(addr, thing, Some(secret), &[&answers, &requests]).await
 }
 
 /// A `commandUpdated` subscriber for `thing`, live.
