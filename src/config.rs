@@ -38,6 +38,12 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scylla_password: Option<String>,
     pub scylla_request_timeout_secs: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scylla_tls_ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scylla_tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scylla_tls_key_file: Option<PathBuf>,
     #[serde(deserialize_with = "listen_addr")]
     pub mqtt_listen: SocketAddr,
     #[serde(deserialize_with = "listen_addr")]
@@ -49,6 +55,7 @@ pub struct Config {
     pub max_pending_requests: usize,
     pub max_state_bytes: usize,
     pub history_per_shadow: u64,
+    pub history_retention: String,
     pub mqtt_max_packet_size: usize,
     pub mqtt_max_inflight_requests: usize,
     pub mqtt_max_inflight_messages: u16,
@@ -93,6 +100,9 @@ impl Default for Config {
             scylla_username: None,
             scylla_password: None,
             scylla_request_timeout_secs: 10,
+            scylla_tls_ca_file: None,
+            scylla_tls_cert_file: None,
+            scylla_tls_key_file: None,
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             auto_register: false,
@@ -102,6 +112,7 @@ impl Default for Config {
             max_pending_requests: fleet.max_pending,
             max_state_bytes: Limits::default().max_state_bytes,
             history_per_shadow: 100,
+            history_retention: "30d".into(),
             mqtt_max_packet_size: gw.max_packet_size,
             mqtt_max_inflight_requests: gw.max_inflight_requests,
             mqtt_max_inflight_messages: gw.max_inflight_messages,
@@ -141,6 +152,30 @@ pub const CONSISTENCIES: &str =
     "ONE, TWO, THREE, QUORUM, ALL, LOCAL_QUORUM, EACH_QUORUM, LOCAL_ONE";
 
 /// Parses a consistency level by its CQL name.
+/// The most changes a shadow's history may keep: a history page reads them all.
+const MAX_HISTORY: u64 = 10_000;
+
+/// `30d`, `12h`, `90m`, `3600s` (at least a second), or `off` (`None`).
+pub fn parse_retention(text: &str) -> Result<Option<Duration>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let bad = || format!("{text:?} is not a duration such as 30d, 12h, 90m or 3600s, or off");
+    let unit = match text.chars().last() {
+        Some('s') => 1,
+        Some('m') => 60,
+        Some('h') => 3600,
+        Some('d') => 86_400,
+        _ => return Err(bad()),
+    };
+    let n: u64 = text[..text.len() - 1].parse().map_err(|_| bad())?;
+    match n.checked_mul(unit) {
+        Some(secs) if secs > 0 => Ok(Some(Duration::from_secs(secs))),
+        _ => Err(bad()),
+    }
+}
+
 pub fn parse_consistency(text: &str) -> Result<twin_store::scylla::Consistency, String> {
     use twin_store::scylla::Consistency as C;
     Ok(match text.trim().to_ascii_uppercase().as_str() {
@@ -335,6 +370,15 @@ impl Config {
                 bail!("setting `{name}` must be at least 1");
             }
         }
+        if self.history_per_shadow > MAX_HISTORY {
+            bail!(
+                "setting `history_per_shadow` is {}; at most {MAX_HISTORY}",
+                self.history_per_shadow
+            );
+        }
+        if let Err(e) = parse_retention(&self.history_retention) {
+            bail!("setting `history_retention`: {e}");
+        }
         if self.shards > 65_536 {
             bail!("setting `shards` is {}; at most 65536", self.shards);
         }
@@ -374,14 +418,38 @@ impl Config {
         if self.scylla_username.is_some() != self.scylla_password.is_some() {
             bail!("settings `scylla_username` and `scylla_password` go together");
         }
+        if self.scylla_tls_cert_file.is_some() != self.scylla_tls_key_file.is_some() {
+            bail!("settings `scylla_tls_cert_file` and `scylla_tls_key_file` go together");
+        }
+        if self.scylla_tls_cert_file.is_some() && self.scylla_tls_ca_file.is_none() {
+            bail!(
+                "setting `scylla_tls_cert_file` needs `scylla_tls_ca_file` (the CA that signed the database nodes' certificates)"
+            );
+        }
         if self.mqtt_max_packet_size > 256 * 1024 * 1024 {
             bail!("setting `mqtt_max_packet_size` is over the MQTT limit of 256 MiB");
         }
         Ok(())
     }
 
-    /// How to reach ScyllaDB (with `store = "scylla"`).
-    pub fn scylla(&self) -> twin_store::scylla::ScyllaConfig {
+    /// How to reach ScyllaDB (with `store = "scylla"`); reads the TLS files.
+    pub fn scylla(&self) -> anyhow::Result<twin_store::scylla::ScyllaConfig> {
+        let read = |setting: &str, path: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+            path.as_ref()
+                .map(|p| {
+                    std::fs::read(p)
+                        .with_context(|| format!("cannot read {setting} {}", p.display()))
+                })
+                .transpose()
+        };
+        let tls = match read("scylla_tls_ca_file", &self.scylla_tls_ca_file)? {
+            None => None,
+            Some(ca) => Some(twin_store::scylla::ScyllaTls {
+                ca,
+                client: read("scylla_tls_cert_file", &self.scylla_tls_cert_file)?
+                    .zip(read("scylla_tls_key_file", &self.scylla_tls_key_file)?),
+            }),
+        };
         let nodes = self
             .scylla_nodes
             .as_deref()
@@ -390,7 +458,7 @@ impl Config {
             .map(|n| n.trim().to_owned())
             .filter(|n| !n.is_empty())
             .collect();
-        twin_store::scylla::ScyllaConfig {
+        Ok(twin_store::scylla::ScyllaConfig {
             nodes,
             keyspace: self.scylla_keyspace.clone(),
             replication: self
@@ -403,9 +471,16 @@ impl Config {
                 .scylla_username
                 .clone()
                 .zip(self.scylla_password.clone()),
+            tls,
             history: self.history_per_shadow,
+            history_retention: self.retention(),
             request_timeout: Duration::from_secs(self.scylla_request_timeout_secs),
-        }
+        })
+    }
+
+    /// How long a shadow's changes are kept (`None`: no limit by age).
+    pub fn retention(&self) -> Option<Duration> {
+        parse_retention(&self.history_retention).unwrap_or_default()
     }
 
     pub fn fleet(&self) -> FleetConfig {
@@ -420,6 +495,7 @@ impl Config {
             },
             auto_register: self.auto_register,
             event_buffer: self.event_buffer,
+            history_retention: self.retention(),
             ..FleetConfig::default()
         }
     }
@@ -521,6 +597,18 @@ pub const DOCS: &[(&str, &str)] = &[
         "Longest wait for one database request, and for connecting at start.",
     ),
     (
+        "scylla_tls_ca_file",
+        "PEM CA that signed the database nodes' certificates; set, connections use TLS.",
+    ),
+    (
+        "scylla_tls_cert_file",
+        "PEM client certificate chain, for nodes that require one (with scylla_tls_key_file).",
+    ),
+    (
+        "scylla_tls_key_file",
+        "PEM private key of scylla_tls_cert_file.",
+    ),
+    (
         "mqtt_listen",
         "MQTT device endpoint address: IP:PORT, HOST:PORT or :PORT for all interfaces (port 0 picks a free port).",
     ),
@@ -551,7 +639,11 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "history_per_shadow",
-        "Changes kept in each shadow's event history.",
+        "Changes kept in each shadow's history (at most 10000).",
+    ),
+    (
+        "history_retention",
+        "How long a shadow's changes are kept: `30d`, `12h`, `90m`, `3600s`, or `off`.",
     ),
     (
         "mqtt_max_packet_size",
@@ -805,7 +897,7 @@ mod tests {
             ("DOPPEL_SCYLLA_NODES", "a:9042, b:9042"),
         ])
         .unwrap();
-        assert_eq!(c.scylla().nodes, ["a:9042", "b:9042"]);
+        assert_eq!(c.scylla().unwrap().nodes, ["a:9042", "b:9042"]);
         let err = scylla(&[("DOPPEL_STORE", "cassandra")])
             .unwrap_err()
             .to_string();

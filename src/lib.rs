@@ -18,7 +18,7 @@ use twin_gateway::{Gateway, Listener};
 use twin_graphql::{Role, Tokens};
 use twin_model::DeviceId;
 use twin_store::scylla::ScyllaStore;
-use twin_store::{Committer, EmbeddedStore, ThingRecord, TwinStore, Write, now_millis};
+use twin_store::{Committer, EmbeddedStore, ThingRecord, TokenStore, TwinStore, Write, now_millis};
 
 pub use config::{Config, StoreKind};
 
@@ -31,8 +31,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         );
     }
     raise_open_file_limit(&config);
-    let store = open_store(&config).await?;
-    let (committer, commits) = Committer::start(store, 65_536, 8192);
+    let stores = open_store(&config).await?;
+    let (committer, commits) = Committer::start(stores.twins, 65_536, 8192);
     let store_reachable = committer.store_reachable();
     committer.probe(std::time::Duration::from_secs(1));
     let fleet = FleetHandle::start(config.fleet(), committer).await?;
@@ -70,9 +70,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     }
     let ready = Arc::new(AtomicBool::new(true));
     let gateway = Gateway::start(listeners, fleet.clone(), config.gateway())?;
-    let tokens =
-        Arc::new(Tokens::open(&config.data_dir).context("cannot open the API token file")?);
-    if let Some(admin) = tokens.first_admin()? {
+    let tokens = Arc::new(open_tokens(&config, stores.tokens).await?);
+    if let Some(admin) = tokens.first_admin().await? {
         hand_over_first_admin_token(&config.data_dir, &admin)?;
     }
     let signer = Arc::new(
@@ -231,24 +230,50 @@ fn hand_over_first_admin_token(data_dir: &Path, token: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// The stores `config` names.
+pub struct Stores {
+    pub twins: Arc<dyn TwinStore>,
+    /// Where the API tokens are kept, when in the database (ScyllaDB); `None`: in
+    /// `data_dir`'s `tokens.jsonl`.
+    pub tokens: Option<Arc<dyn TokenStore>>,
+}
+
+/// The API tokens: in the database on ScyllaDB (shared by every node), in a file of
+/// `data_dir` on the embedded store.
+async fn open_tokens(
+    config: &Config,
+    in_database: Option<Arc<dyn TokenStore>>,
+) -> anyhow::Result<Tokens> {
+    Ok(match in_database {
+        Some(store) => Tokens::in_database(store)
+            .await
+            .context("cannot read the API tokens from the database")?,
+        None => Tokens::open(&config.data_dir).context("cannot open the API token file")?,
+    })
+}
+
 /// The store `config` names: the embedded store in `data_dir` (created if missing), or
 /// ScyllaDB at `scylla_nodes` (its schema created if missing; `data_dir` is created for
-/// the API tokens and the job-signing key).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn TwinStore>> {
+/// the job-signing key).
+pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
     if config.store == StoreKind::Embedded && config.scylla_nodes.is_some() {
         tracing::warn!(
             "scylla_nodes is set but store is embedded: the embedded store is used (set store = scylla to use ScyllaDB)"
         );
     }
     Ok(match config.store {
-        StoreKind::Embedded => Arc::new(
-            EmbeddedStore::open(&config.data_dir, config.history_per_shadow)
-                .with_context(|| format!("cannot open data_dir {}", config.data_dir.display()))?,
-        ),
+        StoreKind::Embedded => Stores {
+            twins: Arc::new(
+                EmbeddedStore::open(&config.data_dir, config.history_per_shadow).with_context(
+                    || format!("cannot open data_dir {}", config.data_dir.display()),
+                )?,
+            ),
+            tokens: None,
+        },
         StoreKind::Scylla => {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
-            let scylla = config.scylla();
+            let scylla = config.scylla()?;
             let store = ScyllaStore::connect(&scylla).await.with_context(|| {
                 format!(
                     "cannot open the ScyllaDB store (scylla_nodes {}, scylla_keyspace {})",
@@ -257,7 +282,11 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn TwinStore>> {
                 )
             })?;
             tracing::info!(nodes = %scylla.nodes.join(","), keyspace = %scylla.keyspace, "ScyllaDB store connected");
-            Arc::new(store)
+            let store = Arc::new(store);
+            Stores {
+                twins: store.clone(),
+                tokens: Some(store),
+            }
         }
     })
 }
@@ -292,7 +321,7 @@ pub fn migration(config: &Config) -> anyhow::Result<Vec<String>> {
             "doppel migrate is for store = scylla; the embedded store brings its layout up to date itself when it is opened"
         );
     }
-    let scylla = config.scylla();
+    let scylla = config.scylla()?;
     Ok(twin_store::scylla::schema::statements(
         &scylla.keyspace,
         &scylla.replication,
@@ -313,7 +342,7 @@ pub fn migrate(config: &Config) -> anyhow::Result<()> {
 /// Runs a CLI command on the configured store, on a runtime of its own (the CLI has none).
 fn on_store<T>(
     config: &Config,
-    command: impl AsyncFnOnce(Arc<dyn TwinStore>) -> anyhow::Result<T>,
+    command: impl AsyncFnOnce(Stores) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     existing_data_dir(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -321,8 +350,8 @@ fn on_store<T>(
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
-        let store = open_store(config).await?;
-        command(store).await
+        let stores = open_store(config).await?;
+        command(stores).await
     })
 }
 
@@ -330,7 +359,7 @@ fn on_store<T>(
 /// On the embedded store, refused while a server holds the directory.
 pub fn add_device(config: &Config, id: &str) -> anyhow::Result<String> {
     let id = DeviceId::parse(id)?;
-    on_store(config, async |store| {
+    on_store(config, async |Stores { twins: store, .. }| {
         if store.thing(&id).await?.is_some() {
             anyhow::bail!("thing {id} is already registered");
         }
@@ -340,16 +369,163 @@ pub fn add_device(config: &Config, id: &str) -> anyhow::Result<String> {
     })
 }
 
-/// `doppel token create`: a bearer token for the GraphQL API. Works while a server runs
-/// (tokens are kept apart from the store).
+/// What `doppel device import` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Imported {
+    pub registered: u64,
+    /// Already registered: left as they were (their secrets and attributes kept).
+    pub skipped: u64,
+}
+
+/// One line of `doppel device import`'s input.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportLine {
+    id: String,
+    #[serde(default)]
+    attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Things per durable commit of `doppel device import`.
+const IMPORT_BATCH: usize = 1000;
+/// Times `doppel device import` tries a batch the store did not answer in time.
+const IMPORT_TRIES: u32 = 6;
+
+/// `doppel device import`: registers the things of `input`, one JSON object per line
+/// (`{"id": "lamp-1", "attributes": {"site": "north"}}`), a thousand per durable commit,
+/// and writes each new thing's secret to `secrets` as a JSON line (`{"id": ..., "secret":
+/// ...}`), once. Things already registered are skipped. A line that is not a valid thing
+/// stops the import with its line number; the batches before it stay registered.
+pub fn import_devices(
+    config: &Config,
+    input: impl std::io::BufRead,
+    mut secrets: impl std::io::Write,
+) -> anyhow::Result<Imported> {
+    let limits = config.fleet().limits;
+    let mut lines = input.lines().enumerate();
+    on_store(config, async |Stores { twins: store, .. }| {
+        let mut done = Imported::default();
+        loop {
+            let mut batch = Vec::with_capacity(IMPORT_BATCH);
+            for (n, line) in lines.by_ref() {
+                let line = line.context("cannot read the input")?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let thing = parse_import_line(&line, &limits).with_context(|| {
+                    format!(
+                        "line {}: not imported, nor anything after it ({} registered before it)",
+                        n + 1,
+                        done.registered
+                    )
+                })?;
+                batch.push(thing);
+                if batch.len() == IMPORT_BATCH {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                return Ok(done);
+            }
+            let known =
+                futures_util::future::try_join_all(batch.iter().map(|(id, _)| store.thing(id)))
+                    .await?;
+            let mut writes = Vec::new();
+            let mut issued = Vec::new();
+            for ((id, attributes), known) in batch.into_iter().zip(known) {
+                if known.is_some() || issued.iter().any(|(i, _)| i == &id) {
+                    done.skipped += 1;
+                    continue;
+                }
+                let (mut record, secret) = ThingRecord::new(id.clone(), now_millis())?;
+                record.attributes = attributes;
+                writes.push(Write::Thing(record));
+                issued.push((id, secret));
+            }
+            // The same records again on a timeout (the writes are idempotent): a batch
+            // that was partly written must not lose the secrets of what it wrote.
+            let mut wait = std::time::Duration::from_millis(500);
+            let mut tries = 1;
+            loop {
+                match store.commit(writes.clone()).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_unavailable() && tries < IMPORT_TRIES => {
+                        tracing::warn!(error = %e, tries, "a batch of the import failed; trying it again");
+                        tokio::time::sleep(wait).await;
+                        wait *= 2;
+                        tries += 1;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "{} registered; the next {} may be registered in part, without their secrets: import them again after deleting them, or rotate their secrets",
+                            done.registered,
+                            issued.len()
+                        )));
+                    }
+                }
+            }
+            for (id, secret) in issued {
+                serde_json::to_writer(
+                    &mut secrets,
+                    &serde_json::json!({"id": id, "secret": secret}),
+                )?;
+                secrets.write_all(b"\n")?;
+                done.registered += 1;
+            }
+            secrets.flush()?;
+        }
+    })
+}
+
+fn parse_import_line(
+    line: &str,
+    limits: &twin_model::Limits,
+) -> anyhow::Result<(DeviceId, serde_json::Map<String, serde_json::Value>)> {
+    let parsed: ImportLine =
+        serde_json::from_str(line).context("expected {\"id\": \"...\", \"attributes\": {...}}")?;
+    let id = DeviceId::parse(&parsed.id)?;
+    let attributes = serde_json::Value::Object(parsed.attributes);
+    if twin_model::json::encoded_len(&attributes) > limits.max_state_bytes {
+        anyhow::bail!(
+            "the attributes of {id} are larger than {} bytes (max_state_bytes)",
+            limits.max_state_bytes
+        );
+    }
+    if twin_model::json::depth(&attributes) > limits.max_depth {
+        anyhow::bail!(
+            "the attributes of {id} nest deeper than {} levels",
+            limits.max_depth
+        );
+    }
+    let serde_json::Value::Object(attributes) = attributes else {
+        unreachable!("made from an object above")
+    };
+    Ok((id, attributes))
+}
+
+/// `doppel token create`: a bearer token for the GraphQL API, in the database on ScyllaDB
+/// or in `data_dir`'s token file. Works while servers run (they read tokens they do not
+/// know yet again).
 pub fn create_token(
     config: &Config,
     role: Role,
     ttl_ms: Option<u64>,
     note: Option<String>,
 ) -> anyhow::Result<String> {
-    let tokens = Tokens::open(existing_data_dir(config)?)?;
-    Ok(tokens.create(role, ttl_ms, note)?.0)
+    existing_data_dir(config)?;
+    match config.store {
+        StoreKind::Embedded => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let tokens = Tokens::open(&config.data_dir)?;
+            Ok(runtime.block_on(tokens.create(role, ttl_ms, note))?.0)
+        }
+        StoreKind::Scylla => on_store(config, async |stores| {
+            let tokens = open_tokens(config, stores.tokens).await?;
+            Ok(tokens.create(role, ttl_ms, note).await?.0)
+        }),
+    }
 }
 
 /// `doppel signing-key`: the public key that verifies job documents (created with the
@@ -361,7 +537,7 @@ pub fn signing_key(config: &Config) -> anyhow::Result<String> {
 /// `doppel device disable` / `enable`: a disabled device is refused at connect.
 pub fn set_device_enabled(config: &Config, id: &str, enabled: bool) -> anyhow::Result<()> {
     let id = DeviceId::parse(id)?;
-    on_store(config, async |store| {
+    on_store(config, async |Stores { twins: store, .. }| {
         let mut record = store
             .thing(&id)
             .await?
@@ -374,7 +550,7 @@ pub fn set_device_enabled(config: &Config, id: &str, enabled: bool) -> anyhow::R
 
 /// `doppel device list`: every registered thing, in id order.
 pub fn list_devices(config: &Config) -> anyhow::Result<Vec<ThingRecord>> {
-    on_store(config, async |store| {
+    on_store(config, async |Stores { twins: store, .. }| {
         let mut all: Vec<ThingRecord> = Vec::new();
         loop {
             let page = store.things(all.last().map(|r| &r.id), 1000).await?;

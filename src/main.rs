@@ -88,6 +88,12 @@ enum TokenCommand {
 enum DeviceCommand {
     /// Register a device; prints its secret (the MQTT password) once
     Add { id: String },
+    /// Register many devices from JSON lines ({"id": ..., "attributes": {...}}), a thousand
+    /// per durable commit; prints each new device's secret once, as JSON lines
+    Import {
+        /// The file to read; standard input without it
+        file: Option<PathBuf>,
+    },
     /// List registered devices
     List,
     /// Refuse a device's connections (it keeps its twin and secret)
@@ -147,6 +153,18 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     scylla_request_timeout_secs: Option<u64>,
+    /// PEM CA that signed the database nodes' certificates; set, connections use TLS [env: DOPPEL_SCYLLA_TLS_CA_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate chain, for nodes that require one [env: DOPPEL_SCYLLA_TLS_CERT_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --scylla-tls-cert-file [env: DOPPEL_SCYLLA_TLS_KEY_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scylla_tls_key_file: Option<PathBuf>,
     /// MQTT device endpoint address: IP:PORT, HOST:PORT or :PORT; port 0 picks a free port [default: 0.0.0.0:1883] [env: DOPPEL_MQTT_LISTEN]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -179,10 +197,14 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_state_bytes: Option<usize>,
-    /// Changes kept per shadow in its history [default: 100] [env: DOPPEL_HISTORY_PER_SHADOW]
+    /// Changes kept per shadow in its history, at most 10000 [default: 100] [env: DOPPEL_HISTORY_PER_SHADOW]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     history_per_shadow: Option<u64>,
+    /// How long a shadow's changes are kept: 30d, 12h, 90m, 3600s or off [default: 30d] [env: DOPPEL_HISTORY_RETENTION]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history_retention: Option<String>,
     /// Largest MQTT packet from a device, bytes [default: 131072] [env: DOPPEL_MQTT_MAX_PACKET_SIZE]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -287,6 +309,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let secret = doppel::add_device(&config, &id)?;
                     println!("registered {id}");
                     println!("secret (the device's MQTT password; shown only this once): {secret}");
+                }
+                DeviceCommand::Import { file } => {
+                    let stdout = std::io::stdout().lock();
+                    let done = match file {
+                        Some(path) => {
+                            let f = std::fs::File::open(&path).map_err(|e| {
+                                anyhow::anyhow!("cannot open {}: {e}", path.display())
+                            })?;
+                            doppel::import_devices(&config, std::io::BufReader::new(f), stdout)?
+                        }
+                        None => doppel::import_devices(&config, std::io::stdin().lock(), stdout)?,
+                    };
+                    eprintln!(
+                        "registered {} device(s); {} already registered, left as they were",
+                        done.registered, done.skipped
+                    );
                 }
                 DeviceCommand::Disable { id } => {
                     doppel::set_device_enabled(&config, &id, false)?;

@@ -149,6 +149,65 @@ async fn health_endpoints_and_the_device_registry_cli() {
     );
 }
 
+/// `doppel device import` registers a fleet from JSON lines, skips things already
+/// registered, hands out each new secret once, and stops at a bad line naming it.
+#[tokio::test]
+async fn devices_are_imported_in_bulk_from_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(start(dir.path(), &[]).await.terminate().await.success());
+    assert!(
+        common::doppel(&["device", "add", "pump-2"], dir.path())
+            .status
+            .success()
+    );
+    let input = dir.path().join("fleet.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": \"pump-1\", \"attributes\": {\"site\": \"north\"}}\n\n{\"id\": \"pump-2\"}\n{\"id\": \"pump-3\"}\n{\"id\": \"pump-1\"}\n",
+    )
+    .unwrap();
+    let out = common::doppel(&["device", "import", input.to_str().unwrap()], dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("registered 2 device(s); 2 already registered"),
+        "{stderr}"
+    );
+    let secrets: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = secrets.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["pump-1", "pump-3"]);
+
+    std::fs::write(&input, "{\"id\": \"pump-4\"}\n{\"id\": \"bad/id\"}\n").unwrap();
+    let bad = common::doppel(&["device", "import", input.to_str().unwrap()], dir.path());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("line 2: not imported, nor anything after it (0 registered before it)")
+            && stderr.contains("thing name contains '/'"),
+        "{stderr}"
+    );
+    let listing =
+        String::from_utf8(common::doppel(&["device", "list"], dir.path()).stdout).unwrap();
+    assert!(listing.contains("3 device(s)"), "{listing}");
+
+    // An imported device connects with the secret it was given.
+    let server = start(dir.path(), &[]).await;
+    let secret = secrets[0]["secret"].as_str().unwrap();
+    let (host, port) = server.mqtt.rsplit_once(':').unwrap();
+    let mut o = MqttOptions::new("pump-1", host, port.parse().unwrap());
+    o.set_credentials("pump-1", secret);
+    let (_c, mut el) = AsyncClient::new(o, 10);
+    assert!(matches!(
+        tokio::time::timeout(WAIT, el.poll()).await.unwrap(),
+        Ok(Event::Incoming(Packet::ConnAck(_)))
+    ));
+    server.terminate().await;
+}
+
 async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

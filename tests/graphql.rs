@@ -533,3 +533,166 @@ async fn a_server_with_live_subscriptions_stops_and_tells_them() {
     let (code, reason) = ws.next().await.expect_err("the socket is closed");
     assert_eq!((code, reason.as_str()), (1001, "server shutting down"));
 }
+
+#[tokio::test]
+async fn history_and_time_travel_survive_a_restart() {
+    history_and_time_travel(&[]).await;
+}
+
+#[tokio::test]
+async fn history_and_time_travel_survive_a_restart_on_scylladb() {
+    let args = common::scylla_args();
+    history_and_time_travel(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+}
+
+/// A device and an API client change a shadow; after a restart on the same store the
+/// history names each of them, and the shadow at each change's instant is the one that
+/// change produced.
+async fn history_and_time_travel(args: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), args).await;
+    let admin = server.admin_token.clone().unwrap();
+    let secret = register(&server.http, &admin, "lamp-1", json!({})).await;
+    let (device, mut el) = client(&server.mqtt, "lamp-1", Some(&secret)).await;
+    // Every update is announced on `update/accepted`, the API's too: wait for the
+    // device's own, by its client token.
+    let report = async |on: bool, el: &mut rumqttc::EventLoop| {
+        let token = format!("report-{on}");
+        let body = json!({"state": {"reported": {"on": on}}, "clientToken": token}).to_string();
+        device
+            .publish(
+                "$aws/things/lamp-1/shadow/update",
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .await
+            .unwrap();
+        while next_on(el, "/shadow/update/accepted").await["clientToken"] != token.as_str() {}
+    };
+    report(false, &mut el).await;
+    let r = graphql(
+        &server.http,
+        Some(&admin),
+        r#"mutation { updateDesired(id: "lamp-1", desired: {on: true}) { version } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(r["data"]["updateDesired"]["version"], 2, "{r}");
+    report(true, &mut el).await;
+    drop(el);
+    server.terminate().await;
+
+    let server = start(dir.path(), args).await;
+    let q = r#"{ thing(id: "lamp-1") { shadow { history { edges { node { version at operation by { kind tokenId note } } } } } } }"#;
+    let r = graphql(&server.http, Some(&admin), q, json!({}))
+        .await
+        .json();
+    let edges = r["data"]["thing"]["shadow"]["history"]["edges"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .clone();
+    let nodes: Vec<&serde_json::Value> = edges.iter().map(|e| &e["node"]).collect();
+    let kinds: Vec<(u64, &str)> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n["version"].as_u64().unwrap(),
+                n["by"]["kind"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(kinds, [(3, "DEVICE"), (2, "TOKEN"), (1, "DEVICE")]);
+    let token_id = admin.split('_').nth(1).unwrap();
+    assert_eq!(nodes[1]["by"]["tokenId"], token_id);
+    assert_eq!(nodes[1]["by"]["note"], "created at first start");
+
+    // The shadow at each change's instant: the newest change accepted by then.
+    let at_q = "query($at: DateTime) { thing(id: \"lamp-1\") { shadow(at: $at) { version desired reported } } }";
+    let state = [
+        json!({"version": 1, "desired": null, "reported": {"on": false}}),
+        json!({"version": 2, "desired": {"on": true}, "reported": {"on": false}}),
+        json!({"version": 3, "desired": {"on": true}, "reported": {"on": true}}),
+    ];
+    for node in &nodes {
+        let at = node["at"].as_str().unwrap();
+        let r = graphql(&server.http, Some(&admin), at_q, json!({"at": at}))
+            .await
+            .json();
+        let newest_by_then = nodes
+            .iter()
+            .filter(|n| n["at"].as_str().unwrap() <= at)
+            .map(|n| n["version"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        assert_eq!(
+            r["data"]["thing"]["shadow"],
+            state[newest_by_then as usize - 1],
+            "at {at}: {r}"
+        );
+    }
+    let first = nodes[2]["at"].as_str().unwrap();
+    let before = twin_model::rfc3339(twin_model::parse_rfc3339(first).unwrap() - 1);
+    let r = graphql(&server.http, Some(&admin), at_q, json!({"at": before}))
+        .await
+        .json();
+    assert_eq!(r["data"]["thing"]["shadow"], serde_json::Value::Null, "{r}");
+}
+
+/// On ScyllaDB the API tokens live in the database: a token made on one node, or by the
+/// CLI, works on another node of the same keyspace, and a node joining an existing
+/// keyspace makes no admin token of its own.
+#[tokio::test]
+async fn api_tokens_are_shared_through_scylladb() {
+    let args = common::scylla_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(dir_a.path(), &args).await;
+    let admin = a.admin_token.clone().expect("the keyspace's first start");
+    let b = start(dir_b.path(), &args).await;
+    assert_eq!(b.admin_token, None, "the keyspace already has tokens");
+    assert!(!dir_b.path().join("tokens.jsonl").exists());
+
+    let r = graphql(
+        &a.http,
+        Some(&admin),
+        r#"mutation { createToken(role: VIEWER, note: "wallboard") { token } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    let viewer = r["data"]["createToken"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The CLI takes the store's settings from the environment (or a config file).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args(["token", "create", "--role", "operator", "--data-dir"])
+        .arg(dir_b.path())
+        .env("DOPPEL_STORE", "scylla")
+        .env("DOPPEL_SCYLLA_NODES", args[3])
+        .env("DOPPEL_SCYLLA_KEYSPACE", args[5])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let operator = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("dpl_"))
+        .unwrap()
+        .to_owned();
+
+    let me = "{ thing(id: \"nobody\") { id } }";
+    for (node, token) in [(&b, &viewer), (&b, &admin), (&a, &operator)] {
+        let r = graphql(&node.http, Some(token), me, json!({})).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["data"]["thing"], serde_json::Value::Null);
+    }
+    let r = graphql(&b.http, Some("dpl_0123456789abcdef_nope"), me, json!({})).await;
+    assert_eq!(r.status, 401);
+}

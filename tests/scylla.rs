@@ -14,6 +14,8 @@ use rumqttc::QoS;
 struct Node {
     dir: PathBuf,
     port: u16,
+    /// TLS with client certificates and password logins only (`CASSANDRA_SECURE`).
+    secure: bool,
 }
 
 impl Node {
@@ -25,6 +27,7 @@ impl Node {
             .env("CASSANDRA_PORT", self.port.to_string())
             .env("CASSANDRA_STORAGE_PORT", (self.port - 2000).to_string())
             .env("CASSANDRA_JMX_PORT", (self.port - 1900).to_string())
+            .env("CASSANDRA_SECURE", if self.secure { "1" } else { "" })
             .status()
             .unwrap();
         assert!(status.success(), "tools/cassandra.sh {what} failed");
@@ -56,6 +59,7 @@ async fn losing_the_database_refuses_changes_and_service_comes_back_by_itself() 
     let node = Node {
         dir: node_dir.path().join("cassandra"),
         port: 9142,
+        secure: false,
     };
     node.run("start");
     let dir = tempfile::tempdir().unwrap();
@@ -140,4 +144,123 @@ async fn next_answer(el: &mut rumqttc::EventLoop) -> (String, serde_json::Value)
     })
     .await
     .expect("an answer to the update")
+}
+
+/// `doppel migrate` against `node` with settings from the environment: its exit status
+/// and standard error.
+fn migrate(node: &Node, data_dir: &std::path::Path, env: &[(&str, String)]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
+        .args(["migrate", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("DOPPEL_SCYLLA_NODES")
+        .env("DOPPEL_STORE", "scylla")
+        .env("DOPPEL_SCYLLA_NODES", format!("127.0.0.1:{}", node.port))
+        .env("DOPPEL_SCYLLA_KEYSPACE", "secured")
+        .env("DOPPEL_SCYLLA_REQUEST_TIMEOUT_SECS", "5")
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A database that takes only TLS with a client certificate, and password logins: Doppel
+/// connects with `scylla_tls_*` and `scylla_username` / `scylla_password`, and each
+/// missing piece is refused with the nodes and the cause.
+#[tokio::test]
+async fn a_database_behind_tls_client_certificates_and_passwords() {
+    let node_dir = tempfile::tempdir().unwrap();
+    let node = Node {
+        dir: node_dir.path().join("cassandra"),
+        port: 9342,
+        secure: true,
+    };
+    node.run("start");
+    let tls = node.dir.join("tls");
+    let file = |name: &str| tls.join(name).display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let password = ("DOPPEL_SCYLLA_PASSWORD", "cassandra".to_owned());
+    let user = ("DOPPEL_SCYLLA_USERNAME", "cassandra".to_owned());
+    let ca = ("DOPPEL_SCYLLA_TLS_CA_FILE", file("ca.pem"));
+    let cert = ("DOPPEL_SCYLLA_TLS_CERT_FILE", file("client.pem"));
+    let key = ("DOPPEL_SCYLLA_TLS_KEY_FILE", file("client.key"));
+
+    let cases = [
+        (
+            vec![user.clone(), password.clone()],
+            "no TLS",
+            "Connection reset",
+        ),
+        (
+            vec![user.clone(), password.clone(), ca.clone()],
+            "no client certificate",
+            "CertificateRequired",
+        ),
+        (
+            vec![ca.clone(), cert.clone(), key.clone()],
+            "no password",
+            "Authentication is required",
+        ),
+        (
+            vec![
+                user.clone(),
+                ("DOPPEL_SCYLLA_PASSWORD", "wrong".into()),
+                ca.clone(),
+                cert.clone(),
+                key.clone(),
+            ],
+            "a wrong password",
+            "are incorrect",
+        ),
+    ];
+    for (env, case, cause) in cases {
+        let (ok, err) = migrate(&node, dir.path(), &env);
+        assert!(!ok, "{case}: connected");
+        let error = err
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or(&err);
+        assert!(
+            error.contains(&format!("cannot reach ScyllaDB at 127.0.0.1:{}", node.port))
+                && error.contains(cause),
+            "{case}: {err}"
+        );
+    }
+    let all = [user, password, ca, cert, key];
+    let (ok, err) = migrate(&node, dir.path(), &all);
+    assert!(ok, "{err}");
+
+    // The server on the same settings: an update is accepted and read back.
+    let mut args = vec![
+        "--store".to_owned(),
+        "scylla".into(),
+        "--scylla-nodes".into(),
+        format!("127.0.0.1:{}", node.port),
+        "--scylla-keyspace".into(),
+        "secured".into(),
+        "--auto-register".into(),
+    ];
+    for (name, value) in &all {
+        let flag = name
+            .trim_start_matches("DOPPEL_")
+            .to_lowercase()
+            .replace('_', "-");
+        args.extend([format!("--{flag}"), value.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = start(dir.path(), &args).await;
+    let (c, mut el) = client(&server.mqtt, "vault-1", None).await;
+    c.publish(
+        "$aws/things/vault-1/shadow/update",
+        QoS::AtLeastOnce,
+        false,
+        r#"{"state":{"reported":{"locked":true}}}"#,
+    )
+    .await
+    .unwrap();
+    let accepted = next_on(&mut el, "/update/accepted").await;
+    assert_eq!(accepted["version"], 1);
+    server.terminate().await;
 }

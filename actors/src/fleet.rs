@@ -39,6 +39,9 @@ pub struct FleetConfig {
     pub auto_register: bool,
     pub event_buffer: usize,
     pub clock: Clock,
+    /// How long a shadow's changes stay in its history; `None`: until `history_per_shadow`
+    /// newer ones replace them.
+    pub history_retention: Option<Duration>,
 }
 
 impl Default for FleetConfig {
@@ -53,6 +56,7 @@ impl Default for FleetConfig {
             auto_register: false,
             event_buffer: 65_536,
             clock: Clock::System,
+            history_retention: None,
         }
     }
 }

@@ -69,6 +69,15 @@ impl TwinView {
         self.shadows.get(name).filter(|s| s.shadow.exists)
     }
 
+    /// A shadow as it is now, also when deleted (it keeps its version) or never written
+    /// (the default, version 0).
+    pub fn shadow_now(&self, name: &ShadowName) -> Arc<Shadow> {
+        self.shadows
+            .get(name)
+            .map(|s| s.shadow.clone())
+            .unwrap_or_default()
+    }
+
     /// The existing shadows, the classic one first, then by name.
     pub fn shadows(&self) -> impl Iterator<Item = (&ShadowName, &ShadowView)> {
         self.shadows.iter().filter(|(_, s)| s.shadow.exists)

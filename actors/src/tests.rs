@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
+use twin_model::history::Origin;
 use twin_model::{ChangeOp, DeviceId, Limits, RejectionKind, ShadowName, TwinEvent, UpdateRequest};
 use twin_store::testing::GatedStore;
 use twin_store::{Committer, EmbeddedStore, StoreError, TwinStore};
@@ -97,7 +98,12 @@ async fn updates_need_a_registered_thing_and_are_answered_in_mailbox_order() {
     let err = f
         .fleet
         .shadows()
-        .update(&id("ghost"), ShadowName::classic(), reported(1))
+        .update(
+            &id("ghost"),
+            ShadowName::classic(),
+            reported(1),
+            Origin::Device,
+        )
         .await
         .unwrap_err();
     assert_eq!(err.kind(), RejectionKind::NotFound);
@@ -106,9 +112,12 @@ async fn updates_need_a_registered_thing_and_are_answered_in_mailbox_order() {
     // Send 100 updates before awaiting any: versions follow the order of sending.
     let replies: Vec<_> = (0..100)
         .map(|i| {
-            f.fleet
-                .shadows()
-                .update(&id("t1"), ShadowName::classic(), reported(i))
+            f.fleet.shadows().update(
+                &id("t1"),
+                ShadowName::classic(),
+                reported(i),
+                Origin::Device,
+            )
         })
         .collect();
     for (i, reply) in replies.into_iter().enumerate() {
@@ -145,7 +154,12 @@ async fn least_recently_used_twins_are_passivated_and_reload_their_state() {
     for (i, t) in ["a", "b", "c"].iter().enumerate() {
         f.fleet
             .shadows()
-            .update(&id(t), ShadowName::classic(), reported(i as i64))
+            .update(
+                &id(t),
+                ShadowName::classic(),
+                reported(i as i64),
+                Origin::Device,
+            )
             .await
             .unwrap();
     }
@@ -155,7 +169,7 @@ async fn least_recently_used_twins_are_passivated_and_reload_their_state() {
     let change = f
         .fleet
         .shadows()
-        .update(&id("a"), ShadowName::classic(), reported(7))
+        .update(&id("a"), ShadowName::classic(), reported(7), Origin::Device)
         .await
         .unwrap();
     assert_eq!(change.version, 2);
@@ -175,7 +189,7 @@ async fn idle_twins_are_passivated() {
     registered(&f.fleet, &["x", "y"]).await;
     f.fleet
         .shadows()
-        .update(&id("x"), ShadowName::classic(), reported(5))
+        .update(&id("x"), ShadowName::classic(), reported(5), Origin::Device)
         .await
         .unwrap();
     assert_eq!(f.fleet.resident_twins().await, 2);
@@ -200,7 +214,7 @@ async fn a_twin_that_panics_restarts_from_its_persisted_state() {
     registered(&f.fleet, &["p"]).await;
     f.fleet
         .shadows()
-        .update(&id("p"), ShadowName::classic(), reported(3))
+        .update(&id("p"), ShadowName::classic(), reported(3), Origin::Device)
         .await
         .unwrap();
     // An undelivered command that expires in a minute: its timer lives in the twin.
@@ -232,7 +246,7 @@ async fn a_twin_that_panics_restarts_from_its_persisted_state() {
     let change = f
         .fleet
         .shadows()
-        .update(&id("p"), ShadowName::classic(), reported(4))
+        .update(&id("p"), ShadowName::classic(), reported(4), Origin::Device)
         .await
         .unwrap();
     assert_eq!(change.version, 2);
@@ -257,11 +271,12 @@ async fn a_twin_answers_only_once_its_change_is_durable() {
         .await
         .unwrap();
     let mut events = fleet.queries().subscribe();
-    let update = tokio::spawn(
-        fleet
-            .shadows()
-            .update(&id("d"), ShadowName::classic(), reported(1)),
-    );
+    let update = tokio::spawn(fleet.shadows().update(
+        &id("d"),
+        ShadowName::classic(),
+        reported(1),
+        Origin::Device,
+    ));
     // The change is at the store, which holds it: no answer, no event yet.
     tokio::time::timeout(Duration::from_secs(10), store.arrived.notified())
         .await
@@ -294,7 +309,7 @@ async fn a_change_whose_commit_fails_is_refused_and_changes_nothing() {
     store.fail.store(true, Ordering::SeqCst);
     let refused = fleet
         .shadows()
-        .update(&id("f"), ShadowName::classic(), reported(1))
+        .update(&id("f"), ShadowName::classic(), reported(1), Origin::Device)
         .await
         .unwrap_err();
     // The store's own error comes through as the cause, not as flattened text.
@@ -318,7 +333,7 @@ async fn a_change_whose_commit_fails_is_refused_and_changes_nothing() {
     store.fail.store(false, Ordering::SeqCst);
     let change = fleet
         .shadows()
-        .update(&id("f"), ShadowName::classic(), reported(2))
+        .update(&id("f"), ShadowName::classic(), reported(2), Origin::Device)
         .await
         .unwrap();
     assert_eq!(change.version, 1);
@@ -337,15 +352,17 @@ async fn overload_is_refused_at_once_not_queued() {
     )
     .await
     .unwrap();
-    let first = fleet
-        .shadows()
-        .update(&id("o"), ShadowName::classic(), reported(1));
-    let second = fleet
-        .shadows()
-        .update(&id("o"), ShadowName::classic(), reported(2));
+    let first =
+        fleet
+            .shadows()
+            .update(&id("o"), ShadowName::classic(), reported(1), Origin::Device);
+    let second =
+        fleet
+            .shadows()
+            .update(&id("o"), ShadowName::classic(), reported(2), Origin::Device);
     let third = fleet
         .shadows()
-        .update(&id("o"), ShadowName::classic(), reported(3))
+        .update(&id("o"), ShadowName::classic(), reported(3), Origin::Device)
         .await;
     assert!(matches!(third.unwrap_err(), FleetError::Overloaded));
     assert_eq!(FleetError::Overloaded.to_rejection().code(), 429);
@@ -356,7 +373,7 @@ async fn overload_is_refused_at_once_not_queued() {
     assert_eq!(
         fleet
             .shadows()
-            .update(&id("o"), ShadowName::classic(), reported(4))
+            .update(&id("o"), ShadowName::classic(), reported(4), Origin::Device)
             .await
             .unwrap()
             .version,
@@ -430,7 +447,7 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
         .disconnected(&thing, first.session, "session taken over");
     f.fleet
         .shadows()
-        .update(&thing, ShadowName::classic(), reported(1))
+        .update(&thing, ShadowName::classic(), reported(1), Origin::Device)
         .await
         .unwrap();
     assert!(
@@ -447,7 +464,7 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
         .disconnected(&thing, second.session, "keep-alive timeout");
     f.fleet
         .shadows()
-        .update(&thing, ShadowName::classic(), reported(2))
+        .update(&thing, ShadowName::classic(), reported(2), Origin::Device)
         .await
         .unwrap();
     let presence = f.fleet.store().load(&thing).await.unwrap().connectivity;

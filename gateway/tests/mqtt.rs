@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use twin_actors::FleetConfig;
 use twin_gateway::GatewayConfig;
+use twin_model::history::Origin;
 use twin_model::{DeviceId, Limits, ShadowName, TwinEvent, UpdateRequest};
 
 async fn device(s: &Server, proto: Proto, id: &str) -> Device {
@@ -116,7 +117,7 @@ async fn desired_state_set_by_the_platform_reaches_the_device_as_a_delta() {
             .unwrap();
         s.fleet
             .shadows()
-            .update(&id(&name), ShadowName::classic(), req)
+            .update(&id(&name), ShadowName::classic(), req, Origin::Device)
             .await
             .unwrap();
         let (topic, delta) = d.message().await;
@@ -415,7 +416,7 @@ async fn a_persistent_session_gets_what_was_sent_while_it_was_away() {
         .unwrap();
         s.fleet
             .shadows()
-            .update(&id(&name), ShadowName::classic(), req)
+            .update(&id(&name), ShadowName::classic(), req, Origin::Device)
             .await
             .unwrap();
 

@@ -2,11 +2,12 @@
 //!
 //! Tokens are opaque API keys, `dpl_<id>_<secret>`, not JWTs: the server keeps the
 //! SHA-256 of each secret (never the token), so a token can be listed and revoked, and
-//! nothing but the server can check one. They live in `tokens.jsonl` in the data
-//! directory, one JSON record per line, appended under a file lock; `doppel token
-//! create` therefore works while the server runs (the server rereads the file when it
-//! sees an id it does not know). The secret is 256 random bits, so a fast hash is the
-//! right one (as for device secrets).
+//! nothing but the server can check one. With the embedded store they live in
+//! `tokens.jsonl` in the data directory, one JSON record per line, appended under a file
+//! lock; with ScyllaDB in the database ([`TokenStore`]), where every node finds them.
+//! `doppel token create` therefore works while servers run: a server reads the tokens
+//! again when it sees an id it does not know (the database at most once a second). The
+//! secret is 256 random bits, so a fast hash is the right one (as for device secrets).
 //!
 //! Roles grow: `viewer` reads and subscribes, `operator` also steers (desired state, and
 //! later commands and jobs), `admin` also runs the registry and creates tokens.
@@ -15,12 +16,13 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::time::SystemTime;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_graphql::{Context, Object, SimpleObject};
 use serde::{Deserialize, Serialize};
-use twin_store::{now_millis, secret};
+use twin_model::history::Origin;
+use twin_store::{TokenStore, now_millis, secret};
 
 use crate::error::{ApiError, Code};
 use crate::schema::{DateTime, RoleGuard, api};
@@ -70,13 +72,31 @@ impl std::str::FromStr for Role {
     }
 }
 
-/// Who is calling: the role of a valid token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who is calling: a valid token's id, role and note.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub role: Role,
+    pub token_id: String,
+    pub note: Option<String>,
 }
 
 impl Principal {
+    pub fn new(role: Role, token_id: impl Into<String>, note: Option<String>) -> Self {
+        Self {
+            role,
+            token_id: token_id.into(),
+            note,
+        }
+    }
+
+    /// What a shadow's history records as the author of this caller's changes.
+    pub fn origin(&self) -> Origin {
+        Origin::Token {
+            id: self.token_id.clone(),
+            note: self.note.clone(),
+        }
+    }
+
     /// `Ok` when the caller has at least `role`.
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
         if self.role >= role {
@@ -125,72 +145,132 @@ pub enum TokenError {
     },
     #[error("cannot make a random token: {0}")]
     Random(String),
+    #[error("the token store: {0}")]
+    Store(#[source] twin_store::StoreError),
 }
 
-/// The token file and an in-memory copy of it.
+/// Where tokens are kept: a file of the data directory (the embedded store), or the
+/// database (ScyllaDB), where every node of a cluster finds them.
+enum Source {
+    File(PathBuf),
+    Database(Arc<dyn TokenStore>),
+}
+
+/// The tokens, and an in-memory copy of them that every request reads.
 pub struct Tokens {
-    path: PathBuf,
+    source: Source,
     cache: RwLock<Cache>,
+    /// When the copy was last read from the database; held while reading it, so that
+    /// unknown ids cause at most one read per [`RELOAD_EVERY`], whoever sends them.
+    reloaded: tokio::sync::Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
 struct Cache {
+    /// The file's modification time when read (file source only).
     modified: Option<SystemTime>,
     by_id: HashMap<String, TokenRecord>,
 }
 
 const PREFIX: &str = "dpl_";
 
+/// The most often the database's tokens are read again for an id not in the copy.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
 impl Tokens {
-    /// The token file of a data directory (created on first use).
+    /// The token file of a data directory, `tokens.jsonl` (created on first use).
     pub fn open(data_dir: &Path) -> Result<Self, TokenError> {
-        let tokens = Self {
-            path: data_dir.join("tokens.jsonl"),
-            cache: RwLock::default(),
-        };
-        tokens.reload()?;
+        let tokens = Self::with(Source::File(data_dir.join("tokens.jsonl")));
+        tokens.reload_file()?;
         Ok(tokens)
     }
 
-    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> TokenError + '_ {
-        move |source| TokenError::Io {
-            what,
-            path: self.path.display().to_string(),
+    /// Tokens kept in the database.
+    pub async fn in_database(store: Arc<dyn TokenStore>) -> Result<Self, TokenError> {
+        let tokens = Self::with(Source::Database(store));
+        tokens.reload_database().await?;
+        Ok(tokens)
+    }
+
+    fn with(source: Source) -> Self {
+        Self {
             source,
+            cache: RwLock::default(),
+            reloaded: tokio::sync::Mutex::new(None),
         }
     }
 
-    fn modified(&self) -> Option<SystemTime> {
-        std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok()
+    fn file_io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> TokenError {
+        let path = path.display().to_string();
+        move |source| TokenError::Io { what, path, source }
     }
 
-    fn reload(&self) -> Result<(), TokenError> {
-        let modified = self.modified();
+    fn modified(path: &Path) -> Option<SystemTime> {
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
+
+    fn replace(&self, cache: Cache) {
+        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = cache;
+    }
+
+    fn cached(&self, id: &str) -> Option<TokenRecord> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        cache.by_id.get(id).cloned()
+    }
+
+    fn reload_file(&self) -> Result<(), TokenError> {
+        let Source::File(path) = &self.source else {
+            return Ok(());
+        };
+        let modified = Self::modified(path);
         let mut by_id = HashMap::new();
         if modified.is_some() {
-            let file = std::fs::File::open(&self.path).map_err(self.io("read"))?;
+            let file = std::fs::File::open(path).map_err(Self::file_io(path, "read"))?;
             for (i, line) in BufReader::new(file).lines().enumerate() {
-                let line = line.map_err(self.io("read"))?;
+                let line = line.map_err(Self::file_io(path, "read"))?;
                 if line.trim().is_empty() {
                     continue;
                 }
                 let record: TokenRecord =
                     serde_json::from_str(&line).map_err(|e| TokenError::Corrupt {
-                        path: self.path.display().to_string(),
+                        path: path.display().to_string(),
                         line: i + 1,
                         reason: e.to_string(),
                     })?;
                 by_id.insert(record.id.clone(), record);
             }
         }
-        *self.cache.write().unwrap_or_else(|e| e.into_inner()) = Cache { modified, by_id };
+        self.replace(Cache { modified, by_id });
+        Ok(())
+    }
+
+    async fn reload_database(&self) -> Result<(), TokenError> {
+        let Source::Database(store) = &self.source else {
+            return Ok(());
+        };
+        let mut by_id = HashMap::new();
+        for (id, record) in store.tokens().await.map_err(TokenError::Store)? {
+            match serde_json::from_str::<TokenRecord>(&record) {
+                Ok(r) if r.id == id => {
+                    by_id.insert(id, r);
+                }
+                Ok(_) => {
+                    tracing::warn!(id = %id.escape_debug(), "an API token record names another id: skipped")
+                }
+                Err(e) => {
+                    tracing::warn!(id = %id.escape_debug(), error = %e, "an API token record is not readable: skipped")
+                }
+            }
+        }
+        self.replace(Cache {
+            modified: None,
+            by_id,
+        });
         Ok(())
     }
 
     /// Issues a token; the answer is the token itself, shown once.
-    pub fn create(
+    pub async fn create(
         &self,
         role: Role,
         ttl_ms: Option<u64>,
@@ -209,49 +289,84 @@ impl Tokens {
             expires_at: ttl_ms.map(|t| now.saturating_add(t)),
             note,
         };
-        let mut options = OpenOptions::new();
-        options.create(true).append(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&self.path).map_err(self.io("write"))?;
-        file.lock().map_err(self.io("lock"))?;
-        let mut line = serde_json::to_string(&record).expect("a token record serializes");
-        line.push('\n');
-        file.write_all(line.as_bytes()).map_err(self.io("write"))?;
-        file.sync_all().map_err(self.io("write"))?;
-        self.reload()?;
+        let line = serde_json::to_string(&record).expect("a token record serializes");
+        match &self.source {
+            Source::File(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || append(&path, line))
+                    .await
+                    .map_err(|e| TokenError::Random(e.to_string()))??;
+                self.reload_file()?;
+            }
+            Source::Database(store) => {
+                store
+                    .put_token(&id, &line)
+                    .await
+                    .map_err(TokenError::Store)?;
+                let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                cache.by_id.insert(id.clone(), record.clone());
+            }
+        }
         Ok((format!("{PREFIX}{id}_{secret}"), record))
     }
 
-    /// On a data directory's first start: an admin token, or `None` when tokens exist.
-    pub fn first_admin(&self) -> Result<Option<String>, TokenError> {
-        if self.modified().is_some() {
+    /// On a first start (no token yet, in the file or the database): an admin token.
+    pub async fn first_admin(&self) -> Result<Option<String>, TokenError> {
+        let first = match &self.source {
+            Source::File(path) => Self::modified(path).is_none(),
+            Source::Database(_) => self
+                .cache
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .by_id
+                .is_empty(),
+        };
+        if !first {
             return Ok(None);
         }
         let note = Some("created at first start".to_owned());
-        self.create(Role::Admin, None, note).map(|(t, _)| Some(t))
+        self.create(Role::Admin, None, note)
+            .await
+            .map(|(t, _)| Some(t))
     }
 
-    fn lookup(&self, id: &str) -> Option<TokenRecord> {
-        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = cache.by_id.get(id) {
-            return Some(r.clone());
+    /// A token's record: from the copy, or read again from where tokens are kept (a token
+    /// made by the CLI or by another node).
+    async fn lookup(&self, id: &str) -> Result<Option<TokenRecord>, TokenError> {
+        if let Some(r) = self.cached(id) {
+            return Ok(Some(r));
         }
-        let stale = cache.modified != self.modified();
-        drop(cache);
-        if stale && let Err(e) = self.reload() {
-            tracing::warn!(error = %e, "cannot reload the token file");
+        match &self.source {
+            Source::File(path) => {
+                let stale = self
+                    .cache
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .modified
+                    != Self::modified(path);
+                if stale {
+                    self.reload_file()?;
+                }
+            }
+            Source::Database(_) => {
+                let asked = Instant::now();
+                let mut reloaded = self.reloaded.lock().await;
+                if reloaded.is_none_or(|at| at < asked) {
+                    if let Some(wait) =
+                        reloaded.and_then(|at| RELOAD_EVERY.checked_sub(at.elapsed()))
+                    {
+                        tokio::time::sleep(wait).await;
+                    }
+                    self.reload_database().await?;
+                    *reloaded = Some(Instant::now());
+                }
+            }
         }
-        self.cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_id
-            .get(id)
-            .cloned()
+        Ok(self.cached(id))
     }
 
     /// The caller behind an `Authorization` header value (`Bearer <token>`) or a bare token.
-    pub fn authenticate(&self, credentials: Option<&str>) -> Result<Principal, ApiError> {
+    pub async fn authenticate(&self, credentials: Option<&str>) -> Result<Principal, ApiError> {
         let unauthenticated = |why: &str| ApiError::new(Code::Unauthenticated, why.to_owned());
         let raw = credentials
             .map(str::trim)
@@ -268,15 +383,39 @@ impl Tokens {
             .strip_prefix(PREFIX)
             .and_then(|t| t.split_once('_'))
             .ok_or_else(|| unauthenticated("malformed token"))?;
-        let record = self
-            .lookup(id)
+        let record = match self.lookup(id).await {
+            Ok(found) => found,
+            Err(e @ TokenError::Store(_)) => {
+                return Err(ApiError::new(
+                    Code::Unavailable,
+                    format!("cannot check the token: {e}"),
+                ));
+            }
+            Err(e) => return Err(ApiError::new(Code::Internal, e.to_string())),
+        };
+        let record = record
             .filter(|r| secret::verify(secret, &r.hash))
             .ok_or_else(|| unauthenticated("unknown or revoked token"))?;
         if record.expires_at.is_some_and(|e| e <= now_millis()) {
             return Err(unauthenticated("the token has expired"));
         }
-        Ok(Principal { role: record.role })
+        Ok(Principal::new(record.role, record.id, record.note))
     }
+}
+
+/// Appends a record to the token file, under a file lock (the CLI and a server may both
+/// write), durably.
+fn append(path: &Path, mut line: String) -> Result<(), TokenError> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(Tokens::file_io(path, "write"))?;
+    file.lock().map_err(Tokens::file_io(path, "lock"))?;
+    line.push('\n');
+    file.write_all(line.as_bytes())
+        .map_err(Tokens::file_io(path, "write"))?;
+    file.sync_all().map_err(Tokens::file_io(path, "write"))
 }
 
 /// A duration such as `30d`, `12h`, `15m` or `90s`, in milliseconds.
@@ -302,18 +441,20 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tokens_authenticate_with_their_role_until_they_expire() {
+    #[tokio::test]
+    async fn tokens_authenticate_with_their_role_until_they_expire() {
         let dir = tempfile::tempdir().unwrap();
         let tokens = Tokens::open(dir.path()).unwrap();
         let admin = tokens
             .first_admin()
+            .await
             .unwrap()
             .expect("first start makes an admin");
-        assert!(tokens.first_admin().unwrap().is_none());
+        assert!(tokens.first_admin().await.unwrap().is_none());
         assert_eq!(
             tokens
                 .authenticate(Some(&format!("Bearer {admin}")))
+                .await
                 .unwrap()
                 .role,
             Role::Admin
@@ -324,15 +465,20 @@ mod tests {
 
         // A token created by another process (the CLI) is found by the running server.
         let other = Tokens::open(dir.path()).unwrap();
-        let (viewer, _) = other.create(Role::Viewer, Some(60_000), None).unwrap();
+        let (viewer, _) = other
+            .create(Role::Viewer, Some(60_000), Some("dashboards".into()))
+            .await
+            .unwrap();
         let p = tokens
             .authenticate(Some(&format!("bearer {viewer}")))
+            .await
             .unwrap();
         assert_eq!(p.role, Role::Viewer);
+        assert_eq!(p.note.as_deref(), Some("dashboards"));
         assert_eq!(p.require(Role::Operator).unwrap_err().code, Code::Forbidden);
         assert!(p.require(Role::Viewer).is_ok());
 
-        let (expired, _) = tokens.create(Role::Admin, Some(0), None).unwrap();
+        let (expired, _) = tokens.create(Role::Admin, Some(0), None).await.unwrap();
         for (creds, why) in [
             (None, "required"),
             (Some("Basic abc".to_owned()), "scheme"),
@@ -340,10 +486,92 @@ mod tests {
             (Some(format!("Bearer {admin}x")), "unknown"),
             (Some(format!("Bearer {expired}")), "expired"),
         ] {
-            let e = tokens.authenticate(creds.as_deref()).unwrap_err();
+            let e = tokens.authenticate(creds.as_deref()).await.unwrap_err();
             assert_eq!(e.code, Code::Unauthenticated);
             assert!(e.message.contains(why), "{e:?}");
         }
+    }
+
+    /// A database of tokens that counts its reads and can be made unreachable.
+    #[derive(Default)]
+    struct Db {
+        rows: std::sync::Mutex<Vec<(String, String)>>,
+        reads: std::sync::atomic::AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl TokenStore for Db {
+        async fn put_token(&self, id: &str, record: &str) -> Result<(), twin_store::StoreError> {
+            self.rows
+                .lock()
+                .unwrap()
+                .push((id.to_owned(), record.to_owned()));
+            Ok(())
+        }
+
+        async fn tokens(&self) -> Result<Vec<(String, String)>, twin_store::StoreError> {
+            use std::sync::atomic::Ordering;
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(twin_store::StoreError::Unavailable("no node".into()));
+            }
+            Ok(self.rows.lock().unwrap().clone())
+        }
+    }
+
+    /// Tokens in the database are shared by every node: one made on another node (or by
+    /// the CLI) is found there; unknown ids read the database at most once a second,
+    /// whoever sends them; a database that cannot be read is UNAVAILABLE, not a 401.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_in_the_database_are_shared_and_unknown_ids_cannot_flood_it() {
+        use std::sync::atomic::Ordering;
+        let db = Arc::new(Db::default());
+        let node_a = Tokens::in_database(db.clone()).await.unwrap();
+        let node_b = Tokens::in_database(db.clone()).await.unwrap();
+        let admin = node_a
+            .first_admin()
+            .await
+            .unwrap()
+            .expect("an empty database");
+        assert!(node_a.first_admin().await.unwrap().is_none());
+        let p = node_b
+            .authenticate(Some(&format!("Bearer {admin}")))
+            .await
+            .unwrap();
+        assert_eq!(p.role, Role::Admin);
+        assert_eq!(p.note.as_deref(), Some("created at first start"));
+
+        let reads = db.reads.load(Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let unknown = (0..50).map(|i| {
+            let creds = format!("Bearer dpl_{i:016x}_secret");
+            let node = &node_b;
+            async move { node.authenticate(Some(&creds)).await }
+        });
+        for outcome in futures_util::future::join_all(unknown).await {
+            assert_eq!(outcome.unwrap_err().code, Code::Unauthenticated);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let extra = db.reads.load(Ordering::SeqCst) - reads;
+        assert!(
+            extra as f64 <= elapsed / RELOAD_EVERY.as_secs_f64() + 1.0,
+            "{extra} reads in {elapsed} s for 50 unknown ids"
+        );
+
+        db.down.store(true, Ordering::SeqCst);
+        let e = node_b
+            .authenticate(Some("Bearer dpl_00000000000000ff_secret"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::Unavailable);
+        // Known tokens still work from the copy.
+        assert!(
+            node_b
+                .authenticate(Some(&format!("Bearer {admin}")))
+                .await
+                .is_ok()
+        );
     }
 
     #[test]
@@ -384,10 +612,12 @@ impl TokensMutation {
         }
         let tokens = api.tokens.clone();
         let ttl = ttl_seconds.map(|s| s.saturating_mul(1000));
-        let (token, record) = tokio::task::spawn_blocking(move || tokens.create(role, ttl, note))
-            .await
-            .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?
-            .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
+        let (token, record) = tokens.create(role, ttl, note).await.map_err(|e| match e {
+            TokenError::Store(e) if e.is_unavailable() => {
+                ApiError::new(Code::Unavailable, format!("cannot store the token: {e}"))
+            }
+            e => ApiError::new(Code::Internal, e.to_string()),
+        })?;
         Ok(CreatedToken {
             token,
             role,

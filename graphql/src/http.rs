@@ -106,9 +106,16 @@ async fn execute(
     headers: HeaderMap,
     body: Body,
 ) -> axum::response::Response {
-    let principal = match app.tokens.authenticate(authorization(&headers)) {
+    let principal = match app.tokens.authenticate(authorization(&headers)).await {
         Ok(p) => p,
-        Err(e) => return failure(StatusCode::UNAUTHORIZED, e),
+        Err(e) => {
+            let status = match e.code {
+                Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return failure(status, e);
+        }
     };
     let limit = app.config.max_body_bytes;
     let bytes = match to_bytes(body, limit).await {
@@ -221,6 +228,7 @@ async fn serve_socket(
                     .map(str::to_owned);
                 let principal = tokens
                     .authenticate(from_payload.or(header_auth).as_deref())
+                    .await
                     .map_err(|e| {
                         async_graphql::Error::new(format!("{}: {}", e.code.as_str(), e.message))
                     })?;

@@ -4,6 +4,7 @@
 //!   the domains share (roles as guards, paging, the `Lagged` adapter);
 //! - [`things`] and [`thing_events`]: things, shadows, the registry and their
 //!   subscriptions;
+//! - [`history`]: a shadow's history and time travel;
 //! - [`commands`]: command executions;
 //! - [`jobs`]: OTA jobs (creation, progress, pause, cancel) and their fields;
 //! - [`signing`]: the Ed25519 key that signs job documents;
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod commands;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod jobs;
 pub mod schema;

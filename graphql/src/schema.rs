@@ -59,6 +59,11 @@ pub(crate) fn api<'a>(ctx: &Context<'a>) -> &'a Api {
     ctx.data_unchecked::<Api>()
 }
 
+/// The caller of a field behind a [`RoleGuard`] (which found it).
+pub(crate) fn caller<'a>(ctx: &Context<'a>) -> &'a Principal {
+    ctx.data_unchecked::<Principal>()
+}
+
 /// Lets a field through for callers with at least this role: `UNAUTHENTICATED` without a
 /// token, `FORBIDDEN` with too small a role. Every field of the schema has one.
 pub(crate) struct RoleGuard(pub(crate) Role);
@@ -109,9 +114,14 @@ pub struct DateTime(pub u64);
 #[Scalar(name = "DateTime")]
 impl ScalarType for DateTime {
     fn parse(value: GqlValue) -> InputValueResult<Self> {
-        Err(InputValueError::custom(format!(
-            "DateTime is output only, got {value}"
-        )))
+        match &value {
+            GqlValue::String(s) => twin_model::parse_rfc3339(s)
+                .map(DateTime)
+                .map_err(InputValueError::custom),
+            _ => Err(InputValueError::custom(format!(
+                "a DateTime is an RFC 3339 string such as \"2026-11-23T08:21:00Z\", got {value}"
+            ))),
+        }
     }
 
     fn to_value(&self) -> GqlValue {

@@ -7,7 +7,7 @@ use async_graphql::{Context, Enum, ID, Json, SimpleObject, Subscription, Union};
 use serde_json::{Map, Value};
 use tokio::sync::broadcast::Receiver;
 use twin_actors::Change;
-use twin_model::{ChangeOp, DeviceId, TwinEvent};
+use twin_model::{ChangeOp, DeviceId, ShadowChange, TwinEvent};
 
 use crate::auth::Role;
 use crate::error::ApiResult;
@@ -59,6 +59,33 @@ pub struct ConnectivityChanged {
     pub disconnect_reason: Option<String>,
 }
 
+/// What a change did, and the state its update wrote: `{"desired": ..., "reported": ...}`
+/// (null for a delete).
+pub(crate) fn change_state(change: &ShadowChange) -> (ShadowOperation, Option<Json<Value>>) {
+    match &change.op {
+        ChangeOp::Update { desired, reported } => {
+            let mut state = Map::new();
+            for (key, patch) in [("desired", desired), ("reported", reported)] {
+                if let Some(p) = patch {
+                    state.insert(key.into(), serde_json::to_value(p).unwrap_or_default());
+                }
+            }
+            (ShadowOperation::Updated, Some(Json(Value::Object(state))))
+        }
+        ChangeOp::Delete => (ShadowOperation::Deleted, None),
+    }
+}
+
+/// When a change was accepted (to the second for changes stored before it was recorded
+/// to the millisecond).
+pub(crate) fn accepted_at(change: &ShadowChange) -> DateTime {
+    DateTime(if change.at > 0 {
+        change.at
+    } else {
+        change.timestamp * 1000
+    })
+}
+
 /// A shadow or connectivity event as the thing subscriptions show it (commands have
 /// their own subscription).
 fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
@@ -71,18 +98,7 @@ fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
             version,
             ..
         } => {
-            let (operation, state) = match &change.op {
-                ChangeOp::Update { desired, reported } => {
-                    let mut state = Map::new();
-                    for (key, patch) in [("desired", desired), ("reported", reported)] {
-                        if let Some(p) = patch {
-                            state.insert(key.into(), serde_json::to_value(p).unwrap_or_default());
-                        }
-                    }
-                    (ShadowOperation::Updated, Some(Json(Value::Object(state))))
-                }
-                ChangeOp::Delete => (ShadowOperation::Deleted, None),
-            };
+            let (operation, state) = change_state(change);
             ThingEvent::ShadowChanged(ShadowChanged {
                 thing_id: ID(thing.to_string()),
                 shadow: shadow.name().map(str::to_owned),
@@ -92,7 +108,7 @@ fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
                 state,
                 delta: current.delta().map(Json),
                 client_token: change.client_token.clone(),
-                at: DateTime(change.timestamp * 1000),
+                at: accepted_at(change),
             })
         }
         TwinEvent::Connectivity {

@@ -10,7 +10,10 @@ use twin_model::{DeviceId, ShadowName, UpdateRequest};
 
 use crate::auth::Role;
 use crate::error::{ApiError, ApiResult, Code};
-use crate::schema::{DateTime, PageInfo, RoleGuard, api, parse_filter, shadow_name, thing_id};
+use crate::history::{self, ShadowHistoryConnection};
+use crate::schema::{
+    DateTime, PageInfo, RoleGuard, api, caller, parse_filter, shadow_name, thing_id,
+};
 
 /// A registered thing (device) and its twin.
 pub struct Thing(pub(crate) Arc<TwinView>);
@@ -51,16 +54,29 @@ impl Thing {
     }
 
     /// A shadow by name (the classic shadow without one); null when it does not exist.
-    async fn shadow(&self, name: Option<String>) -> async_graphql::Result<Option<Shadow>> {
+    /// With `at`, the shadow as it was at that instant, from its retained history (null
+    /// when it did not exist then); an instant older than the history reaches is
+    /// `INVALID_ARGUMENT`, naming the oldest instant available.
+    async fn shadow(
+        &self,
+        ctx: &Context<'_>,
+        name: Option<String>,
+        at: Option<DateTime>,
+    ) -> async_graphql::Result<Option<Shadow>> {
         let name = shadow_name(name.as_deref())?;
-        Ok(self.0.shadow(&name).map(|v| Shadow::new(name, v)))
+        let thing = self.0.id();
+        let Some(at) = at else {
+            return Ok(self.0.shadow(&name).map(|v| Shadow::new(thing, name, v)));
+        };
+        let then = history::shadow_at(&api(ctx).fleet, thing, &name, at).await?;
+        Ok(then.map(|v| Shadow::new(thing, name, &v)))
     }
 
     /// Every existing shadow, the classic one first.
     async fn shadows(&self) -> Vec<Shadow> {
         self.0
             .shadows()
-            .map(|(n, v)| Shadow::new(n.clone(), v))
+            .map(|(n, v)| Shadow::new(self.0.id(), n.clone(), v))
             .collect()
     }
 }
@@ -78,13 +94,15 @@ pub struct Connectivity {
 
 /// A device shadow, with AWS IoT Device Shadow semantics.
 pub struct Shadow {
+    thing: DeviceId,
     name: ShadowName,
     view: ShadowView,
 }
 
 impl Shadow {
-    fn new(name: ShadowName, view: &ShadowView) -> Self {
+    fn new(thing: &DeviceId, name: ShadowName, view: &ShadowView) -> Self {
         Self {
+            thing: thing.clone(),
             name,
             view: view.clone(),
         }
@@ -131,6 +149,32 @@ impl Shadow {
 
     async fn updated_at(&self) -> DateTime {
         DateTime(self.view.shadow.timestamp * 1000)
+    }
+
+    /// The shadow's retained changes, newest first, with who made each one; `since` and
+    /// `until` bound when they were accepted. Kept: the newest `history_per_shadow`
+    /// changes, none older than `history_retention`.
+    #[graphql(complexity = "(first.max(1) as usize).saturating_mul(child_complexity)")]
+    async fn history(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+        since: Option<DateTime>,
+        until: Option<DateTime>,
+    ) -> async_graphql::Result<ShadowHistoryConnection> {
+        let api = api(ctx);
+        let first = api.page_size(first)?;
+        Ok(history::page(
+            &api.fleet,
+            &self.thing,
+            &self.name,
+            first,
+            after.as_deref(),
+            since,
+            until,
+        )
+        .await?)
     }
 }
 
@@ -303,7 +347,7 @@ impl ThingsMutation {
             .map_err(ApiError::from)?;
         api.fleet
             .shadows()
-            .update(&thing, name.clone(), request)
+            .update(&thing, name.clone(), request, caller(ctx).origin())
             .await
             .map_err(ApiError::from)?;
         let view = view(&api.fleet, &thing)?;
@@ -311,7 +355,7 @@ impl ThingsMutation {
             .0
             .shadow(&name)
             .ok_or_else(|| ApiError::not_found("the shadow was deleted meanwhile"))?;
-        Ok(Shadow::new(name, shadow))
+        Ok(Shadow::new(&thing, name, shadow))
     }
 
     /// Deletes a shadow (operator); it keeps its version.
@@ -328,7 +372,7 @@ impl ThingsMutation {
         let change = api
             .fleet
             .shadows()
-            .delete(&thing, name.clone(), None)
+            .delete(&thing, name.clone(), None, caller(ctx).origin())
             .await
             .map_err(ApiError::from)?;
         Ok(DeletedShadow {

@@ -9,6 +9,7 @@ use async_graphql::futures_util::StreamExt;
 use serde_json::{Value, json};
 use twin_actors::{FleetConfig, FleetHandle};
 use twin_graphql::{Api, ApiLimits, DoppelSchema, Principal, Role, Tokens};
+use twin_model::history::Origin;
 use twin_model::{DeviceId, Limits, ShadowName, UpdateRequest};
 use twin_store::testing::CrashAfter;
 use twin_store::{Committer, EmbeddedStore};
@@ -30,7 +31,7 @@ async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture
     let tokens = Arc::new(Tokens::open(dir.path()).unwrap());
     let limits = ApiLimits {
         max_page_size: 5,
-        max_depth: 6,
+        max_depth: 7,
         max_complexity: 60,
         ..ApiLimits::default()
     };
@@ -68,7 +69,7 @@ impl Fixture {
         let mut req =
             async_graphql::Request::new(query).variables(async_graphql::Variables::from_json(vars));
         if let Some(role) = role {
-            req = req.data(Principal { role });
+            req = req.data(Principal::new(role, "test", None));
         }
         serde_json::to_value(self.schema.execute(req).await).unwrap()
     }
@@ -94,7 +95,12 @@ impl Fixture {
         let req = UpdateRequest::parse(body.as_bytes(), &Limits::default()).unwrap();
         self.fleet
             .shadows()
-            .update(&DeviceId::parse(id).unwrap(), ShadowName::classic(), req)
+            .update(
+                &DeviceId::parse(id).unwrap(),
+                ShadowName::classic(),
+                req,
+                Origin::Device,
+            )
             .await
             .unwrap();
     }
@@ -419,19 +425,19 @@ async fn roles_and_request_limits() {
     let token = d["createToken"]["token"].as_str().unwrap();
     let tokens = Tokens::open(f.dir.path()).unwrap();
     assert_eq!(
-        tokens.authenticate(Some(token)).unwrap().role,
+        tokens.authenticate(Some(token)).await.unwrap().role,
         Role::Operator
     );
 
     // Too deep, too complex, and plain syntax errors are the caller's: INVALID_ARGUMENT.
-    let deep = "{ thing(id: \"t1\") { shadow { name } connectivity { connected } } __schema { types { fields { type { ofType { ofType { name } } } } } } }";
+    let deep = "{ thing(id: \"t1\") { shadow { name } connectivity { connected } } __schema { types { fields { type { ofType { ofType { ofType { name } } } } } } } }";
     let r = f.run_as(Some(Role::Viewer), deep, json!({})).await;
     assert_eq!(code(&r), "INVALID_ARGUMENT");
     assert!(
         r["errors"][0]["message"]
             .as_str()
             .unwrap()
-            .contains("nested too deep: at most 6 levels (setting graphql_max_depth)"),
+            .contains("nested too deep: at most 7 levels (setting graphql_max_depth)"),
         "{r}"
     );
     let complex = "{ things(first: 5) { edges { node { id attributes enabled version createdAt shadows { name desired reported delta metadata version updatedAt } connectivity { connected since lastSeen disconnectReason } } } } }";
@@ -461,7 +467,11 @@ async fn subscriptions_deliver_changes_and_say_when_they_lag() {
     f.register("cold", json!({"site": "b"})).await;
     let sub = |q: &str| {
         f.schema
-            .execute_stream(async_graphql::Request::new(q).data(Principal { role: Role::Viewer }))
+            .execute_stream(async_graphql::Request::new(q).data(Principal::new(
+                Role::Viewer,
+                "test",
+                None,
+            )))
     };
     let fields = "__typename ... on ShadowChanged { thingId version shadowVersion operation state delta } ... on ConnectivityChanged { thingId connected } ... on Lagged { skipped resumeFromVersion thingId } ... on Subscribed { thingId version }";
     let mut one = sub(&format!(
@@ -586,7 +596,7 @@ async fn commands_are_sent_answered_listed_and_watched() {
         let req = async_graphql::Request::new(format!(
             r#"subscription {{ commandUpdated(thingId: "{id}") {{ __typename ... on CommandExecution {{ executionId status deliveredAt statusReason {{ reasonCode }} result }} }} }}"#
         ))
-        .data(Principal { role: Role::Viewer });
+        .data(Principal::new(Role::Viewer, "test", None));
         f.schema.execute_stream(req)
     };
     let mut updates = watch("pump-1");
@@ -830,7 +840,7 @@ async fn filtered_subscriptions_judge_each_change_by_the_state_right_after_it() 
         async_graphql::Request::new(
             r#"subscription { thingsChanged(filter: "reported.temp > 30") { __typename ... on ShadowChanged { version state } } }"#,
         )
-        .data(Principal { role: Role::Viewer }),
+        .data(Principal::new(Role::Viewer, "test", None)),
     );
     assert_eq!(
         data(&mut hot).await["thingsChanged"]["__typename"],
@@ -979,7 +989,7 @@ async fn every_field_has_its_role_guard() {
         let answer = |role| async move {
             let mut req = async_graphql::Request::new(request.as_str());
             if let Some(role) = role {
-                req = req.data(Principal { role });
+                req = req.data(Principal::new(role, "test", None));
             }
             let r = if *op == "subscription" {
                 let mut s = schema.execute_stream(req);
@@ -1010,7 +1020,11 @@ async fn a_store_error_ends_a_job_subscription_with_an_error_the_client_sees() {
     let watch = "subscription { otaJobProgress(jobId: \"j1\") { __typename } }";
     let mut s = f
         .schema
-        .execute_stream(async_graphql::Request::new(watch).data(Principal { role: Role::Viewer }));
+        .execute_stream(async_graphql::Request::new(watch).data(Principal::new(
+            Role::Viewer,
+            "test",
+            None,
+        )));
     let within = std::time::Duration::from_secs(10);
     let first = tokio::time::timeout(within, s.next())
         .await
@@ -1041,4 +1055,174 @@ async fn a_store_error_ends_a_job_subscription_with_an_error_the_client_sees() {
             .is_none(),
         "the subscription ends after its error"
     );
+}
+
+/// Runs a query as an operator whose token has the id `ops-token` and a note.
+async fn as_operator(f: &Fixture, query: &str, vars: Value) -> Value {
+    let req = async_graphql::Request::new(query)
+        .variables(async_graphql::Variables::from_json(vars))
+        .data(Principal::new(
+            Role::Operator,
+            "ops-token",
+            Some("night shift".into()),
+        ));
+    serde_json::to_value(f.schema.execute(req).await).unwrap()
+}
+
+const HISTORY: &str = "query($id: ID!, $first: Int = 3, $after: String, $since: DateTime, $until: DateTime) {
+    thing(id: $id) { shadow { history(first: $first, after: $after, since: $since, until: $until) {
+        edges { cursor node { version at operation state clientToken by { kind tokenId note jobId } } }
+        pageInfo { hasNextPage endCursor } } } } }";
+
+const AT: &str = "query($id: ID!, $at: DateTime) {
+    thing(id: $id) { shadow(at: $at) { version desired reported delta } } }";
+
+fn versions(history: &Value) -> Vec<u64> {
+    history["thing"]["shadow"]["history"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["node"]["version"].as_u64().unwrap())
+        .collect()
+}
+
+/// A shadow's history names who made each change, pages newest first and filters by
+/// time; `shadow(at:)` answers the shadow as it was at any instant, null before it
+/// existed and after it was deleted.
+#[tokio::test(start_paused = true)]
+async fn shadow_history_and_time_travel() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = FleetConfig {
+        clock: twin_actors::Clock::tokio(),
+        ..FleetConfig::default()
+    };
+    let f = fixture_in(dir, config).await;
+    f.register("lamp-1", json!({})).await;
+    let t0 = f.fleet.now_millis();
+    let at = |offset_s: i64| twin_model::rfc3339((t0 as i64 + offset_s * 1000) as u64);
+    let minute = std::time::Duration::from_secs(60);
+
+    f.report("lamp-1", json!({"on": false})).await;
+    tokio::time::advance(minute).await;
+    let set = "mutation { updateDesired(id: \"lamp-1\", desired: {on: true}, clientToken: \"c-2\") { version } }";
+    let r = as_operator(&f, set, json!({})).await;
+    assert!(r.get("errors").is_none(), "{r}");
+    tokio::time::advance(minute).await;
+    f.report("lamp-1", json!({"on": true})).await;
+
+    let page = f.admin(HISTORY, json!({"id": "lamp-1", "first": 2})).await;
+    assert_eq!(versions(&page), [3, 2], "newest first");
+    let h = &page["thing"]["shadow"]["history"];
+    let (third, second) = (&h["edges"][0]["node"], &h["edges"][1]["node"]);
+    assert_eq!(third["by"]["kind"], "DEVICE");
+    assert_eq!(third["at"], at(120));
+    assert_eq!(third["state"], json!({"reported": {"on": true}}));
+    assert_eq!(second["operation"], "UPDATED");
+    assert_eq!(second["clientToken"], "c-2");
+    assert_eq!(
+        second["by"],
+        json!({"kind": "TOKEN", "tokenId": "ops-token", "note": "night shift", "jobId": null})
+    );
+    assert_eq!(h["pageInfo"]["hasNextPage"], true);
+    let rest = f
+        .admin(
+            HISTORY,
+            json!({"id": "lamp-1", "first": 2, "after": h["pageInfo"]["endCursor"]}),
+        )
+        .await;
+    assert_eq!(versions(&rest), [1]);
+    assert_eq!(
+        rest["thing"]["shadow"]["history"]["pageInfo"]["hasNextPage"],
+        false
+    );
+    let since = f
+        .admin(HISTORY, json!({"id": "lamp-1", "since": at(60)}))
+        .await;
+    assert_eq!(versions(&since), [3, 2]);
+    let until = f
+        .admin(HISTORY, json!({"id": "lamp-1", "until": at(59)}))
+        .await;
+    assert_eq!(versions(&until), [1]);
+
+    // Time travel.
+    let then = |d: Value| d["thing"]["shadow"].clone();
+    let first = then(f.admin(AT, json!({"id": "lamp-1", "at": at(30)})).await);
+    assert_eq!(
+        first,
+        json!({"version": 1, "desired": null, "reported": {"on": false}, "delta": null})
+    );
+    let second = then(f.admin(AT, json!({"id": "lamp-1", "at": at(60)})).await);
+    assert_eq!(second["version"], 2);
+    assert_eq!(second["delta"], json!({"on": true}), "out of sync then");
+    let before = then(f.admin(AT, json!({"id": "lamp-1", "at": at(-1)})).await);
+    assert_eq!(before, Value::Null, "the shadow did not exist yet");
+
+    tokio::time::advance(minute).await;
+    let del = "mutation { deleteShadow(id: \"lamp-1\") { version } }";
+    let r = as_operator(&f, del, json!({})).await;
+    assert!(r.get("errors").is_none(), "{r}");
+    let deleted = then(f.admin(AT, json!({"id": "lamp-1", "at": at(200)})).await);
+    assert_eq!(deleted, Value::Null, "deleted then");
+    let still = then(f.admin(AT, json!({"id": "lamp-1", "at": at(179)})).await);
+    assert_eq!(still["version"], 3);
+    // A deleted shadow's history is reached through the shadow as it was.
+    let q = "query($id: ID!, $at: DateTime) { thing(id: $id) { shadow(at: $at) {
+        history(first: 1) { edges { node { operation version by { kind } } } } } } }";
+    let newest = f.admin(q, json!({"id": "lamp-1", "at": at(179)})).await;
+    assert_eq!(
+        newest["thing"]["shadow"]["history"]["edges"][0]["node"],
+        json!({"operation": "DELETED", "version": 3, "by": {"kind": "TOKEN"}})
+    );
+    f.close().await;
+}
+
+/// Retention by age: changes older than `history_retention` are not listed, and an
+/// instant they alone could answer is `INVALID_ARGUMENT`, naming the oldest instant
+/// available.
+#[tokio::test(start_paused = true)]
+async fn time_travel_past_the_retention_names_the_oldest_instant() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = FleetConfig {
+        clock: twin_actors::Clock::tokio(),
+        history_retention: Some(std::time::Duration::from_secs(100)),
+        ..FleetConfig::default()
+    };
+    let f = fixture_in(dir, config).await;
+    f.register("lamp-1", json!({})).await;
+    let t0 = f.fleet.now_millis();
+    let at = |offset_s: u64| twin_model::rfc3339(t0 + offset_s * 1000);
+    for n in 0..3 {
+        if n > 0 {
+            tokio::time::advance(std::time::Duration::from_secs(60)).await;
+        }
+        f.report("lamp-1", json!({"n": n})).await;
+    }
+    tokio::time::advance(std::time::Duration::from_secs(50)).await;
+    // Now t0 + 170 s: only the change at t0 + 120 s is younger than 100 s.
+    let listed = f.admin(HISTORY, json!({"id": "lamp-1"})).await;
+    assert_eq!(versions(&listed), [3]);
+    let r = f
+        .run_as(
+            Some(Role::Viewer),
+            AT,
+            json!({"id": "lamp-1", "at": at(90)}),
+        )
+        .await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT", "{r}");
+    let message = r["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("the oldest instant available is {}", at(120))),
+        "{message}"
+    );
+    let kept = f.admin(AT, json!({"id": "lamp-1", "at": at(130)})).await;
+    assert_eq!(kept["thing"]["shadow"]["reported"], json!({"n": 2}));
+    let bad = f
+        .run_as(
+            Some(Role::Viewer),
+            AT,
+            json!({"id": "lamp-1", "at": "yesterday"}),
+        )
+        .await;
+    assert_eq!(code(&bad), "INVALID_ARGUMENT", "{bad}");
+    f.close().await;
 }

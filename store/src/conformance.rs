@@ -193,12 +193,13 @@ pub async fn index_and_deadlines_list_by_partition_and_delete_thing_removes_ever
             break;
         }
     }
+    // Each thing once, in an order of the backend's (id order embedded, token order on
+    // ScyllaDB).
     let mut expected: Vec<&DeviceId> = mates.iter().chain([&record.id]).collect();
     expected.sort();
-    assert_eq!(
-        listed.iter().map(|t| &t.record.id).collect::<Vec<_>>(),
-        expected
-    );
+    let mut ids: Vec<&DeviceId> = listed.iter().map(|t| &t.record.id).collect();
+    ids.sort();
+    assert_eq!(ids, expected);
     let t1 = listed.iter().find(|t| t.record.id == record.id).unwrap();
     assert_eq!(t1.record, record);
     assert!(t1.connectivity.connected);
@@ -272,7 +273,7 @@ pub async fn index_and_deadlines_list_by_partition_and_delete_thing_removes_ever
     );
     assert!(
         store
-            .history(&id("t1"), &ShadowName::classic(), 10)
+            .history(&id("t1"), &ShadowName::classic(), None, 10)
             .await
             .unwrap()
             .is_empty()
@@ -524,14 +525,28 @@ pub async fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn Twin
     assert_eq!(snap.shadows, vec![(ShadowName::classic(), shadow.clone())]);
     assert!(snap.connectivity.connected);
     assert!(snap.record.unwrap().enabled);
-    let versions: Vec<u64> = store
-        .history(&id("t1"), &ShadowName::classic(), 10)
+    let history = store
+        .history(&id("t1"), &ShadowName::classic(), None, 10)
         .await
-        .unwrap()
-        .iter()
-        .map(|c| c.version)
-        .collect();
-    assert_eq!(versions, vec![3, 4, 5]);
+        .unwrap();
+    let versions: Vec<u64> = history.iter().map(|e| e.change.version).collect();
+    assert_eq!(versions, vec![5, 4, 3], "newest first");
+    // Each change is kept with the shadow it produced (what time travel answers).
+    assert_eq!(history[0].shadow.as_ref(), Some(&shadow));
+    let third = history[2].shadow.as_ref().unwrap();
+    assert_eq!(third.version, 3);
+    assert_eq!(third.reported.as_ref().unwrap()["n"], 2);
+    // Paging: the changes before the 4th, at most one.
+    let page = store
+        .history(
+            &id("t1"),
+            &ShadowName::classic(),
+            Some(history[1].position()),
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(page, history[2..]);
 
     // A delete keeps the version and takes its own slot: the update it follows stays.
     let del = shadow.decide_delete("t1", None, 20).unwrap();
@@ -546,13 +561,13 @@ pub async fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn Twin
         .await
         .unwrap();
     let ops: Vec<(u64, bool)> = store
-        .history(&id("t1"), &ShadowName::classic(), 10)
+        .history(&id("t1"), &ShadowName::classic(), None, 10)
         .await
         .unwrap()
         .iter()
-        .map(|c| (c.version, matches!(c.op, ChangeOp::Delete)))
+        .map(|e| (e.change.version, matches!(e.change.op, ChangeOp::Delete)))
         .collect();
-    assert_eq!(ops, vec![(4, false), (5, false), (5, true)]);
+    assert_eq!(ops, vec![(5, true), (5, false), (4, false)]);
     assert_eq!(
         store.load(&id("nobody")).await.unwrap(),
         TwinSnapshot::default()

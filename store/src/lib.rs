@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use twin_model::command::CommandExecution;
+use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{Connectivity, DeviceId, Shadow, ShadowChange, ShadowName};
 
@@ -181,13 +182,16 @@ pub trait TwinStateStore: Send + Sync + 'static {
     /// Writes a batch (see the trait's docs for what is atomic); returns once durable.
     async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError>;
 
-    /// The newest `limit` changes of a shadow, oldest first.
+    /// A shadow's retained changes, each with the shadow it produced, newest first: at
+    /// most `limit` of them, those placed before `before` (a
+    /// [`position`](twin_model::history::position)) when it is given.
     async fn history(
         &self,
         thing: &DeviceId,
         shadow: &ShadowName,
+        before: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<ShadowChange>, StoreError>;
+    ) -> Result<Vec<HistoryEntry>, StoreError>;
 }
 
 /// The device registry.
@@ -264,9 +268,10 @@ pub trait DeadlineIndex: Send + Sync + 'static {
 /// Where the fleet index comes from at start, one partition at a time.
 #[async_trait]
 pub trait IndexSource: Send + Sync + 'static {
-    /// The registered things of `partition` with their presence and shadows, in id order,
-    /// starting after `after` (at most `limit` things listed). A thing whose rows do not
-    /// decode is reported with its key and skipped, never a failed start.
+    /// The registered things of `partition` with their presence and shadows, in an order
+    /// the backend keeps (id order embedded; token order on ScyllaDB, where a partition is
+    /// one token range), starting after `after` (at most `limit` things listed). A thing
+    /// whose rows do not decode is reported with its key and skipped, never a failed start.
     async fn index_page(
         &self,
         partition: u16,
@@ -283,6 +288,18 @@ pub trait TwinStore:
 {
     /// Makes everything written so far durable (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// API tokens kept in the database, so that every node of a cluster shares them (the
+/// ScyllaDB store; the embedded store's server keeps them in a file of its data directory).
+/// Records are opaque here: the API owns their format.
+#[async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// Writes a token's record (its id is the key); returns once durable.
+    async fn put_token(&self, id: &str, record: &str) -> Result<(), StoreError>;
+
+    /// Every token's `(id, record)`.
+    async fn tokens(&self) -> Result<Vec<(String, String)>, StoreError>;
 }
 
 /// A listed thing as the index gets it: `None`, with a warning, when its rows are corrupt

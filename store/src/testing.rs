@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use twin_model::command::CommandExecution;
+use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
-use twin_model::{DeviceId, ShadowChange, ShadowName};
+use twin_model::{DeviceId, ShadowName};
 
 use crate::{
     CommandStore, Deadline, DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore,
@@ -74,8 +75,9 @@ impl TwinStateStore for GatedStore {
         &self,
         _: &DeviceId,
         _: &ShadowName,
+        _: Option<u64>,
         _: usize,
-    ) -> Result<Vec<ShadowChange>, StoreError> {
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         Ok(vec![])
     }
 }
@@ -200,9 +202,10 @@ impl TwinStateStore for CrashAfter {
         &self,
         thing: &DeviceId,
         shadow: &ShadowName,
+        before: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<ShadowChange>, StoreError> {
-        self.inner.history(thing, shadow, limit).await
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.inner.history(thing, shadow, before, limit).await
     }
 }
 

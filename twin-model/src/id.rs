@@ -70,17 +70,89 @@ impl DeviceId {
         h
     }
 
-    /// The placement partition of the thing, below [`PARTITIONS`]. Stores group their
-    /// per-thing listings (the fleet index's source, pending deadlines) by partition, so
-    /// that a node can load only the partitions it owns.
+    /// The thing's token on the ring of ScyllaDB and Cassandra (their Murmur3Partitioner:
+    /// the first half of MurmurHash3 x64 128 of the id's bytes, seed 0).
+    pub fn token(&self) -> i64 {
+        let h = murmur3_x64_128_h1(self.0.as_bytes()) as i64;
+        // The partitioner keeps i64::MIN out of the ring.
+        if h == i64::MIN { i64::MAX } else { h }
+    }
+
+    /// The placement partition of the thing, below [`PARTITIONS`]: the 1,024th of the
+    /// token ring its token falls in. Stores group their per-thing listings (the fleet
+    /// index's source, pending deadlines) by partition, so that a node can load only the
+    /// partitions it owns; on ScyllaDB a partition is one token range, read as one scan.
     pub fn partition(&self) -> u16 {
-        (self.stable_hash() % u64::from(PARTITIONS)) as u16
+        (((self.token() as u64) ^ (1 << 63)) >> (64 - PARTITION_BITS)) as u16
     }
 }
 
 /// How many placement partitions the fleet is divided into. Fixed: stored data is keyed
 /// by it.
-pub const PARTITIONS: u16 = 1024;
+pub const PARTITIONS: u16 = 1 << PARTITION_BITS;
+const PARTITION_BITS: u32 = 10;
+
+/// The tokens of a placement partition, both ends included.
+pub fn partition_tokens(partition: u16) -> (i64, i64) {
+    let width = 1u64 << (64 - PARTITION_BITS);
+    let first = (u64::from(partition) * width) ^ (1 << 63);
+    (first as i64, (first + (width - 1)) as i64)
+}
+
+/// The first 64 bits of MurmurHash3 x64 128 (seed 0), as Cassandra computes it: the bytes
+/// of the tail are sign-extended (Java bytes), which matters only above 0x7f.
+fn murmur3_x64_128_h1(data: &[u8]) -> u64 {
+    const C1: u64 = 0x87c3_7b91_1142_53d5;
+    const C2: u64 = 0x4cf5_ad43_2745_937f;
+    fn fmix(mut k: u64) -> u64 {
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        k ^ (k >> 33)
+    }
+    let (mut h1, mut h2) = (0u64, 0u64);
+    let blocks = data.chunks_exact(16);
+    let tail = blocks.remainder();
+    for block in blocks {
+        let k1 = u64::from_le_bytes(block[..8].try_into().expect("8 bytes"));
+        let k2 = u64::from_le_bytes(block[8..].try_into().expect("8 bytes"));
+        h1 ^= k1.wrapping_mul(C1).rotate_left(31).wrapping_mul(C2);
+        h1 = h1
+            .rotate_left(27)
+            .wrapping_add(h2)
+            .wrapping_mul(5)
+            .wrapping_add(0x52dc_e729);
+        h2 ^= k2.wrapping_mul(C2).rotate_left(33).wrapping_mul(C1);
+        h2 = h2
+            .rotate_left(31)
+            .wrapping_add(h1)
+            .wrapping_mul(5)
+            .wrapping_add(0x3849_5ab5);
+    }
+    let signed = |b: u8| i64::from(b as i8) as u64;
+    let (mut k1, mut k2) = (0u64, 0u64);
+    for (i, &b) in tail.iter().enumerate().skip(8) {
+        k2 ^= signed(b) << (8 * (i - 8));
+    }
+    for (i, &b) in tail.iter().enumerate().take(8) {
+        k1 ^= signed(b) << (8 * i);
+    }
+    if tail.len() > 8 {
+        h2 ^= k2.wrapping_mul(C2).rotate_left(33).wrapping_mul(C1);
+    }
+    if !tail.is_empty() {
+        h1 ^= k1.wrapping_mul(C1).rotate_left(31).wrapping_mul(C2);
+    }
+    let len = data.len() as u64;
+    h1 ^= len;
+    h2 ^= len;
+    h1 = h1.wrapping_add(h2);
+    h2 = h2.wrapping_add(h1);
+    h1 = fmix(h1);
+    h2 = fmix(h2);
+    h1.wrapping_add(h2)
+}
 
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

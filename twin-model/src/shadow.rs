@@ -75,6 +75,13 @@ pub struct ShadowChange {
     pub timestamp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
+    /// When the change was accepted, in milliseconds since the epoch (0 in changes stored
+    /// before it was recorded): what history and time travel order by.
+    #[serde(default)]
+    pub at: u64,
+    /// Who asked for the change; `None` in changes stored before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<crate::history::Origin>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,6 +261,8 @@ impl Shadow {
             version: self.version + 1,
             timestamp: now,
             client_token: req.client_token.clone(),
+            at: now * 1000,
+            by: None,
         };
         // The resulting state must fit: apply to a copy and measure.
         let mut next = self.clone();
@@ -281,6 +290,8 @@ impl Shadow {
             version: self.version,
             timestamp: now,
             client_token,
+            at: now * 1000,
+            by: None,
         })
     }
 

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
+use twin_model::history::Origin;
 use twin_model::job::{
     ExecutionUpdate, JobDefinition, JobError, JobErrorCode, JobExecution, JobStatus,
 };
@@ -269,7 +270,10 @@ impl DeviceState {
         let body = json!({"state": {"reported": {"firmware": {"version": version}}}});
         let request = UpdateRequest::parse(body.to_string().as_bytes(), &self.ctx.config.limits)
             .map_err(FleetError::Rejected)?;
-        self.update(ShadowName::classic(), request).await.map(drop)
+        let by = Origin::Job { id: job.to_owned() };
+        self.update(ShadowName::classic(), request, by)
+            .await
+            .map(drop)
     }
 
     /// A job's document, from the twin's cache or the store.

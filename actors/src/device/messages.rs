@@ -6,6 +6,7 @@ use ractor::RpcReplyPort;
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
+use twin_model::history::Origin;
 use twin_model::job::{JobDefinition, JobExecution};
 use twin_model::topic::JobOp;
 use twin_model::{Shadow, ShadowChange, ShadowName, UpdateRequest};
@@ -19,6 +20,7 @@ pub enum DeviceMsg {
     Update {
         shadow: ShadowName,
         request: Box<UpdateRequest>,
+        by: Origin,
         reply: AnswerPort<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },
@@ -30,6 +32,7 @@ pub enum DeviceMsg {
     Delete {
         shadow: ShadowName,
         client_token: Option<String>,
+        by: Origin,
         reply: AnswerPort<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },

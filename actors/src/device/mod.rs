@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicU64;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
 use twin_model::command::CommandExecution;
+use twin_model::history::Origin;
 use twin_model::job::{JobDefinition, JobExecution};
 use twin_model::{
     Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
@@ -171,10 +172,14 @@ impl DeviceState {
         &mut self,
         name: ShadowName,
         request: twin_model::UpdateRequest,
+        by: Origin,
     ) -> Result<Arc<ShadowChange>, FleetError> {
         let limits = self.ctx.config.limits;
         let previous = self.current(&name).await?;
-        let (change, next) = previous.update(&request, self.ctx.now_millis() / 1000, &limits)?;
+        let now = self.ctx.now_millis();
+        let (mut change, next) = previous.update(&request, now / 1000, &limits)?;
+        change.at = now;
+        change.by = Some(by);
         self.change_shadow(name, previous, change, next).await
     }
 
@@ -190,13 +195,17 @@ impl DeviceState {
         &mut self,
         name: ShadowName,
         client_token: Option<String>,
+        by: Origin,
     ) -> Result<Arc<ShadowChange>, FleetError> {
         let previous = self.current(&name).await?;
-        let change = previous.decide_delete(
+        let now = self.ctx.now_millis();
+        let mut change = previous.decide_delete(
             name.name().unwrap_or(self.thing.as_str()),
             client_token,
-            self.ctx.now_millis() / 1000,
+            now / 1000,
         )?;
+        change.at = now;
+        change.by = Some(by);
         // A deleted shadow keeps only its version: nothing of the old one to copy.
         let mut next = Shadow::default();
         next.apply(&change);
@@ -383,10 +392,11 @@ impl DeviceState {
             DeviceMsg::Update {
                 shadow,
                 request,
+                by,
                 reply,
                 permit,
             } => {
-                answer(reply, self.update(shadow, *request).await);
+                answer(reply, self.update(shadow, *request, by).await);
                 drop(permit);
             }
             DeviceMsg::Get {
@@ -400,10 +410,11 @@ impl DeviceState {
             DeviceMsg::Delete {
                 shadow,
                 client_token,
+                by,
                 reply,
                 permit,
             } => {
-                answer(reply, self.delete(shadow, client_token).await);
+                answer(reply, self.delete(shadow, client_token, by).await);
                 drop(permit);
             }
             DeviceMsg::Connect {

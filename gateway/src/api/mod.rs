@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use twin_actors::{FleetError, FleetHandle, JobRequestError};
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse};
+use twin_model::history::Origin;
 use twin_model::shadow::payload;
 use twin_model::topic::{self, CommandChannel, JobChannel, JobOp, ShadowOp, Topic};
 use twin_model::{
@@ -125,7 +126,9 @@ impl Call {
         match self {
             Self::UpdateShadow { shadow, request } => {
                 let token = request.client_token.clone();
-                let reply = fleet.shadows().update(thing, shadow.clone(), request);
+                let reply = fleet
+                    .shadows()
+                    .update(thing, shadow.clone(), request, Origin::Device);
                 Box::pin(async move { (ack, Answer::Update(shadow, token, reply.await)) })
             }
             Self::GetShadow { shadow, token } => {
@@ -133,7 +136,10 @@ impl Call {
                 Box::pin(async move { (ack, Answer::Get(shadow, token, reply.await)) })
             }
             Self::DeleteShadow { shadow, token } => {
-                let reply = fleet.shadows().delete(thing, shadow.clone(), token.clone());
+                let reply =
+                    fleet
+                        .shadows()
+                        .delete(thing, shadow.clone(), token.clone(), Origin::Device);
                 Box::pin(async move { (ack, Answer::Delete(shadow, token, reply.await)) })
             }
             Self::CommandResponse {

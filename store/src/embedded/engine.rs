@@ -12,15 +12,17 @@ use std::path::{Path, PathBuf};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
 use twin_model::command::CommandExecution;
+use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
-use twin_model::{ChangeOp, DeviceId, ShadowChange, ShadowName};
+use twin_model::{ChangeOp, DeviceId, ShadowName};
 
 use crate::{
     Deadline, IndexPage, JobCounts, StoreError, ThingRecord, TwinSnapshot, Write, indexed,
 };
 
-/// The on-disk layout this version writes. 2 added `members`, `deadlines` and `meta`.
-pub const LAYOUT: u32 = 2;
+/// The on-disk layout this version writes. 2 added `members`, `deadlines` and `meta`; 3
+/// keys them by placement partitions that follow the token ring (rebuilt on opening a 2).
+pub const LAYOUT: u32 = 3;
 
 /// The blocking engine: every method does disk IO on the calling thread.
 pub struct Engine {
@@ -150,10 +152,14 @@ fn parse_thing(k: &[u8], bytes: &[u8]) -> Result<DeviceId, StoreError> {
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(key, &e))
+}
+
+fn corrupt(key: &[u8], reason: &serde_json::Error) -> StoreError {
+    StoreError::Corrupt {
         key: String::from_utf8_lossy(key).replace('\0', "/"),
-        reason: e.to_string(),
-    })
+        reason: reason.to_string(),
+    }
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -217,6 +223,12 @@ impl Engine {
             return Ok(self);
         }
         let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        // Listings of layout 2 are keyed by partitions of another hash: made anew.
+        for listing in [&self.members, &self.deadlines] {
+            for kv in listing.iter() {
+                b.remove(listing, kv.key().map_err(engine)?);
+            }
+        }
         for kv in self.things.iter() {
             let k = kv.key().map_err(engine)?;
             b.insert(&self.members, member_key(&parse_thing(&k, &k)?), []);
@@ -323,7 +335,7 @@ impl Engine {
                     b.insert(
                         &self.events,
                         event_key(thing, shadow, slot),
-                        encode(&**change),
+                        HistoryEntry::encode(change, state),
                     );
                 }
                 Write::Connectivity {
@@ -398,19 +410,23 @@ impl Engine {
         &self,
         thing: &DeviceId,
         shadow: &ShadowName,
+        before: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<ShadowChange>, StoreError> {
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         let mut prefix = shadow_key(thing, shadow);
         prefix.push(0);
-        let mut out: Vec<ShadowChange> = Vec::new();
+        let mut out: Vec<HistoryEntry> = Vec::new();
         for kv in self.events.prefix(&prefix) {
             let (k, v) = kv.into_inner().map_err(engine)?;
-            out.push(decode(&k, &v)?);
+            out.push(HistoryEntry::decode(&v).map_err(|e| corrupt(&k, &e))?);
         }
-        // Ring slots are not in time order. A delete follows the update of its version.
-        out.sort_by_key(|c| (c.version, matches!(c.op, ChangeOp::Delete)));
-        let keep = out.len().min(limit).min(self.history as usize);
-        Ok(out.split_off(out.len() - keep))
+        // Ring slots are not in time order, and deletes make the ring hold more than the
+        // `history` changes retained.
+        out.sort_by_key(|e| std::cmp::Reverse(e.position()));
+        out.truncate(self.history as usize);
+        out.retain(|e| before.is_none_or(|b| e.position() < b));
+        out.truncate(limit);
+        Ok(out)
     }
 
     pub fn thing(&self, thing: &DeviceId) -> Result<Option<ThingRecord>, StoreError> {
@@ -644,7 +660,7 @@ mod tests {
         assert!(snap.connectivity.connected);
         assert_eq!(
             store
-                .history(&id("t1"), &ShadowName::classic(), 10)
+                .history(&id("t1"), &ShadowName::classic(), None, 10)
                 .unwrap()
                 .len(),
             1
@@ -704,6 +720,29 @@ mod tests {
             deadlines.iter().map(|d| d.at).collect::<Vec<_>>(),
             vec![command.deadline().unwrap()]
         );
+    }
+
+    /// Layout 2 keyed its listings by partitions of another hash: opened, they are made
+    /// anew under the token-ring partitions, and the old entries are gone.
+    #[test]
+    fn a_directory_of_layout_2_gets_its_listings_rekeyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
+        let (right, wrong) = (id("t1").partition(), (id("t1").partition() + 1) % 1024);
+        {
+            let store = Engine::open(dir.path(), 3).unwrap();
+            store.commit(&[Write::Thing(record.clone())]).unwrap();
+            for kv in store.members.iter() {
+                store.members.remove(kv.key().unwrap()).unwrap();
+            }
+            let mut stale = wrong.to_be_bytes().to_vec();
+            stale.extend_from_slice(b"t1");
+            store.members.insert(stale, []).unwrap();
+            store.meta.insert("layout", encode(&2u32)).unwrap();
+        }
+        let store = Engine::open(dir.path(), 3).unwrap();
+        assert_eq!(store.index_page(right, None, 10).unwrap().twins.len(), 1);
+        assert!(store.index_page(wrong, None, 10).unwrap().twins.is_empty());
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! - `job_execs`: `{thing}\0{jobId}` -> [`JobExecution`](twin_model::job::JobExecution) (JSON)
 //! - `job_targets`: `{jobId}\0{thing}` -> the execution's status (JSON), to count a job's
 //!   executions without reading them; kept when the thing is deleted.
-//! - `events`:   `{thing}\0{shadow}\0{slot:be64}` -> [`ShadowChange`] (JSON): a ring of
+//! - `events`:   `{thing}\0{shadow}\0{slot:be64}` -> [`HistoryEntry`] (JSON: the change
+//!   and the shadow it produced, for time travel): a ring of
 //!   the newest changes per shadow, slot = (2 * version + is_delete) mod (2 * history).
 //!   Each change overwrites the slot of the change `history` versions older, so the
 //!   history stays bounded without tombstones (two writes per update, not four); a
@@ -41,8 +42,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use twin_model::command::CommandExecution;
+use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
-use twin_model::{DeviceId, ShadowChange, ShadowName};
+use twin_model::{DeviceId, ShadowName};
 
 pub use engine::{Engine, LAYOUT};
 
@@ -97,10 +99,11 @@ impl TwinStateStore for EmbeddedStore {
         &self,
         thing: &DeviceId,
         shadow: &ShadowName,
+        before: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<ShadowChange>, StoreError> {
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         let (thing, shadow) = (thing.clone(), shadow.clone());
-        self.blocking(move |e| e.history(&thing, &shadow, limit))
+        self.blocking(move |e| e.history(&thing, &shadow, before, limit))
             .await
     }
 }

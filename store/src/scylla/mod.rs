@@ -12,6 +12,7 @@
 //! fsync here, is the cost.
 
 pub mod schema;
+mod tls;
 
 pub use scylla::statement::Consistency;
 
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -30,14 +32,17 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use serde::de::DeserializeOwned;
 use twin_model::command::CommandExecution;
+use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
-use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowChange, ShadowName};
+use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowName};
 
 use crate::{
     CommandStore, Deadline, DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore,
-    RegistryStore, StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    RegistryStore, StoreError, ThingRecord, TokenStore, TwinSnapshot, TwinStateStore, TwinStore,
+    Write,
 };
 use schema::kind;
+pub use tls::ScyllaTls;
 
 /// How to reach the database and what to keep there.
 #[derive(Debug, Clone)]
@@ -51,8 +56,12 @@ pub struct ScyllaConfig {
     pub consistency: Consistency,
     /// User name and password, for a database with password authentication.
     pub credentials: Option<(String, String)>,
+    /// TLS to the nodes; `None`: plain TCP.
+    pub tls: Option<ScyllaTls>,
     /// Changes kept per shadow.
     pub history: u64,
+    /// How long a change is kept (a TTL on its row); `None` keeps it until trimmed.
+    pub history_retention: Option<Duration>,
     /// Longest wait for one request.
     pub request_timeout: Duration,
 }
@@ -66,7 +75,9 @@ impl ScyllaConfig {
             replication: SINGLE_REPLICA.into(),
             consistency: Consistency::LocalQuorum,
             credentials: None,
+            tls: None,
             history,
+            history_retention: None,
             request_timeout: Duration::from_secs(10),
         }
     }
@@ -75,8 +86,16 @@ impl ScyllaConfig {
 /// Every statement the store runs, prepared once.
 struct Statements {
     load: PreparedStatement,
-    load_view: PreparedStatement,
+    /// The rows the fleet index needs (presence, record, shadow: the last kinds in
+    /// clustering order) of a token range.
+    index_scan: PreparedStatement,
+    drop_members: PreparedStatement,
+    drop_deadlines: PreparedStatement,
+    /// Every row a listing is made from (schema upgrades only).
+    listing_scan: PreparedStatement,
     row: PreparedStatement,
+    put_token: PreparedStatement,
+    tokens: PreparedStatement,
     put_row: PreparedStatement,
     delete_twin: PreparedStatement,
     commands: PreparedStatement,
@@ -112,6 +131,8 @@ pub struct ScyllaStore {
     session: Arc<Session>,
     st: Arc<Statements>,
     history: u64,
+    /// Seconds a change is kept (0: until trimmed).
+    history_ttl: i32,
     consistency: Consistency,
 }
 
@@ -162,7 +183,7 @@ fn parse_thing(text: &str) -> Result<DeviceId, StoreError> {
 
 /// The bucket of `job_targets` a thing falls in.
 fn job_bucket(thing: &DeviceId) -> i32 {
-    i32::from(thing.partition() % schema::JOB_BUCKETS)
+    i32::from((thing.stable_hash() % u64::from(schema::JOB_BUCKETS)) as u16)
 }
 
 /// Rows of a result as `T`, or a corrupt-data error naming the query.
@@ -195,19 +216,22 @@ impl ScyllaStore {
             )));
         }
         let nodes = config.nodes.join(",");
-        if config.replication == SINGLE_REPLICA {
-            tracing::warn!(keyspace = %config.keyspace, "a keyspace created now keeps one replica of each row: set scylla_replication for production");
-        }
         let mut builder = SessionBuilder::new()
             .known_nodes(&config.nodes)
             .connection_timeout(config.request_timeout);
         if let Some((user, password)) = &config.credentials {
             builder = builder.user(user, password);
         }
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_context(Some(tls::context(tls)?));
+        }
         let session = builder
             .build()
             .await
             .map_err(|e| StoreError::Engine(format!("cannot reach ScyllaDB at {nodes}: {e}")))?;
+        if config.replication == SINGLE_REPLICA {
+            tracing::warn!(keyspace = %config.keyspace, "a keyspace created now keeps one replica of each row: set scylla_replication for production");
+        }
         let ddl = |e: scylla::errors::ExecutionError| {
             StoreError::Engine(format!("cannot create the schema at {nodes}: {e}"))
         };
@@ -226,33 +250,118 @@ impl ScyllaStore {
             )
             .await
             .map_err(ddl)?;
-        match rows::<(i32,)>(found, "schema_version")?.first() {
-            Some((v,)) if *v > schema::VERSION => {
-                return Err(StoreError::Engine(format!(
-                    "the keyspace {ks} has schema version {v}, newer than this doppel knows ({}); upgrade doppel",
-                    schema::VERSION
-                )));
-            }
-            Some(_) => {}
-            None => {
-                session
-                    .query_unpaged(
-                        format!("INSERT INTO {ks}.schema_version (id, version) VALUES (0, ?)"),
-                        (schema::VERSION,),
-                    )
-                    .await
-                    .map_err(ddl)?;
-            }
+        let found = rows::<(i32,)>(found, "schema_version")?
+            .first()
+            .map(|(v,)| *v);
+        if let Some(v) = found
+            && v > schema::VERSION
+        {
+            return Err(StoreError::Engine(format!(
+                "the keyspace {ks} has schema version {v}, newer than this doppel knows ({}); upgrade doppel",
+                schema::VERSION
+            )));
         }
         let st = Statements::prepare(&session, ks, config)
             .await
             .map_err(|e| StoreError::Engine(format!("cannot prepare statements: {e}")))?;
-        Ok(Self {
+        let store = Self {
             session: Arc::new(session),
             st: Arc::new(st),
             history: config.history.max(1),
+            history_ttl: config.history_retention.map_or(0, |r| {
+                i32::try_from(r.as_secs().clamp(1, MAX_TTL)).unwrap_or(i32::MAX)
+            }),
             consistency: config.consistency,
-        })
+        };
+        if found != Some(schema::VERSION) {
+            if let Some(v) = found
+                && v < 3
+            {
+                store.rekey_listings().await?;
+            }
+            store
+                .session
+                .query_unpaged(
+                    format!("INSERT INTO {ks}.schema_version (id, version) VALUES (0, ?)"),
+                    (schema::VERSION,),
+                )
+                .await
+                .map_err(ddl)?;
+            if let Some(v) = found {
+                tracing::info!(keyspace = %ks, from = v, to = schema::VERSION, "schema upgraded");
+            }
+        }
+        Ok(store)
+    }
+
+    /// Schema 3 keys `members` and `deadlines` by placement partitions that are token
+    /// ranges: an older keyspace's are dropped and made anew from the twins' rows.
+    async fn rekey_listings(&self) -> Result<(), StoreError> {
+        for partition in 0..twin_model::PARTITIONS {
+            let p = i32::from(partition);
+            self.exec(&self.st.drop_members, (p,)).await?;
+            self.exec(&self.st.drop_deadlines, (p,)).await?;
+        }
+        let rows = self
+            .scan::<(String, String, String, String), _>(
+                &self.st.listing_scan,
+                (),
+                "rekeying listings",
+            )
+            .await?;
+        let mut rows = std::pin::pin!(rows);
+        // The listings' writes, a few hundred at once.
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        while let Some((thing, k, key, value)) = rows.try_next().await? {
+            let id = parse_thing(&thing)?;
+            let at = format!("{thing}/{k}/{key}");
+            match k.as_str() {
+                kind::RECORD => pending.push(Box::pin(
+                    self.exec(&self.st.put_member, (i32::from(id.partition()), thing)),
+                )),
+                kind::COMMAND => {
+                    let c: CommandExecution = decode(&at, &value)?;
+                    pending.push(self.deadline(&id, format!("c{}", c.execution_id), c.deadline()));
+                }
+                kind::JOB => {
+                    let e: JobExecution = decode(&at, &value)?;
+                    pending.push(self.deadline(&id, format!("j{}", e.job_id), e.deadline()));
+                }
+                _ => {}
+            }
+            if pending.len() >= 256 {
+                try_join_all(pending.drain(..)).await?;
+            }
+        }
+        try_join_all(pending).await?;
+        Ok(())
+    }
+
+    /// The rows of a statement read page by page ([`SCAN_PAGE`] rows a page), as a
+    /// stream; `what` names the read in errors.
+    async fn scan<T, V>(
+        &self,
+        statement: &PreparedStatement,
+        values: V,
+        what: &'static str,
+    ) -> Result<impl futures_util::Stream<Item = Result<T, StoreError>> + use<T, V>, StoreError>
+    where
+        T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+        V: scylla::serialize::row::SerializeRow,
+    {
+        let mut statement = statement.clone();
+        statement.set_page_size(SCAN_PAGE);
+        let rows = self
+            .session
+            .execute_iter(statement, values)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("{what}: {e}")))?
+            .rows_stream::<T>()
+            .map_err(|e| StoreError::Corrupt {
+                key: what.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(rows.map_err(move |e| StoreError::Unavailable(format!("{what}: {e}"))))
     }
 
     async fn value_of(
@@ -306,7 +415,8 @@ impl ScyllaStore {
                         thing.to_string(),
                         kind::HISTORY,
                         history_key(shadow, change.version, delete),
-                        encode(&**change),
+                        String::from_utf8(HistoryEntry::encode(change, state))
+                            .expect("JSON is UTF-8"),
                     ));
                     if change.version % TRIM_EVERY == 0 && change.version > self.history {
                         trims.push(self.trim(thing, shadow, change.version));
@@ -377,6 +487,19 @@ impl ScyllaStore {
         for _ in &rows {
             batch.append_statement(self.st.put_row.clone());
         }
+        // A change outlives its retention by age only until its TTL; other rows never
+        // expire (TTL 0).
+        let rows: Vec<_> = rows
+            .into_iter()
+            .map(|(thing, kind, key, value)| {
+                let ttl = if kind == kind::HISTORY {
+                    self.history_ttl
+                } else {
+                    0
+                };
+                (thing, kind, key, value, ttl)
+            })
+            .collect();
         let written = async {
             self.session
                 .batch(&batch, rows)
@@ -479,34 +602,7 @@ impl ScyllaStore {
             .execute_unpaged(statement, (thing.as_str(),))
             .await
             .map_err(engine("reading a twin"))?;
-        let mut snap = TwinSnapshot::default();
-        for (k, key, value) in rows::<(String, String, String)>(result, "twin")? {
-            let at = format!("{thing}/{k}/{key}");
-            match k.as_str() {
-                kind::RECORD => snap.record = Some(decode(&at, &value)?),
-                kind::PRESENCE => snap.connectivity = decode::<Connectivity>(&at, &value)?,
-                kind::SHADOW => {
-                    let name = ShadowName::from_key(&key).map_err(|e| StoreError::Corrupt {
-                        key: at.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    snap.shadows.push((name, decode(&at, &value)?));
-                }
-                kind::COMMAND => {
-                    let c: CommandExecution = decode(&at, &value)?;
-                    if !c.status.is_terminal() {
-                        snap.pending_commands.push(c);
-                    }
-                }
-                kind::JOB => snap
-                    .job_executions
-                    .push(decode::<JobExecution>(&at, &value)?),
-                other => {
-                    tracing::warn!(%thing, kind = other, "unknown row kind in a twin's partition; skipped");
-                }
-            }
-        }
-        Ok(snap)
+        snapshot_of(thing, rows::<(String, String, String)>(result, "twin")?)
     }
 
     /// A page of the things listed in a placement partition, in id order.
@@ -564,9 +660,14 @@ impl Statements {
         };
         Ok(Self {
             load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow', 'command', 'job')")).await?,
-            load_view: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow')")).await?,
+            drop_members: p(format!("DELETE FROM {ks}.members WHERE partition = ?")).await?,
+            drop_deadlines: p(format!("DELETE FROM {ks}.deadlines WHERE partition = ?")).await?,
+            listing_scan: p(format!("SELECT thing, kind, key, value FROM {ks}.twin")).await?,
+            index_scan: p(format!("SELECT thing, kind, key, value FROM {ks}.twin WHERE token(thing) >= ? AND token(thing) <= ? AND kind >= 'presence' AND kind <= 'shadow' ALLOW FILTERING")).await?,
             row: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = ? AND key = ?")).await?,
-            put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?)")).await?,
+            put_token: p(format!("INSERT INTO {ks}.api_tokens (bucket, id, record) VALUES (0, ?, ?)")).await?,
+            tokens: p(format!("SELECT id, record FROM {ks}.api_tokens WHERE bucket = 0")).await?,
+            put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
             delete_twin: p(format!("DELETE FROM {ks}.twin WHERE thing = ?")).await?,
             commands: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' ORDER BY kind DESC, key DESC LIMIT ?")).await?,
             commands_before: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' AND key < ? ORDER BY kind DESC, key DESC LIMIT ?")).await?,
@@ -596,6 +697,12 @@ impl Statements {
     }
 }
 
+/// Rows per page of a partition's scan.
+const SCAN_PAGE: i32 = 5000;
+
+/// The longest TTL CQL accepts (20 years).
+const MAX_TTL: u64 = 630_720_000;
+
 /// How often (in versions) a shadow's history is trimmed to `history` changes.
 const TRIM_EVERY: u64 = 16;
 
@@ -612,6 +719,41 @@ fn history_key_end(shadow: &ShadowName) -> String {
 /// A change's row key, in (version, delete after update) order.
 fn history_key(shadow: &ShadowName, version: u64, delete: bool) -> String {
     format!("{}/{version:020}{}", shadow.key(), u8::from(delete))
+}
+
+/// A twin as its rows (kind, key, value) make it.
+fn snapshot_of(
+    thing: &DeviceId,
+    found: impl IntoIterator<Item = (String, String, String)>,
+) -> Result<TwinSnapshot, StoreError> {
+    let mut snap = TwinSnapshot::default();
+    for (k, key, value) in found {
+        let at = format!("{thing}/{k}/{key}");
+        match k.as_str() {
+            kind::RECORD => snap.record = Some(decode(&at, &value)?),
+            kind::PRESENCE => snap.connectivity = decode::<Connectivity>(&at, &value)?,
+            kind::SHADOW => {
+                let name = ShadowName::from_key(&key).map_err(|e| StoreError::Corrupt {
+                    key: at.clone(),
+                    reason: e.to_string(),
+                })?;
+                snap.shadows.push((name, decode(&at, &value)?));
+            }
+            kind::COMMAND => {
+                let c: CommandExecution = decode(&at, &value)?;
+                if !c.status.is_terminal() {
+                    snap.pending_commands.push(c);
+                }
+            }
+            kind::JOB => snap
+                .job_executions
+                .push(decode::<JobExecution>(&at, &value)?),
+            other => {
+                tracing::warn!(%thing, kind = other, "unknown row kind in a twin's partition; skipped");
+            }
+        }
+    }
+    Ok(snap)
 }
 
 fn limit(n: usize) -> i32 {
@@ -661,9 +803,11 @@ impl TwinStateStore for ScyllaStore {
         &self,
         thing: &DeviceId,
         shadow: &ShadowName,
+        before: Option<u64>,
         limit_: usize,
-    ) -> Result<Vec<ShadowChange>, StoreError> {
-        let n = limit_.min(self.history as usize);
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        // The partition may hold up to TRIM_EVERY - 1 changes past the retained ones:
+        // read the retained ones, then page among them.
         let result = self
             .session
             .execute_unpaged(
@@ -672,17 +816,39 @@ impl TwinStateStore for ScyllaStore {
                     thing.as_str(),
                     history_key_prefix(shadow),
                     history_key_end(shadow),
-                    limit(n),
+                    limit(self.history as usize),
                 ),
             )
             .await
             .map_err(engine("reading history"))?;
-        let mut out = rows::<(String,)>(result, "twin history")?
-            .into_iter()
-            .map(|(c,)| decode::<ShadowChange>(&format!("{thing}/{shadow}"), &c))
-            .collect::<Result<Vec<_>, _>>()?;
-        out.reverse();
+        let mut out = Vec::new();
+        for (value,) in rows::<(String,)>(result, "twin history")? {
+            let entry =
+                HistoryEntry::decode(value.as_bytes()).map_err(|e| StoreError::Corrupt {
+                    key: format!("{thing}/{shadow}"),
+                    reason: e.to_string(),
+                })?;
+            if before.is_none_or(|b| entry.position() < b) {
+                out.push(entry);
+            }
+        }
+        out.truncate(limit_);
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl TokenStore for ScyllaStore {
+    async fn put_token(&self, id: &str, record: &str) -> Result<(), StoreError> {
+        self.exec(&self.st.put_token, (id.to_owned(), record.to_owned()))
+            .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.scan(&self.st.tokens, (), "reading API tokens")
+            .await?
+            .try_collect()
+            .await
     }
 }
 
@@ -906,28 +1072,61 @@ impl DeadlineIndex for ScyllaStore {
 
 #[async_trait]
 impl IndexSource for ScyllaStore {
+    /// One scan of the partition's token range (placement partitions are token ranges),
+    /// reading only the rows the index needs: far cheaper for the database than a read
+    /// per thing. Things come in token order; `after` resumes after that thing.
     async fn index_page(
         &self,
         partition: u16,
         after: Option<&DeviceId>,
         limit_: usize,
     ) -> Result<IndexPage, StoreError> {
-        let things = self.members(partition, after, limit_).await?;
-        let loaded = futures_util::future::join_all(
-            things.iter().map(|t| self.load_with(&self.st.load_view, t)),
-        )
-        .await;
-        // A member without its record (a crash between the listing and the twin's write,
-        // or a delete half-way) was never acknowledged: it is skipped, as a corrupt one.
-        let mut page = IndexPage {
-            twins: Vec::with_capacity(things.len()),
-            next: things.last().cloned(),
-        };
-        for (thing, snap) in things.iter().zip(loaded) {
-            if let Some(twin) = crate::indexed(thing, snap)? {
+        let (first, last) = twin_model::partition_tokens(partition);
+        let from = after.map_or(first, DeviceId::token);
+        let rows = self
+            .scan::<(String, String, String, String), _>(
+                &self.st.index_scan,
+                (from, last),
+                "scanning a placement partition",
+            )
+            .await?;
+        let mut rows = std::pin::pin!(rows);
+        let mut page = IndexPage::default();
+        let mut current: Option<(String, Vec<(String, String, String)>)> = None;
+        let finish = |thing: String, found: Vec<(String, String, String)>, page: &mut IndexPage| {
+            let id = parse_thing(&thing)?;
+            if let Some(twin) = crate::indexed(&id, snapshot_of(&id, found))? {
                 page.twins.push(twin);
             }
+            page.next = Some(id);
+            Ok::<_, StoreError>(())
+        };
+        while let Some((thing, kind, key, value)) = rows.try_next().await? {
+            // Resuming: the things up to `after` (in token order, then id) were answered.
+            if let Some(a) = after {
+                let id = parse_thing(&thing)?;
+                if id.token() == a.token() && thing.as_str() <= a.as_str() {
+                    continue;
+                }
+            }
+            match &mut current {
+                Some((t, found)) if *t == thing => found.push((kind, key, value)),
+                _ => {
+                    if let Some((t, found)) = current.take() {
+                        finish(t, found, &mut page)?;
+                        if page.twins.len() >= limit_ {
+                            return Ok(page);
+                        }
+                    }
+                    current = Some((thing, vec![(kind, key, value)]));
+                }
+            }
         }
+        if let Some((t, found)) = current.take() {
+            finish(t, found, &mut page)?;
+        }
+        // The range is exhausted: no next page.
+        page.next = None;
         Ok(page)
     }
 }
@@ -993,6 +1192,42 @@ mod tests {
         );
     }
 
+    /// A keyspace of schema 1 (before `api_tokens`, with listings keyed by partitions of
+    /// another hash) gets the table, its listings made anew, and the current version.
+    #[tokio::test]
+    async fn a_keyspace_of_an_older_schema_is_upgraded() {
+        let config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 10);
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        let ks = &config.keyspace;
+        let thing = DeviceId::parse("t1").unwrap();
+        let (record, _) = ThingRecord::new(thing.clone(), 1).unwrap();
+        store.commit(vec![Write::Thing(record)]).await.unwrap();
+        let (right, wrong) = (thing.partition(), (thing.partition() + 1) % 1024);
+        for cql in [
+            format!("DROP TABLE {ks}.api_tokens"),
+            format!("UPDATE {ks}.schema_version SET version = 1 WHERE id = 0"),
+            format!("DELETE FROM {ks}.members WHERE partition = {right}"),
+            format!("INSERT INTO {ks}.members (partition, thing) VALUES ({wrong}, 't1')"),
+        ] {
+            store.session.query_unpaged(cql, ()).await.unwrap();
+        }
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        assert_eq!(store.members(right, None, 10).await.unwrap(), [thing]);
+        assert!(store.members(wrong, None, 10).await.unwrap().is_empty());
+        store.put_token("abc", "{}").await.unwrap();
+        assert_eq!(store.tokens().await.unwrap(), [("abc".into(), "{}".into())]);
+        let found = store
+            .session
+            .query_unpaged(
+                format!("SELECT version FROM {ks}.schema_version WHERE id = 0"),
+                (),
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows::<(i32,)>(found, "v").unwrap(), [(schema::VERSION,)]);
+        dropped(Arc::new(store), config.keyspace).await;
+    }
+
     #[tokio::test]
     async fn a_twin_with_corrupt_rows_is_skipped_and_the_partition_still_listed() {
         let config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 10);
@@ -1022,7 +1257,6 @@ mod tests {
         let page = store.index_page(partition, None, 10).await.unwrap();
         let listed: Vec<&DeviceId> = page.twins.iter().map(|t| &t.record.id).collect();
         assert_eq!(listed, [&thing]);
-        assert!(page.next.is_some());
         dropped(Arc::new(store), config.keyspace).await;
     }
 
@@ -1038,13 +1272,13 @@ mod tests {
         }
         let t1 = DeviceId::parse("t1").unwrap();
         let versions: Vec<u64> = store
-            .history(&t1, &ShadowName::classic(), 10)
+            .history(&t1, &ShadowName::classic(), None, 10)
             .await
             .unwrap()
             .iter()
-            .map(|c| c.version)
+            .map(|e| e.change.version)
             .collect();
-        assert_eq!(versions, [38, 39, 40]);
+        assert_eq!(versions, [40, 39, 38]);
         let found = store
             .session
             .query_unpaged(
@@ -1062,6 +1296,56 @@ mod tests {
             "{kept} history rows kept for a history of 3"
         );
         dropped(Arc::new(store), config.keyspace).await;
+    }
+
+    /// Retention by age is the history rows' TTL; nothing else of the twin expires.
+    #[tokio::test]
+    async fn history_rows_expire_after_the_retention() {
+        let mut config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 3);
+        config.history_retention = Some(Duration::from_secs(3600));
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        let mut shadow = twin_model::Shadow::default();
+        let w = crate::conformance::change(&mut shadow, r#"{"state":{"reported":{"n":1}}}"#, 1);
+        store.commit(vec![w]).await.unwrap();
+        let found = store
+            .session
+            .query_unpaged(
+                format!(
+                    "SELECT kind, TTL(value) FROM {}.twin WHERE thing = 't1'",
+                    config.keyspace
+                ),
+                (),
+            )
+            .await
+            .unwrap();
+        let ttls: HashMap<String, Option<i32>> = rows::<(String, Option<i32>)>(found, "twin")
+            .unwrap()
+            .into_iter()
+            .collect();
+        let history = ttls["history"].expect("a history row has a TTL");
+        assert!((3500..=3600).contains(&history), "TTL {history}");
+        assert_eq!(ttls["shadow"], None, "a shadow never expires");
+        dropped(Arc::new(store), config.keyspace).await;
+    }
+
+    /// A placement partition is a token range: a thing's token is the one the driver and
+    /// the database compute, and falls in its partition's range.
+    #[test]
+    fn placement_partitions_are_token_ranges_of_the_driver_s_partitioner() {
+        use scylla::routing::partitioner::{Partitioner, PartitionerName};
+        for n in 0..2000u32 {
+            let id = format!("dev-{n:x}-{}", "x".repeat((n % 37) as usize));
+            let thing = DeviceId::parse(&id).unwrap();
+            let token = PartitionerName::Murmur3.hash_one(id.as_bytes()).value();
+            assert_eq!(thing.token(), token, "{id}");
+            let (first, last) = twin_model::partition_tokens(thing.partition());
+            assert!((first..=last).contains(&token), "{id}");
+        }
+        assert_eq!(twin_model::partition_tokens(0).0, i64::MIN);
+        assert_eq!(
+            twin_model::partition_tokens(twin_model::PARTITIONS - 1).1,
+            i64::MAX
+        );
     }
 
     #[tokio::test]

@@ -3,20 +3,24 @@
 //!
 //! | Table | Partition | Rows per partition | For |
 //! |---|---|---|---|
-//! | `twin` | a thing | its record, presence, shadows, commands, job executions, and each shadow's newest changes (`history` to `history` + 15 per shadow) | `load`, `history`, and every write of the twin: one partition, so a twin's batch (a change with its history row) is atomic and isolated |
-//! | `members` | a placement partition (1,024) | about fleet size / 1,024 (10,000 for 10 million things) | the fleet index's paged source, by partition |
+//! | `twin` | a thing | its record, presence, shadows, commands, job executions, and each shadow's newest changes, each with the shadow it produced (`history` to `history` + 15 per shadow, with a TTL of `history_retention`) | `load`, `history`, and every write of the twin: one partition, so a twin's batch (a change with its history row) is atomic and isolated |
+//! | `members` | a placement partition (1,024 token ranges) | about fleet size / 1,024 (10,000 for 10 million things) | the registry's listing in id order (the fleet index scans the partition's token range of `twin` instead) |
 //! | `deadlines` | a placement partition | the partition's pending deadlines | start-up alarms, by partition |
 //! | `command_ids` | an execution id | 1 | a command by its id alone |
 //! | `job` | a job | 1 (the definition, targets included) | `job` |
 //! | `job_ids` | one partition for all job ids | the number of jobs (ids only) | `jobs` in id order |
 //! | `job_targets` | a job and one of 64 target buckets | a job's targets / 64 (1,600 for 100,000) | statuses and counts |
+//! | `api_tokens` | one partition for all tokens | the number of API tokens (a record each: id, role, hash of the secret) | authenticating API calls on every node |
 //! | `schema_version` | one row | 1 | refusing a newer schema |
 //!
 //! Values are the same JSON documents the embedded store keeps: one codec, and a record
 //! format that evolves with serde defaults, not with schema changes.
 
-/// The schema version this build creates and reads.
-pub const VERSION: i32 = 1;
+/// The schema version this build creates and reads. 2 added `api_tokens`; 3 keys
+/// `members` and `deadlines` by placement partitions that are token ranges. An older
+/// keyspace gets what it lacks (every statement is `IF NOT EXISTS`), its listings made
+/// anew (from 1 or 2), and its version raised.
+pub const VERSION: i32 = 3;
 
 /// Target buckets per job: a job with 100,000 targets is 64 partitions, not one.
 pub const JOB_BUCKETS: u16 = 64;
@@ -31,6 +35,7 @@ pub fn tables(keyspace: &str) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS {ks}.job (job_id text PRIMARY KEY, definition text)",
         "CREATE TABLE IF NOT EXISTS {ks}.job_ids (bucket int, job_id text, PRIMARY KEY (bucket, job_id))",
         "CREATE TABLE IF NOT EXISTS {ks}.job_targets (job_id text, bucket int, thing text, status text, PRIMARY KEY ((job_id, bucket), thing))",
+        "CREATE TABLE IF NOT EXISTS {ks}.api_tokens (bucket int, id text, record text, PRIMARY KEY (bucket, id))",
         "CREATE TABLE IF NOT EXISTS {ks}.schema_version (id int PRIMARY KEY, version int)",
     ]
     .iter()
