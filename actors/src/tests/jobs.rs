@@ -279,15 +279,18 @@ async fn a_rate_paced_rollout_releases_on_the_clock_and_resumes_without_a_burst(
         .await
         .unwrap();
     // The controller looks every 200 ms from t0: each count is read 100 ms after a look.
+    // The executions are read after the count, and the controller may release more in
+    // between (paused time jumps to its next look while a read waits on the store), so
+    // every counted release has its execution, and there may be more.
     let released_at = async |at: Duration| {
         tokio::time::sleep_until(t0 + at + Duration::from_millis(100)).await;
         let job = f.fleet.jobs().get("fw-rate").await.unwrap().unwrap();
         let released = job.rollout.unwrap().released;
         let queued = f.fleet.jobs().statuses("fw-rate").await.unwrap();
-        assert_eq!(
-            queued.len() as u64,
-            released,
-            "every release has its execution"
+        assert!(
+            queued.len() as u64 >= released,
+            "every release has its execution: {} executions for {released} released",
+            queued.len()
         );
         released
     };
