@@ -48,6 +48,12 @@ pub struct Config {
     pub mqtt_listen: SocketAddr,
     #[serde(deserialize_with = "listen_addr")]
     pub http_listen: SocketAddr,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_listen_addr"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
     pub auto_register: bool,
     pub shards: usize,
     pub max_resident_twins: usize,
@@ -105,6 +111,8 @@ impl Default for Config {
             scylla_tls_key_file: None,
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            metrics_listen: None,
+            log_format: LogFormat::Text,
             auto_register: false,
             shards: fleet.shards,
             max_resident_twins: fleet.max_resident_twins,
@@ -145,6 +153,16 @@ pub enum StoreKind {
     Embedded,
     /// ScyllaDB (or Apache Cassandra) at `scylla_nodes`.
     Scylla,
+}
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// tracing's text format, values escaped and cut (see `logging`).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The consistency levels `scylla_consistency` takes.
@@ -614,7 +632,15 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "http_listen",
-        "HTTP address for GraphQL (/graphql, /graphql/ws), /healthz and /readyz (port 0 picks a free port).",
+        "HTTP address for GraphQL (/graphql, /graphql/ws), /metrics, /healthz and /readyz (port 0 picks a free port).",
+    ),
+    (
+        "log_format",
+        "Log lines on standard error: text, or json (one object per line: timestamp, level, target, message and fields, spans).",
+    ),
+    (
+        "metrics_listen",
+        "A second address serving only /metrics, as http_listen (for a scraper kept off the API's network); off unless set.",
     ),
     (
         "auto_register",

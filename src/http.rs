@@ -17,6 +17,14 @@ pub fn ops_router(serving: Arc<AtomicBool>, store: Arc<AtomicBool>) -> Router {
         .with_state((serving, store))
 }
 
+/// Whether `/readyz` answers 200 now (for the `doppel_ready` metric).
+pub fn readiness(
+    serving: Arc<AtomicBool>,
+    store: Arc<AtomicBool>,
+) -> impl Fn() -> bool + Send + Sync + 'static {
+    move || serving.load(Ordering::SeqCst) && store.load(Ordering::SeqCst)
+}
+
 async fn readyz(
     State((serving, store)): State<(Arc<AtomicBool>, Arc<AtomicBool>)>,
 ) -> (StatusCode, &'static str) {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod http;
 pub mod http_server;
 pub mod logging;
+pub mod telemetry;
 
 use std::future::Future;
 use std::io::IsTerminal as _;
@@ -21,6 +22,20 @@ use twin_store::scylla::ScyllaStore;
 use twin_store::{Committer, EmbeddedStore, ThingRecord, TokenStore, TwinStore, Write, now_millis};
 
 pub use config::{Config, StoreKind};
+
+/// The commit this binary was built from (set by `build.rs`; rustdoc's builds of the
+/// doc tests do not get it).
+pub const COMMIT: &str = match option_env!("DOPPEL_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
+
+/// The version and the commit this binary was built from (`doppel --version`).
+pub fn version() -> &'static str {
+    static VERSION: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("{} (commit {COMMIT})", env!("CARGO_PKG_VERSION")));
+    &VERSION
+}
 
 /// Runs the platform until `shutdown` completes, then stops cleanly: devices are told,
 /// twins finish their mailboxes, the store is flushed.
@@ -84,8 +99,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         signer,
     });
     let (stop_subscriptions, subscriptions_stopping) = tokio::sync::watch::channel(false);
-    let router =
-        http::ops_router(ready.clone(), store_reachable).merge(twin_graphql::http::router(
+    let metrics = telemetry::registry(telemetry::Sampled {
+        requests_in_flight: Box::new(fleet.requests_in_flight()),
+        ready: Box::new(http::readiness(ready.clone(), store_reachable.clone())),
+    });
+    let router = http::ops_router(ready.clone(), store_reachable)
+        .merge(telemetry::router(metrics.clone()))
+        .merge(twin_graphql::http::router(
             schema,
             tokens,
             config.graphql_http(),
@@ -103,6 +123,23 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             let _ = http_stopped.await;
         },
     ));
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let l =
+                listen(addr).with_context(|| format!("cannot listen on metrics_listen {addr}"))?;
+            tracing::info!("metrics listening on {}", l.local_addr()?);
+            Some(tokio::spawn(http_server::serve(
+                l,
+                telemetry::router(metrics),
+                config.http_limits(),
+                async {
+                    let _ = metrics_stopped.await;
+                },
+            )))
+        }
+        None => None,
+    };
     if let Some(addr) = gateway.addr(true) {
         let certs = if config.tls_client_ca_file.is_some() {
             "required"
@@ -126,7 +163,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     drop(fleet);
     let _ = stop_subscriptions.send(true);
     let _ = stop_http.send(());
+    let _ = stop_metrics.send(());
     let _ = http_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     // The commit loop ends (after a final flush) once the last handle is gone.
     commits
         .await

@@ -12,6 +12,8 @@
 use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
+
+use crate::config::LogFormat;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::fmt::format::Writer;
@@ -21,18 +23,24 @@ pub const MAX_VALUE_CHARS: usize = 256;
 /// Longest message written, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 1024;
 
-/// Sets up logging to standard error: the level from `RUST_LOG` (default `info`), ANSI
-/// colours only on a terminal, values escaped.
-pub fn init(ansi: bool) {
-    tracing_subscriber::fmt()
+/// Sets up logging to standard error: the level from `RUST_LOG` (default `info`). Text
+/// has ANSI colours only on a terminal and its values escaped and cut; JSON is one object
+/// per line, whose strings JSON escapes (a value cannot end its line).
+pub fn init(ansi: bool, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .fmt_fields(EscapedFields)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(ansi).fmt_fields(EscapedFields).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// Formats fields as tracing's default does (`message key=value ...`), escaping values.

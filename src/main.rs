@@ -17,7 +17,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "doppel",
-    version,
+    version = doppel::version(),
     about = "Digital twins for IoT fleets: an AWS IoT compatible MQTT device endpoint, durable device shadows, one binary"
 )]
 struct Cli {
@@ -169,10 +169,18 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_listen: Option<String>,
-    /// HTTP address (GraphQL, /healthz, /readyz), as --mqtt-listen [default: 0.0.0.0:8080] [env: DOPPEL_HTTP_LISTEN]
+    /// HTTP address (GraphQL, /metrics, /healthz, /readyz), as --mqtt-listen [default: 0.0.0.0:8080] [env: DOPPEL_HTTP_LISTEN]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     http_listen: Option<String>,
+    /// A second address serving only /metrics, as --http-listen; off unless set [env: DOPPEL_METRICS_LISTEN]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<String>,
+    /// Log lines on standard error: text, or json (one object per line) [default: text] [env: DOPPEL_LOG_FORMAT]
+    #[arg(long, value_parser = ["text", "json"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<String>,
     /// Development only: register unknown devices on connect, skip password checks [env: DOPPEL_AUTO_REGISTER]
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -287,10 +295,13 @@ struct ServeArgs {
     tls_client_ca_file: Option<PathBuf>,
 }
 
+/// Loads the configuration and starts logging in its `log_format`.
 fn load(file: Option<PathBuf>, flags: &impl Serialize) -> anyhow::Result<Config> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let file = file.or_else(|| env.get("DOPPEL_CONFIG").map(PathBuf::from));
-    Config::load(file.as_deref(), &env, toml::Table::try_from(flags)?)
+    let config = Config::load(file.as_deref(), &env, toml::Table::try_from(flags)?)?;
+    doppel::logging::init(std::io::stderr().is_terminal(), config.log_format);
+    Ok(config)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -425,7 +436,6 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    doppel::logging::init(std::io::stderr().is_terminal());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

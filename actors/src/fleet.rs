@@ -24,6 +24,7 @@ use crate::loading;
 use crate::pipeline::{Committed, Consumer, DeviceLinks, Pipeline, Rollouts, Subscribers};
 use crate::services::{Commands, DeviceSessions, Jobs, Queries, Registry, Shadows};
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
+use crate::telemetry::{self, OverloadCause};
 
 /// Settings of the twin layer.
 #[derive(Debug, Clone)]
@@ -138,8 +139,12 @@ impl FleetHandle {
         let subscribers = Arc::new(Subscribers::new(config.event_buffer));
         let rollouts = Arc::new(Rollouts::default());
         // Every consumer of committed changes, in the order each change reaches them.
-        let consumers: Vec<Arc<dyn Consumer>> =
-            vec![links.clone(), subscribers.clone(), rollouts.clone()];
+        let consumers: Vec<Arc<dyn Consumer>> = vec![
+            links.clone(),
+            subscribers.clone(),
+            rollouts.clone(),
+            Arc::new(telemetry::ExecutionCounter),
+        ];
         let twins = Arc::new(TwinContext {
             committer,
             config: config.clone(),
@@ -220,11 +225,18 @@ impl FleetHandle {
         self.twins.committer.store()
     }
 
+    /// Reads the number of requests sent to twins and not answered yet (bounded by
+    /// `max_pending`); it does not keep the fleet alive.
+    pub fn requests_in_flight(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let (pending, max) = (self.pending.clone(), self.config().max_pending.max(1));
+        move || max - pending.available_permits()
+    }
+
     pub(crate) fn permit(&self) -> Result<OwnedSemaphorePermit, FleetError> {
-        self.pending
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| FleetError::Overloaded)
+        self.pending.clone().try_acquire_owned().map_err(|_| {
+            telemetry::overloaded(OverloadCause::TwinRequests);
+            FleetError::Overloaded
+        })
     }
 
     pub(crate) fn route(&self, thing: &DeviceId, msg: DeviceMsg) -> Result<(), FleetError> {

@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod rollout;
 pub mod services;
 pub mod shard;
+pub mod telemetry;
 
 pub use clock::Clock;
 pub use device::RegistryOp;

@@ -19,6 +19,7 @@ use twin_model::{DeviceId, Filter, RejectionKind};
 
 use crate::error::FleetError;
 use crate::fleet::FleetHandle;
+use crate::telemetry;
 
 /// How often a controller may look at its job's executions. It looks only when one of
 /// them changed, or when time matters (a rate, a health window).
@@ -42,6 +43,7 @@ pub(crate) async fn run(
     changed: Arc<Notify>,
     first_step: oneshot::Sender<()>,
 ) {
+    let _running = telemetry::RolloutRunning::start();
     let mut first_step = Some(first_step);
     let id = job.job_id.clone();
     let mut tick = tokio::time::interval(TICK);

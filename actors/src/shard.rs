@@ -26,6 +26,7 @@ use twin_model::DeviceId;
 
 use crate::device::{DeviceArgs, DeviceMsg, DeviceTwin};
 use crate::fleet::TwinContext;
+use crate::telemetry;
 
 /// The shard of a thing, from its stable hash.
 pub fn shard_for(thing: &DeviceId, shard_count: usize) -> usize {
@@ -86,6 +87,7 @@ impl ShardState {
     fn passivate(&mut self, thing: &DeviceId) {
         if let Some(r) = self.twins.remove(thing) {
             self.lru.remove(&r.stamp);
+            telemetry::twin_passivated();
             // Drain: the twin handles what is already in its mailbox, then stops.
             if r.actor.drain().is_ok() {
                 self.stopping.entry(thing.clone()).or_default();
@@ -113,6 +115,7 @@ impl ShardState {
             next_deadline: next_deadline.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, DeviceTwin, args, myself.get_cell()).await?;
+        telemetry::twin_activated();
         self.clock += 1;
         self.by_actor
             .insert(actor.get_id(), (thing.clone(), next_deadline));
@@ -179,6 +182,7 @@ impl ShardState {
     /// waited for it.
     fn forget(&mut self, id: &ActorId) -> Option<(DeviceId, Vec<DeviceMsg>)> {
         let (thing, next_deadline) = self.by_actor.remove(id)?;
+        telemetry::twin_stopped();
         let at = next_deadline.load(Ordering::Relaxed);
         if at != 0 {
             self.alarms.insert((at, thing.clone()));

@@ -18,6 +18,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use twin_actors::FleetHandle;
+use twin_actors::telemetry::{OverloadCause, overloaded};
 use twin_model::{DeviceId, RejectionKind};
 
 use crate::GatewayConfig;
@@ -30,6 +31,7 @@ use crate::codec::{
 };
 use crate::protocol::{Close, Core, Request};
 use crate::session::{CloseSignal, OutMsg, Session, SessionState, Sessions, lock};
+use crate::telemetry;
 
 /// Everything a connection needs from the endpoint.
 pub(crate) struct Context {
@@ -98,6 +100,7 @@ struct Conn<S> {
     will: Option<codec::Will>,
     /// Publishes of this connection that were not requests of the device API.
     ignored: u64,
+    _counted: telemetry::Connected,
 }
 
 /// Serves one TCP connection until it ends.
@@ -136,6 +139,15 @@ pub(crate) async fn serve(ctx: Arc<Context>, mut stream: impl Stream, peer: Sock
     conn.finish(close).await;
 }
 
+/// Encodes `packet` into `buf` (see [`codec::write`]) and counts it when it went in.
+fn write(packet: &Outbound, version: Version, buf: &mut BytesMut, max_size: usize) -> bool {
+    let written = codec::write(packet, version, buf, max_size);
+    if written {
+        telemetry::sent(packet);
+    }
+    written
+}
+
 async fn send_connack(
     stream: &mut impl Stream,
     version: Version,
@@ -144,7 +156,7 @@ async fn send_connack(
     limits: ServerLimits,
 ) -> std::io::Result<()> {
     let mut b = BytesMut::new();
-    codec::write(
+    write(
         &Outbound::ConnAck {
             code,
             session_present,
@@ -164,7 +176,11 @@ async fn read_connect(stream: &mut impl Stream, rbuf: &mut BytesMut, max: usize)
     loop {
         match codec::sniff_version(rbuf, max) {
             Ok(Some(version)) => {
-                return match codec::read(rbuf, version, max) {
+                let read = codec::read(rbuf, version, max);
+                if let Ok(Some(packet)) = &read {
+                    telemetry::received(packet);
+                }
+                return match read {
                     Ok(Some(Inbound::Connect(c))) => Ok(Some((version, c))),
                     Ok(_) => Err((Some(version), codec::CodecError::NotConnect)),
                     Err(e) => Err((Some(version), e)),
@@ -301,6 +317,7 @@ async fn accept<S: Stream>(
         connection: ok.session,
         will: connect.will,
         ignored: 0,
+        _counted: telemetry::Connected::new(),
     };
     conn.resend_inflight();
     conn.want_commands();
@@ -309,7 +326,7 @@ async fn accept<S: Stream>(
 
 impl<S: Stream> Conn<S> {
     fn send(&mut self, packet: &Outbound) {
-        if !codec::write(packet, self.core.version(), &mut self.wbuf, self.client_max) {
+        if !write(packet, self.core.version(), &mut self.wbuf, self.client_max) {
             tracing::debug!(thing = %self.core.thing(), "dropped a packet larger than the client's maximum packet size");
         }
     }
@@ -443,6 +460,7 @@ impl<S: Stream> Conn<S> {
     }
 
     fn on_packet(&mut self, packet: Inbound) -> Option<Close> {
+        telemetry::received(&packet);
         let actions = self.core.handle(&mut lock(&self.session.state), packet);
         for packet in &actions.send {
             self.send(packet);
@@ -472,7 +490,12 @@ impl<S: Stream> Conn<S> {
                 let answer = call.send(&self.ctx.fleet, self.core.thing(), request.ack);
                 self.answers.push(answer);
             }
-            Dispatch::Answered => self.send_ack(request.ack, PubAckCode::Success),
+            Dispatch::Answered => {
+                if !room {
+                    overloaded(OverloadCause::DeviceInFlight);
+                }
+                self.send_ack(request.ack, PubAckCode::Success);
+            }
             Dispatch::Ignored(why) => {
                 self.ignore(&request.topic, &why);
                 self.send_ack(request.ack, PubAckCode::NoMatchingSubscribers);
@@ -537,7 +560,7 @@ impl<S: Stream> Conn<S> {
             ..
         } = self;
         core.pump(&mut lock(&session.state), |packet| {
-            codec::write(packet, core.version(), wbuf, *client_max)
+            write(packet, core.version(), wbuf, *client_max)
         });
     }
 
@@ -556,7 +579,7 @@ impl<S: Stream> Conn<S> {
     fn resend_inflight(&mut self) {
         let packets = self.core.resend(&lock(&self.session.state));
         for packet in &packets {
-            codec::write(packet, self.core.version(), &mut self.wbuf, self.client_max);
+            write(packet, self.core.version(), &mut self.wbuf, self.client_max);
         }
     }
 

@@ -20,6 +20,7 @@ pub mod codec;
 mod connection;
 mod protocol;
 mod session;
+pub mod telemetry;
 pub mod tls;
 
 use std::net::SocketAddr;

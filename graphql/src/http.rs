@@ -29,6 +29,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::{mpsc, watch};
+use twin_actors::telemetry::{OverloadCause, overloaded};
 
 use crate::auth::Tokens;
 use crate::error::{self, ApiError, Code};
@@ -274,6 +275,7 @@ async fn serve_socket(
                 Some(Ok(Message::Text(text))) => {
                     heard = tokio::time::Instant::now();
                     if input.try_send(text.as_str().as_bytes().to_vec()).is_err() {
+                        overloaded(OverloadCause::SubscriptionMessages);
                         let _ = socket.send(close(4429, "too many messages")).await;
                         return;
                     }
@@ -281,6 +283,7 @@ async fn serve_socket(
                 Some(Ok(Message::Binary(bytes))) => {
                     heard = tokio::time::Instant::now();
                     if input.try_send(bytes.to_vec()).is_err() {
+                        overloaded(OverloadCause::SubscriptionMessages);
                         let _ = socket.send(close(4429, "too many messages")).await;
                         return;
                     }

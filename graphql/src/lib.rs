@@ -24,6 +24,7 @@ pub mod http;
 pub mod jobs;
 pub mod schema;
 pub mod signing;
+pub mod telemetry;
 pub mod thing_events;
 pub mod things;
 

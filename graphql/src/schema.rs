@@ -165,7 +165,10 @@ pub(crate) fn lagging<T: Clone + Send + 'static>(
     stream::unfold(rx, |mut rx| async move {
         match rx.recv().await {
             Ok(v) => Some((Ok(v), rx)),
-            Err(RecvError::Lagged(skipped)) => Some((Err(skipped), rx)),
+            Err(RecvError::Lagged(skipped)) => {
+                crate::telemetry::lagged();
+                Some((Err(skipped), rx))
+            }
             Err(RecvError::Closed) => None,
         }
     })
@@ -201,6 +204,7 @@ pub fn build(api: Api) -> DoppelSchema {
     .data(api)
     .limit_depth(limits.max_depth)
     .limit_complexity(limits.max_complexity)
+    .extension(crate::telemetry::Metered)
     .extension(crate::error::Coded {
         max_depth: limits.max_depth,
         max_complexity: limits.max_complexity,

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use async_graphql::{Context, ID, Json, Object, SimpleObject};
 use serde_json::{Map, Value, json};
+use twin_actors::telemetry::{Caller, shadow_request};
 use twin_actors::{FleetHandle, RegistryOp, ShadowView, TwinView};
+use twin_model::topic::ShadowOp;
 use twin_model::{DeviceId, ShadowName, UpdateRequest};
 
 use crate::auth::Role;
@@ -344,6 +346,7 @@ impl ThingsMutation {
             body["clientToken"] = t.into();
         }
         let request = UpdateRequest::parse(body.to_string().as_bytes(), &api.fleet.config().limits)
+            .inspect_err(|r| shadow_request(Caller::ApiToken, ShadowOp::Update, r.code()))
             .map_err(ApiError::from)?;
         api.fleet
             .shadows()

@@ -144,6 +144,7 @@ async fn commit_loop(
             }
         }
         let writes = batch.len();
+        crate::telemetry::queued(rx.len());
         let started = std::time::Instant::now();
         let result = store.commit(batch).await.map_err(Arc::new);
         let took = started.elapsed();
@@ -154,6 +155,11 @@ async fn commit_loop(
                 "slow durable commit: every change in it waited"
             );
         }
+        crate::telemetry::committed(
+            writes,
+            took,
+            result.as_ref().err().map(|e| e.is_unavailable()),
+        );
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.writes.fetch_add(writes as u64, Ordering::Relaxed);
         match &result {

@@ -20,6 +20,7 @@ pub mod conformance;
 pub mod embedded;
 pub mod scylla;
 pub mod secret;
+pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 

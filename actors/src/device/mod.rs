@@ -31,6 +31,8 @@ pub use messages::{AnswerPort, DeviceMsg, Ending, RegistryOp, Running};
 use crate::error::FleetError;
 use crate::fleet::{ConnectOk, TwinContext};
 use crate::pipeline::Committed;
+use crate::telemetry::{Caller, shadow_answered};
+use twin_model::topic::ShadowOp;
 
 pub struct DeviceTwin;
 
@@ -396,7 +398,10 @@ impl DeviceState {
                 reply,
                 permit,
             } => {
-                answer(reply, self.update(shadow, *request, by).await);
+                let caller = Caller::of(&by);
+                let result = self.update(shadow, *request, by).await;
+                shadow_answered(caller, ShadowOp::Update, &result);
+                answer(reply, result);
                 drop(permit);
             }
             DeviceMsg::Get {
@@ -404,7 +409,10 @@ impl DeviceState {
                 reply,
                 permit,
             } => {
-                answer(reply, self.get(&shadow).await);
+                let result = self.get(&shadow).await;
+                // Only devices read a shadow through its twin (the API reads the index).
+                shadow_answered(Caller::Device, ShadowOp::Get, &result);
+                answer(reply, result);
                 drop(permit);
             }
             DeviceMsg::Delete {
@@ -414,7 +422,10 @@ impl DeviceState {
                 reply,
                 permit,
             } => {
-                answer(reply, self.delete(shadow, client_token, by).await);
+                let caller = Caller::of(&by);
+                let result = self.delete(shadow, client_token, by).await;
+                shadow_answered(caller, ShadowOp::Delete, &result);
+                answer(reply, result);
                 drop(permit);
             }
             DeviceMsg::Connect {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use twin_actors::FleetError;
+use twin_actors::telemetry::{Caller, shadow_request};
 use twin_model::shadow::{parse_client_token, payload};
 use twin_model::topic::{ShadowChannel, ShadowOp, ShadowTopic, format_shadow_topic};
 use twin_model::{
@@ -38,6 +39,7 @@ pub(crate) fn dispatch(
     } = t;
     if !room {
         let token = parse_client_token(body).ok().flatten();
+        shadow_request(Caller::Device, op, 429);
         rejected(
             &thing,
             op,
@@ -65,6 +67,7 @@ pub(crate) fn dispatch(
     match call {
         Ok(call) => Dispatch::Call(call),
         Err(rejection) => {
+            shadow_request(Caller::Device, op, rejection.code());
             rejected(&thing, op, &shadow, &rejection, None, out);
             Dispatch::Answered
         }

@@ -1,0 +1,315 @@
+//! Metrics plumbing shared by Doppel's crates.
+//!
+//! Each crate declares its own metrics in one `telemetry.rs` (names, units, help text, the
+//! values each label takes) and registers them into the one [`Registry`] that `/metrics`
+//! encodes. The hot path never takes a lock: counters and gauges are atomics, a labelled
+//! family's children are resolved once when the crate's metrics are created (see
+//! [`children`]), and [`Histogram`] is atomics too (prometheus-client's own histogram
+//! takes a mutex per observation).
+//!
+//! The scrape answers in the Prometheus text format (0.0.4), or in OpenMetrics when the
+//! scraper's `Accept` header prefers it ([`Format::negotiate`]), as Prometheus does.
+
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeGaugeValue, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::family::MetricConstructor;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+
+pub use prometheus_client::collector::Collector;
+pub use prometheus_client::encoding::DescriptorEncoder;
+pub use prometheus_client::metrics::counter::{ConstCounter, Counter};
+pub use prometheus_client::metrics::family::Family;
+pub use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+pub use prometheus_client::registry::{Registry, Unit};
+
+/// A label set given as (name, value) pairs whose values come from a fixed list.
+pub type Labels = [(&'static str, &'static str); 1];
+/// Two labels, as [`Labels`].
+pub type Labels2 = [(&'static str, &'static str); 2];
+
+/// Resolves a family's children for the given label sets once, so that recording is one
+/// atomic add with no map lookup (and no lock) on the hot path.
+pub fn children<S, M, C>(family: &Family<S, M, C>, sets: impl IntoIterator<Item = S>) -> Vec<M>
+where
+    S: Clone + Hash + Eq,
+    M: Clone,
+    C: MetricConstructor<M>,
+{
+    sets.into_iter()
+        .map(|s| family.get_or_create_owned(&s))
+        .collect()
+}
+
+/// Latency buckets in seconds, from 100 µs to 10 s.
+pub const LATENCY_SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Buckets for counts of items (batch sizes), 1 to 16,384 in powers of 4.
+pub const SIZES: &[f64] = &[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0];
+
+/// A histogram with fixed buckets whose observations are atomic adds: no lock, so it can
+/// sit on the hot path. Clones share the same counts.
+#[derive(Debug, Clone)]
+pub struct Histogram(Arc<HistogramCounts>);
+
+#[derive(Debug)]
+struct HistogramCounts {
+    bounds: &'static [f64],
+    /// One per bound, then the +Inf bucket; not cumulative.
+    buckets: Box<[AtomicU64]>,
+    /// The sum of observations, as `f64` bits.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram whose buckets end at `bounds` (ascending) and +Inf.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "ascending bounds");
+        Self(Arc::new(HistogramCounts {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }))
+    }
+
+    pub fn observe(&self, value: f64) {
+        let counts = &self.0;
+        let bucket = counts.bounds.partition_point(|&b| b < value);
+        counts.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        // No lock-free float add exists; the CAS loop only retries under contention.
+        let _ = counts
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + value).to_bits())
+            });
+    }
+
+    pub fn observe_duration(&self, took: Duration) {
+        self.observe(took.as_secs_f64());
+    }
+
+    /// The number of observations so far.
+    pub fn count(&self) -> u64 {
+        self.0
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let counts = &self.0;
+        // Per bucket: the encoder writes them cumulated, as the formats want.
+        let buckets: Vec<(f64, u64)> = counts
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(counts.buckets.iter())
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the buckets' total, so that it always equals the +Inf bucket.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = f64::from_bits(counts.sum.load(Ordering::Relaxed));
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Makes a family's histograms, all with the same buckets.
+#[derive(Debug, Clone, Copy)]
+pub struct Buckets(pub &'static [f64]);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.0)
+    }
+}
+
+/// A family of histograms with labels `S`.
+pub type HistogramFamily<S> = Family<S, Histogram, Buckets>;
+
+/// A family of histograms with the given buckets.
+pub fn histogram_family<S: Clone + Hash + Eq>(bounds: &'static [f64]) -> HistogramFamily<S> {
+    Family::new_with_constructor(Buckets(bounds))
+}
+
+/// A label value set: each variant's value, in the order the crate resolves children.
+pub trait LabelValues: Copy + 'static {
+    const ALL: &'static [Self];
+    fn label(self) -> &'static str;
+    fn index(self) -> usize;
+}
+
+/// Declares an enum of a label's values, with [`LabelValues`] for it.
+#[macro_export]
+macro_rules! label_values {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)?
+    }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        $vis enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $crate::LabelValues for $name {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+            fn label(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+/// A family's children, one per value of label `name`, indexed by [`LabelValues`].
+#[derive(Debug, Clone)]
+pub struct ByLabel<L, M> {
+    children: Vec<M>,
+    _values: std::marker::PhantomData<L>,
+}
+
+impl<L: LabelValues, M: Clone> ByLabel<L, M> {
+    pub fn new<C: MetricConstructor<M>>(family: &Family<Labels, M, C>, name: &'static str) -> Self {
+        Self {
+            children: children(family, L::ALL.iter().map(|v| [(name, v.label())])),
+            _values: std::marker::PhantomData,
+        }
+    }
+
+    pub fn get(&self, value: L) -> &M {
+        &self.children[value.index()]
+    }
+}
+
+/// How a scrape is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format, version 0.0.4.
+    Text,
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format the scraper's `Accept` header prefers (by q-value; text when it names
+    /// neither or ties).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let mut best = (Self::Text, 0.0_f32);
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("");
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            if media.eq_ignore_ascii_case("application/openmetrics-text") && q > best.1 {
+                best = (Self::OpenMetrics, q);
+            } else if (media.eq_ignore_ascii_case("text/plain") || media == "*/*") && q >= best.1 {
+                best = (Self::Text, q);
+            }
+        }
+        best.0
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Text => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// Encodes every metric in `registry`.
+    pub fn encode(self, registry: &Registry) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let written = match self {
+            Self::Text => prometheus_client::encoding::prometheus_text::encode(&mut out, registry),
+            Self::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
+        };
+        // Writing into a String cannot fail; an encoder error would be a bug in a metric.
+        written.expect("metrics encode into a String");
+        out
+    }
+}
+
+/// Encodes a counter read at scrape time (for a [`Collector`]).
+pub fn encode_counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
+}
+
+/// Encodes a gauge read at scrape time (for a [`Collector`]).
+pub fn encode_gauge<N: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: N,
+) -> Result<(), std::fmt::Error> {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_counts_each_observation_in_its_bucket_and_cumulates_on_encoding() {
+        let h = Histogram::new(&[1.0, 2.0]);
+        for v in [0.5, 1.0, 1.5, 3.0, 7.0] {
+            h.observe(v);
+        }
+        let mut registry = Registry::default();
+        registry.register_with_unit("wait", "How long.", Unit::Seconds, h.clone());
+        let text = Format::Text.encode(&registry);
+        for line in [
+            "wait_seconds_bucket{le=\"1\"} 2",
+            "wait_seconds_bucket{le=\"2\"} 3",
+            "wait_seconds_bucket{le=\"+Inf\"} 5",
+            "wait_seconds_sum 13.0",
+            "wait_seconds_count 5",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert_eq!(h.count(), 5);
+    }
+
+    #[test]
+    fn the_scraper_gets_openmetrics_only_when_it_prefers_it() {
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(
+            Format::negotiate(Some("text/plain;q=0.9,application/openmetrics-text;q=0.5")),
+            Format::Text
+        );
+        let mut registry = Registry::default();
+        registry.register("up", "Up.", Counter::<u64>::default());
+        assert!(Format::OpenMetrics.encode(&registry).ends_with("# EOF\n"));
+        assert!(!Format::Text.encode(&registry).contains("# EOF"));
+    }
+}
