@@ -54,6 +54,13 @@ pub struct Config {
     )]
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    pub trace_sample_ratio: f64,
+    pub otlp_service_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_resource_attributes: Option<String>,
     pub auto_register: bool,
     pub shards: usize,
     pub max_resident_twins: usize,
@@ -113,6 +120,11 @@ impl Default for Config {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             metrics_listen: None,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Http,
+            trace_sample_ratio: 1.0,
+            otlp_service_name: "doppel".into(),
+            otlp_resource_attributes: None,
             auto_register: false,
             shards: fleet.shards,
             max_resident_twins: fleet.max_resident_twins,
@@ -163,6 +175,16 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// How spans go to `otlp_endpoint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies (`POST {endpoint}/v1/traces`; port 4318 by convention).
+    Http,
+    /// OTLP/gRPC (port 4317 by convention).
+    Grpc,
 }
 
 /// The consistency levels `scylla_consistency` takes.
@@ -397,6 +419,23 @@ impl Config {
         if let Err(e) = parse_retention(&self.history_retention) {
             bail!("setting `history_retention`: {e}");
         }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            bail!(
+                "setting `trace_sample_ratio` is {}; it is a fraction from 0 to 1",
+                self.trace_sample_ratio
+            );
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            bail!(
+                "setting `otlp_endpoint` is {endpoint:?}; give a URL, e.g. http://localhost:4318"
+            );
+        }
+        if let Some(attributes) = &self.otlp_resource_attributes {
+            self.resource_attributes()
+                .with_context(|| format!("setting `otlp_resource_attributes` is {attributes:?}"))?;
+        }
         if self.shards > 65_536 {
             bail!("setting `shards` is {}; at most 65536", self.shards);
         }
@@ -499,6 +538,19 @@ impl Config {
     /// How long a shadow's changes are kept (`None`: no limit by age).
     pub fn retention(&self) -> Option<Duration> {
         parse_retention(&self.history_retention).unwrap_or_default()
+    }
+
+    /// `otlp_resource_attributes` as key and value pairs.
+    pub fn resource_attributes(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let Some(text) = &self.otlp_resource_attributes else {
+            return Ok(Vec::new());
+        };
+        text.split(',')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().into(), v.trim().into())),
+                _ => bail!("{pair:?} is not key=value"),
+            })
+            .collect()
     }
 
     pub fn fleet(&self) -> FleetConfig {
@@ -637,6 +689,23 @@ pub const DOCS: &[(&str, &str)] = &[
     (
         "log_format",
         "Log lines on standard error: text, or json (one object per line: timestamp, level, target, message and fields, spans).",
+    ),
+    (
+        "otlp_endpoint",
+        "Where spans go (OpenTelemetry OTLP): a URL such as http://localhost:4318 (otlp_protocol = http) or http://localhost:4317 (grpc); tracing is off unless set.",
+    ),
+    (
+        "otlp_protocol",
+        "OTLP transport: http (protobuf over HTTP, to {otlp_endpoint}/v1/traces) or grpc.",
+    ),
+    (
+        "trace_sample_ratio",
+        "Fraction of traces started here that are recorded (0 to 1); a caller's traceparent decides for its own trace.",
+    ),
+    ("otlp_service_name", "service.name of the exported spans."),
+    (
+        "otlp_resource_attributes",
+        "More resource attributes of the exported spans: key=value pairs, comma-separated (e.g. deployment.environment=prod,service.instance.id=node-1).",
     ),
     (
         "metrics_listen",

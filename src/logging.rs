@@ -13,7 +13,16 @@ use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
 
-use crate::config::LogFormat;
+use anyhow::Context as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing::Level;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::config::{Config, LogFormat, OtlpProtocol};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::fmt::format::Writer;
@@ -23,24 +32,96 @@ pub const MAX_VALUE_CHARS: usize = 256;
 /// Longest message written, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 1024;
 
-/// Sets up logging to standard error: the level from `RUST_LOG` (default `info`). Text
-/// has ANSI colours only on a terminal and its values escaped and cut; JSON is one object
-/// per line, whose strings JSON escapes (a value cannot end its line).
-pub fn init(ansi: bool, format: LogFormat) {
+/// The crates whose spans are exported: Doppel's own, at `debug` and above (they are
+/// `debug` so that they cost nothing when tracing is off and `RUST_LOG` is `info`).
+const TRACED: [&str; 6] = [
+    "doppel",
+    "twin_gateway",
+    "twin_actors",
+    "twin_store",
+    "twin_graphql",
+    "twin_telemetry",
+];
+
+/// Sets up logging to standard error, and span export when `tracer` is given (see
+/// [`tracer`]). Logs: the level from `RUST_LOG` (default `info`); text has ANSI colours
+/// only on a terminal and its values escaped and cut; JSON is one object per line, whose
+/// strings JSON escapes (a value cannot end its line).
+pub fn init(ansi: bool, config: &Config, tracer: Option<Tracing>) -> Option<Tracing> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.with_ansi(ansi).fmt_fields(EscapedFields).init(),
-        LogFormat::Json => builder
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match config.log_format {
+        LogFormat::Text => logs.with_ansi(ansi).fmt_fields(EscapedFields).boxed(),
+        LogFormat::Json => logs
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(true)
-            .init(),
+            .boxed(),
+    };
+    let spans = tracer.as_ref().map(|t| {
+        tracing_opentelemetry::layer()
+            .with_tracer(t.provider.tracer("doppel"))
+            .with_filter(Targets::new().with_targets(TRACED.map(|c| (c, Level::DEBUG))))
+    });
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .init();
+    tracer
+}
+
+/// Span export to `otlp_endpoint` (OpenTelemetry OTLP), batched on a thread of its own.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// Sends the spans still batched (at shutdown).
+    pub fn flush(self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!(error = %e, "spans not exported at shutdown");
+        }
     }
+}
+
+/// The span exporter `config` asks for (`None` without `otlp_endpoint`). Call it on the
+/// tokio runtime: the gRPC exporter sends from it.
+pub fn tracer(config: &Config) -> anyhow::Result<Option<Tracing>> {
+    use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
+    let Some(endpoint) = &config.otlp_endpoint else {
+        return Ok(None);
+    };
+    let exporter = match config.otlp_protocol {
+        OtlpProtocol::Http => SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+            .build(),
+        OtlpProtocol::Grpc => SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build(),
+    }
+    .with_context(|| format!("cannot set up span export to otlp_endpoint {endpoint}"))?;
+    let attributes = config
+        .resource_attributes()?
+        .into_iter()
+        .map(|(k, v)| opentelemetry::KeyValue::new(k, v));
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(config.otlp_service_name.clone())
+        .with_attributes(attributes)
+        .build();
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+        config.trace_sample_ratio,
+    )));
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(sampler)
+        .with_resource(resource)
+        .build();
+    Ok(Some(Tracing { provider }))
 }
 
 /// Formats fields as tracing's default does (`message key=value ...`), escaping values.

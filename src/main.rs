@@ -181,6 +181,26 @@ struct ServeArgs {
     #[arg(long, value_parser = ["text", "json"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<String>,
+    /// Where spans go (OTLP), e.g. http://localhost:4318; tracing is off unless set [env: DOPPEL_OTLP_ENDPOINT]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_endpoint: Option<String>,
+    /// OTLP transport: http (protobuf) or grpc [default: http] [env: DOPPEL_OTLP_PROTOCOL]
+    #[arg(long, value_parser = ["http", "grpc"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_protocol: Option<String>,
+    /// Fraction of traces started here that are recorded, 0 to 1 [default: 1] [env: DOPPEL_TRACE_SAMPLE_RATIO]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_sample_ratio: Option<f64>,
+    /// service.name of the exported spans [default: doppel] [env: DOPPEL_OTLP_SERVICE_NAME]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_service_name: Option<String>,
+    /// More resource attributes: key=value,key=value [env: DOPPEL_OTLP_RESOURCE_ATTRIBUTES]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_resource_attributes: Option<String>,
     /// Development only: register unknown devices on connect, skip password checks [env: DOPPEL_AUTO_REGISTER]
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -295,23 +315,37 @@ struct ServeArgs {
     tls_client_ca_file: Option<PathBuf>,
 }
 
-/// Loads the configuration and starts logging in its `log_format`.
+/// Loads the configuration; commands other than `serve` log in its `log_format` from here.
 fn load(file: Option<PathBuf>, flags: &impl Serialize) -> anyhow::Result<Config> {
+    let config = load_only(file, flags)?;
+    doppel::logging::init(std::io::stderr().is_terminal(), &config, None);
+    Ok(config)
+}
+
+fn load_only(file: Option<PathBuf>, flags: &impl Serialize) -> anyhow::Result<Config> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let file = file.or_else(|| env.get("DOPPEL_CONFIG").map(PathBuf::from));
-    let config = Config::load(file.as_deref(), &env, toml::Table::try_from(flags)?)?;
-    doppel::logging::init(std::io::stderr().is_terminal(), config.log_format);
-    Ok(config)
+    Config::load(file.as_deref(), &env, toml::Table::try_from(flags)?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            let config = load(args.source.config.clone(), &args)?;
+            let config = load_only(args.source.config.clone(), &args)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(doppel::serve(config, shutdown_signal()))
+            // The span exporter (gRPC's especially) is made on the runtime it sends from.
+            let tracer = {
+                let _on_runtime = runtime.enter();
+                doppel::logging::tracer(&config)?
+            };
+            let tracing = doppel::logging::init(std::io::stderr().is_terminal(), &config, tracer);
+            let served = runtime.block_on(doppel::serve(config, shutdown_signal()));
+            if let Some(tracing) = tracing {
+                tracing.flush();
+            }
+            served
         }
         Command::Device { command, source } => {
             let config = load(source.config.clone(), &source)?;

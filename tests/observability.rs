@@ -495,3 +495,280 @@ fn the_version_names_the_commit_it_was_built_from() {
         )
     );
 }
+
+/// `tools/otlp_receiver.py`: an OTLP trace receiver (HTTP and gRPC) built on the official
+/// opentelemetry-proto definitions, and the spans it has received so far.
+struct Receiver {
+    _child: tokio::process::Child,
+    http: u16,
+    grpc: u16,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        common::python_venv("otlp-venv", "opentelemetry-proto==1.45.2");
+        let venv = common::python_venv("otlp-venv", "grpcio==1.85.1");
+        let mut child = tokio::process::Command::new(venv.join("bin/python"))
+            .arg(Path::new(ROOT).join("tools/otlp_receiver.py"))
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let ports: serde_json::Value = tokio::time::timeout(common::WAIT, lines.next_line())
+            .await
+            .expect("the receiver says its ports")
+            .unwrap()
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .expect("the receiver runs");
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let collected = spans.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                collected
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        Self {
+            _child: child,
+            http: ports["http"].as_u64().unwrap() as u16,
+            grpc: ports["grpc"].as_u64().unwrap() as u16,
+            spans,
+        }
+    }
+
+    /// The spans of `trace_id`, once `names` are all among them.
+    async fn trace(&self, trace_id: &str, names: &[&str]) -> Vec<serde_json::Value> {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let trace: Vec<serde_json::Value> = self
+                    .spans
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s["trace_id"] == trace_id)
+                    .cloned()
+                    .collect();
+                if names.iter().all(|n| trace.iter().any(|s| s["name"] == *n)) {
+                    return trace;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no trace {trace_id} with {names:?}; received: {:#?}",
+                self.spans.lock().unwrap()
+            )
+        })
+    }
+}
+
+fn span<'a>(trace: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    trace.iter().find(|s| s["name"] == name).unwrap()
+}
+
+/// The span id in a `traceparent`, after checking its trace id.
+fn span_id_of(traceparent: &str, trace_id: &str) -> String {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    assert_eq!(parts[1], trace_id, "{traceparent} continues the trace");
+    parts[2].to_owned()
+}
+
+/// An MQTT 5 device subscribed to its shadow's answers.
+async fn device_v5(addr: &str, id: &str) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let (client, mut events) =
+        AsyncClient::new(MqttOptions::new(id, host, port.parse().unwrap()), 10);
+    client
+        .subscribe(
+            format!("$aws/things/{id}/shadow/update/#"),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(common::WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("subscribed");
+    (client, events)
+}
+
+/// The next publish on a topic ending with `suffix`, and its `traceparent` user property.
+async fn next_v5(events: &mut rumqttc::v5::EventLoop, suffix: &str) -> Option<String> {
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    tokio::time::timeout(common::WAIT, async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = events.poll().await.unwrap()
+                && p.topic.ends_with(suffix.as_bytes())
+            {
+                return p.properties.and_then(|pr| {
+                    pr.user_properties
+                        .into_iter()
+                        .find(|(k, _)| k == "traceparent")
+                        .map(|(_, v)| v)
+                });
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing on {suffix}"))
+}
+
+/// Spans leave in batches; a short delay keeps the tests quick.
+const QUICK_BATCHES: [(&str, &str); 1] = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
+
+#[tokio::test]
+async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_with_the_answer() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.http);
+    let server = common::start_with_env(
+        dir.path(),
+        &[
+            "--auto-register",
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-resource-attributes",
+            "deployment.environment=test",
+        ],
+        &QUICK_BATCHES,
+    )
+    .await;
+    let (device, mut events) = device_v5(&server.mqtt, "lamp-9").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let device_span = "00f067aa0ba902b7";
+    let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        user_properties: vec![(
+            "traceparent".into(),
+            format!("00-{trace_id}-{device_span}-01"),
+        )],
+        ..Default::default()
+    };
+    device
+        .publish_with_properties(
+            "$aws/things/lamp-9/shadow/update",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            r#"{"state":{"desired":{"on":true}}}"#,
+            properties,
+        )
+        .await
+        .unwrap();
+    let accepted = next_v5(&mut events, "/update/accepted")
+        .await
+        .expect("a traceparent on accepted");
+    let delta = next_v5(&mut events, "/update/delta")
+        .await
+        .expect("a traceparent on the delta");
+    assert_eq!(accepted, delta, "both come from the same change");
+
+    let trace = receiver
+        .trace(trace_id, &["mqtt.publish", "twin.update", "store.commit"])
+        .await;
+    let (publish, update, commit) = (
+        span(&trace, "mqtt.publish"),
+        span(&trace, "twin.update"),
+        span(&trace, "store.commit"),
+    );
+    assert_eq!(
+        publish["parent_span_id"], device_span,
+        "the device's span is the parent"
+    );
+    assert_eq!(update["parent_span_id"], publish["span_id"]);
+    assert_eq!(commit["parent_span_id"], update["span_id"]);
+    assert_eq!(
+        span_id_of(&accepted, trace_id),
+        update["span_id"].as_str().unwrap()
+    );
+    assert_eq!(publish["attributes"]["thing"], "lamp-9");
+    assert_eq!(publish["service"], "doppel");
+    assert_eq!(publish["resource"]["deployment.environment"], "test");
+    assert_eq!(publish["transport"], "http");
+    drop(device);
+    server.terminate().await;
+}
+
+#[tokio::test]
+async fn an_applications_trace_reaches_the_device_with_its_delta_over_grpc() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.grpc);
+    let server = common::start_with_env(
+        dir.path(),
+        &[
+            "--auto-register",
+            "--otlp-protocol",
+            "grpc",
+            "--otlp-endpoint",
+            &endpoint,
+        ],
+        &QUICK_BATCHES,
+    )
+    .await;
+    let (device, mut events) = device_v5(&server.mqtt, "lamp-10").await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let app_span = "b7ad6b7169203331";
+    let traceparent = format!("00-{trace_id}-{app_span}-01");
+    let admin = server.admin_token.clone().unwrap();
+    let auth = format!("Bearer {admin}");
+    let body = serde_json::json!({
+        "query": r#"mutation { updateDesired(id: "lamp-10", desired: {on: true}) { version } }"#
+    })
+    .to_string();
+    let r = http(
+        &server.http,
+        "POST",
+        "/graphql",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+            ("traceparent", &traceparent),
+        ],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        r.json()["data"]["updateDesired"]["version"],
+        1,
+        "{}",
+        r.json()
+    );
+    let delta = next_v5(&mut events, "/update/delta")
+        .await
+        .expect("a traceparent on the delta");
+
+    let trace = receiver
+        .trace(
+            trace_id,
+            &["graphql.request", "twin.update", "store.commit"],
+        )
+        .await;
+    let (request, update) = (span(&trace, "graphql.request"), span(&trace, "twin.update"));
+    assert_eq!(
+        request["parent_span_id"], app_span,
+        "the caller's span is the parent"
+    );
+    assert_eq!(update["parent_span_id"], request["span_id"]);
+    assert_eq!(
+        span_id_of(&delta, trace_id),
+        update["span_id"].as_str().unwrap()
+    );
+    assert_eq!(request["transport"], "grpc");
+    drop(device);
+    server.terminate().await;
+}

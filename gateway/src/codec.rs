@@ -7,9 +7,12 @@
 //! Over 600 lines with its unit tests: the code itself is 560 lines, and the tests stay next to
 //! the encodings they pin.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::{self as m4, v4};
 use rumqttc::v5::mqttbytes::{self as m5, v5};
+use twin_telemetry::trace::TRACEPARENT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Version {
@@ -48,6 +51,8 @@ pub struct InPublish {
     /// MQTT 5 request/response: where the sender wants the answer, and what to echo.
     pub response_topic: Option<String>,
     pub correlation_data: Option<Bytes>,
+    /// MQTT 5: the W3C trace context the device sent as the `traceparent` user property.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +165,9 @@ pub enum Outbound {
         dup: bool,
         /// MQTT 5 only: echoed from the request this answers.
         correlation_data: Option<Bytes>,
+        /// MQTT 5 only: the `traceparent` user property, continuing the trace of what
+        /// caused the message.
+        traceparent: Option<Arc<str>>,
     },
     PubAck {
         pkid: u16,
@@ -298,6 +306,7 @@ fn read4(buf: &mut BytesMut, max_size: usize) -> Result<Option<Inbound>, CodecEr
             retain: p.retain,
             response_topic: None,
             correlation_data: None,
+            traceparent: None,
         }),
         v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
         v4::Packet::Subscribe(s) => Inbound::Subscribe {
@@ -368,9 +377,15 @@ fn read5(buf: &mut BytesMut, max_size: usize) -> Result<Option<Inbound>, CodecEr
                     "topic aliases are not supported (topic alias maximum is 0)".into(),
                 ));
             }
-            let (response_topic, correlation_data) = p
-                .properties
-                .map_or((None, None), |pr| (pr.response_topic, pr.correlation_data));
+            let (response_topic, correlation_data, traceparent) =
+                p.properties.map_or((None, None, None), |pr| {
+                    let traceparent = pr
+                        .user_properties
+                        .into_iter()
+                        .find(|(k, _)| k == TRACEPARENT)
+                        .map(|(_, v)| v);
+                    (pr.response_topic, pr.correlation_data, traceparent)
+                });
             Inbound::Publish(InPublish {
                 topic: String::from_utf8(p.topic.to_vec())
                     .map_err(|_| CodecError::Malformed("topic is not UTF-8".into()))?,
@@ -380,6 +395,7 @@ fn read5(buf: &mut BytesMut, max_size: usize) -> Result<Option<Inbound>, CodecEr
                 retain: p.retain,
                 response_topic,
                 correlation_data,
+                traceparent,
             })
         }
         v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
@@ -495,10 +511,17 @@ fn write5(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
             pkid,
             dup,
             correlation_data,
+            traceparent,
         } => {
-            let properties = correlation_data.clone().map(|c| v5::PublishProperties {
-                correlation_data: Some(c),
-                ..Default::default()
+            let properties = (correlation_data.is_some() || traceparent.is_some()).then(|| {
+                v5::PublishProperties {
+                    correlation_data: correlation_data.clone(),
+                    user_properties: traceparent
+                        .iter()
+                        .map(|t| (TRACEPARENT.to_owned(), t.to_string()))
+                        .collect(),
+                    ..Default::default()
+                }
             });
             let mut p = v5::Publish::new(topic.as_str(), qos5(*qos), payload.clone(), properties);
             p.pkid = *pkid;
@@ -598,6 +621,7 @@ mod tests {
                 pkid: 7,
                 dup: false,
                 correlation_data: None,
+                traceparent: None,
             };
             assert!(write(&out, version, &mut b, 1024));
             let got = read(&mut b, version, 1024).unwrap().unwrap();
@@ -611,6 +635,7 @@ mod tests {
                     retain: false,
                     response_topic: None,
                     correlation_data: None,
+                    traceparent: None,
                 })
             );
             let mut small = BytesMut::new();

@@ -17,14 +17,16 @@ use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 use twin_actors::FleetHandle;
 use twin_actors::telemetry::{OverloadCause, overloaded};
 use twin_model::{DeviceId, RejectionKind};
+use twin_telemetry::trace;
 
 use crate::GatewayConfig;
 use crate::accept::RateLimitedLog;
 use crate::acl;
-use crate::api::{self, AnswerFuture, Dispatch, Outbox};
+use crate::api::{self, Dispatch, Outbox, Traced, TracedAnswer};
 use crate::codec::{
     self, ConnCode, ConnectInfo, DisconnectCode, Inbound, Outbound, PubAckCode, ServerLimits,
     Version,
@@ -94,7 +96,7 @@ struct Conn<S> {
     wbuf: BytesMut,
     /// Largest packet the client accepts.
     client_max: usize,
-    answers: FuturesUnordered<AnswerFuture>,
+    answers: FuturesUnordered<TracedAnswer>,
     /// The fleet's number for this connection (see `DeviceSessions::connect`).
     connection: u64,
     will: Option<codec::Will>,
@@ -484,11 +486,34 @@ impl<S: Stream> Conn<S> {
     fn request(&mut self, request: Request) {
         let room = self.core.has_room();
         let limits = &self.ctx.fleet.config().limits;
-        match self.outbox(|out| api::dispatch(&request, room, limits, out)) {
+        // From the publish to its answer; a device's `traceparent` makes it part of the
+        // device's trace, and what is sent in answer carries this span's.
+        let span = tracing::debug_span!("mqtt.publish", thing = %self.core.thing(), topic = %request.topic);
+        if let Some(parent) = &request.traceparent {
+            trace::continue_trace(&span, parent);
+        }
+        let traced = trace::traceparent(&span);
+        let dispatched = self.outbox(|out| {
+            api::dispatch(
+                &request,
+                room,
+                limits,
+                &mut Traced {
+                    out,
+                    trace: traced.clone(),
+                },
+            )
+        });
+        match dispatched {
             Dispatch::Call(call) => {
                 self.core.request_sent();
-                let answer = call.send(&self.ctx.fleet, self.core.thing(), request.ack);
-                self.answers.push(answer);
+                let answer =
+                    span.in_scope(|| call.send(&self.ctx.fleet, self.core.thing(), request.ack));
+                self.answers.push(Box::pin(
+                    answer
+                        .map(move |(ack, answer)| (ack, traced, answer))
+                        .instrument(span),
+                ));
             }
             Dispatch::Answered => {
                 if !room {
@@ -528,10 +553,10 @@ impl<S: Stream> Conn<S> {
         }
     }
 
-    fn on_answer(&mut self, (ack, answer): (Option<u16>, api::Answer)) {
+    fn on_answer(&mut self, (ack, trace, answer): (Option<u16>, Option<Arc<str>>, api::Answer)) {
         self.core.request_answered();
         self.send_ack(ack, PubAckCode::Success);
-        self.outbox(|out| api::answer(self.core.thing(), answer, out));
+        self.outbox(|out| api::answer(self.core.thing(), answer, &mut Traced { out, trace }));
     }
 
     /// Turns the twin's events into publishes, a batch at a time.
@@ -541,7 +566,8 @@ impl<S: Stream> Conn<S> {
                 let Some(event) = self.session.events.pop() else {
                     return;
                 };
-                api::event(self.core.thing(), &event, out);
+                let trace = event.trace().cloned();
+                api::event(self.core.thing(), &event, &mut Traced { out, trace });
             }
         });
         // More than one batch waiting: come back after serving the socket.
@@ -601,6 +627,7 @@ impl<S: Stream> Conn<S> {
                 payload: will.payload,
                 ack: None,
                 reply_to: None,
+                traceparent: None,
             });
         }
         self.ctx

@@ -61,6 +61,8 @@ pub(crate) struct Request {
     /// The packet id to acknowledge once answered (QoS 1).
     pub(crate) ack: Option<u16>,
     pub(crate) reply_to: ReplyTo,
+    /// The W3C trace context the device sent (MQTT 5).
+    pub(crate) traceparent: Option<String>,
 }
 
 /// What handling one packet asks of the connection.
@@ -261,6 +263,7 @@ impl Core {
                 payload: p.payload,
                 ack: (p.qos == 1).then_some(p.pkid),
                 reply_to,
+                traceparent: p.traceparent,
             }),
             ..Actions::default()
         }
@@ -304,6 +307,7 @@ fn publish(msg: &OutMsg, pkid: u16, dup: bool) -> Outbound {
         pkid,
         dup,
         correlation_data: msg.correlation_data.clone(),
+        traceparent: msg.trace.clone(),
     }
 }
 
@@ -326,6 +330,7 @@ mod tests {
             retain,
             response_topic: None,
             correlation_data: None,
+            traceparent: None,
         })
     }
 
@@ -450,6 +455,7 @@ mod tests {
                 payload: Bytes::new(),
                 qos: 1,
                 correlation_data: None,
+                trace: None,
             });
         }
         let mut sent = Vec::new();

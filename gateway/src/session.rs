@@ -127,6 +127,8 @@ pub(crate) struct OutMsg {
     pub(crate) qos: u8,
     /// MQTT 5: echoed from the request this answers.
     pub(crate) correlation_data: Option<Bytes>,
+    /// MQTT 5: the `traceparent` user property (see `api::Traced`).
+    pub(crate) trace: Option<Arc<str>>,
 }
 
 #[derive(Default)]

@@ -29,7 +29,9 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 use twin_actors::telemetry::{OverloadCause, overloaded};
+use twin_telemetry::trace::{self, TRACEPARENT};
 
 use crate::auth::Tokens;
 use crate::error::{self, ApiError, Code};
@@ -138,7 +140,20 @@ async fn execute(
             return failure(StatusCode::BAD_REQUEST, e);
         }
     };
-    let response: Response = app.schema.execute(request.data(principal)).await;
+    // A caller's `traceparent` header makes the request part of its trace: the twins'
+    // spans and the deltas devices get (MQTT 5) continue it.
+    let span = tracing::debug_span!(
+        "graphql.request",
+        operation = request.operation_name.as_deref()
+    );
+    if let Some(parent) = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()) {
+        trace::continue_trace(&span, parent);
+    }
+    let response: Response = app
+        .schema
+        .execute(request.data(principal))
+        .instrument(span)
+        .await;
     Json(response).into_response()
 }
 

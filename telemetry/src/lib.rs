@@ -10,6 +10,8 @@
 //! The scrape answers in the Prometheus text format (0.0.4), or in OpenMetrics when the
 //! scraper's `Accept` header prefers it ([`Format::negotiate`]), as Prometheus does.
 
+pub mod trace;
+
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

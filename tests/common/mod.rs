@@ -88,6 +88,13 @@ pub async fn start(dir: &Path, extra: &[&str]) -> Server {
     start_with(Command::new(env!("CARGO_BIN_EXE_doppel")), dir, extra).await
 }
 
+/// `start` with these environment variables set for the server.
+pub async fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_doppel"));
+    command.envs(env.iter().copied());
+    start_with(command, dir, extra).await
+}
+
 /// `start` with the process's open-file limit (soft and hard) set to `nofile`.
 pub async fn start_with_nofile(dir: &Path, extra: &[&str], nofile: u32) -> Server {
     let mut shell = Command::new("bash");

@@ -23,6 +23,9 @@ pub enum TwinEvent {
         current: Arc<Shadow>,
         /// The twin's version after the change (see [`twin_version`]).
         version: u64,
+        /// The W3C `traceparent` of the change's span when it was traced: what is sent
+        /// because of the change (`update/accepted`, the delta) continues that trace.
+        trace: Option<Arc<str>>,
     },
     /// The device connected or disconnected.
     Connectivity {
@@ -61,6 +64,14 @@ pub fn twin_version<'a>(shadow_versions: impl IntoIterator<Item = &'a Shadow>) -
 }
 
 impl TwinEvent {
+    /// The W3C `traceparent` of the span that made the change, when it was traced.
+    pub fn trace(&self) -> Option<&Arc<str>> {
+        match self {
+            Self::Shadow { trace, .. } => trace.as_ref(),
+            _ => None,
+        }
+    }
+
     pub fn thing(&self) -> &DeviceId {
         match self {
             Self::Shadow { thing, .. }

@@ -21,11 +21,15 @@ pub enum DeviceMsg {
         shadow: ShadowName,
         request: Box<UpdateRequest>,
         by: Origin,
+        /// The request's span, which the twin works in (its parent is the caller's).
+        span: tracing::Span,
         reply: AnswerPort<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },
     Get {
         shadow: ShadowName,
+        /// The request's span, which the twin works in (its parent is the caller's).
+        span: tracing::Span,
         reply: AnswerPort<Arc<Shadow>>,
         permit: OwnedSemaphorePermit,
     },
@@ -33,6 +37,8 @@ pub enum DeviceMsg {
         shadow: ShadowName,
         client_token: Option<String>,
         by: Origin,
+        /// The request's span, which the twin works in (its parent is the caller's).
+        span: tracing::Span,
         reply: AnswerPort<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },

@@ -16,6 +16,7 @@ use std::sync::atomic::AtomicU64;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
+use tracing::Instrument as _;
 use twin_model::command::CommandExecution;
 use twin_model::history::Origin;
 use twin_model::job::{JobDefinition, JobExecution};
@@ -136,6 +137,7 @@ impl DeviceState {
             state: current.clone(),
             change: change.clone(),
         }])
+        .instrument(tracing::debug_span!("store.commit"))
         .await?;
         if let Some(l) = self.loaded.as_mut() {
             l.shadows.insert(name.clone(), current.clone());
@@ -147,6 +149,7 @@ impl DeviceState {
             previous,
             current,
             version: self.version(),
+            trace: twin_telemetry::trace::current(),
         });
         Ok(change)
     }
@@ -395,21 +398,23 @@ impl DeviceState {
                 shadow,
                 request,
                 by,
+                span,
                 reply,
                 permit,
             } => {
                 let caller = Caller::of(&by);
-                let result = self.update(shadow, *request, by).await;
+                let result = self.update(shadow, *request, by).instrument(span).await;
                 shadow_answered(caller, ShadowOp::Update, &result);
                 answer(reply, result);
                 drop(permit);
             }
             DeviceMsg::Get {
                 shadow,
+                span,
                 reply,
                 permit,
             } => {
-                let result = self.get(&shadow).await;
+                let result = self.get(&shadow).instrument(span).await;
                 // Only devices read a shadow through its twin (the API reads the index).
                 shadow_answered(Caller::Device, ShadowOp::Get, &result);
                 answer(reply, result);
@@ -419,11 +424,12 @@ impl DeviceState {
                 shadow,
                 client_token,
                 by,
+                span,
                 reply,
                 permit,
             } => {
                 let caller = Caller::of(&by);
-                let result = self.delete(shadow, client_token, by).await;
+                let result = self.delete(shadow, client_token, by).instrument(span).await;
                 shadow_answered(caller, ShadowOp::Delete, &result);
                 answer(reply, result);
                 drop(permit);

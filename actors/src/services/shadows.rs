@@ -23,18 +23,22 @@ impl Shadows<'_> {
         request: UpdateRequest,
         by: Origin,
     ) -> Reply<Arc<ShadowChange>> {
+        let span = tracing::debug_span!("twin.update", %thing, shadow = shadow.name());
         self.0.request(thing, |reply, permit| DeviceMsg::Update {
             shadow,
             request: Box::new(request),
             by,
+            span,
             reply,
             permit,
         })
     }
 
     pub fn get(self, thing: &DeviceId, shadow: ShadowName) -> Reply<Arc<Shadow>> {
+        let span = tracing::debug_span!("twin.get", %thing, shadow = shadow.name());
         self.0.request(thing, |reply, permit| DeviceMsg::Get {
             shadow,
+            span,
             reply,
             permit,
         })
@@ -47,10 +51,12 @@ impl Shadows<'_> {
         client_token: Option<String>,
         by: Origin,
     ) -> Reply<Arc<ShadowChange>> {
+        let span = tracing::debug_span!("twin.delete", %thing, shadow = shadow.name());
         self.0.request(thing, |reply, permit| DeviceMsg::Delete {
             shadow,
             client_token,
             by,
+            span,
             reply,
             permit,
         })

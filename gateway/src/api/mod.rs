@@ -53,7 +53,25 @@ pub(crate) fn publish<P: serde::Serialize>(
         payload: Bytes::from(buf),
         qos,
         correlation_data,
+        trace: None,
     });
+}
+
+/// An outbox whose messages continue a trace: they carry its `traceparent` (MQTT 5).
+pub(crate) struct Traced<'a> {
+    pub(crate) out: &'a mut dyn Outbox,
+    pub(crate) trace: Option<Arc<str>>,
+}
+
+impl Outbox for Traced<'_> {
+    fn qos(&self, topic: &str) -> Option<u8> {
+        self.out.qos(topic)
+    }
+
+    fn push(&mut self, mut msg: OutMsg) {
+        msg.trace.clone_from(&self.trace);
+        self.out.push(msg);
+    }
 }
 
 /// A request for the device's twin.
@@ -114,6 +132,10 @@ pub(crate) enum Answer {
 
 /// A twin's answer, with the packet id of the request's PUBACK (sent with the answer).
 pub(crate) type AnswerFuture = Pin<Box<dyn Future<Output = (Option<u16>, Answer)> + Send>>;
+
+/// An answer on its way, with the `traceparent` its messages carry.
+pub(crate) type TracedAnswer =
+    Pin<Box<dyn Future<Output = (Option<u16>, Option<Arc<str>>, Answer)> + Send>>;
 
 impl Call {
     /// Hands the call to `thing`'s twin (in order with the thing's other calls).
@@ -278,6 +300,7 @@ pub(crate) mod testing {
             payload: Bytes::copy_from_slice(body.as_bytes()),
             ack: Some(1),
             reply_to: None,
+            traceparent: None,
         }
     }
 }
