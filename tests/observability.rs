@@ -116,6 +116,19 @@ async fn a_scrape_shows_what_devices_and_applications_did_and_promtool_accepts_i
         "{}",
         steer.json()
     );
+    let command = graphql(
+        &server.http,
+        Some(&admin),
+        r#"mutation { sendCommand(thingId: "meter-1", name: "reset", timeoutSeconds: 60) { status } }"#,
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(
+        command.json()["data"]["sendCommand"]["status"],
+        "CREATED",
+        "{}",
+        command.json()
+    );
 
     let text = scrape(&server.http, None).await;
     assert_eq!(
@@ -145,13 +158,14 @@ async fn a_scrape_shows_what_devices_and_applications_did_and_promtool_accepts_i
         ),
         (
             r#"doppel_graphql_requests_total{type="mutation",outcome="ok"}"#,
-            1.0,
+            2.0,
         ),
         (
             r#"doppel_graphql_requests_total{type="query",outcome="error"}"#,
             1.0,
         ),
         ("doppel_twins_resident", 1.0),
+        (r#"doppel_command_executions_total{status="CREATED"}"#, 1.0),
         ("doppel_ready", 1.0),
     ] {
         assert_eq!(sample(&body, series), Some(expected), "{series} in\n{body}");

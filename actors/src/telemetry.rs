@@ -71,7 +71,7 @@ type Labels3 = [(&'static str, &'static str); 3];
 
 struct Metrics {
     shadow_requests_family: Family<Labels3, Counter>,
-    /// Indexed by api, op and code (see [`shadow_request`]).
+    /// Indexed by caller, op and code (see [`shadow_request`]).
     shadow_requests: Vec<Counter>,
     overload_family: Family<Labels, Counter>,
     overload: ByLabel<OverloadCause, Counter>,
