@@ -786,3 +786,52 @@ async fn an_applications_trace_reaches_the_device_with_its_delta_over_grpc() {
     drop(device);
     server.terminate().await;
 }
+
+#[test]
+fn the_dashboard_is_valid_against_grafanas_published_schema() {
+    // tools/grafana-schema pins @grafana/schema (Grafana's dashboard type), a generator
+    // that turns it into a JSON Schema, and Ajv; installed from npm into the target dir.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grafana-schema");
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["package.json", "package-lock.json", "check.js"] {
+        std::fs::copy(
+            Path::new(ROOT).join("tools/grafana-schema").join(file),
+            dir.join(file),
+        )
+        .unwrap();
+    }
+    if !dir.join("node_modules/@grafana/schema").exists() {
+        let npm = std::process::Command::new("npm")
+            .args(["ci", "--silent", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status();
+        assert!(
+            npm.is_ok_and(|s| s.success()),
+            "npm ci in {} failed: this test needs Node.js and npm",
+            dir.display()
+        );
+    }
+    let check = |dashboard: &Path| {
+        let out = std::process::Command::new("node")
+            .arg(dir.join("check.js"))
+            .arg(dashboard)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let shipped = Path::new(ROOT).join("deploy/grafana/doppel.json");
+    let (valid, said) = check(&shipped);
+    assert!(valid, "deploy/grafana/doppel.json:\n{said}");
+
+    // The check is not a formality: a panel with a misspelt field fails it.
+    let mut broken: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&shipped).unwrap()).unwrap();
+    broken["panels"][0]["gridpos"] = broken["panels"][0]["gridPos"].take();
+    let file = dir.join("broken.json");
+    std::fs::write(&file, broken.to_string()).unwrap();
+    let (valid, said) = check(&file);
+    assert!(!valid && said.contains("gridpos"), "{said}");
+}
