@@ -323,7 +323,7 @@ async fn every_acknowledged_update_was_synced_to_disk_first() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("syncs.txt");
     let data = dir.path().join("data");
-    let server = common::start_traced(&data, &["--auto-register"], &trace).await;
+    let mut server = common::start_traced(&data, &["--auto-register"], &trace).await;
     let (c, mut el) = client(&server.mqtt, "durable", None).await;
     let before = syncs(&trace);
     let updates = 10;
@@ -344,4 +344,21 @@ async fn every_acknowledged_update_was_synced_to_disk_first() {
         synced >= updates,
         "{updates} updates acknowledged one after another, but only {synced} syncs"
     );
+    // A killed strace leaves its tracee running: stop the server itself, then strace.
+    let strace = server.child.id().unwrap().to_string();
+    let tracee = std::process::Command::new("pgrep")
+        .args(["-P", &strace])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8(tracee.stdout).unwrap().split_whitespace() {
+        std::process::Command::new("kill")
+            .args(["-TERM", pid])
+            .status()
+            .unwrap();
+    }
+    let status = tokio::time::timeout(common::WAIT, server.child.wait())
+        .await
+        .expect("the server and strace stop")
+        .unwrap();
+    assert!(status.success(), "{status}");
 }
