@@ -113,9 +113,11 @@ pub fn tracer(config: &Config) -> anyhow::Result<Option<Tracing>> {
         .with_service_name(config.otlp_service_name.clone())
         .with_attributes(attributes)
         .build();
-    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-        config.trace_sample_ratio,
-    )));
+    // Which requests are traced is decided where they come in (twin_telemetry::trace::
+    // traced, by trace_sample_ratio): a span that exists is to be recorded, and its
+    // children follow it.
+    let sampler = Sampler::ParentBased(Box::new(Sampler::AlwaysOn));
+    twin_telemetry::trace::enable(config.trace_sample_ratio);
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_sampler(sampler)

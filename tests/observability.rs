@@ -643,6 +643,14 @@ async fn next_v5(events: &mut rumqttc::v5::EventLoop, suffix: &str) -> Option<St
     .unwrap_or_else(|_| panic!("nothing on {suffix}"))
 }
 
+/// Whether an answer's `traceparent` belongs to the sampled trace `trace_id` (an answer
+/// to an untraced update has none).
+fn traceparent_was_sampled(answered: &Option<String>, trace_id: &str) -> bool {
+    answered
+        .as_deref()
+        .is_some_and(|t| t.contains(trace_id) && t.ends_with("-01"))
+}
+
 /// Spans leave in batches; a short delay keeps the tests quick.
 const QUICK_BATCHES: [(&str, &str); 1] = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
 
@@ -659,6 +667,9 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
             &endpoint,
             "--otlp-resource-attributes",
             "deployment.environment=test",
+            // Nothing that starts here is traced: the device's sampled flag decides.
+            "--trace-sample-ratio",
+            "0",
         ],
         &QUICK_BATCHES,
     )
@@ -713,6 +724,44 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
     assert_eq!(publish["service"], "doppel");
     assert_eq!(publish["resource"]["deployment.environment"], "test");
     assert_eq!(publish["transport"], "http");
+
+    // A trace the device does not sample is not traced here either, and neither is an
+    // update without a traceparent (the ratio is 0). Spans leave in the order they end,
+    // so once a later sampled update's spans are in, theirs would be too.
+    let later = "0af7651916cd43dd8448eb211c80319c";
+    for traceparent in [
+        Some(format!("00-{trace_id}-{device_span}-00")),
+        None,
+        Some(format!("00-{later}-{device_span}-01")),
+    ] {
+        let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            user_properties: traceparent
+                .map(|t| ("traceparent".into(), t))
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        device
+            .publish_with_properties(
+                "$aws/things/lamp-9/shadow/update",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                r#"{"state":{"reported":{"on":true}}}"#,
+                properties,
+            )
+            .await
+            .unwrap();
+        let answered = next_v5(&mut events, "/update/accepted").await;
+        assert_eq!(
+            answered.is_some(),
+            traceparent_was_sampled(&answered, later)
+        );
+    }
+    receiver
+        .trace(later, &["mqtt.publish", "twin.update", "store.commit"])
+        .await;
+    let all = receiver.spans.lock().unwrap().clone();
+    assert_eq!(all.len(), 6, "only the sampled updates' spans: {all:#?}");
     drop(device);
     server.terminate().await;
 }

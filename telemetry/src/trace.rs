@@ -5,9 +5,16 @@
 //! Spans are `tracing` spans; the OpenTelemetry layer (set up by the binary when
 //! `otlp_endpoint` is set) gives them trace and span ids and exports them. Without that
 //! layer these functions find no trace context and do nothing.
+//!
+//! Sampling is decided once, where a request comes in ([`traced`]): an untraced request
+//! gets no spans at all, so that tracing a small fraction costs the rest nothing (spans
+//! that are created and then dropped by the sampler cost about a quarter of the
+//! throughput of a shadow update; see load-tests/RESULTS.md).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TraceContextExt as _;
@@ -16,6 +23,92 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// The header, and MQTT 5 user property, that carries the trace context.
 pub const TRACEPARENT: &str = "traceparent";
+
+/// The fraction of requests without a caller's trace context that are traced, as a
+/// threshold on a random `u64`; 0 while tracing is off.
+static ROOT_THRESHOLD: AtomicU64 = AtomicU64::new(0);
+/// Whether tracing is on (the OpenTelemetry layer is installed).
+static ENABLED: AtomicU64 = AtomicU64::new(0);
+
+/// Turns tracing on: requests are traced when their caller's `traceparent` is sampled,
+/// and `ratio` (0 to 1) of those that come without one.
+pub fn enable(ratio: f64) {
+    let threshold = if ratio >= 1.0 {
+        u64::MAX
+    } else {
+        (ratio.max(0.0) * u64::MAX as f64) as u64
+    };
+    ROOT_THRESHOLD.store(threshold, Ordering::Relaxed);
+    ENABLED.store(1, Ordering::Relaxed);
+}
+
+/// Whether a request whose caller sent `parent` (a `traceparent`, or none) is traced:
+/// the caller's sampled flag decides, else `trace_sample_ratio`.
+pub fn traced(parent: Option<&str>) -> bool {
+    if ENABLED.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
+    match parent.and_then(sampled_flag) {
+        Some(sampled) => sampled,
+        None => {
+            let threshold = ROOT_THRESHOLD.load(Ordering::Relaxed);
+            threshold == u64::MAX || random() < threshold
+        }
+    }
+}
+
+/// The sampled flag of a well-formed `traceparent` (`00-{32 hex}-{16 hex}-{2 hex}`).
+fn sampled_flag(traceparent: &str) -> Option<bool> {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match parts[..] {
+        [version, trace, span, flags, ..]
+            if hex(version, 2)
+                && version != "ff"
+                && hex(trace, 32)
+                && hex(span, 16)
+                && hex(flags, 2)
+                && trace.bytes().any(|b| b != b'0')
+                && span.bytes().any(|b| b != b'0') =>
+        {
+            u8::from_str_radix(flags, 16).ok().map(|f| f & 1 == 1)
+        }
+        _ => None,
+    }
+}
+
+/// A cheap per-thread random number (xorshift64*), for sampling decisions.
+fn random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let here = &seed as *const u64 as u64;
+            (seed ^ here.rotate_left(32)) | 1
+        });
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
+/// `make()`'s span when the caller is in a traced span, else none: the work of an
+/// untraced request makes no spans. (The caller may be in other spans, such as the one
+/// ractor keeps around each actor: only one that belongs to a trace counts.)
+pub fn child(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    let current = tracing::Span::current();
+    if current.is_disabled() || !current.context().span().span_context().is_valid() {
+        tracing::Span::none()
+    } else {
+        make()
+    }
+}
 
 /// Makes `span` continue the trace of `traceparent` (ignored when it is not a valid W3C
 /// `traceparent`: the span then starts a trace of its own).
@@ -29,18 +122,22 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
 }
 
 /// The `traceparent` of `span`, when it belongs to a trace (the OpenTelemetry layer is on
-/// and the span is enabled for it); sampled or not, as W3C asks.
+/// and the span is enabled for it).
 pub fn traceparent(span: &tracing::Span) -> Option<Arc<str>> {
     if span.is_disabled() {
         return None;
     }
     let context = span.context();
-    if !context.span().span_context().is_valid() {
-        return None;
-    }
-    let mut carrier = HashMap::new();
-    TraceContextPropagator::new().inject_context(&context, &mut carrier);
-    carrier.remove(TRACEPARENT).map(Arc::from)
+    let span = context.span();
+    let ids = span.span_context();
+    ids.is_valid().then(|| {
+        Arc::from(format!(
+            "00-{}-{}-{:02x}",
+            ids.trace_id(),
+            ids.span_id(),
+            ids.trace_flags().to_u8()
+        ))
+    })
 }
 
 /// The `traceparent` of the span the caller is in.
@@ -80,6 +177,32 @@ mod tests {
             continue_trace(&fresh, "not a traceparent");
             assert!(!traceparent(&fresh).unwrap().contains("4bf92f35"));
         });
+    }
+
+    #[test]
+    fn a_callers_sampled_flag_decides_and_the_ratio_decides_the_rest() {
+        let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let malformed = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
+        assert_eq!(sampled_flag(sampled), Some(true));
+        assert_eq!(sampled_flag(unsampled), Some(false));
+        assert_eq!(
+            sampled_flag(malformed),
+            None,
+            "an all-zero trace id is invalid"
+        );
+        assert_eq!(sampled_flag("00-abc"), None);
+
+        enable(0.0);
+        assert!(traced(Some(sampled)));
+        assert!(!traced(Some(unsampled)));
+        assert!(!traced(None) && !traced(Some(malformed)));
+        enable(1.0);
+        assert!(traced(None));
+        assert!(!traced(Some(unsampled)), "the caller decided");
+        enable(0.25);
+        let hits = (0..40_000).filter(|_| traced(None)).count();
+        assert!((9_000..11_000).contains(&hits), "{hits} of 40,000 at 0.25");
     }
 
     #[test]

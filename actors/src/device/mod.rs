@@ -137,7 +137,9 @@ impl DeviceState {
             state: current.clone(),
             change: change.clone(),
         }])
-        .instrument(tracing::debug_span!("store.commit"))
+        .instrument(twin_telemetry::trace::child(|| {
+            tracing::debug_span!("store.commit")
+        }))
         .await?;
         if let Some(l) = self.loaded.as_mut() {
             l.shadows.insert(name.clone(), current.clone());

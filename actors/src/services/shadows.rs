@@ -7,6 +7,8 @@ use twin_model::{
     DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, UpdateRequest,
 };
 
+use twin_telemetry::trace;
+
 use crate::device::DeviceMsg;
 use crate::error::FleetError;
 use crate::fleet::{FleetHandle, Reply};
@@ -23,7 +25,8 @@ impl Shadows<'_> {
         request: UpdateRequest,
         by: Origin,
     ) -> Reply<Arc<ShadowChange>> {
-        let span = tracing::debug_span!("twin.update", %thing, shadow = shadow.name());
+        let span =
+            trace::child(|| tracing::debug_span!("twin.update", %thing, shadow = shadow.name()));
         self.0.request(thing, |reply, permit| DeviceMsg::Update {
             shadow,
             request: Box::new(request),
@@ -35,7 +38,8 @@ impl Shadows<'_> {
     }
 
     pub fn get(self, thing: &DeviceId, shadow: ShadowName) -> Reply<Arc<Shadow>> {
-        let span = tracing::debug_span!("twin.get", %thing, shadow = shadow.name());
+        let span =
+            trace::child(|| tracing::debug_span!("twin.get", %thing, shadow = shadow.name()));
         self.0.request(thing, |reply, permit| DeviceMsg::Get {
             shadow,
             span,
@@ -51,7 +55,8 @@ impl Shadows<'_> {
         client_token: Option<String>,
         by: Origin,
     ) -> Reply<Arc<ShadowChange>> {
-        let span = tracing::debug_span!("twin.delete", %thing, shadow = shadow.name());
+        let span =
+            trace::child(|| tracing::debug_span!("twin.delete", %thing, shadow = shadow.name()));
         self.0.request(thing, |reply, permit| DeviceMsg::Delete {
             shadow,
             client_token,
