@@ -488,15 +488,10 @@ impl<S: Stream> Conn<S> {
         let limits = &self.ctx.fleet.config().limits;
         // From the publish to its answer; a device's `traceparent` makes it part of the
         // device's trace, and what is sent in answer carries this span's.
-        let span = if trace::traced(request.traceparent.as_deref()) {
-            let span = tracing::debug_span!("mqtt.publish", thing = %self.core.thing(), topic = %request.topic);
-            if let Some(parent) = &request.traceparent {
-                trace::continue_trace(&span, parent);
-            }
-            span
-        } else {
-            tracing::Span::none()
-        };
+        let span = trace::entry(
+            request.traceparent.as_deref(),
+            || tracing::debug_span!("mqtt.publish", thing = %self.core.thing(), topic = %request.topic),
+        );
         let traced = trace::traceparent(&span);
         let dispatched = self.outbox(|out| {
             api::dispatch(

@@ -143,18 +143,12 @@ async fn execute(
     // A caller's `traceparent` header makes the request part of its trace: the twins'
     // spans and the deltas devices get (MQTT 5) continue it.
     let parent = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
-    let span = if trace::traced(parent) {
-        let span = tracing::debug_span!(
+    let span = trace::entry(parent, || {
+        tracing::debug_span!(
             "graphql.request",
             operation = request.operation_name.as_deref()
-        );
-        if let Some(parent) = parent {
-            trace::continue_trace(&span, parent);
-        }
-        span
-    } else {
-        tracing::Span::none()
-    };
+        )
+    });
     let response: Response = app
         .schema
         .execute(request.data(principal))

@@ -98,6 +98,20 @@ fn random() -> u64 {
     })
 }
 
+/// The span of a request that comes in with the caller's `parent` (a `traceparent`, or
+/// none): `make()`'s span continuing the caller's trace when the request is [`traced`],
+/// else none.
+pub fn entry(parent: Option<&str>, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if !traced(parent) {
+        return tracing::Span::none();
+    }
+    let span = make();
+    if let Some(parent) = parent {
+        continue_trace(&span, parent);
+    }
+    span
+}
+
 /// `make()`'s span when the caller is in a traced span, else none: the work of an
 /// untraced request makes no spans. (The caller may be in other spans, such as the one
 /// ractor keeps around each actor: only one that belongs to a trace counts.)
