@@ -872,6 +872,14 @@ fn the_dashboard_is_valid_against_grafanas_published_schema() {
         )
     };
     let shipped = Path::new(ROOT).join("deploy/grafana/doppel.json");
+    let generated = std::process::Command::new("python3")
+        .arg(Path::new(ROOT).join("tools/grafana_dashboard.py"))
+        .output()
+        .unwrap();
+    assert!(
+        generated.stdout == std::fs::read(&shipped).unwrap(),
+        "deploy/grafana/doppel.json is not what tools/grafana_dashboard.py prints: regenerate it"
+    );
     let (valid, said) = check(&shipped);
     assert!(valid, "deploy/grafana/doppel.json:\n{said}");
 

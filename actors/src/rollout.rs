@@ -19,7 +19,7 @@ use twin_model::{DeviceId, Filter, RejectionKind};
 
 use crate::error::FleetError;
 use crate::fleet::FleetHandle;
-use crate::telemetry;
+use crate::telemetry::{self, RolloutEnd};
 
 /// How often a controller may look at its job's executions. It looks only when one of
 /// them changed, or when time matters (a rate, a health window).
@@ -43,7 +43,8 @@ pub(crate) async fn run(
     changed: Arc<Notify>,
     first_step: oneshot::Sender<()>,
 ) {
-    let _running = telemetry::RolloutRunning::start();
+    let running = telemetry::RolloutRunning::start();
+    let mut ended = RolloutEnd::Stopped;
     let mut first_step = Some(first_step);
     let id = job.job_id.clone();
     let mut tick = tokio::time::interval(TICK);
@@ -80,6 +81,7 @@ pub(crate) async fn run(
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(done);
+                    ended = RolloutEnd::Canceled;
                     break;
                 }
                 None => break,
@@ -93,7 +95,14 @@ pub(crate) async fn run(
                 }
                 match stepped {
                     Ok(Some(again)) => poll = again,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        ended = if job.rollout.as_ref().is_some_and(|r| r.aborted_at.is_some()) {
+                            RolloutEnd::Aborted
+                        } else {
+                            RolloutEnd::Completed
+                        };
+                        break;
+                    }
                     Err(e) => {
                         dirty = true;
                         tracing::warn!(job = %id, error = %e, "rollout step failed; retrying");
@@ -103,6 +112,7 @@ pub(crate) async fn run(
         }
     }
     fleet.job_state.rollouts.remove(&id);
+    running.end(ended);
 }
 
 /// Gives succeeded targets their health verdict: healthy once they match the gate's

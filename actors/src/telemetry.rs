@@ -46,6 +46,20 @@ label_values! {
     }
 }
 
+label_values! {
+    /// How a rollout controller ended on this node.
+    pub(crate) enum RolloutEnd {
+        /// Every target finished.
+        Completed = "completed",
+        /// Its abort policy stopped the job.
+        Aborted = "aborted",
+        /// An operator canceled the job.
+        Canceled = "canceled",
+        /// The node stopped; the rollout goes on at the next start.
+        Stopped = "stopped",
+    }
+}
+
 const OPS: [(ShadowOp, &str); 3] = [
     (ShadowOp::Get, "get"),
     (ShadowOp::Update, "update"),
@@ -83,6 +97,8 @@ struct Metrics {
     job_executions_family: Family<Labels, Counter>,
     job_executions: Vec<Counter>,
     rollouts_active: Gauge,
+    rollouts_ended_family: Family<Labels, Counter>,
+    rollouts_ended: ByLabel<RolloutEnd, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -103,6 +119,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &commands_family,
         CommandStatus::ALL.map(|s| [("status", s.as_str())]),
     );
+    let rollouts_ended_family = Family::<Labels, Counter>::default();
     let job_executions_family = Family::<Labels, Counter>::default();
     let job_executions = children(
         &job_executions_family,
@@ -121,6 +138,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         job_executions_family,
         job_executions,
         rollouts_active: Gauge::default(),
+        rollouts_ended: ByLabel::new(&rollouts_ended_family, "outcome"),
+        rollouts_ended_family,
     }
 });
 
@@ -167,6 +186,11 @@ pub fn register(registry: &mut Registry) {
         "Jobs whose rollout controller runs on this node",
         m.rollouts_active.clone(),
     );
+    registry.register(
+        "rollouts_ended",
+        "Rollout controllers that ended on this node, by outcome (stopped: the node stopped and the rollout resumes at its next start)",
+        m.rollouts_ended_family.clone(),
+    );
 }
 
 /// Counts a shadow request's answer: `code` is 200 or the rejection's code.
@@ -207,7 +231,7 @@ pub(crate) fn twin_stopped() {
     METRICS.twins_resident.dec();
 }
 
-/// Counts a rollout controller while it runs.
+/// Counts a rollout controller while it runs, and how it ended.
 pub(crate) struct RolloutRunning;
 
 impl RolloutRunning {
@@ -215,6 +239,16 @@ impl RolloutRunning {
         METRICS.rollouts_active.inc();
         Self
     }
+
+    pub(crate) fn end(self, how: RolloutEnd) {
+        METRICS.rollouts_ended.get(how).inc();
+    }
+}
+
+/// Rollouts that ended `how` in this process so far.
+#[cfg(test)]
+pub(crate) fn rollouts_ended(how: RolloutEnd) -> u64 {
+    METRICS.rollouts_ended.get(how).get()
 }
 
 impl Drop for RolloutRunning {

@@ -445,6 +445,8 @@ async fn things_taken_out_of_a_job_end_removed_or_never_get_an_execution() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add_up() {
+    let completed_before =
+        crate::telemetry::rollouts_ended(crate::telemetry::RolloutEnd::Completed);
     let f = fleet(on_tokio_time()).await;
     let mut events = two_waves(&f.fleet, "fw-del").await;
     let succeed = async |thing: &str| {
@@ -482,6 +484,12 @@ async fn a_rollout_whose_targets_are_deleted_still_finishes_with_counts_that_add
     // The controller sees that every target has ended, and stops.
     tokio::time::sleep(MINUTE).await;
     assert!(f.fleet.job_state.rollouts.is_empty(), "the rollout is over");
+    // Other tests may end rollouts meanwhile (the metrics are the process's): at least this one.
+    assert!(
+        crate::telemetry::rollouts_ended(crate::telemetry::RolloutEnd::Completed)
+            > completed_before,
+        "doppel_rollouts_ended_total{{outcome=\"completed\"}} counts it"
+    );
     let rollout = f
         .fleet
         .jobs()
