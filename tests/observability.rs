@@ -418,13 +418,15 @@ async fn a_real_prometheus_scrapes_doppel_and_sees_shadow_requests_rise() {
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_the_event_fields() {
     let dir = tempfile::tempdir().unwrap();
-    let (mqtt, http_addr) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
-        .args(["serve", "--log-format", "json", "--mqtt-listen", &mqtt])
-        .args(["--http-listen", &http_addr, "--data-dir"])
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env_remove("DOPPEL_SCYLLA_NODES")
         .env("RUST_LOG", "info")
@@ -433,23 +435,35 @@ async fn json_logs_are_one_object_per_line_with_the_event_fields() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let (seen, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let lines = tokio::spawn(async move {
         use tokio::io::AsyncBufReadExt as _;
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         let mut all = Vec::new();
         while let Ok(Some(line)) = lines.next_line().await {
+            let _ = seen.send(line.clone());
             all.push(line);
         }
         all
     });
-    // A refused device whose client id tries to forge a second line.
+    // The bound addresses, from the JSON lines as they come.
+    let (mut mqtt, mut http_addr) = (None, None);
     tokio::time::timeout(common::WAIT, async {
-        while tokio::net::TcpStream::connect(&mqtt).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        while mqtt.is_none() || http_addr.is_none() {
+            let line = seen_rx.recv().await.expect("doppel logs its addresses");
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let message = event["message"].as_str().unwrap_or_default();
+            if let Some(a) = message.strip_prefix("mqtt listening on ") {
+                mqtt = Some(a.to_owned());
+            } else if let Some(a) = message.strip_prefix("http listening on ") {
+                http_addr = Some(a.to_owned());
+            }
         }
     })
     .await
     .expect("doppel listens");
+    let (mqtt, http_addr) = (mqtt.unwrap(), http_addr.unwrap());
+    // A refused device whose client id tries to forge a second line.
     let (host, port) = mqtt.rsplit_once(':').unwrap();
     let opts = rumqttc::MqttOptions::new("bad\nid", host, port.parse().unwrap());
     let (_c, mut el) = rumqttc::AsyncClient::new(opts, 10);
@@ -891,4 +905,144 @@ fn the_dashboard_is_valid_against_grafanas_published_schema() {
     std::fs::write(&file, broken.to_string()).unwrap();
     let (valid, said) = check(&file);
     assert!(!valid && said.contains("gridpos"), "{said}");
+}
+
+#[tokio::test]
+async fn a_commands_trace_goes_to_the_device_and_comes_back_with_its_response() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.http);
+    let server = common::start_with_env(
+        dir.path(),
+        &["--auto-register", "--otlp-endpoint", &endpoint],
+        &QUICK_BATCHES,
+    )
+    .await;
+    let (host, port) = server.mqtt.rsplit_once(':').unwrap();
+    let (device, mut events) =
+        AsyncClient::new(MqttOptions::new("pump-1", host, port.parse().unwrap()), 10);
+    device
+        .subscribe(
+            "$aws/commands/things/pump-1/executions/+/request/#",
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let next = async |events: &mut rumqttc::v5::EventLoop| {
+        tokio::time::timeout(common::WAIT, async {
+            loop {
+                match events.poll().await.unwrap() {
+                    Event::Incoming(Packet::SubAck(_)) => return None,
+                    Event::Incoming(Packet::Publish(p)) => return Some(p),
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("a packet for the device")
+    };
+    assert!(next(&mut events).await.is_none(), "subscribed");
+
+    let trace_id = "5b8aa5a2d2c872e8321cf37308d69df2";
+    let app_span = "051581bf3cb55c13";
+    let admin = server.admin_token.clone().unwrap();
+    let auth = format!("Bearer {admin}");
+    let traceparent = format!("00-{trace_id}-{app_span}-01");
+    let body = serde_json::json!({
+        "query": r#"mutation { sendCommand(thingId: "pump-1", name: "reboot", timeoutSeconds: 60) { executionId } }"#
+    })
+    .to_string();
+    let r = http(
+        &server.http,
+        "POST",
+        "/graphql",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+            ("traceparent", &traceparent),
+        ],
+        body.as_bytes(),
+    )
+    .await;
+    let id = r.json()["data"]["sendCommand"]["executionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}", r.json()))
+        .to_owned();
+    let request = next(&mut events).await.expect("the command request");
+    let delivered = request
+        .properties
+        .and_then(|p| {
+            p.user_properties
+                .into_iter()
+                .find(|(k, _)| k == "traceparent")
+        })
+        .map(|(_, v)| v)
+        .expect("the command request carries a traceparent");
+    let send_span = span_id_of(&delivered, trace_id);
+
+    // The device answers in the same trace, as a child of what it received.
+    device
+        .publish_with_properties(
+            format!("$aws/commands/things/pump-1/executions/{id}/response/json"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"status":"SUCCEEDED"}"#,
+            PublishProperties {
+                user_properties: vec![("traceparent".into(), delivered.clone())],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(common::WAIT, async {
+        while !matches!(
+            events.poll().await.unwrap(),
+            Event::Incoming(Packet::PubAck(_))
+        ) {}
+    })
+    .await
+    .expect("the response is acknowledged");
+    let trace = receiver
+        .trace(
+            trace_id,
+            &[
+                "graphql.request",
+                "twin.command.send",
+                "mqtt.publish",
+                "twin.command.respond",
+            ],
+        )
+        .await;
+    let (request_span, send, publish, respond) = (
+        span(&trace, "graphql.request"),
+        span(&trace, "twin.command.send"),
+        span(&trace, "mqtt.publish"),
+        span(&trace, "twin.command.respond"),
+    );
+    assert_eq!(send["parent_span_id"], request_span["span_id"]);
+    assert_eq!(send["span_id"], send_span.as_str());
+    assert_eq!(
+        publish["parent_span_id"],
+        send_span.as_str(),
+        "the device's answer continues it"
+    );
+    assert_eq!(respond["parent_span_id"], publish["span_id"]);
+    let commits: Vec<_> = trace
+        .iter()
+        .filter(|s| s["name"] == "store.commit")
+        .collect();
+    assert!(
+        commits
+            .iter()
+            .any(|c| c["parent_span_id"] == send["span_id"])
+            && commits
+                .iter()
+                .any(|c| c["parent_span_id"] == respond["span_id"]),
+        "both changes are committed in the trace: {trace:#?}"
+    );
+    drop(device);
+    server.terminate().await;
 }

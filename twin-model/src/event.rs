@@ -42,6 +42,9 @@ pub enum TwinEvent {
         deliver: bool,
         /// The twin's version when it happened (commands do not change it).
         version: u64,
+        /// The W3C `traceparent` of the span that made the change, when it was traced:
+        /// the command request delivered to the device continues that trace.
+        trace: Option<Arc<str>>,
     },
     /// A job execution changed. `notify` is the device's `jobs/notify` payload (its
     /// pending executions), `notify_next` its `jobs/notify-next` payload when the next
@@ -67,7 +70,7 @@ impl TwinEvent {
     /// The W3C `traceparent` of the span that made the change, when it was traced.
     pub fn trace(&self) -> Option<&Arc<str>> {
         match self {
-            Self::Shadow { trace, .. } => trace.as_ref(),
+            Self::Shadow { trace, .. } | Self::Command { trace, .. } => trace.as_ref(),
             _ => None,
         }
     }

@@ -179,6 +179,7 @@ impl DeviceState {
             execution: execution.clone(),
             deliver,
             version: self.version(),
+            trace: twin_telemetry::trace::current(),
         });
     }
 

@@ -59,14 +59,18 @@ pub enum DeviceMsg {
     },
     /// Creates a command execution; it goes to the device as soon as the device listens.
     SendCommand {
-        request: NewCommand,
+        request: Box<NewCommand>,
+        /// The request's span, which the twin works in (its parent is the caller's).
+        span: tracing::Span,
         reply: AnswerPort<Arc<CommandExecution>>,
         permit: OwnedSemaphorePermit,
     },
     /// The device answered a command (the response as parsed, or why it did not parse).
     CommandResponse {
         execution_id: String,
-        response: Result<DeviceResponse, CommandError>,
+        response: Box<Result<DeviceResponse, CommandError>>,
+        /// The request's span, which the twin works in (its parent is the caller's).
+        span: tracing::Span,
         reply: AnswerPort<Arc<CommandExecution>>,
         permit: OwnedSemaphorePermit,
     },
@@ -96,6 +100,8 @@ pub enum DeviceMsg {
     JobRequest {
         op: JobOp,
         body: serde_json::Value,
+        /// The request's span, which the twin works in (its parent is the caller's).
+        span: tracing::Span,
         reply: AnswerPort<super::jobs::JobAnswer>,
         permit: OwnedSemaphorePermit,
     },

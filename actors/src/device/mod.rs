@@ -117,6 +117,9 @@ impl DeviceState {
         self.ctx
             .committer
             .commit(writes)
+            .instrument(twin_telemetry::trace::child(|| {
+                tracing::debug_span!("store.commit")
+            }))
             .await
             .map_err(FleetError::from)
     }
@@ -137,9 +140,6 @@ impl DeviceState {
             state: current.clone(),
             change: change.clone(),
         }])
-        .instrument(twin_telemetry::trace::child(|| {
-            tracing::debug_span!("store.commit")
-        }))
         .await?;
         if let Some(l) = self.loaded.as_mut() {
             l.shadows.insert(name.clone(), current.clone());
@@ -463,19 +463,25 @@ impl DeviceState {
             }
             DeviceMsg::SendCommand {
                 request,
+                span,
                 reply,
                 permit,
             } => {
-                answer(reply, self.send_command(request).await);
+                answer(reply, self.send_command(*request).instrument(span).await);
                 drop(permit);
             }
             DeviceMsg::CommandResponse {
                 execution_id,
                 response,
+                span,
                 reply,
                 permit,
             } => {
-                answer(reply, self.command_response(&execution_id, response).await);
+                let answered = self
+                    .command_response(&execution_id, *response)
+                    .instrument(span)
+                    .await;
+                answer(reply, answered);
                 drop(permit);
             }
             DeviceMsg::Command {
@@ -508,10 +514,11 @@ impl DeviceState {
             DeviceMsg::JobRequest {
                 op,
                 body,
+                span,
                 reply,
                 permit,
             } => {
-                answer(reply, self.job_request(op, body).await);
+                answer(reply, self.job_request(op, body).instrument(span).await);
                 drop(permit);
             }
             DeviceMsg::Clock => {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
 use twin_model::{DeviceId, Rejection, RejectionKind};
+use twin_telemetry::trace;
 
 use crate::device::DeviceMsg;
 use crate::error::FleetError;
@@ -17,9 +18,13 @@ impl Commands<'_> {
     /// Creates a command execution for `thing`; it reaches the device once the device
     /// subscribes to its command requests (at once if it already has).
     pub fn send(self, thing: &DeviceId, request: NewCommand) -> Reply<Arc<CommandExecution>> {
+        let span = trace::child(
+            || tracing::debug_span!("twin.command.send", %thing, name = %request.name),
+        );
         self.0
             .request(thing, |reply, permit| DeviceMsg::SendCommand {
-                request,
+                request: Box::new(request),
+                span,
                 reply,
                 permit,
             })
@@ -32,10 +37,14 @@ impl Commands<'_> {
         execution_id: String,
         response: Result<DeviceResponse, CommandError>,
     ) -> Reply<Arc<CommandExecution>> {
+        let span = trace::child(
+            || tracing::debug_span!("twin.command.respond", %thing, execution = %execution_id),
+        );
         self.0
             .request(thing, |reply, permit| DeviceMsg::CommandResponse {
                 execution_id,
-                response,
+                response: Box::new(response),
+                span,
                 reply,
                 permit,
             })

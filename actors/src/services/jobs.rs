@@ -11,6 +11,7 @@ use twin_model::job::{JobDefinition, JobError, JobExecution, JobStatus};
 use twin_model::topic::JobOp;
 use twin_model::{DeviceId, Filter, Rejection, RejectionKind};
 use twin_store::Write;
+use twin_telemetry::trace;
 
 use crate::device::{DeviceMsg, Ending, Running};
 use crate::error::{FleetError, JobRequestError};
@@ -297,11 +298,13 @@ impl Jobs<'_> {
         op: JobOp,
         body: Value,
     ) -> Pin<Box<dyn Future<Output = Result<Value, JobRequestError>> + Send>> {
+        let span = trace::child(|| tracing::debug_span!("twin.job.request", %thing, op = ?op));
         let answer = self
             .0
             .request(thing, |reply, permit| DeviceMsg::JobRequest {
                 op,
                 body,
+                span,
                 reply,
                 permit,
             });
