@@ -303,6 +303,23 @@ async fn every_walkthrough_in_the_readme_works_as_written() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let all = walkthroughs(&readme);
     assert!(all.len() >= 5, "the walkthroughs were found: {all:#?}");
+    // A missing client would leave its walkthrough waiting until the deadline.
+    for (tool, package) in [
+        ("curl", "curl"),
+        ("openssl", "openssl"),
+        ("mosquitto_rr", "mosquitto-clients"),
+        ("mosquitto_sub", "mosquitto-clients"),
+        ("promtool", "prometheus"),
+    ] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .status()
+            .unwrap();
+        assert!(
+            found.success(),
+            "the walkthroughs need {tool}: apt-get install {package} (.ci/run does)"
+        );
+    }
     let python_bin = python_with_websockets();
     let results = futures_util::future::join_all(all.iter().map(|w| run(w, &python_bin))).await;
     let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
