@@ -486,6 +486,9 @@ pub async fn ws_as(addr: &str, token: &str, recv_buffer: Option<u32>) -> Ws {
 /// A Python virtual environment under Cargo's target directory with `package` installed
 /// from PyPI, made on first use (kept between runs); its path.
 pub fn python_venv(name: &str, package: &str) -> std::path::PathBuf {
+    // Tests of one binary run in parallel and may share a venv: one makes it at a time.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let marker = venv.join(package);
     if !marker.exists() {
