@@ -665,6 +665,54 @@ fn traceparent_was_sampled(answered: &Option<String>, trace_id: &str) -> bool {
         .is_some_and(|t| t.contains(trace_id) && t.ends_with("-01"))
 }
 
+/// Publishes `body` on `topic` at QoS 1 with `traceparent` as an MQTT 5 user property.
+async fn publish_traced(
+    device: &rumqttc::v5::AsyncClient,
+    topic: impl Into<String>,
+    body: &'static str,
+    traceparent: Option<String>,
+) {
+    let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+        user_properties: traceparent
+            .map(|t| ("traceparent".into(), t))
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    device
+        .publish_with_properties(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            body,
+            properties,
+        )
+        .await
+        .unwrap();
+}
+
+/// `POST /graphql` as the admin, with a `traceparent` header.
+async fn traced_graphql(
+    server: &common::Server,
+    query: &str,
+    traceparent: &str,
+) -> common::HttpResponse {
+    let auth = format!("Bearer {}", server.admin_token.as_deref().unwrap());
+    let body = serde_json::json!({ "query": query }).to_string();
+    http(
+        &server.http,
+        "POST",
+        "/graphql",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &auth),
+            ("traceparent", traceparent),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
 /// Spans leave in batches; a short delay keeps the tests quick.
 const QUICK_BATCHES: [(&str, &str); 1] = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
 
@@ -691,23 +739,13 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
     let (device, mut events) = device_v5(&server.mqtt, "lamp-9").await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let device_span = "00f067aa0ba902b7";
-    let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
-        user_properties: vec![(
-            "traceparent".into(),
-            format!("00-{trace_id}-{device_span}-01"),
-        )],
-        ..Default::default()
-    };
-    device
-        .publish_with_properties(
-            "$aws/things/lamp-9/shadow/update",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            r#"{"state":{"desired":{"on":true}}}"#,
-            properties,
-        )
-        .await
-        .unwrap();
+    publish_traced(
+        &device,
+        "$aws/things/lamp-9/shadow/update",
+        r#"{"state":{"desired":{"on":true}}}"#,
+        Some(format!("00-{trace_id}-{device_span}-01")),
+    )
+    .await;
     let accepted = next_v5(&mut events, "/update/accepted")
         .await
         .expect("a traceparent on accepted");
@@ -748,23 +786,13 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
         None,
         Some(format!("00-{later}-{device_span}-01")),
     ] {
-        let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
-            user_properties: traceparent
-                .map(|t| ("traceparent".into(), t))
-                .into_iter()
-                .collect(),
-            ..Default::default()
-        };
-        device
-            .publish_with_properties(
-                "$aws/things/lamp-9/shadow/update",
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                false,
-                r#"{"state":{"reported":{"on":true}}}"#,
-                properties,
-            )
-            .await
-            .unwrap();
+        publish_traced(
+            &device,
+            "$aws/things/lamp-9/shadow/update",
+            r#"{"state":{"reported":{"on":true}}}"#,
+            traceparent,
+        )
+        .await;
         let answered = next_v5(&mut events, "/update/accepted").await;
         assert_eq!(
             answered.is_some(),
@@ -800,23 +828,10 @@ async fn an_applications_trace_reaches_the_device_with_its_delta_over_grpc() {
     let (device, mut events) = device_v5(&server.mqtt, "lamp-10").await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let app_span = "b7ad6b7169203331";
-    let traceparent = format!("00-{trace_id}-{app_span}-01");
-    let admin = server.admin_token.clone().unwrap();
-    let auth = format!("Bearer {admin}");
-    let body = serde_json::json!({
-        "query": r#"mutation { updateDesired(id: "lamp-10", desired: {on: true}) { version } }"#
-    })
-    .to_string();
-    let r = http(
-        &server.http,
-        "POST",
-        "/graphql",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &auth),
-            ("traceparent", &traceparent),
-        ],
-        body.as_bytes(),
+    let r = traced_graphql(
+        &server,
+        r#"mutation { updateDesired(id: "lamp-10", desired: {on: true}) { version } }"#,
+        &format!("00-{trace_id}-{app_span}-01"),
     )
     .await;
     assert_eq!(
@@ -910,7 +925,7 @@ fn the_dashboard_is_valid_against_grafanas_published_schema() {
 #[tokio::test]
 async fn a_commands_trace_goes_to_the_device_and_comes_back_with_its_response() {
     use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -948,23 +963,10 @@ async fn a_commands_trace_goes_to_the_device_and_comes_back_with_its_response() 
 
     let trace_id = "5b8aa5a2d2c872e8321cf37308d69df2";
     let app_span = "051581bf3cb55c13";
-    let admin = server.admin_token.clone().unwrap();
-    let auth = format!("Bearer {admin}");
-    let traceparent = format!("00-{trace_id}-{app_span}-01");
-    let body = serde_json::json!({
-        "query": r#"mutation { sendCommand(thingId: "pump-1", name: "reboot", timeoutSeconds: 60) { executionId } }"#
-    })
-    .to_string();
-    let r = http(
-        &server.http,
-        "POST",
-        "/graphql",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &auth),
-            ("traceparent", &traceparent),
-        ],
-        body.as_bytes(),
+    let r = traced_graphql(
+        &server,
+        r#"mutation { sendCommand(thingId: "pump-1", name: "reboot", timeoutSeconds: 60) { executionId } }"#,
+        &format!("00-{trace_id}-{app_span}-01"),
     )
     .await;
     let id = r.json()["data"]["sendCommand"]["executionId"]
@@ -984,19 +986,13 @@ async fn a_commands_trace_goes_to_the_device_and_comes_back_with_its_response() 
     let send_span = span_id_of(&delivered, trace_id);
 
     // The device answers in the same trace, as a child of what it received.
-    device
-        .publish_with_properties(
-            format!("$aws/commands/things/pump-1/executions/{id}/response/json"),
-            QoS::AtLeastOnce,
-            false,
-            r#"{"status":"SUCCEEDED"}"#,
-            PublishProperties {
-                user_properties: vec![("traceparent".into(), delivered.clone())],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    publish_traced(
+        &device,
+        format!("$aws/commands/things/pump-1/executions/{id}/response/json"),
+        r#"{"status":"SUCCEEDED"}"#,
+        Some(delivered.clone()),
+    )
+    .await;
     tokio::time::timeout(common::WAIT, async {
         while !matches!(
             events.poll().await.unwrap(),

@@ -18,14 +18,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeGaugeValue, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::MetricConstructor;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 pub use prometheus_client::collector::Collector;
 pub use prometheus_client::encoding::DescriptorEncoder;
-pub use prometheus_client::metrics::counter::{ConstCounter, Counter};
+pub use prometheus_client::metrics::counter::Counter;
 pub use prometheus_client::metrics::family::Family;
-pub use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+pub use prometheus_client::metrics::gauge::Gauge;
 pub use prometheus_client::registry::{Registry, Unit};
 
 /// A label set given as (name, value) pairs whose values come from a fixed list.

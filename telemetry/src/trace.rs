@@ -42,10 +42,14 @@ pub fn enable(ratio: f64) {
     ENABLED.store(1, Ordering::Relaxed);
 }
 
+fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed) != 0
+}
+
 /// Whether a request whose caller sent `parent` (a `traceparent`, or none) is traced:
 /// the caller's sampled flag decides, else `trace_sample_ratio`.
 pub fn traced(parent: Option<&str>) -> bool {
-    if ENABLED.load(Ordering::Relaxed) == 0 {
+    if !enabled() {
         return false;
     }
     match parent.and_then(sampled_flag) {
@@ -116,6 +120,9 @@ pub fn entry(parent: Option<&str>, make: impl FnOnce() -> tracing::Span) -> trac
 /// untraced request makes no spans. (The caller may be in other spans, such as the one
 /// ractor keeps around each actor: only one that belongs to a trace counts.)
 pub fn child(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if !enabled() {
+        return tracing::Span::none();
+    }
     let current = tracing::Span::current();
     if current.is_disabled() || !current.context().span().span_context().is_valid() {
         tracing::Span::none()
@@ -138,7 +145,8 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
 /// The `traceparent` of `span`, when it belongs to a trace (the OpenTelemetry layer is on
 /// and the span is enabled for it).
 pub fn traceparent(span: &tracing::Span) -> Option<Arc<str>> {
-    if span.is_disabled() {
+    // Inside an actor the current span is ractor's own: without tracing, ask no further.
+    if !enabled() || span.is_disabled() {
         return None;
     }
     let context = span.context();
@@ -167,8 +175,13 @@ mod tests {
 
     const DEVICE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
+    /// Tracing's on/off and ratio are the process's: tests that set them take turns.
+    static SETTINGS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn a_span_continues_the_callers_trace_and_names_itself_in_what_it_sends() {
+        let _turn = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
+        enable(1.0);
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
@@ -195,6 +208,7 @@ mod tests {
 
     #[test]
     fn a_callers_sampled_flag_decides_and_the_ratio_decides_the_rest() {
+        let _turn = SETTINGS.lock().unwrap_or_else(|e| e.into_inner());
         let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         let malformed = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
