@@ -18,9 +18,12 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Level;
 use tracing_subscriber::Layer as _;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt as _, Targets, filter_fn};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent};
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
+use twin_telemetry::trace::TraceId;
 
 use crate::config::{Config, LogFormat, OtlpProtocol};
 use tracing_subscriber::field::RecordFields;
@@ -46,18 +49,32 @@ const TRACED: [&str; 6] = [
 /// Sets up logging to standard error, and span export when `tracer` is given (see
 /// [`tracer`]). Logs: the level from `RUST_LOG` (default `info`); text has ANSI colours
 /// only on a terminal and its values escaped and cut; JSON is one object per line, whose
-/// strings JSON escapes (a value cannot end its line).
+/// strings JSON escapes (a value cannot end its line). A line logged inside a traced
+/// request names the request's spans (in JSON, `spans`) and its trace (`trace_id`).
 pub fn init(ansi: bool, config: &Config, tracer: Option<Tracing>) -> Option<Tracing> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let levels = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Doppel's spans exist only for traced requests: the lines logged inside one show them.
+    let traced_spans = filter_fn(|meta| {
+        meta.is_span()
+            && TRACED
+                .iter()
+                .any(|c| meta.target().split("::").next() == Some(c))
+    })
+    .with_max_level_hint(Level::DEBUG);
+    let filter = levels.or(traced_spans);
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match config.log_format {
         LogFormat::Text => logs.with_ansi(ansi).fmt_fields(EscapedFields).boxed(),
         LogFormat::Json => logs
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(true)
+            .event_format(WithTraceId(
+                tracing_subscriber::fmt::format()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(true),
+            ))
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .boxed(),
     };
     let spans = tracer.as_ref().map(|t| {
@@ -70,6 +87,37 @@ pub fn init(ansi: bool, config: &Config, tracer: Option<Tracing>) -> Option<Trac
         .with(spans)
         .init();
     tracer
+}
+
+/// A JSON event format that adds `trace_id` to the lines logged inside a traced request.
+struct WithTraceId<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceId<F>
+where
+    F: FormatEvent<S, N>,
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        let trace = ctx.event_scope().and_then(|mut scope| {
+            scope.find_map(|span| span.extensions().get::<TraceId>().map(|t| t.0.clone()))
+        });
+        let Some(trace) = trace else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::with_capacity(256);
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        // The trace id is 32 hex digits (checked when it was kept): nothing to escape.
+        match line.strip_prefix('{') {
+            Some(rest) => write!(writer, "{{\"trace_id\":\"{trace}\",{rest}"),
+            None => writer.write_str(&line),
+        }
+    }
 }
 
 /// Span export to `otlp_endpoint` (OpenTelemetry OTLP), batched on a thread of its own.

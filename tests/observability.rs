@@ -35,6 +35,11 @@ async fn scrape(addr: &str, accept: Option<&str>) -> common::HttpResponse {
     r
 }
 
+/// A scrape's text.
+async fn scrape_text(addr: &str, accept: Option<&str>) -> String {
+    String::from_utf8(scrape(addr, accept).await.body).unwrap()
+}
+
 /// The value of the sample written exactly as `series` (name and labels).
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -314,21 +319,15 @@ async fn every_metric_the_dashboard_and_alert_rules_use_exists_and_the_rules_che
     }
 }
 
-/// A free TCP port on the loopback interface.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The value of a PromQL query's first result, if any yet (none while Prometheus is
-/// still starting).
+/// still starting: 503).
 async fn query(prometheus: &str, promql: &str) -> Option<f64> {
     tokio::net::TcpStream::connect(prometheus).await.ok()?;
     let path = format!("/api/v1/query?query={}", url_escape(promql));
     let r = http(prometheus, "GET", &path, &[], b"").await;
+    if r.status != 200 {
+        return None;
+    }
     let v = r.json();
     let value = v["data"]["result"].get(0)?["value"][1].as_str()?.to_owned();
     value.parse().ok()
@@ -364,32 +363,65 @@ async fn until(
     .unwrap_or_else(|_| panic!("{promql} never got there within {within:?}"))
 }
 
-#[tokio::test]
-async fn a_real_prometheus_scrapes_doppel_and_sees_shadow_requests_rise() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--auto-register"]).await;
-    let config = dir.path().join("prometheus.yml");
+/// A real Prometheus server scraping `target` every second (with exemplar storage on),
+/// and the address of its HTTP API.
+async fn prometheus(dir: &Path, target: &str) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt as _;
+    let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: doppel\n    static_configs:\n      - targets: [\"{}\"]\n",
-            server.http
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: doppel\n    static_configs:\n      - targets: [\"{target}\"]\n"
         ),
     )
     .unwrap();
-    let web = format!("127.0.0.1:{}", free_port());
-    let mut prometheus = tokio::process::Command::new(tool("prometheus"))
+    let mut child = tokio::process::Command::new(tool("prometheus"))
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
             "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
+            dir.join("tsdb").display()
         ))
-        .arg(format!("--web.listen-address={web}"))
+        .arg("--web.listen-address=127.0.0.1:0")
+        .arg("--enable-feature=exemplar-storage")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // It logs the port it was given: `msg="Listening on" address=127.0.0.1:PORT`.
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let web = tokio::time::timeout(common::WAIT, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("prometheus runs");
+            if line.contains("msg=\"Listening on\"") {
+                return line.rsplit("address=").next().unwrap().trim().to_owned();
+            }
+        }
+    })
+    .await
+    .expect("prometheus listens");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, web)
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_doppel_and_sees_shadow_requests_rise_and_their_traces() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.http);
+    let server = common::start_with_env(
+        dir.path(),
+        &[
+            "--auto-register",
+            "--otlp-endpoint",
+            &endpoint,
+            "--trace-sample-ratio",
+            "0",
+        ],
+        &QUICK_BATCHES,
+    )
+    .await;
+    let (mut prometheus, web) = prometheus(dir.path(), &server.http).await;
     let scrapes = Duration::from_secs(60);
     until(&web, r#"up{job="doppel"}"#, scrapes, |v| v == 1.0).await;
     let total = r#"sum(doppel_shadow_requests_total{op="update",code="200"})"#;
@@ -410,26 +442,77 @@ async fn a_real_prometheus_scrapes_doppel_and_sees_shadow_requests_rise() {
     }
     let after = until(&web, total, scrapes, |v| v >= before + 3.0).await;
     assert_eq!(after, before + 3.0);
+
+    // A traced update: Prometheus keeps the exemplar that names its trace, with the
+    // commit's latency bucket.
+    let (traced, mut answers) = device_v5(&server.mqtt, "meter-3").await;
+    let trace_id = "3e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b";
+    publish_traced(
+        &traced,
+        "$aws/things/meter-3/shadow/update",
+        r#"{"state":{"reported":{"kwh":1}}}"#,
+        Some(format!("00-{trace_id}-00f067aa0ba902b7-01")),
+    )
+    .await;
+    next_v5(&mut answers, "/update/accepted").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let path = format!(
+        "/api/v1/query_exemplars?query=doppel_commit_duration_seconds_bucket&start={}&end={}",
+        now - 600,
+        now + 600
+    );
+    let exemplars = tokio::time::timeout(scrapes, async {
+        loop {
+            let found = http(&web, "GET", &path, &[], b"").await.json();
+            let named = found["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|series| {
+                    series["exemplars"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e["labels"]["trace_id"] == trace_id)
+                });
+            if named {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await
+    .expect("Prometheus stores the exemplar");
+    assert_eq!(exemplars["status"], "success");
     prometheus.kill().await.unwrap();
-    drop(device);
+    drop((device, traced));
     server.terminate().await;
 }
 
 #[tokio::test]
-async fn json_logs_are_one_object_per_line_with_the_event_fields() {
+async fn json_logs_are_one_object_per_line_with_the_event_fields_and_the_trace() {
+    let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_doppel"))
         .args([
             "serve",
             "--log-format",
             "json",
+            "--auto-register",
+            "--trace-sample-ratio",
+            "0",
             "--mqtt-listen",
             "127.0.0.1:0",
         ])
-        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
+        .args(["--http-listen", "127.0.0.1:0", "--otlp-endpoint"])
+        .arg(format!("http://127.0.0.1:{}", receiver.http))
+        .arg("--data-dir")
         .arg(dir.path())
         .env_remove("DOPPEL_SCYLLA_NODES")
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,twin_actors=debug")
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -463,6 +546,49 @@ async fn json_logs_are_one_object_per_line_with_the_event_fields() {
     .await
     .expect("doppel listens");
     let (mqtt, http_addr) = (mqtt.unwrap(), http_addr.unwrap());
+    // Two updates the twin refuses (a version conflict), one in the device's trace: its
+    // line names the trace.
+    let (device, mut answers) = device_v5(&mqtt, "lamp-12").await;
+    let trace_id = "7c4a1f0e3b2d4c5a8e9f0a1b2c3d4e5f";
+    for traceparent in [Some(format!("00-{trace_id}-00f067aa0ba902b7-01")), None] {
+        publish_traced(
+            &device,
+            "$aws/things/lamp-12/shadow/update",
+            r#"{"state":{"desired":{"on":true}},"version":99}"#,
+            traceparent,
+        )
+        .await;
+        next_v5(&mut answers, "/update/rejected").await;
+    }
+    let refused: Vec<serde_json::Value> = tokio::time::timeout(common::WAIT, async {
+        let mut refused = Vec::new();
+        while refused.len() < 2 {
+            let line = seen_rx.recv().await.expect("doppel logs the refusals");
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if event["message"] == "shadow request refused" {
+                refused.push(event);
+            }
+        }
+        refused
+    })
+    .await
+    .expect("both refusals are logged");
+    assert_eq!(refused[0]["trace_id"], trace_id, "{}", refused[0]);
+    assert_eq!(refused[0]["thing"], "lamp-12");
+    assert_eq!(refused[0]["level"], "DEBUG");
+    let spans: Vec<&str> = refused[0]["spans"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", refused[0]))
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(spans, ["mqtt.publish", "twin.update"], "{}", refused[0]);
+    assert!(
+        refused[1].get("trace_id").is_none(),
+        "an untraced request's line names no trace: {}",
+        refused[1]
+    );
+    drop(device);
     // A refused device whose client id tries to forge a second line.
     let (host, port) = mqtt.rsplit_once(':').unwrap();
     let opts = rumqttc::MqttOptions::new("bad\nid", host, port.parse().unwrap());
@@ -777,12 +903,27 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
     assert_eq!(publish["resource"]["deployment.environment"], "test");
     assert_eq!(publish["transport"], "http");
 
+    // The commit's latency names the trace (an exemplar), for a scraper that asks for
+    // OpenMetrics; the Prometheus text format has no exemplars.
+    let open = scrape_text(&server.http, Some("application/openmetrics-text")).await;
+    let exemplar = format!(" # {{trace_id=\"{trace_id}\"}} ");
+    let commit_buckets: Vec<&str> = open
+        .lines()
+        .filter(|l| {
+            l.starts_with("doppel_commit_duration_seconds_bucket{") && l.contains(&exemplar)
+        })
+        .collect();
+    assert_eq!(commit_buckets.len(), 1, "{open}");
+    assert!(!scrape_text(&server.http, None).await.contains(" # {"));
+
     // A trace the device does not sample is not traced here either, and neither is an
-    // update without a traceparent (the ratio is 0). Spans leave in the order they end,
-    // so once a later sampled update's spans are in, theirs would be too.
+    // update without a traceparent (the ratio is 0): the unsampled one's answer carries
+    // the device's traceparent on unchanged, as W3C asks. Spans leave in the order they
+    // end, so once a later sampled update's spans are in, theirs would be too.
     let later = "0af7651916cd43dd8448eb211c80319c";
+    let unsampled = format!("00-{trace_id}-{device_span}-00");
     for traceparent in [
-        Some(format!("00-{trace_id}-{device_span}-00")),
+        Some(unsampled.clone()),
         None,
         Some(format!("00-{later}-{device_span}-01")),
     ] {
@@ -790,14 +931,15 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
             &device,
             "$aws/things/lamp-9/shadow/update",
             r#"{"state":{"reported":{"on":true}}}"#,
-            traceparent,
+            traceparent.clone(),
         )
         .await;
         let answered = next_v5(&mut events, "/update/accepted").await;
-        assert_eq!(
-            answered.is_some(),
-            traceparent_was_sampled(&answered, later)
-        );
+        match traceparent {
+            Some(sent) if sent == unsampled => assert_eq!(answered, Some(sent)),
+            None => assert_eq!(answered, None),
+            Some(_) => assert!(traceparent_was_sampled(&answered, later), "{answered:?}"),
+        }
     }
     receiver
         .trace(later, &["mqtt.publish", "twin.update", "store.commit"])
@@ -847,15 +989,35 @@ async fn an_applications_trace_reaches_the_device_with_its_delta_over_grpc() {
     let trace = receiver
         .trace(
             trace_id,
-            &["graphql.request", "twin.update", "store.commit"],
+            &[
+                "graphql.request",
+                "graphql.resolve",
+                "twin.update",
+                "store.commit",
+            ],
         )
         .await;
-    let (request, update) = (span(&trace, "graphql.request"), span(&trace, "twin.update"));
+    let (request, resolve, update) = (
+        span(&trace, "graphql.request"),
+        span(&trace, "graphql.resolve"),
+        span(&trace, "twin.update"),
+    );
     assert_eq!(
         request["parent_span_id"], app_span,
         "the caller's span is the parent"
     );
-    assert_eq!(update["parent_span_id"], request["span_id"]);
+    assert_eq!(resolve["parent_span_id"], request["span_id"]);
+    assert_eq!(resolve["attributes"]["field"], "updateDesired");
+    assert_eq!(update["parent_span_id"], resolve["span_id"]);
+    let open = scrape_text(&server.http, Some("application/openmetrics-text")).await;
+    assert!(
+        open.lines().any(|l| {
+            l.starts_with("doppel_graphql_request_duration_seconds_bucket{")
+                && l.contains("type=\"mutation\"")
+                && l.contains(&format!(" # {{trace_id=\"{trace_id}\"}} "))
+        }),
+        "the request's latency names its trace: {open}"
+    );
     assert_eq!(
         span_id_of(&delta, trace_id),
         update["span_id"].as_str().unwrap()
@@ -1005,20 +1167,20 @@ async fn a_commands_trace_goes_to_the_device_and_comes_back_with_its_response() 
         .trace(
             trace_id,
             &[
-                "graphql.request",
+                "graphql.resolve",
                 "twin.command.send",
                 "mqtt.publish",
                 "twin.command.respond",
             ],
         )
         .await;
-    let (request_span, send, publish, respond) = (
-        span(&trace, "graphql.request"),
+    let (resolve, send, publish, respond) = (
+        span(&trace, "graphql.resolve"),
         span(&trace, "twin.command.send"),
         span(&trace, "mqtt.publish"),
         span(&trace, "twin.command.respond"),
     );
-    assert_eq!(send["parent_span_id"], request_span["span_id"]);
+    assert_eq!(send["parent_span_id"], resolve["span_id"]);
     assert_eq!(send["span_id"], send_span.as_str());
     assert_eq!(
         publish["parent_span_id"],

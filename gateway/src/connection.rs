@@ -487,12 +487,19 @@ impl<S: Stream> Conn<S> {
         let room = self.core.has_room();
         let limits = &self.ctx.fleet.config().limits;
         // From the publish to its answer; a device's `traceparent` makes it part of the
-        // device's trace, and what is sent in answer carries this span's.
+        // device's trace, and what is sent in answer carries this span's (or, when this
+        // request is not traced, the device's own, unchanged, as W3C asks of a hop that
+        // does not take part).
         let span = trace::entry(
             request.traceparent.as_deref(),
             || tracing::debug_span!("mqtt.publish", thing = %self.core.thing(), topic = %request.topic),
         );
-        let traced = trace::traceparent(&span);
+        let forward = if span.is_none() {
+            request.traceparent.as_deref().and_then(trace::forwarded)
+        } else {
+            None
+        };
+        let traced = trace::traceparent(&span).or_else(|| forward.clone());
         let dispatched = self.outbox(|out| {
             api::dispatch(
                 &request,
@@ -507,8 +514,11 @@ impl<S: Stream> Conn<S> {
         match dispatched {
             Dispatch::Call(call) => {
                 self.core.request_sent();
-                let answer =
-                    span.in_scope(|| call.send(&self.ctx.fleet, self.core.thing(), request.ack));
+                let answer = span.in_scope(|| {
+                    trace::forwarding(forward, || {
+                        call.send(&self.ctx.fleet, self.core.thing(), request.ack)
+                    })
+                });
                 self.answers.push(Box::pin(
                     answer
                         .map(move |(ack, answer)| (ack, traced, answer))

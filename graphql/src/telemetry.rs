@@ -1,6 +1,8 @@
 //! The GraphQL API's metrics: requests by operation type and outcome with their latency,
 //! active subscriptions, and `Lagged` events sent. Recorded by the [`Metered`] schema
 //! extension, so every way in (HTTP, WebSocket, `schema.execute`) is counted alike.
+//! A traced request's latency names its trace (an exemplar), and each of its top-level
+//! fields gets a `graphql.resolve` span.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -8,12 +10,14 @@ use std::time::Instant;
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest,
-    NextSubscribe,
+    NextResolve, NextSubscribe, ResolveInfo,
 };
 use async_graphql::futures_util::StreamExt as _;
 use async_graphql::futures_util::stream::BoxStream;
 use async_graphql::parser::types::{ExecutableDocument, OperationType};
-use async_graphql::{Response, ServerResult, Variables};
+use async_graphql::{Response, ServerResult, Value, Variables};
+use tracing::Instrument as _;
+use twin_telemetry::trace;
 use twin_telemetry::{
     Counter, Family, Gauge, Histogram, HistogramFamily, LATENCY_SECONDS, LabelValues as _, Labels,
     Labels2, Registry, Unit, children, histogram_family, label_values,
@@ -94,10 +98,12 @@ pub(crate) fn lagged() {
     METRICS.lagged.inc();
 }
 
-fn record(kind: Kind, outcome: Outcome, started: Instant) {
+/// A request of `kind` that ended with `outcome`; `trace` is its `traceparent` when it
+/// was traced, for the latency's exemplar.
+fn record(kind: Kind, outcome: Outcome, started: Instant, trace: Option<&str>) {
     let m = &*METRICS;
     m.requests[kind.index() * Outcome::ALL.len() + outcome.index()].inc();
-    m.latency[kind.index()].observe_duration(started.elapsed());
+    m.latency[kind.index()].observe_duration_traced(started.elapsed(), trace);
 }
 
 /// The schema extension that records every request.
@@ -147,8 +153,25 @@ impl Extension for MeteredRequest {
         } else {
             Outcome::Error
         };
-        record(self.kind(), outcome, started);
+        record(self.kind(), outcome, started, trace::current().as_deref());
         response
+    }
+
+    /// A top-level field of a traced request resolves in a span of its own, between the
+    /// request's and the twins' it calls.
+    async fn resolve(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        info: ResolveInfo<'_>,
+        next: NextResolve<'_>,
+    ) -> ServerResult<Option<Value>> {
+        if info.path_node.parent.is_some() {
+            return next.run(ctx, info).await;
+        }
+        let span = trace::child(|| {
+            tracing::debug_span!("graphql.resolve", field = info.name, on = info.parent_type)
+        });
+        next.run(ctx, info).instrument(span).await
     }
 
     fn subscribe<'s>(
@@ -169,7 +192,7 @@ impl Extension for MeteredRequest {
                     } else {
                         Outcome::Error
                     };
-                    record(Kind::Subscription, outcome, started);
+                    record(Kind::Subscription, outcome, started, None);
                 }
                 response
             })

@@ -22,6 +22,8 @@ const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
 struct Job {
     writes: Vec<Write>,
     reply: oneshot::Sender<Result<(), Arc<StoreError>>>,
+    /// The `traceparent` of the traced work that asked, for the latency's exemplar.
+    trace: Option<Arc<str>>,
 }
 
 /// Counters of the commit loop.
@@ -105,7 +107,11 @@ impl Committer {
     pub async fn commit(&self, writes: Vec<Write>) -> Result<(), Arc<StoreError>> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { writes, reply })
+            .send(Job {
+                writes,
+                reply,
+                trace: twin_telemetry::trace::current(),
+            })
             .await
             .map_err(|_| Arc::new(StoreError::Closed))?;
         rx.await.map_err(|_| Arc::new(StoreError::Closed))?
@@ -133,12 +139,14 @@ async fn commit_loop(
     let mut replies = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut batch = first.writes;
+        let mut trace = first.trace;
         replies.push(first.reply);
         while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(job) => {
                     batch.extend(job.writes);
                     replies.push(job.reply);
+                    trace = trace.or(job.trace);
                 }
                 Err(_) => break,
             }
@@ -159,6 +167,7 @@ async fn commit_loop(
             writes,
             took,
             result.as_ref().err().map(|e| e.is_unavailable()),
+            trace.as_deref(),
         );
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.writes.fetch_add(writes as u64, Ordering::Relaxed);

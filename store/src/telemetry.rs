@@ -62,10 +62,12 @@ pub fn register(registry: &mut Registry) {
     );
 }
 
-pub(crate) fn committed(writes: usize, took: Duration, failed: Option<bool>) {
+/// A commit of `writes` that took `took`; `failed` says whether the store was unavailable
+/// when it failed; `trace` is a traced request's in the batch, for the latency's exemplar.
+pub(crate) fn committed(writes: usize, took: Duration, failed: Option<bool>, trace: Option<&str>) {
     let m = &*METRICS;
     m.batch_writes.observe(writes as f64);
-    m.batch_latency.observe_duration(took);
+    m.batch_latency.observe_duration_traced(took, trace);
     if let Some(unavailable) = failed {
         let kind = if unavailable {
             Failure::Unavailable

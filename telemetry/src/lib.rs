@@ -9,13 +9,17 @@
 //!
 //! The scrape answers in the Prometheus text format (0.0.4), or in OpenMetrics when the
 //! scraper's `Accept` header prefers it ([`Format::negotiate`]), as Prometheus does.
+//! OpenMetrics carries exemplars: each latency bucket names the trace of its latest traced
+//! observation ([`Histogram::observe_traced`]), so that a slow bucket leads to a trace.
 
 pub mod trace;
 
+use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::hash::Hash;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::{EncodeGaugeValue, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -69,6 +73,19 @@ struct HistogramCounts {
     buckets: Box<[AtomicU64]>,
     /// The sum of observations, as `f64` bits.
     sum: AtomicU64,
+    /// Per bucket, its latest traced observation. Only traced observations touch these
+    /// (with `try_lock`, never waiting); the rest of the hot path takes no lock.
+    exemplars: Box<[Mutex<Option<Exemplar>>]>,
+    /// Whether any bucket has an exemplar, so that scrapes skip histograms without.
+    has_exemplars: AtomicBool,
+}
+
+/// An observation that names its trace, shown with its bucket in OpenMetrics.
+#[derive(Debug, Clone)]
+struct Exemplar {
+    trace_id: Box<str>,
+    value: f64,
+    at: SystemTime,
 }
 
 impl Histogram {
@@ -79,10 +96,35 @@ impl Histogram {
             bounds,
             buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
             sum: AtomicU64::new(0f64.to_bits()),
+            exemplars: (0..=bounds.len()).map(|_| Mutex::new(None)).collect(),
+            has_exemplars: AtomicBool::new(false),
         }))
     }
 
     pub fn observe(&self, value: f64) {
+        self.count_in_bucket(value);
+    }
+
+    /// Observes `value` made by the work of `traceparent` (a W3C `traceparent`; none when
+    /// the work was not traced): its bucket's exemplar names that trace.
+    pub fn observe_traced(&self, value: f64, traceparent: Option<&str>) {
+        let bucket = self.count_in_bucket(value);
+        let Some(trace_id) = traceparent.and_then(trace::trace_id) else {
+            return;
+        };
+        // A concurrent traced observation in the same bucket wins; either is a fine example.
+        if let Ok(mut slot) = self.0.exemplars[bucket].try_lock() {
+            *slot = Some(Exemplar {
+                trace_id: trace_id.into(),
+                value,
+                at: SystemTime::now(),
+            });
+            self.0.has_exemplars.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `value` in its bucket and the sum; returns the bucket.
+    fn count_in_bucket(&self, value: f64) -> usize {
         let counts = &self.0;
         let bucket = counts.bounds.partition_point(|&b| b < value);
         counts.buckets[bucket].fetch_add(1, Ordering::Relaxed);
@@ -92,10 +134,37 @@ impl Histogram {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
                 Some((f64::from_bits(bits) + value).to_bits())
             });
+        bucket
     }
 
     pub fn observe_duration(&self, took: Duration) {
         self.observe(took.as_secs_f64());
+    }
+
+    /// [`Self::observe_traced`] for a duration, in seconds.
+    pub fn observe_duration_traced(&self, took: Duration, traceparent: Option<&str>) {
+        self.observe_traced(took.as_secs_f64(), traceparent);
+    }
+
+    /// Each bucket's exemplar, written as OpenMetrics puts it after the bucket's sample.
+    fn exemplar_text(&self, bucket: usize) -> Option<String> {
+        let slot = self.0.exemplars.get(bucket)?;
+        let exemplar = slot.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let at = exemplar
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut text = String::with_capacity(96);
+        // The trace id is 32 hex digits (checked when it was taken): nothing to escape.
+        let _ = write!(
+            text,
+            " # {{trace_id=\"{}\"}} {} {}.{:03}",
+            exemplar.trace_id,
+            exemplar.value,
+            at.as_secs(),
+            at.subsec_millis()
+        );
+        Some(text)
     }
 
     /// The number of observations so far.
@@ -114,6 +183,11 @@ impl TypedMetric for Histogram {
 
 impl EncodeMetric for Histogram {
     fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ENCODED.with_borrow_mut(|encoded| {
+            if let Some(encoded) = encoded {
+                encoded.push(self.clone());
+            }
+        });
         let counts = &self.0;
         // Per bucket: the encoder writes them cumulated, as the formats want.
         let buckets: Vec<(f64, u64)> = counts
@@ -242,14 +316,70 @@ impl Format {
     /// Encodes every metric in `registry`.
     pub fn encode(self, registry: &Registry) -> String {
         let mut out = String::with_capacity(16 * 1024);
-        let written = match self {
-            Self::Text => prometheus_client::encoding::prometheus_text::encode(&mut out, registry),
-            Self::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
-        };
         // Writing into a String cannot fail; an encoder error would be a bug in a metric.
-        written.expect("metrics encode into a String");
+        match self {
+            Self::Text => prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+                .expect("metrics encode into a String"),
+            Self::OpenMetrics => {
+                ENCODED.set(Some(Vec::new()));
+                let written = prometheus_client::encoding::text::encode(&mut out, registry);
+                let histograms = ENCODED.take().unwrap_or_default();
+                written.expect("metrics encode into a String");
+                out = with_exemplars(out, &histograms);
+            }
+        }
         out
     }
+}
+
+thread_local! {
+    /// While an OpenMetrics scrape is encoded on this thread: its histograms, in the order
+    /// they were written.
+    static ENCODED: RefCell<Option<Vec<Histogram>>> = const { RefCell::new(None) };
+}
+
+/// Adds each bucket's exemplar to an OpenMetrics scrape. prometheus-client writes
+/// exemplars only from its own exemplar histogram, which takes a lock per observation
+/// (and its `Exemplar` cannot be made outside it), so they are added here: a histogram's
+/// samples are its `_sum`, its `_count` and then one `_bucket` line per bucket, in
+/// order, and `histograms` are the histograms in the order they were written.
+fn with_exemplars(text: String, histograms: &[Histogram]) -> String {
+    if !histograms
+        .iter()
+        .any(|h| h.0.has_exemplars.load(Ordering::Relaxed))
+    {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 4096);
+    let mut family = String::new();
+    let mut written = histograms.iter();
+    let mut current: Option<&Histogram> = None;
+    let mut bucket = 0;
+    for line in text.split_inclusive('\n') {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            family = declared
+                .strip_suffix(" histogram\n")
+                .map_or_else(String::new, |name| format!("{name}_"));
+        } else if !family.is_empty()
+            && let Some(sample) = line.strip_prefix(family.as_str())
+        {
+            if sample.starts_with("sum") {
+                current = written.next();
+                bucket = 0;
+            } else if sample.starts_with("bucket{") {
+                if let Some(exemplar) = current.and_then(|h| h.exemplar_text(bucket)) {
+                    out.push_str(line.trim_end_matches('\n'));
+                    out.push_str(&exemplar);
+                    out.push('\n');
+                    bucket += 1;
+                    continue;
+                }
+                bucket += 1;
+            }
+        }
+        out.push_str(line);
+    }
+    out
 }
 
 /// Encodes a counter read at scrape time (for a [`Collector`]).
@@ -299,6 +429,50 @@ mod tests {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
         assert_eq!(h.count(), 5);
+    }
+
+    #[test]
+    fn an_openmetrics_scrape_names_the_trace_of_each_buckets_latest_traced_observation() {
+        let family: HistogramFamily<Labels> = histogram_family(&[0.1, 1.0]);
+        let queries = family.get_or_create_owned(&[("type", "query")]);
+        let mutations = family.get_or_create_owned(&[("type", "mutation")]);
+        let after = Histogram::new(&[1.0]);
+        let first = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let second = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        queries.observe_traced(0.5, Some(first));
+        queries.observe_traced(0.7, Some(second));
+        queries.observe_traced(0.05, None);
+        mutations.observe_traced(2.0, Some(first));
+        mutations.observe_traced(0.05, Some("not a traceparent"));
+        after.observe(0.5);
+        let mut registry = Registry::default();
+        registry.register_with_unit("wait", "How long.", Unit::Seconds, family.clone());
+        registry.register_with_unit("after", "Then.", Unit::Seconds, after.clone());
+
+        let open = Format::OpenMetrics.encode(&registry);
+        let line = |start: &str| {
+            let found: Vec<&str> = open.lines().filter(|l| l.starts_with(start)).collect();
+            assert_eq!(found.len(), 1, "{start} in\n{open}");
+            found[0]
+        };
+        let with = |trace: &str, value: &str| format!(" # {{trace_id=\"{trace}\"}} {value} ");
+        let query_bucket = line("wait_seconds_bucket{le=\"1.0\",type=\"query\"}");
+        assert!(
+            query_bucket.starts_with("wait_seconds_bucket{le=\"1.0\",type=\"query\"} 3")
+                && query_bucket.contains(&with("4bf92f3577b34da6a3ce929d0e0e4736", "0.7")),
+            "the latest traced observation in the bucket: {query_bucket}"
+        );
+        assert!(!line("wait_seconds_bucket{le=\"0.1\",type=\"query\"}").contains('#'));
+        assert!(
+            line("wait_seconds_bucket{le=\"+Inf\",type=\"mutation\"}")
+                .contains(&with("0af7651916cd43dd8448eb211c80319c", "2"))
+        );
+        assert!(
+            !line("wait_seconds_bucket{le=\"0.1\",type=\"mutation\"}").contains('#'),
+            "a malformed traceparent names no trace"
+        );
+        assert_eq!(open.matches(" # {").count(), 2, "{open}");
+        assert!(!Format::Text.encode(&registry).contains("trace_id"));
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! `otlp_endpoint` is set) gives them trace and span ids and exports them. Without that
 //! layer these functions find no trace context and do nothing.
 //!
+//! A request that is not traced but came with a well-formed `traceparent` has it sent on
+//! unchanged with what answers it ([`forwarding`], [`Carried`], [`outgoing`]), as W3C
+//! asks of a hop that does not take part in a trace.
+//!
 //! Sampling is decided once, where a request comes in ([`traced`]): an untraced request
 //! gets no spans at all, so that tracing a small fraction costs the rest nothing (spans
 //! that are created and then dropped by the sampler cost about a quarter of the
@@ -13,13 +17,16 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::registry::LookupSpan as _;
 
 /// The header, and MQTT 5 user property, that carries the trace context.
 pub const TRACEPARENT: &str = "traceparent";
@@ -61,24 +68,34 @@ pub fn traced(parent: Option<&str>) -> bool {
     }
 }
 
-/// The sampled flag of a well-formed `traceparent` (`00-{32 hex}-{16 hex}-{2 hex}`).
-fn sampled_flag(traceparent: &str) -> Option<bool> {
-    let parts: Vec<&str> = traceparent.split('-').collect();
+/// The trace id, span id and flags of a well-formed `traceparent`
+/// (`{version}-{32 hex}-{16 hex}-{2 hex}`, version `00` or a later one's first fields).
+fn parse(traceparent: &str) -> Option<(&str, &str, u8)> {
+    let mut parts = traceparent.split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    match parts[..] {
-        [version, trace, span, flags, ..]
-            if hex(version, 2)
-                && version != "ff"
-                && hex(trace, 32)
-                && hex(span, 16)
-                && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0')
-                && span.bytes().any(|b| b != b'0') =>
-        {
-            u8::from_str_radix(flags, 16).ok().map(|f| f & 1 == 1)
-        }
-        _ => None,
-    }
+    let valid = hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.next().is_none())
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && span.bytes().any(|b| b != b'0');
+    valid
+        .then(|| u8::from_str_radix(flags, 16).ok().map(|f| (trace, span, f)))
+        .flatten()
+}
+
+/// The sampled flag of a well-formed `traceparent`.
+fn sampled_flag(traceparent: &str) -> Option<bool> {
+    parse(traceparent).map(|(_, _, flags)| flags & 1 == 1)
+}
+
+/// The trace id (32 hex digits) of a well-formed `traceparent`.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    parse(traceparent).map(|(trace, _, _)| trace)
 }
 
 /// A cheap per-thread random number (xorshift64*), for sampling decisions.
@@ -113,7 +130,27 @@ pub fn entry(parent: Option<&str>, make: impl FnOnce() -> tracing::Span) -> trac
     if let Some(parent) = parent {
         continue_trace(&span, parent);
     }
+    remember_trace_id(&span);
     span
+}
+
+/// The trace a span (and so everything logged inside it) belongs to, kept with the span
+/// for the JSON log lines.
+#[derive(Debug, Clone)]
+pub struct TraceId(pub Arc<str>);
+
+/// Keeps `span`'s trace id with it, where a log formatter finds it ([`TraceId`]).
+fn remember_trace_id(span: &tracing::Span) {
+    let Some(trace) = traceparent(span).and_then(|t| trace_id(&t).map(Arc::from)) else {
+        return;
+    };
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>()
+            && let Some(data) = registry.span(id)
+        {
+            data.extensions_mut().insert(TraceId(trace));
+        }
+    });
 }
 
 /// `make()`'s span when the caller is in a traced span, else none: the work of an
@@ -162,9 +199,66 @@ pub fn traceparent(span: &tracing::Span) -> Option<Arc<str>> {
     })
 }
 
+/// A caller's `traceparent` to send on unchanged (as version 00, the one Doppel speaks),
+/// when it is well-formed.
+pub fn forwarded(traceparent: &str) -> Option<Arc<str>> {
+    parse(traceparent)
+        .map(|(trace, span, flags)| Arc::from(format!("00-{trace}-{span}-{flags:02x}")))
+}
+
 /// The `traceparent` of the span the caller is in.
 pub fn current() -> Option<Arc<str>> {
     traceparent(&tracing::Span::current())
+}
+
+tokio::task_local! {
+    /// The caller's `traceparent` of an untraced request, to be sent on unchanged.
+    static FORWARD: Arc<str>;
+}
+
+/// Runs `f` (which hands a request on, see [`Carried`]) with `traceparent`, the caller's
+/// of an untraced request, as the one to send on.
+pub fn forwarding<R>(traceparent: Option<Arc<str>>, f: impl FnOnce() -> R) -> R {
+    match traceparent {
+        Some(t) => FORWARD.sync_scope(t, f),
+        None => f(),
+    }
+}
+
+/// The `traceparent` to send with what the caller's work publishes: its span's when it is
+/// traced, else the one its caller sent to be sent on unchanged, if any.
+pub fn outgoing() -> Option<Arc<str>> {
+    current().or_else(|| FORWARD.try_with(Arc::clone).ok())
+}
+
+/// A request's trace context as it crosses to another task (a twin): its span when it
+/// is traced, else the caller's `traceparent` to send on, if any.
+#[derive(Debug)]
+pub struct Carried {
+    span: tracing::Span,
+    forward: Option<Arc<str>>,
+}
+
+impl Carried {
+    /// `make()`'s span when the caller is traced (as [`child`]); else what the caller is
+    /// [`forwarding`].
+    pub fn child(make: impl FnOnce() -> tracing::Span) -> Self {
+        let span = child(make);
+        let forward = if span.is_none() {
+            FORWARD.try_with(Arc::clone).ok()
+        } else {
+            None
+        };
+        Self { span, forward }
+    }
+
+    /// Runs `work` in the request's span, or with its `traceparent` to send on.
+    pub async fn run<F: Future>(self, work: F) -> F::Output {
+        match self.forward {
+            Some(forward) => FORWARD.scope(forward, work).await,
+            None => work.instrument(self.span).await,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -220,6 +314,19 @@ mod tests {
             "an all-zero trace id is invalid"
         );
         assert_eq!(sampled_flag("00-abc"), None);
+        assert_eq!(forwarded(unsampled).as_deref(), Some(unsampled));
+        assert_eq!(forwarded(malformed), None);
+        assert_eq!(
+            forwarded(&format!("{unsampled}-more")),
+            None,
+            "00 has four fields"
+        );
+        assert_eq!(
+            forwarded(&format!("01{}-more", &unsampled[2..])).as_deref(),
+            Some(unsampled),
+            "a later version's first four fields"
+        );
+        assert_eq!(trace_id(sampled), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
 
         enable(0.0);
         assert!(traced(Some(sampled)));
@@ -231,6 +338,20 @@ mod tests {
         enable(0.25);
         let hits = (0..40_000).filter(|_| traced(None)).count();
         assert!((9_000..11_000).contains(&hits), "{hits} of 40,000 at 0.25");
+    }
+
+    #[tokio::test]
+    async fn an_untraced_callers_traceparent_is_carried_to_what_answers_it() {
+        let device: Arc<str> = Arc::from(DEVICE.replace("-01", "-00"));
+        let carried = forwarding(Some(device.clone()), || {
+            Carried::child(|| tracing::info_span!("twin.update"))
+        });
+        assert_eq!(outgoing(), None, "only inside the work it was carried to");
+        let inside = carried.run(async { outgoing() }).await;
+        assert_eq!(inside, Some(device));
+        assert_eq!(current(), None, "nothing of it is a span of Doppel's");
+        let uncarried = Carried::child(|| tracing::info_span!("twin.update"));
+        assert_eq!(uncarried.run(async { outgoing() }).await, None);
     }
 
     #[test]

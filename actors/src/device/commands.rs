@@ -179,7 +179,7 @@ impl DeviceState {
             execution: execution.clone(),
             deliver,
             version: self.version(),
-            trace: twin_telemetry::trace::current(),
+            trace: twin_telemetry::trace::outgoing(),
         });
     }
 

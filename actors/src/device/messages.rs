@@ -21,15 +21,17 @@ pub enum DeviceMsg {
         shadow: ShadowName,
         request: Box<UpdateRequest>,
         by: Origin,
-        /// The request's span, which the twin works in (its parent is the caller's).
-        span: tracing::Span,
+        /// The request's trace context: its span, which the twin works in (its parent is
+        /// the caller's), or the caller's `traceparent` to send on.
+        span: twin_telemetry::trace::Carried,
         reply: AnswerPort<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },
     Get {
         shadow: ShadowName,
-        /// The request's span, which the twin works in (its parent is the caller's).
-        span: tracing::Span,
+        /// The request's trace context: its span, which the twin works in (its parent is
+        /// the caller's), or the caller's `traceparent` to send on.
+        span: twin_telemetry::trace::Carried,
         reply: AnswerPort<Arc<Shadow>>,
         permit: OwnedSemaphorePermit,
     },
@@ -37,8 +39,9 @@ pub enum DeviceMsg {
         shadow: ShadowName,
         client_token: Option<String>,
         by: Origin,
-        /// The request's span, which the twin works in (its parent is the caller's).
-        span: tracing::Span,
+        /// The request's trace context: its span, which the twin works in (its parent is
+        /// the caller's), or the caller's `traceparent` to send on.
+        span: twin_telemetry::trace::Carried,
         reply: AnswerPort<Arc<ShadowChange>>,
         permit: OwnedSemaphorePermit,
     },
@@ -60,8 +63,9 @@ pub enum DeviceMsg {
     /// Creates a command execution; it goes to the device as soon as the device listens.
     SendCommand {
         request: Box<NewCommand>,
-        /// The request's span, which the twin works in (its parent is the caller's).
-        span: tracing::Span,
+        /// The request's trace context: its span, which the twin works in (its parent is
+        /// the caller's), or the caller's `traceparent` to send on.
+        span: twin_telemetry::trace::Carried,
         reply: AnswerPort<Arc<CommandExecution>>,
         permit: OwnedSemaphorePermit,
     },
@@ -69,8 +73,9 @@ pub enum DeviceMsg {
     CommandResponse {
         execution_id: String,
         response: Box<Result<DeviceResponse, CommandError>>,
-        /// The request's span, which the twin works in (its parent is the caller's).
-        span: tracing::Span,
+        /// The request's trace context: its span, which the twin works in (its parent is
+        /// the caller's), or the caller's `traceparent` to send on.
+        span: twin_telemetry::trace::Carried,
         reply: AnswerPort<Arc<CommandExecution>>,
         permit: OwnedSemaphorePermit,
     },
@@ -100,8 +105,9 @@ pub enum DeviceMsg {
     JobRequest {
         op: JobOp,
         body: serde_json::Value,
-        /// The request's span, which the twin works in (its parent is the caller's).
-        span: tracing::Span,
+        /// The request's trace context: its span, which the twin works in (its parent is
+        /// the caller's), or the caller's `traceparent` to send on.
+        span: twin_telemetry::trace::Carried,
         reply: AnswerPort<super::jobs::JobAnswer>,
         permit: OwnedSemaphorePermit,
     },

@@ -78,6 +78,14 @@ fn thing_not_found() -> FleetError {
     FleetError::Rejected(Rejection::new(RejectionKind::NotFound, "Thing not found"))
 }
 
+/// A refused shadow request, at `debug` (logged inside the request's span, so that the
+/// line of a traced request names its trace).
+fn log_refused<T>(thing: &DeviceId, op: ShadowOp, result: &Result<T, FleetError>) {
+    if let Err(e) = result {
+        tracing::debug!(%thing, ?op, error = %e, "shadow request refused");
+    }
+}
+
 impl DeviceState {
     async fn load(&mut self) -> Result<&mut Loaded, FleetError> {
         if self.loaded.is_none() {
@@ -151,7 +159,7 @@ impl DeviceState {
             previous,
             current,
             version: self.version(),
-            trace: twin_telemetry::trace::current(),
+            trace: twin_telemetry::trace::outgoing(),
         });
         Ok(change)
     }
@@ -405,7 +413,13 @@ impl DeviceState {
                 permit,
             } => {
                 let caller = Caller::of(&by);
-                let result = self.update(shadow, *request, by).instrument(span).await;
+                let result = span
+                    .run(async {
+                        let result = self.update(shadow, *request, by).await;
+                        log_refused(&self.thing, ShadowOp::Update, &result);
+                        result
+                    })
+                    .await;
                 shadow_answered(caller, ShadowOp::Update, &result);
                 answer(reply, result);
                 drop(permit);
@@ -416,7 +430,13 @@ impl DeviceState {
                 reply,
                 permit,
             } => {
-                let result = self.get(&shadow).instrument(span).await;
+                let result = span
+                    .run(async {
+                        let result = self.get(&shadow).await;
+                        log_refused(&self.thing, ShadowOp::Get, &result);
+                        result
+                    })
+                    .await;
                 // Only devices read a shadow through its twin (the API reads the index).
                 shadow_answered(Caller::Device, ShadowOp::Get, &result);
                 answer(reply, result);
@@ -431,7 +451,13 @@ impl DeviceState {
                 permit,
             } => {
                 let caller = Caller::of(&by);
-                let result = self.delete(shadow, client_token, by).instrument(span).await;
+                let result = span
+                    .run(async {
+                        let result = self.delete(shadow, client_token, by).await;
+                        log_refused(&self.thing, ShadowOp::Delete, &result);
+                        result
+                    })
+                    .await;
                 shadow_answered(caller, ShadowOp::Delete, &result);
                 answer(reply, result);
                 drop(permit);
@@ -467,7 +493,7 @@ impl DeviceState {
                 reply,
                 permit,
             } => {
-                answer(reply, self.send_command(*request).instrument(span).await);
+                answer(reply, span.run(self.send_command(*request)).await);
                 drop(permit);
             }
             DeviceMsg::CommandResponse {
@@ -477,9 +503,8 @@ impl DeviceState {
                 reply,
                 permit,
             } => {
-                let answered = self
-                    .command_response(&execution_id, *response)
-                    .instrument(span)
+                let answered = span
+                    .run(self.command_response(&execution_id, *response))
                     .await;
                 answer(reply, answered);
                 drop(permit);
@@ -518,7 +543,7 @@ impl DeviceState {
                 reply,
                 permit,
             } => {
-                answer(reply, self.job_request(op, body).instrument(span).await);
+                answer(reply, span.run(self.job_request(op, body)).await);
                 drop(permit);
             }
             DeviceMsg::Clock => {

@@ -18,7 +18,7 @@ impl Commands<'_> {
     /// Creates a command execution for `thing`; it reaches the device once the device
     /// subscribes to its command requests (at once if it already has).
     pub fn send(self, thing: &DeviceId, request: NewCommand) -> Reply<Arc<CommandExecution>> {
-        let span = trace::child(
+        let span = trace::Carried::child(
             || tracing::debug_span!("twin.command.send", %thing, name = %request.name),
         );
         self.0
@@ -37,7 +37,7 @@ impl Commands<'_> {
         execution_id: String,
         response: Result<DeviceResponse, CommandError>,
     ) -> Reply<Arc<CommandExecution>> {
-        let span = trace::child(
+        let span = trace::Carried::child(
             || tracing::debug_span!("twin.command.respond", %thing, execution = %execution_id),
         );
         self.0

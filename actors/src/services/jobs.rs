@@ -298,7 +298,8 @@ impl Jobs<'_> {
         op: JobOp,
         body: Value,
     ) -> Pin<Box<dyn Future<Output = Result<Value, JobRequestError>> + Send>> {
-        let span = trace::child(|| tracing::debug_span!("twin.job.request", %thing, op = ?op));
+        let span =
+            trace::Carried::child(|| tracing::debug_span!("twin.job.request", %thing, op = ?op));
         let answer = self
             .0
             .request(thing, |reply, permit| DeviceMsg::JobRequest {

@@ -25,8 +25,9 @@ impl Shadows<'_> {
         request: UpdateRequest,
         by: Origin,
     ) -> Reply<Arc<ShadowChange>> {
-        let span =
-            trace::child(|| tracing::debug_span!("twin.update", %thing, shadow = shadow.name()));
+        let span = trace::Carried::child(
+            || tracing::debug_span!("twin.update", %thing, shadow = shadow.name()),
+        );
         self.0.request(thing, |reply, permit| DeviceMsg::Update {
             shadow,
             request: Box::new(request),
@@ -38,8 +39,9 @@ impl Shadows<'_> {
     }
 
     pub fn get(self, thing: &DeviceId, shadow: ShadowName) -> Reply<Arc<Shadow>> {
-        let span =
-            trace::child(|| tracing::debug_span!("twin.get", %thing, shadow = shadow.name()));
+        let span = trace::Carried::child(
+            || tracing::debug_span!("twin.get", %thing, shadow = shadow.name()),
+        );
         self.0.request(thing, |reply, permit| DeviceMsg::Get {
             shadow,
             span,
@@ -55,8 +57,9 @@ impl Shadows<'_> {
         client_token: Option<String>,
         by: Origin,
     ) -> Reply<Arc<ShadowChange>> {
-        let span =
-            trace::child(|| tracing::debug_span!("twin.delete", %thing, shadow = shadow.name()));
+        let span = trace::Carried::child(
+            || tracing::debug_span!("twin.delete", %thing, shadow = shadow.name()),
+        );
         self.0.request(thing, |reply, permit| DeviceMsg::Delete {
             shadow,
             client_token,
