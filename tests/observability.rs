@@ -737,16 +737,22 @@ fn span_id_of(traceparent: &str, trace_id: &str) -> String {
 
 /// An MQTT 5 device subscribed to its shadow's answers.
 async fn device_v5(addr: &str, id: &str) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    device_v5_on(addr, id, &format!("$aws/things/{id}/shadow/update/#")).await
+}
+
+/// An MQTT 5 device subscribed to `filter`.
+async fn device_v5_on(
+    addr: &str,
+    id: &str,
+    filter: &str,
+) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let (host, port) = addr.rsplit_once(':').unwrap();
     let (client, mut events) =
         AsyncClient::new(MqttOptions::new(id, host, port.parse().unwrap()), 10);
     client
-        .subscribe(
-            format!("$aws/things/{id}/shadow/update/#"),
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        )
+        .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
         .await
         .unwrap();
     tokio::time::timeout(common::WAIT, async {
@@ -1200,6 +1206,81 @@ async fn a_commands_trace_goes_to_the_device_and_comes_back_with_its_response() 
                 .iter()
                 .any(|c| c["parent_span_id"] == respond["span_id"]),
         "both changes are committed in the trace: {trace:#?}"
+    );
+    drop(device);
+    server.terminate().await;
+}
+
+#[tokio::test]
+async fn a_rollouts_release_is_a_trace_that_reaches_the_device_with_its_job() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", receiver.http);
+    let server = common::start_with_env(
+        dir.path(),
+        &["--auto-register", "--otlp-endpoint", &endpoint],
+        &QUICK_BATCHES,
+    )
+    .await;
+    let (device, mut events) = device_v5_on(
+        &server.mqtt,
+        "valve-1",
+        "$aws/things/valve-1/jobs/notify-next",
+    )
+    .await;
+    let create = r#"mutation { createOtaJob(jobId: "fw-9", targets: {thingIds: ["valve-1"]}, document: {firmware: {version: "9.0", url: "https://fw.example/9.0", sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", size: 1}}) { jobId } }"#;
+    let r = http(
+        &server.http,
+        "POST",
+        "/graphql",
+        &[
+            ("Content-Type", "application/json"),
+            (
+                "Authorization",
+                &format!("Bearer {}", server.admin_token.as_deref().unwrap()),
+            ),
+        ],
+        serde_json::json!({ "query": create })
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        r.json()["data"]["createOtaJob"]["jobId"],
+        "fw-9",
+        "{}",
+        r.json()
+    );
+    let notified = next_v5(&mut events, "/jobs/notify-next")
+        .await
+        .expect("the notification carries the release's traceparent");
+    let trace_id = notified.split('-').nth(1).unwrap().to_owned();
+    let trace = receiver
+        .trace(
+            &trace_id,
+            &["rollout.release", "twin.job.queue", "store.commit"],
+        )
+        .await;
+    let (release, queue) = (
+        span(&trace, "rollout.release"),
+        span(&trace, "twin.job.queue"),
+    );
+    assert_eq!(
+        release["parent_span_id"], "",
+        "a release starts its own trace"
+    );
+    assert_eq!(release["attributes"]["job"], "fw-9");
+    assert_eq!(queue["parent_span_id"], release["span_id"]);
+    assert_eq!(
+        span_id_of(&notified, &trace_id),
+        queue["span_id"].as_str().unwrap(),
+        "the device hears of its job from the twin's span"
+    );
+    assert!(
+        trace
+            .iter()
+            .any(|s| s["name"] == "store.commit" && s["parent_span_id"] == queue["span_id"]),
+        "{trace:#?}"
     );
     drop(device);
     server.terminate().await;

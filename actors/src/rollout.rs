@@ -12,10 +12,12 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
+use tracing::Instrument as _;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::progress::Progress;
-use twin_model::rollout::Pace;
+use twin_model::rollout::{Pace, Rollout};
 use twin_model::{DeviceId, Filter, RejectionKind};
+use twin_telemetry::trace;
 
 use crate::error::FleetError;
 use crate::fleet::FleetHandle;
@@ -185,12 +187,21 @@ async fn step(
         ..
     } = progress;
     if rollout.abort.is_some_and(|a| a.tripped(finished, failed)) {
-        if let Some(r) = job.rollout.as_mut() {
-            r.aborted_at = Some(fleet.now_millis());
+        let span = trace::entry(
+            None,
+            || tracing::debug_span!("rollout.abort", job = %job.job_id, finished, failed),
+        );
+        async {
+            if let Some(r) = job.rollout.as_mut() {
+                r.aborted_at = Some(fleet.now_millis());
+            }
+            fleet.jobs().save(job.clone()).await?;
+            fleet.jobs().cancel_executions(&job.job_id, false).await?;
+            tracing::warn!(job = %job.job_id, finished, failed, "rollout aborted: too many failures");
+            Ok::<_, FleetError>(())
         }
-        fleet.jobs().save(job.clone()).await?;
-        fleet.jobs().cancel_executions(&job.job_id, false).await?;
-        tracing::warn!(job = %job.job_id, finished, failed, "rollout aborted: too many failures");
+        .instrument(span)
+        .await?;
         return Ok(None);
     }
     if rollout.released == rollout.total() {
@@ -207,6 +218,29 @@ async fn step(
     if allowed == rollout.released {
         return Ok(Some(rate || awaiting_verdicts));
     }
+    // A release is a trace of its own (sampled by trace_sample_ratio): the twins queue
+    // the executions in it, and the notifications devices get carry it.
+    let span = trace::entry(None, || {
+        tracing::debug_span!(
+            "rollout.release",
+            job = %job.job_id,
+            from = rollout.released,
+            to = allowed
+        )
+    });
+    release(fleet, job, &rollout, allowed)
+        .instrument(span)
+        .await?;
+    Ok(Some(rate || awaiting_verdicts))
+}
+
+/// Releases the executions of the targets from `rollout.released` to `allowed`.
+async fn release(
+    fleet: &FleetHandle,
+    job: &mut JobDefinition,
+    rollout: &Rollout,
+    allowed: u64,
+) -> Result<(), FleetError> {
     let definition = Arc::new(job.clone());
     let batch = &rollout.targets[rollout.released as usize..allowed as usize];
     let mut gone = HashSet::new();
@@ -231,6 +265,5 @@ async fn step(
     if let Some(r) = job.rollout.as_mut() {
         r.release(allowed, &gone);
     }
-    fleet.jobs().save(job.clone()).await?;
-    Ok(Some(rate || awaiting_verdicts))
+    fleet.jobs().save(job.clone()).await
 }

@@ -56,6 +56,9 @@ pub enum TwinEvent {
         notify_next: Option<Arc<serde_json::Value>>,
         /// The twin's version when it happened.
         version: u64,
+        /// The `traceparent` of the work that made it (a rollout's release, a device's
+        /// request), carried to the device with its notifications (MQTT 5).
+        trace: Option<Arc<str>>,
     },
 }
 
@@ -70,7 +73,9 @@ impl TwinEvent {
     /// The W3C `traceparent` of the span that made the change, when it was traced.
     pub fn trace(&self) -> Option<&Arc<str>> {
         match self {
-            Self::Shadow { trace, .. } | Self::Command { trace, .. } => trace.as_ref(),
+            Self::Shadow { trace, .. } | Self::Command { trace, .. } | Self::Job { trace, .. } => {
+                trace.as_ref()
+            }
             _ => None,
         }
     }

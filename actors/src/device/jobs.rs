@@ -357,6 +357,7 @@ impl DeviceState {
             notify: Arc::new(notify),
             notify_next,
             version: self.version(),
+            trace: twin_telemetry::trace::outgoing(),
         });
         self.set_alarm();
         Ok(execution)

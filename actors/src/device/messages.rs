@@ -90,6 +90,8 @@ pub enum DeviceMsg {
     /// Queues a job's execution for the thing.
     QueueJob {
         job: Arc<JobDefinition>,
+        /// The release's trace context (see `Update`).
+        span: twin_telemetry::trace::Carried,
         reply: AnswerPort<Arc<JobExecution>>,
         permit: OwnedSemaphorePermit,
     },

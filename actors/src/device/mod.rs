@@ -522,8 +522,13 @@ impl DeviceState {
                     tracing::warn!(thing = %self.thing, error = %e, "could not deliver pending commands");
                 }
             }
-            DeviceMsg::QueueJob { job, reply, permit } => {
-                answer(reply, self.queue_job(job).await);
+            DeviceMsg::QueueJob {
+                job,
+                span,
+                reply,
+                permit,
+            } => {
+                answer(reply, span.run(self.queue_job(job)).await);
                 drop(permit);
             }
             DeviceMsg::EndJob {

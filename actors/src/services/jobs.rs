@@ -72,8 +72,12 @@ impl Jobs<'_> {
 
     /// Queues a job's execution for `thing`; the device hears of it on `jobs/notify`.
     pub fn queue(self, thing: &DeviceId, job: Arc<JobDefinition>) -> Reply<Arc<JobExecution>> {
+        let span = trace::Carried::child(
+            || tracing::debug_span!("twin.job.queue", %thing, job = %job.job_id),
+        );
         self.0.request(thing, |reply, permit| DeviceMsg::QueueJob {
             job,
+            span,
             reply,
             permit,
         })
