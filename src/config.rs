@@ -61,6 +61,12 @@ pub struct Config {
     pub otlp_service_name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_resource_attributes: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_tls_ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_tls_key_file: Option<PathBuf>,
     pub auto_register: bool,
     pub shards: usize,
     pub max_resident_twins: usize,
@@ -125,6 +131,9 @@ impl Default for Config {
             trace_sample_ratio: 1.0,
             otlp_service_name: "doppel".into(),
             otlp_resource_attributes: None,
+            otlp_tls_ca_file: None,
+            otlp_tls_cert_file: None,
+            otlp_tls_key_file: None,
             auto_register: false,
             shards: fleet.shards,
             max_resident_twins: fleet.max_resident_twins,
@@ -175,6 +184,22 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// A file a setting names, read whole (none when the setting is not set).
+fn read_setting_file(setting: &str, path: &Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
+    path.as_ref()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {setting} {}", p.display())))
+        .transpose()
+}
+
+/// TLS to the span collector, as PEM (see [`Config::otlp_tls`]).
+#[derive(Debug, Clone)]
+pub struct OtlpTls {
+    /// The CA(s) that signed the collector's certificate; none: the system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate chain and its key, for a collector that requires one.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// How spans go to `otlp_endpoint`.
@@ -432,6 +457,24 @@ impl Config {
                 "setting `otlp_endpoint` is {endpoint:?}; give a URL, e.g. http://localhost:4318"
             );
         }
+        if self.otlp_tls_cert_file.is_some() != self.otlp_tls_key_file.is_some() {
+            bail!("settings `otlp_tls_cert_file` and `otlp_tls_key_file` go together");
+        }
+        let otlp_tls = [
+            ("otlp_tls_ca_file", &self.otlp_tls_ca_file),
+            ("otlp_tls_cert_file", &self.otlp_tls_cert_file),
+        ];
+        if let Some((name, _)) = otlp_tls.iter().find(|(_, v)| v.is_some())
+            && !self
+                .otlp_endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("https://"))
+        {
+            bail!(
+                "setting `{name}` is for TLS to the span collector: it needs an https:// `otlp_endpoint` (it is {:?})",
+                self.otlp_endpoint.as_deref().unwrap_or("not set")
+            );
+        }
         if let Some(attributes) = &self.otlp_resource_attributes {
             self.resource_attributes()
                 .with_context(|| format!("setting `otlp_resource_attributes` is {attributes:?}"))?;
@@ -489,16 +532,27 @@ impl Config {
         Ok(())
     }
 
+    /// TLS to an https:// `otlp_endpoint`: the collector's CA (none: the system's
+    /// roots) and a client certificate chain and key, read from their files, as PEM.
+    pub fn otlp_tls(&self) -> anyhow::Result<Option<OtlpTls>> {
+        if !self
+            .otlp_endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("https://"))
+        {
+            return Ok(None);
+        }
+        Ok(Some(OtlpTls {
+            ca: read_setting_file("otlp_tls_ca_file", &self.otlp_tls_ca_file)?,
+            client: read_setting_file("otlp_tls_cert_file", &self.otlp_tls_cert_file)?.zip(
+                read_setting_file("otlp_tls_key_file", &self.otlp_tls_key_file)?,
+            ),
+        }))
+    }
+
     /// How to reach ScyllaDB (with `store = "scylla"`); reads the TLS files.
     pub fn scylla(&self) -> anyhow::Result<twin_store::scylla::ScyllaConfig> {
-        let read = |setting: &str, path: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
-            path.as_ref()
-                .map(|p| {
-                    std::fs::read(p)
-                        .with_context(|| format!("cannot read {setting} {}", p.display()))
-                })
-                .transpose()
-        };
+        let read = read_setting_file;
         let tls = match read("scylla_tls_ca_file", &self.scylla_tls_ca_file)? {
             None => None,
             Some(ca) => Some(twin_store::scylla::ScyllaTls {
@@ -706,6 +760,18 @@ pub const DOCS: &[(&str, &str)] = &[
     (
         "otlp_resource_attributes",
         "More resource attributes of the exported spans: key=value pairs, comma-separated (e.g. deployment.environment=prod,service.instance.id=node-1).",
+    ),
+    (
+        "otlp_tls_ca_file",
+        "PEM CA that signed the span collector's certificate, for an https:// otlp_endpoint; not set: the system's CA certificates.",
+    ),
+    (
+        "otlp_tls_cert_file",
+        "PEM client certificate chain, for a collector that requires one (with otlp_tls_key_file).",
+    ),
+    (
+        "otlp_tls_key_file",
+        "PEM private key of otlp_tls_cert_file.",
     ),
     (
         "metrics_listen",
@@ -954,6 +1020,45 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.tls_cert_file, Some(PathBuf::from("c.pem")));
+    }
+
+    #[test]
+    fn otlp_tls_settings_need_an_https_endpoint_and_each_other() {
+        let load = |vars: &[(&str, &str)]| Config::load(None, &env(vars), Table::new());
+        let err = load(&[
+            ("DOPPEL_OTLP_ENDPOINT", "http://collector:4318"),
+            ("DOPPEL_OTLP_TLS_CA_FILE", "ca.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting `otlp_tls_ca_file` is for TLS to the span collector: it needs an https:// `otlp_endpoint` (it is \"http://collector:4318\")"
+        );
+        let err = load(&[
+            ("DOPPEL_OTLP_ENDPOINT", "https://collector:4318"),
+            ("DOPPEL_OTLP_TLS_CERT_FILE", "c.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "settings `otlp_tls_cert_file` and `otlp_tls_key_file` go together"
+        );
+        let https = load(&[("DOPPEL_OTLP_ENDPOINT", "https://collector:4318")]).unwrap();
+        let tls = https.otlp_tls().unwrap().expect("an https endpoint is TLS");
+        assert!(tls.ca.is_none() && tls.client.is_none(), "the system's CAs");
+        let missing = load(&[
+            ("DOPPEL_OTLP_ENDPOINT", "https://collector:4318"),
+            ("DOPPEL_OTLP_TLS_CA_FILE", "/nonexistent/ca.pem"),
+        ])
+        .unwrap()
+        .otlp_tls()
+        .unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .starts_with("cannot read otlp_tls_ca_file /nonexistent/ca.pem"),
+            "{missing}"
+        );
     }
 
     #[test]

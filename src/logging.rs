@@ -137,20 +137,38 @@ impl Tracing {
 /// The span exporter `config` asks for (`None` without `otlp_endpoint`). Call it on the
 /// tokio runtime: the gRPC exporter sends from it.
 pub fn tracer(config: &Config) -> anyhow::Result<Option<Tracing>> {
-    use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig as _};
+    use opentelemetry_otlp::{
+        Protocol, SpanExporter, WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _,
+    };
     let Some(endpoint) = &config.otlp_endpoint else {
         return Ok(None);
     };
+    // reqwest (the HTTP exporter's client) sets up rustls even for http://, and rustls
+    // is built with two providers here (ring, and aws-lc-rs for the ScyllaDB driver), so
+    // the process's default is named: ring, as everywhere else in Doppel. An error says
+    // one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = config.otlp_tls()?;
     let exporter = match config.otlp_protocol {
-        OtlpProtocol::Http => SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
-            .build(),
-        OtlpProtocol::Grpc => SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .build(),
+        OtlpProtocol::Http => {
+            let builder = SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')));
+            match &tls {
+                Some(tls) => builder.with_http_client(otlp_tls::http_client(tls)?),
+                None => builder,
+            }
+            .build()
+        }
+        OtlpProtocol::Grpc => {
+            let builder = SpanExporter::builder().with_tonic().with_endpoint(endpoint);
+            match &tls {
+                Some(tls) => builder.with_tls_config(otlp_tls::grpc(tls)?),
+                None => builder,
+            }
+            .build()
+        }
     }
     .with_context(|| format!("cannot set up span export to otlp_endpoint {endpoint}"))?;
     let attributes = config
@@ -172,6 +190,100 @@ pub fn tracer(config: &Config) -> anyhow::Result<Option<Tracing>> {
         .with_resource(resource)
         .build();
     Ok(Some(Tracing { provider }))
+}
+
+/// TLS to an https:// `otlp_endpoint`, for either transport.
+mod otlp_tls {
+    use std::sync::Arc;
+
+    use anyhow::{Context as _, bail};
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+    use rustls::RootCertStore;
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    use crate::config::OtlpTls;
+
+    fn certificates(pem: &[u8], setting: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("setting `{setting}`: not PEM certificates"))?;
+        if certs.is_empty() {
+            bail!("setting `{setting}`: no PEM certificate in the file");
+        }
+        Ok(certs)
+    }
+
+    /// The HTTP exporter's client: rustls with ring (as every other TLS client in
+    /// Doppel), the collector checked against `otlp_tls_ca_file` or the system's CAs.
+    pub fn http_client(tls: &OtlpTls) -> anyhow::Result<reqwest::blocking::Client> {
+        let mut roots = RootCertStore::empty();
+        match &tls.ca {
+            Some(ca) => {
+                for cert in certificates(ca, "otlp_tls_ca_file")? {
+                    roots
+                        .add(cert)
+                        .context("setting `otlp_tls_ca_file`: not a CA certificate")?;
+                }
+            }
+            None => {
+                let (added, _) =
+                    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if added == 0 {
+                    bail!(
+                        "no CA certificates found on this system for the https:// otlp_endpoint: set `otlp_tls_ca_file`"
+                    );
+                }
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots);
+        let config = match &tls.client {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => builder
+                .with_client_auth_cert(
+                    certificates(chain, "otlp_tls_cert_file")?,
+                    PrivateKeyDer::from_pem_slice(key)
+                        .context("setting `otlp_tls_key_file`: not a PEM private key")?,
+                )
+                .context("settings `otlp_tls_cert_file` and `otlp_tls_key_file`")?,
+        };
+        // The blocking client runs a runtime of its own, which must not be made (or
+        // dropped) on an async thread: build it on a thread of its own.
+        std::thread::spawn(move || {
+            reqwest::blocking::Client::builder()
+                .tls_backend_preconfigured(config)
+                .build()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the OTLP HTTP client's thread panicked"))?
+        .context("cannot make the OTLP HTTP client")
+    }
+
+    /// The gRPC exporter's TLS: tonic's rustls, with the same CA and client certificate.
+    pub fn grpc(tls: &OtlpTls) -> anyhow::Result<ClientTlsConfig> {
+        let config = ClientTlsConfig::new();
+        let config = match &tls.ca {
+            Some(ca) => {
+                certificates(ca, "otlp_tls_ca_file")?;
+                config.ca_certificate(Certificate::from_pem(ca))
+            }
+            None => config.with_native_roots(),
+        };
+        Ok(match &tls.client {
+            Some((chain, key)) => {
+                certificates(chain, "otlp_tls_cert_file")?;
+                PrivateKeyDer::from_pem_slice(key)
+                    .context("setting `otlp_tls_key_file`: not a PEM private key")?;
+                config.identity(Identity::from_pem(chain, key))
+            }
+            None => config,
+        })
+    }
 }
 
 /// Formats fields as tracing's default does (`message key=value ...`), escaping values.

@@ -201,6 +201,18 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     otlp_resource_attributes: Option<String>,
+    /// PEM CA of the span collector, for an https:// --otlp-endpoint; not set: the system's CAs [env: DOPPEL_OTLP_TLS_CA_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate chain, for a collector that requires one [env: DOPPEL_OTLP_TLS_CERT_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --otlp-tls-cert-file [env: DOPPEL_OTLP_TLS_KEY_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    otlp_tls_key_file: Option<PathBuf>,
     /// Development only: register unknown devices on connect, skip password checks [env: DOPPEL_AUTO_REGISTER]
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]

@@ -661,11 +661,17 @@ struct Receiver {
 
 impl Receiver {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// The receiver with `args` (`--tls CERT KEY CLIENT_CA`).
+    async fn start_with(args: &[&Path]) -> Self {
         use tokio::io::AsyncBufReadExt as _;
         common::python_venv("otlp-venv", "opentelemetry-proto==1.45.2");
         let venv = common::python_venv("otlp-venv", "grpcio==1.85.1");
         let mut child = tokio::process::Command::new(venv.join("bin/python"))
             .arg(Path::new(ROOT).join("tools/otlp_receiver.py"))
+            .args(args)
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -1284,4 +1290,94 @@ async fn a_rollouts_release_is_a_trace_that_reaches_the_device_with_its_job() {
     );
     drop(device);
     server.terminate().await;
+}
+
+/// A CA, and PEM files of a certificate it signed for `names` and its key, in `dir`
+/// (named `{stem}.pem`, `{stem}.key`).
+fn signed(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    dir: &Path,
+    stem: &str,
+    names: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, stem);
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let files = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    std::fs::write(&files.0, cert.pem()).unwrap();
+    std::fs::write(&files.1, key.serialize_pem()).unwrap();
+    files
+}
+
+/// A CA's certificate (written to `dir/{stem}.pem`) and the issuer that signs with it.
+fn ca(dir: &Path, stem: &str) -> (std::path::PathBuf, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Each certificate needs a name of its own: with rcgen's default one for all, a
+    // certificate would look as if it had signed itself.
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, stem);
+    let cert = params.self_signed(&key).unwrap();
+    let file = dir.join(format!("{stem}.pem"));
+    std::fs::write(&file, cert.pem()).unwrap();
+    (file, rcgen::Issuer::new(params, key))
+}
+
+#[tokio::test]
+async fn spans_reach_a_collector_over_mutual_tls_on_both_transports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, server_issuer) = ca(dir.path(), "collector-ca");
+    let (client_ca, client_issuer) = ca(dir.path(), "doppel-ca");
+    let (cert, key) = signed(&server_issuer, dir.path(), "collector", &["127.0.0.1"]);
+    let (doppel_cert, doppel_key) = signed(&client_issuer, dir.path(), "doppel", &["doppel"]);
+    let receiver = Receiver::start_with(&[Path::new("--tls"), &cert, &key, &client_ca]).await;
+    for (protocol, port, trace_id) in [
+        ("http", receiver.http, "1d2c3b4a59687f8e9d0c1b2a39485766"),
+        ("grpc", receiver.grpc, "2e3d4c5b6a798f0e1d2c3b4a59687f8e"),
+    ] {
+        let data = dir.path().join(protocol);
+        let endpoint = format!("https://127.0.0.1:{port}");
+        let server = common::start_with_env(
+            &data,
+            &[
+                "--auto-register",
+                "--otlp-protocol",
+                protocol,
+                "--otlp-endpoint",
+                &endpoint,
+                "--otlp-tls-ca-file",
+                server_ca.to_str().unwrap(),
+                "--otlp-tls-cert-file",
+                doppel_cert.to_str().unwrap(),
+                "--otlp-tls-key-file",
+                doppel_key.to_str().unwrap(),
+            ],
+            &QUICK_BATCHES,
+        )
+        .await;
+        let (device, mut events) = device_v5(&server.mqtt, "lamp-20").await;
+        publish_traced(
+            &device,
+            "$aws/things/lamp-20/shadow/update",
+            r#"{"state":{"reported":{"on":true}}}"#,
+            Some(format!("00-{trace_id}-00f067aa0ba902b7-01")),
+        )
+        .await;
+        next_v5(&mut events, "/update/accepted").await;
+        let trace = receiver
+            .trace(trace_id, &["mqtt.publish", "twin.update", "store.commit"])
+            .await;
+        assert_eq!(span(&trace, "mqtt.publish")["transport"], protocol);
+        drop(device);
+        server.terminate().await;
+    }
 }

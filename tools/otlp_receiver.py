@@ -5,9 +5,14 @@ implementation that is not Doppel's.
 
 Prints one JSON line with the two ports, then one JSON line per span received:
 transport, service name, span name, trace id, span id, parent span id (hex), attributes.
+
+With `--tls CERT KEY CLIENT_CA`, both listeners speak TLS with that certificate and key
+and require a client certificate signed by CLIENT_CA (mutual TLS).
 """
 
+import argparse
 import json
+import ssl
 import sys
 import threading
 from concurrent import futures
@@ -71,10 +76,28 @@ class Grpc(trace_service_pb2_grpc.TraceServiceServicer):
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CLIENT_CA"))
+    args = parser.parse_args()
     http = ThreadingHTTPServer(("127.0.0.1", 0), Http)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Grpc(), server)
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    if args.tls:
+        cert, key, client_ca = args.tls
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+        http.socket = context.wrap_socket(http.socket, server_side=True)
+        read = lambda path: open(path, "rb").read()
+        credentials = grpc.ssl_server_credentials(
+            [(read(key), read(cert))],
+            root_certificates=read(client_ca),
+            require_client_auth=True,
+        )
+        grpc_port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(json.dumps({"http": http.server_address[1], "grpc": grpc_port}), flush=True)
     http.serve_forever()
