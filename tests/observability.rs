@@ -172,6 +172,9 @@ async fn a_scrape_shows_what_devices_and_applications_did_and_promtool_accepts_i
         ("doppel_twins_resident", 1.0),
         (r#"doppel_command_executions_total{status="CREATED"}"#, 1.0),
         ("doppel_ready", 1.0),
+        // Everything was answered: nothing waits in a mailbox.
+        (r#"doppel_mailbox_messages{mailbox="shard"}"#, 0.0),
+        (r#"doppel_mailbox_messages{mailbox="twin"}"#, 0.0),
     ] {
         assert_eq!(sample(&body, series), Some(expected), "{series} in\n{body}");
     }

@@ -242,7 +242,11 @@ impl FleetHandle {
     pub(crate) fn route(&self, thing: &DeviceId, msg: DeviceMsg) -> Result<(), FleetError> {
         let shard = &self.shards[shard_for(thing, self.shards.len())];
         shard
-            .send_message(ShardMsg::Route(thing.clone(), msg))
+            .send_message(ShardMsg::Route(
+                thing.clone(),
+                msg,
+                telemetry::Queued::new(telemetry::Mailbox::Shard),
+            ))
             .map_err(|_| FleetError::Stopped("the fleet"))
     }
 

@@ -24,9 +24,9 @@ use ractor::{
 use tokio::time::Instant;
 use twin_model::DeviceId;
 
-use crate::device::{DeviceArgs, DeviceMsg, DeviceTwin};
+use crate::device::{DeviceArgs, DeviceMsg, DeviceTwin, Mail};
 use crate::fleet::TwinContext;
-use crate::telemetry;
+use crate::telemetry::{self, Queued};
 
 /// The shard of a thing, from its stable hash.
 pub fn shard_for(thing: &DeviceId, shard_count: usize) -> usize {
@@ -34,7 +34,8 @@ pub fn shard_for(thing: &DeviceId, shard_count: usize) -> usize {
 }
 
 pub enum ShardMsg {
-    Route(DeviceId, DeviceMsg),
+    /// A message for the thing's twin (counted in the shard's mailbox until taken).
+    Route(DeviceId, DeviceMsg, Queued),
     /// Passivates idle twins.
     Tick,
     /// How many twins are resident.
@@ -52,7 +53,7 @@ pub struct ShardArgs {
 }
 
 struct Resident {
-    actor: ActorRef<DeviceMsg>,
+    actor: ActorRef<Mail>,
     stamp: u64,
     last_used: Instant,
 }
@@ -101,7 +102,7 @@ impl ShardState {
         &mut self,
         myself: &ActorRef<ShardMsg>,
         thing: &DeviceId,
-    ) -> Result<ActorRef<DeviceMsg>, ActorProcessingErr> {
+    ) -> Result<ActorRef<Mail>, ActorProcessingErr> {
         while self.twins.len() >= self.max_resident {
             let Some((_, oldest)) = self.lru.pop_first() else {
                 break;
@@ -150,11 +151,11 @@ impl ShardState {
                 None => self.activate(myself, &thing).await?,
             };
             self.touch(&thing);
-            match actor.send_message(msg) {
+            match actor.send_message(Mail::from(msg)) {
                 Ok(()) => return Ok(()),
                 Err(MessagingErr::SendErr(back)) => {
                     self.forget(&actor.get_id());
-                    msg = back;
+                    msg = back.take();
                 }
                 Err(_) => return Ok(()),
             }
@@ -233,7 +234,10 @@ impl Actor for ShardSupervisor {
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ShardMsg::Route(thing, msg) => state.route(&myself, thing, msg).await?,
+            ShardMsg::Route(thing, msg, queued) => {
+                drop(queued);
+                state.route(&myself, thing, msg).await?
+            }
             ShardMsg::Tick => {
                 let now = Instant::now();
                 let idle: Vec<DeviceId> = state

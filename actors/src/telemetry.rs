@@ -99,6 +99,8 @@ struct Metrics {
     rollouts_active: Gauge,
     rollouts_ended_family: Family<Labels, Counter>,
     rollouts_ended: ByLabel<RolloutEnd, Counter>,
+    mailbox_family: Family<Labels, Gauge>,
+    mailbox: ByLabel<Mailbox, Gauge>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -120,6 +122,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         CommandStatus::ALL.map(|s| [("status", s.as_str())]),
     );
     let rollouts_ended_family = Family::<Labels, Counter>::default();
+    let mailbox_family = Family::<Labels, Gauge>::default();
     let job_executions_family = Family::<Labels, Counter>::default();
     let job_executions = children(
         &job_executions_family,
@@ -140,6 +143,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         rollouts_active: Gauge::default(),
         rollouts_ended: ByLabel::new(&rollouts_ended_family, "outcome"),
         rollouts_ended_family,
+        mailbox: ByLabel::new(&mailbox_family, "mailbox"),
+        mailbox_family,
     }
 });
 
@@ -191,6 +196,45 @@ pub fn register(registry: &mut Registry) {
         "Rollout controllers that ended on this node, by outcome (stopped: the node stopped and the rollout resumes at its next start)",
         m.rollouts_ended_family.clone(),
     );
+    registry.register(
+        "mailbox_messages",
+        "Messages waiting in actors' mailboxes, summed over the shards' and over the twins'",
+        m.mailbox_family.clone(),
+    );
+}
+
+label_values! {
+    /// Whose mailbox a message waits in.
+    pub enum Mailbox {
+        /// A shard's: requests on their way to a twin.
+        Shard = "shard",
+        /// A twin's: its requests, commits' results and timers.
+        Twin = "twin",
+    }
+}
+
+/// A message in a mailbox: counted in `doppel_mailbox_messages` from when it is sent until
+/// it is taken out (or dropped with an actor that stopped).
+#[derive(Debug)]
+pub struct Queued(Mailbox);
+
+impl Queued {
+    pub(crate) fn new(mailbox: Mailbox) -> Self {
+        METRICS.mailbox.get(mailbox).inc();
+        Self(mailbox)
+    }
+}
+
+/// Messages waiting in `mailbox` now.
+#[cfg(test)]
+pub(crate) fn mailbox_messages(mailbox: Mailbox) -> i64 {
+    METRICS.mailbox.get(mailbox).get()
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        METRICS.mailbox.get(self.0).dec();
+    }
 }
 
 /// Counts a shadow request's answer: `code` is 200 or the rejection's code.

@@ -298,6 +298,43 @@ async fn a_twin_answers_only_once_its_change_is_durable() {
 }
 
 #[tokio::test]
+async fn requests_behind_a_busy_twin_are_counted_in_its_mailbox() {
+    use crate::telemetry::{Mailbox, mailbox_messages};
+    let store = Arc::new(GatedStore::registered());
+    let _open = OpenOnDrop(store.clone());
+    let (committer, _) = Committer::start(store.clone(), 16, 16);
+    let fleet = FleetHandle::start(FleetConfig::default(), committer)
+        .await
+        .unwrap();
+    let updates: Vec<_> = (1..=5)
+        .map(|n| {
+            tokio::spawn(fleet.shadows().update(
+                &id("busy"),
+                ShadowName::classic(),
+                reported(n),
+                Origin::Device,
+            ))
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(10), store.arrived.notified())
+        .await
+        .expect("the first change reaches the store");
+    // The twin waits for its first commit; the four behind it wait in its mailbox (other
+    // tests in this process count theirs too, so the figure is at least ours).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while mailbox_messages(Mailbox::Twin) < 4 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the waiting requests are counted");
+    store.released.store(true, Ordering::SeqCst);
+    for update in updates {
+        update.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_change_whose_commit_fails_is_refused_and_changes_nothing() {
     let store = Arc::new(GatedStore::registered());
     store.released.store(true, Ordering::SeqCst);

@@ -200,6 +200,6 @@ impl DeviceState {
         }
         self.alarm_at = Some(next);
         let wait = Duration::from_millis(next.saturating_sub(self.ctx.now_millis()));
-        self.myself.send_after(wait, || DeviceMsg::Clock);
+        self.myself.send_after(wait, || DeviceMsg::Clock.into());
     }
 }

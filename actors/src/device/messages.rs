@@ -13,8 +13,32 @@ use twin_model::{Shadow, ShadowChange, ShadowName, UpdateRequest};
 
 use crate::error::FleetError;
 use crate::fleet::ConnectOk;
+use crate::telemetry::{Mailbox, Queued};
 
 pub type AnswerPort<T> = RpcReplyPort<Result<T, FleetError>>;
+
+/// A message in a twin's mailbox, counted there until the twin takes it.
+pub struct Mail {
+    pub(crate) msg: DeviceMsg,
+    queued: Queued,
+}
+
+impl From<DeviceMsg> for Mail {
+    fn from(msg: DeviceMsg) -> Self {
+        Self {
+            msg,
+            queued: Queued::new(Mailbox::Twin),
+        }
+    }
+}
+
+impl Mail {
+    /// The message, taken out of the mailbox.
+    pub(crate) fn take(self) -> DeviceMsg {
+        drop(self.queued);
+        self.msg
+    }
+}
 
 pub enum DeviceMsg {
     Update {

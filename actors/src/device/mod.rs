@@ -27,7 +27,7 @@ use twin_model::{
 use twin_store::{ThingRecord, TwinSnapshot, Write, secret};
 
 pub use jobs::JobAnswer;
-pub use messages::{AnswerPort, DeviceMsg, Ending, RegistryOp, Running};
+pub use messages::{AnswerPort, DeviceMsg, Ending, Mail, RegistryOp, Running};
 
 use crate::error::FleetError;
 use crate::fleet::{ConnectOk, TwinContext};
@@ -60,7 +60,7 @@ pub struct DeviceState {
     next_deadline: Arc<AtomicU64>,
     /// Job definitions the twin has needed, by job id.
     documents: HashMap<String, Arc<JobDefinition>>,
-    myself: ActorRef<DeviceMsg>,
+    myself: ActorRef<Mail>,
 }
 
 #[derive(Default)]
@@ -568,13 +568,13 @@ fn answer<T>(reply: AnswerPort<T>, result: Result<T, FleetError>) {
 }
 
 impl Actor for DeviceTwin {
-    type Msg = DeviceMsg;
+    type Msg = Mail;
     type State = DeviceState;
     type Arguments = DeviceArgs;
 
     async fn pre_start(
         &self,
-        myself: ActorRef<DeviceMsg>,
+        myself: ActorRef<Mail>,
         args: DeviceArgs,
     ) -> Result<DeviceState, ActorProcessingErr> {
         Ok(DeviceState {
@@ -592,13 +592,13 @@ impl Actor for DeviceTwin {
 
     async fn handle(
         &self,
-        _myself: ActorRef<DeviceMsg>,
-        msg: DeviceMsg,
+        _myself: ActorRef<Mail>,
+        mail: Mail,
         state: &mut DeviceState,
     ) -> Result<(), ActorProcessingErr> {
         // The work is boxed: an idle twin's task then keeps a pointer, not the largest
         // in-flight state of any message.
-        Box::pin(state.on(msg)).await;
+        Box::pin(state.on(mail.take())).await;
         Ok(())
     }
 }
