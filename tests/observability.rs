@@ -896,12 +896,29 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
     assert_eq!(accepted, delta, "both come from the same change");
 
     let trace = receiver
-        .trace(trace_id, &["mqtt.publish", "twin.update", "store.commit"])
+        .trace(
+            trace_id,
+            &[
+                "mqtt.publish",
+                "twin.update",
+                "store.commit",
+                "mqtt.deliver",
+            ],
+        )
         .await;
     let (publish, update, commit) = (
         span(&trace, "mqtt.publish"),
         span(&trace, "twin.update"),
         span(&trace, "store.commit"),
+    );
+    let delivered: Vec<&str> = trace
+        .iter()
+        .filter(|s| s["name"] == "mqtt.deliver" && s["parent_span_id"] == update["span_id"])
+        .filter_map(|s| s["attributes"]["topic"].as_str())
+        .collect();
+    assert!(
+        delivered.contains(&"$aws/things/lamp-9/shadow/update/accepted"),
+        "the answer's delivery is in the trace: {trace:#?}"
     );
     assert_eq!(
         publish["parent_span_id"], device_span,
@@ -957,10 +974,25 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
         }
     }
     receiver
-        .trace(later, &["mqtt.publish", "twin.update", "store.commit"])
+        .trace(
+            later,
+            &[
+                "mqtt.publish",
+                "twin.update",
+                "store.commit",
+                "mqtt.deliver",
+            ],
+        )
         .await;
     let all = receiver.spans.lock().unwrap().clone();
-    assert_eq!(all.len(), 6, "only the sampled updates' spans: {all:#?}");
+    let handled = all.iter().filter(|s| s["name"] != "mqtt.deliver").count();
+    assert!(
+        handled == 6
+            && all
+                .iter()
+                .all(|s| s["trace_id"] == trace_id || s["trace_id"] == later),
+        "only the sampled updates' spans: {all:#?}"
+    );
     drop(device);
     server.terminate().await;
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use twin_model::DeviceId;
 use twin_model::topic::{CommandChannel, CommandTopic};
+use twin_telemetry::trace;
 
 use crate::acl;
 use crate::codec::{DisconnectCode, InPublish, Inbound, Outbound, PubAckCode, SubCode, Version};
@@ -281,11 +282,18 @@ impl Core {
             };
             let pkid = if msg.qos == 1 { st.next_pkid() } else { 0 };
             let packet = publish(&msg, pkid, false);
+            let traced = msg.trace.clone().map(|t| (t, msg.topic.clone(), msg.qos));
             if msg.qos == 1 {
                 st.inflight.insert(pkid, msg);
             }
             if !write(&packet) {
                 st.inflight.remove(&pkid);
+            } else if let Some((parent, topic, qos)) = traced {
+                // Sent in a trace: a span marks the moment it left for the device.
+                let _sent = trace::entry(
+                    Some(&parent),
+                    || tracing::debug_span!("mqtt.deliver", thing = %self.thing, %topic, qos),
+                );
             }
         }
     }
