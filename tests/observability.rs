@@ -409,21 +409,8 @@ async fn prometheus(dir: &Path, target: &str) -> (tokio::process::Child, String)
 
 #[tokio::test]
 async fn a_real_prometheus_scrapes_doppel_and_sees_shadow_requests_rise_and_their_traces() {
-    let receiver = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let endpoint = format!("http://127.0.0.1:{}", receiver.http);
-    let server = common::start_with_env(
-        dir.path(),
-        &[
-            "--auto-register",
-            "--otlp-endpoint",
-            &endpoint,
-            "--trace-sample-ratio",
-            "0",
-        ],
-        &QUICK_BATCHES,
-    )
-    .await;
+    let (_receiver, dir, server) =
+        traced_server(Transport::Http, &["--trace-sample-ratio", "0"]).await;
     let (mut prometheus, web) = prometheus(dir.path(), &server.http).await;
     let scrapes = Duration::from_secs(60);
     until(&web, r#"up{job="doppel"}"#, scrapes, |v| v == 1.0).await;
@@ -857,24 +844,48 @@ async fn traced_graphql(
 /// Spans leave in batches; a short delay keeps the tests quick.
 const QUICK_BATCHES: [(&str, &str); 1] = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
 
-#[tokio::test]
-async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_with_the_answer() {
+#[derive(Clone, Copy)]
+enum Transport {
+    Http,
+    Grpc,
+}
+
+/// A receiver, and a doppel (registering devices as they connect) that exports its spans
+/// to it over `transport`, with `extra` settings.
+async fn traced_server(
+    transport: Transport,
+    extra: &[&str],
+) -> (Receiver, tempfile::TempDir, common::Server) {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let endpoint = format!("http://127.0.0.1:{}", receiver.http);
-    let server = common::start_with_env(
-        dir.path(),
+    let (protocol, port) = match transport {
+        Transport::Http => ("http", receiver.http),
+        Transport::Grpc => ("grpc", receiver.grpc),
+    };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut args = vec![
+        "--auto-register",
+        "--otlp-protocol",
+        protocol,
+        "--otlp-endpoint",
+        &endpoint,
+    ];
+    args.extend_from_slice(extra);
+    let server = common::start_with_env(dir.path(), &args, &QUICK_BATCHES).await;
+    (receiver, dir, server)
+}
+
+#[tokio::test]
+async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_with_the_answer() {
+    let (receiver, _dir, server) = traced_server(
+        Transport::Http,
         &[
-            "--auto-register",
-            "--otlp-endpoint",
-            &endpoint,
             "--otlp-resource-attributes",
             "deployment.environment=test",
             // Nothing that starts here is traced: the device's sampled flag decides.
             "--trace-sample-ratio",
             "0",
         ],
-        &QUICK_BATCHES,
     )
     .await;
     let (device, mut events) = device_v5(&server.mqtt, "lamp-9").await;
@@ -999,21 +1010,7 @@ async fn a_devices_trace_runs_through_the_twin_and_the_commit_and_comes_back_wit
 
 #[tokio::test]
 async fn an_applications_trace_reaches_the_device_with_its_delta_over_grpc() {
-    let receiver = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let endpoint = format!("http://127.0.0.1:{}", receiver.grpc);
-    let server = common::start_with_env(
-        dir.path(),
-        &[
-            "--auto-register",
-            "--otlp-protocol",
-            "grpc",
-            "--otlp-endpoint",
-            &endpoint,
-        ],
-        &QUICK_BATCHES,
-    )
-    .await;
+    let (receiver, _dir, server) = traced_server(Transport::Grpc, &[]).await;
     let (device, mut events) = device_v5(&server.mqtt, "lamp-10").await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let app_span = "b7ad6b7169203331";
@@ -1136,15 +1133,7 @@ async fn a_commands_trace_goes_to_the_device_and_comes_back_with_its_response() 
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    let receiver = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let endpoint = format!("http://127.0.0.1:{}", receiver.http);
-    let server = common::start_with_env(
-        dir.path(),
-        &["--auto-register", "--otlp-endpoint", &endpoint],
-        &QUICK_BATCHES,
-    )
-    .await;
+    let (receiver, _dir, server) = traced_server(Transport::Http, &[]).await;
     let (host, port) = server.mqtt.rsplit_once(':').unwrap();
     let (device, mut events) =
         AsyncClient::new(MqttOptions::new("pump-1", host, port.parse().unwrap()), 10);
@@ -1254,15 +1243,7 @@ async fn a_commands_trace_goes_to_the_device_and_comes_back_with_its_response() 
 
 #[tokio::test]
 async fn a_rollouts_release_is_a_trace_that_reaches_the_device_with_its_job() {
-    let receiver = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let endpoint = format!("http://127.0.0.1:{}", receiver.http);
-    let server = common::start_with_env(
-        dir.path(),
-        &["--auto-register", "--otlp-endpoint", &endpoint],
-        &QUICK_BATCHES,
-    )
-    .await;
+    let (receiver, _dir, server) = traced_server(Transport::Http, &[]).await;
     let (device, mut events) = device_v5_on(
         &server.mqtt,
         "valve-1",

@@ -261,15 +261,22 @@ impl Drop for OpenOnDrop {
     }
 }
 
-#[tokio::test]
-async fn a_twin_answers_only_once_its_change_is_durable() {
+/// A fleet on a store that holds every commit until its gate opens (when the returned
+/// guard drops, at the latest: a failed assertion must not leave a commit blocked, or
+/// the runtime would wait for it).
+async fn gated_fleet() -> (Arc<GatedStore>, OpenOnDrop, FleetHandle) {
     let store = Arc::new(GatedStore::registered());
-    // A failed assertion must not leave the commit blocked: the runtime would wait for it.
-    let _open = OpenOnDrop(store.clone());
+    let open = OpenOnDrop(store.clone());
     let (committer, _) = Committer::start(store.clone(), 16, 16);
     let fleet = FleetHandle::start(FleetConfig::default(), committer)
         .await
         .unwrap();
+    (store, open, fleet)
+}
+
+#[tokio::test]
+async fn a_twin_answers_only_once_its_change_is_durable() {
+    let (store, _open, fleet) = gated_fleet().await;
     let mut events = fleet.queries().subscribe();
     let update = tokio::spawn(fleet.shadows().update(
         &id("d"),
@@ -300,12 +307,7 @@ async fn a_twin_answers_only_once_its_change_is_durable() {
 #[tokio::test]
 async fn requests_behind_a_busy_twin_are_counted_in_its_mailbox() {
     use crate::telemetry::{Mailbox, mailbox_messages};
-    let store = Arc::new(GatedStore::registered());
-    let _open = OpenOnDrop(store.clone());
-    let (committer, _) = Committer::start(store.clone(), 16, 16);
-    let fleet = FleetHandle::start(FleetConfig::default(), committer)
-        .await
-        .unwrap();
+    let (store, _open, fleet) = gated_fleet().await;
     let updates: Vec<_> = (1..=5)
         .map(|n| {
             tokio::spawn(fleet.shadows().update(
