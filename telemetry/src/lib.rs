@@ -209,6 +209,56 @@ impl EncodeMetric for Histogram {
     }
 }
 
+/// A gauge whose ups and downs come from many threads at a high rate (messages into and
+/// out of mailboxes): it is kept in stripes, one cache line each, so that threads do not
+/// contend for one counter; a scrape sums them. A change is undone on the stripe it was
+/// made on ([`StripedGauge::stripe`]), so the sum is exact whatever thread undoes it.
+#[derive(Debug, Clone, Default)]
+pub struct StripedGauge(Arc<[Stripe; STRIPES]>);
+
+const STRIPES: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(std::sync::atomic::AtomicI64);
+
+impl StripedGauge {
+    /// The calling thread's stripe.
+    pub fn stripe() -> u8 {
+        static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+        thread_local! {
+            static STRIPE: u8 = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES as u8;
+        }
+        STRIPE.with(|s| *s)
+    }
+
+    /// Adds `delta` on `stripe` (from [`Self::stripe`]).
+    pub fn add(&self, stripe: u8, delta: i64) {
+        self.0[usize::from(stripe) % STRIPES]
+            .0
+            .fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// The gauge's value: the stripes' sum.
+    pub fn get(&self) -> i64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for StripedGauge {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for StripedGauge {
+    fn encode(&self, encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ConstGauge::new(self.get()).encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// Makes a family's histograms, all with the same buckets.
 #[derive(Debug, Clone, Copy)]
 pub struct Buckets(pub &'static [f64]);
@@ -473,6 +523,33 @@ mod tests {
         );
         assert_eq!(open.matches(" # {").count(), 2, "{open}");
         assert!(!Format::Text.encode(&registry).contains("trace_id"));
+    }
+
+    #[test]
+    fn a_striped_gauge_sums_changes_undone_on_other_threads() {
+        let gauge = StripedGauge::default();
+        let made: Vec<u8> = std::thread::scope(|s| {
+            (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let stripe = StripedGauge::stripe();
+                        gauge.add(stripe, 3);
+                        stripe
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(gauge.get(), 12);
+        for stripe in made {
+            gauge.add(stripe, -2);
+        }
+        assert_eq!(gauge.get(), 4);
+        let mut registry = Registry::default();
+        registry.register("waiting", "Waiting.", gauge.clone());
+        assert!(Format::Text.encode(&registry).contains("\nwaiting 4\n"));
     }
 
     #[test]
