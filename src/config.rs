@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 use twin_actors::FleetConfig;
-use twin_gateway::GatewayConfig;
+use twin_gateway::{GatewayConfig, TlsAuth};
 use twin_graphql::ApiLimits;
 use twin_model::Limits;
 
@@ -102,6 +102,7 @@ pub struct Config {
     pub tls_key_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca_file: Option<PathBuf>,
+    pub mqtt_tls_auth: TlsAuthSetting,
 }
 
 impl Default for Config {
@@ -162,6 +163,7 @@ impl Default for Config {
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
+            mqtt_tls_auth: TlsAuthSetting::Any,
         }
     }
 }
@@ -174,6 +176,15 @@ pub enum StoreKind {
     Embedded,
     /// ScyllaDB (or Apache Cassandra) at `scylla_nodes`.
     Scylla,
+}
+
+/// How devices on the TLS listener may log in (see [`twin_gateway::TlsAuth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsAuthSetting {
+    Any,
+    Certificate,
+    Password,
 }
 
 /// How log lines are written to standard error.
@@ -658,6 +669,11 @@ impl Config {
             max_queued_messages: self.mqtt_max_queued_messages,
             session_expiry: Duration::from_secs(self.mqtt_session_expiry_secs),
             max_connections: self.mqtt_max_connections,
+            tls_auth: match self.mqtt_tls_auth {
+                TlsAuthSetting::Any => TlsAuth::Any,
+                TlsAuthSetting::Certificate => TlsAuth::Certificate,
+                TlsAuthSetting::Password => TlsAuth::Password,
+            },
             ..GatewayConfig::default()
         }
     }
@@ -876,6 +892,10 @@ pub const DOCS: &[(&str, &str)] = &[
     (
         "tls_client_ca_file",
         "PEM CA: when set, every TLS device must present a certificate it issued.",
+    ),
+    (
+        "mqtt_tls_auth",
+        "How TLS devices log in: any (the password when one is given, else a registered client certificate attached to the thing), certificate (only such a certificate, as AWS IoT), or password. The plain listener takes passwords.",
     ),
 ];
 

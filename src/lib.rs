@@ -68,8 +68,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         let cert = read("tls_cert_file", &config.tls_cert_file)?.unwrap_or_default();
         let key = read("tls_key_file", &config.tls_key_file)?.unwrap_or_default();
         let ca = read("tls_client_ca_file", &config.tls_client_ca_file)?;
-        let acceptor = twin_gateway::tls::acceptor(&cert, &key, ca.as_deref())
-            .context("invalid TLS settings (tls_cert_file, tls_key_file, tls_client_ca_file)")?;
+        let certificate_required = config.mqtt_tls_auth == config::TlsAuthSetting::Certificate;
+        let acceptor =
+            twin_gateway::tls::acceptor(&cert, &key, ca.as_deref(), certificate_required).context(
+                "invalid TLS settings (tls_cert_file, tls_key_file, tls_client_ca_file)",
+            )?;
         listeners.push(Listener::Tls(
             listen(addr).with_context(|| format!("cannot listen on mqtt_tls_listen {addr}"))?,
             acceptor,

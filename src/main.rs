@@ -325,6 +325,10 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_client_ca_file: Option<PathBuf>,
+    /// How TLS devices log in: any (a password, else a registered client certificate), certificate, or password [default: any] [env: DOPPEL_MQTT_TLS_AUTH]
+    #[arg(long, value_parser = ["any", "certificate", "password"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_tls_auth: Option<String>,
 }
 
 /// Loads the configuration; commands other than `serve` log in its `log_format` from here.

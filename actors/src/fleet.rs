@@ -22,7 +22,9 @@ use crate::error::FleetError;
 use crate::index::FleetIndex;
 use crate::loading;
 use crate::pipeline::{Committed, Consumer, DeviceLinks, Pipeline, Rollouts, Subscribers};
-use crate::services::{Commands, DeviceSessions, Jobs, Queries, Registry, Shadows};
+use crate::services::{
+    CertificateState, Certificates, Commands, DeviceSessions, Jobs, Queries, Registry, Shadows,
+};
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 use crate::telemetry::{self, OverloadCause};
 
@@ -122,6 +124,7 @@ pub struct FleetHandle {
     pub(crate) links: Arc<DeviceLinks>,
     pub(crate) subscribers: Arc<Subscribers>,
     pub(crate) job_state: Arc<JobsState>,
+    pub(crate) certs: Arc<CertificateState>,
     pending: Arc<Semaphore>,
 }
 
@@ -184,6 +187,7 @@ impl FleetHandle {
             links,
             subscribers,
             job_state: jobs,
+            certs: Arc::default(),
             pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
         })
     }
@@ -194,6 +198,10 @@ impl FleetHandle {
 
     pub fn registry(&self) -> Registry<'_> {
         Registry(self)
+    }
+
+    pub fn certificates(&self) -> Certificates<'_> {
+        Certificates(self)
     }
 
     pub fn sessions(&self) -> DeviceSessions<'_> {

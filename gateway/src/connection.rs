@@ -19,11 +19,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 use twin_actors::FleetHandle;
+use twin_actors::services::CertificateLogin;
 use twin_actors::telemetry::{OverloadCause, overloaded};
+use twin_model::certificate::CertificateId;
 use twin_model::{DeviceId, RejectionKind};
 use twin_telemetry::trace;
 
-use crate::GatewayConfig;
 use crate::accept::RateLimitedLog;
 use crate::acl;
 use crate::api::{self, Dispatch, Outbox, Traced, TracedAnswer};
@@ -34,6 +35,7 @@ use crate::codec::{
 use crate::protocol::{Close, Core, Request};
 use crate::session::{CloseSignal, OutMsg, Session, SessionState, Sessions, lock};
 use crate::telemetry;
+use crate::{GatewayConfig, TlsAuth};
 
 /// Everything a connection needs from the endpoint.
 pub(crate) struct Context {
@@ -51,6 +53,48 @@ pub(crate) struct Context {
 pub(crate) struct IgnoredPublishes {
     count: std::sync::atomic::AtomicU64,
     log: std::sync::Mutex<RateLimitedLog>,
+}
+
+/// What the transport tells of a device before its CONNECT.
+pub(crate) enum Transport {
+    Plain,
+    /// TLS, with the id of the client certificate the device presented.
+    Tls {
+        certificate: Option<CertificateId>,
+    },
+}
+
+/// How a device logs in, as its listener allows.
+enum Method {
+    Password(Option<String>),
+    Certificate(CertificateId),
+}
+
+impl Transport {
+    /// The login method for a CONNECT with `password` (`Err`: why none is allowed).
+    fn method(self, allowed: TlsAuth, password: Option<String>) -> Result<Method, &'static str> {
+        match (self, allowed) {
+            (Self::Plain, _) | (Self::Tls { .. }, TlsAuth::Password) => {
+                Ok(Method::Password(password))
+            }
+            (
+                Self::Tls {
+                    certificate: Some(id),
+                },
+                TlsAuth::Certificate,
+            ) => Ok(Method::Certificate(id)),
+            (Self::Tls { certificate: None }, TlsAuth::Certificate) => Err(
+                "this listener takes only certificate logins (mqtt_tls_auth = certificate) and no client certificate was presented",
+            ),
+            (
+                Self::Tls {
+                    certificate: Some(id),
+                },
+                TlsAuth::Any,
+            ) if password.is_none() => Ok(Method::Certificate(id)),
+            (Self::Tls { .. }, TlsAuth::Any) => Ok(Method::Password(password)),
+        }
+    }
 }
 
 /// Bytes reserved for each read.
@@ -100,13 +144,20 @@ struct Conn<S> {
     /// The fleet's number for this connection (see `DeviceSessions::connect`).
     connection: u64,
     will: Option<codec::Will>,
+    /// The certificate login, which can end while the connection lives.
+    login: Option<CertificateLogin>,
     /// Publishes of this connection that were not requests of the device API.
     ignored: u64,
     _counted: telemetry::Connected,
 }
 
 /// Serves one TCP connection until it ends.
-pub(crate) async fn serve(ctx: Arc<Context>, mut stream: impl Stream, peer: SocketAddr) {
+pub(crate) async fn serve(
+    ctx: Arc<Context>,
+    mut stream: impl Stream,
+    peer: SocketAddr,
+    transport: Transport,
+) {
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let max = ctx.config.max_packet_size;
     let first = tokio::time::timeout(
@@ -134,7 +185,7 @@ pub(crate) async fn serve(ctx: Arc<Context>, mut stream: impl Stream, peer: Sock
             return;
         }
     };
-    let Some(mut conn) = accept(ctx, stream, peer, version, connect, rbuf).await else {
+    let Some(mut conn) = accept(ctx, stream, peer, version, connect, rbuf, transport).await else {
         return;
     };
     let close = conn.run().await;
@@ -210,6 +261,7 @@ async fn accept<S: Stream>(
     version: Version,
     connect: ConnectInfo,
     rbuf: BytesMut,
+    transport: Transport,
 ) -> Option<Conn<S>> {
     let refuse = |code: ConnCode, why: String| {
         tracing::info!(%peer, client_id = %connect.client_id, ?code, reason = %why, "connection refused");
@@ -233,12 +285,26 @@ async fn accept<S: Stream>(
         let _ = send_connack(&mut stream, version, code, false, ServerLimits::default()).await;
         return None;
     }
-    let ok = match ctx
-        .fleet
-        .sessions()
-        .connect(&thing, connect.password.clone())
-        .await
-    {
+    let method = match transport.method(ctx.config.tls_auth, connect.password.clone()) {
+        Ok(m) => m,
+        Err(why) => {
+            let code = refuse(ConnCode::NotAuthorized, why.into());
+            let _ = send_connack(&mut stream, version, code, false, ServerLimits::default()).await;
+            return None;
+        }
+    };
+    let sessions = ctx.fleet.sessions();
+    let connected = match method {
+        Method::Password(password) => sessions
+            .connect(&thing, password)
+            .await
+            .map(|ok| (ok, None)),
+        Method::Certificate(id) => sessions
+            .connect_with_certificate(&thing, &id)
+            .await
+            .map(|(ok, login)| (ok, Some(login))),
+    };
+    let (ok, login) = match connected {
         Ok(ok) => ok,
         Err(e) => {
             let code = match e.kind() {
@@ -318,12 +384,21 @@ async fn accept<S: Stream>(
         answers: FuturesUnordered::new(),
         connection: ok.session,
         will: connect.will,
+        login,
         ignored: 0,
         _counted: telemetry::Connected::new(),
     };
     conn.resend_inflight();
     conn.want_commands();
     Some(conn)
+}
+
+/// Resolves when the certificate login must end; never without one.
+async fn ended(login: &mut Option<CertificateLogin>) -> &'static str {
+    match login {
+        Some(l) => l.ended().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl<S: Stream> Conn<S> {
@@ -383,6 +458,7 @@ impl<S: Stream> Conn<S> {
                     let (code, why) = self.close.reason();
                     return Close::Server(code, why);
                 }
+                why = ended(&mut self.login) => return Close::Server(DisconnectCode::NotAuthorized, why.into()),
                 _ = shutdown.changed() => return Close::Server(DisconnectCode::ServerShuttingDown, "server shutting down".into()),
                 () = &mut idle, if silence.is_some() => {
                     return Close::Server(DisconnectCode::KeepAliveTimeout, "keep-alive timeout".into());

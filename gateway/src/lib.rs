@@ -5,8 +5,9 @@
 //! is the policy enforcement point: client id = thing name, password = the device's
 //! secret, and a device publishes and subscribes only under `$aws/things/{its name}/`.
 //!
-//! Plain TCP and TLS listeners ([`tls`]), the latter optionally requiring client
-//! certificates.
+//! Plain TCP and TLS listeners ([`tls`]). On TLS a device may log in with a registered
+//! client certificate attached to its thing and no password, as on AWS IoT
+//! ([`TlsAuth`] decides which methods a listener allows).
 //!
 //! QoS 0 and 1 are supported both ways. QoS 2 is refused as AWS IoT refuses it: MQTT 5
 //! clients are told `Maximum QoS = 1` in CONNACK and a QoS 2 PUBLISH ends the connection
@@ -33,7 +34,7 @@ use tokio::task::JoinSet;
 use twin_actors::FleetHandle;
 
 use crate::codec::DisconnectCode;
-use crate::connection::Context;
+use crate::connection::{Context, Transport};
 use crate::session::Sessions;
 
 /// Settings of the MQTT endpoint.
@@ -55,6 +56,20 @@ pub struct GatewayConfig {
     pub max_keep_alive: u16,
     /// Concurrent connections; more are refused at accept.
     pub max_connections: usize,
+    /// How devices on the TLS listener may log in (the plain listener takes passwords).
+    pub tls_auth: TlsAuth,
+}
+
+/// The login methods a TLS listener allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsAuth {
+    /// A password when one is given, else the client certificate.
+    #[default]
+    Any,
+    /// Only a registered client certificate (the password is not read): as AWS IoT.
+    Certificate,
+    /// Only the thing's secret as the MQTT password.
+    Password,
 }
 
 impl Default for GatewayConfig {
@@ -68,6 +83,7 @@ impl Default for GatewayConfig {
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: 1200,
             max_connections: 1_000_000,
+            tls_auth: TlsAuth::Any,
         }
     }
 }
@@ -181,12 +197,15 @@ async fn accept_loop(
                     let ctx = ctx.clone();
                     match tls.clone() {
                         None => {
-                            connections.spawn(connection::serve(ctx, stream, peer));
+                            connections.spawn(connection::serve(ctx, stream, peer, Transport::Plain));
                         }
                         Some(acceptor) => {
                             connections.spawn(async move {
                                 match tokio::time::timeout(ctx.config.connect_timeout, acceptor.accept(stream)).await {
-                                    Ok(Ok(stream)) => connection::serve(ctx, stream, peer).await,
+                                    Ok(Ok(stream)) => {
+                                        let certificate = tls::client_certificate(stream.get_ref().1);
+                                        connection::serve(ctx, stream, peer, Transport::Tls { certificate }).await;
+                                    }
                                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                                     Err(_) => tracing::debug!(%peer, "no TLS handshake in time; closing"),
                                 }

@@ -1,4 +1,10 @@
-//! MQTT over TLS: the server's certificate, and optionally required client certificates.
+//! MQTT over TLS: the server's certificate, and client certificates.
+//!
+//! A client certificate is asked for on every TLS connection. With a client CA it must
+//! be issued by that CA; without one any well-formed certificate is taken, and its
+//! owner's proof of the key is checked by TLS as usual: whether it may log in, and as
+//! which thing, is decided by the certificate registry at CONNECT (a certificate is known
+//! by its SHA-256, as AWS IoT knows one registered without a CA).
 //!
 //! rustls with the ring provider passed explicitly, never installed as the process
 //! default: two providers in one process make rustls' default builder panic, and ours
@@ -6,10 +12,15 @@
 
 use std::sync::Arc;
 
-use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +49,13 @@ fn certificates(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'st
 }
 
 /// A TLS acceptor for the server certificate chain and key (PEM). With `client_ca`, every
-/// device must present a certificate issued by it.
+/// device must present a certificate issued by it; without, a device may present any
+/// certificate, and must when `certificate_required`.
 pub fn acceptor(
     cert_chain: &[u8],
     key: &[u8],
     client_ca: Option<&[u8]>,
+    certificate_required: bool,
 ) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certificates(cert_chain, "the server certificate")?;
@@ -53,7 +66,12 @@ pub fn acceptor(
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
     let config = match client_ca {
-        None => builder.with_no_client_auth().with_single_cert(chain, key)?,
+        None => builder
+            .with_client_cert_verifier(Arc::new(AnyCertificate {
+                algorithms: provider.signature_verification_algorithms,
+                mandatory: certificate_required,
+            }))
+            .with_single_cert(chain, key)?,
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in certificates(ca, "the client CA")? {
@@ -68,4 +86,64 @@ pub fn acceptor(
         }
     };
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Takes any well-formed client certificate whose owner proves the key: the certificate
+/// registry decides at CONNECT whether it may log in.
+#[derive(Debug)]
+struct AnyCertificate {
+    algorithms: WebPkiSupportedAlgorithms,
+    mandatory: bool,
+}
+
+impl ClientCertVerifier for AnyCertificate {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The id of the certificate a TLS client presented, if it presented one.
+pub fn client_certificate(
+    conn: &rustls::ServerConnection,
+) -> Option<twin_model::certificate::CertificateId> {
+    conn.peer_certificates()
+        .and_then(<[_]>::first)
+        .map(|der| twin_actors::services::fingerprint(der))
 }

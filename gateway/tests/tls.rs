@@ -1,5 +1,6 @@
-//! MQTT over TLS, with and without required client certificates, against certificates
-//! made for the test (a CA, a server certificate for localhost, a device certificate).
+//! MQTT over TLS, with and without required client certificates, and certificate login
+//! without a password, against certificates made for the test (a CA, a server
+//! certificate for localhost, a device certificate).
 
 mod common;
 
@@ -12,7 +13,9 @@ use rumqttc::mqttbytes::{QoS, v4};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::AsyncWriteExt;
 use twin_actors::FleetConfig;
-use twin_gateway::GatewayConfig;
+use twin_gateway::{GatewayConfig, TlsAuth};
+use twin_model::DeviceId;
+use twin_model::certificate::{CertificateId, CertificateStatus};
 
 struct Pki {
     ca_pem: String,
@@ -20,6 +23,7 @@ struct Pki {
     server_pem: String,
     server_key_pem: String,
     device_der: CertificateDer<'static>,
+    device_pem: String,
     device_key: PrivateKeyDer<'static>,
 }
 
@@ -45,6 +49,7 @@ fn pki() -> Pki {
         server_pem: server.pem(),
         server_key_pem: server_key.serialize_pem(),
         device_der: device.der().clone(),
+        device_pem: device.pem(),
         device_key: PrivateKeyDer::try_from(device_key.serialize_der()).unwrap(),
     }
 }
@@ -68,6 +73,34 @@ fn connector(pki: &Pki, with_device_cert: bool) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Connects over TLS as `thing` (with `secret` as the password, if any); the stream and
+/// the CONNACK's code.
+async fn connect_tls(
+    addr: std::net::SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+    thing: &str,
+    secret: Option<&str>,
+) -> std::io::Result<(TlsStream, v4::ConnectReturnCode)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let mut out = BytesMut::new();
+    let mut connect = v4::Connect::new(thing);
+    if let Some(secret) = secret {
+        connect.set_login(thing, secret);
+    }
+    connect.write(&mut out).unwrap();
+    tls.write_all(&out).await?;
+    let mut inbuf = BytesMut::new();
+    match next_v4(&mut tls, &mut inbuf).await {
+        v4::Packet::ConnAck(a) => Ok((tls, a.code)),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
 /// Connects over TLS as `thing`, updates its shadow and returns the accepted version.
 async fn update_over_tls(
     addr: std::net::SocketAddr,
@@ -75,14 +108,15 @@ async fn update_over_tls(
     thing: &str,
     secret: &str,
 ) -> std::io::Result<u64> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let mut tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await?;
+    let (tls, code) = connect_tls(addr, connector, thing, Some(secret)).await?;
+    assert_eq!(code, v4::ConnectReturnCode::Success);
+    update_shadow(tls, thing).await
+}
+
+/// Updates the shadow of `thing` on a connection that is logged in as it; the accepted
+/// version.
+async fn update_shadow(mut tls: TlsStream, thing: &str) -> std::io::Result<u64> {
     let mut out = BytesMut::new();
-    let mut connect = v4::Connect::new(thing);
-    connect.set_login(thing, secret);
-    connect.write(&mut out).unwrap();
     let mut sub = v4::Subscribe::new(
         format!("{}/update/accepted", shadow(thing)),
         QoS::AtLeastOnce,
@@ -91,9 +125,6 @@ async fn update_over_tls(
     sub.write(&mut out).unwrap();
     tls.write_all(&out).await?;
     let mut inbuf = BytesMut::new();
-    assert!(
-        matches!(next_v4(&mut tls, &mut inbuf).await, v4::Packet::ConnAck(a) if a.code == v4::ConnectReturnCode::Success)
-    );
     assert!(matches!(
         next_v4(&mut tls, &mut inbuf).await,
         v4::Packet::SubAck(_)
@@ -118,16 +149,198 @@ async fn update_over_tls(
 /// A server with a TLS listener for `pki`'s server certificate; with `require_client_certs`,
 /// devices must present a certificate from `pki`'s CA.
 async fn tls_server(pki: &Pki, require_client_certs: bool) -> common::Server {
+    tls_server_with(pki, require_client_certs, TlsAuth::Any).await
+}
+
+async fn tls_server_with(pki: &Pki, require_client_certs: bool, auth: TlsAuth) -> common::Server {
     let ca = require_client_certs.then_some(pki.ca_pem.as_bytes());
-    let acceptor =
-        twin_gateway::tls::acceptor(pki.server_pem.as_bytes(), pki.server_key_pem.as_bytes(), ca)
-            .unwrap();
-    server_tls(
-        FleetConfig::default(),
-        GatewayConfig::default(),
-        Some(acceptor),
+    let acceptor = twin_gateway::tls::acceptor(
+        pki.server_pem.as_bytes(),
+        pki.server_key_pem.as_bytes(),
+        ca,
+        auth == TlsAuth::Certificate,
+    )
+    .unwrap();
+    let gateway = GatewayConfig {
+        tls_auth: auth,
+        ..GatewayConfig::default()
+    };
+    server_tls(FleetConfig::default(), gateway, Some(acceptor)).await
+}
+
+/// Registers `pki`'s device certificate (ACTIVE); its id.
+async fn register_device_certificate(s: &common::Server, pki: &Pki) -> CertificateId {
+    s.fleet
+        .certificates()
+        .register(&pki.device_pem, CertificateStatus::Active)
+        .await
+        .unwrap()
+        .id
+}
+
+#[tokio::test]
+async fn a_registered_attached_certificate_logs_in_without_a_password() {
+    let pki = pki();
+    let s = tls_server(&pki, false).await;
+    s.register("lamp-tls").await;
+    s.register("other").await;
+    let addr = s.tls_addr.unwrap();
+    let with_cert = connector(&pki, true);
+    let refused = |code| code == v4::ConnectReturnCode::NotAuthorized;
+
+    let (_, code) = connect_tls(addr, &with_cert, "lamp-tls", None)
+        .await
+        .unwrap();
+    assert!(
+        refused(code),
+        "an unregistered certificate is refused: {code:?}"
+    );
+    let id = register_device_certificate(&s, &pki).await;
+    let (_, code) = connect_tls(addr, &with_cert, "lamp-tls", None)
+        .await
+        .unwrap();
+    assert!(
+        refused(code),
+        "a certificate not attached to the thing is refused: {code:?}"
+    );
+
+    s.fleet
+        .certificates()
+        .attach(&thing("other"), &id)
+        .await
+        .unwrap();
+    let (_, code) = connect_tls(addr, &with_cert, "lamp-tls", None)
+        .await
+        .unwrap();
+    assert!(
+        refused(code),
+        "attached to another thing only: refused ({code:?})"
+    );
+    let (tls, code) = connect_tls(addr, &with_cert, "other", None).await.unwrap();
+    assert_eq!(code, v4::ConnectReturnCode::Success);
+    assert_eq!(update_shadow(tls, "other").await.unwrap(), 1);
+
+    // A connection without a certificate and without a password gets nowhere.
+    let (_, code) = connect_tls(addr, &connector(&pki, false), "other", None)
+        .await
+        .unwrap();
+    assert!(refused(code), "{code:?}");
+
+    s.fleet
+        .certificates()
+        .set_status(&id, CertificateStatus::Inactive)
+        .await
+        .unwrap();
+    let (_, code) = connect_tls(addr, &with_cert, "other", None).await.unwrap();
+    assert!(
+        refused(code),
+        "an inactive certificate is refused: {code:?}"
+    );
+}
+
+/// Reads until the server closes the connection (within [`common::WAIT`]).
+async fn closed_by_server(mut tls: TlsStream) {
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server did not close the connection");
+}
+
+#[tokio::test]
+async fn revoking_or_detaching_a_certificate_ends_its_live_connection() {
+    let pki = pki();
+    let s = tls_server(&pki, false).await;
+    s.register("lamp-tls").await;
+    let id = register_device_certificate(&s, &pki).await;
+    let lamp = thing("lamp-tls");
+    s.fleet.certificates().attach(&lamp, &id).await.unwrap();
+    let addr = s.tls_addr.unwrap();
+    let with_cert = connector(&pki, true);
+
+    let (tls, code) = connect_tls(addr, &with_cert, "lamp-tls", None)
+        .await
+        .unwrap();
+    assert_eq!(code, v4::ConnectReturnCode::Success);
+    s.fleet.certificates().detach(&lamp, &id).await.unwrap();
+    closed_by_server(tls).await;
+    let (_, code) = connect_tls(addr, &with_cert, "lamp-tls", None)
+        .await
+        .unwrap();
+    assert_eq!(code, v4::ConnectReturnCode::NotAuthorized);
+
+    s.fleet.certificates().attach(&lamp, &id).await.unwrap();
+    let (tls, code) = connect_tls(addr, &with_cert, "lamp-tls", None)
+        .await
+        .unwrap();
+    assert_eq!(code, v4::ConnectReturnCode::Success);
+    s.fleet
+        .certificates()
+        .set_status(&id, CertificateStatus::Revoked)
+        .await
+        .unwrap();
+    closed_by_server(tls).await;
+    let again = s
+        .fleet
+        .certificates()
+        .set_status(&id, CertificateStatus::Active)
+        .await;
+    assert!(again.is_err(), "a revoked certificate stays revoked");
+}
+
+#[tokio::test]
+async fn a_certificate_only_listener_takes_no_password_and_requires_a_certificate() {
+    let pki = pki();
+    let s = tls_server_with(&pki, false, TlsAuth::Certificate).await;
+    s.register("lamp-tls").await;
+    let id = register_device_certificate(&s, &pki).await;
+    s.fleet
+        .certificates()
+        .attach(&thing("lamp-tls"), &id)
+        .await
+        .unwrap();
+    let addr = s.tls_addr.unwrap();
+    let (_, code) = connect_tls(addr, &connector(&pki, true), "lamp-tls", Some("wrong"))
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        v4::ConnectReturnCode::Success,
+        "the password is not read"
+    );
+    assert_handshake_refused(addr, &connector(&pki, false)).await;
+
+    let s = tls_server_with(&pki, false, TlsAuth::Password).await;
+    s.register("lamp-tls").await;
+    let id = register_device_certificate(&s, &pki).await;
+    s.fleet
+        .certificates()
+        .attach(&thing("lamp-tls"), &id)
+        .await
+        .unwrap();
+    let (_, code) = connect_tls(
+        s.tls_addr.unwrap(),
+        &connector(&pki, true),
+        "lamp-tls",
+        None,
     )
     .await
+    .unwrap();
+    assert_eq!(
+        code,
+        v4::ConnectReturnCode::NotAuthorized,
+        "password logins only"
+    );
+}
+
+fn thing(name: &str) -> DeviceId {
+    DeviceId::parse(name).unwrap()
 }
 
 #[tokio::test]
@@ -159,10 +372,18 @@ async fn required_client_certificates_keep_out_devices_without_one() {
         version, 1,
         "a device with a certificate from the CA gets in"
     );
-    // Without a certificate the handshake fails: TLS 1.3 reports it on the first read.
+    assert_handshake_refused(addr, &connector(&pki, false)).await;
+}
+
+/// A TLS connection through `connector` gets no MQTT session: without a certificate the
+/// handshake fails, which TLS 1.3 reports on the first read.
+async fn assert_handshake_refused(
+    addr: std::net::SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+) {
     let refused = tokio::time::timeout(common::WAIT, async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let mut tls = connector(&pki, false)
+        let mut tls = connector
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await?;
         tls.write_all(b"\x10\x00").await?;
@@ -179,7 +400,7 @@ async fn required_client_certificates_keep_out_devices_without_one() {
 
 #[test]
 fn bad_pem_is_refused_with_a_clear_error() {
-    let err = twin_gateway::tls::acceptor(b"not a certificate", b"", None)
+    let err = twin_gateway::tls::acceptor(b"not a certificate", b"", None, false)
         .err()
         .unwrap();
     assert_eq!(
@@ -187,7 +408,7 @@ fn bad_pem_is_refused_with_a_clear_error() {
         "no PEM certificate found in the server certificate"
     );
     let pki = pki();
-    let err = twin_gateway::tls::acceptor(pki.server_pem.as_bytes(), b"garbage", None)
+    let err = twin_gateway::tls::acceptor(pki.server_pem.as_bytes(), b"garbage", None, false)
         .err()
         .unwrap();
     assert!(

@@ -208,6 +208,7 @@ mod tests {
             enabled: true,
             created_at: 0,
             attributes: Default::default(),
+            certificates: Vec::new(),
         })
     }
 

@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
+use twin_model::certificate::{CertificateId, CertificateStatus};
 use twin_model::command::CommandExecution;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{ChangeOp, Connectivity, DeviceId, Limits, Shadow, ShadowName, UpdateRequest};
 
-use crate::{ThingRecord, TwinSnapshot, TwinStore, Write};
+use crate::{CertificateRecord, ThingRecord, TwinSnapshot, TwinStore, Write};
 
 /// An empty store under test, with what must live as long as it (a directory), and what
 /// to do once a check passed (drop a keyspace, so that a test node stays small).
@@ -61,6 +62,15 @@ macro_rules! conformance_suite {
             async fn jobs_and_their_executions_persist_and_count() {
                 let b = backend(10).await;
                 $crate::conformance::jobs_and_their_executions_persist_and_count(&*b.store).await;
+                if let Some(cleanup) = b.cleanup {
+                    cleanup.await;
+                }
+            }
+
+            #[tokio::test]
+            async fn certificates_persist_change_status_and_list_in_pages() {
+                let b = backend(10).await;
+                $crate::conformance::certificates_persist_change_status_and_list_in_pages(&*b.store).await;
                 if let Some(cleanup) = b.cleanup {
                     cleanup.await;
                 }
@@ -468,6 +478,7 @@ pub async fn lists_things_in_pages(store: &dyn TwinStore) {
                 enabled: true,
                 created_at: 0,
                 attributes: Default::default(),
+                certificates: Vec::new(),
             })
         })
         .collect();
@@ -488,6 +499,57 @@ pub async fn lists_things_in_pages(store: &dyn TwinStore) {
     assert_eq!(seen, ["a", "b", "c", "d", "e"]);
 }
 
+/// A certificate reads back as written, a new status replaces the old, and the listing
+/// pages through every certificate once; a thing's record keeps its attachments.
+pub async fn certificates_persist_change_status_and_list_in_pages(store: &dyn TwinStore) {
+    let cert = |n: u8| CertificateRecord {
+        id: CertificateId::from_digest(&[n; 32]),
+        pem: format!("pem {n}"),
+        status: CertificateStatus::Active,
+        created_at: u64::from(n),
+        updated_at: u64::from(n),
+        not_after: 1_000_000,
+    };
+    assert_eq!(store.certificate(&cert(1).id).await.unwrap(), None);
+    for n in [3, 1, 2, 5, 4] {
+        store.put_certificate(&cert(n)).await.unwrap();
+    }
+    assert_eq!(store.certificate(&cert(1).id).await.unwrap(), Some(cert(1)));
+    let revoked = CertificateRecord {
+        status: CertificateStatus::Revoked,
+        updated_at: 9,
+        ..cert(2)
+    };
+    store.put_certificate(&revoked).await.unwrap();
+    assert_eq!(store.certificate(&revoked.id).await.unwrap(), Some(revoked));
+
+    let mut seen = Vec::new();
+    let mut after: Option<CertificateId> = None;
+    loop {
+        let page = store.certificates(after.as_ref(), 2).await.unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        seen.extend(page.into_iter().map(|c| c.created_at));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [1, 2, 3, 4, 5], "each certificate once");
+
+    let record = ThingRecord {
+        id: id("holder"),
+        secret_hash: String::new(),
+        enabled: true,
+        created_at: 0,
+        attributes: Default::default(),
+        certificates: vec![cert(1).id, cert(3).id],
+    };
+    store
+        .commit(vec![Write::Thing(record.clone())])
+        .await
+        .unwrap();
+    assert_eq!(store.thing(&id("holder")).await.unwrap(), Some(record));
+}
+
 /// A twin loads as it was committed, and each shadow keeps its newest changes (the
 /// store was made to keep 3): a delete keeps its version and takes its own slot.
 pub async fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn TwinStore) {
@@ -499,6 +561,7 @@ pub async fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn Twin
             enabled: true,
             created_at: 1,
             attributes: Default::default(),
+            certificates: Vec::new(),
         };
         store.commit(vec![Write::Thing(record)]).await.unwrap();
         for i in 0..5 {

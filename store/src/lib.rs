@@ -30,6 +30,7 @@ use async_trait::async_trait;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use twin_model::certificate::{CertificateId, CertificateStatus};
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
@@ -82,6 +83,26 @@ pub struct ThingRecord {
     /// The registry's free-form description of the thing (site, model, owner...).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub attributes: Map<String, Value>,
+    /// The certificates attached to the thing: each may log in as it while ACTIVE.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateId>,
+}
+
+/// A registered device certificate. Which things it may log in as is kept on each
+/// thing's record ([`ThingRecord::certificates`]), so that deleting a thing leaves no
+/// attachment behind for a new thing of the same name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateRecord {
+    pub id: CertificateId,
+    /// The certificate, PEM.
+    pub pem: String,
+    pub status: CertificateStatus,
+    /// Milliseconds since the epoch.
+    pub created_at: u64,
+    pub updated_at: u64,
+    /// The end of the certificate's validity, milliseconds since the epoch.
+    pub not_after: u64,
 }
 
 /// Everything persisted about one twin.
@@ -281,11 +302,37 @@ pub trait IndexSource: Send + Sync + 'static {
     ) -> Result<IndexPage, StoreError>;
 }
 
+/// Registered device certificates.
+#[async_trait]
+pub trait CertificateStore: Send + Sync + 'static {
+    /// Writes a certificate's record (its id is the key); returns once durable.
+    async fn put_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError>;
+
+    async fn certificate(
+        &self,
+        id: &CertificateId,
+    ) -> Result<Option<CertificateRecord>, StoreError>;
+
+    /// Certificates, a page at a time, resuming after `after`, in an order the backend
+    /// keeps stable (id order on the embedded store, token order on ScyllaDB).
+    async fn certificates(
+        &self,
+        after: Option<&CertificateId>,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError>;
+}
+
 /// A whole backend: every part above, and a flush at shutdown. Callers that need one part
 /// take it alone (`Arc<dyn TwinStore>` coerces to `Arc<dyn JobStore>` and the others).
 #[async_trait]
 pub trait TwinStore:
-    TwinStateStore + RegistryStore + CommandStore + JobStore + DeadlineIndex + IndexSource
+    TwinStateStore
+    + RegistryStore
+    + CertificateStore
+    + CommandStore
+    + JobStore
+    + DeadlineIndex
+    + IndexSource
 {
     /// Makes everything written so far durable (at shutdown).
     async fn flush(&self) -> Result<(), StoreError>;
@@ -342,6 +389,7 @@ impl ThingRecord {
             enabled: true,
             created_at: now_millis,
             attributes: Map::new(),
+            certificates: Vec::new(),
         };
         Ok((record, secret))
     }

@@ -5,14 +5,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use twin_model::certificate::CertificateId;
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{DeviceId, ShadowName};
 
 use crate::{
-    CommandStore, Deadline, DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore,
-    RegistryStore, StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex, IndexPage,
+    IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord, TwinSnapshot,
+    TwinStateStore, TwinStore, Write,
 };
 
 /// Reads find nothing, except that with `registered` every thing exists. Every commit
@@ -46,6 +48,7 @@ impl TwinStateStore for GatedStore {
             enabled: true,
             created_at: 0,
             attributes: Default::default(),
+            certificates: Vec::new(),
         });
         Ok(TwinSnapshot {
             record,
@@ -149,6 +152,26 @@ impl IndexSource for GatedStore {
         _: usize,
     ) -> Result<IndexPage, StoreError> {
         Ok(IndexPage::default())
+    }
+}
+
+#[async_trait]
+impl CertificateStore for GatedStore {
+    async fn put_certificate(&self, _: &CertificateRecord) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn certificate(
+        &self,
+        _: &CertificateId,
+    ) -> Result<Option<CertificateRecord>, StoreError> {
+        Ok(None)
+    }
+    async fn certificates(
+        &self,
+        _: Option<&CertificateId>,
+        _: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        Ok(vec![])
     }
 }
 
@@ -286,6 +309,26 @@ impl IndexSource for CrashAfter {
         limit: usize,
     ) -> Result<IndexPage, StoreError> {
         self.inner.index_page(partition, after, limit).await
+    }
+}
+
+#[async_trait]
+impl CertificateStore for CrashAfter {
+    async fn put_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
+        self.inner.put_certificate(record).await
+    }
+    async fn certificate(
+        &self,
+        id: &CertificateId,
+    ) -> Result<Option<CertificateRecord>, StoreError> {
+        self.inner.certificate(id).await
+    }
+    async fn certificates(
+        &self,
+        after: Option<&CertificateId>,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        self.inner.certificates(after, limit).await
     }
 }
 

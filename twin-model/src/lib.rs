@@ -1,6 +1,7 @@
 //! Doppel's domain model: pure data and functions, no runtime, no IO, no clock.
 //!
 //! - [`id`]: validated thing and shadow names;
+//! - [`certificate`]: device certificates' ids and statuses;
 //! - [`shadow`]: AWS IoT Device Shadow semantics (decide / apply, delta, payloads);
 //! - [`command`]: a command's execution on one device (AWS IoT commands);
 //! - [`job`]: a job's execution on one device (AWS IoT Jobs);
@@ -10,6 +11,7 @@
 //! - [`history`]: a shadow's retained changes and its state at an instant (time travel);
 //! - [`topic`]: the MQTT topic names of the device API.
 
+pub mod certificate;
 pub mod command;
 pub mod event;
 pub mod filter;

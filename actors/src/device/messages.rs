@@ -5,6 +5,7 @@ use std::sync::Arc;
 use ractor::RpcReplyPort;
 use serde_json::{Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
+use twin_model::certificate::CertificateId;
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
 use twin_model::history::Origin;
 use twin_model::job::{JobDefinition, JobExecution};
@@ -71,7 +72,7 @@ pub enum DeviceMsg {
     },
     /// A device authenticates and comes online.
     Connect {
-        password: Option<String>,
+        credential: Credential,
         reply: AnswerPort<ConnectOk>,
         permit: OwnedSemaphorePermit,
     },
@@ -145,6 +146,15 @@ pub enum DeviceMsg {
 }
 
 #[derive(Debug, Clone)]
+/// How a device proves it is the thing it connects as.
+pub enum Credential {
+    /// The thing's secret (MQTT password).
+    Password(Option<String>),
+    /// A client certificate, checked registered and ACTIVE by the caller: the twin checks
+    /// that it is attached to the thing.
+    Certificate(CertificateId),
+}
+
 pub enum RegistryOp {
     /// Registers the thing with these attributes and a new secret.
     Register(Map<String, Value>),
@@ -156,6 +166,10 @@ pub enum RegistryOp {
     RotateSecret,
     /// Removes the thing, its shadows and history; ends the live connection.
     Delete,
+    /// Lets a registered certificate log in as the thing.
+    AttachCertificate(CertificateId),
+    /// Stops a certificate logging in as the thing.
+    DetachCertificate(CertificateId),
 }
 
 /// How a thing's execution of a job ends early.

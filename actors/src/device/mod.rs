@@ -27,7 +27,10 @@ use twin_model::{
 use twin_store::{ThingRecord, TwinSnapshot, Write, secret};
 
 pub use jobs::JobAnswer;
-pub use messages::{AnswerPort, DeviceMsg, Ending, Mail, RegistryOp, Running};
+pub use messages::{AnswerPort, Credential, DeviceMsg, Ending, Mail, RegistryOp, Running};
+
+/// Certificates attached to one thing, at most (its record is read at every login).
+pub const MAX_CERTIFICATES: usize = 10;
 
 use crate::error::FleetError;
 use crate::fleet::{ConnectOk, TwinContext};
@@ -315,6 +318,26 @@ impl DeviceState {
                 self.save_record(record, None).await?;
                 Ok(None)
             }
+            RegistryOp::AttachCertificate(id) => {
+                if !record.certificates.contains(&id) {
+                    if record.certificates.len() >= MAX_CERTIFICATES {
+                        return Err(Rejection::bad_request(format!(
+                            "a thing has at most {MAX_CERTIFICATES} certificates attached; detach one first"
+                        ))
+                        .into());
+                    }
+                    record.certificates.push(id);
+                    self.save_record(record, None).await?;
+                }
+                Ok(None)
+            }
+            RegistryOp::DetachCertificate(id) => {
+                if record.certificates.contains(&id) {
+                    record.certificates.retain(|c| *c != id);
+                    self.save_record(record, None).await?;
+                }
+                Ok(None)
+            }
             RegistryOp::RotateSecret => {
                 let secret = secret::generate()?;
                 record.secret_hash = secret::hash(&secret);
@@ -347,23 +370,44 @@ impl DeviceState {
         }
     }
 
-    async fn connect(&mut self, password: Option<String>) -> Result<ConnectOk, FleetError> {
+    async fn connect(&mut self, credential: Credential) -> Result<ConnectOk, FleetError> {
         let auto_register = self.ctx.config.auto_register;
         let mut registered_now = false;
-        let record = match self.load().await?.record.clone() {
-            Some(r) => r,
-            None if auto_register => {
+        let record = match (self.load().await?.record.clone(), &credential) {
+            (Some(r), _) => r,
+            (None, Credential::Password(_)) if auto_register => {
                 registered_now = true;
                 self.register(Map::new()).await?.0
             }
-            None => return Err(Rejection::new(RejectionKind::Unauthorized, "Unauthorized").into()),
-        };
-        if !registered_now {
-            let ok = password
-                .as_deref()
-                .is_some_and(|p| secret::verify(p, &record.secret_hash));
-            if !ok && !auto_register {
+            (None, Credential::Certificate(_)) => {
+                return Err(Rejection::new(
+                    RejectionKind::Unauthorized,
+                    "the thing is not registered",
+                )
+                .into());
+            }
+            (None, _) => {
                 return Err(Rejection::new(RejectionKind::Unauthorized, "Unauthorized").into());
+            }
+        };
+        match &credential {
+            Credential::Password(_) if registered_now || auto_register => {}
+            Credential::Password(password) => {
+                let ok = password
+                    .as_deref()
+                    .is_some_and(|p| secret::verify(p, &record.secret_hash));
+                if !ok {
+                    return Err(Rejection::new(RejectionKind::Unauthorized, "Unauthorized").into());
+                }
+            }
+            Credential::Certificate(id) => {
+                if !record.certificates.contains(id) {
+                    return Err(Rejection::new(
+                        RejectionKind::Unauthorized,
+                        format!("certificate {id} is not attached to the thing"),
+                    )
+                    .into());
+                }
             }
         }
         if !record.enabled {
@@ -463,11 +507,11 @@ impl DeviceState {
                 drop(permit);
             }
             DeviceMsg::Connect {
-                password,
+                credential,
                 reply,
                 permit,
             } => {
-                answer(reply, self.connect(password).await);
+                answer(reply, self.connect(credential).await);
                 drop(permit);
             }
             DeviceMsg::Disconnected { session, reason } => {

@@ -1,10 +1,11 @@
 //! The fleet's services: one small typed API per concern, each a view of the
 //! [`FleetHandle`](crate::FleetHandle) that routes to the twins and reads the store:
 //! `fleet.shadows()`, `fleet.registry()`, `fleet.sessions()`, `fleet.commands()`,
-//! `fleet.jobs()` and `fleet.queries()`. No service calls another (the rollout
+//! `fleet.jobs()`, `fleet.queries()` and `fleet.certificates()`. No service calls another (the rollout
 //! controller in [`rollout`](crate::rollout) uses jobs and queries), so there are no
 //! cycles between them.
 
+mod certificates;
 mod commands;
 mod jobs;
 mod queries;
@@ -12,6 +13,8 @@ mod registry;
 mod sessions;
 mod shadows;
 
+pub(crate) use certificates::CertificateState;
+pub use certificates::{CertificateLogin, Certificates, ParsedCertificate, fingerprint, parse_pem};
 pub use commands::Commands;
 pub use jobs::Jobs;
 pub use queries::Queries;

@@ -2,9 +2,12 @@
 
 use std::sync::Arc;
 
-use twin_model::DeviceId;
+use twin_model::certificate::CertificateId;
+use twin_model::{DeviceId, Rejection, RejectionKind};
 
-use crate::device::DeviceMsg;
+use super::certificates::{CertificateLogin, refusal};
+use crate::device::{Credential, DeviceMsg};
+use crate::error::FleetError;
 use crate::fleet::{ConnectOk, FleetHandle, Reply};
 use crate::pipeline::DeviceLink;
 
@@ -13,13 +16,44 @@ use crate::pipeline::DeviceLink;
 pub struct DeviceSessions<'a>(pub(crate) &'a FleetHandle);
 
 impl DeviceSessions<'_> {
-    /// Authenticates a device and marks it connected.
+    /// Authenticates a device by its secret and marks it connected.
     pub fn connect(self, thing: &DeviceId, password: Option<String>) -> Reply<ConnectOk> {
         self.0.request(thing, |reply, permit| DeviceMsg::Connect {
-            password,
+            credential: Credential::Password(password),
             reply,
             permit,
         })
+    }
+
+    /// Authenticates a device by the certificate `id` it presented (registered, ACTIVE,
+    /// unexpired, attached to `thing`) and marks it connected. The login, kept by the
+    /// connection, ends when the certificate stops being ACTIVE or is detached.
+    pub async fn connect_with_certificate(
+        self,
+        thing: &DeviceId,
+        id: &CertificateId,
+    ) -> Result<(ConnectOk, CertificateLogin), FleetError> {
+        // Registered before the status is read: a change written after the read ends it.
+        let login = self.0.certs.login(id, thing);
+        let record = self
+            .0
+            .twins
+            .store()
+            .certificate(id)
+            .await
+            .map_err(|e| FleetError::Store(Arc::new(e)))?;
+        if let Some(why) = refusal(record.as_ref(), self.0.twins.now_millis()) {
+            return Err(Rejection::new(RejectionKind::Unauthorized, why).into());
+        }
+        let ok = self
+            .0
+            .request(thing, |reply, permit| DeviceMsg::Connect {
+                credential: Credential::Certificate(id.clone()),
+                reply,
+                permit,
+            })
+            .await?;
+        Ok((ok, login))
     }
 
     /// Marks the device disconnected, unless a newer session has replaced `session`.

@@ -11,13 +11,15 @@ use std::path::{Path, PathBuf};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::de::DeserializeOwned;
+use twin_model::certificate::CertificateId;
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{ChangeOp, DeviceId, ShadowName};
 
 use crate::{
-    Deadline, IndexPage, JobCounts, StoreError, ThingRecord, TwinSnapshot, Write, indexed,
+    CertificateRecord, Deadline, IndexPage, JobCounts, StoreError, ThingRecord, TwinSnapshot,
+    Write, indexed,
 };
 
 /// The on-disk layout this version writes. 2 added `members`, `deadlines` and `meta`; 3
@@ -38,6 +40,7 @@ pub struct Engine {
     job_targets: Keyspace,
     members: Keyspace,
     deadlines: Keyspace,
+    certificates: Keyspace,
     meta: Keyspace,
     history: u64,
     _lock: File,
@@ -162,6 +165,24 @@ fn corrupt(key: &[u8], reason: &serde_json::Error) -> StoreError {
     }
 }
 
+/// Up to `limit` values of `keyspace` in key order, after the key `after`.
+fn page<T: DeserializeOwned>(
+    keyspace: &Keyspace,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<T>, StoreError> {
+    let start = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_vec()));
+    let mut out = Vec::new();
+    for kv in keyspace
+        .range::<Vec<u8>, _>((start, Bound::Unbounded))
+        .take(limit)
+    {
+        let (k, v) = kv.into_inner().map_err(engine)?;
+        out.push(decode(&k, &v)?);
+    }
+    Ok(out)
+}
+
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Sized for a typical record: growing from empty showed up in profiles.
     let mut buf = Vec::with_capacity(512);
@@ -196,6 +217,7 @@ impl Engine {
             job_targets: ks("job_targets")?,
             members: ks("members")?,
             deadlines: ks("deadlines")?,
+            certificates: ks("certificates")?,
             meta: ks("meta")?,
             db,
             history: history.max(1),
@@ -437,6 +459,34 @@ impl Engine {
         }
     }
 
+    /// Writes a certificate's record, durably.
+    pub fn put_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.certificates, record.id.as_str(), encode(record));
+        b.commit().map_err(engine)
+    }
+
+    pub fn certificate(&self, id: &CertificateId) -> Result<Option<CertificateRecord>, StoreError> {
+        let key = id.as_str().as_bytes();
+        match self.certificates.get(key).map_err(engine)? {
+            Some(v) => Ok(Some(decode(key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Certificates in id order, after `after`.
+    pub fn certificates(
+        &self,
+        after: Option<&CertificateId>,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        page(
+            &self.certificates,
+            after.map(|a| a.as_str().as_bytes()),
+            limit,
+        )
+    }
+
     pub fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {
         match self.jobs.get(job_id).map_err(engine)? {
             Some(v) => Ok(Some(decode(job_id.as_bytes(), &v)?)),
@@ -449,20 +499,7 @@ impl Engine {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<JobDefinition>, StoreError> {
-        let start = match after {
-            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
-            None => Bound::Unbounded,
-        };
-        let mut out = Vec::new();
-        for kv in self
-            .jobs
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .take(limit)
-        {
-            let (k, v) = kv.into_inner().map_err(engine)?;
-            out.push(decode(&k, &v)?);
-        }
-        Ok(out)
+        page(&self.jobs, after.map(str::as_bytes), limit)
     }
 
     pub fn job_statuses(

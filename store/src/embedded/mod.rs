@@ -27,6 +27,9 @@
 //! - `deadlines`: `{partition:be16}{thing}\0{c|j}{executionId|jobId}` -> deadline
 //!   (be64 milliseconds): every pending command and running job execution with a
 //!   deadline, kept with each write of one ([`DeadlineIndex`]).
+//! - `certificates`: `{certificateId}` -> [`CertificateRecord`](crate::CertificateRecord)
+//!   (JSON): registered device certificates; which things each may log in as is on the
+//!   things' records.
 //! - `meta`: `layout` -> the layout version ([`LAYOUT`]); a directory written by an
 //!   older version gets the listings above built once when it is opened.
 //!
@@ -41,6 +44,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use twin_model::certificate::CertificateId;
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
@@ -49,8 +53,9 @@ use twin_model::{DeviceId, ShadowName};
 pub use engine::{Engine, LAYOUT};
 
 use crate::{
-    CommandStore, Deadline, DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore,
-    RegistryStore, StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex, IndexPage,
+    IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord, TwinSnapshot,
+    TwinStateStore, TwinStore, Write,
 };
 
 /// The embedded backend behind the async [`TwinStore`] traits: each call runs the
@@ -209,6 +214,32 @@ impl IndexSource for EmbeddedStore {
     ) -> Result<IndexPage, StoreError> {
         let after = after.cloned();
         self.blocking(move |e| e.index_page(partition, after.as_ref(), limit))
+            .await
+    }
+}
+
+#[async_trait]
+impl CertificateStore for EmbeddedStore {
+    async fn put_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.blocking(move |e| e.put_certificate(&record)).await
+    }
+
+    async fn certificate(
+        &self,
+        id: &CertificateId,
+    ) -> Result<Option<CertificateRecord>, StoreError> {
+        let id = id.clone();
+        self.blocking(move |e| e.certificate(&id)).await
+    }
+
+    async fn certificates(
+        &self,
+        after: Option<&CertificateId>,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        let after = after.cloned();
+        self.blocking(move |e| e.certificates(after.as_ref(), limit))
             .await
     }
 }

@@ -31,15 +31,16 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use serde::de::DeserializeOwned;
+use twin_model::certificate::CertificateId;
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowName};
 
 use crate::{
-    CommandStore, Deadline, DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore,
-    RegistryStore, StoreError, ThingRecord, TokenStore, TwinSnapshot, TwinStateStore, TwinStore,
-    Write,
+    CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex, IndexPage,
+    IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord, TokenStore,
+    TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 use schema::kind;
 pub use tls::ScyllaTls;
@@ -96,6 +97,10 @@ struct Statements {
     row: PreparedStatement,
     put_token: PreparedStatement,
     tokens: PreparedStatement,
+    put_certificate: PreparedStatement,
+    certificate: PreparedStatement,
+    certificates: PreparedStatement,
+    certificates_after: PreparedStatement,
     put_row: PreparedStatement,
     delete_twin: PreparedStatement,
     commands: PreparedStatement,
@@ -667,6 +672,10 @@ impl Statements {
             row: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = ? AND key = ?")).await?,
             put_token: p(format!("INSERT INTO {ks}.api_tokens (bucket, id, record) VALUES (0, ?, ?)")).await?,
             tokens: p(format!("SELECT id, record FROM {ks}.api_tokens WHERE bucket = 0")).await?,
+            put_certificate: p(format!("INSERT INTO {ks}.certificates (id, record) VALUES (?, ?)")).await?,
+            certificate: p(format!("SELECT record FROM {ks}.certificates WHERE id = ?")).await?,
+            certificates: p(format!("SELECT record FROM {ks}.certificates LIMIT ?")).await?,
+            certificates_after: p(format!("SELECT record FROM {ks}.certificates WHERE token(id) > token(?) LIMIT ?")).await?,
             put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
             delete_twin: p(format!("DELETE FROM {ks}.twin WHERE thing = ?")).await?,
             commands: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' ORDER BY kind DESC, key DESC LIMIT ?")).await?,
@@ -849,6 +858,57 @@ impl TokenStore for ScyllaStore {
             .await?
             .try_collect()
             .await
+    }
+}
+
+#[async_trait]
+impl CertificateStore for ScyllaStore {
+    async fn put_certificate(&self, record: &CertificateRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record)
+            .map_err(|e| StoreError::Engine(format!("encoding a certificate: {e}")))?;
+        self.exec(&self.st.put_certificate, (record.id.to_string(), json))
+            .await
+    }
+
+    async fn certificate(
+        &self,
+        id: &CertificateId,
+    ) -> Result<Option<CertificateRecord>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.certificate, (id.as_str(),))
+            .await
+            .map_err(engine("reading a certificate"))?;
+        rows::<(String,)>(result, "certificates")?
+            .first()
+            .map(|(v,)| decode(id.as_str(), v))
+            .transpose()
+    }
+
+    /// In token order of the ids: one partition per certificate, so that a fleet's
+    /// certificates spread over the cluster.
+    async fn certificates(
+        &self,
+        after: Option<&CertificateId>,
+        limit_: usize,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        let result = match after {
+            Some(a) => {
+                self.session
+                    .execute_unpaged(&self.st.certificates_after, (a.as_str(), limit(limit_)))
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.st.certificates, (limit(limit_),))
+                    .await
+            }
+        }
+        .map_err(engine("listing certificates"))?;
+        rows::<(String,)>(result, "certificates")?
+            .iter()
+            .map(|(v,)| decode("certificates", v))
+            .collect()
     }
 }
 

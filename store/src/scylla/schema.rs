@@ -11,16 +11,18 @@
 //! | `job_ids` | one partition for all job ids | the number of jobs (ids only) | `jobs` in id order |
 //! | `job_targets` | a job and one of 64 target buckets | a job's targets / 64 (1,600 for 100,000) | statuses and counts |
 //! | `api_tokens` | one partition for all tokens | the number of API tokens (a record each: id, role, hash of the secret) | authenticating API calls on every node |
+//! | `certificates` | a certificate | 1 (its record: PEM, status, times) | device login by certificate, and the certificate listing (token order) |
 //! | `schema_version` | one row | 1 | refusing a newer schema |
 //!
 //! Values are the same JSON documents the embedded store keeps: one codec, and a record
 //! format that evolves with serde defaults, not with schema changes.
 
 /// The schema version this build creates and reads. 2 added `api_tokens`; 3 keys
-/// `members` and `deadlines` by placement partitions that are token ranges. An older
+/// `members` and `deadlines` by placement partitions that are token ranges; 4 added
+/// `certificates`. An older
 /// keyspace gets what it lacks (every statement is `IF NOT EXISTS`), its listings made
 /// anew (from 1 or 2), and its version raised.
-pub const VERSION: i32 = 3;
+pub const VERSION: i32 = 4;
 
 /// Target buckets per job: a job with 100,000 targets is 64 partitions, not one.
 pub const JOB_BUCKETS: u16 = 64;
@@ -36,6 +38,7 @@ pub fn tables(keyspace: &str) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS {ks}.job_ids (bucket int, job_id text, PRIMARY KEY (bucket, job_id))",
         "CREATE TABLE IF NOT EXISTS {ks}.job_targets (job_id text, bucket int, thing text, status text, PRIMARY KEY ((job_id, bucket), thing))",
         "CREATE TABLE IF NOT EXISTS {ks}.api_tokens (bucket int, id text, record text, PRIMARY KEY (bucket, id))",
+        "CREATE TABLE IF NOT EXISTS {ks}.certificates (id text PRIMARY KEY, record text)",
         "CREATE TABLE IF NOT EXISTS {ks}.schema_version (id int PRIMARY KEY, version int)",
     ]
     .iter()
