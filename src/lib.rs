@@ -100,6 +100,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         tokens: tokens.clone(),
         limits: config.api_limits(),
         signer,
+        device_ca: Arc::new(twin_graphql::device_ca::CaDir::new(&config.data_dir)),
     });
     let (stop_subscriptions, subscriptions_stopping) = tokio::sync::watch::channel(false);
     let metrics = telemetry::registry(telemetry::Sampled {

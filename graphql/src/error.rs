@@ -3,13 +3,14 @@
 //! | code                | when                                                        |
 //! |---------------------|-------------------------------------------------------------|
 //! | `NOT_FOUND`         | no such thing or shadow                                     |
-//! | `VERSION_CONFLICT`  | `expectedVersion` is stale; the thing is already registered |
+//! | `VERSION_CONFLICT`  | `expectedVersion` is stale; the thing (or certificate) is already registered |
 //! | `INVALID_ARGUMENT`  | a bad id, filter, document, cursor, page size or query      |
 //! | `PAYLOAD_TOO_LARGE` | a document or request body over its limit                   |
 //! | `UNAUTHENTICATED`   | no valid bearer token                                       |
 //! | `FORBIDDEN`         | the token's role may not do this                            |
 //! | `OVERLOADED`        | too many requests in flight; retry later                    |
 //! | `TIMEOUT`           | the request body did not arrive in time (HTTP 408)          |
+//! | `FAILED_PRECONDITION` | the server lacks what the call needs (a device CA)        |
 //! | `INTERNAL`          | storage failure, shutdown, timeout                          |
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub enum Code {
     Forbidden,
     Overloaded,
     Timeout,
+    FailedPrecondition,
     Internal,
     /// The store cannot be reached; retry later.
     Unavailable,
@@ -46,6 +48,7 @@ impl Code {
             Self::Forbidden => "FORBIDDEN",
             Self::Overloaded => "OVERLOADED",
             Self::Timeout => "TIMEOUT",
+            Self::FailedPrecondition => "FAILED_PRECONDITION",
             Self::Internal => "INTERNAL",
             Self::Unavailable => "UNAVAILABLE",
         }

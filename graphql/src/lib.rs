@@ -17,7 +17,9 @@
 //! stream.
 
 pub mod auth;
+pub mod certificates;
 pub mod commands;
+pub mod device_ca;
 pub mod error;
 pub mod history;
 pub mod http;

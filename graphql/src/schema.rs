@@ -1,5 +1,6 @@
 //! The GraphQL schema, merged from one object per domain: [`things`](crate::things) and
-//! [`thing_events`](crate::thing_events), [`commands`](crate::commands),
+//! [`thing_events`](crate::thing_events), [`certificates`](crate::certificates),
+//! [`commands`](crate::commands),
 //! [`jobs`](crate::jobs) and tokens ([`auth`](crate::auth)). Here: what they share (the
 //! [`Api`], the `RoleGuard` every field carries, scalars, paging, the one adapter from
 //! the fleet's broadcast to `Lagged`) and the schema's assembly.
@@ -17,6 +18,7 @@ use twin_actors::FleetHandle;
 use twin_model::{DeviceId, Filter, ShadowName};
 
 use crate::auth::{Principal, Role, Tokens, TokensMutation};
+use crate::certificates::{CertificatesMutation, CertificatesQuery};
 use crate::commands::{CommandsMutation, CommandsQuery, CommandsSubscription};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::jobs::resolvers::{JobsMutation, JobsQuery, JobsSubscription};
@@ -30,6 +32,8 @@ pub struct Api {
     pub limits: ApiLimits,
     /// Signs job documents.
     pub signer: Arc<crate::Signer>,
+    /// Issues device certificates.
+    pub device_ca: Arc<crate::device_ca::CaDir>,
 }
 
 /// Limits on what one request may ask.
@@ -176,12 +180,13 @@ pub(crate) fn lagging<T: Clone + Send + 'static>(
 
 // Every query, one object per domain (a doc comment would become its SDL description).
 #[derive(MergedObject, Default)]
-pub struct Query(ThingsQuery, CommandsQuery, JobsQuery);
+pub struct Query(ThingsQuery, CertificatesQuery, CommandsQuery, JobsQuery);
 
 // Every mutation, one object per domain.
 #[derive(MergedObject, Default)]
 pub struct Mutation(
     ThingsMutation,
+    CertificatesMutation,
     CommandsMutation,
     JobsMutation,
     TokensMutation,

@@ -11,6 +11,7 @@ use twin_model::topic::ShadowOp;
 use twin_model::{DeviceId, ShadowName, UpdateRequest};
 
 use crate::auth::Role;
+use crate::certificates::{self, Certificate};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::history::{self, ShadowHistoryConnection};
 use crate::schema::{
@@ -72,6 +73,12 @@ impl Thing {
         };
         let then = history::shadow_at(&api(ctx).fleet, thing, &name, at).await?;
         Ok(then.map(|v| Shadow::new(thing, name, &v)))
+    }
+
+    /// The certificates that may log in as this thing (admin).
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn certificates(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Certificate>> {
+        Ok(certificates::attached(ctx, &self.0.record.certificates).await?)
     }
 
     /// Every existing shadow, the classic one first.

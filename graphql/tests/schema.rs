@@ -41,6 +41,7 @@ async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture
         tokens,
         limits,
         signer,
+        device_ca: Arc::new(twin_graphql::device_ca::CaDir::new(dir.path())),
     });
     Fixture {
         schema,
@@ -1224,5 +1225,179 @@ async fn time_travel_past_the_retention_names_the_oldest_instant() {
         )
         .await;
     assert_eq!(code(&bad), "INVALID_ARGUMENT", "{bad}");
+    f.close().await;
+}
+
+/// A self-signed certificate, PEM, made for the test.
+fn self_signed(name: &str) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem()
+}
+
+#[tokio::test]
+async fn certificates_are_registered_issued_attached_listed_and_revoked() {
+    let f = fixture().await;
+    f.register("lamp-1", json!({})).await;
+    let create = "mutation($t: ID) { createKeysAndCertificate(thingId: $t) { privateKeyPem certificate { certificateId status notAfter } } }";
+    let r = f
+        .run_as(Some(Role::Admin), create, json!({"t": "lamp-1"}))
+        .await;
+    assert_eq!(code(&r), "FAILED_PRECONDITION", "no device CA yet: {r}");
+    assert!(
+        r["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("doppel ca init")
+    );
+
+    twin_graphql::device_ca::DeviceCa::init(f.dir.path(), "test CA").unwrap();
+    let d = f.admin(create, json!({"t": "lamp-1"})).await;
+    let issued = &d["createKeysAndCertificate"];
+    assert!(
+        issued["privateKeyPem"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+    assert_eq!(issued["certificate"]["status"], "ACTIVE");
+    let issued_id = issued["certificate"]["certificateId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(issued_id.len(), 64);
+    let on_thing = "query { thing(id: \"lamp-1\") { certificates { certificateId } } }";
+    let d = f.admin(on_thing, json!({})).await;
+    assert_eq!(
+        d["thing"]["certificates"],
+        json!([{"certificateId": issued_id}])
+    );
+
+    let register = "mutation($p: String!, $s: CertificateStatus) { registerCertificate(pem: $p, status: $s) { certificateId status certificatePem } }";
+    let pem = self_signed("own-ca-device");
+    let d = f.admin(register, json!({"p": pem, "s": "INACTIVE"})).await;
+    let own_id = d["registerCertificate"]["certificateId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(d["registerCertificate"]["status"], "INACTIVE");
+    assert_eq!(d["registerCertificate"]["certificatePem"], pem);
+    let again = f
+        .run_as(
+            Some(Role::Admin),
+            register,
+            json!({"p": pem, "s": "ACTIVE"}),
+        )
+        .await;
+    assert_eq!(code(&again), "VERSION_CONFLICT", "{again}");
+    let bad = f
+        .run_as(
+            Some(Role::Admin),
+            register,
+            json!({"p": "hello", "s": "ACTIVE"}),
+        )
+        .await;
+    assert_eq!(code(&bad), "INVALID_ARGUMENT", "{bad}");
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(vec!["csr-device".to_owned()])
+        .unwrap()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let from_csr =
+        "mutation($c: String!) { createCertificateFromCsr(csr: $c) { certificateId status } }";
+    let d = f.admin(from_csr, json!({"c": csr})).await;
+    assert_eq!(d["createCertificateFromCsr"]["status"], "ACTIVE");
+    let bad = f
+        .run_as(Some(Role::Admin), from_csr, json!({"c": pem}))
+        .await;
+    assert_eq!(
+        code(&bad),
+        "INVALID_ARGUMENT",
+        "a certificate is not a request: {bad}"
+    );
+
+    // Three certificates, two a page; then only the inactive one.
+    let list = "query($after: String, $s: CertificateStatus, $t: ID) { certificates(first: 2, after: $after, status: $s, thingId: $t) { edges { node { certificateId } } pageInfo { hasNextPage endCursor } } }";
+    let mut seen = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let d = f.admin(list, json!({"after": after})).await;
+        let page = &d["certificates"];
+        seen.extend(
+            page["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["node"]["certificateId"].clone()),
+        );
+        if page["pageInfo"]["hasNextPage"] == false {
+            break;
+        }
+        after = page["pageInfo"]["endCursor"].clone();
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let d = f.admin(list, json!({"s": "INACTIVE"})).await;
+    assert_eq!(
+        d["certificates"]["edges"],
+        json!([{"node": {"certificateId": own_id}}])
+    );
+    let d = f.admin(list, json!({"t": "lamp-1"})).await;
+    assert_eq!(
+        d["certificates"]["edges"],
+        json!([{"node": {"certificateId": issued_id}}])
+    );
+
+    let attach =
+        "mutation($t: ID!, $c: ID!) { attachCertificate(thingId: $t, certificateId: $c) { id } }";
+    let d = f.admin(attach, json!({"t": "lamp-1", "c": own_id})).await;
+    assert_eq!(d["attachCertificate"]["id"], "lamp-1");
+    let unknown = f
+        .run_as(
+            Some(Role::Admin),
+            attach,
+            json!({"t": "lamp-1", "c": "ab".repeat(32)}),
+        )
+        .await;
+    assert_eq!(code(&unknown), "NOT_FOUND", "{unknown}");
+    let malformed = f
+        .run_as(
+            Some(Role::Admin),
+            attach,
+            json!({"t": "lamp-1", "c": "xyz"}),
+        )
+        .await;
+    assert_eq!(code(&malformed), "INVALID_ARGUMENT", "{malformed}");
+    let detach = "mutation($t: ID!, $c: ID!) { detachCertificate(thingId: $t, certificateId: $c) { certificates { certificateId } } }";
+    let d = f
+        .admin(detach, json!({"t": "lamp-1", "c": issued_id}))
+        .await;
+    assert_eq!(
+        d["detachCertificate"]["certificates"],
+        json!([{"certificateId": own_id}])
+    );
+
+    let update = "mutation($c: ID!, $s: CertificateStatus!) { updateCertificate(certificateId: $c, status: $s) { status updatedAt } }";
+    let d = f.admin(update, json!({"c": own_id, "s": "REVOKED"})).await;
+    assert_eq!(d["updateCertificate"]["status"], "REVOKED");
+    let back = f
+        .run_as(
+            Some(Role::Admin),
+            update,
+            json!({"c": own_id, "s": "ACTIVE"}),
+        )
+        .await;
+    assert_eq!(code(&back), "INVALID_ARGUMENT", "revoked is final: {back}");
+    assert!(
+        back["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked")
+    );
     f.close().await;
 }
