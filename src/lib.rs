@@ -146,11 +146,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     };
     if let Some(addr) = gateway.addr(true) {
         let certs = if config.tls_client_ca_file.is_some() {
+            "required, issued by tls_client_ca_file"
+        } else if config.mqtt_tls_auth == config::TlsAuthSetting::Certificate {
             "required"
         } else {
-            "not requested"
+            "requested"
         };
-        tracing::info!("TLS client certificates {certs}");
+        let auth = match config.mqtt_tls_auth {
+            config::TlsAuthSetting::Any => "a password, else a registered certificate",
+            config::TlsAuthSetting::Certificate => "a registered certificate",
+            config::TlsAuthSetting::Password => "a password",
+        };
+        tracing::info!("TLS client certificates {certs}; devices log in with {auth}");
         tracing::info!("mqtts listening on {addr}");
     }
     if let Some(addr) = gateway.addr(false) {
@@ -577,6 +584,91 @@ pub fn create_token(
 /// key on first use).
 pub fn signing_key(config: &Config) -> anyhow::Result<String> {
     Ok(twin_graphql::Signer::open(existing_data_dir(config)?)?.public_key())
+}
+
+/// `doppel ca init`: makes the built-in device CA in the data directory; the path of its
+/// certificate.
+pub fn init_device_ca(config: &Config, name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = existing_data_dir(config)?;
+    twin_graphql::device_ca::DeviceCa::init(dir, name)?;
+    Ok(dir.join(twin_graphql::device_ca::CERT_FILE))
+}
+
+/// What `doppel cert issue` wrote.
+pub struct IssuedCertificate {
+    pub id: twin_model::certificate::CertificateId,
+    pub certificate: std::path::PathBuf,
+    pub private_key: std::path::PathBuf,
+}
+
+/// `doppel cert issue`: a certificate with a new key from the built-in CA for a registered
+/// thing, registered ACTIVE and attached to it, written to `out` as `{thing}.cert.pem` and
+/// `{thing}.key.pem` (the key readable by its owner only).
+pub fn issue_certificate(
+    config: &Config,
+    thing: &str,
+    out: &Path,
+) -> anyhow::Result<IssuedCertificate> {
+    let thing = DeviceId::parse(thing)?;
+    let ca =
+        twin_graphql::device_ca::DeviceCa::open(existing_data_dir(config)?)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "there is no device CA in the data directory: run `doppel ca init` first"
+            )
+        })?;
+    let certificate = out.join(format!("{thing}.cert.pem"));
+    let private_key = out.join(format!("{thing}.key.pem"));
+    for path in [&certificate, &private_key] {
+        if path.exists() {
+            anyhow::bail!("{} exists already; it is kept as it is", path.display());
+        }
+    }
+    // The files first: a key that cannot be written must not leave a certificate behind.
+    let issued = ca.issue(thing.as_str())?;
+    let parsed = twin_actors::services::parse_pem(&issued.certificate_pem)?;
+    let written = |path: &Path| format!("cannot write {}", path.display());
+    twin_graphql::signing::write_private(&private_key, issued.private_key_pem.as_bytes())
+        .with_context(|| written(&private_key))?;
+    let registered = std::fs::write(&certificate, &issued.certificate_pem)
+        .with_context(|| written(&certificate))
+        .and_then(|()| {
+            on_store(config, async |Stores { twins: store, .. }| {
+                let mut record = store
+                    .thing(&thing)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("thing {thing} is not registered"))?;
+                if record.certificates.len() >= twin_actors::device::MAX_CERTIFICATES {
+                    anyhow::bail!(
+                        "thing {thing} has {} certificates attached, the most it may have",
+                        record.certificates.len()
+                    );
+                }
+                let now = now_millis();
+                store
+                    .put_certificate(&twin_store::CertificateRecord {
+                        id: parsed.id.clone(),
+                        pem: parsed.pem.clone(),
+                        status: twin_model::certificate::CertificateStatus::Active,
+                        created_at: now,
+                        updated_at: now,
+                        not_after: parsed.not_after,
+                    })
+                    .await?;
+                record.certificates.push(parsed.id.clone());
+                store.commit(vec![Write::Thing(record)]).await?;
+                Ok(())
+            })
+        });
+    if let Err(e) = registered {
+        let _ = std::fs::remove_file(&private_key);
+        let _ = std::fs::remove_file(&certificate);
+        return Err(e);
+    }
+    Ok(IssuedCertificate {
+        id: parsed.id,
+        certificate,
+        private_key,
+    })
 }
 
 /// `doppel device disable` / `enable`: a disabled device is refused at connect.

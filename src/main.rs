@@ -43,6 +43,20 @@ enum Command {
         #[command(flatten)]
         source: Source,
     },
+    /// The built-in device CA in the data directory (works while the server runs)
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Device certificates from the built-in CA (while no server holds the data directory)
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+        #[command(flatten)]
+        source: Source,
+    },
     /// Manage the device registry in the data directory (while no server holds it)
     Device {
         #[command(subcommand)]
@@ -81,6 +95,30 @@ enum TokenCommand {
         /// A note kept with the token (who or what it is for)
         #[arg(long)]
         note: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make the device CA (device-ca.pem, and device-ca.key readable by the owner only)
+    Init {
+        /// The CA certificate's common name
+        #[arg(long, default_value = "Doppel device CA")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue a certificate with a new key for a registered thing, register it ACTIVE and
+    /// attach it to the thing; writes THING.cert.pem and THING.key.pem
+    Issue {
+        /// The thing the certificate logs in as
+        #[arg(long)]
+        thing: String,
+        /// Where the two files go
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
 }
 
@@ -362,6 +400,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing.flush();
             }
             served
+        }
+        Command::Ca { command, source } => {
+            let config = load(source.config.clone(), &source)?;
+            let CaCommand::Init { name } = command;
+            let path = doppel::init_device_ca(&config, &name)?;
+            println!("device CA created: {}", path.display());
+            println!(
+                "its key is beside it, readable by its owner only; certificates it issues log in once registered and attached"
+            );
+            Ok(())
+        }
+        Command::Cert { command, source } => {
+            let config = load(source.config.clone(), &source)?;
+            let CertCommand::Issue { thing, out } = command;
+            let issued = doppel::issue_certificate(&config, &thing, &out)?;
+            println!(
+                "certificate {} issued, registered ACTIVE and attached to {thing}",
+                issued.id
+            );
+            println!("certificate: {}", issued.certificate.display());
+            println!(
+                "private key: {} (shown nowhere else; keep it on the device)",
+                issued.private_key.display()
+            );
+            Ok(())
         }
         Command::Device { command, source } => {
             let config = load(source.config.clone(), &source)?;
