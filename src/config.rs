@@ -81,6 +81,8 @@ pub struct Config {
     pub mqtt_max_queued_messages: usize,
     pub mqtt_session_expiry_secs: u64,
     pub mqtt_max_connections: usize,
+    pub mqtt_max_publishes_per_second: u32,
+    pub mqtt_max_connects_per_second: u32,
     pub event_buffer: usize,
     pub graphql_max_page_size: usize,
     pub graphql_max_depth: usize,
@@ -149,6 +151,8 @@ impl Default for Config {
             mqtt_max_queued_messages: gw.max_queued_messages,
             mqtt_session_expiry_secs: gw.session_expiry.as_secs(),
             mqtt_max_connections: gw.max_connections,
+            mqtt_max_publishes_per_second: gw.max_publishes_per_second,
+            mqtt_max_connects_per_second: gw.max_connects_per_second,
             event_buffer: fleet.event_buffer,
             graphql_max_page_size: api.max_page_size,
             graphql_max_depth: api.max_depth,
@@ -669,6 +673,8 @@ impl Config {
             max_queued_messages: self.mqtt_max_queued_messages,
             session_expiry: Duration::from_secs(self.mqtt_session_expiry_secs),
             max_connections: self.mqtt_max_connections,
+            max_publishes_per_second: self.mqtt_max_publishes_per_second,
+            max_connects_per_second: self.mqtt_max_connects_per_second,
             tls_auth: match self.mqtt_tls_auth {
                 TlsAuthSetting::Any => TlsAuth::Any,
                 TlsAuthSetting::Certificate => TlsAuth::Certificate,
@@ -843,6 +849,14 @@ pub const DOCS: &[(&str, &str)] = &[
         "Longest time, in seconds, a persistent session outlives its connection.",
     ),
     ("mqtt_max_connections", "Concurrent MQTT connections."),
+    (
+        "mqtt_max_publishes_per_second",
+        "PUBLISH packets per second on one connection, up to as many at once (AWS IoT: 100); more get PUBACK 0x97 (MQTT 5 QoS 1), are dropped (QoS 0), or end the connection (3.1.1). 0: no limit.",
+    ),
+    (
+        "mqtt_max_connects_per_second",
+        "CONNECTs per second per client id, up to ten times as many at once (AWS IoT: 1); more get CONNACK 0x97 (MQTT 5) or 3 (3.1.1). 0: no limit.",
+    ),
     (
         "event_buffer",
         "Twin events buffered for subscribers; one that falls further behind gets a Lagged event.",

@@ -307,6 +307,14 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_max_connections: Option<usize>,
+    /// PUBLISH packets per second on one connection (0: no limit) [default: 100] [env: DOPPEL_MQTT_MAX_PUBLISHES_PER_SECOND]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_max_publishes_per_second: Option<u32>,
+    /// CONNECTs per second per client id, ten at once (0: no limit) [default: 1] [env: DOPPEL_MQTT_MAX_CONNECTS_PER_SECOND]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mqtt_max_connects_per_second: Option<u32>,
     /// Twin events buffered for subscribers; slower ones get Lagged [default: 65536] [env: DOPPEL_EVENT_BUFFER]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

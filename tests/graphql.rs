@@ -161,7 +161,14 @@ async fn things_changed_is_filtered_on_the_server_over_the_legacy_protocol() {
 #[tokio::test]
 async fn a_slow_subscriber_is_told_it_lagged() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--event-buffer", "64"]).await;
+    // One device reports as fast as it can: over the default 100 publishes a second.
+    let args = [
+        "--event-buffer",
+        "64",
+        "--mqtt-max-publishes-per-second",
+        "0",
+    ];
+    let server = start(dir.path(), &args).await;
     let admin = server.admin_token.clone().unwrap();
     let secret = register(&server.http, &admin, "chatty", json!({})).await;
 

@@ -88,6 +88,8 @@ pub enum ConnCode {
     ServerBusy,
     ServerUnavailable,
     Malformed,
+    /// Too many connects for the client id.
+    QuotaExceeded,
 }
 
 impl ConnCode {
@@ -98,7 +100,9 @@ impl ConnCode {
             Self::UnsupportedVersion => C::RefusedProtocolVersion,
             Self::BadClientId => C::BadClientId,
             Self::NotAuthorized | Self::Banned | Self::Malformed => C::NotAuthorized,
-            Self::ServerBusy | Self::ServerUnavailable => C::ServiceUnavailable,
+            Self::ServerBusy | Self::ServerUnavailable | Self::QuotaExceeded => {
+                C::ServiceUnavailable
+            }
         }
     }
 
@@ -113,6 +117,7 @@ impl ConnCode {
             Self::ServerBusy => C::ServerBusy,
             Self::ServerUnavailable => C::ServerUnavailable,
             Self::Malformed => C::MalformedPacket,
+            Self::QuotaExceeded => C::QuotaExceeded,
         }
     }
 }
@@ -131,6 +136,7 @@ pub enum PubAckCode {
     Success,
     NoMatchingSubscribers,
     NotAuthorized,
+    QuotaExceeded,
 }
 
 /// DISCONNECT reason codes we send (MQTT 5 only; 3.1.1 just closes).
@@ -147,6 +153,7 @@ pub enum DisconnectCode {
     RetainNotSupported,
     TopicNameInvalid,
     Administrative,
+    QuotaExceeded,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -534,6 +541,7 @@ fn write5(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
                 PubAckCode::Success => v5::PubAckReason::Success,
                 PubAckCode::NoMatchingSubscribers => v5::PubAckReason::NoMatchingSubscribers,
                 PubAckCode::NotAuthorized => v5::PubAckReason::NotAuthorized,
+                PubAckCode::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
             },
             properties: None,
         }),
@@ -571,6 +579,7 @@ fn write5(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
                 DisconnectCode::RetainNotSupported => R::RetainNotSupported,
                 DisconnectCode::TopicNameInvalid => R::TopicNameInvalid,
                 DisconnectCode::Administrative => R::AdministrativeAction,
+                DisconnectCode::QuotaExceeded => R::QuotaExceeded,
             });
             d.properties = Some(v5::DisconnectProperties {
                 session_expiry_interval: None,

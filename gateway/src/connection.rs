@@ -32,6 +32,7 @@ use crate::codec::{
     self, ConnCode, ConnectInfo, DisconnectCode, Inbound, Outbound, PubAckCode, ServerLimits,
     Version,
 };
+use crate::limits::ConnectLimits;
 use crate::protocol::{Close, Core, Request};
 use crate::session::{CloseSignal, OutMsg, Session, SessionState, Sessions, lock};
 use crate::telemetry;
@@ -44,6 +45,7 @@ pub(crate) struct Context {
     pub(crate) sessions: Sessions,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) ignored: IgnoredPublishes,
+    pub(crate) connects: ConnectLimits,
 }
 
 /// Publishes in devices' own topics that the device API does not take, across the
@@ -275,6 +277,18 @@ async fn accept<S: Stream>(
             return None;
         }
     };
+    // Logged by the limiter, at a bounded rate: a reconnect loop must not flood the log.
+    if !ctx.connects.admit(thing.as_str()) {
+        let _ = send_connack(
+            &mut stream,
+            version,
+            ConnCode::QuotaExceeded,
+            false,
+            ServerLimits::default(),
+        )
+        .await;
+        return None;
+    }
     if let Some(will) = &connect.will
         && (!acl::valid_topic(&will.topic) || !acl::allowed(&thing, &will.topic))
     {
@@ -373,7 +387,8 @@ async fn accept<S: Stream>(
             window,
             cfg.max_inflight_requests,
             keep_alive,
-        ),
+        )
+        .with_publish_rate(cfg.max_publishes_per_second),
         ctx: ctx.clone(),
         stream,
         peer,

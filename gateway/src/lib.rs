@@ -19,6 +19,7 @@ pub mod acl;
 mod api;
 pub mod codec;
 mod connection;
+mod limits;
 mod protocol;
 mod session;
 pub mod telemetry;
@@ -58,7 +59,15 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// How devices on the TLS listener may log in (the plain listener takes passwords).
     pub tls_auth: TlsAuth,
+    /// Publishes per second on one connection, up to as many at once (AWS IoT: 100); 0: no limit.
+    pub max_publishes_per_second: u32,
+    /// Connects per second per client id, up to [`CONNECT_BURST`] times as many at once
+    /// (AWS IoT: 1); 0: no limit.
+    pub max_connects_per_second: u32,
 }
+
+/// Connects a client id may make at once, in units of `max_connects_per_second`.
+pub const CONNECT_BURST: u32 = 10;
 
 /// The login methods a TLS listener allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,6 +93,8 @@ impl Default for GatewayConfig {
             max_keep_alive: 1200,
             max_connections: 1_000_000,
             tls_auth: TlsAuth::Any,
+            max_publishes_per_second: 100,
+            max_connects_per_second: 1,
         }
     }
 }
@@ -113,6 +124,10 @@ impl Gateway {
         let ctx = Arc::new(Context {
             fleet,
             sessions: Sessions::new(config.max_queued_messages),
+            connects: limits::ConnectLimits::new(
+                config.max_connects_per_second,
+                config.max_connects_per_second.saturating_mul(CONNECT_BURST),
+            ),
             config,
             shutdown,
             ignored: Default::default(),
@@ -157,7 +172,8 @@ impl Gateway {
     }
 }
 
-/// Drops persistent sessions whose expiry has passed.
+/// Drops persistent sessions whose expiry has passed, and forgets the connect budgets
+/// of client ids that have not connected for a while.
 async fn sweep_sessions(ctx: Arc<Context>) {
     let mut shutdown = ctx.shutdown.clone();
     let mut sweep = tokio::time::interval(Duration::from_secs(30));
@@ -165,6 +181,7 @@ async fn sweep_sessions(ctx: Arc<Context>) {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = sweep.tick() => {
+                ctx.connects.sweep();
                 let n = ctx.sessions.sweep(&ctx.fleet);
                 if n > 0 {
                     tracing::debug!(expired = n, "expired persistent sessions");

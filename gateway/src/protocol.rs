@@ -14,9 +14,14 @@ use twin_model::DeviceId;
 use twin_model::topic::{CommandChannel, CommandTopic};
 use twin_telemetry::trace;
 
+use tokio::time::Instant;
+
+use crate::accept::RateLimitedLog;
 use crate::acl;
 use crate::codec::{DisconnectCode, InPublish, Inbound, Outbound, PubAckCode, SubCode, Version};
+use crate::limits::TokenBucket;
 use crate::session::{OutMsg, SessionState};
+use crate::telemetry;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +102,9 @@ pub(crate) struct Core {
     requests: usize,
     /// Granted keep-alive, in seconds (0: none).
     keep_alive: u16,
+    /// Publishes of the device, per second.
+    publishes: TokenBucket,
+    throttled_log: RateLimitedLog,
 }
 
 impl Core {
@@ -114,7 +122,15 @@ impl Core {
             max_requests,
             requests: 0,
             keep_alive,
+            publishes: TokenBucket::new(0, 1, Instant::now()),
+            throttled_log: RateLimitedLog::default(),
         }
+    }
+
+    /// Limits the device's publishes to `rate` a second, up to `rate` at once (0: none).
+    pub(crate) fn with_publish_rate(mut self, rate: u32) -> Self {
+        self.publishes = TokenBucket::new(rate, rate, Instant::now());
+        self
     }
 
     pub(crate) fn thing(&self) -> &DeviceId {
@@ -234,6 +250,27 @@ impl Core {
                 DisconnectCode::TopicNameInvalid,
                 "invalid topic name: empty, or with a wildcard (+ #) or NUL",
             );
+        }
+        let now = Instant::now();
+        if !self.publishes.admit(now) {
+            telemetry::throttled();
+            if let Some(suppressed) = self.throttled_log.admit(now) {
+                tracing::warn!(client_id = %self.thing, suppressed, "publish refused: over mqtt_max_publishes_per_second");
+            }
+            return match self.version {
+                Version::V5 if p.qos == 1 => Actions {
+                    send: vec![Outbound::PubAck {
+                        pkid: p.pkid,
+                        code: PubAckCode::QuotaExceeded,
+                    }],
+                    ..Actions::default()
+                },
+                Version::V5 => Actions::default(),
+                Version::V4 => Actions::close(
+                    DisconnectCode::QuotaExceeded,
+                    "publishes over mqtt_max_publishes_per_second",
+                ),
+            };
         }
         if !acl::allowed(&self.thing, &p.topic) {
             tracing::warn!(client_id = %self.thing, topic = %p.topic, "publish refused: outside the thing's topics");
@@ -380,6 +417,47 @@ mod tests {
             closed_with(&c.handle(st, Inbound::Unsupported("QoS 2"))),
             Some(DisconnectCode::QoSNotSupported)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishes_over_the_rate_get_quota_exceeded_in_v5_and_close_v4() {
+        let st = &mut SessionState::default();
+        let mut c = core(Version::V5).with_publish_rate(3);
+        for _ in 0..3 {
+            assert!(c.handle(st, publish_in(OWN, 1, false)).request.is_some());
+        }
+        let a = c.handle(st, publish_in(OWN, 1, false));
+        assert!(
+            a.request.is_none() && a.close.is_none(),
+            "the fourth within a second"
+        );
+        assert_eq!(
+            a.send,
+            [Outbound::PubAck {
+                pkid: 7,
+                code: PubAckCode::QuotaExceeded
+            }]
+        );
+        let a = c.handle(st, publish_in(OWN, 0, false));
+        assert!(a.request.is_none() && a.send.is_empty(), "QoS 0: dropped");
+        tokio::time::advance(Duration::from_millis(340)).await;
+        assert!(
+            c.handle(st, publish_in(OWN, 1, false)).request.is_some(),
+            "one more a third of a second later"
+        );
+
+        let mut c = core(Version::V4).with_publish_rate(1);
+        assert!(c.handle(st, publish_in(OWN, 1, false)).request.is_some());
+        let a = c.handle(st, publish_in(OWN, 1, false));
+        assert_eq!(closed_with(&a), Some(DisconnectCode::QuotaExceeded));
+
+        let mut unlimited = core(Version::V4);
+        assert!((0..1000).all(|_| {
+            unlimited
+                .handle(st, publish_in(OWN, 0, false))
+                .request
+                .is_some()
+        }));
     }
 
     #[test]

@@ -18,6 +18,7 @@ label_values! {
         ServerBusy = "server_busy",
         ServerUnavailable = "server_unavailable",
         Malformed = "malformed",
+        QuotaExceeded = "quota_exceeded",
     }
 }
 
@@ -46,6 +47,7 @@ struct Metrics {
     received: ByLabel<Packet, Counter>,
     sent_family: Family<Labels, Counter>,
     sent: ByLabel<Packet, Counter>,
+    throttled: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -57,6 +59,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         connects: ByLabel::new(&connects_family, "result"),
         received: ByLabel::new(&received_family, "type"),
         sent: ByLabel::new(&sent_family, "type"),
+        throttled: Counter::default(),
         connects_family,
         received_family,
         sent_family,
@@ -86,6 +89,16 @@ pub fn register(registry: &mut Registry) {
         "MQTT control packets sent, by type",
         m.sent_family.clone(),
     );
+    registry.register(
+        "mqtt_publishes_throttled",
+        "PUBLISH packets refused over mqtt_max_publishes_per_second",
+        m.throttled.clone(),
+    );
+}
+
+/// A publish refused over the connection's rate.
+pub(crate) fn throttled() {
+    METRICS.throttled.inc();
 }
 
 /// An accepted connection, counted in `doppel_mqtt_connections` until dropped.
@@ -130,6 +143,7 @@ pub(crate) fn sent(packet: &Outbound) {
                 ConnCode::ServerBusy => ConnectResult::ServerBusy,
                 ConnCode::ServerUnavailable => ConnectResult::ServerUnavailable,
                 ConnCode::Malformed => ConnectResult::Malformed,
+                ConnCode::QuotaExceeded => ConnectResult::QuotaExceeded,
             };
             METRICS.connects.get(result).inc();
             Packet::Connack

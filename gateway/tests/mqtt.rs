@@ -250,6 +250,42 @@ async fn a_device_cannot_touch_another_devices_topics() {
 }
 
 #[tokio::test]
+async fn a_client_id_in_a_reconnect_loop_gets_quota_exceeded() {
+    let s = server_with(
+        FleetConfig::default(),
+        GatewayConfig {
+            max_connects_per_second: 1,
+            ..GatewayConfig::default()
+        },
+    )
+    .await;
+    let secret = s.register("looping").await;
+    let burst = twin_gateway::CONNECT_BURST;
+    for (proto, refused) in [(Proto::V5, 0x97), (Proto::V4, 3)] {
+        let id = format!("looping-{proto:?}");
+        // Each attempt counts, refused or not: a device in a loop is stopped before its
+        // twin is asked.
+        for n in 0..burst {
+            let attempt = Device::connect(s.addr, proto, &id, Some("wrong"), Opts::default()).await;
+            assert!(attempt.is_err(), "attempt {n} gets the twin's answer");
+            assert_ne!(
+                attempt.err(),
+                Some(refused),
+                "attempt {n} is within the burst"
+            );
+        }
+        let over = Device::connect(s.addr, proto, &id, Some("wrong"), Opts::default()).await;
+        assert_eq!(
+            over.err(),
+            Some(refused),
+            "{proto:?}: the connect after the burst"
+        );
+    }
+    let other = Device::connect(s.addr, Proto::V5, "looping", Some(&secret), Opts::default()).await;
+    assert!(other.is_ok(), "another client id has its own budget");
+}
+
+#[tokio::test]
 async fn wrong_credentials_get_a_not_authorized_connack() {
     let s = server().await;
     s.register("known").await;

@@ -157,6 +157,7 @@ fn code5(c: p5::ConnectReturnCode) -> u8 {
         C::ServerBusy => 0x89,
         C::Banned => 0x8A,
         C::UnsupportedProtocolVersion => 0x84,
+        C::QuotaExceeded => 0x97,
         _ => 0xFF,
     }
 }
