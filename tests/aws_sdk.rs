@@ -1,5 +1,6 @@
 //! The official AWS IoT Device SDK v2 (Python `awsiotsdk`, unmodified) runs the shadow
-//! update, delta, get and delete flows, a job to SUCCEEDED with its jobs client, and a
+//! update, delta, get and delete flows (over plain MQTT with a password, and over mutual
+//! TLS with no password through its `mtls_from_path` builder), a job to SUCCEEDED with its jobs client, and a
 //! command on the commands topics with its MQTT 5 client, against the real `doppel` binary.
 //!
 //! The SDK is installed from PyPI into a virtual environment kept in Cargo's target
@@ -46,6 +47,92 @@ async fn the_aws_iot_device_sdk_runs_the_shadow_flows_unchanged() {
         "aws_sdk_shadow.py",
         &server.mqtt,
         &["sdk-thing", &secret],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_aws_iot_device_sdk_logs_in_with_mutual_tls_and_no_password() {
+    let python = sdk_python();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The server's certificate, for localhost, from a CA the device trusts, made as a real
+    // PKI makes them: a name each, a CA key usage, ten years' validity (the SDK's TLS
+    // finds no chain with rcgen's defaults, which name both alike).
+    let valid = |p: &mut rcgen::CertificateParams, name: &str| {
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2035, 1, 1);
+    };
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    valid(&mut ca_params, "doppel test CA");
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    valid(&mut params, "localhost");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (ca_file, cert_file, key_file) = (
+        file("ca.pem", &ca.pem()),
+        file("server.pem", &cert.pem()),
+        file("server.key", &key.serialize_pem()),
+    );
+    // The device's certificate from the built-in CA, registered and attached by the CLI.
+    assert!(start(&data, &[]).await.terminate().await.success());
+    for args in [
+        &["ca", "init"][..],
+        &["device", "add", "sdk-mtls"],
+        &[
+            "cert",
+            "issue",
+            "--thing",
+            "sdk-mtls",
+            "--out",
+            dir.path().to_str().unwrap(),
+        ],
+    ] {
+        let out = common::doppel(args, &data);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tls = [
+        "--mqtt-tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert-file",
+        &cert_file,
+        "--tls-key-file",
+        &key_file,
+        "--mqtt-tls-auth",
+        "certificate",
+    ];
+    let server = start(&data, &tls).await;
+    let mqtts = server.mqtts.clone().expect("doppel logs its TLS address");
+    let port = mqtts.rsplit_once(':').unwrap().1;
+    let device_cert = dir.path().join("sdk-mtls.cert.pem");
+    let device_key = dir.path().join("sdk-mtls.key.pem");
+    run_check(
+        &python,
+        "aws_sdk_shadow.py",
+        &format!("localhost:{port}"),
+        &[
+            "sdk-mtls",
+            "--mtls",
+            device_cert.to_str().unwrap(),
+            device_key.to_str().unwrap(),
+            &ca_file,
+        ],
     )
     .await;
 }

@@ -1,19 +1,26 @@
 """The unmodified AWS IoT Device SDK v2 for Python (awsiotsdk) shadow client against Doppel:
 update -> accepted + delta, get (with delta), delete, get -> 404.
 
-Run by tests/aws_sdk.rs: python aws_sdk_shadow.py HOST PORT THING SECRET
+Run by tests/aws_sdk.rs: python aws_sdk_shadow.py HOST PORT THING SECRET (plain TCP, the
+secret as password), or python aws_sdk_shadow.py HOST PORT THING --mtls CERT KEY CA (mutual
+TLS and no password, through the SDK's own mtls_from_path builder, as for AWS IoT Core).
 """
 import sys
 from concurrent.futures import Future
 from awscrt import io, mqtt
-from awsiot import iotshadow
+from awsiot import iotshadow, mqtt_connection_builder
 
 host, port, thing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-password = sys.argv[4] if len(sys.argv) > 4 else None
-elg = io.EventLoopGroup(1); resolver = io.DefaultHostResolver(elg); bootstrap = io.ClientBootstrap(elg, resolver)
-client = mqtt.Client(bootstrap, None)  # plain TCP: no TLS context
-conn = mqtt.Connection(client=client, host_name=host, port=port, client_id=thing, clean_session=True,
-                       keep_alive_secs=30, username="sdk-check", password=password)
+if len(sys.argv) > 4 and sys.argv[4] == "--mtls":
+    cert, key, ca = sys.argv[5:8]
+    conn = mqtt_connection_builder.mtls_from_path(endpoint=host, port=port, cert_filepath=cert,
+        pri_key_filepath=key, ca_filepath=ca, client_id=thing, clean_session=True, keep_alive_secs=30)
+else:
+    password = sys.argv[4] if len(sys.argv) > 4 else None
+    elg = io.EventLoopGroup(1); resolver = io.DefaultHostResolver(elg); bootstrap = io.ClientBootstrap(elg, resolver)
+    client = mqtt.Client(bootstrap, None)  # plain TCP: no TLS context
+    conn = mqtt.Connection(client=client, host_name=host, port=port, client_id=thing, clean_session=True,
+                           keep_alive_secs=30, username="sdk-check", password=password)
 conn.connect().result(10)
 shadow = iotshadow.IotShadowClient(conn)
 Q = mqtt.QoS.AT_LEAST_ONCE
