@@ -283,6 +283,7 @@ fn hand_over_first_admin_token(data_dir: &Path, token: &str) -> anyhow::Result<(
 }
 
 /// The stores `config` names.
+#[derive(Clone)]
 pub struct Stores {
     pub twins: Arc<dyn TwinStore>,
     /// Where the API tokens are kept, when in the database (ScyllaDB); `None`: in
@@ -407,18 +408,62 @@ fn on_store<T>(
     })
 }
 
+/// Runs a CLI command that changes the registry on the configured store, and appends it
+/// to the audit log (actor `cli`) with how it ended.
+fn audited<T>(
+    config: &Config,
+    action: &str,
+    arguments: serde_json::Value,
+    command: impl AsyncFnOnce(Stores) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    on_store(config, async |stores| {
+        let result = command(stores.clone()).await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => format!("error: {}", error_chain(e)),
+        };
+        let log = twin_store::audit::AuditLog::new(stores.twins);
+        log.append(twin_store::audit::Action {
+            actor: "cli".into(),
+            action: action.into(),
+            arguments,
+            outcome,
+            at: now_millis(),
+        })
+        .await
+        .context("cannot append to the audit log")?;
+        result
+    })
+}
+
+/// `doppel audit verify`: checks the audit log's hash chain; the number of entries and the
+/// newest entry's hash (worth keeping elsewhere: a log rewritten from some entry on, with
+/// every hash recomputed, verifies, but no longer ends in that hash).
+pub fn verify_audit(config: &Config) -> anyhow::Result<(u64, Option<String>)> {
+    on_store(config, async |Stores { twins: store, .. }| {
+        let count = twin_store::audit::verify(&*store).await??;
+        Ok((count, store.last_audit().await?.map(|e| e.hash)))
+    })
+}
+
 /// `doppel device add`: registers a thing directly in the store and returns its secret.
 /// On the embedded store, refused while a server holds the directory.
 pub fn add_device(config: &Config, id: &str) -> anyhow::Result<String> {
     let id = DeviceId::parse(id)?;
-    on_store(config, async |Stores { twins: store, .. }| {
-        if store.thing(&id).await?.is_some() {
-            anyhow::bail!("thing {id} is already registered");
-        }
-        let (record, secret) = ThingRecord::new(id, now_millis())?;
-        store.commit(vec![Write::Thing(record)]).await?;
-        Ok(secret)
-    })
+    let arguments = serde_json::json!({ "id": id.as_str() });
+    audited(
+        config,
+        "device add",
+        arguments,
+        async |Stores { twins: store, .. }| {
+            if store.thing(&id).await?.is_some() {
+                anyhow::bail!("thing {id} is already registered");
+            }
+            let (record, secret) = ThingRecord::new(id, now_millis())?;
+            store.commit(vec![Write::Thing(record)]).await?;
+            Ok(secret)
+        },
+    )
 }
 
 /// What `doppel device import` did.
@@ -455,78 +500,84 @@ pub fn import_devices(
 ) -> anyhow::Result<Imported> {
     let limits = config.fleet().limits;
     let mut lines = input.lines().enumerate();
-    on_store(config, async |Stores { twins: store, .. }| {
-        let mut done = Imported::default();
-        loop {
-            let mut batch = Vec::with_capacity(IMPORT_BATCH);
-            for (n, line) in lines.by_ref() {
-                let line = line.context("cannot read the input")?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let thing = parse_import_line(&line, &limits).with_context(|| {
+    let arguments = serde_json::json!({});
+    audited(
+        config,
+        "device import",
+        arguments,
+        async |Stores { twins: store, .. }| {
+            let mut done = Imported::default();
+            loop {
+                let mut batch = Vec::with_capacity(IMPORT_BATCH);
+                for (n, line) in lines.by_ref() {
+                    let line = line.context("cannot read the input")?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let thing = parse_import_line(&line, &limits).with_context(|| {
                     format!(
                         "line {}: not imported, nor anything after it ({} registered before it)",
                         n + 1,
                         done.registered
                     )
                 })?;
-                batch.push(thing);
-                if batch.len() == IMPORT_BATCH {
-                    break;
-                }
-            }
-            if batch.is_empty() {
-                return Ok(done);
-            }
-            let known =
-                futures_util::future::try_join_all(batch.iter().map(|(id, _)| store.thing(id)))
-                    .await?;
-            let mut writes = Vec::new();
-            let mut issued = Vec::new();
-            for ((id, attributes), known) in batch.into_iter().zip(known) {
-                if known.is_some() || issued.iter().any(|(i, _)| i == &id) {
-                    done.skipped += 1;
-                    continue;
-                }
-                let (mut record, secret) = ThingRecord::new(id.clone(), now_millis())?;
-                record.attributes = attributes;
-                writes.push(Write::Thing(record));
-                issued.push((id, secret));
-            }
-            // The same records again on a timeout (the writes are idempotent): a batch
-            // that was partly written must not lose the secrets of what it wrote.
-            let mut wait = std::time::Duration::from_millis(500);
-            let mut tries = 1;
-            loop {
-                match store.commit(writes.clone()).await {
-                    Ok(()) => break,
-                    Err(e) if e.is_unavailable() && tries < IMPORT_TRIES => {
-                        tracing::warn!(error = %e, tries, "a batch of the import failed; trying it again");
-                        tokio::time::sleep(wait).await;
-                        wait *= 2;
-                        tries += 1;
+                    batch.push(thing);
+                    if batch.len() == IMPORT_BATCH {
+                        break;
                     }
-                    Err(e) => {
-                        return Err(anyhow::Error::new(e).context(format!(
+                }
+                if batch.is_empty() {
+                    return Ok(done);
+                }
+                let known =
+                    futures_util::future::try_join_all(batch.iter().map(|(id, _)| store.thing(id)))
+                        .await?;
+                let mut writes = Vec::new();
+                let mut issued = Vec::new();
+                for ((id, attributes), known) in batch.into_iter().zip(known) {
+                    if known.is_some() || issued.iter().any(|(i, _)| i == &id) {
+                        done.skipped += 1;
+                        continue;
+                    }
+                    let (mut record, secret) = ThingRecord::new(id.clone(), now_millis())?;
+                    record.attributes = attributes;
+                    writes.push(Write::Thing(record));
+                    issued.push((id, secret));
+                }
+                // The same records again on a timeout (the writes are idempotent): a batch
+                // that was partly written must not lose the secrets of what it wrote.
+                let mut wait = std::time::Duration::from_millis(500);
+                let mut tries = 1;
+                loop {
+                    match store.commit(writes.clone()).await {
+                        Ok(()) => break,
+                        Err(e) if e.is_unavailable() && tries < IMPORT_TRIES => {
+                            tracing::warn!(error = %e, tries, "a batch of the import failed; trying it again");
+                            tokio::time::sleep(wait).await;
+                            wait *= 2;
+                            tries += 1;
+                        }
+                        Err(e) => {
+                            return Err(anyhow::Error::new(e).context(format!(
                             "{} registered; the next {} may be registered in part, without their secrets: import them again after deleting them, or rotate their secrets",
                             done.registered,
                             issued.len()
                         )));
+                        }
                     }
                 }
+                for (id, secret) in issued {
+                    serde_json::to_writer(
+                        &mut secrets,
+                        &serde_json::json!({"id": id, "secret": secret}),
+                    )?;
+                    secrets.write_all(b"\n")?;
+                    done.registered += 1;
+                }
+                secrets.flush()?;
             }
-            for (id, secret) in issued {
-                serde_json::to_writer(
-                    &mut secrets,
-                    &serde_json::json!({"id": id, "secret": secret}),
-                )?;
-                secrets.write_all(b"\n")?;
-                done.registered += 1;
-            }
-            secrets.flush()?;
-        }
-    })
+        },
+    )
 }
 
 fn parse_import_line(
@@ -632,32 +683,39 @@ pub fn issue_certificate(
     let registered = std::fs::write(&certificate, &issued.certificate_pem)
         .with_context(|| written(&certificate))
         .and_then(|()| {
-            on_store(config, async |Stores { twins: store, .. }| {
-                let mut record = store
-                    .thing(&thing)
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("thing {thing} is not registered"))?;
-                if record.certificates.len() >= twin_actors::device::MAX_CERTIFICATES {
-                    anyhow::bail!(
-                        "thing {thing} has {} certificates attached, the most it may have",
-                        record.certificates.len()
-                    );
-                }
-                let now = now_millis();
-                store
-                    .put_certificate(&twin_store::CertificateRecord {
-                        id: parsed.id.clone(),
-                        pem: parsed.pem.clone(),
-                        status: twin_model::certificate::CertificateStatus::Active,
-                        created_at: now,
-                        updated_at: now,
-                        not_after: parsed.not_after,
-                    })
-                    .await?;
-                record.certificates.push(parsed.id.clone());
-                store.commit(vec![Write::Thing(record)]).await?;
-                Ok(())
-            })
+            let arguments =
+                serde_json::json!({ "thing": thing.as_str(), "certificateId": parsed.id.as_str() });
+            audited(
+                config,
+                "cert issue",
+                arguments,
+                async |Stores { twins: store, .. }| {
+                    let mut record = store
+                        .thing(&thing)
+                        .await?
+                        .ok_or_else(|| anyhow::anyhow!("thing {thing} is not registered"))?;
+                    if record.certificates.len() >= twin_actors::device::MAX_CERTIFICATES {
+                        anyhow::bail!(
+                            "thing {thing} has {} certificates attached, the most it may have",
+                            record.certificates.len()
+                        );
+                    }
+                    let now = now_millis();
+                    store
+                        .put_certificate(&twin_store::CertificateRecord {
+                            id: parsed.id.clone(),
+                            pem: parsed.pem.clone(),
+                            status: twin_model::certificate::CertificateStatus::Active,
+                            created_at: now,
+                            updated_at: now,
+                            not_after: parsed.not_after,
+                        })
+                        .await?;
+                    record.certificates.push(parsed.id.clone());
+                    store.commit(vec![Write::Thing(record)]).await?;
+                    Ok(())
+                },
+            )
         });
     if let Err(e) = registered {
         let _ = std::fs::remove_file(&private_key);
@@ -674,15 +732,26 @@ pub fn issue_certificate(
 /// `doppel device disable` / `enable`: a disabled device is refused at connect.
 pub fn set_device_enabled(config: &Config, id: &str, enabled: bool) -> anyhow::Result<()> {
     let id = DeviceId::parse(id)?;
-    on_store(config, async |Stores { twins: store, .. }| {
-        let mut record = store
-            .thing(&id)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("thing {id} is not registered"))?;
-        record.enabled = enabled;
-        store.commit(vec![Write::Thing(record)]).await?;
-        Ok(())
-    })
+    let action = if enabled {
+        "device enable"
+    } else {
+        "device disable"
+    };
+    let arguments = serde_json::json!({ "id": id.as_str() });
+    audited(
+        config,
+        action,
+        arguments,
+        async |Stores { twins: store, .. }| {
+            let mut record = store
+                .thing(&id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("thing {id} is not registered"))?;
+            record.enabled = enabled;
+            store.commit(vec![Write::Thing(record)]).await?;
+            Ok(())
+        },
+    )
 }
 
 /// `doppel device list`: every registered thing, in id order.

@@ -57,6 +57,13 @@ enum Command {
         #[command(flatten)]
         source: Source,
     },
+    /// The audit log (while no server holds the data directory)
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+        #[command(flatten)]
+        source: Source,
+    },
     /// Manage the device registry in the data directory (while no server holds it)
     Device {
         #[command(subcommand)]
@@ -106,6 +113,12 @@ enum CaCommand {
         #[arg(long, default_value = "Doppel device CA")]
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the audit log's hash chain; names the first entry that does not match
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -417,6 +430,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "its key is beside it, readable by its owner only; certificates it issues log in once registered and attached"
             );
+            Ok(())
+        }
+        Command::Audit { command, source } => {
+            let config = load(source.config.clone(), &source)?;
+            let AuditCommand::Verify = command;
+            let (count, head) = doppel::verify_audit(&config)?;
+            println!("audit log verified: {count} entries");
+            if let Some(head) = head {
+                println!("newest entry's hash: {head}");
+            }
             Ok(())
         }
         Command::Cert { command, source } => {

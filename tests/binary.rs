@@ -367,3 +367,46 @@ async fn every_acknowledged_update_was_synced_to_disk_first() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test]
+async fn doppel_audit_verify_names_the_entry_that_was_changed_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]).await;
+    let admin = server.admin_token.clone().unwrap();
+    common::register(&server.http, &admin, "audited-1", serde_json::json!({})).await;
+    let disable = "mutation { disableThing(id: \"audited-1\") { id } }";
+    let r = common::graphql(&server.http, Some(&admin), disable, serde_json::json!({}))
+        .await
+        .json();
+    assert!(r["errors"].is_null(), "{r}");
+    assert!(server.terminate().await.success());
+    let add = common::doppel(&["device", "add", "audited-2"], dir.path());
+    assert!(add.status.success());
+
+    let verify = || common::doppel(&["audit", "verify"], dir.path());
+    let ok = verify();
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(stdout.contains("audit log verified: 3 entries"), "{stdout}");
+
+    // Someone with access to the store rewrites what the second action was.
+    {
+        let store = twin_store::EmbeddedStore::open(dir.path(), 10).unwrap();
+        use twin_store::AuditStore as _;
+        let mut entry = store.audit_entries(Some(1), 1).await.unwrap().remove(0);
+        assert_eq!((entry.seq, entry.action.as_str()), (2, "disableThing"));
+        entry.action = "enableThing".into();
+        store.put_audit(&entry).await.unwrap();
+    }
+    let broken = verify();
+    assert!(!broken.status.success());
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        stderr.contains("audit entry 2 does not match: its content does not hash to its hash"),
+        "{stderr}"
+    );
+}

@@ -16,6 +16,7 @@
 //! The API reaches the twins only through [`twin_actors::FleetHandle`] and its event
 //! stream.
 
+pub mod audit;
 pub mod auth;
 pub mod certificates;
 pub mod commands;

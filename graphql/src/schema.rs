@@ -17,6 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use twin_actors::FleetHandle;
 use twin_model::{DeviceId, Filter, ShadowName};
 
+use crate::audit::AuditQuery;
 use crate::auth::{Principal, Role, Tokens, TokensMutation};
 use crate::certificates::{CertificatesMutation, CertificatesQuery};
 use crate::commands::{CommandsMutation, CommandsQuery, CommandsSubscription};
@@ -180,7 +181,13 @@ pub(crate) fn lagging<T: Clone + Send + 'static>(
 
 // Every query, one object per domain (a doc comment would become its SDL description).
 #[derive(MergedObject, Default)]
-pub struct Query(ThingsQuery, CertificatesQuery, CommandsQuery, JobsQuery);
+pub struct Query(
+    ThingsQuery,
+    CertificatesQuery,
+    CommandsQuery,
+    JobsQuery,
+    AuditQuery,
+);
 
 // Every mutation, one object per domain.
 #[derive(MergedObject, Default)]
@@ -201,6 +208,9 @@ pub type DoppelSchema = async_graphql::Schema<Query, Mutation, SubscriptionRoot>
 /// The schema over a running fleet.
 pub fn build(api: Api) -> DoppelSchema {
     let limits = api.limits;
+    let audit = crate::audit::Audited {
+        log: Arc::new(twin_store::audit::AuditLog::new(api.fleet.store().clone())),
+    };
     async_graphql::Schema::build(
         Query::default(),
         Mutation::default(),
@@ -210,6 +220,7 @@ pub fn build(api: Api) -> DoppelSchema {
     .limit_depth(limits.max_depth)
     .limit_complexity(limits.max_complexity)
     .extension(crate::telemetry::Metered)
+    .extension(audit)
     .extension(crate::error::Coded {
         max_depth: limits.max_depth,
         max_complexity: limits.max_complexity,

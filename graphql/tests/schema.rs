@@ -1401,3 +1401,84 @@ async fn certificates_are_registered_issued_attached_listed_and_revoked() {
     );
     f.close().await;
 }
+
+#[tokio::test]
+async fn every_mutation_is_in_the_audit_log_with_who_what_and_how_it_ended() {
+    let f = fixture().await;
+    f.register("audited", json!({"site": "north"})).await;
+    let disable = "mutation($id: ID!) { disableThing(id: $id) { id } }";
+    f.admin(disable, json!({"id": "audited"})).await;
+    let missing = f
+        .run_as(Some(Role::Admin), disable, json!({"id": "nobody"}))
+        .await;
+    assert_eq!(code(&missing), "NOT_FOUND");
+    let viewer = f
+        .run_as(Some(Role::Viewer), disable, json!({"id": "audited"}))
+        .await;
+    assert_eq!(code(&viewer), "FORBIDDEN");
+    f.admin("{ thing(id: \"audited\") { id } }", json!({}))
+        .await;
+
+    let log = "query($after: String, $actor: String) { auditLog(first: 2, after: $after, actor: $actor) { edges { node { seq actor action arguments outcome prevHash hash at } } pageInfo { hasNextPage endCursor } } }";
+    let mut entries: Vec<Value> = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let d = f.admin(log, json!({"after": after})).await;
+        let page = &d["auditLog"];
+        entries.extend(
+            page["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["node"].clone()),
+        );
+        if page["pageInfo"]["hasNextPage"] == false {
+            break;
+        }
+        after = page["pageInfo"]["endCursor"].clone();
+    }
+    let seen: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 4, "mutations only, each once: {entries:#?}");
+    assert_eq!(seen[0], ("registerThing", "ok"));
+    assert_eq!(seen[1], ("disableThing", "ok"));
+    assert_eq!(seen[2], ("disableThing", "error: Thing not found"));
+    assert!(
+        seen[3].1.starts_with("error: "),
+        "a refused caller is logged: {:?}",
+        seen[3]
+    );
+    assert_eq!(
+        entries[0]["arguments"],
+        json!({"id": "audited", "attributes": {"site": "north"}})
+    );
+    assert_eq!(entries[0]["actor"], "token:test");
+    assert_eq!(entries[0]["prevHash"], "0".repeat(64));
+    for pair in entries.windows(2) {
+        assert_eq!(pair[1]["prevHash"], pair[0]["hash"], "a hash chain");
+        assert_eq!(
+            pair[1]["seq"].as_u64(),
+            pair[0]["seq"].as_u64().map(|s| s + 1)
+        );
+    }
+    assert!(
+        twin_store::audit::verify(&*f.fleet.store().clone())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    let d = f.admin(log, json!({"actor": "someone"})).await;
+    assert_eq!(d["auditLog"]["edges"], json!([]));
+    let d = f.admin(log, json!({"actor": "test"})).await;
+    assert_eq!(d["auditLog"]["edges"].as_array().unwrap().len(), 2);
+    let viewer = f.run_as(Some(Role::Viewer), log, json!({})).await;
+    assert_eq!(code(&viewer), "FORBIDDEN", "the log is the admins'");
+    f.close().await;
+}

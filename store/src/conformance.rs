@@ -10,6 +10,7 @@ use twin_model::command::CommandExecution;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{ChangeOp, Connectivity, DeviceId, Limits, Shadow, ShadowName, UpdateRequest};
 
+use crate::audit::{Action, AuditLog};
 use crate::{CertificateRecord, ThingRecord, TwinSnapshot, TwinStore, Write};
 
 /// An empty store under test, with what must live as long as it (a directory), and what
@@ -71,6 +72,15 @@ macro_rules! conformance_suite {
             async fn certificates_persist_change_status_and_list_in_pages() {
                 let b = backend(10).await;
                 $crate::conformance::certificates_persist_change_status_and_list_in_pages(&*b.store).await;
+                if let Some(cleanup) = b.cleanup {
+                    cleanup.await;
+                }
+            }
+
+            #[tokio::test]
+            async fn the_audit_log_appends_in_order_and_a_changed_entry_is_found() {
+                let b = backend(10).await;
+                $crate::conformance::the_audit_log_appends_in_order_and_a_changed_entry_is_found(b.store.clone()).await;
                 if let Some(cleanup) = b.cleanup {
                     cleanup.await;
                 }
@@ -497,6 +507,51 @@ pub async fn lists_things_in_pages(store: &dyn TwinStore) {
     seen.dedup();
     assert_eq!(count, seen.len(), "each thing once");
     assert_eq!(seen, ["a", "b", "c", "d", "e"]);
+}
+
+/// Audit entries append with consecutive numbers, read back in order a page at a time,
+/// and the chain verifies; an entry changed in the store is named by `verify`.
+pub async fn the_audit_log_appends_in_order_and_a_changed_entry_is_found(
+    store: Arc<dyn TwinStore>,
+) {
+    assert_eq!(store.last_audit().await.unwrap(), None);
+    let log = AuditLog::new(store.clone());
+    for n in 0..5 {
+        let entry = log
+            .append(Action {
+                actor: "cli".into(),
+                action: "device add".into(),
+                arguments: serde_json::json!({"id": format!("t{n}")}),
+                outcome: "ok".into(),
+                at: n,
+            })
+            .await
+            .unwrap();
+        assert_eq!(entry.seq, n + 1);
+    }
+    // A second writer (a restart) continues the chain.
+    let again = AuditLog::new(store.clone());
+    let sixth = again
+        .append(Action {
+            actor: "token:abc".into(),
+            action: "registerThing".into(),
+            arguments: serde_json::json!({"id": "t5"}),
+            outcome: "ok".into(),
+            at: 5,
+        })
+        .await
+        .unwrap();
+    assert_eq!(sixth.seq, 6);
+    assert_eq!(store.last_audit().await.unwrap(), Some(sixth));
+    let page = store.audit_entries(Some(2), 3).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(crate::audit::verify(&*store).await.unwrap(), Ok(6));
+
+    let mut forged = store.audit_entries(Some(3), 1).await.unwrap().remove(0);
+    forged.arguments = serde_json::json!({"id": "someone-else"});
+    store.put_audit(&forged).await.unwrap();
+    let broken = crate::audit::verify(&*store).await.unwrap().unwrap_err();
+    assert_eq!(broken.seq, 4, "{broken}");
 }
 
 /// A certificate reads back as written, a new status replaces the old, and the listing

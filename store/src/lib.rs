@@ -14,6 +14,7 @@
 //! runs its blocking engine on tokio's blocking pool. [`scylla::ScyllaStore`] is the
 //! networked backend (ScyllaDB, or Apache Cassandra).
 
+pub mod audit;
 pub mod committer;
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -322,6 +323,23 @@ pub trait CertificateStore: Send + Sync + 'static {
     ) -> Result<Vec<CertificateRecord>, StoreError>;
 }
 
+/// The audit log's entries (see [`audit`]), by sequence number.
+#[async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    /// Writes an entry (its `seq` is the key); returns once durable.
+    async fn put_audit(&self, entry: &audit::AuditEntry) -> Result<(), StoreError>;
+
+    /// Entries in sequence order, after `after`.
+    async fn audit_entries(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<audit::AuditEntry>, StoreError>;
+
+    /// The newest entry.
+    async fn last_audit(&self) -> Result<Option<audit::AuditEntry>, StoreError>;
+}
+
 /// A whole backend: every part above, and a flush at shutdown. Callers that need one part
 /// take it alone (`Arc<dyn TwinStore>` coerces to `Arc<dyn JobStore>` and the others).
 #[async_trait]
@@ -329,6 +347,7 @@ pub trait TwinStore:
     TwinStateStore
     + RegistryStore
     + CertificateStore
+    + AuditStore
     + CommandStore
     + JobStore
     + DeadlineIndex

@@ -11,10 +11,11 @@ use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{DeviceId, ShadowName};
 
+use crate::audit::AuditEntry;
 use crate::{
-    CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex, IndexPage,
-    IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord, TwinSnapshot,
-    TwinStateStore, TwinStore, Write,
+    AuditStore, CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex,
+    IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord,
+    TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
 /// Reads find nothing, except that with `registered` every thing exists. Every commit
@@ -176,6 +177,19 @@ impl CertificateStore for GatedStore {
 }
 
 #[async_trait]
+impl AuditStore for GatedStore {
+    async fn put_audit(&self, _: &AuditEntry) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn audit_entries(&self, _: Option<u64>, _: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        Ok(vec![])
+    }
+    async fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError> {
+        Ok(None)
+    }
+}
+
+#[async_trait]
 impl TwinStore for GatedStore {
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
@@ -329,6 +343,23 @@ impl CertificateStore for CrashAfter {
         limit: usize,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
         self.inner.certificates(after, limit).await
+    }
+}
+
+#[async_trait]
+impl AuditStore for CrashAfter {
+    async fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.inner.put_audit(entry).await
+    }
+    async fn audit_entries(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit_entries(after, limit).await
+    }
+    async fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError> {
+        self.inner.last_audit().await
     }
 }
 

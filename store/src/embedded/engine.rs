@@ -17,6 +17,7 @@ use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{ChangeOp, DeviceId, ShadowName};
 
+use crate::audit::AuditEntry;
 use crate::{
     CertificateRecord, Deadline, IndexPage, JobCounts, StoreError, ThingRecord, TwinSnapshot,
     Write, indexed,
@@ -41,6 +42,7 @@ pub struct Engine {
     members: Keyspace,
     deadlines: Keyspace,
     certificates: Keyspace,
+    audit: Keyspace,
     meta: Keyspace,
     history: u64,
     _lock: File,
@@ -218,6 +220,7 @@ impl Engine {
             members: ks("members")?,
             deadlines: ks("deadlines")?,
             certificates: ks("certificates")?,
+            audit: ks("audit")?,
             meta: ks("meta")?,
             db,
             history: history.max(1),
@@ -485,6 +488,33 @@ impl Engine {
             after.map(|a| a.as_str().as_bytes()),
             limit,
         )
+    }
+
+    /// Writes an audit entry, durably.
+    pub fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.audit, entry.seq.to_be_bytes(), encode(entry));
+        b.commit().map_err(engine)
+    }
+
+    /// Audit entries in sequence order, after `after`.
+    pub fn audit_entries(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let after = after.map(u64::to_be_bytes);
+        page(&self.audit, after.as_ref().map(|a| &a[..]), limit)
+    }
+
+    pub fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError> {
+        match self.audit.last_key_value() {
+            Some(kv) => {
+                let (k, v) = kv.into_inner().map_err(engine)?;
+                Ok(Some(decode(&k, &v)?))
+            }
+            None => Ok(None),
+        }
     }
 
     pub fn job(&self, job_id: &str) -> Result<Option<JobDefinition>, StoreError> {

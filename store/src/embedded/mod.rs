@@ -30,6 +30,8 @@
 //! - `certificates`: `{certificateId}` -> [`CertificateRecord`](crate::CertificateRecord)
 //!   (JSON): registered device certificates; which things each may log in as is on the
 //!   things' records.
+//! - `audit`: `{seq:be64}` -> [`AuditEntry`](crate::audit::AuditEntry) (JSON): the audit
+//!   log, a hash chain.
 //! - `meta`: `layout` -> the layout version ([`LAYOUT`]); a directory written by an
 //!   older version gets the listings above built once when it is opened.
 //!
@@ -52,10 +54,11 @@ use twin_model::{DeviceId, ShadowName};
 
 pub use engine::{Engine, LAYOUT};
 
+use crate::audit::AuditEntry;
 use crate::{
-    CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex, IndexPage,
-    IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord, TwinSnapshot,
-    TwinStateStore, TwinStore, Write,
+    AuditStore, CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex,
+    IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord,
+    TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
 /// The embedded backend behind the async [`TwinStore`] traits: each call runs the
@@ -241,6 +244,26 @@ impl CertificateStore for EmbeddedStore {
         let after = after.cloned();
         self.blocking(move |e| e.certificates(after.as_ref(), limit))
             .await
+    }
+}
+
+#[async_trait]
+impl AuditStore for EmbeddedStore {
+    async fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let entry = entry.clone();
+        self.blocking(move |e| e.put_audit(&entry)).await
+    }
+
+    async fn audit_entries(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.blocking(move |e| e.audit_entries(after, limit)).await
+    }
+
+    async fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError> {
+        self.blocking(Engine::last_audit).await
     }
 }
 

@@ -37,10 +37,11 @@ use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowName};
 
+use crate::audit::AuditEntry;
 use crate::{
-    CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex, IndexPage,
-    IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord, TokenStore,
-    TwinSnapshot, TwinStateStore, TwinStore, Write,
+    AuditStore, CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex,
+    IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord,
+    TokenStore, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 use schema::kind;
 pub use tls::ScyllaTls;
@@ -101,6 +102,10 @@ struct Statements {
     certificate: PreparedStatement,
     certificates: PreparedStatement,
     certificates_after: PreparedStatement,
+    put_audit: PreparedStatement,
+    audit_first: PreparedStatement,
+    audit_after: PreparedStatement,
+    audit_last: PreparedStatement,
     put_row: PreparedStatement,
     delete_twin: PreparedStatement,
     commands: PreparedStatement,
@@ -676,6 +681,10 @@ impl Statements {
             certificate: p(format!("SELECT record FROM {ks}.certificates WHERE id = ?")).await?,
             certificates: p(format!("SELECT record FROM {ks}.certificates LIMIT ?")).await?,
             certificates_after: p(format!("SELECT record FROM {ks}.certificates WHERE token(id) > token(?) LIMIT ?")).await?,
+            put_audit: p(format!("INSERT INTO {ks}.audit (bucket, seq, entry) VALUES (?, ?, ?)")).await?,
+            audit_first: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? LIMIT ?")).await?,
+            audit_after: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? AND seq > ? LIMIT ?")).await?,
+            audit_last: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? ORDER BY seq DESC LIMIT 1")).await?,
             put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
             delete_twin: p(format!("DELETE FROM {ks}.twin WHERE thing = ?")).await?,
             commands: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' ORDER BY kind DESC, key DESC LIMIT ?")).await?,
@@ -909,6 +918,96 @@ impl CertificateStore for ScyllaStore {
             .iter()
             .map(|(v,)| decode("certificates", v))
             .collect()
+    }
+}
+
+/// Audit entries per partition of the `audit` table: a bucket is `seq / AUDIT_BUCKET`.
+const AUDIT_BUCKET: u64 = 1 << 16;
+
+fn audit_bucket(seq: u64) -> i64 {
+    i64::try_from(seq / AUDIT_BUCKET).unwrap_or(i64::MAX)
+}
+
+impl ScyllaStore {
+    /// The entries of one bucket after `after`, at most `limit`.
+    async fn audit_bucket(
+        &self,
+        bucket: i64,
+        after: Option<u64>,
+        limit_: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let result = match after {
+            Some(a) => {
+                let a = i64::try_from(a).unwrap_or(i64::MAX);
+                self.session
+                    .execute_unpaged(&self.st.audit_after, (bucket, a, limit(limit_)))
+                    .await
+            }
+            None => {
+                self.session
+                    .execute_unpaged(&self.st.audit_first, (bucket, limit(limit_)))
+                    .await
+            }
+        }
+        .map_err(engine("reading the audit log"))?;
+        rows::<(String,)>(result, "audit")?
+            .iter()
+            .map(|(v,)| decode("audit", v))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl AuditStore for ScyllaStore {
+    async fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let json = serde_json::to_string(entry)
+            .map_err(|e| StoreError::Engine(format!("encoding an audit entry: {e}")))?;
+        let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
+        self.exec(&self.st.put_audit, (audit_bucket(entry.seq), seq, json))
+            .await
+    }
+
+    /// Bucket by bucket; the log has no gaps, so an empty bucket is its end.
+    async fn audit_entries(
+        &self,
+        after: Option<u64>,
+        limit_: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = Vec::new();
+        let mut bucket = audit_bucket(after.map_or(0, |a| a + 1));
+        let mut cursor = after;
+        while out.len() < limit_ {
+            let page = self
+                .audit_bucket(bucket, cursor, limit_ - out.len())
+                .await?;
+            let full = page.len() == limit_ - out.len();
+            out.extend(page);
+            if full {
+                break;
+            }
+            if out.last().is_none_or(|e| audit_bucket(e.seq + 1) == bucket) {
+                break;
+            }
+            bucket += 1;
+            cursor = None;
+        }
+        Ok(out)
+    }
+
+    async fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError> {
+        let mut last = None;
+        for bucket in 0_i64.. {
+            let result = self
+                .session
+                .execute_unpaged(&self.st.audit_last, (bucket,))
+                .await
+                .map_err(engine("reading the audit log"))?;
+            match rows::<(String,)>(result, "audit")?.first() {
+                Some((v,)) => last = Some(decode("audit", v)?),
+                None => break,
+            }
+        }
+        Ok(last)
     }
 }
 
