@@ -60,16 +60,16 @@ pub(crate) struct IgnoredPublishes {
 /// What the transport tells of a device before its CONNECT.
 pub(crate) enum Transport {
     Plain,
-    /// TLS, with the id of the client certificate the device presented.
+    /// TLS, with the client certificate the device presented (its id and DER).
     Tls {
-        certificate: Option<CertificateId>,
+        certificate: Option<(CertificateId, Vec<u8>)>,
     },
 }
 
 /// How a device logs in, as its listener allows.
 enum Method {
     Password(Option<String>),
-    Certificate(CertificateId),
+    Certificate(CertificateId, Vec<u8>),
 }
 
 impl Transport {
@@ -81,19 +81,19 @@ impl Transport {
             }
             (
                 Self::Tls {
-                    certificate: Some(id),
+                    certificate: Some((id, der)),
                 },
                 TlsAuth::Certificate,
-            ) => Ok(Method::Certificate(id)),
+            ) => Ok(Method::Certificate(id, der)),
             (Self::Tls { certificate: None }, TlsAuth::Certificate) => Err(
                 "this listener takes only certificate logins (mqtt_tls_auth = certificate) and no client certificate was presented",
             ),
             (
                 Self::Tls {
-                    certificate: Some(id),
+                    certificate: Some((id, der)),
                 },
                 TlsAuth::Any,
-            ) if password.is_none() => Ok(Method::Certificate(id)),
+            ) if password.is_none() => Ok(Method::Certificate(id, der)),
             (Self::Tls { .. }, TlsAuth::Any) => Ok(Method::Password(password)),
         }
     }
@@ -313,8 +313,8 @@ async fn accept<S: Stream>(
             .connect(&thing, password)
             .await
             .map(|ok| (ok, None)),
-        Method::Certificate(id) => sessions
-            .connect_with_certificate(&thing, &id)
+        Method::Certificate(id, der) => sessions
+            .connect_with_certificate(&thing, &id, &der)
             .await
             .map(|(ok, login)| (ok, Some(login))),
     };

@@ -139,11 +139,11 @@ impl ClientCertVerifier for AnyCertificate {
     }
 }
 
-/// The id of the certificate a TLS client presented, if it presented one.
+/// The certificate a TLS client presented (its id and DER), if it presented one.
 pub fn client_certificate(
     conn: &rustls::ServerConnection,
-) -> Option<twin_model::certificate::CertificateId> {
+) -> Option<(twin_model::certificate::CertificateId, Vec<u8>)> {
     conn.peer_certificates()
         .and_then(<[_]>::first)
-        .map(|der| twin_actors::services::fingerprint(der))
+        .map(|der| (twin_actors::services::fingerprint(der), der.to_vec()))
 }

@@ -18,6 +18,8 @@ use twin_model::DeviceId;
 use twin_model::certificate::{CertificateId, CertificateStatus};
 
 struct Pki {
+    /// Issues more certificates.
+    issuer: Issuer<'static, KeyPair>,
     ca_pem: String,
     ca_der: CertificateDer<'static>,
     server_pem: String,
@@ -44,6 +46,7 @@ fn pki() -> Pki {
         .signed_by(&device_key, &issuer)
         .unwrap();
     Pki {
+        issuer,
         ca_pem: ca.pem(),
         ca_der: ca.der().clone(),
         server_pem: server.pem(),
@@ -416,4 +419,95 @@ fn bad_pem_is_refused_with_a_clear_error() {
             .starts_with("the server key is not valid PEM"),
         "{err}"
     );
+}
+
+/// A device certificate from `issuer` whose common name is `name`; the connector that
+/// presents it.
+fn device_named(pki: &Pki, issuer: &Issuer<'_, KeyPair>, name: &str) -> tokio_rustls::TlsConnector {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![cert.der().clone()],
+        PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn a_ca_with_auto_registration_registers_its_certificates_at_their_first_connection() {
+    let pki = pki();
+    let s = tls_server(&pki, false).await;
+    s.register("auto-1").await;
+    s.register("auto-2").await;
+    let addr = s.tls_addr.unwrap();
+    let device = device_named(&pki, &pki.issuer, "auto-1");
+    let refused = v4::ConnectReturnCode::NotAuthorized;
+
+    let (_, code) = connect_tls(addr, &device, "auto-1", None).await.unwrap();
+    assert_eq!(code, refused, "an unregistered CA registers nothing");
+    let ca = s
+        .fleet
+        .certificates()
+        .register_ca(&pki.ca_pem, false)
+        .await
+        .unwrap();
+    let (_, code) = connect_tls(addr, &device, "auto-1", None).await.unwrap();
+    assert_eq!(
+        code, refused,
+        "a CA without auto-registration registers nothing"
+    );
+    assert!(
+        s.fleet
+            .certificates()
+            .register_ca(&pki.device_pem, true)
+            .await
+            .is_err(),
+        "a device certificate is not a CA"
+    );
+
+    s.fleet
+        .certificates()
+        .update_ca(&ca.id, None, Some(true))
+        .await
+        .unwrap();
+    let (_, code) = connect_tls(addr, &device, "auto-2", None).await.unwrap();
+    assert_eq!(code, refused, "its common name is another thing's");
+    let (tls, code) = connect_tls(addr, &device, "auto-1", None).await.unwrap();
+    assert_eq!(code, v4::ConnectReturnCode::Success);
+    assert_eq!(update_shadow(tls, "auto-1").await.unwrap(), 1);
+    let thing = s.fleet.queries().thing(&thing("auto-1")).unwrap();
+    assert_eq!(
+        thing.record.certificates.len(),
+        1,
+        "registered and attached"
+    );
+    let (_, code) = connect_tls(addr, &device, "auto-1", None).await.unwrap();
+    assert_eq!(
+        code,
+        v4::ConnectReturnCode::Success,
+        "and known from then on"
+    );
+
+    // A look-alike CA (same name, another key) registers nothing.
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let forger = Issuer::new(params, key);
+    let forged = device_named(&pki, &forger, "auto-2");
+    let (_, code) = connect_tls(addr, &forged, "auto-2", None).await.unwrap();
+    assert_eq!(code, refused, "signed by another key");
 }

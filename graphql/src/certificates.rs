@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_graphql::{Context, Enum, ID, Object, SimpleObject};
 use twin_model::DeviceId;
 use twin_model::certificate::{self, CertificateId};
-use twin_store::CertificateRecord;
+use twin_store::{CaRecord, CertificateRecord};
 
 use crate::auth::Role;
 use crate::device_ca::DeviceCa;
@@ -76,6 +76,38 @@ impl Certificate {
     }
 }
 
+/// A registered CA: with `autoRegistration`, a certificate it issued whose common name is
+/// the client id is registered and attached to that thing on its first connection.
+pub struct CaCertificate(pub(crate) CaRecord);
+
+#[Object]
+impl CaCertificate {
+    /// The SHA-256 of the CA certificate (DER), hex.
+    async fn certificate_id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    async fn certificate_pem(&self) -> &str {
+        &self.0.pem
+    }
+
+    async fn status(&self) -> CertificateStatus {
+        self.0.status.into()
+    }
+
+    async fn auto_registration(&self) -> bool {
+        self.0.auto_registration
+    }
+
+    async fn created_at(&self) -> DateTime {
+        DateTime(self.0.created_at)
+    }
+
+    async fn updated_at(&self) -> DateTime {
+        DateTime(self.0.updated_at)
+    }
+}
+
 #[derive(SimpleObject)]
 pub struct CertificateConnection {
     pub edges: Vec<CertificateEdge>,
@@ -114,6 +146,21 @@ pub struct CertificatesQuery;
 
 #[Object]
 impl CertificatesQuery {
+    /// The registered CAs (admin).
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn ca_certificates(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<Vec<CaCertificate>> {
+        let cas = api(ctx)
+            .fleet
+            .certificates()
+            .cas()
+            .await
+            .map_err(ApiError::from)?;
+        Ok(cas.into_iter().map(CaCertificate).collect())
+    }
+
     /// A certificate by id; null when it is not registered.
     #[graphql(guard = "RoleGuard(Role::Admin)")]
     async fn certificate(
@@ -263,6 +310,45 @@ impl CertificatesMutation {
             .await
             .map_err(ApiError::from)?;
         Ok(Certificate(record))
+    }
+
+    /// Registers a CA certificate (PEM, CA:TRUE); with `autoRegistration`, a certificate
+    /// it issued is registered ACTIVE and attached on its first connection, when its common
+    /// name is the client id and that thing exists.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn register_ca_certificate(
+        &self,
+        ctx: &Context<'_>,
+        pem: String,
+        #[graphql(default = false)] auto_registration: bool,
+    ) -> async_graphql::Result<CaCertificate> {
+        let record = api(ctx)
+            .fleet
+            .certificates()
+            .register_ca(&pem, auto_registration)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(CaCertificate(record))
+    }
+
+    /// Changes a registered CA's status (INACTIVE or REVOKED: its certificates are no
+    /// longer registered on their first connection; REVOKED is final) or auto-registration.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn update_ca_certificate(
+        &self,
+        ctx: &Context<'_>,
+        certificate_id: ID,
+        status: Option<CertificateStatus>,
+        auto_registration: Option<bool>,
+    ) -> async_graphql::Result<CaCertificate> {
+        let id = self::certificate_id(&certificate_id)?;
+        let record = api(ctx)
+            .fleet
+            .certificates()
+            .update_ca(&id, status.map(Into::into), auto_registration)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(CaCertificate(record))
     }
 
     /// A new key pair and a certificate for it from the built-in device CA (`doppel ca

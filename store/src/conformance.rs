@@ -11,7 +11,7 @@ use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{ChangeOp, Connectivity, DeviceId, Limits, Shadow, ShadowName, UpdateRequest};
 
 use crate::audit::{Action, AuditLog};
-use crate::{CertificateRecord, ThingRecord, TwinSnapshot, TwinStore, Write};
+use crate::{CaRecord, CertificateRecord, ThingRecord, TwinSnapshot, TwinStore, Write};
 
 /// An empty store under test, with what must live as long as it (a directory), and what
 /// to do once a check passed (drop a keyspace, so that a test node stays small).
@@ -555,7 +555,8 @@ pub async fn the_audit_log_appends_in_order_and_a_changed_entry_is_found(
 }
 
 /// A certificate reads back as written, a new status replaces the old, and the listing
-/// pages through every certificate once; a thing's record keeps its attachments.
+/// pages through every certificate once; a thing's record keeps its attachments; a CA
+/// record reads back, replaced by its newer version.
 pub async fn certificates_persist_change_status_and_list_in_pages(store: &dyn TwinStore) {
     let cert = |n: u8| CertificateRecord {
         id: CertificateId::from_digest(&[n; 32]),
@@ -603,6 +604,24 @@ pub async fn certificates_persist_change_status_and_list_in_pages(store: &dyn Tw
         .await
         .unwrap();
     assert_eq!(store.thing(&id("holder")).await.unwrap(), Some(record));
+
+    assert_eq!(store.ca_certificates().await.unwrap(), []);
+    let ca = CaRecord {
+        id: CertificateId::from_digest(&[9; 32]),
+        pem: "ca pem".into(),
+        status: CertificateStatus::Active,
+        auto_registration: true,
+        created_at: 1,
+        updated_at: 1,
+    };
+    store.put_ca_certificate(&ca).await.unwrap();
+    let off = CaRecord {
+        auto_registration: false,
+        updated_at: 2,
+        ..ca
+    };
+    store.put_ca_certificate(&off).await.unwrap();
+    assert_eq!(store.ca_certificates().await.unwrap(), [off]);
 }
 
 /// A twin loads as it was committed, and each shadow keeps its newest changes (the

@@ -303,7 +303,22 @@ pub trait IndexSource: Send + Sync + 'static {
     ) -> Result<IndexPage, StoreError>;
 }
 
-/// Registered device certificates.
+/// A registered CA: device certificates it issued may be registered on their first
+/// connection (`auto_registration`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaRecord {
+    pub id: CertificateId,
+    /// The CA certificate, PEM.
+    pub pem: String,
+    pub status: CertificateStatus,
+    pub auto_registration: bool,
+    /// Milliseconds since the epoch.
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// Registered device certificates, and the CAs registered for them.
 #[async_trait]
 pub trait CertificateStore: Send + Sync + 'static {
     /// Writes a certificate's record (its id is the key); returns once durable.
@@ -321,6 +336,12 @@ pub trait CertificateStore: Send + Sync + 'static {
         after: Option<&CertificateId>,
         limit: usize,
     ) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// Writes a CA's record (its id is the key); returns once durable.
+    async fn put_ca_certificate(&self, record: &CaRecord) -> Result<(), StoreError>;
+
+    /// Every registered CA (a fleet has a few).
+    async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError>;
 }
 
 /// The audit log's entries (see [`audit`]), by sequence number.

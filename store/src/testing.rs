@@ -13,9 +13,9 @@ use twin_model::{DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
 use crate::{
-    AuditStore, CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex,
-    IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord,
-    TwinSnapshot, TwinStateStore, TwinStore, Write,
+    AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
+    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError,
+    ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
 /// Reads find nothing, except that with `registered` every thing exists. Every commit
@@ -172,6 +172,12 @@ impl CertificateStore for GatedStore {
         _: Option<&CertificateId>,
         _: usize,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
+        Ok(vec![])
+    }
+    async fn put_ca_certificate(&self, _: &CaRecord) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
         Ok(vec![])
     }
 }
@@ -343,6 +349,12 @@ impl CertificateStore for CrashAfter {
         limit: usize,
     ) -> Result<Vec<CertificateRecord>, StoreError> {
         self.inner.certificates(after, limit).await
+    }
+    async fn put_ca_certificate(&self, record: &CaRecord) -> Result<(), StoreError> {
+        self.inner.put_ca_certificate(record).await
+    }
+    async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
+        self.inner.ca_certificates().await
     }
 }
 

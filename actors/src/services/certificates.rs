@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use twin_model::certificate::{CertificateId, CertificateStatus};
 use twin_model::{DeviceId, Rejection};
-use twin_store::{CertificateRecord, StoreError};
+use twin_store::{CaRecord, CertificateRecord, StoreError};
 
 use crate::device::RegistryOp;
 use crate::error::FleetError;
@@ -263,6 +263,134 @@ impl Certificates<'_> {
         Ok(record)
     }
 
+    /// Registers a CA certificate (PEM, with the CA flag); with `auto_registration`, a
+    /// certificate it issued is registered on its first connection.
+    pub async fn register_ca(
+        self,
+        pem: &str,
+        auto_registration: bool,
+    ) -> Result<CaRecord, FleetError> {
+        let parsed = parse_pem(pem)?;
+        let (_, block) = x509_parser::pem::parse_x509_pem(parsed.pem.as_bytes())
+            .map_err(|e| Rejection::bad_request(format!("not a PEM certificate: {e}")))?;
+        let is_ca = block
+            .parse_x509()
+            .ok()
+            .and_then(|c| c.basic_constraints().ok().flatten().map(|b| b.value.ca))
+            .unwrap_or(false);
+        if !is_ca {
+            return Err(Rejection::bad_request(
+                "not a CA certificate: its basic constraints do not say CA:TRUE",
+            )
+            .into());
+        }
+        let _writing = self.0.certs.writing.lock().await;
+        let store = self.0.twins.store();
+        let cas = store.ca_certificates().await.map_err(store_error)?;
+        if cas.iter().any(|c| c.id == parsed.id) {
+            return Err(Rejection::new(
+                twin_model::RejectionKind::VersionConflict,
+                format!("CA certificate {} is already registered", parsed.id),
+            )
+            .into());
+        }
+        let now = self.0.twins.now_millis();
+        let record = CaRecord {
+            id: parsed.id,
+            pem: parsed.pem,
+            status: CertificateStatus::Active,
+            auto_registration,
+            created_at: now,
+            updated_at: now,
+        };
+        store
+            .put_ca_certificate(&record)
+            .await
+            .map_err(store_error)?;
+        Ok(record)
+    }
+
+    /// Changes a registered CA's status or auto-registration.
+    pub async fn update_ca(
+        self,
+        id: &CertificateId,
+        status: Option<CertificateStatus>,
+        auto_registration: Option<bool>,
+    ) -> Result<CaRecord, FleetError> {
+        let _writing = self.0.certs.writing.lock().await;
+        let store = self.0.twins.store();
+        let mut record = store
+            .ca_certificates()
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .find(|c| c.id == *id)
+            .ok_or_else(|| {
+                Rejection::new(
+                    twin_model::RejectionKind::NotFound,
+                    format!("CA certificate {id} is not registered"),
+                )
+            })?;
+        if let Some(status) = status {
+            record.status.change_to(status)?;
+            record.status = status;
+        }
+        if let Some(auto) = auto_registration {
+            record.auto_registration = auto;
+        }
+        record.updated_at = self.0.twins.now_millis();
+        store
+            .put_ca_certificate(&record)
+            .await
+            .map_err(store_error)?;
+        Ok(record)
+    }
+
+    /// Every registered CA.
+    pub async fn cas(self) -> Result<Vec<CaRecord>, FleetError> {
+        self.0
+            .twins
+            .store()
+            .ca_certificates()
+            .await
+            .map_err(store_error)
+    }
+
+    /// Registers `der`, a certificate presented at a connection as `thing` and not
+    /// registered, when a registered CA with auto-registration issued it and its common
+    /// name is `thing` (as AWS IoT's just-in-time provisioning with the common name as the
+    /// thing name): ACTIVE, attached to `thing`. `None` when it does not qualify.
+    pub async fn auto_register(
+        self,
+        der: &[u8],
+        thing: &DeviceId,
+    ) -> Result<Option<CertificateRecord>, FleetError> {
+        let cas = self.cas().await?;
+        if issuing_ca(der, &cas).as_deref() != Some(thing.as_str()) {
+            return Ok(None);
+        }
+        let pem = pem::encode_config(
+            &pem::Pem::new("CERTIFICATE", der.to_vec()),
+            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+        );
+        let record = match self.register(&pem, CertificateStatus::Active).await {
+            Ok(r) => r,
+            // Two first connections at once: the other one registered it.
+            Err(FleetError::Rejected(r))
+                if r.kind == twin_model::RejectionKind::VersionConflict =>
+            {
+                match self.get(&fingerprint(der)).await? {
+                    Some(r) => r,
+                    None => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        self.attach(thing, &record.id).await?;
+        tracing::info!(%thing, certificate = %record.id, "registered a certificate on its first connection (its CA has auto-registration)");
+        Ok(Some(record))
+    }
+
     /// Lets `id` log in as `thing` (refused when `id` is not registered).
     pub fn attach(self, thing: &DeviceId, id: &CertificateId) -> Reply<()> {
         let fleet = self.0.clone();
@@ -299,6 +427,31 @@ impl Certificates<'_> {
             Ok(())
         })
     }
+}
+
+/// A registered CA that issued `der` (its signature checked), if its auto-registration is
+/// on and it is ACTIVE; and the certificate's common name.
+fn issuing_ca(der: &[u8], cas: &[CaRecord]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())?
+        .to_owned();
+    cas.iter()
+        .filter(|ca| ca.auto_registration && ca.status.allows_login())
+        .find(|ca| {
+            let Ok((_, block)) = x509_parser::pem::parse_x509_pem(ca.pem.as_bytes()) else {
+                return false;
+            };
+            let Ok(ca_cert) = block.parse_x509() else {
+                return false;
+            };
+            ca_cert.subject() == cert.issuer()
+                && cert.verify_signature(Some(ca_cert.public_key())).is_ok()
+        })
+        .map(|_| name)
 }
 
 fn not_found(id: &CertificateId) -> Rejection {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use twin_model::certificate::CertificateId;
 use twin_model::{DeviceId, Rejection, RejectionKind};
 
-use super::certificates::{CertificateLogin, refusal};
+use super::certificates::{CertificateLogin, Certificates, refusal};
 use crate::device::{Credential, DeviceMsg};
 use crate::error::FleetError;
 use crate::fleet::{ConnectOk, FleetHandle, Reply};
@@ -25,13 +25,15 @@ impl DeviceSessions<'_> {
         })
     }
 
-    /// Authenticates a device by the certificate `id` it presented (registered, ACTIVE,
-    /// unexpired, attached to `thing`) and marks it connected. The login, kept by the
+    /// Authenticates a device by the certificate it presented (`der`, whose id is `id`):
+    /// registered (or registered now, see [`Certificates::auto_register`]), ACTIVE,
+    /// unexpired and attached to `thing`; and marks it connected. The login, kept by the
     /// connection, ends when the certificate stops being ACTIVE or is detached.
     pub async fn connect_with_certificate(
         self,
         thing: &DeviceId,
         id: &CertificateId,
+        der: &[u8],
     ) -> Result<(ConnectOk, CertificateLogin), FleetError> {
         // Registered before the status is read: a change written after the read ends it.
         let login = self.0.certs.login(id, thing);
@@ -42,6 +44,10 @@ impl DeviceSessions<'_> {
             .certificate(id)
             .await
             .map_err(|e| FleetError::Store(Arc::new(e)))?;
+        let record = match record {
+            Some(r) => Some(r),
+            None => Certificates(self.0).auto_register(der, thing).await?,
+        };
         if let Some(why) = refusal(record.as_ref(), self.0.twins.now_millis()) {
             return Err(Rejection::new(RejectionKind::Unauthorized, why).into());
         }

@@ -19,8 +19,8 @@ use twin_model::{ChangeOp, DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
 use crate::{
-    CertificateRecord, Deadline, IndexPage, JobCounts, StoreError, ThingRecord, TwinSnapshot,
-    Write, indexed,
+    CaRecord, CertificateRecord, Deadline, IndexPage, JobCounts, StoreError, ThingRecord,
+    TwinSnapshot, Write, indexed,
 };
 
 /// The on-disk layout this version writes. 2 added `members`, `deadlines` and `meta`; 3
@@ -42,6 +42,7 @@ pub struct Engine {
     members: Keyspace,
     deadlines: Keyspace,
     certificates: Keyspace,
+    ca_certificates: Keyspace,
     audit: Keyspace,
     meta: Keyspace,
     history: u64,
@@ -220,6 +221,7 @@ impl Engine {
             members: ks("members")?,
             deadlines: ks("deadlines")?,
             certificates: ks("certificates")?,
+            ca_certificates: ks("ca_certificates")?,
             audit: ks("audit")?,
             meta: ks("meta")?,
             db,
@@ -488,6 +490,17 @@ impl Engine {
             after.map(|a| a.as_str().as_bytes()),
             limit,
         )
+    }
+
+    /// Writes a CA's record, durably.
+    pub fn put_ca_certificate(&self, record: &CaRecord) -> Result<(), StoreError> {
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.ca_certificates, record.id.as_str(), encode(record));
+        b.commit().map_err(engine)
+    }
+
+    pub fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
+        page(&self.ca_certificates, None, usize::MAX)
     }
 
     /// Writes an audit entry, durably.

@@ -30,6 +30,8 @@
 //! - `certificates`: `{certificateId}` -> [`CertificateRecord`](crate::CertificateRecord)
 //!   (JSON): registered device certificates; which things each may log in as is on the
 //!   things' records.
+//! - `ca_certificates`: `{certificateId}` -> [`CaRecord`](crate::CaRecord) (JSON): the
+//!   registered CAs.
 //! - `audit`: `{seq:be64}` -> [`AuditEntry`](crate::audit::AuditEntry) (JSON): the audit
 //!   log, a hash chain.
 //! - `meta`: `layout` -> the layout version ([`LAYOUT`]); a directory written by an
@@ -56,9 +58,9 @@ pub use engine::{Engine, LAYOUT};
 
 use crate::audit::AuditEntry;
 use crate::{
-    AuditStore, CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex,
-    IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord,
-    TwinSnapshot, TwinStateStore, TwinStore, Write,
+    AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
+    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError,
+    ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
 /// The embedded backend behind the async [`TwinStore`] traits: each call runs the
@@ -244,6 +246,15 @@ impl CertificateStore for EmbeddedStore {
         let after = after.cloned();
         self.blocking(move |e| e.certificates(after.as_ref(), limit))
             .await
+    }
+
+    async fn put_ca_certificate(&self, record: &CaRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.blocking(move |e| e.put_ca_certificate(&record)).await
+    }
+
+    async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
+        self.blocking(Engine::ca_certificates).await
     }
 }
 

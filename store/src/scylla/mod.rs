@@ -39,9 +39,9 @@ use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
 use crate::{
-    AuditStore, CertificateRecord, CertificateStore, CommandStore, Deadline, DeadlineIndex,
-    IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError, ThingRecord,
-    TokenStore, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
+    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError,
+    ThingRecord, TokenStore, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 use schema::kind;
 pub use tls::ScyllaTls;
@@ -102,6 +102,8 @@ struct Statements {
     certificate: PreparedStatement,
     certificates: PreparedStatement,
     certificates_after: PreparedStatement,
+    put_ca: PreparedStatement,
+    cas: PreparedStatement,
     put_audit: PreparedStatement,
     audit_first: PreparedStatement,
     audit_after: PreparedStatement,
@@ -681,6 +683,8 @@ impl Statements {
             certificate: p(format!("SELECT record FROM {ks}.certificates WHERE id = ?")).await?,
             certificates: p(format!("SELECT record FROM {ks}.certificates LIMIT ?")).await?,
             certificates_after: p(format!("SELECT record FROM {ks}.certificates WHERE token(id) > token(?) LIMIT ?")).await?,
+            put_ca: p(format!("INSERT INTO {ks}.ca_certificates (bucket, id, record) VALUES (0, ?, ?)")).await?,
+            cas: p(format!("SELECT record FROM {ks}.ca_certificates WHERE bucket = 0")).await?,
             put_audit: p(format!("INSERT INTO {ks}.audit (bucket, seq, entry) VALUES (?, ?, ?)")).await?,
             audit_first: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? LIMIT ?")).await?,
             audit_after: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? AND seq > ? LIMIT ?")).await?,
@@ -917,6 +921,24 @@ impl CertificateStore for ScyllaStore {
         rows::<(String,)>(result, "certificates")?
             .iter()
             .map(|(v,)| decode("certificates", v))
+            .collect()
+    }
+
+    async fn put_ca_certificate(&self, record: &CaRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record)
+            .map_err(|e| StoreError::Engine(format!("encoding a CA: {e}")))?;
+        self.exec(&self.st.put_ca, (record.id.to_string(), json))
+            .await
+    }
+
+    async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
+        let rows: Vec<(String,)> = self
+            .scan(&self.st.cas, (), "reading the registered CAs")
+            .await?
+            .try_collect()
+            .await?;
+        rows.iter()
+            .map(|(v,)| decode("ca_certificates", v))
             .collect()
     }
 }
