@@ -635,6 +635,7 @@ impl Config {
             auto_register: self.auto_register,
             event_buffer: self.event_buffer,
             history_retention: self.retention(),
+            device_ca_dir: Some(self.data_dir.clone()),
             ..FleetConfig::default()
         }
     }

@@ -100,7 +100,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         tokens: tokens.clone(),
         limits: config.api_limits(),
         signer,
-        device_ca: Arc::new(twin_graphql::device_ca::CaDir::new(&config.data_dir)),
     });
     let (stop_subscriptions, subscriptions_stopping) = tokio::sync::watch::channel(false);
     let metrics = telemetry::registry(telemetry::Sampled {
@@ -641,8 +640,8 @@ pub fn signing_key(config: &Config) -> anyhow::Result<String> {
 /// certificate.
 pub fn init_device_ca(config: &Config, name: &str) -> anyhow::Result<std::path::PathBuf> {
     let dir = existing_data_dir(config)?;
-    twin_graphql::device_ca::DeviceCa::init(dir, name)?;
-    Ok(dir.join(twin_graphql::device_ca::CERT_FILE))
+    twin_actors::device_ca::DeviceCa::init(dir, name)?;
+    Ok(dir.join(twin_actors::device_ca::CERT_FILE))
 }
 
 /// What `doppel cert issue` wrote.
@@ -662,7 +661,7 @@ pub fn issue_certificate(
 ) -> anyhow::Result<IssuedCertificate> {
     let thing = DeviceId::parse(thing)?;
     let ca =
-        twin_graphql::device_ca::DeviceCa::open(existing_data_dir(config)?)?.ok_or_else(|| {
+        twin_actors::device_ca::DeviceCa::open(existing_data_dir(config)?)?.ok_or_else(|| {
             anyhow::anyhow!(
                 "there is no device CA in the data directory: run `doppel ca init` first"
             )

@@ -45,6 +45,8 @@ pub struct FleetConfig {
     /// How long a shadow's changes stay in its history; `None`: until `history_per_shadow`
     /// newer ones replace them.
     pub history_retention: Option<Duration>,
+    /// Where the built-in device CA is (`doppel ca init`); `None`: no device CA.
+    pub device_ca_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FleetConfig {
@@ -60,6 +62,7 @@ impl Default for FleetConfig {
             event_buffer: 65_536,
             clock: Clock::System,
             history_retention: None,
+            device_ca_dir: None,
         }
     }
 }
@@ -187,7 +190,7 @@ impl FleetHandle {
             links,
             subscribers,
             job_state: jobs,
-            certs: Arc::default(),
+            certs: Arc::new(CertificateState::new(config.device_ca_dir.clone())),
             pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
         })
     }

@@ -17,6 +17,7 @@
 
 pub mod clock;
 pub mod device;
+pub mod device_ca;
 pub mod error;
 pub mod fleet;
 pub mod index;

@@ -9,10 +9,10 @@ use twin_model::certificate::{self, CertificateId};
 use twin_store::{CaRecord, CertificateRecord};
 
 use crate::auth::Role;
-use crate::device_ca::DeviceCa;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::schema::{DateTime, PageInfo, RoleGuard, api, thing_id};
 use crate::things::{Thing, view};
+use twin_actors::device_ca::DeviceCa;
 
 /// Whether a certificate may log in. `REVOKED` is final.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,7 +266,7 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 
 /// The built-in device CA, or `FAILED_PRECONDITION` saying how to make one.
 fn device_ca(ctx: &Context<'_>) -> ApiResult<Arc<DeviceCa>> {
-    api(ctx).device_ca.get().map_err(internal)?.ok_or_else(|| {
+    api(ctx).fleet.certificates().device_ca().map_err(internal)?.ok_or_else(|| {
         ApiError::new(
             Code::FailedPrecondition,
             "this server has no device CA: run `doppel ca init` on its data directory, or register certificates from your own CA with registerCertificate",

@@ -20,7 +20,6 @@ pub mod audit;
 pub mod auth;
 pub mod certificates;
 pub mod commands;
-pub mod device_ca;
 pub mod error;
 pub mod history;
 pub mod http;

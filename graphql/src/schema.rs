@@ -33,8 +33,6 @@ pub struct Api {
     pub limits: ApiLimits,
     /// Signs job documents.
     pub signer: Arc<crate::Signer>,
-    /// Issues device certificates.
-    pub device_ca: Arc<crate::device_ca::CaDir>,
 }
 
 /// Limits on what one request may ask.

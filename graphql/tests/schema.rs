@@ -24,6 +24,10 @@ struct Fixture {
 }
 
 async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture {
+    let config = FleetConfig {
+        device_ca_dir: Some(dir.path().to_owned()),
+        ..config
+    };
     let embedded = EmbeddedStore::open(dir.path(), 100).unwrap();
     let store = Arc::new(CrashAfter::new(Arc::new(embedded), usize::MAX));
     let (committer, commits) = Committer::start(store.clone(), 1024, 256);
@@ -41,7 +45,6 @@ async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture
         tokens,
         limits,
         signer,
-        device_ca: Arc::new(twin_graphql::device_ca::CaDir::new(dir.path())),
     });
     Fixture {
         schema,
@@ -1254,7 +1257,7 @@ async fn certificates_are_registered_issued_attached_listed_and_revoked() {
             .contains("doppel ca init")
     );
 
-    twin_graphql::device_ca::DeviceCa::init(f.dir.path(), "test CA").unwrap();
+    twin_actors::device_ca::DeviceCa::init(f.dir.path(), "test CA").unwrap();
     let d = f.admin(create, json!({"t": "lamp-1"})).await;
     let issued = &d["createKeysAndCertificate"];
     assert!(

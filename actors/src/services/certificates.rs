@@ -12,6 +12,7 @@ use twin_model::{DeviceId, Rejection};
 use twin_store::{CaRecord, CertificateRecord, StoreError};
 
 use crate::device::RegistryOp;
+use crate::device_ca::{CaDir, CaError, DeviceCa};
 use crate::error::FleetError;
 use crate::fleet::{FleetHandle, Reply};
 
@@ -66,6 +67,7 @@ pub fn parse_pem(pem: &str) -> Result<ParsedCertificate, Rejection> {
 pub(crate) struct CertificateState {
     logins: DashMap<CertificateId, Vec<Arc<LoginEntry>>>,
     writing: tokio::sync::Mutex<()>,
+    device_ca: CaDir,
 }
 
 struct LoginEntry {
@@ -114,6 +116,13 @@ impl Drop for CertificateLogin {
 }
 
 impl CertificateState {
+    pub(crate) fn new(device_ca_dir: Option<std::path::PathBuf>) -> Self {
+        Self {
+            device_ca: CaDir::new(device_ca_dir),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn login(
         self: &Arc<Self>,
         id: &CertificateId,
@@ -261,6 +270,11 @@ impl Certificates<'_> {
             tracing::info!(certificate = %id, %status, connections = ended, "certificate may no longer log in");
         }
         Ok(record)
+    }
+
+    /// The built-in device CA, once `doppel ca init` made it.
+    pub fn device_ca(self) -> Result<Option<Arc<DeviceCa>>, CaError> {
+        self.0.certs.device_ca.get()
     }
 
     /// Registers a CA certificate (PEM, with the CA flag); with `auto_registration`, a

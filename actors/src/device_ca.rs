@@ -13,8 +13,6 @@ use rcgen::{
 };
 use twin_model::Rejection;
 
-use crate::signing::write_private;
-
 pub const CERT_FILE: &str = "device-ca.pem";
 pub const KEY_FILE: &str = "device-ca.key";
 
@@ -146,26 +144,51 @@ impl DeviceCa {
     }
 }
 
+/// Writes a new file that only its owner may read (mode 0600 on Unix).
+#[cfg(unix)]
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Writes a new file that only its owner may read (mode 0600 on Unix).
+#[cfg(not(unix))]
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
 /// The device CA of the server's data directory, read when first needed (so that `doppel
 /// ca init` takes effect without a restart).
+#[derive(Default)]
 pub struct CaDir {
-    dir: PathBuf,
+    /// `None`: the server has no data directory for one.
+    dir: Option<PathBuf>,
     loaded: std::sync::Mutex<Option<Arc<DeviceCa>>>,
 }
 
 impl CaDir {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub fn new(dir: Option<PathBuf>) -> Self {
         Self {
-            dir: dir.into(),
+            dir,
             loaded: std::sync::Mutex::default(),
         }
     }
 
     /// The CA; `None` until `doppel ca init` made one.
     pub fn get(&self) -> Result<Option<Arc<DeviceCa>>, CaError> {
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.is_none() {
-            *loaded = DeviceCa::open(&self.dir)?.map(Arc::new);
+            *loaded = DeviceCa::open(dir)?.map(Arc::new);
         }
         Ok(loaded.clone())
     }
