@@ -708,6 +708,7 @@ pub fn issue_certificate(
                             created_at: now,
                             updated_at: now,
                             not_after: parsed.not_after,
+                            provisioning_template: None,
                         })
                         .await?;
                     record.certificates.push(parsed.id.clone());

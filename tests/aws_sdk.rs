@@ -56,36 +56,7 @@ async fn the_aws_iot_device_sdk_logs_in_with_mutual_tls_and_no_password() {
     let python = sdk_python();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // The server's certificate, for localhost, from a CA the device trusts, made as a real
-    // PKI makes them: a name each, a CA key usage, ten years' validity (the SDK's TLS
-    // finds no chain with rcgen's defaults, which name both alike).
-    let valid = |p: &mut rcgen::CertificateParams, name: &str| {
-        p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name.push(rcgen::DnType::CommonName, name);
-        p.not_before = rcgen::date_time_ymd(2025, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2035, 1, 1);
-    };
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    valid(&mut ca_params, "doppel test CA");
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    valid(&mut params, "localhost");
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let file = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.to_str().unwrap().to_owned()
-    };
-    let (ca_file, cert_file, key_file) = (
-        file("ca.pem", &ca.pem()),
-        file("server.pem", &cert.pem()),
-        file("server.key", &key.serialize_pem()),
-    );
+    let (ca_file, cert_file, key_file) = server_tls_files(dir.path());
     // The device's certificate from the built-in CA, registered and attached by the CLI.
     assert!(start(&data, &[]).await.terminate().await.success());
     for args in [
@@ -135,6 +106,141 @@ async fn the_aws_iot_device_sdk_logs_in_with_mutual_tls_and_no_password() {
         ],
     )
     .await;
+}
+
+#[tokio::test]
+async fn the_aws_iot_device_sdk_provisions_a_device_from_a_claim_certificate() {
+    let python = sdk_python();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (ca_file, cert_file, key_file) = server_tls_files(dir.path());
+    let first = start(&data, &[]).await;
+    let admin = first.admin_token.clone().unwrap();
+    assert!(first.terminate().await.success());
+    assert!(common::doppel(&["ca", "init"], &data).status.success());
+    let tls = [
+        "--mqtt-tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert-file",
+        &cert_file,
+        "--tls-key-file",
+        &key_file,
+        "--mqtt-tls-auth",
+        "certificate",
+    ];
+    let server = start(&data, &tls).await;
+    let gql = async |query: &str| {
+        let r = common::graphql(&server.http, Some(&admin), query, serde_json::json!({}))
+            .await
+            .json();
+        assert!(r["errors"].is_null(), "{query}: {r}");
+        r["data"].clone()
+    };
+    gql(r#"mutation { createProvisioningTemplate(name: "lamps", thingName: "lamp-{{SerialNumber}}", attributes: {serial: "{{SerialNumber}}"}, preProvisioningCheck: "attributes.SerialNumber != \"0\"", deviceConfiguration: {fleet: "north"}) { name } }"#).await;
+    let claim = gql(r#"mutation { createKeysAndCertificate(provisioningTemplate: "lamps") { privateKeyPem certificate { certificateId certificatePem provisioningTemplate } } }"#).await;
+    let claim = &claim["createKeysAndCertificate"];
+    assert_eq!(claim["certificate"]["provisioningTemplate"], "lamps");
+    let write = |name: &str, text: &serde_json::Value| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text.as_str().unwrap()).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let claim_cert = write("claim.cert.pem", &claim["certificate"]["certificatePem"]);
+    let claim_key = write("claim.key.pem", &claim["privateKeyPem"]);
+
+    let port = server.mqtts.clone().unwrap();
+    let port = port.rsplit_once(':').unwrap().1;
+    run_check(
+        &python,
+        "aws_sdk_provision.py",
+        &format!("localhost:{port}"),
+        &[
+            &claim_cert,
+            &claim_key,
+            &ca_file,
+            "lamps",
+            "A17",
+            dir.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    let thing = gql(
+        r#"{ thing(id: "lamp-A17") { attributes certificates { status provisioningTemplate } } }"#,
+    )
+    .await;
+    assert_eq!(
+        thing["thing"]["attributes"],
+        serde_json::json!({"serial": "A17"})
+    );
+    assert_eq!(
+        thing["thing"]["certificates"],
+        serde_json::json!([{"status": "ACTIVE", "provisioningTemplate": null}]),
+        "the new certificate, activated by RegisterThing"
+    );
+    // The device's requests are in the audit log, the claim certificate as their actor.
+    let actor = format!(
+        "certificate:{}",
+        claim["certificate"]["certificateId"].as_str().unwrap()
+    );
+    let log = gql(&format!(
+        r#"{{ auditLog(actor: "{actor}") {{ edges {{ node {{ action outcome }} }} }} }}"#
+    ))
+    .await;
+    let actions: Vec<String> = log["auditLog"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["node"]["action"].as_str().unwrap(),
+                &e["node"]["outcome"].as_str().unwrap()[..2]
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "mqtt $aws/certificates/create/json ok",
+            "mqtt $aws/provisioning-templates/lamps/provision/json er",
+            "mqtt $aws/provisioning-templates/lamps/provision/json ok",
+        ]
+    );
+}
+
+/// A CA the devices trust and the server's certificate for localhost from it, as files in
+/// `dir`: (CA, certificate, key).
+fn server_tls_files(dir: &Path) -> (String, String, String) {
+    // The server's certificate, for localhost, from a CA the device trusts, made as a real
+    // PKI makes them: a name each, a CA key usage, ten years' validity (the SDK's TLS
+    // finds no chain with rcgen's defaults, which name both alike).
+    let valid = |p: &mut rcgen::CertificateParams, name: &str| {
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2035, 1, 1);
+    };
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    valid(&mut ca_params, "doppel test CA");
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    valid(&mut params, "localhost");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    (
+        file("ca.pem", &ca.pem()),
+        file("server.pem", &cert.pem()),
+        file("server.key", &key.serialize_pem()),
+    )
 }
 
 /// Runs an SDK script against the MQTT endpoint at `mqtt` (host:port, then `args`) and

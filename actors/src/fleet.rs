@@ -23,7 +23,8 @@ use crate::index::FleetIndex;
 use crate::loading;
 use crate::pipeline::{Committed, Consumer, DeviceLinks, Pipeline, Rollouts, Subscribers};
 use crate::services::{
-    CertificateState, Certificates, Commands, DeviceSessions, Jobs, Queries, Registry, Shadows,
+    CertificateState, Certificates, Commands, DeviceSessions, Jobs, Provisioning, Queries,
+    Registry, Shadows,
 };
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 use crate::telemetry::{self, OverloadCause};
@@ -128,6 +129,8 @@ pub struct FleetHandle {
     pub(crate) subscribers: Arc<Subscribers>,
     pub(crate) job_state: Arc<JobsState>,
     pub(crate) certs: Arc<CertificateState>,
+    /// The one writer of the audit log in this process (each entry needs the one before).
+    audit: Arc<twin_store::audit::AuditLog>,
     pending: Arc<Semaphore>,
 }
 
@@ -184,6 +187,9 @@ impl FleetHandle {
             let shard = &shards[shard_for(&thing, shard_count)];
             let _ = shard.send_message(ShardMsg::Alarm(at, thing));
         }
+        let audit = Arc::new(twin_store::audit::AuditLog::new(
+            twins.committer.store().clone(),
+        ));
         Ok(Self {
             shards: shards.into(),
             twins,
@@ -191,6 +197,7 @@ impl FleetHandle {
             subscribers,
             job_state: jobs,
             certs: Arc::new(CertificateState::new(config.device_ca_dir.clone())),
+            audit,
             pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
         })
     }
@@ -201,6 +208,15 @@ impl FleetHandle {
 
     pub fn registry(&self) -> Registry<'_> {
         Registry(self)
+    }
+
+    /// The audit log: every operator action, and every device provisioning itself.
+    pub fn audit(&self) -> &twin_store::audit::AuditLog {
+        &self.audit
+    }
+
+    pub fn provisioning(&self) -> Provisioning<'_> {
+        Provisioning(self)
     }
 
     pub fn certificates(&self) -> Certificates<'_> {

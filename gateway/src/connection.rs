@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::Instrument as _;
 use twin_actors::FleetHandle;
-use twin_actors::services::CertificateLogin;
+use twin_actors::services::{CertificateLogin, Login};
 use twin_actors::telemetry::{OverloadCause, overloaded};
 use twin_model::certificate::CertificateId;
 use twin_model::{DeviceId, RejectionKind};
@@ -34,6 +34,7 @@ use crate::codec::{
 };
 use crate::limits::ConnectLimits;
 use crate::protocol::{Close, Core, Request};
+use crate::provisioning::ClaimSession;
 use crate::session::{CloseSignal, OutMsg, Session, SessionState, Sessions, lock};
 use crate::telemetry;
 use crate::{GatewayConfig, TlsAuth};
@@ -109,7 +110,10 @@ pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
 
 /// Reads into `buf`, reserving room first (an idle connection's buffer has none).
-async fn read_some(stream: &mut impl Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
+pub(crate) async fn read_some(
+    stream: &mut impl Stream,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
     buf.reserve(READ_CHUNK);
     stream.read_buf(buf).await
 }
@@ -195,7 +199,12 @@ pub(crate) async fn serve(
 }
 
 /// Encodes `packet` into `buf` (see [`codec::write`]) and counts it when it went in.
-fn write(packet: &Outbound, version: Version, buf: &mut BytesMut, max_size: usize) -> bool {
+pub(crate) fn write(
+    packet: &Outbound,
+    version: Version,
+    buf: &mut BytesMut,
+    max_size: usize,
+) -> bool {
     let written = codec::write(packet, version, buf, max_size);
     if written {
         telemetry::sent(packet);
@@ -312,13 +321,13 @@ async fn accept<S: Stream>(
         Method::Password(password) => sessions
             .connect(&thing, password)
             .await
-            .map(|ok| (ok, None)),
+            .map(|ok| (Login::Thing(ok), None)),
         Method::Certificate(id, der) => sessions
             .connect_with_certificate(&thing, &id, &der)
             .await
-            .map(|(ok, login)| (ok, Some(login))),
+            .map(|(as_what, login)| (as_what, Some(login))),
     };
-    let (ok, login) = match connected {
+    let (as_what, login) = match connected {
         Ok(ok) => ok,
         Err(e) => {
             let code = match e.kind() {
@@ -332,6 +341,38 @@ async fn accept<S: Stream>(
             return None;
         }
     };
+    let ok = match (as_what, login) {
+        (Login::Thing(ok), login) => (ok, login),
+        (Login::Claim { template }, Some(login)) => {
+            // A claim certificate: fleet provisioning only, no thing, no session.
+            let accepted = send_connack(
+                &mut stream,
+                version,
+                ConnCode::Accepted,
+                false,
+                ServerLimits::default(),
+            )
+            .await;
+            if accepted.is_ok() {
+                tracing::debug!(%peer, client_id = %thing, %template, "claim certificate connected");
+                let keep_alive = connect.keep_alive.min(ctx.config.max_keep_alive);
+                let session = ClaimSession {
+                    ctx: ctx.clone(),
+                    stream,
+                    peer,
+                    version,
+                    rbuf,
+                    template,
+                    login,
+                    keep_alive,
+                };
+                session.run().await;
+            }
+            return None;
+        }
+        (Login::Claim { .. }, None) => return None,
+    };
+    let (ok, login) = ok;
     if ok.registered_now {
         tracing::warn!(%thing, "auto-registered an unknown device (development mode)");
     }

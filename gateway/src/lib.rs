@@ -21,6 +21,7 @@ pub mod codec;
 mod connection;
 mod limits;
 mod protocol;
+mod provisioning;
 mod session;
 pub mod telemetry;
 pub mod tls;

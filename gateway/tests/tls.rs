@@ -511,3 +511,124 @@ async fn a_ca_with_auto_registration_registers_its_certificates_at_their_first_c
     let (_, code) = connect_tls(addr, &forged, "auto-2", None).await.unwrap();
     assert_eq!(code, refused, "signed by another key");
 }
+
+#[tokio::test]
+async fn a_claim_certificate_may_only_use_fleet_provisioning() {
+    let pki = pki();
+    let s = tls_server(&pki, false).await;
+    s.register("lamp-tls").await;
+    s.fleet
+        .provisioning()
+        .put_template(twin_model::provisioning::ProvisioningTemplate {
+            name: "lamps".into(),
+            thing_name: "lamp-{{SerialNumber}}".into(),
+            attributes: Default::default(),
+            pre_provisioning_check: None,
+            device_configuration: Default::default(),
+            enabled: true,
+        })
+        .await
+        .unwrap();
+    let claim = s
+        .fleet
+        .certificates()
+        .register_as(
+            &pki.device_pem,
+            CertificateStatus::Active,
+            Some("lamps".into()),
+        )
+        .await
+        .unwrap();
+    let addr = s.tls_addr.unwrap();
+    let with_claim = connector(&pki, true);
+
+    let (mut tls, code) = connect_tls(addr, &with_claim, "claim-1", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        v4::ConnectReturnCode::Success,
+        "a claim certificate logs in as no thing"
+    );
+    let mut out = BytesMut::new();
+    let mut sub = v4::Subscribe::new(
+        format!("{}/update/accepted", shadow("lamp-tls")),
+        QoS::AtLeastOnce,
+    );
+    sub.pkid = 1;
+    sub.add(
+        "$aws/provisioning-templates/lamps/provision/json/rejected".into(),
+        QoS::AtLeastOnce,
+    );
+    sub.write(&mut out).unwrap();
+    tls.write_all(&out).await.unwrap();
+    let mut inbuf = BytesMut::new();
+    let v4::Packet::SubAck(ack) = next_v4(&mut tls, &mut inbuf).await else {
+        panic!("SUBACK expected")
+    };
+    assert_eq!(
+        ack.return_codes,
+        [
+            v4::SubscribeReasonCode::Failure,
+            v4::SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        ],
+        "its answers only"
+    );
+    // A bad request is answered on `rejected`, in AWS's format.
+    let mut out = BytesMut::new();
+    let mut p = v4::Publish::new(
+        "$aws/provisioning-templates/lamps/provision/json",
+        QoS::AtLeastOnce,
+        "{}",
+    );
+    p.pkid = 2;
+    p.write(&mut out).unwrap();
+    tls.write_all(&out).await.unwrap();
+    let rejected = loop {
+        if let v4::Packet::Publish(p) = next_v4(&mut tls, &mut inbuf).await {
+            break serde_json::from_slice::<serde_json::Value>(&p.payload).unwrap();
+        }
+    };
+    assert_eq!(rejected["statusCode"], 400);
+    assert_eq!(rejected["errorCode"], "InvalidPayload");
+    // A shadow update ends a 3.1.1 connection, as any publish outside its topics.
+    let mut out = BytesMut::new();
+    let mut p = v4::Publish::new(
+        format!("{}/update", shadow("lamp-tls")),
+        QoS::AtLeastOnce,
+        "{}",
+    );
+    p.pkid = 3;
+    p.write(&mut out).unwrap();
+    tls.write_all(&out).await.unwrap();
+    closed_by_server(tls).await;
+    let unchanged = s.fleet.queries().thing(&thing("lamp-tls")).unwrap();
+    assert!(unchanged.shadows().next().is_none(), "no shadow was made");
+
+    // Whatever the client id, a claim certificate logs in as no thing.
+    let (_, code) = connect_tls(addr, &with_claim, "lamp-tls", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        v4::ConnectReturnCode::Success,
+        "a claim login, whatever the client id"
+    );
+    let (tls, _) = connect_tls(addr, &with_claim, "claim-2", None)
+        .await
+        .unwrap();
+    s.fleet
+        .certificates()
+        .set_status(&claim.id, CertificateStatus::Revoked)
+        .await
+        .unwrap();
+    closed_by_server(tls).await;
+    let (_, code) = connect_tls(addr, &with_claim, "claim-3", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        v4::ConnectReturnCode::NotAuthorized,
+        "a revoked claim certificate"
+    );
+}

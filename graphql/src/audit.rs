@@ -10,7 +10,8 @@ use async_graphql::extensions::{
 use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::{Context, Object, ServerResult, SimpleObject, Value, Variables};
 use serde_json::json;
-use twin_store::audit::{Action, AuditEntry, AuditLog};
+use twin_actors::FleetHandle;
+use twin_store::audit::{Action, AuditEntry};
 
 use crate::auth::{Principal, Role};
 use crate::error::ApiError;
@@ -21,20 +22,20 @@ const SECRET_ARGUMENTS: [&str; 4] = ["secret", "password", "token", "privateKey"
 
 /// Appends each top-level mutation field to the audit log.
 pub(crate) struct Audited {
-    pub(crate) log: Arc<AuditLog>,
+    pub(crate) fleet: FleetHandle,
 }
 
 impl ExtensionFactory for Audited {
     fn create(&self) -> Arc<dyn Extension> {
         Arc::new(AuditedRequest {
-            log: self.log.clone(),
+            fleet: self.fleet.clone(),
             variables: Mutex::default(),
         })
     }
 }
 
 struct AuditedRequest {
-    log: Arc<AuditLog>,
+    fleet: FleetHandle,
     variables: Mutex<Variables>,
 }
 
@@ -122,7 +123,7 @@ impl Extension for AuditedRequest {
             outcome,
             at: twin_store::now_millis(),
         };
-        if let Err(e) = self.log.append(entry).await {
+        if let Err(e) = self.fleet.audit().append(entry).await {
             tracing::error!(error = %e, "an action was not written to the audit log");
         }
         result

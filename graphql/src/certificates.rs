@@ -74,6 +74,11 @@ impl Certificate {
     async fn not_after(&self) -> DateTime {
         DateTime(self.0.not_after)
     }
+
+    /// For a claim certificate: the provisioning template it may use (and nothing else).
+    async fn provisioning_template(&self) -> Option<&str> {
+        self.0.provisioning_template.as_deref()
+    }
 }
 
 /// A registered CA: with `autoRegistration`, a certificate it issued whose common name is
@@ -280,9 +285,12 @@ async fn register_and_attach(
     pem: &str,
     status: CertificateStatus,
     thing: Option<&DeviceId>,
+    provisioning_template: Option<String>,
 ) -> ApiResult<Certificate> {
     let certificates = api(ctx).fleet.certificates();
-    let record = certificates.register(pem, status.into()).await?;
+    let record = certificates
+        .register_as(pem, status.into(), provisioning_template)
+        .await?;
     if let Some(thing) = thing {
         certificates.attach(thing, &record.id).await?;
     }
@@ -295,18 +303,20 @@ pub struct CertificatesMutation;
 #[Object]
 impl CertificatesMutation {
     /// Registers a device certificate (PEM, one certificate) with `status` (default
-    /// ACTIVE); `VERSION_CONFLICT` when it is registered already.
+    /// ACTIVE); `VERSION_CONFLICT` when it is registered already. With
+    /// `provisioningTemplate`, a claim certificate (see `createProvisioningTemplate`).
     #[graphql(guard = "RoleGuard(Role::Admin)")]
     async fn register_certificate(
         &self,
         ctx: &Context<'_>,
         pem: String,
         #[graphql(default_with = "CertificateStatus::Active")] status: CertificateStatus,
+        provisioning_template: Option<String>,
     ) -> async_graphql::Result<Certificate> {
         let record = api(ctx)
             .fleet
             .certificates()
-            .register(&pem, status.into())
+            .register_as(&pem, status.into(), provisioning_template)
             .await
             .map_err(ApiError::from)?;
         Ok(Certificate(record))
@@ -354,19 +364,27 @@ impl CertificatesMutation {
     /// A new key pair and a certificate for it from the built-in device CA (`doppel ca
     /// init`), registered with `status` and attached to `thingId` when given. The private
     /// key is in this answer only: it is not kept. For development; production devices
-    /// keep their key and send `createCertificateFromCsr` a signing request.
+    /// keep their key and send `createCertificateFromCsr` a signing request. With
+    /// `provisioningTemplate`, a claim certificate for a batch of devices.
     #[graphql(guard = "RoleGuard(Role::Admin)")]
     async fn create_keys_and_certificate(
         &self,
         ctx: &Context<'_>,
         thing_id: Option<ID>,
         #[graphql(default_with = "CertificateStatus::Active")] status: CertificateStatus,
+        provisioning_template: Option<String>,
     ) -> async_graphql::Result<KeysAndCertificate> {
         let thing = thing_id.as_ref().map(self::thing_id).transpose()?;
         let name = thing.as_ref().map_or("device", DeviceId::as_str);
         let issued = device_ca(ctx)?.issue(name).map_err(internal)?;
-        let certificate =
-            register_and_attach(ctx, &issued.certificate_pem, status, thing.as_ref()).await?;
+        let certificate = register_and_attach(
+            ctx,
+            &issued.certificate_pem,
+            status,
+            thing.as_ref(),
+            provisioning_template,
+        )
+        .await?;
         Ok(KeysAndCertificate {
             certificate,
             private_key_pem: issued.private_key_pem,
@@ -385,7 +403,7 @@ impl CertificatesMutation {
     ) -> async_graphql::Result<Certificate> {
         let thing = thing_id.as_ref().map(self::thing_id).transpose()?;
         let pem = device_ca(ctx)?.sign_csr(&csr).map_err(ApiError::from)?;
-        Ok(register_and_attach(ctx, &pem, status, thing.as_ref()).await?)
+        Ok(register_and_attach(ctx, &pem, status, thing.as_ref(), None).await?)
     }
 
     /// Changes a certificate's status: INACTIVE or REVOKED ends the connections that

@@ -24,6 +24,7 @@ pub mod error;
 pub mod history;
 pub mod http;
 pub mod jobs;
+pub mod provisioning;
 pub mod schema;
 pub mod signing;
 pub mod telemetry;

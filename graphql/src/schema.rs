@@ -23,6 +23,7 @@ use crate::certificates::{CertificatesMutation, CertificatesQuery};
 use crate::commands::{CommandsMutation, CommandsQuery, CommandsSubscription};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::jobs::resolvers::{JobsMutation, JobsQuery, JobsSubscription};
+use crate::provisioning::{ProvisioningMutation, ProvisioningQuery};
 use crate::thing_events::ThingsSubscription;
 use crate::things::{ThingsMutation, ThingsQuery};
 
@@ -184,6 +185,7 @@ pub struct Query(
     CertificatesQuery,
     CommandsQuery,
     JobsQuery,
+    ProvisioningQuery,
     AuditQuery,
 );
 
@@ -192,6 +194,7 @@ pub struct Query(
 pub struct Mutation(
     ThingsMutation,
     CertificatesMutation,
+    ProvisioningMutation,
     CommandsMutation,
     JobsMutation,
     TokensMutation,
@@ -207,7 +210,7 @@ pub type DoppelSchema = async_graphql::Schema<Query, Mutation, SubscriptionRoot>
 pub fn build(api: Api) -> DoppelSchema {
     let limits = api.limits;
     let audit = crate::audit::Audited {
-        log: Arc::new(twin_store::audit::AuditLog::new(api.fleet.store().clone())),
+        fleet: api.fleet.clone(),
     };
     async_graphql::Schema::build(
         Query::default(),

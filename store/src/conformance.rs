@@ -565,6 +565,7 @@ pub async fn certificates_persist_change_status_and_list_in_pages(store: &dyn Tw
         created_at: u64::from(n),
         updated_at: u64::from(n),
         not_after: 1_000_000,
+        provisioning_template: None,
     };
     assert_eq!(store.certificate(&cert(1).id).await.unwrap(), None);
     for n in [3, 1, 2, 5, 4] {
@@ -622,6 +623,24 @@ pub async fn certificates_persist_change_status_and_list_in_pages(store: &dyn Tw
     };
     store.put_ca_certificate(&off).await.unwrap();
     assert_eq!(store.ca_certificates().await.unwrap(), [off]);
+
+    assert_eq!(store.templates().await.unwrap(), []);
+    let template = twin_model::provisioning::ProvisioningTemplate {
+        name: "lamps".into(),
+        thing_name: "lamp-{{Serial}}".into(),
+        attributes: Default::default(),
+        pre_provisioning_check: None,
+        device_configuration: Default::default(),
+        enabled: true,
+    };
+    store.put_template(&template).await.unwrap();
+    let claim = CertificateRecord {
+        provisioning_template: Some("lamps".into()),
+        ..cert(7)
+    };
+    store.put_certificate(&claim).await.unwrap();
+    assert_eq!(store.certificate(&claim.id).await.unwrap(), Some(claim));
+    assert_eq!(store.templates().await.unwrap(), [template]);
 }
 
 /// A twin loads as it was committed, and each shadow keeps its newest changes (the

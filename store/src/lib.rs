@@ -35,6 +35,7 @@ use twin_model::certificate::{CertificateId, CertificateStatus};
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
+use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{Connectivity, DeviceId, Shadow, ShadowChange, ShadowName};
 
 pub use committer::Committer;
@@ -104,6 +105,10 @@ pub struct CertificateRecord {
     pub updated_at: u64,
     /// The end of the certificate's validity, milliseconds since the epoch.
     pub not_after: u64,
+    /// A claim certificate: it logs in as no thing, and may only ask for a certificate
+    /// of its own and be provisioned with this template (fleet provisioning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning_template: Option<String>,
 }
 
 /// Everything persisted about one twin.
@@ -342,6 +347,12 @@ pub trait CertificateStore: Send + Sync + 'static {
 
     /// Every registered CA (a fleet has a few).
     async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError>;
+
+    /// Writes a provisioning template (its name is the key); returns once durable.
+    async fn put_template(&self, template: &ProvisioningTemplate) -> Result<(), StoreError>;
+
+    /// Every provisioning template (a fleet has a few).
+    async fn templates(&self) -> Result<Vec<ProvisioningTemplate>, StoreError>;
 }
 
 /// The audit log's entries (see [`audit`]), by sequence number.

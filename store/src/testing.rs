@@ -9,6 +9,7 @@ use twin_model::certificate::CertificateId;
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
+use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
@@ -178,6 +179,12 @@ impl CertificateStore for GatedStore {
         Ok(())
     }
     async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
+        Ok(vec![])
+    }
+    async fn put_template(&self, _: &ProvisioningTemplate) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn templates(&self) -> Result<Vec<ProvisioningTemplate>, StoreError> {
         Ok(vec![])
     }
 }
@@ -355,6 +362,12 @@ impl CertificateStore for CrashAfter {
     }
     async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
         self.inner.ca_certificates().await
+    }
+    async fn put_template(&self, template: &ProvisioningTemplate) -> Result<(), StoreError> {
+        self.inner.put_template(template).await
+    }
+    async fn templates(&self) -> Result<Vec<ProvisioningTemplate>, StoreError> {
+        self.inner.templates().await
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`rollout`]: a job's pace over its fleet (waves, rates) and its abort policy;
 //! - [`event`]: [`TwinEvent`], what every consumer of a twin reads;
 //! - [`filter`]: the fleet filter language (parser, printer, evaluator);
+//! - [`provisioning`]: fleet provisioning templates;
 //! - [`history`]: a shadow's retained changes and its state at an instant (time travel);
 //! - [`topic`]: the MQTT topic names of the device API.
 
@@ -21,6 +22,7 @@ pub mod job;
 pub mod json;
 pub mod new_job;
 pub mod progress;
+pub mod provisioning;
 pub mod rejection;
 pub mod rollout;
 pub mod shadow;

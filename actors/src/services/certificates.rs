@@ -68,6 +68,8 @@ pub(crate) struct CertificateState {
     logins: DashMap<CertificateId, Vec<Arc<LoginEntry>>>,
     writing: tokio::sync::Mutex<()>,
     device_ca: CaDir,
+    /// Fleet provisioning's ownership tokens.
+    pub(crate) tokens: super::provisioning::OwnershipTokens,
 }
 
 struct LoginEntry {
@@ -189,7 +191,22 @@ impl Certificates<'_> {
         pem: &str,
         status: CertificateStatus,
     ) -> Result<CertificateRecord, FleetError> {
+        self.register_as(pem, status, None).await
+    }
+
+    /// Registers a certificate; with `provisioning_template` (which must exist), a claim
+    /// certificate: it logs in as no thing and may only use fleet provisioning with that
+    /// template.
+    pub async fn register_as(
+        self,
+        pem: &str,
+        status: CertificateStatus,
+        provisioning_template: Option<String>,
+    ) -> Result<CertificateRecord, FleetError> {
         let parsed = parse_pem(pem)?;
+        if let Some(template) = &provisioning_template {
+            self.0.provisioning().template(template).await?;
+        }
         let _writing = self.0.certs.writing.lock().await;
         let store = self.0.twins.store();
         if store
@@ -212,6 +229,7 @@ impl Certificates<'_> {
             created_at: now,
             updated_at: now,
             not_after: parsed.not_after,
+            provisioning_template,
         };
         store.put_certificate(&record).await.map_err(store_error)?;
         Ok(record)
@@ -530,6 +548,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             not_after: 1_000,
+            provisioning_template: None,
         };
         assert_eq!(refusal(Some(&record), 999), None);
         assert!(refusal(Some(&record), 1_001).unwrap().contains("expired"));

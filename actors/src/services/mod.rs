@@ -8,6 +8,7 @@
 mod certificates;
 mod commands;
 mod jobs;
+mod provisioning;
 mod queries;
 mod registry;
 mod sessions;
@@ -17,7 +18,8 @@ pub(crate) use certificates::CertificateState;
 pub use certificates::{CertificateLogin, Certificates, ParsedCertificate, fingerprint, parse_pem};
 pub use commands::Commands;
 pub use jobs::Jobs;
+pub use provisioning::{NewCertificate, Provisioning, Registered};
 pub use queries::Queries;
 pub use registry::Registry;
-pub use sessions::DeviceSessions;
+pub use sessions::{DeviceSessions, Login};
 pub use shadows::Shadows;

@@ -11,6 +11,16 @@ use crate::error::FleetError;
 use crate::fleet::{ConnectOk, FleetHandle, Reply};
 use crate::pipeline::DeviceLink;
 
+/// What a certificate logged in as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Login {
+    /// The thing of the client id: a device session.
+    Thing(ConnectOk),
+    /// No thing: a claim certificate, which may only use fleet provisioning with this
+    /// template.
+    Claim { template: String },
+}
+
 /// Device sessions (`fleet.sessions()`).
 #[derive(Clone, Copy)]
 pub struct DeviceSessions<'a>(pub(crate) &'a FleetHandle);
@@ -34,7 +44,7 @@ impl DeviceSessions<'_> {
         thing: &DeviceId,
         id: &CertificateId,
         der: &[u8],
-    ) -> Result<(ConnectOk, CertificateLogin), FleetError> {
+    ) -> Result<(Login, CertificateLogin), FleetError> {
         // Registered before the status is read: a change written after the read ends it.
         let login = self.0.certs.login(id, thing);
         let record = self
@@ -51,6 +61,9 @@ impl DeviceSessions<'_> {
         if let Some(why) = refusal(record.as_ref(), self.0.twins.now_millis()) {
             return Err(Rejection::new(RejectionKind::Unauthorized, why).into());
         }
+        if let Some(template) = record.and_then(|r| r.provisioning_template) {
+            return Ok((Login::Claim { template }, login));
+        }
         let ok = self
             .0
             .request(thing, |reply, permit| DeviceMsg::Connect {
@@ -59,7 +72,7 @@ impl DeviceSessions<'_> {
                 permit,
             })
             .await?;
-        Ok((ok, login))
+        Ok((Login::Thing(ok), login))
     }
 
     /// Marks the device disconnected, unless a newer session has replaced `session`.

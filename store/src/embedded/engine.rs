@@ -15,6 +15,7 @@ use twin_model::certificate::CertificateId;
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
+use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{ChangeOp, DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
@@ -43,6 +44,7 @@ pub struct Engine {
     deadlines: Keyspace,
     certificates: Keyspace,
     ca_certificates: Keyspace,
+    templates: Keyspace,
     audit: Keyspace,
     meta: Keyspace,
     history: u64,
@@ -222,6 +224,7 @@ impl Engine {
             deadlines: ks("deadlines")?,
             certificates: ks("certificates")?,
             ca_certificates: ks("ca_certificates")?,
+            templates: ks("templates")?,
             audit: ks("audit")?,
             meta: ks("meta")?,
             db,
@@ -501,6 +504,17 @@ impl Engine {
 
     pub fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
         page(&self.ca_certificates, None, usize::MAX)
+    }
+
+    /// Writes a provisioning template, durably.
+    pub fn put_template(&self, template: &ProvisioningTemplate) -> Result<(), StoreError> {
+        let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.templates, template.name.as_str(), encode(template));
+        b.commit().map_err(engine)
+    }
+
+    pub fn templates(&self) -> Result<Vec<ProvisioningTemplate>, StoreError> {
+        page(&self.templates, None, usize::MAX)
     }
 
     /// Writes an audit entry, durably.

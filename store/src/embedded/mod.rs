@@ -32,6 +32,7 @@
 //!   things' records.
 //! - `ca_certificates`: `{certificateId}` -> [`CaRecord`](crate::CaRecord) (JSON): the
 //!   registered CAs.
+//! - `templates`: `{name}` -> [`ProvisioningTemplate`] (JSON): fleet provisioning.
 //! - `audit`: `{seq:be64}` -> [`AuditEntry`](crate::audit::AuditEntry) (JSON): the audit
 //!   log, a hash chain.
 //! - `meta`: `layout` -> the layout version ([`LAYOUT`]); a directory written by an
@@ -52,6 +53,7 @@ use twin_model::certificate::CertificateId;
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
+use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{DeviceId, ShadowName};
 
 pub use engine::{Engine, LAYOUT};
@@ -255,6 +257,15 @@ impl CertificateStore for EmbeddedStore {
 
     async fn ca_certificates(&self) -> Result<Vec<CaRecord>, StoreError> {
         self.blocking(Engine::ca_certificates).await
+    }
+
+    async fn put_template(&self, template: &ProvisioningTemplate) -> Result<(), StoreError> {
+        let template = template.clone();
+        self.blocking(move |e| e.put_template(&template)).await
+    }
+
+    async fn templates(&self) -> Result<Vec<ProvisioningTemplate>, StoreError> {
+        self.blocking(Engine::templates).await
     }
 }
 

@@ -35,6 +35,7 @@ use twin_model::certificate::CertificateId;
 use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
+use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
@@ -103,6 +104,8 @@ struct Statements {
     certificates: PreparedStatement,
     certificates_after: PreparedStatement,
     put_ca: PreparedStatement,
+    put_template: PreparedStatement,
+    templates: PreparedStatement,
     cas: PreparedStatement,
     put_audit: PreparedStatement,
     audit_first: PreparedStatement,
@@ -685,6 +688,8 @@ impl Statements {
             certificates_after: p(format!("SELECT record FROM {ks}.certificates WHERE token(id) > token(?) LIMIT ?")).await?,
             put_ca: p(format!("INSERT INTO {ks}.ca_certificates (bucket, id, record) VALUES (0, ?, ?)")).await?,
             cas: p(format!("SELECT record FROM {ks}.ca_certificates WHERE bucket = 0")).await?,
+            put_template: p(format!("INSERT INTO {ks}.provisioning_templates (bucket, name, record) VALUES (0, ?, ?)")).await?,
+            templates: p(format!("SELECT record FROM {ks}.provisioning_templates WHERE bucket = 0")).await?,
             put_audit: p(format!("INSERT INTO {ks}.audit (bucket, seq, entry) VALUES (?, ?, ?)")).await?,
             audit_first: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? LIMIT ?")).await?,
             audit_after: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? AND seq > ? LIMIT ?")).await?,
@@ -939,6 +944,24 @@ impl CertificateStore for ScyllaStore {
             .await?;
         rows.iter()
             .map(|(v,)| decode("ca_certificates", v))
+            .collect()
+    }
+
+    async fn put_template(&self, template: &ProvisioningTemplate) -> Result<(), StoreError> {
+        let json = serde_json::to_string(template)
+            .map_err(|e| StoreError::Engine(format!("encoding a template: {e}")))?;
+        self.exec(&self.st.put_template, (template.name.clone(), json))
+            .await
+    }
+
+    async fn templates(&self) -> Result<Vec<ProvisioningTemplate>, StoreError> {
+        let rows: Vec<(String,)> = self
+            .scan(&self.st.templates, (), "reading the provisioning templates")
+            .await?
+            .try_collect()
+            .await?;
+        rows.iter()
+            .map(|(v,)| decode("provisioning_templates", v))
             .collect()
     }
 }

@@ -13,6 +13,7 @@
 //! | `api_tokens` | one partition for all tokens | the number of API tokens (a record each: id, role, hash of the secret) | authenticating API calls on every node |
 //! | `certificates` | a certificate | 1 (its record: PEM, status, times) | device login by certificate, and the certificate listing (token order) |
 //! | `ca_certificates` | one partition for all registered CAs | the number of CAs | finding the CA of a certificate at its first connection |
+//! | `provisioning_templates` | one partition for all templates | the number of templates | fleet provisioning |
 //! | `audit` | 65,536 consecutive audit entries | 65,536 | the audit log in order, and its newest entry |
 //! | `schema_version` | one row | 1 | refusing a newer schema |
 //!
@@ -21,7 +22,7 @@
 
 /// The schema version this build creates and reads. 2 added `api_tokens`; 3 keys
 /// `members` and `deadlines` by placement partitions that are token ranges; 4 added
-/// `certificates`, `ca_certificates` and `audit`. An older
+/// `certificates`, `ca_certificates`, `provisioning_templates` and `audit`. An older
 /// keyspace gets what it lacks (every statement is `IF NOT EXISTS`), its listings made
 /// anew (from 1 or 2), and its version raised.
 pub const VERSION: i32 = 4;
@@ -42,6 +43,7 @@ pub fn tables(keyspace: &str) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS {ks}.api_tokens (bucket int, id text, record text, PRIMARY KEY (bucket, id))",
         "CREATE TABLE IF NOT EXISTS {ks}.certificates (id text PRIMARY KEY, record text)",
         "CREATE TABLE IF NOT EXISTS {ks}.ca_certificates (bucket int, id text, record text, PRIMARY KEY (bucket, id))",
+        "CREATE TABLE IF NOT EXISTS {ks}.provisioning_templates (bucket int, name text, record text, PRIMARY KEY (bucket, name))",
         "CREATE TABLE IF NOT EXISTS {ks}.audit (bucket bigint, seq bigint, entry text, PRIMARY KEY (bucket, seq))",
         "CREATE TABLE IF NOT EXISTS {ks}.schema_version (id int PRIMARY KEY, version int)",
     ]
