@@ -344,15 +344,20 @@ async fn accept<S: Stream>(
     let ok = match (as_what, login) {
         (Login::Thing(ok), login) => (ok, login),
         (Login::Claim { template }, Some(login)) => {
-            // A claim certificate: fleet provisioning only, no thing, no session.
-            let accepted = send_connack(
-                &mut stream,
-                version,
-                ConnCode::Accepted,
-                false,
-                ServerLimits::default(),
-            )
-            .await;
+            // A claim certificate: fleet provisioning only, no thing, no session (an
+            // MQTT 5 client that asked for one is told so).
+            let limits = ServerLimits {
+                receive_maximum: ctx
+                    .config
+                    .max_inflight_requests
+                    .try_into()
+                    .unwrap_or(u16::MAX),
+                max_packet_size: ctx.config.max_packet_size.try_into().unwrap_or(u32::MAX),
+                session_expiry: connect.session_expiry.filter(|e| *e > 0).map(|_| 0),
+                server_keep_alive: None,
+            };
+            let accepted =
+                send_connack(&mut stream, version, ConnCode::Accepted, false, limits).await;
             if accepted.is_ok() {
                 tracing::debug!(%peer, client_id = %thing, %template, "claim certificate connected");
                 let keep_alive = connect.keep_alive.min(ctx.config.max_keep_alive);
