@@ -78,17 +78,7 @@ async fn the_aws_iot_device_sdk_logs_in_with_mutual_tls_and_no_password() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let tls = [
-        "--mqtt-tls-listen",
-        "127.0.0.1:0",
-        "--tls-cert-file",
-        &cert_file,
-        "--tls-key-file",
-        &key_file,
-        "--mqtt-tls-auth",
-        "certificate",
-    ];
-    let server = start(&data, &tls).await;
+    let server = start_tls(&data, &cert_file, &key_file).await;
     let mqtts = server.mqtts.clone().expect("doppel logs its TLS address");
     let port = mqtts.rsplit_once(':').unwrap().1;
     let device_cert = dir.path().join("sdk-mtls.cert.pem");
@@ -118,17 +108,7 @@ async fn the_aws_iot_device_sdk_provisions_a_device_from_a_claim_certificate() {
     let admin = first.admin_token.clone().unwrap();
     assert!(first.terminate().await.success());
     assert!(common::doppel(&["ca", "init"], &data).status.success());
-    let tls = [
-        "--mqtt-tls-listen",
-        "127.0.0.1:0",
-        "--tls-cert-file",
-        &cert_file,
-        "--tls-key-file",
-        &key_file,
-        "--mqtt-tls-auth",
-        "certificate",
-    ];
-    let server = start(&data, &tls).await;
+    let server = start_tls(&data, &cert_file, &key_file).await;
     let gql = async |query: &str| {
         let r = common::graphql(&server.http, Some(&admin), query, serde_json::json!({}))
             .await
@@ -206,6 +186,22 @@ async fn the_aws_iot_device_sdk_provisions_a_device_from_a_claim_certificate() {
             "mqtt $aws/provisioning-templates/lamps/provision/json ok",
         ]
     );
+}
+
+/// A server on `data` with a TLS listener for the certificate and key files, taking
+/// certificate logins only (as AWS IoT).
+async fn start_tls(data: &Path, cert_file: &str, key_file: &str) -> common::Server {
+    let tls = [
+        "--mqtt-tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert-file",
+        cert_file,
+        "--tls-key-file",
+        key_file,
+        "--mqtt-tls-auth",
+        "certificate",
+    ];
+    start(data, &tls).await
 }
 
 /// A CA the devices trust and the server's certificate for localhost from it, as files in

@@ -181,6 +181,17 @@ async fn register_device_certificate(s: &common::Server, pki: &Pki) -> Certifica
         .id
 }
 
+/// Registers `pki`'s device certificate and attaches it to `thing`; its id.
+async fn attach_device_certificate(s: &common::Server, pki: &Pki, thing: &str) -> CertificateId {
+    let id = register_device_certificate(s, pki).await;
+    s.fleet
+        .certificates()
+        .attach(&self::thing(thing), &id)
+        .await
+        .unwrap();
+    id
+}
+
 #[tokio::test]
 async fn a_registered_attached_certificate_logs_in_without_a_password() {
     let pki = pki();
@@ -302,12 +313,7 @@ async fn a_certificate_only_listener_takes_no_password_and_requires_a_certificat
     let pki = pki();
     let s = tls_server_with(&pki, false, TlsAuth::Certificate).await;
     s.register("lamp-tls").await;
-    let id = register_device_certificate(&s, &pki).await;
-    s.fleet
-        .certificates()
-        .attach(&thing("lamp-tls"), &id)
-        .await
-        .unwrap();
+    attach_device_certificate(&s, &pki, "lamp-tls").await;
     let addr = s.tls_addr.unwrap();
     let (_, code) = connect_tls(addr, &connector(&pki, true), "lamp-tls", Some("wrong"))
         .await
@@ -321,12 +327,7 @@ async fn a_certificate_only_listener_takes_no_password_and_requires_a_certificat
 
     let s = tls_server_with(&pki, false, TlsAuth::Password).await;
     s.register("lamp-tls").await;
-    let id = register_device_certificate(&s, &pki).await;
-    s.fleet
-        .certificates()
-        .attach(&thing("lamp-tls"), &id)
-        .await
-        .unwrap();
+    attach_device_certificate(&s, &pki, "lamp-tls").await;
     let (_, code) = connect_tls(
         s.tls_addr.unwrap(),
         &connector(&pki, true),
