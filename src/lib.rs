@@ -165,9 +165,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     tracing::info!("http listening on {http_addr}");
     tracing::info!(data_dir = %config.data_dir.display(), shards = config.shards, "doppel is ready");
 
+    let (stop_inbox, inbox_stopping) = tokio::sync::oneshot::channel::<()>();
+    let inbox_task = tokio::spawn(audit_inbox(
+        config.data_dir.clone(),
+        fleet.clone(),
+        inbox_stopping,
+    ));
+
     shutdown.await;
     tracing::info!("shutting down");
     ready.store(false, Ordering::SeqCst);
+    let _ = stop_inbox.send(());
+    let _ = inbox_task.await;
     gateway.shutdown().await;
     fleet.shutdown().await;
     drop(fleet);
@@ -407,6 +416,97 @@ fn on_store<T>(
     })
 }
 
+/// Where a CLI command that cannot open the store (a server holds the embedded store's
+/// directory) leaves its audit entry, one JSON line, for that server to append.
+pub const AUDIT_INBOX: &str = "audit-inbox.jsonl";
+
+/// Appends a CLI command's action to the audit log: to the store when the CLI can open
+/// it, else to the audit inbox, which the server holding the store drains.
+fn audit_cli_action(config: &Config, action: twin_store::audit::Action) -> anyhow::Result<()> {
+    let appended = on_store(config, async |stores| {
+        twin_store::audit::AuditLog::new(stores.twins)
+            .append(action.clone())
+            .await?;
+        Ok(())
+    });
+    match appended {
+        Err(e)
+            if e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<twin_store::StoreError>(),
+                    Some(twin_store::StoreError::Locked { .. })
+                )
+            }) =>
+        {
+            use std::io::Write as _;
+            let path = config.data_dir.join(AUDIT_INBOX);
+            let mut line = serde_json::to_vec(&action)?;
+            line.push(b'\n');
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot write the audit inbox {}", path.display()))?;
+            file.write_all(&line)?;
+            file.sync_all()?;
+            Ok(())
+        }
+        other => other.context("cannot append to the audit log"),
+    }
+}
+
+/// Appends what CLI commands left in the audit inbox (see [`AUDIT_INBOX`]) to the audit
+/// log, then removes it; the number of entries. A server that stops between the two
+/// appends them again at its next start (at least once).
+pub async fn drain_audit_inbox(dir: &Path, fleet: &FleetHandle) -> anyhow::Result<usize> {
+    let inbox = dir.join(AUDIT_INBOX);
+    let draining = dir.join(format!("{AUDIT_INBOX}.draining"));
+    if !draining.exists() {
+        match std::fs::rename(&inbox, &draining) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e).context("cannot take the audit inbox"),
+        }
+    }
+    let text = std::fs::read_to_string(&draining).context("cannot read the audit inbox")?;
+    let mut appended = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<twin_store::audit::Action>(line) {
+            Ok(action) => {
+                fleet.audit().append(action).await?;
+                appended += 1;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a line of the audit inbox is not an action; left out")
+            }
+        }
+    }
+    std::fs::remove_file(&draining).context("cannot remove the drained audit inbox")?;
+    Ok(appended)
+}
+
+/// How often a server looks for CLI commands' audit entries in the inbox.
+const AUDIT_INBOX_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Drains the audit inbox at start and every [`AUDIT_INBOX_EVERY`] until `stop`.
+async fn audit_inbox(
+    dir: std::path::PathBuf,
+    fleet: FleetHandle,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(AUDIT_INBOX_EVERY);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => match drain_audit_inbox(&dir, &fleet).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "appended the CLI's actions to the audit log"),
+                Err(e) => tracing::error!(error = %error_chain(&e), "the audit inbox was not drained"),
+            },
+        }
+    }
+}
+
 /// Runs a CLI command that changes the registry on the configured store, and appends it
 /// to the audit log (actor `cli`) with how it ended.
 fn audited<T>(
@@ -417,20 +517,10 @@ fn audited<T>(
 ) -> anyhow::Result<T> {
     on_store(config, async |stores| {
         let result = command(stores.clone()).await;
-        let outcome = match &result {
-            Ok(_) => "ok".to_owned(),
-            Err(e) => format!("error: {}", error_chain(e)),
-        };
         let log = twin_store::audit::AuditLog::new(stores.twins);
-        log.append(twin_store::audit::Action {
-            actor: "cli".into(),
-            action: action.into(),
-            arguments,
-            outcome,
-            at: now_millis(),
-        })
-        .await
-        .context("cannot append to the audit log")?;
+        log.append(cli_action(action, arguments, &result))
+            .await
+            .context("cannot append to the audit log")?;
         result
     })
 }
@@ -615,18 +705,40 @@ pub fn create_token(
     note: Option<String>,
 ) -> anyhow::Result<String> {
     existing_data_dir(config)?;
-    match config.store {
+    let arguments = serde_json::json!({ "role": role.as_str(), "ttlMs": ttl_ms, "note": note });
+    let created = match config.store {
         StoreKind::Embedded => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let tokens = Tokens::open(&config.data_dir)?;
-            Ok(runtime.block_on(tokens.create(role, ttl_ms, note))?.0)
+            Tokens::open(&config.data_dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|tokens| Ok(runtime.block_on(tokens.create(role, ttl_ms, note))?.0))
         }
         StoreKind::Scylla => on_store(config, async |stores| {
             let tokens = open_tokens(config, stores.tokens).await?;
             Ok(tokens.create(role, ttl_ms, note).await?.0)
         }),
+    };
+    audit_cli_action(config, cli_action("token create", arguments, &created))?;
+    created
+}
+
+/// A CLI command's audit entry.
+fn cli_action<T>(
+    action: &str,
+    arguments: serde_json::Value,
+    result: &anyhow::Result<T>,
+) -> twin_store::audit::Action {
+    twin_store::audit::Action {
+        actor: "cli".into(),
+        action: action.into(),
+        arguments,
+        outcome: match result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => format!("error: {}", error_chain(e)),
+        },
+        at: now_millis(),
     }
 }
 
@@ -640,8 +752,12 @@ pub fn signing_key(config: &Config) -> anyhow::Result<String> {
 /// certificate.
 pub fn init_device_ca(config: &Config, name: &str) -> anyhow::Result<std::path::PathBuf> {
     let dir = existing_data_dir(config)?;
-    twin_actors::device_ca::DeviceCa::init(dir, name)?;
-    Ok(dir.join(twin_actors::device_ca::CERT_FILE))
+    let made = twin_actors::device_ca::DeviceCa::init(dir, name)
+        .map(|_| dir.join(twin_actors::device_ca::CERT_FILE))
+        .map_err(anyhow::Error::from);
+    let arguments = serde_json::json!({ "name": name });
+    audit_cli_action(config, cli_action("ca init", arguments, &made))?;
+    made
 }
 
 /// What `doppel cert issue` wrote.

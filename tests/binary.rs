@@ -379,6 +379,28 @@ async fn doppel_audit_verify_names_the_entry_that_was_changed_in_the_store() {
         .await
         .json();
     assert!(r["errors"].is_null(), "{r}");
+    // The CLI beside the running server leaves its entry in the inbox the server drains.
+    let token = common::doppel(&["token", "create", "--role", "viewer"], dir.path());
+    assert!(token.status.success());
+    let log = "{ auditLog { edges { node { actor action } } } }";
+    let logged = tokio::time::timeout(WAIT, async {
+        loop {
+            let r = common::graphql(&server.http, Some(&admin), log, serde_json::json!({}))
+                .await
+                .json();
+            let edges = r["data"]["auditLog"]["edges"].clone();
+            if edges.as_array().is_some_and(|e| e.len() == 3) {
+                return edges;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the server appends the CLI's entry");
+    assert_eq!(
+        logged[2]["node"],
+        serde_json::json!({"actor": "cli", "action": "token create"})
+    );
     assert!(server.terminate().await.success());
     let add = common::doppel(&["device", "add", "audited-2"], dir.path());
     assert!(add.status.success());
@@ -391,7 +413,7 @@ async fn doppel_audit_verify_names_the_entry_that_was_changed_in_the_store() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(stdout.contains("audit log verified: 3 entries"), "{stdout}");
+    assert!(stdout.contains("audit log verified: 4 entries"), "{stdout}");
 
     // Someone with access to the store rewrites what the second action was.
     {

@@ -55,6 +55,7 @@ impl AuditEntry {
 }
 
 /// What an action was, for [`AuditLog::append`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Action {
     pub actor: String,
     pub action: String,
@@ -78,33 +79,44 @@ impl AuditLog {
         }
     }
 
-    /// Appends `action`, durably; the entry as written.
+    /// Appends `action`, durably; the entry as written. When another writer appended
+    /// first, the entry is made again after the newest one.
     pub async fn append(&self, action: Action) -> Result<AuditEntry, StoreError> {
         let mut head = self.head.lock().await;
-        let (seq, prev_hash) = match head.as_ref() {
-            Some(h) => h.clone(),
-            None => self
-                .store
-                .last_audit()
-                .await?
-                .map_or((0, GENESIS.to_owned()), |e| (e.seq, e.hash)),
-        };
-        let mut entry = AuditEntry {
-            seq: seq + 1,
-            at: action.at,
-            actor: action.actor,
-            action: action.action,
-            arguments: action.arguments,
-            outcome: action.outcome,
-            prev_hash,
-            hash: String::new(),
-        };
-        entry.hash = entry.expected_hash();
-        self.store.put_audit(&entry).await?;
-        *head = Some((entry.seq, entry.hash.clone()));
-        Ok(entry)
+        for _ in 0..APPEND_TRIES {
+            let (seq, prev_hash) = match head.as_ref() {
+                Some(h) => h.clone(),
+                None => self
+                    .store
+                    .last_audit()
+                    .await?
+                    .map_or((0, GENESIS.to_owned()), |e| (e.seq, e.hash)),
+            };
+            let mut entry = AuditEntry {
+                seq: seq + 1,
+                at: action.at,
+                actor: action.actor.clone(),
+                action: action.action.clone(),
+                arguments: action.arguments.clone(),
+                outcome: action.outcome.clone(),
+                prev_hash,
+                hash: String::new(),
+            };
+            entry.hash = entry.expected_hash();
+            if self.store.append_audit(&entry).await? {
+                *head = Some((entry.seq, entry.hash.clone()));
+                return Ok(entry);
+            }
+            *head = None;
+        }
+        Err(StoreError::Unavailable(format!(
+            "the audit log: {APPEND_TRIES} appends in a row lost to other writers"
+        )))
     }
 }
+
+/// Tries of an append that other writers keep beating.
+const APPEND_TRIES: usize = 16;
 
 /// Why the log does not verify: the first entry that does not match, and how.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

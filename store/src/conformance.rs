@@ -542,10 +542,26 @@ pub async fn the_audit_log_appends_in_order_and_a_changed_entry_is_found(
         .await
         .unwrap();
     assert_eq!(sixth.seq, 6);
-    assert_eq!(store.last_audit().await.unwrap(), Some(sixth));
+    assert_eq!(store.last_audit().await.unwrap(), Some(sixth.clone()));
+    // The first writer's head is stale: its next entry goes after the sixth, not over it.
+    let seventh = log
+        .append(Action {
+            actor: "cli".into(),
+            action: "device add".into(),
+            arguments: serde_json::json!({"id": "t6"}),
+            outcome: "ok".into(),
+            at: 6,
+        })
+        .await
+        .unwrap();
+    assert_eq!((seventh.seq, &seventh.prev_hash), (7, &sixth.hash));
+    assert!(
+        !store.append_audit(&sixth).await.unwrap(),
+        "a taken seq is not overwritten"
+    );
     let page = store.audit_entries(Some(2), 3).await.unwrap();
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
-    assert_eq!(crate::audit::verify(&*store).await.unwrap(), Ok(6));
+    assert_eq!(crate::audit::verify(&*store).await.unwrap(), Ok(7));
 
     let mut forged = store.audit_entries(Some(3), 1).await.unwrap().remove(0);
     forged.arguments = serde_json::json!({"id": "someone-else"});

@@ -358,7 +358,13 @@ pub trait CertificateStore: Send + Sync + 'static {
 /// The audit log's entries (see [`audit`]), by sequence number.
 #[async_trait]
 pub trait AuditStore: Send + Sync + 'static {
-    /// Writes an entry (its `seq` is the key); returns once durable.
+    /// Appends an entry unless one with its `seq` exists (another writer appended first:
+    /// `false`); returns once durable. A conditional write, so that writers in several
+    /// processes (the CLI beside a server, several nodes) never overwrite each other.
+    async fn append_audit(&self, entry: &audit::AuditEntry) -> Result<bool, StoreError>;
+
+    /// Writes an entry whatever is there (restoring a log from a copy); the log itself
+    /// only appends.
     async fn put_audit(&self, entry: &audit::AuditEntry) -> Result<(), StoreError>;
 
     /// Entries in sequence order, after `after`.

@@ -191,6 +191,9 @@ impl CertificateStore for GatedStore {
 
 #[async_trait]
 impl AuditStore for GatedStore {
+    async fn append_audit(&self, _: &AuditEntry) -> Result<bool, StoreError> {
+        Ok(true)
+    }
     async fn put_audit(&self, _: &AuditEntry) -> Result<(), StoreError> {
         Ok(())
     }
@@ -373,6 +376,9 @@ impl CertificateStore for CrashAfter {
 
 #[async_trait]
 impl AuditStore for CrashAfter {
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<bool, StoreError> {
+        self.inner.append_audit(entry).await
+    }
     async fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         self.inner.put_audit(entry).await
     }

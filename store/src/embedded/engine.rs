@@ -517,6 +517,20 @@ impl Engine {
         page(&self.templates, None, usize::MAX)
     }
 
+    /// Appends an audit entry unless its `seq` is taken (`false`), durably. The directory
+    /// lock makes this process the only writer, and the log's writer appends one at a time.
+    pub fn append_audit(&self, entry: &AuditEntry) -> Result<bool, StoreError> {
+        if self
+            .audit
+            .contains_key(entry.seq.to_be_bytes())
+            .map_err(engine)?
+        {
+            return Ok(false);
+        }
+        self.put_audit(entry)?;
+        Ok(true)
+    }
+
     /// Writes an audit entry, durably.
     pub fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));

@@ -271,6 +271,11 @@ impl CertificateStore for EmbeddedStore {
 
 #[async_trait]
 impl AuditStore for EmbeddedStore {
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<bool, StoreError> {
+        let entry = entry.clone();
+        self.blocking(move |e| e.append_audit(&entry)).await
+    }
+
     async fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         let entry = entry.clone();
         self.blocking(move |e| e.put_audit(&entry)).await

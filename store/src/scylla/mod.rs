@@ -108,6 +108,7 @@ struct Statements {
     templates: PreparedStatement,
     cas: PreparedStatement,
     put_audit: PreparedStatement,
+    append_audit: PreparedStatement,
     audit_first: PreparedStatement,
     audit_after: PreparedStatement,
     audit_last: PreparedStatement,
@@ -691,6 +692,7 @@ impl Statements {
             put_template: p(format!("INSERT INTO {ks}.provisioning_templates (bucket, name, record) VALUES (0, ?, ?)")).await?,
             templates: p(format!("SELECT record FROM {ks}.provisioning_templates WHERE bucket = 0")).await?,
             put_audit: p(format!("INSERT INTO {ks}.audit (bucket, seq, entry) VALUES (?, ?, ?)")).await?,
+            append_audit: p(format!("INSERT INTO {ks}.audit (bucket, seq, entry) VALUES (?, ?, ?) IF NOT EXISTS")).await?,
             audit_first: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? LIMIT ?")).await?,
             audit_after: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? AND seq > ? LIMIT ?")).await?,
             audit_last: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? ORDER BY seq DESC LIMIT 1")).await?,
@@ -1004,6 +1006,27 @@ impl ScyllaStore {
 
 #[async_trait]
 impl AuditStore for ScyllaStore {
+    /// A lightweight transaction (Paxos), so that two writers never both take a `seq`.
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(entry)
+            .map_err(|e| StoreError::Engine(format!("encoding an audit entry: {e}")))?;
+        let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
+        let result = self
+            .session
+            .execute_unpaged(&self.st.append_audit, (audit_bucket(entry.seq), seq, json))
+            .await
+            .map_err(engine("appending to the audit log"))?;
+        // `[applied]` first, then (when not applied) the row that is there.
+        let applied = rows::<scylla::value::Row>(result, "audit")?
+            .first()
+            .and_then(|r| r.columns.first().cloned().flatten())
+            .and_then(|v| v.as_boolean());
+        applied.ok_or_else(|| StoreError::Corrupt {
+            key: "audit".into(),
+            reason: "a conditional write without [applied]".into(),
+        })
+    }
+
     async fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         let json = serde_json::to_string(entry)
             .map_err(|e| StoreError::Engine(format!("encoding an audit entry: {e}")))?;
