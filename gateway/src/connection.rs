@@ -7,6 +7,10 @@
 //! futures between them: requests go to the twin in the order they arrive, answers and
 //! events are queued in the session and written out within the QoS 1 window. The twins
 //! never wait for it.
+//!
+//! Over 600 lines: the connection's whole life (CONNECT and each login method, the loop,
+//! the end and its will) reads best in one place; the claim certificates' session is in
+//! [`crate::provisioning`], the login methods in [`crate::login`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,10 +25,10 @@ use tracing::Instrument as _;
 use twin_actors::FleetHandle;
 use twin_actors::services::{CertificateLogin, Login};
 use twin_actors::telemetry::{OverloadCause, overloaded};
-use twin_model::certificate::CertificateId;
 use twin_model::{DeviceId, RejectionKind};
 use twin_telemetry::trace;
 
+use crate::GatewayConfig;
 use crate::accept::RateLimitedLog;
 use crate::acl;
 use crate::api::{self, Dispatch, Outbox, Traced, TracedAnswer};
@@ -33,11 +37,12 @@ use crate::codec::{
     Version,
 };
 use crate::limits::ConnectLimits;
+use crate::login::Method;
+pub(crate) use crate::login::Transport;
 use crate::protocol::{Close, Core, Request};
 use crate::provisioning::ClaimSession;
 use crate::session::{CloseSignal, OutMsg, Session, SessionState, Sessions, lock};
 use crate::telemetry;
-use crate::{GatewayConfig, TlsAuth};
 
 /// Everything a connection needs from the endpoint.
 pub(crate) struct Context {
@@ -56,48 +61,6 @@ pub(crate) struct Context {
 pub(crate) struct IgnoredPublishes {
     count: std::sync::atomic::AtomicU64,
     log: std::sync::Mutex<RateLimitedLog>,
-}
-
-/// What the transport tells of a device before its CONNECT.
-pub(crate) enum Transport {
-    Plain,
-    /// TLS, with the client certificate the device presented (its id and DER).
-    Tls {
-        certificate: Option<(CertificateId, Vec<u8>)>,
-    },
-}
-
-/// How a device logs in, as its listener allows.
-enum Method {
-    Password(Option<String>),
-    Certificate(CertificateId, Vec<u8>),
-}
-
-impl Transport {
-    /// The login method for a CONNECT with `password` (`Err`: why none is allowed).
-    fn method(self, allowed: TlsAuth, password: Option<String>) -> Result<Method, &'static str> {
-        match (self, allowed) {
-            (Self::Plain, _) | (Self::Tls { .. }, TlsAuth::Password) => {
-                Ok(Method::Password(password))
-            }
-            (
-                Self::Tls {
-                    certificate: Some((id, der)),
-                },
-                TlsAuth::Certificate,
-            ) => Ok(Method::Certificate(id, der)),
-            (Self::Tls { certificate: None }, TlsAuth::Certificate) => Err(
-                "this listener takes only certificate logins (mqtt_tls_auth = certificate) and no client certificate was presented",
-            ),
-            (
-                Self::Tls {
-                    certificate: Some((id, der)),
-                },
-                TlsAuth::Any,
-            ) if password.is_none() => Ok(Method::Certificate(id, der)),
-            (Self::Tls { .. }, TlsAuth::Any) => Ok(Method::Password(password)),
-        }
-    }
 }
 
 /// Bytes reserved for each read.

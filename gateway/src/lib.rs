@@ -20,6 +20,7 @@ mod api;
 pub mod codec;
 mod connection;
 mod limits;
+mod login;
 mod protocol;
 mod provisioning;
 mod session;
@@ -36,7 +37,8 @@ use tokio::task::JoinSet;
 use twin_actors::FleetHandle;
 
 use crate::codec::DisconnectCode;
-use crate::connection::{Context, Transport};
+use crate::connection::Context;
+use crate::login::Transport;
 use crate::session::Sessions;
 
 /// Settings of the MQTT endpoint.

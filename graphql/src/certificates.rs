@@ -270,8 +270,9 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// The built-in device CA, or `FAILED_PRECONDITION` saying how to make one.
-fn device_ca(ctx: &Context<'_>) -> ApiResult<Arc<DeviceCa>> {
-    api(ctx).fleet.certificates().device_ca().map_err(internal)?.ok_or_else(|| {
+async fn device_ca(ctx: &Context<'_>) -> ApiResult<Arc<DeviceCa>> {
+    let ca = api(ctx).fleet.certificates().device_ca().await;
+    ca.map_err(internal)?.ok_or_else(|| {
         ApiError::new(
             Code::FailedPrecondition,
             "this server has no device CA: run `doppel ca init` on its data directory, or register certificates from your own CA with registerCertificate",
@@ -376,7 +377,7 @@ impl CertificatesMutation {
     ) -> async_graphql::Result<KeysAndCertificate> {
         let thing = thing_id.as_ref().map(self::thing_id).transpose()?;
         let name = thing.as_ref().map_or("device", DeviceId::as_str);
-        let issued = device_ca(ctx)?.issue(name).map_err(internal)?;
+        let issued = device_ca(ctx).await?.issue(name).map_err(internal)?;
         let certificate = register_and_attach(
             ctx,
             &issued.certificate_pem,
@@ -402,7 +403,10 @@ impl CertificatesMutation {
         #[graphql(default_with = "CertificateStatus::Active")] status: CertificateStatus,
     ) -> async_graphql::Result<Certificate> {
         let thing = thing_id.as_ref().map(self::thing_id).transpose()?;
-        let pem = device_ca(ctx)?.sign_csr(&csr).map_err(ApiError::from)?;
+        let pem = device_ca(ctx)
+            .await?
+            .sign_csr(&csr)
+            .map_err(ApiError::from)?;
         Ok(register_and_attach(ctx, &pem, status, thing.as_ref(), None).await?)
     }
 

@@ -290,9 +290,16 @@ impl Certificates<'_> {
         Ok(record)
     }
 
-    /// The built-in device CA, once `doppel ca init` made it.
-    pub fn device_ca(self) -> Result<Option<Arc<DeviceCa>>, CaError> {
-        self.0.certs.device_ca.get()
+    /// The built-in device CA, once `doppel ca init` made it (read from its files on the
+    /// blocking pool the first time).
+    pub async fn device_ca(self) -> Result<Option<Arc<DeviceCa>>, CaError> {
+        let state = self.0.certs.clone();
+        tokio::task::spawn_blocking(move || state.device_ca.get())
+            .await
+            .map_err(|e| CaError::Bad {
+                path: "the device CA".into(),
+                reason: format!("reading it panicked: {e}"),
+            })?
     }
 
     /// Registers a CA certificate (PEM, with the CA flag); with `auto_registration`, a

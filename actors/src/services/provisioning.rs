@@ -116,7 +116,7 @@ impl Provisioning<'_> {
     /// A new key pair and certificate from the built-in device CA, registered INACTIVE
     /// until a `RegisterThing` with its ownership token.
     pub async fn create_keys_and_certificate(self) -> Result<NewCertificate, FleetError> {
-        let ca = self.device_ca()?;
+        let ca = self.device_ca().await?;
         let issued = ca
             .issue("provisioned device")
             .map_err(|e| FleetError::Inconsistent(e.to_string()))?;
@@ -131,14 +131,15 @@ impl Provisioning<'_> {
         self,
         csr: &str,
     ) -> Result<NewCertificate, FleetError> {
-        let pem = self.device_ca()?.sign_csr(csr)?;
+        let pem = self.device_ca().await?.sign_csr(csr)?;
         self.registered(&pem).await
     }
 
-    fn device_ca(self) -> Result<Arc<crate::device_ca::DeviceCa>, FleetError> {
+    async fn device_ca(self) -> Result<Arc<crate::device_ca::DeviceCa>, FleetError> {
         self.0
             .certificates()
             .device_ca()
+            .await
             .map_err(|e| FleetError::Inconsistent(e.to_string()))?
             .ok_or_else(|| {
                 Rejection::new(
