@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::{AuditStore, StoreError};
 
@@ -49,8 +48,7 @@ impl AuditEntry {
             self.outcome,
             self.prev_hash
         ]);
-        let digest = Sha256::digest(sealed.to_string().as_bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        crate::secret::sha256_hex(&sealed.to_string())
     }
 }
 

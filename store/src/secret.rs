@@ -30,7 +30,12 @@ pub fn generate() -> Result<String, StoreError> {
 
 /// What the registry stores for a secret.
 pub fn hash(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
+    sha256_hex(secret)
+}
+
+/// The SHA-256 of `text`, 64 lowercase hex digits.
+pub fn sha256_hex(text: &str) -> String {
+    hex(&Sha256::digest(text.as_bytes()))
 }
 
 /// Whether `secret` matches `stored_hash`, in constant time.

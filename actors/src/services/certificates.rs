@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use twin_model::certificate::{CertificateId, CertificateStatus};
 use twin_model::{DeviceId, Rejection};
-use twin_store::{CaRecord, CertificateRecord, StoreError};
+use twin_store::{CaRecord, CertificateRecord};
 
 use crate::device::RegistryOp;
 use crate::device_ca::{CaDir, CaError, DeviceCa};
@@ -176,10 +176,6 @@ pub(crate) fn refusal(record: Option<&CertificateRecord>, now_millis: u64) -> Op
     }
 }
 
-fn store_error(e: StoreError) -> FleetError {
-    FleetError::Store(Arc::new(e))
-}
-
 /// Device certificates (`fleet.certificates()`).
 #[derive(Clone, Copy)]
 pub struct Certificates<'a>(pub(crate) &'a FleetHandle);
@@ -212,7 +208,7 @@ impl Certificates<'_> {
         if store
             .certificate(&parsed.id)
             .await
-            .map_err(store_error)?
+            .map_err(FleetError::from)?
             .is_some()
         {
             return Err(Rejection::new(
@@ -231,7 +227,10 @@ impl Certificates<'_> {
             not_after: parsed.not_after,
             provisioning_template,
         };
-        store.put_certificate(&record).await.map_err(store_error)?;
+        store
+            .put_certificate(&record)
+            .await
+            .map_err(FleetError::from)?;
         Ok(record)
     }
 
@@ -241,7 +240,7 @@ impl Certificates<'_> {
             .store()
             .certificate(id)
             .await
-            .map_err(store_error)
+            .map_err(FleetError::from)
     }
 
     /// A page of certificates after `after` (see [`twin_store::CertificateStore::certificates`]).
@@ -255,7 +254,7 @@ impl Certificates<'_> {
             .store()
             .certificates(after, limit)
             .await
-            .map_err(store_error)
+            .map_err(FleetError::from)
     }
 
     /// Changes a certificate's status. Once it is durable, the live connections that
@@ -271,12 +270,15 @@ impl Certificates<'_> {
             let mut record = store
                 .certificate(id)
                 .await
-                .map_err(store_error)?
+                .map_err(FleetError::from)?
                 .ok_or_else(|| not_found(id))?;
             record.status.change_to(status)?;
             record.status = status;
             record.updated_at = self.0.twins.now_millis();
-            store.put_certificate(&record).await.map_err(store_error)?;
+            store
+                .put_certificate(&record)
+                .await
+                .map_err(FleetError::from)?;
             record
         };
         if !status.allows_login() {
@@ -325,7 +327,7 @@ impl Certificates<'_> {
         }
         let _writing = self.0.certs.writing.lock().await;
         let store = self.0.twins.store();
-        let cas = store.ca_certificates().await.map_err(store_error)?;
+        let cas = store.ca_certificates().await.map_err(FleetError::from)?;
         if cas.iter().any(|c| c.id == parsed.id) {
             return Err(Rejection::new(
                 twin_model::RejectionKind::VersionConflict,
@@ -345,7 +347,7 @@ impl Certificates<'_> {
         store
             .put_ca_certificate(&record)
             .await
-            .map_err(store_error)?;
+            .map_err(FleetError::from)?;
         Ok(record)
     }
 
@@ -361,7 +363,7 @@ impl Certificates<'_> {
         let mut record = store
             .ca_certificates()
             .await
-            .map_err(store_error)?
+            .map_err(FleetError::from)?
             .into_iter()
             .find(|c| c.id == *id)
             .ok_or_else(|| {
@@ -381,7 +383,7 @@ impl Certificates<'_> {
         store
             .put_ca_certificate(&record)
             .await
-            .map_err(store_error)?;
+            .map_err(FleetError::from)?;
         Ok(record)
     }
 
@@ -392,7 +394,7 @@ impl Certificates<'_> {
             .store()
             .ca_certificates()
             .await
-            .map_err(store_error)
+            .map_err(FleetError::from)
     }
 
     /// Registers `der`, a certificate presented at a connection as `thing` and not
@@ -440,7 +442,7 @@ impl Certificates<'_> {
                 .store()
                 .certificate(&id)
                 .await
-                .map_err(store_error)?
+                .map_err(FleetError::from)?
                 .is_none()
             {
                 return Err(not_found(&id).into());

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use twin_model::certificate::{CertificateId, CertificateStatus};
 use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{DeviceId, Rejection, RejectionKind};
-use twin_store::{CertificateRecord, StoreError};
+use twin_store::CertificateRecord;
 
 use crate::device::RegistryOp;
 use crate::error::FleetError;
@@ -33,10 +33,8 @@ pub(crate) struct OwnershipTokens {
 
 impl OwnershipTokens {
     fn issue(&self, id: &CertificateId) -> Result<String, FleetError> {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| FleetError::Inconsistent(format!("no randomness from the OS: {e}")))?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        // As random as a device secret: 32 bytes from the OS, hex.
+        let token = twin_store::secret::generate()?;
         let now = Instant::now();
         let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         if tokens.len() >= MAX_TOKENS {
@@ -75,10 +73,6 @@ pub struct Registered {
     pub device_configuration: Map<String, Value>,
 }
 
-fn store_error(e: StoreError) -> FleetError {
-    FleetError::Store(Arc::new(e))
-}
-
 /// Fleet provisioning (`fleet.provisioning()`).
 #[derive(Clone, Copy)]
 pub struct Provisioning<'a>(pub(crate) &'a FleetHandle);
@@ -92,11 +86,16 @@ impl Provisioning<'_> {
             .store()
             .put_template(&template)
             .await
-            .map_err(store_error)
+            .map_err(FleetError::from)
     }
 
     pub async fn templates(self) -> Result<Vec<ProvisioningTemplate>, FleetError> {
-        self.0.twins.store().templates().await.map_err(store_error)
+        self.0
+            .twins
+            .store()
+            .templates()
+            .await
+            .map_err(FleetError::from)
     }
 
     pub async fn template(self, name: &str) -> Result<ProvisioningTemplate, FleetError> {

@@ -53,7 +53,7 @@ impl DeviceSessions<'_> {
             .store()
             .certificate(id)
             .await
-            .map_err(|e| FleetError::Store(Arc::new(e)))?;
+            .map_err(FleetError::from)?;
         let record = match record {
             Some(r) => Some(r),
             None => Certificates(self.0).auto_register(der, thing).await?,
