@@ -442,7 +442,8 @@ async fn subscription_sockets_are_pinged_and_silent_ones_closed() {
     .await
     .expect("three pings, about a second apart");
     // Stop reading: tungstenite sends no more pongs, and nothing else is sent.
-    let started = tokio::time::Instant::now();
+    // (How long the server waits is not asserted: the pong to the last ping
+    // read may or may not have been flushed, so it is one or two intervals.)
     let mut sink = Vec::new();
     let mut stream = ws.socket.into_inner();
     tokio::time::timeout(WAIT, async {
@@ -451,11 +452,6 @@ async fn subscription_sockets_are_pinged_and_silent_ones_closed() {
     })
     .await
     .expect("the server closes a silent socket");
-    assert!(
-        started.elapsed() >= std::time::Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 fn ws_request(addr: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
