@@ -105,6 +105,10 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca_file: Option<PathBuf>,
     pub mqtt_tls_auth: TlsAuthSetting,
+    pub webhook_allowed_networks: String,
+    pub webhook_retry_schedule: String,
+    pub webhook_disable_after: String,
+    pub route_retention: String,
 }
 
 impl Default for Config {
@@ -168,6 +172,10 @@ impl Default for Config {
             tls_key_file: None,
             tls_client_ca_file: None,
             mqtt_tls_auth: TlsAuthSetting::Any,
+            webhook_allowed_networks: String::new(),
+            webhook_retry_schedule: "5s,5m,30m,2h,5h,10h,14h,20h,24h".into(),
+            webhook_disable_after: "5d".into(),
+            route_retention: "7d".into(),
         }
     }
 }
@@ -459,6 +467,7 @@ impl Config {
         if let Err(e) = parse_retention(&self.history_retention) {
             bail!("setting `history_retention`: {e}");
         }
+        self.deliveries()?;
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
             bail!(
                 "setting `trace_sample_ratio` is {}; it is a fraction from 0 to 1",
@@ -604,6 +613,36 @@ impl Config {
         })
     }
 
+    /// How routes are delivered (the `webhook_*` and `route_retention` settings).
+    pub fn deliveries(&self) -> anyhow::Result<twin_integrations::DeliveryConfig> {
+        let span = |key: &str, text: &str| -> anyhow::Result<Duration> {
+            match parse_retention(text) {
+                Ok(Some(d)) => Ok(d),
+                Ok(None) => bail!("setting `{key}`: a duration such as 5d or 12h (not off)"),
+                Err(e) => bail!("setting `{key}`: {e}"),
+            }
+        };
+        let schedule = twin_integrations::schedule::parse(&self.webhook_retry_schedule)
+            .map_err(|e| anyhow::anyhow!("setting `webhook_retry_schedule`: {e}"))?;
+        Ok(twin_integrations::DeliveryConfig {
+            schedule,
+            disable_after: span("webhook_disable_after", &self.webhook_disable_after)?,
+            retention: span("route_retention", &self.route_retention)?,
+            allowed_networks: self.allowed_networks()?,
+            ..Default::default()
+        })
+    }
+
+    /// `webhook_allowed_networks`, parsed.
+    pub fn allowed_networks(&self) -> anyhow::Result<Vec<twin_model::route::Network>> {
+        self.webhook_allowed_networks
+            .split(',')
+            .filter(|n| !n.trim().is_empty())
+            .map(|n| n.trim().parse())
+            .collect::<Result<_, String>>()
+            .map_err(|e| anyhow::anyhow!("setting `webhook_allowed_networks`: {e}"))
+    }
+
     /// How long a shadow's changes are kept (`None`: no limit by age).
     pub fn retention(&self) -> Option<Duration> {
         parse_retention(&self.history_retention).unwrap_or_default()
@@ -636,6 +675,7 @@ impl Config {
             event_buffer: self.event_buffer,
             history_retention: self.retention(),
             device_ca_dir: Some(self.data_dir.clone()),
+            webhook_allowed_networks: self.allowed_networks().unwrap_or_default(),
             ..FleetConfig::default()
         }
     }
@@ -911,6 +951,22 @@ pub const DOCS: &[(&str, &str)] = &[
     (
         "mqtt_tls_auth",
         "How TLS devices log in: any (the password when one is given, else a registered client certificate attached to the thing), certificate (only such a certificate, as AWS IoT), or password. The plain listener takes passwords.",
+    ),
+    (
+        "webhook_allowed_networks",
+        "Non-public networks webhooks may still go to, comma-separated (`127.0.0.0/8,10.1.0.0/16`); loopback, private and link-local addresses are refused otherwise.",
+    ),
+    (
+        "webhook_retry_schedule",
+        "Waits before each retry of a failed event (Standard Webhooks' schedule); after the last, the event is given up.",
+    ),
+    (
+        "webhook_disable_after",
+        "A route whose deliveries fail for longer is disabled until resumed.",
+    ),
+    (
+        "route_retention",
+        "How long route events and delivery logs are kept (what replayRoute reaches back to).",
     ),
 ];
 

@@ -56,6 +56,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let store_reachable = committer.store_reachable();
     committer.probe(std::time::Duration::from_secs(1));
     let fleet = FleetHandle::start(config.fleet(), committer).await?;
+    let deliveries = twin_integrations::Deliveries::start(fleet.clone(), config.deliveries()?)
+        .map_err(|e| anyhow::anyhow!(e))?;
 
     let mut listeners = vec![Listener::Plain(listen(config.mqtt_listen).with_context(
         || format!("cannot listen on mqtt_listen {}", config.mqtt_listen),
@@ -183,6 +185,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let _ = stop_inbox.send(());
     let _ = inbox_task.await;
     gateway.shutdown().await;
+    deliveries.stop().await;
     fleet.shutdown().await;
     drop(fleet);
     let _ = stop_subscriptions.send(true);

@@ -388,6 +388,22 @@ struct ServeArgs {
     #[arg(long, value_parser = ["any", "certificate", "password"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     mqtt_tls_auth: Option<String>,
+    /// Non-public networks webhooks may go to, comma-separated CIDRs [default: none] [env: DOPPEL_WEBHOOK_ALLOWED_NETWORKS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook_allowed_networks: Option<String>,
+    /// Waits before each retry of a failed event [default: 5s,5m,30m,2h,5h,10h,14h,20h,24h] [env: DOPPEL_WEBHOOK_RETRY_SCHEDULE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook_retry_schedule: Option<String>,
+    /// A route failing for longer is disabled [default: 5d] [env: DOPPEL_WEBHOOK_DISABLE_AFTER]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook_disable_after: Option<String>,
+    /// How long route events and delivery logs are kept [default: 7d] [env: DOPPEL_ROUTE_RETENTION]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route_retention: Option<String>,
 }
 
 /// Loads the configuration; commands other than `serve` log in its `log_format` from here.

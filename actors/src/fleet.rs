@@ -22,9 +22,10 @@ use crate::error::FleetError;
 use crate::index::FleetIndex;
 use crate::loading;
 use crate::pipeline::{Committed, Consumer, DeviceLinks, Pipeline, Rollouts, Subscribers};
+use crate::routing::{LiveRoute, RouteTable};
 use crate::services::{
     CertificateState, Certificates, Commands, DeviceSessions, Jobs, Provisioning, Queries,
-    Registry, Shadows,
+    Registry, Routes, Shadows,
 };
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 use crate::telemetry::{self, OverloadCause};
@@ -48,6 +49,9 @@ pub struct FleetConfig {
     pub history_retention: Option<Duration>,
     /// Where the built-in device CA is (`doppel ca init`); `None`: no device CA.
     pub device_ca_dir: Option<std::path::PathBuf>,
+    /// Non-public networks webhooks may still be sent to (see
+    /// [`may_send_to`](twin_model::route::may_send_to)).
+    pub webhook_allowed_networks: Vec<twin_model::route::Network>,
 }
 
 impl Default for FleetConfig {
@@ -64,6 +68,7 @@ impl Default for FleetConfig {
             clock: Clock::System,
             history_retention: None,
             device_ca_dir: None,
+            webhook_allowed_networks: Vec::new(),
         }
     }
 }
@@ -86,6 +91,8 @@ pub struct TwinContext {
     pub(crate) committer: Committer,
     pub(crate) config: FleetConfig,
     pub(crate) pipeline: Pipeline,
+    /// The routes in force: which events twins write to the outbox.
+    pub(crate) routes: Arc<RouteTable>,
 }
 
 impl TwinContext {
@@ -131,6 +138,8 @@ pub struct FleetHandle {
     pub(crate) certs: Arc<CertificateState>,
     /// The one writer of the audit log in this process (each entry needs the one before).
     audit: Arc<twin_store::audit::AuditLog>,
+    /// Held while a route is written, so that a route's changes do not overwrite each other.
+    pub(crate) route_lock: Arc<tokio::sync::Mutex<()>>,
     pending: Arc<Semaphore>,
 }
 
@@ -144,6 +153,16 @@ impl FleetHandle {
             FleetError::Inconsistent("the fleet index is still being loaded".into())
         })?;
         tracing::info!(things = index.len(), "fleet index loaded");
+        let routes = Arc::new(RouteTable::default());
+        for record in committer.store().routes().await? {
+            let id = record.id.clone();
+            let live = LiveRoute::new(record).map_err(|e| {
+                FleetError::Inconsistent(format!(
+                    "route {id} has a filter that does not parse: {e}"
+                ))
+            })?;
+            routes.set(&id, Some(live));
+        }
         let links = Arc::new(DeviceLinks::default());
         let subscribers = Arc::new(Subscribers::new(config.event_buffer));
         let rollouts = Arc::new(Rollouts::default());
@@ -158,6 +177,7 @@ impl FleetHandle {
             committer,
             config: config.clone(),
             pipeline: Pipeline::new(index, consumers),
+            routes,
         });
         let jobs = Arc::new(JobsState {
             rollouts,
@@ -198,6 +218,7 @@ impl FleetHandle {
             job_state: jobs,
             certs: Arc::new(CertificateState::new(config.device_ca_dir.clone())),
             audit,
+            route_lock: Arc::default(),
             pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
         })
     }
@@ -217,6 +238,10 @@ impl FleetHandle {
 
     pub fn provisioning(&self) -> Provisioning<'_> {
         Provisioning(self)
+    }
+
+    pub fn routes(&self) -> Routes<'_> {
+        Routes(self)
     }
 
     pub fn certificates(&self) -> Certificates<'_> {

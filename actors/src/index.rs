@@ -59,6 +59,20 @@ impl TwinView {
         &self.record.id
     }
 
+    /// A view of a twin from its parts (not from the index).
+    pub fn assemble(
+        record: Arc<ThingRecord>,
+        connectivity: Connectivity,
+        shadows: impl IntoIterator<Item = (ShadowName, Arc<Shadow>)>,
+    ) -> Self {
+        let mut view = Self::new(record);
+        view.connectivity = connectivity;
+        for (name, shadow) in shadows {
+            view.set_shadow(name, shadow);
+        }
+        view
+    }
+
     /// See [`twin_model::event::twin_version`].
     pub fn version(&self) -> u64 {
         twin_model::event::twin_version(self.shadows.values().map(|s| &*s.shadow))

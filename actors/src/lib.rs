@@ -24,6 +24,7 @@ pub mod index;
 pub mod loading;
 pub mod pipeline;
 pub mod rollout;
+pub mod routing;
 pub mod services;
 pub mod shard;
 pub mod telemetry;

@@ -24,6 +24,7 @@ use crate::{Change, Clock, FleetConfig, FleetError, FleetHandle, RegistryOp};
 mod commands;
 mod creation;
 mod jobs;
+mod routes;
 
 use commands::{command_of, new_command};
 

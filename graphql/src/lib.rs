@@ -25,6 +25,7 @@ pub mod history;
 pub mod http;
 pub mod jobs;
 pub mod provisioning;
+pub mod routes;
 pub mod schema;
 pub mod signing;
 pub mod telemetry;

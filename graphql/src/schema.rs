@@ -24,6 +24,7 @@ use crate::commands::{CommandsMutation, CommandsQuery, CommandsSubscription};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::jobs::resolvers::{JobsMutation, JobsQuery, JobsSubscription};
 use crate::provisioning::{ProvisioningMutation, ProvisioningQuery};
+use crate::routes::{RoutesMutation, RoutesQuery};
 use crate::thing_events::ThingsSubscription;
 use crate::things::{ThingsMutation, ThingsQuery};
 
@@ -187,6 +188,7 @@ pub struct Query(
     JobsQuery,
     ProvisioningQuery,
     AuditQuery,
+    RoutesQuery,
 );
 
 // Every mutation, one object per domain.
@@ -198,6 +200,7 @@ pub struct Mutation(
     CommandsMutation,
     JobsMutation,
     TokensMutation,
+    RoutesMutation,
 );
 
 // Every subscription, one object per domain.

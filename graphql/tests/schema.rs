@@ -889,6 +889,7 @@ fn literal(ty: &Value, types: &Value) -> String {
                 ("SCALAR", "Int") => "1".into(),
                 ("SCALAR", "Boolean") => "false".into(),
                 ("SCALAR", "JSON") => "{}".into(),
+                ("SCALAR", "DateTime") => "\"2026-01-01T00:00:00Z\"".into(),
                 ("SCALAR", _) => "\"x\"".into(),
                 ("ENUM", _) => def["enumValues"][0]["name"].as_str().unwrap().into(),
                 ("INPUT_OBJECT", _) => {

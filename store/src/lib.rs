@@ -19,6 +19,7 @@ pub mod committer;
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
 pub mod embedded;
+pub mod routes;
 pub mod scylla;
 pub mod secret;
 pub mod telemetry;
@@ -58,6 +59,9 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("the store is shutting down")]
     Closed,
+    /// This backend does not keep what was asked for (yet).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("io error on {path}: {source}")]
     Io {
         path: String,
@@ -121,6 +125,10 @@ pub struct TwinSnapshot {
     pub pending_commands: Vec<CommandExecution>,
     /// The thing's job executions, ended ones included.
     pub job_executions: Vec<JobExecution>,
+    /// The number of the thing's newest event in the outbox (0: none yet). Kept when
+    /// the thing is deleted, so that a thing registered again under its name goes on
+    /// counting.
+    pub event_seq: u64,
 }
 
 /// One change inside a commit batch.
@@ -147,6 +155,9 @@ pub enum Write {
     /// Removes the thing with its presence, shadows, history, commands and job executions;
     /// each job keeps the status the thing's execution ended with.
     DeleteThing(DeviceId),
+    /// An event for routes (see [`routes`]): appended to the outbox, and the thing's
+    /// event number kept.
+    Event(Arc<routes::OutboxRecord>),
 }
 
 /// A registered twin as the fleet index needs it, from [`IndexSource::index_page`].
@@ -378,6 +389,54 @@ pub trait AuditStore: Send + Sync + 'static {
     async fn last_audit(&self) -> Result<Option<audit::AuditEntry>, StoreError>;
 }
 
+/// Routes, their outbox, cursors and delivery logs (see [`routes`]).
+#[async_trait]
+pub trait RouteStore: Send + Sync + 'static {
+    /// Writes a route (its id is the key); returns once durable.
+    async fn put_route(&self, route: &routes::RouteRecord) -> Result<(), StoreError>;
+
+    /// Removes a route with its cursor and delivery log.
+    async fn delete_route(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Every route (a fleet has a few).
+    async fn routes(&self) -> Result<Vec<routes::RouteRecord>, StoreError>;
+
+    /// Outbox events after `after`, in position order: at most `limit`.
+    async fn outbox(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, routes::OutboxRecord)>, StoreError>;
+
+    /// The position of the newest event in the outbox (0: none ever).
+    async fn outbox_end(&self) -> Result<u64, StoreError>;
+
+    /// Writes a route's cursor: every event at or before `position` is done.
+    async fn put_cursor(&self, route: &str, position: u64) -> Result<(), StoreError>;
+
+    async fn cursor(&self, route: &str) -> Result<Option<u64>, StoreError>;
+
+    async fn put_delivery(&self, delivery: &routes::DeliveryRecord) -> Result<(), StoreError>;
+
+    /// A route's delivery log, newest first, starting before `before`.
+    async fn deliveries(
+        &self,
+        route: &str,
+        before: Option<routes::DeliveryKey>,
+        limit: usize,
+    ) -> Result<Vec<routes::DeliveryRecord>, StoreError>;
+
+    /// Drops outbox events written before `events_before` (milliseconds) that are also
+    /// before `below` (no cursor needs them), and delivery records older than
+    /// `deliveries_before`. Returns how many records went.
+    async fn prune_routes(
+        &self,
+        events_before: u64,
+        below: u64,
+        deliveries_before: u64,
+    ) -> Result<u64, StoreError>;
+}
+
 /// A whole backend: every part above, and a flush at shutdown. Callers that need one part
 /// take it alone (`Arc<dyn TwinStore>` coerces to `Arc<dyn JobStore>` and the others).
 #[async_trait]
@@ -386,6 +445,7 @@ pub trait TwinStore:
     + RegistryStore
     + CertificateStore
     + AuditStore
+    + RouteStore
     + CommandStore
     + JobStore
     + DeadlineIndex

@@ -22,10 +22,20 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A new random secret.
 pub fn generate() -> Result<String, StoreError> {
-    let mut bytes = [0u8; 32];
+    Ok(hex(&random::<32>()?))
+}
+
+/// `N` random bytes from the OS.
+pub fn random<const N: usize>() -> Result<[u8; N], StoreError> {
+    let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes)
         .map_err(|e| StoreError::Engine(format!("no randomness from the OS: {e}")))?;
-    Ok(hex(&bytes))
+    Ok(bytes)
+}
+
+/// `N` random bytes from the OS, as hex.
+pub fn random_hex<const N: usize>() -> Result<String, StoreError> {
+    Ok(hex(&random::<N>()?))
 }
 
 /// What the registry stores for a secret.

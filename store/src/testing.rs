@@ -13,10 +13,11 @@ use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
+use crate::routes::{DeliveryKey, DeliveryRecord, OutboxRecord, RouteRecord};
 use crate::{
     AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
-    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError,
-    ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, RouteStore,
+    StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
 /// Reads find nothing, except that with `registered` every thing exists. Every commit
@@ -206,6 +207,45 @@ impl AuditStore for GatedStore {
 }
 
 #[async_trait]
+impl RouteStore for GatedStore {
+    async fn put_route(&self, _: &RouteRecord) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn delete_route(&self, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
+        Ok(vec![])
+    }
+    async fn outbox(&self, _: u64, _: usize) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        Ok(vec![])
+    }
+    async fn outbox_end(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    async fn put_cursor(&self, _: &str, _: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn cursor(&self, _: &str) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+    async fn put_delivery(&self, _: &DeliveryRecord) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn deliveries(
+        &self,
+        _: &str,
+        _: Option<DeliveryKey>,
+        _: usize,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        Ok(vec![])
+    }
+    async fn prune_routes(&self, _: u64, _: u64, _: u64) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
+
+#[async_trait]
 impl TwinStore for GatedStore {
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
@@ -391,6 +431,49 @@ impl AuditStore for CrashAfter {
     }
     async fn last_audit(&self) -> Result<Option<AuditEntry>, StoreError> {
         self.inner.last_audit().await
+    }
+}
+
+#[async_trait]
+impl RouteStore for CrashAfter {
+    async fn put_route(&self, route: &RouteRecord) -> Result<(), StoreError> {
+        self.inner.put_route(route).await
+    }
+    async fn delete_route(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.delete_route(id).await
+    }
+    async fn routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
+        self.inner.routes().await
+    }
+    async fn outbox(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        self.inner.outbox(after, limit).await
+    }
+    async fn outbox_end(&self) -> Result<u64, StoreError> {
+        self.inner.outbox_end().await
+    }
+    async fn put_cursor(&self, route: &str, position: u64) -> Result<(), StoreError> {
+        self.inner.put_cursor(route, position).await
+    }
+    async fn cursor(&self, route: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.cursor(route).await
+    }
+    async fn put_delivery(&self, delivery: &DeliveryRecord) -> Result<(), StoreError> {
+        self.inner.put_delivery(delivery).await
+    }
+    async fn deliveries(
+        &self,
+        route: &str,
+        before: Option<DeliveryKey>,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        self.inner.deliveries(route, before, limit).await
+    }
+    async fn prune_routes(&self, a: u64, b: u64, c: u64) -> Result<u64, StoreError> {
+        self.inner.prune_routes(a, b, c).await
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`event`]: [`TwinEvent`], what every consumer of a twin reads;
 //! - [`filter`]: the fleet filter language (parser, printer, evaluator);
 //! - [`provisioning`]: fleet provisioning templates;
+//! - [`route`]: the event types routes carry, and event ids;
 //! - [`history`]: a shadow's retained changes and its state at an instant (time travel);
 //! - [`topic`]: the MQTT topic names of the device API.
 
@@ -25,6 +26,7 @@ pub mod progress;
 pub mod provisioning;
 pub mod rejection;
 pub mod rollout;
+pub mod route;
 pub mod shadow;
 pub mod topic;
 

@@ -12,7 +12,7 @@ mod messages;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
@@ -24,6 +24,7 @@ use twin_model::{
     Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
     json,
 };
+use twin_store::routes::OutboxRecord;
 use twin_store::{ThingRecord, TwinSnapshot, Write, secret};
 
 pub use jobs::JobAnswer;
@@ -35,6 +36,7 @@ pub const MAX_CERTIFICATES: usize = 10;
 use crate::error::FleetError;
 use crate::fleet::{ConnectOk, TwinContext};
 use crate::pipeline::Committed;
+use crate::routing;
 use crate::telemetry::{Caller, shadow_answered};
 use twin_model::topic::ShadowOp;
 
@@ -63,6 +65,10 @@ pub struct DeviceState {
     next_deadline: Arc<AtomicU64>,
     /// Job definitions the twin has needed, by job id.
     documents: HashMap<String, Arc<JobDefinition>>,
+    /// The number of the twin's newest event in the outbox. Taken before the commit that
+    /// writes an event, so that a commit of unknown outcome never leaves a number used
+    /// twice.
+    event_seq: AtomicU64,
     myself: ActorRef<Mail>,
 }
 
@@ -93,6 +99,7 @@ impl DeviceState {
     async fn load(&mut self) -> Result<&mut Loaded, FleetError> {
         if self.loaded.is_none() {
             let snap: TwinSnapshot = self.ctx.store().load(&self.thing).await?;
+            self.event_seq.store(snap.event_seq, Ordering::Relaxed);
             self.loaded = Some(Loaded {
                 record: snap.record,
                 connectivity: snap.connectivity,
@@ -124,7 +131,11 @@ impl DeviceState {
         })
     }
 
-    async fn commit(&self, writes: Vec<Write>) -> Result<(), FleetError> {
+    /// Commits `writes` with the outbox events they make for the routes in force.
+    async fn commit(&self, mut writes: Vec<Write>) -> Result<(), FleetError> {
+        let events = self.outbox_events(&writes);
+        let appends = !events.is_empty();
+        writes.extend(events);
         self.ctx
             .committer
             .commit(writes)
@@ -132,7 +143,54 @@ impl DeviceState {
                 tracing::debug_span!("store.commit")
             }))
             .await
-            .map_err(FleetError::from)
+            .map_err(FleetError::from)?;
+        if appends {
+            self.ctx.routes.note_appended();
+        }
+        Ok(())
+    }
+
+    /// The outbox events `writes` make: one per write whose event type a route takes,
+    /// naming the routes whose filter matches the thing right after that write.
+    fn outbox_events(&self, writes: &[Write]) -> Vec<Write> {
+        let routes = &self.ctx.routes;
+        if !writes.iter().any(|w| {
+            routing::kind_of(w).is_some_and(|kinds| kinds.iter().any(|k| routes.wants(*k)))
+        }) {
+            return Vec::new();
+        }
+        let loaded = self.loaded.as_ref();
+        let mut after = routing::After {
+            record: loaded.and_then(|l| l.record.clone()),
+            connectivity: loaded.map(|l| l.connectivity.clone()).unwrap_or_default(),
+            shadows: loaded.map(|l| l.shadows.clone()).unwrap_or_default(),
+        };
+        let at = self.ctx.now_millis();
+        let mut events = Vec::new();
+        for w in writes {
+            let before = matches!(w, Write::DeleteThing(_)).then(|| after.view());
+            let Some((kind, data)) = after.apply(w) else {
+                continue;
+            };
+            if !routes.wants(kind) {
+                continue;
+            }
+            let view = before.unwrap_or_else(|| after.view());
+            let matched = routes.matching(kind, view.as_ref());
+            if matched.is_empty() {
+                continue;
+            }
+            let seq = self.event_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            events.push(Write::Event(Arc::new(OutboxRecord {
+                thing: self.thing.clone(),
+                seq,
+                kind,
+                at,
+                data,
+                routes: matched,
+            })));
+        }
+        events
     }
 
     /// Makes an accepted shadow change: durable first, then visible, then announced.
@@ -630,6 +688,7 @@ impl Actor for DeviceTwin {
             alarm_at: None,
             next_deadline: args.next_deadline,
             documents: HashMap::new(),
+            event_seq: AtomicU64::new(0),
             myself,
         })
     }

@@ -11,6 +11,7 @@ mod jobs;
 mod provisioning;
 mod queries;
 mod registry;
+mod routes;
 mod sessions;
 mod shadows;
 
@@ -21,5 +22,6 @@ pub use jobs::Jobs;
 pub use provisioning::{NewCertificate, Provisioning, Registered};
 pub use queries::Queries;
 pub use registry::Registry;
+pub use routes::{RouteSpec, Routes, check_destination};
 pub use sessions::{DeviceSessions, Login};
 pub use shadows::Shadows;

@@ -18,6 +18,7 @@ use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{ChangeOp, DeviceId, ShadowName};
 
+use super::outbox::Outbox;
 use crate::audit::AuditEntry;
 use crate::{
     CaRecord, CertificateRecord, Deadline, IndexPage, JobCounts, StoreError, ThingRecord,
@@ -30,7 +31,7 @@ pub const LAYOUT: u32 = 3;
 
 /// The blocking engine: every method does disk IO on the calling thread.
 pub struct Engine {
-    db: Database,
+    pub(super) db: Database,
     things: Keyspace,
     presence: Keyspace,
     shadows: Keyspace,
@@ -47,11 +48,12 @@ pub struct Engine {
     templates: Keyspace,
     audit: Keyspace,
     meta: Keyspace,
+    pub(super) outbox: Outbox,
     history: u64,
     _lock: File,
 }
 
-fn engine(e: impl std::fmt::Display) -> StoreError {
+pub(super) fn engine(e: impl std::fmt::Display) -> StoreError {
     StoreError::Engine(e.to_string())
 }
 
@@ -159,7 +161,7 @@ fn parse_thing(k: &[u8], bytes: &[u8]) -> Result<DeviceId, StoreError> {
         })
 }
 
-fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+pub(super) fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| corrupt(key, &e))
 }
 
@@ -171,7 +173,7 @@ fn corrupt(key: &[u8], reason: &serde_json::Error) -> StoreError {
 }
 
 /// Up to `limit` values of `keyspace` in key order, after the key `after`.
-fn page<T: DeserializeOwned>(
+pub(super) fn page<T: DeserializeOwned>(
     keyspace: &Keyspace,
     after: Option<&[u8]>,
     limit: usize,
@@ -188,7 +190,7 @@ fn page<T: DeserializeOwned>(
     Ok(out)
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+pub(super) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Sized for a typical record: growing from empty showed up in profiles.
     let mut buf = Vec::with_capacity(512);
     // Our records are plain data: serializing them cannot fail.
@@ -227,6 +229,7 @@ impl Engine {
             templates: ks("templates")?,
             audit: ks("audit")?,
             meta: ks("meta")?,
+            outbox: Outbox::open(&db)?,
             db,
             history: history.max(1),
             _lock: lock,
@@ -297,6 +300,7 @@ impl Engine {
 
     pub fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
         let mut snap = self.load_view(thing)?;
+        snap.event_seq = self.outbox.seq(thing)?;
         let mut prefix = thing.as_str().as_bytes().to_vec();
         prefix.push(0);
         for kv in self.commands.prefix(&prefix) {
@@ -351,8 +355,12 @@ impl Engine {
     /// and durably.
     pub fn commit(&self, batch: &[Write]) -> Result<(), StoreError> {
         let mut b = self.db.batch().durability(Some(PersistMode::SyncAll));
+        let appends = batch.iter().any(|w| matches!(w, Write::Event(_)));
+        let mut last = appends.then(|| self.outbox.appending());
+        let mut next = last.as_deref().copied().unwrap_or_default();
         for w in batch {
             match w {
+                Write::Event(event) => self.outbox.stage(&mut b, &mut next, event),
                 Write::Shadow {
                     thing,
                     shadow,
@@ -433,7 +441,11 @@ impl Engine {
                 }
             }
         }
-        b.commit().map_err(engine)
+        b.commit().map_err(engine)?;
+        if let Some(last) = last.as_deref_mut() {
+            *last = next;
+        }
+        Ok(())
     }
 
     pub fn history(

@@ -35,6 +35,13 @@
 //! - `templates`: `{name}` -> [`ProvisioningTemplate`] (JSON): fleet provisioning.
 //! - `audit`: `{seq:be64}` -> [`AuditEntry`](crate::audit::AuditEntry) (JSON): the audit
 //!   log, a hash chain.
+//! - `outbox`: `{position:be64}` -> [`OutboxRecord`](crate::routes::OutboxRecord) (JSON):
+//!   events for routes, in commit order; `event_seqs`: `{thing}` -> be64, each thing's
+//!   newest event number (kept when the thing is deleted).
+//! - `routes`: `{routeId}` -> [`RouteRecord`](crate::routes::RouteRecord) (JSON);
+//!   `route_cursors`: `{routeId}` -> be64 position; `deliveries`:
+//!   `{routeId}\0{at:be64}{position:be64}{attempt:be32}` ->
+//!   [`DeliveryRecord`](crate::routes::DeliveryRecord) (JSON), the delivery log.
 //! - `meta`: `layout` -> the layout version ([`LAYOUT`]); a directory written by an
 //!   older version gets the listings above built once when it is opened.
 //!
@@ -44,6 +51,7 @@
 //! it on tokio's blocking pool behind the async [`TwinStore`] traits.
 
 mod engine;
+mod outbox;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,10 +67,11 @@ use twin_model::{DeviceId, ShadowName};
 pub use engine::{Engine, LAYOUT};
 
 use crate::audit::AuditEntry;
+use crate::routes::{DeliveryKey, DeliveryRecord, OutboxRecord, RouteRecord};
 use crate::{
     AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
-    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError,
-    ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, RouteStore,
+    StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
 /// The embedded backend behind the async [`TwinStore`] traits: each call runs the
@@ -93,6 +102,78 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || f(&engine))
             .await
             .map_err(|e| StoreError::Engine(format!("a store call panicked: {e}")))?
+    }
+}
+
+#[async_trait]
+impl RouteStore for EmbeddedStore {
+    async fn put_route(&self, route: &RouteRecord) -> Result<(), StoreError> {
+        let route = route.clone();
+        self.blocking(move |e| e.outbox.put_route(&e.db, &route))
+            .await
+    }
+
+    async fn delete_route(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.blocking(move |e| e.outbox.delete_route(&e.db, &id))
+            .await
+    }
+
+    async fn routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
+        self.blocking(|e| e.outbox.routes()).await
+    }
+
+    async fn outbox(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        self.blocking(move |e| e.outbox.outbox(after, limit)).await
+    }
+
+    async fn outbox_end(&self) -> Result<u64, StoreError> {
+        Ok(self.engine.outbox.outbox_end())
+    }
+
+    async fn put_cursor(&self, route: &str, position: u64) -> Result<(), StoreError> {
+        let route = route.to_owned();
+        self.blocking(move |e| e.outbox.put_cursor(&e.db, &route, position))
+            .await
+    }
+
+    async fn cursor(&self, route: &str) -> Result<Option<u64>, StoreError> {
+        let route = route.to_owned();
+        self.blocking(move |e| e.outbox.cursor(&route)).await
+    }
+
+    async fn put_delivery(&self, delivery: &DeliveryRecord) -> Result<(), StoreError> {
+        let delivery = delivery.clone();
+        self.blocking(move |e| e.outbox.put_delivery(&e.db, &delivery))
+            .await
+    }
+
+    async fn deliveries(
+        &self,
+        route: &str,
+        before: Option<DeliveryKey>,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let route = route.to_owned();
+        self.blocking(move |e| e.outbox.deliveries(&route, before, limit))
+            .await
+    }
+
+    async fn prune_routes(
+        &self,
+        events_before: u64,
+        below: u64,
+        deliveries_before: u64,
+    ) -> Result<u64, StoreError> {
+        self.blocking(move |e| {
+            e.outbox
+                .prune(&e.db, events_before, below, deliveries_before)
+        })
+        .await
     }
 }
 

@@ -39,10 +39,11 @@ use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
+use crate::routes::{DeliveryKey, DeliveryRecord, OutboxRecord, RouteRecord};
 use crate::{
     AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
-    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, StoreError,
-    ThingRecord, TokenStore, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, RouteStore,
+    StoreError, ThingRecord, TokenStore, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 use schema::kind;
 pub use tls::ScyllaTls;
@@ -494,7 +495,7 @@ impl ScyllaStore {
                     listings.push(self.deadline(thing, format!("j{}", e.job_id), e.deadline()));
                     rows.push((thing.to_string(), kind::JOB, e.job_id.clone(), encode(&**e)));
                 }
-                Write::Job(_) | Write::DeleteThing(_) => {}
+                Write::Job(_) | Write::DeleteThing(_) | Write::Event(_) => {}
             }
         }
         try_join_all(listings).await?;
@@ -805,6 +806,7 @@ impl TwinStateStore for ScyllaStore {
                 Write::Command(c) => &c.thing,
                 Write::JobExecution(e) => &e.thing,
                 Write::DeleteThing(thing) => thing,
+                Write::Event(_) => return Err(routes_unsupported()),
                 Write::Job(job) => {
                     jobs.push(job.clone());
                     continue;
@@ -1001,6 +1003,54 @@ impl ScyllaStore {
             .iter()
             .map(|(v,)| decode("audit", v))
             .collect()
+    }
+}
+
+/// Routes are not kept on ScyllaDB yet: an outbox shared by several writers needs
+/// positions that every node agrees on (the cluster's work). Every write of one is
+/// refused with this; reads find none.
+fn routes_unsupported() -> StoreError {
+    StoreError::Unsupported(
+        "routes are not supported on the ScyllaDB store yet (store = embedded has them)".into(),
+    )
+}
+
+#[async_trait]
+impl RouteStore for ScyllaStore {
+    async fn put_route(&self, _: &RouteRecord) -> Result<(), StoreError> {
+        Err(routes_unsupported())
+    }
+    async fn delete_route(&self, _: &str) -> Result<(), StoreError> {
+        Err(routes_unsupported())
+    }
+    async fn routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn outbox(&self, _: u64, _: usize) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn outbox_end(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    async fn put_cursor(&self, _: &str, _: u64) -> Result<(), StoreError> {
+        Err(routes_unsupported())
+    }
+    async fn cursor(&self, _: &str) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+    async fn put_delivery(&self, _: &DeliveryRecord) -> Result<(), StoreError> {
+        Err(routes_unsupported())
+    }
+    async fn deliveries(
+        &self,
+        _: &str,
+        _: Option<DeliveryKey>,
+        _: usize,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn prune_routes(&self, _: u64, _: u64, _: u64) -> Result<u64, StoreError> {
+        Ok(0)
     }
 }
 

@@ -1,0 +1,176 @@
+//! Routes: which events twins put in the outbox, with what.
+
+use twin_model::route::EventType;
+use twin_store::routes::Destination;
+
+use super::*;
+use crate::services::RouteSpec;
+
+fn spec(events: &[EventType], filter: Option<&str>) -> RouteSpec {
+    RouteSpec {
+        name: Some("r".into()),
+        events: Some(events.to_vec()),
+        filter: Some(filter.map(str::to_owned)),
+        destination: Some(Destination::Webhook {
+            url: "https://example.com/hook".into(),
+            timeout_secs: 15,
+        }),
+    }
+}
+
+async fn update(fleet: &FleetHandle, thing: &str, n: i64) {
+    fleet
+        .shadows()
+        .update(
+            &id(thing),
+            ShadowName::classic(),
+            reported(n),
+            Origin::Device,
+        )
+        .await
+        .unwrap();
+}
+
+/// (thing, seq, type, routes) of every outbox event.
+async fn outbox(fleet: &FleetHandle) -> Vec<(String, u64, EventType, Vec<String>)> {
+    fleet
+        .store()
+        .outbox(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| (e.thing.to_string(), e.seq, e.kind, e.routes))
+        .collect()
+}
+
+#[tokio::test]
+async fn events_are_written_for_the_routes_whose_filter_matches_right_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, commits) = fleet_in(dir.path(), &FleetConfig::default()).await;
+    let secret = fleet
+        .registry()
+        .register(&id("t1"), Default::default())
+        .await
+        .unwrap();
+    registered(&fleet, &["t2"]).await;
+    // No route: nothing is written.
+    update(&fleet, "t1", 1).await;
+    assert!(outbox(&fleet).await.is_empty());
+
+    let (all, signing) = fleet
+        .routes()
+        .create(spec(&[EventType::ShadowChanged], None))
+        .await
+        .unwrap();
+    assert!(signing.starts_with("whsec_"), "{signing}");
+    let (hot, _) = fleet
+        .routes()
+        .create(spec(
+            &[EventType::ShadowChanged, EventType::ConnectivityChanged],
+            Some("reported.n > 5"),
+        ))
+        .await
+        .unwrap();
+    update(&fleet, "t1", 3).await;
+    // The filter sees the state after the change: 7 matches, though the state before did not.
+    update(&fleet, "t1", 7).await;
+    update(&fleet, "t2", 9).await;
+    // Presence goes only to the route that takes it (t1 has n > 5); a changed record to
+    // none.
+    fleet
+        .sessions()
+        .connect(&id("t1"), Some(secret))
+        .await
+        .unwrap();
+    fleet
+        .registry()
+        .apply(&id("t2"), RegistryOp::MergeAttributes(Default::default()))
+        .await
+        .unwrap();
+    let events = outbox(&fleet).await;
+    let (a, h) = (all.id.clone(), hot.id.clone());
+    assert_eq!(
+        events,
+        vec![
+            ("t1".into(), 1, EventType::ShadowChanged, vec![a.clone()]),
+            (
+                "t1".into(),
+                2,
+                EventType::ShadowChanged,
+                vec![a.clone(), h.clone()]
+            ),
+            (
+                "t2".into(),
+                1,
+                EventType::ShadowChanged,
+                vec![a.clone(), h.clone()]
+            ),
+            (
+                "t1".into(),
+                3,
+                EventType::ConnectivityChanged,
+                vec![h.clone()]
+            ),
+        ]
+    );
+
+    // Numbers go on after a restart, from the store; a deleted route takes no more.
+    stop(fleet, commits).await;
+    let (fleet, _commits) = fleet_in(dir.path(), &FleetConfig::default()).await;
+    assert_eq!(fleet.routes().list().len(), 2);
+    assert!(fleet.routes().delete(&h).await.unwrap());
+    update(&fleet, "t1", 8).await;
+    let last = outbox(&fleet).await.pop().unwrap();
+    assert_eq!(last, ("t1".into(), 4, EventType::ShadowChanged, vec![a]));
+}
+
+#[tokio::test]
+async fn bad_routes_are_refused_with_the_reason() {
+    let f = fleet(FleetConfig::default()).await;
+    let refused = |spec: RouteSpec| {
+        let fleet = f.fleet.clone();
+        async move {
+            match fleet.routes().create(spec).await.unwrap_err() {
+                FleetError::Rejected(r) => {
+                    assert_eq!(r.kind, RejectionKind::BadRequest);
+                    r.message
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let m = refused(spec(&[], None)).await;
+    assert!(m.contains("at least one event type"), "{m}");
+    let m = refused(spec(&[EventType::ShadowChanged], Some("reported.n >"))).await;
+    assert!(m.contains("filter"), "{m}");
+    for (url, why) in [
+        ("http://10.0.0.1/hook", "webhook_allowed_networks"),
+        ("http://169.254.169.254/latest", "webhook_allowed_networks"),
+        ("http://localhost:8080/", "webhook_allowed_networks"),
+        ("ftp://example.com/", "http:// or https://"),
+        ("https://user:pw@example.com/", "credentials"),
+        ("not a url", "does not parse"),
+    ] {
+        let mut s = spec(&[EventType::ShadowChanged], None);
+        s.destination = Some(Destination::Webhook {
+            url: url.into(),
+            timeout_secs: 15,
+        });
+        let m = refused(s).await;
+        assert!(m.contains(why), "{url}: {m}");
+    }
+    assert!(f.fleet.routes().list().is_empty());
+
+    // Allowed networks let a private destination through.
+    let allowed = FleetConfig {
+        webhook_allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
+        ..FleetConfig::default()
+    };
+    let g = fleet(allowed).await;
+    let mut s = spec(&[EventType::ShadowChanged], None);
+    s.destination = Some(Destination::Webhook {
+        url: "http://127.0.0.1:9/hook".into(),
+        timeout_secs: 15,
+    });
+    g.fleet.routes().create(s).await.unwrap();
+}

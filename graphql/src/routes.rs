@@ -1,0 +1,515 @@
+//! Routes in the schema (admin): create, change, pause, resume, replay and delete them,
+//! rotate their signing secret, read their delivery log.
+
+use std::time::Duration;
+
+use async_graphql::{Context, Enum, ID, InputObject, Object, SimpleObject};
+use twin_actors::services::RouteSpec;
+use twin_model::route;
+use twin_store::routes::{
+    DeliveryKey, DeliveryRecord, DeliveryStatus as StoredStatus, Destination, RouteRecord,
+};
+
+use crate::auth::Role;
+use crate::error::{ApiError, ApiResult};
+use crate::schema::{DateTime, PageInfo, RoleGuard, api, thing_id};
+
+/// What a route carries.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    ShadowChanged,
+    ConnectivityChanged,
+    Telemetry,
+    CommandUpdated,
+    JobExecutionUpdated,
+    ThingRegistered,
+    ThingUpdated,
+    ThingDeleted,
+}
+
+const TYPES: [(EventType, route::EventType); 8] = [
+    (EventType::ShadowChanged, route::EventType::ShadowChanged),
+    (
+        EventType::ConnectivityChanged,
+        route::EventType::ConnectivityChanged,
+    ),
+    (EventType::Telemetry, route::EventType::Telemetry),
+    (EventType::CommandUpdated, route::EventType::CommandUpdated),
+    (
+        EventType::JobExecutionUpdated,
+        route::EventType::JobExecutionUpdated,
+    ),
+    (
+        EventType::ThingRegistered,
+        route::EventType::ThingRegistered,
+    ),
+    (EventType::ThingUpdated, route::EventType::ThingUpdated),
+    (EventType::ThingDeleted, route::EventType::ThingDeleted),
+];
+
+impl From<EventType> for route::EventType {
+    fn from(t: EventType) -> Self {
+        TYPES
+            .iter()
+            .find(|(g, _)| *g == t)
+            .map(|(_, m)| *m)
+            .unwrap_or(Self::ShadowChanged)
+    }
+}
+
+impl From<route::EventType> for EventType {
+    fn from(t: route::EventType) -> Self {
+        TYPES
+            .iter()
+            .find(|(_, m)| *m == t)
+            .map(|(g, _)| *g)
+            .unwrap_or(Self::ShadowChanged)
+    }
+}
+
+/// Where a route's events go. Exactly one kind is given.
+#[derive(InputObject)]
+pub struct DestinationInput {
+    pub webhook: Option<WebhookInput>,
+}
+
+/// A Standard Webhooks v1 endpoint: each event is POSTed, signed with the route's secret.
+#[derive(InputObject)]
+pub struct WebhookInput {
+    /// `https://` (or `http://`) URL. Loopback, private and link-local addresses are
+    /// refused unless the server's `webhook_allowed_networks` allows them.
+    pub url: String,
+    /// Seconds before an attempt counts as failed (1 to 60).
+    #[graphql(default = 15)]
+    pub timeout_seconds: i32,
+}
+
+fn destination(input: DestinationInput) -> ApiResult<Destination> {
+    let Some(w) = input.webhook else {
+        return Err(ApiError::invalid("destination: give webhook"));
+    };
+    Ok(Destination::Webhook {
+        url: w.url,
+        timeout_secs: u32::try_from(w.timeout_seconds).unwrap_or(0),
+    })
+}
+
+fn events(events: Vec<EventType>) -> Vec<route::EventType> {
+    events.into_iter().map(Into::into).collect()
+}
+
+/// Whether a route delivers.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteState {
+    Active,
+    /// `pauseRoute`: events wait in the outbox.
+    Paused,
+    /// Its endpoint answered 410, or failed longer than `webhook_disable_after`: events
+    /// wait until `resumeRoute`.
+    Disabled,
+}
+
+/// A webhook destination as it is.
+#[derive(SimpleObject)]
+pub struct Webhook {
+    pub url: String,
+    pub timeout_seconds: i32,
+}
+
+/// A route: the fleet's events of some types, filtered, to a destination.
+pub struct Route(pub(crate) RouteRecord);
+
+#[Object]
+impl Route {
+    async fn id(&self) -> ID {
+        ID(self.0.id.clone())
+    }
+
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    async fn events(&self) -> Vec<EventType> {
+        self.0.events.iter().map(|t| (*t).into()).collect()
+    }
+
+    /// In the fleet filter language, evaluated on the thing right after each event.
+    async fn filter(&self) -> Option<&str> {
+        self.0.filter.as_deref()
+    }
+
+    async fn webhook(&self) -> Webhook {
+        let Destination::Webhook { url, timeout_secs } = &self.0.destination;
+        Webhook {
+            url: url.clone(),
+            timeout_seconds: i32::try_from(*timeout_secs).unwrap_or(i32::MAX),
+        }
+    }
+
+    async fn state(&self) -> RouteState {
+        match (&self.0.disabled, self.0.paused) {
+            (Some(_), _) => RouteState::Disabled,
+            (None, true) => RouteState::Paused,
+            (None, false) => RouteState::Active,
+        }
+    }
+
+    /// Why the route was disabled.
+    async fn disabled_reason(&self) -> Option<&str> {
+        self.0.disabled.as_deref()
+    }
+
+    async fn created_at(&self) -> DateTime {
+        DateTime(self.0.created_at)
+    }
+
+    async fn updated_at(&self) -> DateTime {
+        DateTime(self.0.updated_at)
+    }
+}
+
+/// A route and its signing secret (`whsec_…`), shown only here, once.
+#[derive(SimpleObject)]
+pub struct RouteWithSecret {
+    pub route: Route,
+    pub secret: String,
+}
+
+/// What became of an attempt.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// The destination answered 2xx.
+    Delivered,
+    /// It failed; the event is tried again.
+    Retrying,
+    /// It failed at the last retry: the event was given up.
+    Failed,
+}
+
+impl From<StoredStatus> for DeliveryStatus {
+    fn from(s: StoredStatus) -> Self {
+        match s {
+            StoredStatus::Delivered => Self::Delivered,
+            StoredStatus::Retrying => Self::Retrying,
+            StoredStatus::Failed => Self::Failed,
+        }
+    }
+}
+
+/// One delivery attempt of one event.
+pub struct Delivery(DeliveryRecord);
+
+#[Object]
+impl Delivery {
+    /// The event's id (`webhook-id`), the same at every attempt.
+    async fn event_id(&self) -> String {
+        route::event_id(self.0.position)
+    }
+
+    async fn thing_id(&self) -> ID {
+        ID(self.0.thing.to_string())
+    }
+
+    /// The thing's event number.
+    async fn seq(&self) -> u64 {
+        self.0.seq
+    }
+
+    async fn event_type(&self) -> EventType {
+        self.0.kind.into()
+    }
+
+    /// 1 for the first attempt.
+    async fn attempt(&self) -> u32 {
+        self.0.attempt
+    }
+
+    /// When the attempt ended.
+    async fn at(&self) -> DateTime {
+        DateTime(self.0.at)
+    }
+
+    async fn status(&self) -> DeliveryStatus {
+        self.0.status.into()
+    }
+
+    async fn http_status(&self) -> Option<u16> {
+        self.0.http_status
+    }
+
+    /// What went wrong before any answer (cannot connect, timed out, refused address).
+    async fn error(&self) -> Option<&str> {
+        self.0.error.as_deref()
+    }
+
+    async fn latency_ms(&self) -> u64 {
+        self.0.latency_ms
+    }
+
+    /// The start of the response body.
+    async fn response(&self) -> Option<&str> {
+        self.0.response.as_deref()
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct DeliveryEdge {
+    /// Opaque; pass as `after` to continue after this attempt.
+    pub cursor: String,
+    pub node: Delivery,
+}
+
+#[derive(SimpleObject)]
+pub struct DeliveryConnection {
+    pub edges: Vec<DeliveryEdge>,
+    pub page_info: PageInfo,
+}
+
+fn cursor_of(key: DeliveryKey) -> String {
+    key.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_cursor(s: &str) -> ApiResult<DeliveryKey> {
+    let bad = || ApiError::invalid("after is not a cursor of this connection");
+    if s.len() != 40 || !s.is_ascii() {
+        return Err(bad());
+    }
+    let bytes: Vec<u8> = (0..20)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    DeliveryKey::from_bytes(&bytes).ok_or_else(bad)
+}
+
+fn route_id(ctx: &Context<'_>, id: &ID) -> ApiResult<RouteRecord> {
+    api(ctx)
+        .fleet
+        .routes()
+        .get(id)
+        .ok_or_else(|| ApiError::new(crate::error::Code::NotFound, format!("no route {}", id.0)))
+}
+
+#[derive(Default)]
+pub struct RoutesQuery;
+
+#[Object]
+impl RoutesQuery {
+    /// Every route, oldest first (admin).
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn routes(&self, ctx: &Context<'_>) -> Vec<Route> {
+        api(ctx)
+            .fleet
+            .routes()
+            .list()
+            .into_iter()
+            .map(Route)
+            .collect()
+    }
+
+    /// A route by id; null when there is none.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn route(&self, ctx: &Context<'_>, id: ID) -> Option<Route> {
+        api(ctx).fleet.routes().get(&id).map(Route)
+    }
+
+    /// A route's delivery log, newest attempt first, optionally only attempts of one
+    /// `status` or of one thing. Kept for `route_retention` (7 days by default).
+    #[graphql(
+        guard = "RoleGuard(Role::Admin)",
+        complexity = "(first.max(1) as usize).saturating_mul(child_complexity)"
+    )]
+    async fn route_deliveries(
+        &self,
+        ctx: &Context<'_>,
+        route: ID,
+        status: Option<DeliveryStatus>,
+        thing_id: Option<ID>,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+    ) -> async_graphql::Result<DeliveryConnection> {
+        let api = api(ctx);
+        let first = api.page_size(first)?;
+        let route = route_id(ctx, &route)?;
+        let thing = thing_id.map(|t| self::thing_id(&t)).transpose()?;
+        let mut before = after.as_deref().map(parse_cursor).transpose()?;
+        let wanted = |d: &DeliveryRecord| {
+            status.is_none_or(|s| DeliveryStatus::from(d.status) == s)
+                && thing.as_ref().is_none_or(|t| d.thing == *t)
+        };
+        // Pages of the log until one more than asked matched, or it ended; a filter
+        // reads at most 100 pages (then the page is short and says there is more).
+        let mut found = Vec::new();
+        let mut ended = false;
+        for _ in 0..100 {
+            let page = api
+                .fleet
+                .routes()
+                .deliveries(&route.id, before, 500)
+                .await
+                .map_err(ApiError::from)?;
+            ended = page.len() < 500;
+            before = page.last().map(DeliveryRecord::key);
+            found.extend(page.into_iter().filter(|d| wanted(d)));
+            if ended || found.len() > first {
+                break;
+            }
+        }
+        let more = found.len() > first || !ended;
+        found.truncate(first);
+        let edges: Vec<DeliveryEdge> = found
+            .into_iter()
+            .map(|d| DeliveryEdge {
+                cursor: cursor_of(d.key()),
+                node: Delivery(d),
+            })
+            .collect();
+        Ok(DeliveryConnection {
+            page_info: PageInfo {
+                has_next_page: more,
+                end_cursor: edges.last().map(|e| e.cursor.clone()),
+            },
+            edges,
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct RoutesMutation;
+
+#[Object]
+impl RoutesMutation {
+    /// Creates a route: events of `events` types whose thing matches `filter` right after
+    /// the event go to `destination`, from now on. The answer has the signing secret,
+    /// shown only here. `INVALID_ARGUMENT` names what is wrong.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn create_route(
+        &self,
+        ctx: &Context<'_>,
+        name: String,
+        events: Vec<EventType>,
+        filter: Option<String>,
+        destination: DestinationInput,
+    ) -> async_graphql::Result<RouteWithSecret> {
+        let spec = RouteSpec {
+            name: Some(name),
+            events: Some(self::events(events)),
+            filter: Some(filter),
+            destination: Some(self::destination(destination)?),
+        };
+        let (route, secret) = api(ctx)
+            .fleet
+            .routes()
+            .create(spec)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(RouteWithSecret {
+            route: Route(route),
+            secret,
+        })
+    }
+
+    /// Changes what is given (an empty `filter` removes it).
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn update_route(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        name: Option<String>,
+        events: Option<Vec<EventType>>,
+        filter: Option<String>,
+        destination: Option<DestinationInput>,
+    ) -> async_graphql::Result<Route> {
+        let spec = RouteSpec {
+            name,
+            events: events.map(self::events),
+            filter: filter.map(Some),
+            destination: destination.map(self::destination).transpose()?,
+        };
+        let route = api(ctx)
+            .fleet
+            .routes()
+            .update(&id, spec)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Route(route))
+    }
+
+    /// Stops delivering; events wait in the outbox (within `route_retention`).
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn pause_route(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Route> {
+        let route = api(ctx).fleet.routes().set_paused(&id, true).await;
+        Ok(Route(route.map_err(ApiError::from)?))
+    }
+
+    /// Delivers again from where it stopped (a disabled route too).
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn resume_route(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Route> {
+        let route = api(ctx).fleet.routes().set_paused(&id, false).await;
+        Ok(Route(route.map_err(ApiError::from)?))
+    }
+
+    /// Delivers again the events the route took between `since` and `until`, in order per
+    /// thing and with their ids, then goes on from where it was.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn replay_route(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        since: DateTime,
+        until: DateTime,
+    ) -> async_graphql::Result<Route> {
+        let route = api(ctx).fleet.routes().replay(&id, since.0, until.0).await;
+        Ok(Route(route.map_err(ApiError::from)?))
+    }
+
+    /// Delivers one event again (`eventId` as `webhook-id` has it), out of its order,
+    /// then goes on from where the route was.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn redeliver(
+        &self,
+        ctx: &Context<'_>,
+        route: ID,
+        event_id: String,
+    ) -> async_graphql::Result<Route> {
+        let position = route::event_position(&event_id).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "{event_id:?} is not an event id (evt_ and 16 hex digits)"
+            ))
+        })?;
+        let done = api(ctx).fleet.routes().redeliver(&route, position).await;
+        Ok(Route(done.map_err(ApiError::from)?))
+    }
+
+    /// A new signing secret, shown only here; the old one signs too for
+    /// `overlapSeconds` (default a day), so receivers can switch without a gap.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn rotate_route_secret(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        #[graphql(default = 86400)] overlap_seconds: u32,
+    ) -> async_graphql::Result<RouteWithSecret> {
+        let overlap = Duration::from_secs(u64::from(overlap_seconds));
+        let (route, secret) = api(ctx)
+            .fleet
+            .routes()
+            .rotate_secret(&id, overlap)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(RouteWithSecret {
+            route: Route(route),
+            secret,
+        })
+    }
+
+    /// Deletes a route with its delivery log; false when there was none.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn delete_route(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<bool> {
+        Ok(api(ctx)
+            .fleet
+            .routes()
+            .delete(&id)
+            .await
+            .map_err(ApiError::from)?)
+    }
+}
