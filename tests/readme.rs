@@ -6,7 +6,8 @@
 //! that sets `MQTT_PORT=… HTTP_PORT=…` and runs, with its following blocks, in one bash
 //! session (`set -eo pipefail`, standard error merged into standard output) in a fresh
 //! directory holding `tools/`, with the ports replaced by free ones, `doppel` on `PATH` and
-//! a `python3` that has `websockets` (for `tools/watch.py`).
+//! a `python3` that has `websockets` (for `tools/watch.py`) and `standardwebhooks` (for
+//! `tools/webhook_receiver.py`).
 //!
 //! A line `#> text` shows what the commands before it print: each such line must match
 //! one printed line, in order, and nothing else may be printed, after masking what differs from run to run (epoch
@@ -23,6 +24,7 @@ mod common;
 
 const WALKTHROUGH_DEADLINE: Duration = Duration::from_secs(180);
 const WEBSOCKETS: &str = "websockets==17.4";
+const STANDARD_WEBHOOKS: &str = "standardwebhooks==1.1.0";
 
 /// One walkthrough: its heading and its steps.
 #[derive(Debug)]
@@ -161,9 +163,11 @@ fn logs(dir: &Path) -> String {
     out
 }
 
-/// The bin directory of a venv with `websockets`, made once per build directory.
+/// The bin directory of a venv with `websockets` and `standardwebhooks` (for
+/// `tools/webhook_receiver.py`), made once per build directory.
 fn python_with_websockets() -> PathBuf {
-    common::python_venv("readme-venv", WEBSOCKETS).join("bin")
+    common::python_venv("readme-venv", WEBSOCKETS);
+    common::python_venv("readme-venv", STANDARD_WEBHOOKS).join("bin")
 }
 
 /// The walkthrough as one bash script, each `NAME_PORT=N` set to the port `port(NAME_PORT)`

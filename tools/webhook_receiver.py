@@ -2,10 +2,13 @@
 tests): verifies every request with the official Standard Webhooks library, can fail some
 at random, and logs each request.
 
-Usage: webhook_receiver.py SECRET_FILE LOG_FILE [--fail-rate R] [--slow-rate R]
-       [--slow-secs S] [--status CODE] [--seed N]
+Usage: webhook_receiver.py SECRET_FILE LOG_FILE [--port P] [--fail-rate R]
+       [--slow-rate R] [--slow-secs S] [--status CODE] [--seed N]
 
-Prints the port it listens on (127.0.0.1), then serves until killed. The signing secret
+Prints the port it listens on (127.0.0.1; any free one unless --port), then serves until
+killed. --fail-rate: answer 500 to that fraction of requests; --slow-rate and --slow-secs:
+sleep that long before answering that fraction (and answer 504); --status: answer every
+request with that status. The signing secret
 is read from SECRET_FILE at each request (the test writes it once the route exists).
 Each request is logged as one JSON line: the answer given (`status`), whether the
 signature verified (`true`, or why not), the event's id, thing, seq and type, and the
@@ -82,6 +85,6 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server = ThreadingHTTPServer(("127.0.0.1", int(options.get("--port", 0))), Handler)
 print(server.server_address[1], flush=True)
 server.serve_forever()
