@@ -312,10 +312,17 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
         };
         let record = &live.record;
         if record.replay.map(|r| r.id) != route.replay.map(|r| r.id)
-            && let Some(replay) = record.replay
+            && let Some(mut replay) = record.replay
         {
-            // Start over from the replay's place; attempts in flight are not waited for.
-            flights.abort_all();
+            // Start over from the replay's place, once the attempts in flight are settled
+            // (each ends within its timeout): what they delivered is not sent again as new,
+            // nor is what was done after the cursor the replay was asked at.
+            while let Some(done) = flights.join_next().await {
+                if let Ok((position, attempt)) = done {
+                    settle(&shared, &mut route, record, position, attempt).await;
+                }
+            }
+            replay.upto = replay.upto.max(route.cursor());
             route = Route::new(id.clone(), replay.from, Some(replay));
             // Written at the next save whatever the store has: a cursor saved by this
             // task after the replay was asked must not stand.

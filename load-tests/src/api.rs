@@ -34,7 +34,7 @@ pub struct Api {
 }
 
 impl Api {
-    fn pool(&self) -> Pool {
+    pub(crate) fn pool(&self) -> Pool {
         Pool::new(self.http, self.token.clone(), self.http_connections)
     }
 }

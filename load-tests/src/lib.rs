@@ -7,6 +7,7 @@ pub mod api;
 pub mod client;
 pub mod graphql;
 pub mod report;
+pub mod routes;
 pub mod scenarios;
 pub mod stats;
 pub mod watch;

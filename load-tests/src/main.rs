@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use twin_load::api::{self, Api, RolloutArgs};
+use twin_load::routes::{self, Receiver};
 use twin_load::scenarios::{self, Fleet, Pace, parse_duration};
 
 #[derive(Parser)]
@@ -114,6 +115,23 @@ enum Scenario {
         #[command(flatten)]
         output: Output,
     },
+    /// shadow-update with a route sending every shadow change to a webhook receiver run
+    /// here (created through GraphQL, deleted after): events delivered per second, the
+    /// latency added from the commit to the receiver, and events lost, out of order or
+    /// duplicated. Run Doppel with --auto-register --webhook-allowed-networks 127.0.0.0/8
+    /// and give an admin token.
+    RouteFanout {
+        #[command(flatten)]
+        fleet: Fleet,
+        #[command(flatten)]
+        pace: Pace,
+        #[command(flatten)]
+        api: Api,
+        #[command(flatten)]
+        receiver: Receiver,
+        #[command(flatten)]
+        output: Output,
+    },
     /// The same devices and payloads as shadow-update against any MQTT broker, as a QoS 1
     /// echo (each device subscribes to load/ID and publishes to it): the raw broker ceiling.
     Baseline {
@@ -152,6 +170,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pace,
             output,
         } => (scenarios::baseline(&fleet, &pace).await?, output),
+        Scenario::RouteFanout {
+            fleet,
+            pace,
+            api,
+            receiver,
+            output,
+        } => (
+            routes::route_fanout(&fleet, &pace, &api, &receiver).await?,
+            output,
+        ),
         Scenario::DesiredRoundtrip {
             fleet,
             pace,
