@@ -6,9 +6,7 @@ use std::time::Duration;
 use async_graphql::{Context, Enum, ID, InputObject, Object, SimpleObject};
 use twin_actors::services::RouteSpec;
 use twin_model::route;
-use twin_store::routes::{
-    DeliveryKey, DeliveryRecord, DeliveryStatus as StoredStatus, Destination, RouteRecord,
-};
+use twin_store::routes::{DeliveryKey, DeliveryRecord, Destination, RouteRecord};
 
 use crate::auth::Role;
 use crate::error::{ApiError, ApiResult};
@@ -16,6 +14,7 @@ use crate::schema::{DateTime, PageInfo, RoleGuard, api, thing_id};
 
 /// What a route carries.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "twin_model::route::EventType")]
 pub enum EventType {
     ShadowChanged,
     ConnectivityChanged,
@@ -25,46 +24,6 @@ pub enum EventType {
     ThingRegistered,
     ThingUpdated,
     ThingDeleted,
-}
-
-const TYPES: [(EventType, route::EventType); 8] = [
-    (EventType::ShadowChanged, route::EventType::ShadowChanged),
-    (
-        EventType::ConnectivityChanged,
-        route::EventType::ConnectivityChanged,
-    ),
-    (EventType::Telemetry, route::EventType::Telemetry),
-    (EventType::CommandUpdated, route::EventType::CommandUpdated),
-    (
-        EventType::JobExecutionUpdated,
-        route::EventType::JobExecutionUpdated,
-    ),
-    (
-        EventType::ThingRegistered,
-        route::EventType::ThingRegistered,
-    ),
-    (EventType::ThingUpdated, route::EventType::ThingUpdated),
-    (EventType::ThingDeleted, route::EventType::ThingDeleted),
-];
-
-impl From<EventType> for route::EventType {
-    fn from(t: EventType) -> Self {
-        TYPES
-            .iter()
-            .find(|(g, _)| *g == t)
-            .map(|(_, m)| *m)
-            .unwrap_or(Self::ShadowChanged)
-    }
-}
-
-impl From<route::EventType> for EventType {
-    fn from(t: route::EventType) -> Self {
-        TYPES
-            .iter()
-            .find(|(_, m)| *m == t)
-            .map(|(g, _)| *g)
-            .unwrap_or(Self::ShadowChanged)
-    }
 }
 
 /// Where a route's events go. Exactly one kind is given.
@@ -177,6 +136,7 @@ pub struct RouteWithSecret {
 
 /// What became of an attempt.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "twin_store::routes::DeliveryStatus")]
 pub enum DeliveryStatus {
     /// The destination answered 2xx.
     Delivered,
@@ -184,16 +144,6 @@ pub enum DeliveryStatus {
     Retrying,
     /// It failed at the last retry: the event was given up.
     Failed,
-}
-
-impl From<StoredStatus> for DeliveryStatus {
-    fn from(s: StoredStatus) -> Self {
-        match s {
-            StoredStatus::Delivered => Self::Delivered,
-            StoredStatus::Retrying => Self::Retrying,
-            StoredStatus::Failed => Self::Failed,
-        }
-    }
 }
 
 /// One delivery attempt of one event.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ring::hmac;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use twin_actors::FleetHandle;
@@ -54,8 +54,8 @@ impl Default for DeliveryConfig {
             schedule: schedule::STANDARD.to_vec(),
             disable_after: Duration::from_secs(5 * 86_400),
             retention: Duration::from_secs(7 * 86_400),
-            window: 1000,
-            parallel: 16,
+            window: 10_000,
+            parallel: 64,
             allowed_networks: Vec::new(),
         }
     }
@@ -135,18 +135,17 @@ async fn supervise(shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     }
 }
 
+/// Drops events and delivery records older than the retention, delivered or not: a
+/// route paused (or failing) for longer loses what it did not deliver, so the outbox stays
+/// bounded however long a route waits.
 async fn prune_old(shared: &Shared) {
     let store = shared.store();
     let now = shared.fleet.now_millis();
     let before = now.saturating_sub(shared.config.retention.as_millis() as u64);
-    let mut below = store.outbox_end().await.unwrap_or(0) + 1;
-    for route in shared.fleet.routes().list() {
-        match store.cursor(&route.id).await {
-            Ok(c) => below = below.min(c.unwrap_or(route.start) + 1),
-            Err(_) => return,
-        }
-    }
-    match store.prune_routes(before, below, before).await {
+    let Ok(end) = store.outbox_end().await else {
+        return;
+    };
+    match store.prune_routes(before, end + 1, before).await {
         Ok(n) if n > 0 => tracing::info!(records = n, "pruned old route events and deliveries"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot prune old route events"),
@@ -171,6 +170,9 @@ struct Route {
     read: u64,
     /// The outbox had nothing more when last read.
     caught_up: bool,
+    /// The outbox may have events not read yet (at start, after a replay, when a read
+    /// was cut short by the window or failed).
+    stale: bool,
     pending: BTreeMap<u64, Pending>,
     queues: HashMap<DeviceId, VecDeque<u64>>,
     busy: HashSet<DeviceId>,
@@ -187,6 +189,7 @@ impl Route {
             saved_at: Instant::now(),
             read: cursor,
             caught_up: false,
+            stale: true,
             pending: BTreeMap::new(),
             queues: HashMap::new(),
             busy: HashSet::new(),
@@ -302,6 +305,7 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
     };
     let replay = live.record.replay;
     let mut route = Route::new(id.clone(), cursor.unwrap_or(start), replay);
+    let log = delivery_log(store.clone());
     let mut flights: JoinSet<(u64, Attempt)> = JoinSet::new();
     let config = &shared.config;
     loop {
@@ -319,7 +323,7 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
             // nor is what was done after the cursor the replay was asked at.
             while let Some(done) = flights.join_next().await {
                 if let Ok((position, attempt)) = done {
-                    settle(&shared, &mut route, record, position, attempt).await;
+                    settle(&shared, &mut route, record, position, attempt, &log).await;
                 }
             }
             replay.upto = replay.upto.max(route.cursor());
@@ -329,13 +333,16 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
             route.saved = u64::MAX;
         }
         let active = !record.paused && record.disabled.is_none();
-        if active && route.pending.len() < config.window {
+        let unread = route.stale || appended.has_changed().unwrap_or(false);
+        if active && unread && route.pending.len() < config.window {
             appended.borrow_and_update();
+            route.stale = false;
             let want = config.window - route.pending.len();
             let read = route.read;
             match store.outbox(read, want).await {
                 Ok(events) => {
                     route.caught_up = events.len() < want;
+                    route.stale = !route.caught_up;
                     for (position, event) in events {
                         route.take(position, event);
                     }
@@ -343,6 +350,7 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
                 Err(e) => {
                     tracing::warn!(route = %id, error = %e, "cannot read the outbox");
                     route.caught_up = true;
+                    route.stale = true;
                 }
             }
         }
@@ -377,11 +385,19 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
         }
         tokio::select! {
             Some(done) = flights.join_next(), if !flights.is_empty() => {
-                if let Ok((position, attempt)) = done {
-                    settle(&shared, &mut route, record, position, attempt).await;
+                let mut done = Some(done);
+                while let Some(finished) = done {
+                    if let Ok((position, attempt)) = finished {
+                        settle(&shared, &mut route, record, position, attempt, &log).await;
+                    }
+                    done = flights.try_join_next();
                 }
+                // The window moved: there may be room for what the outbox holds.
+                route.stale = true;
             }
-            _ = appended.changed(), if active && route.pending.len() < config.window => {}
+            _ = appended.changed(), if active && route.pending.len() < config.window => {
+                route.stale = true;
+            }
             _ = changes.changed() => {}
             _ = sleep_until(next_try), if next_try.is_some() => {}
             _ = tokio::time::sleep(Duration::from_millis(200)), if route.cursor() != route.saved => {}
@@ -427,6 +443,23 @@ async fn save_cursor(store: &Arc<dyn TwinStore>, route: &mut Route, now: bool) {
     }
 }
 
+/// Attempts on their way to the delivery log.
+const LOG_QUEUE: usize = 4096;
+
+/// A task that writes a route's delivery log, so that the route's delivery does not wait
+/// for each write; it ends when the route's delivery does, after the last record.
+fn delivery_log(store: Arc<dyn TwinStore>) -> mpsc::Sender<DeliveryRecord> {
+    let (tx, mut rx) = mpsc::channel::<DeliveryRecord>(LOG_QUEUE);
+    tokio::spawn(async move {
+        while let Some(record) = rx.recv().await {
+            if let Err(e) = store.put_delivery(&record).await {
+                tracing::warn!(route = %record.route, error = %e, "cannot write the delivery log");
+            }
+        }
+    });
+    tx
+}
+
 /// Records an attempt and decides what comes next for its event.
 async fn settle(
     shared: &Shared,
@@ -434,6 +467,7 @@ async fn settle(
     record: &RouteRecord,
     position: u64,
     attempt: Attempt,
+    log: &mpsc::Sender<DeliveryRecord>,
 ) {
     let now = shared.fleet.now_millis();
     let Some(pending) = route.pending.get_mut(&position) else {
@@ -490,7 +524,7 @@ async fn settle(
             "an event was given up after its last retry"
         );
     }
-    let log = DeliveryRecord {
+    let entry = DeliveryRecord {
         route: record.id.clone(),
         position,
         thing: event.thing.clone(),
@@ -504,9 +538,8 @@ async fn settle(
         latency_ms: attempt.latency.as_millis() as u64,
         response: attempt.response,
     };
-    if let Err(e) = shared.store().put_delivery(&log).await {
-        tracing::warn!(route = %record.id, error = %e, "cannot write the delivery log");
-    }
+    // Waits only when the log's writer is behind by a whole queue.
+    let _ = log.send(entry).await;
     if let Some(why) = disable {
         tracing::warn!(route = %record.id, reason = %why, "route disabled");
         if let Err(e) = shared.fleet.routes().disable(&record.id, why).await {
