@@ -216,7 +216,7 @@ pub struct DeliveryConnection {
 }
 
 fn cursor_of(key: DeliveryKey) -> String {
-    key.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    crate::signing::hex(&key.to_bytes())
 }
 
 fn parse_cursor(s: &str) -> ApiResult<DeliveryKey> {

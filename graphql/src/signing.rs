@@ -23,7 +23,7 @@ pub use twin_actors::device_ca::write_private;
 
 pub const KEY_FILE: &str = "job-signing-key.pk8";
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         let _ = write!(s, "{b:02x}");

@@ -142,10 +142,7 @@ async fn prune_old(shared: &Shared) {
     let store = shared.store();
     let now = shared.fleet.now_millis();
     let before = now.saturating_sub(shared.config.retention.as_millis() as u64);
-    let Ok(end) = store.outbox_end().await else {
-        return;
-    };
-    match store.prune_routes(before, end + 1, before).await {
+    match store.prune_routes(before, before).await {
         Ok(n) if n > 0 => tracing::info!(records = n, "pruned old route events and deliveries"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot prune old route events"),

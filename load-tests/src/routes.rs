@@ -51,26 +51,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Milliseconds since the epoch of an RFC 3339 UTC time (`2026-12-02T14:02:20.753Z`).
-fn parse_rfc3339(s: &str) -> Option<u64> {
-    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
-    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
-    let ms = if s.as_bytes().get(19) == Some(&b'.') {
-        n(20..23)?
-    } else {
-        0
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms).ok()
-}
-
 /// Serves webhooks on one connection (HTTP/1.1, kept alive) until it closes.
 async fn serve(stream: TcpStream, seen: Arc<Mutex<Seen>>, fail_rate: f64) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -116,7 +96,9 @@ async fn serve(stream: TcpStream, seen: Arc<Mutex<Seen>>, fail_rate: f64) -> any
                 s.first.get_or_insert(now);
                 s.last = Some(now);
                 if s.ids.insert(id, (thing.clone(), seq)).is_none()
-                    && let Some(at) = event["timestamp"].as_str().and_then(parse_rfc3339)
+                    && let Some(at) = event["timestamp"]
+                        .as_str()
+                        .and_then(|t| twin_model::parse_rfc3339(t).ok())
                     && let Some(h) = s.latency.as_mut()
                 {
                     let _ = h.record(now_ms().saturating_sub(at) * 1000);
@@ -255,20 +237,6 @@ pub async fn route_fanout(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_times_parse_to_epoch_milliseconds() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            parse_rfc3339("2026-12-02T14:02:20.753Z"),
-            Some(1_796_220_140_753)
-        );
-        assert_eq!(
-            parse_rfc3339("2024-02-29T00:00:01Z"),
-            Some(1_709_164_801_000)
-        );
-        assert_eq!(parse_rfc3339("nope"), None);
-    }
 
     #[test]
     fn receipts_are_tallied_for_gaps_order_and_duplicates() {

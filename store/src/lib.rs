@@ -426,13 +426,12 @@ pub trait RouteStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<routes::DeliveryRecord>, StoreError>;
 
-    /// Drops outbox events written before `events_before` (milliseconds) at positions
-    /// before `below`, and delivery records older than `deliveries_before`. Returns how
-    /// many records went.
+    /// Drops outbox events written before `events_before` (milliseconds), delivered or
+    /// not, and delivery records older than `deliveries_before`. Returns how many
+    /// records went.
     async fn prune_routes(
         &self,
         events_before: u64,
-        below: u64,
         deliveries_before: u64,
     ) -> Result<u64, StoreError>;
 }

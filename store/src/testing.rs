@@ -240,7 +240,7 @@ impl RouteStore for GatedStore {
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
         Ok(vec![])
     }
-    async fn prune_routes(&self, _: u64, _: u64, _: u64) -> Result<u64, StoreError> {
+    async fn prune_routes(&self, _: u64, _: u64) -> Result<u64, StoreError> {
         Ok(0)
     }
 }
@@ -472,8 +472,8 @@ impl RouteStore for CrashAfter {
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
         self.inner.deliveries(route, before, limit).await
     }
-    async fn prune_routes(&self, a: u64, b: u64, c: u64) -> Result<u64, StoreError> {
-        self.inner.prune_routes(a, b, c).await
+    async fn prune_routes(&self, events: u64, deliveries: u64) -> Result<u64, StoreError> {
+        self.inner.prune_routes(events, deliveries).await
     }
 }
 

@@ -166,14 +166,10 @@ impl RouteStore for EmbeddedStore {
     async fn prune_routes(
         &self,
         events_before: u64,
-        below: u64,
         deliveries_before: u64,
     ) -> Result<u64, StoreError> {
-        self.blocking(move |e| {
-            e.outbox
-                .prune(&e.db, events_before, below, deliveries_before)
-        })
-        .await
+        self.blocking(move |e| e.outbox.prune(&e.db, events_before, deliveries_before))
+            .await
     }
 }
 

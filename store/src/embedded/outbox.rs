@@ -183,15 +183,11 @@ impl Outbox {
         &self,
         db: &Database,
         events_before: u64,
-        below: u64,
         deliveries_before: u64,
     ) -> Result<u64, StoreError> {
         let mut b = Self::durable(db);
         let mut pruned = 0;
-        for kv in self
-            .events
-            .range::<Vec<u8>, _>(..below.to_be_bytes().to_vec())
-        {
+        for kv in self.events.iter() {
             let (k, v) = kv.into_inner().map_err(engine)?;
             let event: OutboxRecord = decode(&k, &v)?;
             if event.at >= events_before {
@@ -295,8 +291,8 @@ mod tests {
             [(1, "t1", 1), (2, "t2", 1), (3, "t1", 2), (4, "t2", 2)]
         );
         assert_eq!(e.outbox.outbox(2, 1).unwrap()[0].0, 3);
-        // Pruned: written before 12 and below position 3 (what no cursor needs).
-        assert_eq!(e.outbox.prune(&e.db, 12, 3, 0).unwrap(), 2);
+        // Pruned: written before 12.
+        assert_eq!(e.outbox.prune(&e.db, 12, 0).unwrap(), 2);
         let left: Vec<u64> = e
             .outbox
             .outbox(0, 10)
@@ -352,7 +348,7 @@ mod tests {
         assert_eq!(next.iter().map(|d| d.at).collect::<Vec<_>>(), [10]);
         assert_eq!(e.outbox.deliveries("b", None, 5).unwrap().len(), 1);
         // Records older than 20 go; the route's others stay.
-        assert_eq!(e.outbox.prune(&e.db, 0, 0, 20).unwrap(), 2);
+        assert_eq!(e.outbox.prune(&e.db, 0, 20).unwrap(), 2);
         assert_eq!(e.outbox.deliveries("a", None, 5).unwrap().len(), 2);
         e.outbox.delete_route(&e.db, "a").unwrap();
         assert_eq!(e.outbox.cursor("a").unwrap(), None);

@@ -1049,7 +1049,7 @@ impl RouteStore for ScyllaStore {
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
         Ok(Vec::new())
     }
-    async fn prune_routes(&self, _: u64, _: u64, _: u64) -> Result<u64, StoreError> {
+    async fn prune_routes(&self, _: u64, _: u64) -> Result<u64, StoreError> {
         Ok(0)
     }
 }
