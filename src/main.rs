@@ -432,7 +432,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 doppel::logging::tracer(&config)?
             };
             let tracing = doppel::logging::init(std::io::stderr().is_terminal(), &config, tracer);
-            let served = runtime.block_on(doppel::serve(config, shutdown_signal()));
+            let served = runtime.block_on(async { doppel::serve(config, shutdown_signal()).await });
             if let Some(tracing) = tracing {
                 tracing.flush();
             }
@@ -571,27 +571,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Completes on SIGTERM or Ctrl-C. SIGTERM is taken from the moment this is called (on
+/// the runtime), not from the first poll: `serve` polls it only once it is ready, and a
+/// SIGTERM between the two would otherwise kill the process instead of stopping it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(s) => s,
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        match term {
+            Ok(mut term) => tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C still stops the server");
                 let _ = ctrl_c.await;
-                return;
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 fn main() -> ExitCode {
