@@ -314,6 +314,10 @@ async fn every_walkthrough_in_the_readme_works_as_written() {
         ("mosquitto_rr", "mosquitto-clients"),
         ("mosquitto_sub", "mosquitto-clients"),
         ("promtool", "prometheus"),
+        ("redis-server", "redis-server"),
+        ("redis-cli", "redis-tools"),
+        ("kcat", "kcat"),
+        ("java", "openjdk-17-jre-headless"),
     ] {
         let found = std::process::Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])

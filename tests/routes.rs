@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
 
-use common::{Server, WAIT, graphql, register, start};
+use common::{Server, WAIT, graphql, register, start, update_desired};
 
 const LIBRARY: &str = "standardwebhooks==1.1.0";
 
@@ -123,18 +123,6 @@ async fn route_to(server: &Server, token: &str, receiver: &Receiver, events: &st
     created["route"]["id"].as_str().unwrap().to_owned()
 }
 
-async fn update(server: &Server, token: &str, thing: &str, n: u64) {
-    let r = graphql(
-        &server.http,
-        Some(token),
-        r#"mutation($id: ID!, $n: Int!) { updateDesired(id: $id, desired: {n: $n}) { version } }"#,
-        json!({"id": thing, "n": n}),
-    )
-    .await
-    .json();
-    assert!(r["errors"].is_null(), "{r}");
-}
-
 /// Per thing, the seqs accepted, in the order accepted (duplicates included).
 fn by_thing(accepted: &[Value]) -> BTreeMap<String, Vec<u64>> {
     let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -175,7 +163,7 @@ async fn every_event_arrives_in_order_through_failures_and_a_sigkill() {
     route_to(&server, &token, &receiver, "SHADOW_CHANGED").await;
     for n in 1..=BEFORE {
         for t in &things {
-            update(&server, &token, t, n).await;
+            update_desired(&server.http, &token, t, n).await;
         }
     }
     // Killed while deliveries are under way: every update above was acknowledged.
@@ -185,7 +173,7 @@ async fn every_event_arrives_in_order_through_failures_and_a_sigkill() {
     let server = start(&data, FAST_RETRIES).await;
     for n in BEFORE + 1..=BEFORE + AFTER {
         for t in &things {
-            update(&server, &token, t, n).await;
+            update_desired(&server.http, &token, t, n).await;
         }
     }
     let want: HashSet<u64> = (1..=BEFORE + AFTER).collect();
@@ -245,7 +233,7 @@ async fn a_gone_endpoint_disables_the_route_and_its_log_says_so() {
     let token = server.admin_token.clone().unwrap();
     register(&server.http, &token, "lamp-1", json!({})).await;
     let route = route_to(&server, &token, &receiver, "SHADOW_CHANGED").await;
-    update(&server, &token, "lamp-1", 1).await;
+    update_desired(&server.http, &token, "lamp-1", 1).await;
     receiver.wait_for(WAIT, |r| !r.is_empty()).await;
 
     let state = r#"query($id: ID!) { route(id: $id) { state disabledReason }
@@ -273,7 +261,7 @@ async fn a_gone_endpoint_disables_the_route_and_its_log_says_so() {
     assert_eq!(attempt["attempt"], 1);
     // Disabled: no more attempts, however long.
     let sent = receiver.requests().len();
-    update(&server, &token, "lamp-1", 2).await;
+    update_desired(&server.http, &token, "lamp-1", 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.requests().len(), sent);
 
@@ -342,7 +330,7 @@ async fn a_replay_delivers_the_time_range_again_with_the_same_ids() {
     register(&server.http, &token, "lamp-1", json!({})).await;
     let route = route_to(&server, &token, &receiver, "SHADOW_CHANGED, THING_UPDATED").await;
     for n in 1..=3 {
-        update(&server, &token, "lamp-1", n).await;
+        update_desired(&server.http, &token, "lamp-1", n).await;
     }
     receiver.wait_for(WAIT, |r| r.len() == 3).await;
     let first: Vec<Value> = receiver
@@ -367,7 +355,7 @@ async fn a_replay_delivers_the_time_range_again_with_the_same_ids() {
         .collect();
     assert_eq!(again, first);
     // Then it goes on as before.
-    update(&server, &token, "lamp-1", 4).await;
+    update_desired(&server.http, &token, "lamp-1", 4).await;
     receiver.wait_for(WAIT, |r| r.len() == 7).await;
     assert_eq!(receiver.requests()[6]["seq"], 4);
 
@@ -384,7 +372,7 @@ async fn a_replay_delivers_the_time_range_again_with_the_same_ids() {
     assert_eq!(r["data"]["redeliver"]["state"], "ACTIVE", "{r}");
     receiver.wait_for(WAIT, |r| r.len() == 8).await;
     assert_eq!(receiver.requests()[7]["id"], second);
-    update(&server, &token, "lamp-1", 5).await;
+    update_desired(&server.http, &token, "lamp-1", 5).await;
     receiver.wait_for(WAIT, |r| r.len() == 9).await;
     assert_eq!(receiver.requests()[8]["seq"], 5);
     let r = graphql(

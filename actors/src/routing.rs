@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use twin_model::route::EventType;
 use twin_model::{Connectivity, Filter, Shadow, ShadowName};
 use twin_store::routes::RouteRecord;
@@ -42,6 +42,31 @@ impl LiveRoute {
     }
 }
 
+/// How a route's delivery is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteHealth {
+    /// Its last attempt went through (or it has had none).
+    Healthy,
+    /// Its last attempt failed; the event is tried again.
+    Retrying,
+    /// It delivers nothing until resumed (a 410, or failing too long).
+    Disabled,
+}
+
+/// A route's health as its delivery last reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteStatus {
+    pub route: String,
+    pub health: RouteHealth,
+    /// The last failure (an HTTP status, a transport error, the reason it was disabled).
+    pub last_error: Option<String>,
+    /// When it changed to this health, milliseconds since the epoch.
+    pub since: u64,
+}
+
+/// Status changes a slow subscriber may fall behind by before it misses some.
+const STATUS_BACKLOG: usize = 1024;
+
 /// The routes in force, and a signal for their delivery: `changes` moves on when a route
 /// changes, `appended` when a twin has written an event to the outbox.
 pub struct RouteTable {
@@ -49,6 +74,8 @@ pub struct RouteTable {
     wanted: AtomicU16,
     changes: watch::Sender<u64>,
     appended: watch::Sender<u64>,
+    health: RwLock<HashMap<String, RouteStatus>>,
+    health_changes: broadcast::Sender<RouteStatus>,
 }
 
 impl Default for RouteTable {
@@ -58,6 +85,8 @@ impl Default for RouteTable {
             wanted: AtomicU16::new(0),
             changes: watch::channel(0).0,
             appended: watch::channel(0).0,
+            health: RwLock::default(),
+            health_changes: broadcast::channel(STATUS_BACKLOG).0,
         }
     }
 }
@@ -88,6 +117,12 @@ impl RouteTable {
             .store(next.iter().fold(0, |b, r| b | r.bits), Ordering::Release);
         *routes = next.into();
         drop(routes);
+        if !self.all().iter().any(|r| r.record.id == id) {
+            self.health
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+        }
         self.changes.send_modify(|n| *n += 1);
     }
 
@@ -118,6 +153,35 @@ impl RouteTable {
     /// Moves on when an event is appended to the outbox.
     pub fn appended(&self) -> watch::Receiver<u64> {
         self.appended.subscribe()
+    }
+
+    /// A route's health now; `None` before its delivery first reported.
+    pub fn status(&self, id: &str) -> Option<RouteStatus> {
+        self.health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Delivery reports a route's health; subscribers hear of it when it changed.
+    pub fn report(&self, status: RouteStatus) {
+        let mut health = self.health.write().unwrap_or_else(|p| p.into_inner());
+        let changed = health
+            .get(&status.route)
+            .is_none_or(|s| s.health != status.health);
+        if changed {
+            health.insert(status.route.clone(), status.clone());
+            drop(health);
+            let _ = self.health_changes.send(status);
+        } else if let Some(s) = health.get_mut(&status.route) {
+            s.last_error = status.last_error;
+        }
+    }
+
+    /// Every change of a route's health, from now on.
+    pub fn status_changes(&self) -> broadcast::Receiver<RouteStatus> {
+        self.health_changes.subscribe()
     }
 
     pub(crate) fn note_appended(&self) {

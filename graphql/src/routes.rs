@@ -3,14 +3,16 @@
 
 use std::time::Duration;
 
-use async_graphql::{Context, Enum, ID, InputObject, Object, SimpleObject};
+use async_graphql::futures_util::stream::{self, Stream, StreamExt};
+use async_graphql::{Context, Enum, ID, InputObject, Object, SimpleObject, Subscription};
+use twin_actors::routing::RouteTable;
 use twin_actors::services::RouteSpec;
 use twin_model::route;
 use twin_store::routes::{DeliveryKey, DeliveryRecord, Destination, RouteRecord};
 
 use crate::auth::Role;
 use crate::error::{ApiError, ApiResult};
-use crate::schema::{DateTime, PageInfo, RoleGuard, api, thing_id};
+use crate::schema::{DateTime, PageInfo, RoleGuard, api, lagging, thing_id};
 
 /// What a route carries.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,8 @@ pub enum EventType {
 #[derive(InputObject)]
 pub struct DestinationInput {
     pub webhook: Option<WebhookInput>,
+    pub redis_stream: Option<RedisStreamInput>,
+    pub kafka: Option<KafkaInput>,
 }
 
 /// A Standard Webhooks v1 endpoint: each event is POSTed, signed with the route's secret.
@@ -43,14 +47,47 @@ pub struct WebhookInput {
     pub timeout_seconds: i32,
 }
 
+/// A Redis stream: each event is an `XADD` entry (fields `id`, `type`, `thing`, `event`,
+/// `webhook-timestamp`, `webhook-signature`).
+#[derive(InputObject)]
+pub struct RedisStreamInput {
+    /// `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// The stream's key.
+    pub stream: String,
+    /// The stream is trimmed to about this many entries (`MAXLEN ~`), 1 to 1,000,000,000.
+    #[graphql(default = 100000)]
+    pub max_length: i64,
+}
+
+/// A Kafka topic: each event is a message keyed by its thing's id, produced idempotently
+/// with `acks=all`.
+#[derive(InputObject)]
+pub struct KafkaInput {
+    /// Bootstrap brokers, `host:port` comma-separated.
+    pub brokers: String,
+    pub topic: String,
+}
+
 fn destination(input: DestinationInput) -> ApiResult<Destination> {
-    let Some(w) = input.webhook else {
-        return Err(ApiError::invalid("destination: give webhook"));
-    };
-    Ok(Destination::Webhook {
-        url: w.url,
-        timeout_secs: u32::try_from(w.timeout_seconds).unwrap_or(0),
-    })
+    match (input.webhook, input.redis_stream, input.kafka) {
+        (Some(w), None, None) => Ok(Destination::Webhook {
+            url: w.url,
+            timeout_secs: u32::try_from(w.timeout_seconds).unwrap_or(0),
+        }),
+        (None, Some(r), None) => Ok(Destination::RedisStream {
+            url: r.url,
+            stream: r.stream,
+            max_len: u64::try_from(r.max_length).unwrap_or(0),
+        }),
+        (None, None, Some(k)) => Ok(Destination::Kafka {
+            brokers: k.brokers,
+            topic: k.topic,
+        }),
+        _ => Err(ApiError::invalid(
+            "destination: give exactly one of webhook, redisStream and kafka",
+        )),
+    }
 }
 
 fn events(events: Vec<EventType>) -> Vec<route::EventType> {
@@ -75,6 +112,33 @@ pub struct Webhook {
     pub timeout_seconds: i32,
 }
 
+/// A Redis Streams destination as it is.
+#[derive(SimpleObject)]
+pub struct RedisStream {
+    /// The URL, its password (if any) replaced by `***`.
+    pub url: String,
+    pub stream: String,
+    pub max_length: i64,
+}
+
+/// A Kafka destination as it is.
+#[derive(SimpleObject)]
+pub struct Kafka {
+    pub brokers: String,
+    pub topic: String,
+}
+
+/// A URL with its password hidden.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// A route: the fleet's events of some types, filtered, to a destination.
 pub struct Route(pub(crate) RouteRecord);
 
@@ -97,11 +161,41 @@ impl Route {
         self.0.filter.as_deref()
     }
 
-    async fn webhook(&self) -> Webhook {
-        let Destination::Webhook { url, timeout_secs } = &self.0.destination;
-        Webhook {
-            url: url.clone(),
-            timeout_seconds: i32::try_from(*timeout_secs).unwrap_or(i32::MAX),
+    /// The destination, when it is a webhook.
+    async fn webhook(&self) -> Option<Webhook> {
+        match &self.0.destination {
+            Destination::Webhook { url, timeout_secs } => Some(Webhook {
+                url: url.clone(),
+                timeout_seconds: i32::try_from(*timeout_secs).unwrap_or(i32::MAX),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The destination, when it is a Redis stream.
+    async fn redis_stream(&self) -> Option<RedisStream> {
+        match &self.0.destination {
+            Destination::RedisStream {
+                url,
+                stream,
+                max_len,
+            } => Some(RedisStream {
+                url: redacted(url),
+                stream: stream.clone(),
+                max_length: i64::try_from(*max_len).unwrap_or(i64::MAX),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The destination, when it is a Kafka topic.
+    async fn kafka(&self) -> Option<Kafka> {
+        match &self.0.destination {
+            Destination::Kafka { brokers, topic } => Some(Kafka {
+                brokers: brokers.clone(),
+                topic: topic.clone(),
+            }),
+            _ => None,
         }
     }
 
@@ -116,6 +210,16 @@ impl Route {
     /// Why the route was disabled.
     async fn disabled_reason(&self) -> Option<&str> {
         self.0.disabled.as_deref()
+    }
+
+    /// How its delivery is going; null until its delivery has started.
+    async fn status(&self, ctx: &Context<'_>) -> Option<RouteStatus> {
+        api(ctx)
+            .fleet
+            .routes()
+            .table()
+            .status(&self.0.id)
+            .map(RouteStatus::from)
     }
 
     async fn created_at(&self) -> DateTime {
@@ -320,6 +424,83 @@ impl RoutesQuery {
             },
             edges,
         })
+    }
+}
+
+/// How a route's delivery is going.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "twin_actors::routing::RouteHealth")]
+pub enum RouteHealth {
+    /// Its last attempt went through (or it has had none).
+    Healthy,
+    /// Its last attempt failed; the event is tried again.
+    Retrying,
+    /// It delivers nothing until `resumeRoute` (a 410, or failing longer than
+    /// `webhook_disable_after`).
+    Disabled,
+}
+
+/// A route's health, since when, and the last failure.
+#[derive(SimpleObject)]
+pub struct RouteStatus {
+    pub route_id: ID,
+    pub health: RouteHealth,
+    /// The last failed attempt's HTTP status or error, or why the route was disabled.
+    pub last_error: Option<String>,
+    /// When it changed to this health.
+    pub since: DateTime,
+}
+
+impl From<twin_actors::routing::RouteStatus> for RouteStatus {
+    fn from(s: twin_actors::routing::RouteStatus) -> Self {
+        Self {
+            route_id: ID(s.route),
+            health: s.health.into(),
+            last_error: s.last_error,
+            since: DateTime(s.since),
+        }
+    }
+}
+
+/// The current status of every route (or of `only`).
+fn current(table: &RouteTable, only: Option<&str>) -> Vec<RouteStatus> {
+    table
+        .all()
+        .iter()
+        .filter(|r| only.is_none_or(|id| r.record.id == id))
+        .filter_map(|r| table.status(&r.record.id))
+        .map(RouteStatus::from)
+        .collect()
+}
+
+#[derive(Default)]
+pub struct RoutesSubscription;
+
+#[Subscription]
+impl RoutesSubscription {
+    /// Each change of a route's health (of every route, or of `id`): healthy, retrying or
+    /// disabled, with the last error. It starts with each route's health now; a
+    /// subscriber that fell behind gets each route's health now again, so it never holds
+    /// a stale one.
+    #[graphql(guard = "RoleGuard(Role::Admin)")]
+    async fn route_status_changed(
+        &self,
+        ctx: &Context<'_>,
+        id: Option<ID>,
+    ) -> async_graphql::Result<impl Stream<Item = RouteStatus> + use<>> {
+        let table = api(ctx).fleet.routes().table().clone();
+        let only = id.map(|id| id.0);
+        let live = lagging(table.status_changes());
+        let now = current(&table, only.as_deref());
+        let changes = live.flat_map(move |change| {
+            let out = match change {
+                Ok(s) if only.as_ref().is_none_or(|id| *id == s.route) => vec![s.into()],
+                Ok(_) => Vec::new(),
+                Err(_) => current(&table, only.as_deref()),
+            };
+            stream::iter(out)
+        });
+        Ok(stream::iter(now).chain(changes))
     }
 }
 

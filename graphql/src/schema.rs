@@ -24,7 +24,7 @@ use crate::commands::{CommandsMutation, CommandsQuery, CommandsSubscription};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::jobs::resolvers::{JobsMutation, JobsQuery, JobsSubscription};
 use crate::provisioning::{ProvisioningMutation, ProvisioningQuery};
-use crate::routes::{RoutesMutation, RoutesQuery};
+use crate::routes::{RoutesMutation, RoutesQuery, RoutesSubscription};
 use crate::thing_events::ThingsSubscription;
 use crate::things::{ThingsMutation, ThingsQuery};
 
@@ -205,7 +205,12 @@ pub struct Mutation(
 
 // Every subscription, one object per domain.
 #[derive(MergedSubscription, Default)]
-pub struct SubscriptionRoot(ThingsSubscription, CommandsSubscription, JobsSubscription);
+pub struct SubscriptionRoot(
+    ThingsSubscription,
+    CommandsSubscription,
+    JobsSubscription,
+    RoutesSubscription,
+);
 
 pub type DoppelSchema = async_graphql::Schema<Query, Mutation, SubscriptionRoot>;
 

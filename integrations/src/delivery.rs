@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use twin_actors::FleetHandle;
+use twin_actors::routing::{RouteHealth, RouteStatus, RouteTable};
 use twin_model::DeviceId;
 use twin_model::route::{Network, event_id};
 use twin_store::routes::{
@@ -30,7 +31,9 @@ use twin_store::routes::{
 };
 use twin_store::{StoreError, TwinStore};
 
+use crate::Message;
 use crate::schedule;
+use crate::sink::Sink;
 use crate::webhook::{Attempt, Verdict, WebhookClient};
 
 #[derive(Debug, Clone)]
@@ -43,8 +46,11 @@ pub struct DeliveryConfig {
     pub retention: Duration,
     /// Events read and not yet done, per route.
     pub window: usize,
-    /// Requests in flight, per route.
+    /// Requests in flight, per webhook route.
     pub parallel: usize,
+    /// Messages in flight, per Redis or Kafka route (each a round trip on one
+    /// connection, so many more than HTTP requests).
+    pub stream_parallel: usize,
     pub allowed_networks: Vec<Network>,
 }
 
@@ -56,6 +62,7 @@ impl Default for DeliveryConfig {
             retention: Duration::from_secs(7 * 86_400),
             window: 10_000,
             parallel: 64,
+            stream_parallel: 1024,
             allowed_networks: Vec::new(),
         }
     }
@@ -69,11 +76,11 @@ pub struct Deliveries {
 
 impl Deliveries {
     pub fn start(fleet: FleetHandle, config: DeliveryConfig) -> Result<Self, String> {
-        let client = WebhookClient::new(config.allowed_networks.clone())?;
+        let webhooks = WebhookClient::new(config.allowed_networks.clone())?;
         let (stop, stopped) = watch::channel(false);
         let shared = Arc::new(Shared {
             fleet,
-            client,
+            webhooks,
             config,
         });
         let task = tokio::spawn(supervise(shared, stopped));
@@ -89,7 +96,7 @@ impl Deliveries {
 
 struct Shared {
     fleet: FleetHandle,
-    client: WebhookClient,
+    webhooks: WebhookClient,
     config: DeliveryConfig,
 }
 
@@ -176,6 +183,10 @@ struct Route {
     replay: Option<Replay>,
     /// When its failures began (no success since), milliseconds.
     failing_since: Option<u64>,
+    /// What the last failed attempt met.
+    last_error: Option<String>,
+    /// The health last reported, with its error.
+    reported: Option<(RouteHealth, Option<String>)>,
 }
 
 impl Route {
@@ -192,6 +203,8 @@ impl Route {
             busy: HashSet::new(),
             replay,
             failing_since: None,
+            last_error: None,
+            reported: None,
         }
     }
 
@@ -305,6 +318,7 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
     let log = delivery_log(store.clone());
     let mut flights: JoinSet<(u64, Attempt)> = JoinSet::new();
     let config = &shared.config;
+    let mut sink: Option<(Destination, Sink)> = None;
     loop {
         changes.borrow_and_update();
         let Some(live) = table.get(&id) else {
@@ -312,6 +326,22 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
             return;
         };
         let record = &live.record;
+        if sink.as_ref().is_none_or(|(d, _)| *d != record.destination) {
+            match Sink::new(&record.destination, &id, &shared.webhooks) {
+                Ok(s) => sink = Some((record.destination.clone(), s)),
+                Err(e) => {
+                    tracing::warn!(route = %id, error = %e, "cannot make the route's destination ready; trying again in 5 s");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                        _ = stopped.changed() => {
+                            save_cursor(&store, &mut route, true).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let Some((_, sink)) = &sink else { continue };
         if record.replay.map(|r| r.id) != route.replay.map(|r| r.id)
             && let Some(mut replay) = record.replay
         {
@@ -320,7 +350,7 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
             // nor is what was done after the cursor the replay was asked at.
             while let Some(done) = flights.join_next().await {
                 if let Ok((position, attempt)) = done {
-                    settle(&shared, &mut route, record, position, attempt, &log).await;
+                    settle(&shared, &mut route, record, sink, position, attempt, &log).await;
                 }
             }
             replay.upto = replay.upto.max(route.cursor());
@@ -329,6 +359,7 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
             // task after the replay was asked must not stand.
             route.saved = u64::MAX;
         }
+        report_health(&table, &mut route, record, shared.fleet.now_millis());
         let active = !record.paused && record.disabled.is_none();
         let unread = route.stale || appended.has_changed().unwrap_or(false);
         if active && unread && route.pending.len() < config.window {
@@ -353,7 +384,12 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
         }
         let mut next_try = None;
         if active {
-            let room = config.parallel.saturating_sub(flights.len());
+            let parallel = if sink.is_webhook() {
+                config.parallel
+            } else {
+                config.stream_parallel
+            };
+            let room = parallel.saturating_sub(flights.len());
             let (ready, next) = route.ready(room);
             next_try = next;
             let keys = keys(record, shared.fleet.now_millis());
@@ -361,17 +397,12 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
                 let pending = &route.pending[&position];
                 route.busy.insert(pending.event.thing.clone());
                 let event = pending.event.clone();
-                let client = shared.client.clone();
-                let Destination::Webhook { url, timeout_secs } = record.destination.clone();
+                let sink = sink.clone();
                 let keys = keys.clone();
                 let now = shared.fleet.now_millis() / 1000;
                 flights.spawn(async move {
-                    let body = crate::event_body(position, &event);
-                    let timeout = Duration::from_secs(u64::from(timeout_secs));
-                    let attempt = client
-                        .send(&url, timeout, &event_id(position), now, body, &keys)
-                        .await;
-                    (position, attempt)
+                    let message = Message::new(position, &event, now, &keys);
+                    (position, sink.send(&message).await)
                 });
             }
         }
@@ -385,7 +416,7 @@ async fn deliver(shared: Arc<Shared>, id: String, mut stopped: watch::Receiver<b
                 let mut done = Some(done);
                 while let Some(finished) = done {
                     if let Ok((position, attempt)) = finished {
-                        settle(&shared, &mut route, record, position, attempt, &log).await;
+                        settle(&shared, &mut route, record, sink, position, attempt, &log).await;
                     }
                     done = flights.try_join_next();
                 }
@@ -420,6 +451,26 @@ fn keys(route: &RouteRecord, now: u64) -> Arc<[hmac::Key]> {
         .filter(|s| s.expires_at.is_none_or(|at| at > now))
         .filter_map(|s| crate::signing::key(&s.secret))
         .collect()
+}
+
+/// Tells the route table how the route is going, when that changed: disabled, retrying
+/// (no success since a failure), or healthy.
+fn report_health(table: &RouteTable, route: &mut Route, record: &RouteRecord, now: u64) {
+    let now_is = match &record.disabled {
+        Some(why) => (RouteHealth::Disabled, Some(why.clone())),
+        None if route.failing_since.is_some() => (RouteHealth::Retrying, route.last_error.clone()),
+        None => (RouteHealth::Healthy, route.last_error.clone()),
+    };
+    if route.reported.as_ref() == Some(&now_is) {
+        return;
+    }
+    table.report(RouteStatus {
+        route: record.id.clone(),
+        health: now_is.0,
+        last_error: now_is.1.clone(),
+        since: now,
+    });
+    route.reported = Some(now_is);
 }
 
 /// Writes the cursor when it moved: at most every 200 ms while busy, or `now`.
@@ -462,6 +513,7 @@ async fn settle(
     shared: &Shared,
     route: &mut Route,
     record: &RouteRecord,
+    sink: &Sink,
     position: u64,
     attempt: Attempt,
     log: &mpsc::Sender<DeliveryRecord>,
@@ -480,6 +532,12 @@ async fn settle(
         }
         Verdict::Gone => {
             disable = Some("the endpoint answered 410 Gone".to_owned());
+            DeliveryStatus::Retrying
+        }
+        Verdict::Retry if !sink.is_webhook() => {
+            route.failing_since.get_or_insert(now);
+            let random = twin_store::secret::random::<2>().map_or(0, u16::from_be_bytes);
+            pending.next = Instant::now() + schedule::backoff(pending.attempts, random);
             DeliveryStatus::Retrying
         }
         Verdict::Retry => {
@@ -506,6 +564,13 @@ async fn settle(
         }
     };
     let attempts = pending.attempts;
+    if status != DeliveryStatus::Delivered {
+        route.last_error = Some(match (&attempt.error, attempt.status) {
+            (Some(e), _) => e.clone(),
+            (None, Some(code)) => format!("HTTP {code}"),
+            (None, None) => "failed".to_owned(),
+        });
+    }
     match status {
         DeliveryStatus::Delivered | DeliveryStatus::Failed => route.done(position),
         DeliveryStatus::Retrying => {

@@ -27,10 +27,26 @@ pub fn next(
     random: u16,
 ) -> Option<Duration> {
     let step = *schedule.get(usize::try_from(attempt).ok()?.checked_sub(1)?)?;
-    let spread = step.as_secs_f64() * 0.2 * (f64::from(random) / f64::from(u16::MAX) - 0.5);
-    let jittered = Duration::from_secs_f64((step.as_secs_f64() + spread).max(0.0));
+    let jittered = jitter(step, random);
     let asked = retry_after.map(|d| d.min(Duration::from_secs(24 * 3600)));
     Some(asked.map_or(jittered, |a| a.max(jittered)))
+}
+
+/// The longest wait between attempts to a Redis or Kafka destination.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How long to wait after attempt `attempt` (1-based) to a Redis or Kafka destination
+/// failed: 1 s, doubling up to [`BACKOFF_MAX`], ±10 %; such a destination is tried until
+/// it takes the event.
+pub fn backoff(attempt: u32, random: u16) -> Duration {
+    let step = Duration::from_secs(1u64 << attempt.saturating_sub(1).min(6)).min(BACKOFF_MAX);
+    jitter(step, random)
+}
+
+/// `step` ±10 %, by `random` (0..=u16::MAX).
+fn jitter(step: Duration, random: u16) -> Duration {
+    let spread = step.as_secs_f64() * 0.2 * (f64::from(random) / f64::from(u16::MAX) - 0.5);
+    Duration::from_secs_f64((step.as_secs_f64() + spread).max(0.0))
 }
 
 /// A `Retry-After` header: seconds (the HTTP-date form is taken as "no advice").
@@ -92,6 +108,16 @@ mod tests {
         assert_eq!(capped, Duration::from_secs(86_400));
         assert_eq!(retry_after(" 30 "), Some(Duration::from_secs(30)));
         assert_eq!(retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
+
+    #[test]
+    fn streams_back_off_doubling_to_a_minute_and_never_give_up() {
+        let mid = u16::MAX / 2;
+        let secs = |a| backoff(a, mid).as_secs_f64().round();
+        let waits: Vec<f64> = (1..=9).map(secs).collect();
+        assert_eq!(waits, [1., 2., 4., 8., 16., 32., 60., 60., 60.]);
+        assert_eq!(secs(u32::MAX), 60.);
+        assert_eq!(backoff(3, 0), Duration::from_millis(3600));
     }
 
     #[test]

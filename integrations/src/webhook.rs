@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use ring::hmac;
 use twin_model::route::{Network, may_send_to};
 
-use crate::signing;
+use crate::Message;
 
 /// The longest part of a response body kept in the delivery log.
 pub const SNIPPET_BYTES: usize = 256;
@@ -40,6 +39,32 @@ pub struct Attempt {
     pub response: Option<String>,
     /// What the receiver asked for with `Retry-After` on a 429 or 503.
     pub retry_after: Option<Duration>,
+}
+
+impl Attempt {
+    /// It failed before any answer: try again later.
+    pub fn failed(started: Instant, error: String) -> Self {
+        Self {
+            verdict: Verdict::Retry,
+            status: None,
+            error: Some(error),
+            latency: started.elapsed(),
+            response: None,
+            retry_after: None,
+        }
+    }
+
+    /// The destination took it.
+    pub fn delivered(started: Instant, response: Option<String>) -> Self {
+        Self {
+            verdict: Verdict::Delivered,
+            status: None,
+            error: None,
+            latency: started.elapsed(),
+            response,
+            retry_after: None,
+        }
+    }
 }
 
 /// Resolves names as the system does, keeping only the addresses webhooks may go to.
@@ -101,47 +126,33 @@ impl WebhookClient {
         Ok(Self { client, allowed })
     }
 
-    /// POSTs `body` to `url`, signed with every key, and says what came of it.
-    pub async fn send(
-        &self,
-        url: &str,
-        timeout: Duration,
-        id: &str,
-        timestamp: u64,
-        body: String,
-        keys: &[hmac::Key],
-    ) -> Attempt {
+    /// POSTs the event to `url` and says what came of it.
+    pub async fn send(&self, url: &str, timeout: Duration, message: &Message) -> Attempt {
         let started = Instant::now();
-        let failed = |error: String| Attempt {
-            verdict: Verdict::Retry,
-            status: None,
-            error: Some(error),
-            latency: started.elapsed(),
-            response: None,
-            retry_after: None,
-        };
         if let Some(ip) = literal_ip(url)
             && !may_send_to(ip, &self.allowed)
         {
-            return failed(format!(
-                "{ip} is not a public address; allow its network with the setting webhook_allowed_networks"
-            ));
+            return Attempt::failed(
+                started,
+                format!(
+                    "{ip} is not a public address; allow its network with the setting webhook_allowed_networks"
+                ),
+            );
         }
-        let signature = signing::signature(keys, id, timestamp, body.as_bytes());
         let sent = self
             .client
             .post(url)
             .timeout(timeout)
             .header("content-type", "application/json")
-            .header("webhook-id", id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(body)
+            .header("webhook-id", &message.id)
+            .header("webhook-timestamp", message.timestamp.to_string())
+            .header("webhook-signature", &message.signature)
+            .body(message.body.clone())
             .send()
             .await;
         let response = match sent {
             Ok(r) => r,
-            Err(e) => return failed(describe(&e)),
+            Err(e) => return Attempt::failed(started, describe(&e)),
         };
         let status = response.status().as_u16();
         let retry_after = if matches!(status, 429 | 503) {

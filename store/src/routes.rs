@@ -20,6 +20,26 @@ use twin_model::route::EventType;
 pub enum Destination {
     /// An HTTPS (or, where allowed, HTTP) endpoint, signed as Standard Webhooks v1 says.
     Webhook { url: String, timeout_secs: u32 },
+    /// `XADD` to a Redis stream, trimmed to about `max_len` entries (`MAXLEN ~`).
+    #[serde(rename_all = "camelCase")]
+    RedisStream {
+        url: String,
+        stream: String,
+        max_len: u64,
+    },
+    /// A Kafka topic; each message's key is its thing's id.
+    Kafka { brokers: String, topic: String },
+}
+
+impl Destination {
+    /// `webhook`, `redisStream` or `kafka`: what logs and metrics call it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Webhook { .. } => "webhook",
+            Self::RedisStream { .. } => "redisStream",
+            Self::Kafka { .. } => "kafka",
+        }
+    }
 }
 
 /// A webhook signing secret (`whsec_<base64>`). A rotated-out secret keeps signing

@@ -470,6 +470,19 @@ pub async fn register(addr: &str, token: &str, id: &str, attributes: serde_json:
         .to_owned()
 }
 
+/// Sets the desired `n` of a thing's shadow through GraphQL.
+pub async fn update_desired(addr: &str, token: &str, thing: &str, n: u64) {
+    let r = graphql(
+        addr,
+        Some(token),
+        r#"mutation($id: ID!, $n: Int!) { updateDesired(id: $id, desired: {n: $n}) { version } }"#,
+        serde_json::json!({"id": thing, "n": n}),
+    )
+    .await
+    .json();
+    assert!(r["errors"].is_null(), "{r}");
+}
+
 /// A graphql-transport-ws connection authenticated with `token`, acknowledged.
 pub async fn ws_as(addr: &str, token: &str, recv_buffer: Option<u32>) -> Ws {
     Ws::connect(

@@ -52,12 +52,56 @@ fn new_secret() -> Result<String, FleetError> {
     ))
 }
 
-/// Checks a webhook destination: an absolute http(s) URL without credentials, to a host
-/// that is not on a refused network when it is an address (or `localhost`); names are
-/// checked again, resolved, at each delivery.
+/// A Redis stream's longest `MAXLEN`.
+pub const MAX_STREAM_LEN: u64 = 1_000_000_000;
+
+/// Checks a destination. A webhook: an absolute http(s) URL without credentials, to a
+/// host that is not on a refused network when it is an address (or `localhost`); names
+/// are checked again, resolved, at each delivery. Redis and Kafka are the operator's own
+/// infrastructure, usually on a private network: their addresses are not restricted.
 pub fn check_destination(d: &Destination, allowed: &[Network]) -> Result<(), String> {
-    let Destination::Webhook { url, timeout_secs } = d;
-    if !(1..=MAX_TIMEOUT_SECS).contains(timeout_secs) {
+    match d {
+        Destination::Webhook { url, timeout_secs } => check_webhook(url, *timeout_secs, allowed),
+        Destination::RedisStream {
+            url,
+            stream,
+            max_len,
+        } => {
+            check_redis_url(url)?;
+            if stream.is_empty() || stream.len() > 256 || stream.chars().any(char::is_control) {
+                return Err(
+                    "a Redis stream's name is 1 to 256 bytes, without control characters".into(),
+                );
+            }
+            if !(1..=MAX_STREAM_LEN).contains(max_len) {
+                return Err(format!(
+                    "a Redis stream's maxLength is 1 to {MAX_STREAM_LEN}"
+                ));
+            }
+            Ok(())
+        }
+        Destination::Kafka { brokers, topic } => {
+            check_brokers(brokers)?;
+            // Kafka's own rule for topic names.
+            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if topic.is_empty()
+                || topic.len() > 249
+                || !topic.chars().all(legal)
+                || topic == "."
+                || topic == ".."
+            {
+                return Err(
+                    "a Kafka topic is 1 to 249 of a-z, A-Z, 0-9, '.', '_' and '-' (not . or ..)"
+                        .into(),
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_webhook(url: &str, timeout_secs: u32, allowed: &[Network]) -> Result<(), String> {
+    if !(1..=MAX_TIMEOUT_SECS).contains(&timeout_secs) {
         return Err(format!(
             "a webhook's timeout is 1 to {MAX_TIMEOUT_SECS} seconds"
         ));
@@ -84,6 +128,45 @@ pub fn check_destination(d: &Destination, allowed: &[Network]) -> Result<(), Str
         return Err(format!(
             "{ip} is a loopback, private, link-local or other non-public address; allow its network with the setting webhook_allowed_networks"
         ));
+    }
+    Ok(())
+}
+
+/// `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("the Redis URL does not parse: {e}"))?;
+    if !matches!(parsed.scheme(), "redis" | "rediss") {
+        return Err("a Redis URL is redis:// or rediss://".into());
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("a Redis URL names a host".into());
+    }
+    let db = parsed.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Err(format!(
+            "a Redis URL's path is a database number, not {db:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// `host:port`, comma-separated.
+fn check_brokers(brokers: &str) -> Result<(), String> {
+    let all: Vec<&str> = brokers.split(',').map(str::trim).collect();
+    if all.len() > 32 {
+        return Err("at most 32 Kafka brokers".into());
+    }
+    for broker in all {
+        let (host, port) = broker
+            .rsplit_once(':')
+            .ok_or_else(|| format!("a Kafka broker is host:port, not {broker:?}"))?;
+        let host_ok = !host.is_empty()
+            && host.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
+            });
+        if !host_ok || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("a Kafka broker is host:port, not {broker:?}"));
+        }
     }
     Ok(())
 }

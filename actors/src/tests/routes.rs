@@ -159,7 +159,45 @@ async fn bad_routes_are_refused_with_the_reason() {
         let m = refused(s).await;
         assert!(m.contains(why), "{url}: {m}");
     }
+    let redis = |url: &str, stream: &str, max_len| Destination::RedisStream {
+        url: url.into(),
+        stream: stream.into(),
+        max_len,
+    };
+    let kafka = |brokers: &str, topic: &str| Destination::Kafka {
+        brokers: brokers.into(),
+        topic: topic.into(),
+    };
+    for (destination, why) in [
+        (redis("http://r:6379", "s", 10), "redis:// or rediss://"),
+        (redis("redis://r:6379/x", "s", 10), "database number"),
+        (redis("redis://", "s", 10), "names a host"),
+        (redis("no url", "s", 10), "does not parse"),
+        (redis("redis://r", "", 10), "stream's name"),
+        (redis("redis://r", "a\nb", 10), "stream's name"),
+        (redis("redis://r", "s", 0), "maxLength is 1 to"),
+        (kafka("k1", "t"), "host:port"),
+        (kafka("k1:0", "t"), "host:port"),
+        (kafka("k1:9092,", "t"), "host:port"),
+        (kafka("k1:9092", "a b"), "Kafka topic"),
+        (kafka("k1:9092", ".."), "Kafka topic"),
+        (kafka("k1:9092", &"t".repeat(250)), "Kafka topic"),
+    ] {
+        let mut s = spec(&[EventType::ShadowChanged], None);
+        s.destination = Some(destination.clone());
+        let m = refused(s).await;
+        assert!(m.contains(why), "{destination:?}: {m}");
+    }
     assert!(f.fleet.routes().list().is_empty());
+    // Redis and Kafka are the operator's own: private addresses are fine.
+    for destination in [
+        redis("rediss://:pw@10.0.0.5:6380/2", "doppel:events", 1000),
+        kafka("10.0.0.7:9092, kafka-2.internal:9093", "doppel.events_v1"),
+    ] {
+        let mut s = spec(&[EventType::ShadowChanged], None);
+        s.destination = Some(destination);
+        f.fleet.routes().create(s).await.unwrap();
+    }
 
     // Allowed networks let a private destination through.
     let allowed = FleetConfig {
