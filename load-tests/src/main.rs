@@ -116,10 +116,11 @@ enum Scenario {
         output: Output,
     },
     /// shadow-update with a route sending every shadow change to a webhook receiver run
-    /// here (created through GraphQL, deleted after): events delivered per second, the
-    /// latency added from the commit to the receiver, and events lost, out of order or
-    /// duplicated. Run Doppel with --auto-register --webhook-allowed-networks 127.0.0.0/8
-    /// and give an admin token.
+    /// here, or to a Redis stream or Kafka topic read here (created through GraphQL,
+    /// deleted after): events delivered per second, the latency added from the commit to
+    /// the reader, and events lost, out of order or duplicated. Run Doppel with
+    /// --auto-register (and --webhook-allowed-networks 127.0.0.0/8 for the webhook) and
+    /// give an admin token.
     RouteFanout {
         #[command(flatten)]
         fleet: Fleet,

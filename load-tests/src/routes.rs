@@ -1,5 +1,6 @@
 //! `route-fanout`: devices update their shadows while a route sends every change to a
-//! webhook receiver run here; measures what the receiver gets.
+//! webhook receiver run here, to a Redis stream or to a Kafka topic read here; measures
+//! what arrives.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,9 +17,27 @@ use crate::api::Api;
 use crate::report::Report;
 use crate::scenarios::{self, Fleet, Pace};
 
+/// Where the route delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Destination {
+    Webhook,
+    Redis,
+    Kafka,
+}
+
 /// The receiver's side of the run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Receiver {
+    /// Where the route delivers: a webhook receiver run here, or a Redis stream or Kafka
+    /// topic read here
+    #[arg(long, value_enum, default_value = "webhook")]
+    pub destination: Destination,
+    /// The Redis server (`--destination redis`); the stream is `doppel-load:<time>`
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// The Kafka brokers (`--destination kafka`); the topic is `doppel-load-<time>`
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
     /// Where the webhook receiver listens (Doppel must allow its network:
     /// --webhook-allowed-networks 127.0.0.0/8)
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -43,6 +62,113 @@ struct Seen {
     latency: Option<Histogram<u64>>,
     first: Option<Instant>,
     last: Option<Instant>,
+}
+
+impl Seen {
+    /// An event arrived (its JSON, as every destination has it).
+    fn record(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        let event: Value = serde_json::from_slice(body)?;
+        let thing = event["thing"].as_str().unwrap_or_default().to_owned();
+        let seq = event["seq"].as_u64().unwrap_or_default();
+        let id = event["id"].as_str().unwrap_or_default().to_owned();
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+        if self.ids.insert(id, (thing.clone(), seq)).is_none()
+            && let Some(at) = event["timestamp"]
+                .as_str()
+                .and_then(|t| twin_model::parse_rfc3339(t).ok())
+            && let Some(h) = self.latency.as_mut()
+        {
+            let _ = h.record(now_ms().saturating_sub(at) * 1000);
+        }
+        self.things.entry(thing).or_default().push(seq);
+        Ok(())
+    }
+}
+
+/// Reads the route's Redis stream from its start, recording each entry's `event`.
+async fn read_redis(url: String, stream: String, seen: Arc<Mutex<Seen>>) -> anyhow::Result<()> {
+    let client = redis::Client::open(url)?;
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .context("cannot connect to Redis")?;
+    let mut last = "0".to_owned();
+    loop {
+        let read: redis::Value = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(5000)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(&last)
+            .query_async(&mut connection)
+            .await
+            .context("XREAD")?;
+        // [[stream, [[id, [field, value, …]], …]]] (nil when nothing came).
+        let entries = match read {
+            redis::Value::Array(mut streams) if !streams.is_empty() => match streams.remove(0) {
+                redis::Value::Array(mut s) if s.len() == 2 => s.remove(1),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        let redis::Value::Array(entries) = entries else {
+            continue;
+        };
+        let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in entries {
+            let redis::Value::Array(parts) = entry else {
+                continue;
+            };
+            let [id, redis::Value::Array(fields)] = parts.as_slice() else {
+                continue;
+            };
+            if let redis::Value::BulkString(id) = id {
+                last = String::from_utf8_lossy(id).into_owned();
+            }
+            for pair in fields.chunks(2) {
+                if let [redis::Value::BulkString(k), redis::Value::BulkString(v)] = pair
+                    && k == b"event"
+                {
+                    s.requests += 1;
+                    s.record(v)?;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the route's Kafka topic from its start, recording each message.
+async fn read_kafka(brokers: String, topic: String, seen: Arc<Mutex<Seen>>) -> anyhow::Result<()> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("{topic}-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .set("allow.auto.create.topics", "true")
+        .create()?;
+    consumer.subscribe(&[&topic])?;
+    loop {
+        match consumer.recv().await {
+            Ok(m) => {
+                if let Some(payload) = m.payload() {
+                    let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    s.requests += 1;
+                    s.record(payload)?;
+                }
+            }
+            // The topic appears with the first event; until then the consumer says so.
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -88,22 +214,7 @@ async fn serve(stream: TcpStream, seen: Arc<Mutex<Seen>>, fail_rate: f64) -> any
                 s.failed += 1;
                 500
             } else {
-                let event: Value = serde_json::from_slice(&body)?;
-                let thing = event["thing"].as_str().unwrap_or_default().to_owned();
-                let seq = event["seq"].as_u64().unwrap_or_default();
-                let id = event["id"].as_str().unwrap_or_default().to_owned();
-                let now = Instant::now();
-                s.first.get_or_insert(now);
-                s.last = Some(now);
-                if s.ids.insert(id, (thing.clone(), seq)).is_none()
-                    && let Some(at) = event["timestamp"]
-                        .as_str()
-                        .and_then(|t| twin_model::parse_rfc3339(t).ok())
-                    && let Some(h) = s.latency.as_mut()
-                {
-                    let _ = h.record(now_ms().saturating_sub(at) * 1000);
-                }
-                s.things.entry(thing).or_default().push(seq);
+                s.record(&body)?;
                 204
             }
         };
@@ -146,29 +257,53 @@ pub async fn route_fanout(
     api: &Api,
     receiver: &Receiver,
 ) -> anyhow::Result<Report> {
-    let listener = TcpListener::bind(receiver.receiver_listen)
-        .await
-        .context("the webhook receiver cannot listen")?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
     let seen = Arc::new(Mutex::new(Seen {
         latency: Some(Histogram::new(3)?),
         ..Seen::default()
     }));
-    let accepting = {
-        let seen = seen.clone();
-        let fail_rate = receiver.fail_rate;
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, seen.clone(), fail_rate));
-            }
-        })
+    let name = format!("doppel-load-{}", now_ms());
+    let (destination, reading) = match receiver.destination {
+        Destination::Webhook => {
+            let listener = TcpListener::bind(receiver.receiver_listen)
+                .await
+                .context("the webhook receiver cannot listen")?;
+            let url = format!("http://{}/hook", listener.local_addr()?);
+            let seen = seen.clone();
+            let fail_rate = receiver.fail_rate;
+            let accepting = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(serve(stream, seen.clone(), fail_rate));
+                }
+                Ok(())
+            });
+            (json!({"webhook": {"url": url}}), accepting)
+        }
+        Destination::Redis => {
+            let reading = tokio::spawn(read_redis(
+                receiver.redis_url.clone(),
+                name.clone(),
+                seen.clone(),
+            ));
+            let stream =
+                json!({"url": receiver.redis_url, "stream": name, "maxLength": 10_000_000});
+            (json!({ "redisStream": stream }), reading)
+        }
+        Destination::Kafka => {
+            let reading = tokio::spawn(read_kafka(
+                receiver.kafka_brokers.clone(),
+                name.clone(),
+                seen.clone(),
+            ));
+            let topic = json!({"brokers": receiver.kafka_brokers, "topic": name});
+            (json!({ "kafka": topic }), reading)
+        }
     };
     let pool = api.pool();
     let created = pool
         .execute(
-            r#"mutation($url: String!) { createRoute(name: "route-fanout", events: [SHADOW_CHANGED],
-                destination: {webhook: {url: $url}}) { route { id } } }"#,
-            json!({"url": url}),
+            r#"mutation($d: DestinationInput!) { createRoute(name: "route-fanout", events: [SHADOW_CHANGED],
+                destination: $d) { route { id } } }"#,
+            json!({"d": destination}),
         )
         .await?;
     let Some(route) = created["createRoute"]["route"]["id"]
@@ -188,7 +323,7 @@ pub async fn route_fanout(
             .unwrap_or_else(|p| p.into_inner())
             .last
             .is_none_or(|l| l.elapsed() > Duration::from_secs(1));
-        if (events >= report.ok && quiet) || Instant::now() > deadline {
+        if (events >= report.ok && quiet) || Instant::now() > deadline || reading.is_finished() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -198,7 +333,11 @@ pub async fn route_fanout(
         json!({"id": route}),
     )
     .await?;
-    accepting.abort();
+    if reading.is_finished() {
+        reading.await??;
+    } else {
+        reading.abort();
+    }
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
     let (events, lost, disordered, duplicates) = tally(&seen);
     let span = match (seen.first, seen.last) {
@@ -215,6 +354,10 @@ pub async fn route_fanout(
     f.insert("lost_in_sequence".into(), json!(lost));
     f.insert("out_of_order".into(), json!(disordered));
     f.insert("duplicates".into(), json!(duplicates));
+    f.insert(
+        "destination".into(),
+        json!(format!("{:?}", receiver.destination).to_lowercase()),
+    );
     f.insert("receiver_requests".into(), json!(seen.requests));
     f.insert("receiver_failed_on_purpose".into(), json!(seen.failed));
     if span > 0.0 {
