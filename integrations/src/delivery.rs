@@ -493,16 +493,22 @@ async fn save_cursor(store: &Arc<dyn TwinStore>, route: &mut Route, now: bool) {
 
 /// Attempts on their way to the delivery log.
 const LOG_QUEUE: usize = 4096;
+/// The most attempts written to the log in one batch.
+const LOG_BATCH: usize = 1024;
 
 /// A task that writes a route's delivery log, so that the route's delivery does not wait
-/// for each write; it ends when the route's delivery does, after the last record.
+/// for each write: whatever has queued up while the last batch was written goes in the
+/// next, one store write for many attempts. It ends when the route's delivery does,
+/// after the last record.
 fn delivery_log(store: Arc<dyn TwinStore>) -> mpsc::Sender<DeliveryRecord> {
     let (tx, mut rx) = mpsc::channel::<DeliveryRecord>(LOG_QUEUE);
     tokio::spawn(async move {
-        while let Some(record) = rx.recv().await {
-            if let Err(e) = store.put_delivery(&record).await {
-                tracing::warn!(route = %record.route, error = %e, "cannot write the delivery log");
+        let mut batch = Vec::with_capacity(LOG_BATCH);
+        while rx.recv_many(&mut batch, LOG_BATCH).await > 0 {
+            if let Err(e) = store.put_deliveries(&batch).await {
+                tracing::warn!(route = %batch[0].route, records = batch.len(), error = %e, "cannot write the delivery log");
             }
+            batch.clear();
         }
     });
     tx

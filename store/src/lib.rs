@@ -416,7 +416,8 @@ pub trait RouteStore: Send + Sync + 'static {
 
     async fn cursor(&self, route: &str) -> Result<Option<u64>, StoreError>;
 
-    async fn put_delivery(&self, delivery: &routes::DeliveryRecord) -> Result<(), StoreError>;
+    async fn put_deliveries(&self, deliveries: &[routes::DeliveryRecord])
+    -> Result<(), StoreError>;
 
     /// A route's delivery log, newest first, starting before `before`.
     async fn deliveries(

@@ -229,7 +229,7 @@ impl RouteStore for GatedStore {
     async fn cursor(&self, _: &str) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
-    async fn put_delivery(&self, _: &DeliveryRecord) -> Result<(), StoreError> {
+    async fn put_deliveries(&self, _: &[DeliveryRecord]) -> Result<(), StoreError> {
         Ok(())
     }
     async fn deliveries(
@@ -461,8 +461,8 @@ impl RouteStore for CrashAfter {
     async fn cursor(&self, route: &str) -> Result<Option<u64>, StoreError> {
         self.inner.cursor(route).await
     }
-    async fn put_delivery(&self, delivery: &DeliveryRecord) -> Result<(), StoreError> {
-        self.inner.put_delivery(delivery).await
+    async fn put_deliveries(&self, deliveries: &[DeliveryRecord]) -> Result<(), StoreError> {
+        self.inner.put_deliveries(deliveries).await
     }
     async fn deliveries(
         &self,

@@ -146,9 +146,9 @@ impl RouteStore for EmbeddedStore {
         self.blocking(move |e| e.outbox.cursor(&route)).await
     }
 
-    async fn put_delivery(&self, delivery: &DeliveryRecord) -> Result<(), StoreError> {
-        let delivery = delivery.clone();
-        self.blocking(move |e| e.outbox.put_delivery(&e.db, &delivery))
+    async fn put_deliveries(&self, deliveries: &[DeliveryRecord]) -> Result<(), StoreError> {
+        let deliveries = deliveries.to_vec();
+        self.blocking(move |e| e.outbox.put_deliveries(&e.db, &deliveries))
             .await
     }
 

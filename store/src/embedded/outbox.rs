@@ -136,13 +136,19 @@ impl Outbox {
         }
     }
 
-    pub(super) fn put_delivery(&self, db: &Database, d: &DeliveryRecord) -> Result<(), StoreError> {
-        let mut key = delivery_prefix(&d.route);
-        key.extend_from_slice(&d.key().to_bytes());
+    pub(super) fn put_deliveries(
+        &self,
+        db: &Database,
+        all: &[DeliveryRecord],
+    ) -> Result<(), StoreError> {
         // Not synced, as the cursor: the log of the last attempts before a power loss
         // may be missing; the events are not.
         let mut b = db.batch();
-        b.insert(&self.deliveries, key, encode(d));
+        for d in all {
+            let mut key = delivery_prefix(&d.route);
+            key.extend_from_slice(&d.key().to_bytes());
+            b.insert(&self.deliveries, key, encode(d));
+        }
         b.commit().map_err(engine)
     }
 
@@ -329,10 +335,12 @@ mod tests {
         e.outbox.put_cursor(&e.db, "a", 7).unwrap();
         for (i, at) in [10, 20, 30].into_iter().enumerate() {
             e.outbox
-                .put_delivery(&e.db, &delivery("a", i as u64 + 1, at))
+                .put_deliveries(&e.db, &[delivery("a", i as u64 + 1, at)])
                 .unwrap();
         }
-        e.outbox.put_delivery(&e.db, &delivery("b", 9, 15)).unwrap();
+        e.outbox
+            .put_deliveries(&e.db, &[delivery("b", 9, 15)])
+            .unwrap();
         let newest: Vec<u64> = e
             .outbox
             .deliveries("a", None, 2)

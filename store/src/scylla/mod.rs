@@ -1038,7 +1038,7 @@ impl RouteStore for ScyllaStore {
     async fn cursor(&self, _: &str) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
-    async fn put_delivery(&self, _: &DeliveryRecord) -> Result<(), StoreError> {
+    async fn put_deliveries(&self, _: &[DeliveryRecord]) -> Result<(), StoreError> {
         Err(routes_unsupported())
     }
     async fn deliveries(
