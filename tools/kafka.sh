@@ -36,8 +36,10 @@ sys.exit(0 if correlation == 7 and error == 0 else 1)
 PY
 }
 
+# Runs Java in place of the (sub)shell it is called in, so that a broker started in the
+# background has its own pid in $!: the pid `stop` kills.
 java_run() {
-  java -Xms512m -Xmx512m -XX:+UseG1GC -Djava.net.preferIPv4Stack=true \
+  exec java -Xms512m -Xmx512m -XX:+UseG1GC -Djava.net.preferIPv4Stack=true \
     -Dlog4j2.configurationFile="$here/log4j2.properties" \
     -cp "$here/target/lib/*" "$@"
 }
@@ -57,7 +59,7 @@ start)
     -e "s|@DATA@|$state/data|g" "$here/server.properties" >"$state/server.properties"
   if [ ! -f "$state/data/meta.properties" ]; then
     cluster="$(java_run kafka.tools.StorageTool random-uuid | tail -n 1)"
-    java_run kafka.tools.StorageTool format -t "$cluster" -c "$state/server.properties" \
+    (java_run kafka.tools.StorageTool format -t "$cluster" -c "$state/server.properties") \
       >"$state/format.log" 2>&1 || {
       echo "kafka: formatting the log directory failed:" >&2
       cat "$state/format.log" >&2
