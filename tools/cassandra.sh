@@ -17,6 +17,8 @@
 # keys first, with openssl and keytool, in $CASSANDRA_DIR/tls: ca.pem (the CA that signed
 # the node's certificate, for 127.0.0.1, and the client's), client.pem and client.key.
 set -euo pipefail
+# shellcheck source=tools/daemon.sh
+. "$(dirname "$0")/daemon.sh"
 here="$(cd "$(dirname "$0")/cassandra" && pwd)"
 state="${CASSANDRA_DIR:-${TMPDIR:-/tmp}/doppel-cassandra}"
 port="${CASSANDRA_PORT:-9042}"
@@ -152,34 +154,10 @@ YAML
     -cp "$here/target/lib/*" org.apache.cassandra.service.CassandraDaemon \
     >"$state/cassandra.log" 2>&1 &
   echo $! >"$state/pid"
-  for _ in $(seq 1 180); do
-    if answers; then
-      echo "cassandra: answering on 127.0.0.1:$port (pid $(cat "$state/pid"), log $state/cassandra.log)"
-      exit 0
-    fi
-    if ! kill -0 "$(cat "$state/pid")" 2>/dev/null; then
-      echo "cassandra: the node exited while starting; its log ends:" >&2
-      tail -n 40 "$state/cassandra.log" >&2
-      exit 1
-    fi
-    sleep 1
-  done
-  echo "cassandra: no answer on 127.0.0.1:$port after 180 s; its log ends:" >&2
-  tail -n 40 "$state/cassandra.log" >&2
-  exit 1
+  wait_answering cassandra node "$state/pid" "$state/cassandra.log" 180 "127.0.0.1:$port"
   ;;
 stop)
-  if [ -f "$state/pid" ]; then
-    pid="$(cat "$state/pid")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 30); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 1
-    done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$state/pid"
-  fi
-  echo "cassandra: stopped"
+  stop_pid cassandra "$state/pid"
   ;;
 status)
   answers

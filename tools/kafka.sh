@@ -12,6 +12,8 @@
 # data, log and configuration live in $KAFKA_DIR (default: $TMPDIR/doppel-kafka); its
 # ports are $KAFKA_PORT (9092) and $KAFKA_CONTROLLER_PORT (9093).
 set -euo pipefail
+# shellcheck source=tools/daemon.sh
+. "$(dirname "$0")/daemon.sh"
 here="$(cd "$(dirname "$0")/kafka" && pwd)"
 state="${KAFKA_DIR:-${TMPDIR:-/tmp}/doppel-kafka}"
 port="${KAFKA_PORT:-9092}"
@@ -68,34 +70,10 @@ start)
   fi
   java_run kafka.Kafka "$state/server.properties" >"$state/kafka.log" 2>&1 &
   echo $! >"$state/pid"
-  for _ in $(seq 1 120); do
-    if answers; then
-      echo "kafka: answering on 127.0.0.1:$port (pid $(cat "$state/pid"), log $state/kafka.log)"
-      exit 0
-    fi
-    if ! kill -0 "$(cat "$state/pid")" 2>/dev/null; then
-      echo "kafka: the broker exited while starting; its log ends:" >&2
-      tail -n 40 "$state/kafka.log" >&2
-      exit 1
-    fi
-    sleep 1
-  done
-  echo "kafka: no answer on 127.0.0.1:$port after 120 s; its log ends:" >&2
-  tail -n 40 "$state/kafka.log" >&2
-  exit 1
+  wait_answering kafka broker "$state/pid" "$state/kafka.log" 120 "127.0.0.1:$port"
   ;;
 stop)
-  if [ -f "$state/pid" ]; then
-    pid="$(cat "$state/pid")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 30); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 1
-    done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$state/pid"
-  fi
-  echo "kafka: stopped"
+  stop_pid kafka "$state/pid"
   ;;
 status)
   answers

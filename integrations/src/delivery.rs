@@ -10,9 +10,13 @@
 //! - **At least once**: the cursor (every event at or before it is done) is written
 //!   after the events, so a restart sends again, with the same ids, what it cannot know
 //!   was done.
-//! - Each attempt goes to the delivery log; a failed one is tried again on the
-//!   [`schedule`](crate::schedule), then given up (logged `FAILED`); a 410 disables the
-//!   route, as does failing for longer than `disable_after`.
+//! - Each attempt goes to the delivery log (written in batches); a failed webhook
+//!   attempt is tried again on the [`schedule`](crate::schedule), then given up (logged
+//!   `FAILED`); a 410 disables the route, as does failing for longer than
+//!   `disable_after`. A Redis or Kafka attempt is tried again with backoff until it goes
+//!   through.
+//! - Each route's health (healthy, retrying, disabled, with the last error) is reported
+//!   to the route table when it changes, for `routeStatusChanged`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
