@@ -109,6 +109,8 @@ pub struct Config {
     pub webhook_retry_schedule: String,
     pub webhook_disable_after: String,
     pub route_retention: String,
+    pub telemetry_topics: String,
+    pub telemetry_retention: String,
 }
 
 impl Default for Config {
@@ -176,6 +178,8 @@ impl Default for Config {
             webhook_retry_schedule: "5s,5m,30m,2h,5h,10h,14h,20h,24h".into(),
             webhook_disable_after: "5d".into(),
             route_retention: "7d".into(),
+            telemetry_topics: twin_model::telemetry::DEFAULT_TOPIC.into(),
+            telemetry_retention: "7d".into(),
         }
     }
 }
@@ -242,6 +246,15 @@ pub const CONSISTENCIES: &str =
 /// Parses a consistency level by its CQL name.
 /// The most changes a shadow's history may keep: a history page reads them all.
 const MAX_HISTORY: u64 = 10_000;
+
+/// A duration setting that cannot be `off`.
+fn span(key: &str, text: &str) -> anyhow::Result<Duration> {
+    match parse_retention(text) {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => bail!("setting `{key}`: a duration such as 5d or 12h (not off)"),
+        Err(e) => bail!("setting `{key}`: {e}"),
+    }
+}
 
 /// `30d`, `12h`, `90m`, `3600s` (at least a second), or `off` (`None`).
 pub fn parse_retention(text: &str) -> Result<Option<Duration>, String> {
@@ -468,6 +481,8 @@ impl Config {
             bail!("setting `history_retention`: {e}");
         }
         self.deliveries()?;
+        self.telemetry_topics()?;
+        self.telemetry_retention()?;
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
             bail!(
                 "setting `trace_sample_ratio` is {}; it is a fraction from 0 to 1",
@@ -610,18 +625,12 @@ impl Config {
             history: self.history_per_shadow,
             history_retention: self.retention(),
             request_timeout: Duration::from_secs(self.scylla_request_timeout_secs),
+            telemetry_retention: self.telemetry_retention()?,
         })
     }
 
     /// How routes are delivered (the `webhook_*` and `route_retention` settings).
     pub fn deliveries(&self) -> anyhow::Result<twin_integrations::DeliveryConfig> {
-        let span = |key: &str, text: &str| -> anyhow::Result<Duration> {
-            match parse_retention(text) {
-                Ok(Some(d)) => Ok(d),
-                Ok(None) => bail!("setting `{key}`: a duration such as 5d or 12h (not off)"),
-                Err(e) => bail!("setting `{key}`: {e}"),
-            }
-        };
         let schedule = twin_integrations::schedule::parse(&self.webhook_retry_schedule)
             .map_err(|e| anyhow::anyhow!("setting `webhook_retry_schedule`: {e}"))?;
         Ok(twin_integrations::DeliveryConfig {
@@ -631,6 +640,23 @@ impl Config {
             allowed_networks: self.allowed_networks()?,
             ..Default::default()
         })
+    }
+
+    /// `telemetry_topics`, parsed.
+    pub fn telemetry_topics(&self) -> anyhow::Result<twin_model::telemetry::TelemetryTopics> {
+        let patterns = self
+            .telemetry_topics
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| p.trim().parse())
+            .collect::<Result<_, String>>()
+            .map_err(|e| anyhow::anyhow!("setting `telemetry_topics`: {e}"))?;
+        Ok(twin_model::telemetry::TelemetryTopics::new(patterns))
+    }
+
+    /// How long telemetry series are kept (`telemetry_retention`).
+    pub fn telemetry_retention(&self) -> anyhow::Result<Duration> {
+        span("telemetry_retention", &self.telemetry_retention)
     }
 
     /// `webhook_allowed_networks`, parsed.
@@ -721,6 +747,7 @@ impl Config {
                 TlsAuthSetting::Certificate => TlsAuth::Certificate,
                 TlsAuthSetting::Password => TlsAuth::Password,
             },
+            telemetry_topics: std::sync::Arc::new(self.telemetry_topics().unwrap_or_default()),
             ..GatewayConfig::default()
         }
     }
@@ -967,6 +994,14 @@ pub const DOCS: &[(&str, &str)] = &[
     (
         "route_retention",
         "How long route events and delivery logs are kept (what replayRoute reaches back to).",
+    ),
+    (
+        "telemetry_topics",
+        "Topic patterns devices publish telemetry on, comma-separated: levels, `+` for any level, `{thing}` for the publishing thing (once), `{type}` for the reading's type, a final `#`. AWS IoT Basic Ingest ($aws/rules/<route>/...) is always on.",
+    ),
+    (
+        "telemetry_retention",
+        "How long telemetry readings are kept for telemetrySeries (the latest value of each key is kept until the thing is deleted).",
     ),
 ];
 

@@ -179,9 +179,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         inbox_stopping,
     ));
 
+    let pruner = tokio::spawn(prune_telemetry(
+        fleet.clone(),
+        config.telemetry_retention()?,
+    ));
+
     shutdown.await;
     tracing::info!("shutting down");
     ready.store(false, Ordering::SeqCst);
+    pruner.abort();
     let _ = stop_inbox.send(());
     let _ = inbox_task.await;
     gateway.shutdown().await;
@@ -201,6 +207,21 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .map_err(|_| anyhow::anyhow!("the commit loop panicked"))?;
     tracing::info!("stopped; every accepted change is durable");
     Ok(())
+}
+
+/// Drops telemetry readings older than `retention`, at start and hourly.
+async fn prune_telemetry(fleet: FleetHandle, retention: std::time::Duration) {
+    let retention = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        hourly.tick().await;
+        let before = fleet.now_millis().saturating_sub(retention);
+        match fleet.telemetry().prune(before).await {
+            Ok(0) => {}
+            Ok(days) => tracing::info!(days, "pruned telemetry readings past telemetry_retention"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune old telemetry readings"),
+        }
+    }
 }
 
 /// A listener with a deep accept queue: a connect storm overflows tokio's default of

@@ -404,6 +404,14 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     route_retention: Option<String>,
+    /// Topic patterns of device telemetry, comma-separated [default: dt/+/{thing}/{type}] [env: DOPPEL_TELEMETRY_TOPICS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    telemetry_topics: Option<String>,
+    /// How long telemetry readings are kept for series [default: 7d] [env: DOPPEL_TELEMETRY_RETENTION]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    telemetry_retention: Option<String>,
 }
 
 /// Loads the configuration; commands other than `serve` log in its `log_format` from here.

@@ -386,3 +386,120 @@ async fn a_replay_delivers_the_time_range_again_with_the_same_ids() {
     assert_eq!(r["errors"][0]["extensions"]["code"], "NOT_FOUND", "{r}");
     server.terminate().await;
 }
+
+/// Publishes `payload` on `topic` at QoS 1 and waits for its PUBACK.
+async fn publish_acked(
+    client: &rumqttc::AsyncClient,
+    el: &mut rumqttc::EventLoop,
+    topic: &str,
+    payload: &str,
+) {
+    use rumqttc::{Event, Packet, QoS};
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.as_bytes().to_vec())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no PUBACK for {topic}"));
+}
+
+#[tokio::test]
+async fn telemetry_reaches_routes_graphql_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path(), &[]).await;
+    let data = dir.path().join("data");
+    let server = start(&data, FAST_RETRIES).await;
+    let token = server.admin_token.clone().unwrap();
+    let secret = register(&server.http, &token, "meter-1", json!({})).await;
+    route_to(&server, &token, &receiver, "TELEMETRY").await;
+    let (client, mut el) = common::client_on(&server.mqtt, "meter-1", Some(&secret), &[]).await;
+    let now = twin_model::rfc3339(twin_store::now_millis() - 1000);
+    publish_acked(
+        &client,
+        &mut el,
+        "dt/factory/meter-1/power",
+        &format!(r#"{{"watts": 120, "phase": {{"a": 40}}, "timestamp": "{now}"}}"#),
+    )
+    .await;
+    // AWS IoT Basic Ingest: to the route named "test" alone.
+    publish_acked(
+        &client,
+        &mut el,
+        "$aws/rules/test/meter",
+        r#"{"watts": 130}"#,
+    )
+    .await;
+    receiver.wait_for(WAIT, |r| r.len() == 2).await;
+    let events: Vec<Value> = receiver
+        .requests()
+        .iter()
+        .map(|r| r["body"].clone())
+        .collect();
+    assert_eq!(events[0]["type"], "TELEMETRY");
+    assert_eq!(events[0]["thing"], "meter-1");
+    assert_eq!(
+        events[0]["data"],
+        json!({"topic": "dt/factory/meter-1/power", "type": "power", "timestamp": now,
+               "values": {"watts": 120, "phase": {"a": 40}}})
+    );
+    assert_eq!(events[1]["data"]["topic"], "$aws/rules/test/meter");
+    assert_eq!(events[1]["data"]["values"], json!({"watts": 130}));
+    assert_eq!(
+        (events[0]["seq"].as_u64(), events[1]["seq"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    // Latest values, the filter and the series survive a SIGKILL: the PUBACKs meant durable.
+    let mut server = server;
+    server.child.kill().await.unwrap();
+    let server = start(&data, FAST_RETRIES).await;
+    let r = graphql(
+        &server.http,
+        Some(&token),
+        r#"{ thing(id: "meter-1") {
+               telemetry { key value }
+               telemetrySeries(key: "watts", since: "2020-01-01T00:00:00Z", step: 315360000) { count min max avg }
+             }
+             hot: things(filter: "telemetry.watts > 125") { totalCount }
+             cold: things(filter: "telemetry.phase.a < 40") { totalCount } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        r["data"]["thing"]["telemetry"],
+        json!([{"key": "phase.a", "value": 40}, {"key": "watts", "value": 130}]),
+        "{r}"
+    );
+    let buckets = r["data"]["thing"]["telemetrySeries"].as_array().unwrap();
+    let last = buckets.last().unwrap();
+    assert_eq!(
+        last,
+        &json!({"count": 2, "min": 120.0, "max": 130.0, "avg": 125.0}),
+        "{r}"
+    );
+    assert_eq!(r["data"]["hot"]["totalCount"], 1, "{r}");
+    assert_eq!(r["data"]["cold"]["totalCount"], 0, "{r}");
+    let r = graphql(
+        &server.http,
+        Some(&token),
+        r#"{ thing(id: "meter-1") { telemetrySeries(key: "watts", since: "2020-01-01T00:00:00Z", step: 1) { count } } }"#,
+        json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        r["errors"][0]["extensions"]["code"], "INVALID_ARGUMENT",
+        "{r}"
+    );
+    server.terminate().await;
+}

@@ -25,7 +25,7 @@ use crate::pipeline::{Committed, Consumer, DeviceLinks, Pipeline, Rollouts, Subs
 use crate::routing::{LiveRoute, RouteTable};
 use crate::services::{
     CertificateState, Certificates, Commands, DeviceSessions, Jobs, Provisioning, Queries,
-    Registry, Routes, Shadows,
+    Registry, Routes, Shadows, Telemetry,
 };
 use crate::shard::{ShardArgs, ShardMsg, ShardSupervisor, shard_for};
 use crate::telemetry::{self, OverloadCause};
@@ -242,6 +242,10 @@ impl FleetHandle {
 
     pub fn routes(&self) -> Routes<'_> {
         Routes(self)
+    }
+
+    pub fn telemetry(&self) -> Telemetry<'_> {
+        Telemetry(self)
     }
 
     pub fn certificates(&self) -> Certificates<'_> {

@@ -20,6 +20,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde_json::{Map, Value};
 use twin_model::filter::{self, CmpOp, Field, FilterTarget, Literal, Section};
+use twin_model::telemetry::Latest;
 use twin_model::{Connectivity, DeviceId, Filter, Shadow, ShadowName, json};
 use twin_store::ThingRecord;
 
@@ -32,11 +33,15 @@ const SHARDS: usize = 16;
 pub struct TwinView {
     pub record: Arc<ThingRecord>,
     pub connectivity: Connectivity,
-    /// When the device was last heard from (connected, disconnected or reported state),
+    /// When the device was last heard from (connected, disconnected, reported state or sent telemetry),
     /// milliseconds since the epoch.
     pub last_seen: u64,
     /// Every shadow ever written, deleted ones included (they keep their version).
     shadows: BTreeMap<ShadowName, ShadowView>,
+    /// The latest value of each telemetry key.
+    pub telemetry: Arc<Latest>,
+    /// The same values nested by their dotted keys, as filters read them.
+    telemetry_nested: Arc<Map<String, Value>>,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +57,8 @@ impl TwinView {
             record,
             connectivity: Connectivity::default(),
             shadows: BTreeMap::new(),
+            telemetry: Arc::default(),
+            telemetry_nested: Arc::default(),
         }
     }
 
@@ -64,12 +71,14 @@ impl TwinView {
         record: Arc<ThingRecord>,
         connectivity: Connectivity,
         shadows: impl IntoIterator<Item = (ShadowName, Arc<Shadow>)>,
+        telemetry: Arc<Latest>,
     ) -> Self {
         let mut view = Self::new(record);
         view.connectivity = connectivity;
         for (name, shadow) in shadows {
             view.set_shadow(name, shadow);
         }
+        view.set_telemetry(telemetry);
         view
     }
 
@@ -102,6 +111,11 @@ impl TwinView {
         self.shadows.insert(name, ShadowView { shadow, delta });
     }
 
+    fn set_telemetry(&mut self, telemetry: Arc<Latest>) {
+        self.telemetry_nested = Arc::new(telemetry.nested());
+        self.telemetry = telemetry;
+    }
+
     fn seen(&mut self, at: u64) {
         self.last_seen = self.last_seen.max(at);
     }
@@ -131,6 +145,10 @@ impl FilterTarget for TwinView {
             Section::Reported => s.shadow.reported.as_ref(),
             Section::Delta => s.delta.as_ref(),
         }
+    }
+
+    fn telemetry(&self) -> Option<&Map<String, Value>> {
+        Some(&self.telemetry_nested)
     }
 }
 
@@ -222,6 +240,8 @@ fn postings(view: &TwinView) -> Postings {
     let mut out = vec![("connected".into(), Term::Bool(view.connectivity.connected))];
     let mut key = String::from("attributes");
     leaves(&mut out, &mut key, &view.record.attributes);
+    let mut key = String::from("telemetry");
+    leaves(&mut out, &mut key, &view.telemetry_nested);
     for (name, _) in view.shadows() {
         for section in [Section::Desired, Section::Reported, Section::Delta] {
             if let Some(map) = view.section(name, section) {
@@ -479,6 +499,14 @@ impl FleetIndex {
         });
     }
 
+    /// The thing's latest telemetry after a reading taken at `at` (milliseconds).
+    pub fn set_telemetry(&self, thing: &DeviceId, telemetry: Arc<Latest>, at: u64) {
+        self.modify(thing, |v| {
+            v.seen(at);
+            v.set_telemetry(telemetry);
+        });
+    }
+
     pub fn remove(&self, thing: &DeviceId) {
         self.write(thing).remove(thing);
     }
@@ -495,6 +523,8 @@ impl FleetIndex {
                 .map(|m| json::latest_timestamp(m) * 1000);
             self.set_shadow(&thing, name, Arc::new(shadow), reported_at);
         }
+        let at = twin.telemetry.iter().map(|(_, s)| s.at).max().unwrap_or(0);
+        self.set_telemetry(&thing, Arc::new(twin.telemetry), at);
     }
 
     pub fn get(&self, thing: &DeviceId) -> Option<Arc<TwinView>> {

@@ -30,7 +30,7 @@ pub mod shard;
 pub mod telemetry;
 
 pub use clock::Clock;
-pub use device::RegistryOp;
+pub use device::{RegistryOp, TelemetryMessage};
 pub use error::{FleetError, JobRequestError};
 pub use fleet::{ConnectOk, FleetConfig, FleetHandle, Reply};
 pub use index::{Page, ShadowView, TwinView};

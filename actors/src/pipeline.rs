@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use tokio::sync::{Notify, broadcast, mpsc};
+use twin_model::telemetry::Latest;
 use twin_model::{ChangeOp, DeviceId, TwinEvent};
 use twin_store::ThingRecord;
 
@@ -38,6 +39,8 @@ pub enum Committed {
     },
     /// The thing is gone, with all it had.
     Deleted,
+    /// The thing's latest telemetry after a reading taken at `at` (milliseconds).
+    Telemetry { latest: Arc<Latest>, at: u64 },
 }
 
 /// A committed change as consumers get it.
@@ -135,6 +138,9 @@ impl Pipeline {
             },
             Committed::Record { record, .. } => self.index.put_record(record.clone()),
             Committed::Deleted => self.index.remove(thing),
+            Committed::Telemetry { latest, at } => {
+                self.index.set_telemetry(thing, latest.clone(), *at);
+            }
         }
     }
 }
@@ -172,7 +178,7 @@ impl Consumer for DeviceLinks {
                 ends_session: Some(reason),
                 ..
             } => link.end_session(reason),
-            Committed::Record { .. } => {}
+            Committed::Record { .. } | Committed::Telemetry { .. } => {}
             Committed::Deleted => link.end_session("thing deleted"),
         }
     }

@@ -13,6 +13,7 @@ use std::sync::{Arc, RwLock};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 use twin_model::route::EventType;
+use twin_model::telemetry::Latest;
 use twin_model::{Connectivity, Filter, Shadow, ShadowName};
 use twin_store::routes::RouteRecord;
 use twin_store::{ThingRecord, Write};
@@ -145,6 +146,22 @@ impl RouteTable {
             .collect()
     }
 
+    /// The ids of the routes named `name` whose filter takes the thing as `view` shows it,
+    /// whatever events they take: AWS IoT Basic Ingest sends a reading to them alone.
+    pub fn named(&self, name: &str, view: &TwinView) -> Vec<String> {
+        self.all()
+            .iter()
+            .filter(|r| r.record.name == name)
+            .filter(|r| r.filter.as_ref().is_none_or(|f| f.matches(view)))
+            .map(|r| r.record.id.clone())
+            .collect()
+    }
+
+    /// Whether a route is named `name`.
+    pub fn has_name(&self, name: &str) -> bool {
+        self.all().iter().any(|r| r.record.name == name)
+    }
+
     /// Moves on when a route changes.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -189,7 +206,8 @@ impl RouteTable {
     }
 }
 
-/// The event types a write can make.
+/// The event types a write can make (a telemetry message's event is made with it: see
+/// the twin's telemetry).
 pub(crate) fn kind_of(w: &Write) -> Option<&'static [EventType]> {
     Some(match w {
         Write::Shadow { .. } => &[EventType::ShadowChanged],
@@ -198,7 +216,7 @@ pub(crate) fn kind_of(w: &Write) -> Option<&'static [EventType]> {
         Write::Command(_) => &[EventType::CommandUpdated],
         Write::JobExecution(_) => &[EventType::JobExecutionUpdated],
         Write::DeleteThing(_) => &[EventType::ThingDeleted],
-        Write::Job(_) | Write::Event(_) => return None,
+        Write::Job(_) | Write::Event(_) | Write::Telemetry { .. } => return None,
     })
 }
 
@@ -207,6 +225,7 @@ pub(crate) struct After {
     pub record: Option<ThingRecord>,
     pub connectivity: Connectivity,
     pub shadows: HashMap<ShadowName, Arc<Shadow>>,
+    pub telemetry: Arc<Latest>,
 }
 
 impl After {
@@ -216,6 +235,7 @@ impl After {
             Arc::new(record),
             self.connectivity.clone(),
             self.shadows.iter().map(|(n, s)| (n.clone(), s.clone())),
+            self.telemetry.clone(),
         ))
     }
 
@@ -276,6 +296,10 @@ impl After {
                 serde_json::to_value(&**e).unwrap_or(Value::Null),
             ),
             Write::DeleteThing(_) => (EventType::ThingDeleted, json!({})),
+            Write::Telemetry { latest, .. } => {
+                self.telemetry = latest.clone();
+                return None;
+            }
             Write::Job(_) | Write::Event(_) => return None,
         })
     }

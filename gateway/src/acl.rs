@@ -2,7 +2,10 @@
 //!
 //! A device (client id = thing name) may publish and subscribe only inside
 //! `$aws/things/{its name}/` and `$aws/commands/things/{its name}/`. This is the policy
-//! AWS IoT users write by hand for every fleet; here it is the only policy.
+//! AWS IoT users write by hand for every fleet; here it is the only policy. Besides, a
+//! device publishes (never subscribes to) telemetry on the `telemetry_topics` that name it
+//! and on AWS IoT Basic Ingest topics: the session core checks those, as it knows the
+//! patterns.
 
 use twin_model::DeviceId;
 use twin_model::topic::{COMMANDS_PREFIX, THINGS_PREFIX};

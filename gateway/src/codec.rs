@@ -137,6 +137,12 @@ pub enum PubAckCode {
     NoMatchingSubscribers,
     NotAuthorized,
     QuotaExceeded,
+    /// The payload is not what the topic takes (a telemetry message that does not parse).
+    PayloadFormatInvalid,
+    /// The topic names something that does not exist (a Basic Ingest route).
+    TopicNameInvalid,
+    /// The server could not take the message now (the store failed): send it again.
+    UnspecifiedError,
 }
 
 /// DISCONNECT reason codes we send (MQTT 5 only; 3.1.1 just closes).
@@ -542,6 +548,9 @@ fn write5(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
                 PubAckCode::NoMatchingSubscribers => v5::PubAckReason::NoMatchingSubscribers,
                 PubAckCode::NotAuthorized => v5::PubAckReason::NotAuthorized,
                 PubAckCode::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
+                PubAckCode::PayloadFormatInvalid => v5::PubAckReason::PayloadFormatInvalid,
+                PubAckCode::TopicNameInvalid => v5::PubAckReason::TopicNameInvalid,
+                PubAckCode::UnspecifiedError => v5::PubAckReason::UnspecifiedError,
             },
             properties: None,
         }),

@@ -397,7 +397,8 @@ async fn accept<S: Stream>(
             cfg.max_inflight_requests,
             keep_alive,
         )
-        .with_publish_rate(cfg.max_publishes_per_second),
+        .with_publish_rate(cfg.max_publishes_per_second)
+        .with_telemetry(cfg.telemetry_topics.clone()),
         ctx: ctx.clone(),
         stream,
         peer,
@@ -635,12 +636,48 @@ impl<S: Stream> Conn<S> {
                 self.ignore(&request.topic, &why);
                 self.send_ack(request.ack, PubAckCode::NoMatchingSubscribers);
             }
+            Dispatch::Refused(code, why) => {
+                if code == PubAckCode::QuotaExceeded {
+                    overloaded(OverloadCause::DeviceInFlight);
+                }
+                self.refused(&request.topic, &why);
+                self.acknowledge(request.ack, code);
+            }
+        }
+    }
+
+    /// A refused telemetry message: counted with the ignored publishes, and logged as
+    /// they are.
+    fn refused(&mut self, topic: &str, why: &str) {
+        if let Some((suppressed, total)) = self.not_taken() {
+            tracing::info!(client_id = %self.core.thing(), topic, reason = why, suppressed, ignored_total = total, "telemetry refused");
+        }
+    }
+
+    /// A PUBACK with `code`. MQTT 3.1.1 has no reason codes: a message the
+    /// server could not take now (overload, store failure) is not acknowledged, so the
+    /// device's client reports it failed (and resends it on a resumed session); a bad one
+    /// is acknowledged, as there is no point sending it again.
+    fn acknowledge(&mut self, ack: Option<u16>, code: PubAckCode) {
+        let retry = matches!(
+            code,
+            PubAckCode::QuotaExceeded | PubAckCode::UnspecifiedError
+        );
+        if self.core.version() == Version::V5 || !retry {
+            self.send_ack(ack, code);
         }
     }
 
     /// A publish in the thing's own topics that the device API does not take: counted, and
     /// logged at most once per `LOG_EVERY` across the endpoint.
     fn ignore(&mut self, topic: &str, why: &str) {
+        if let Some((suppressed, total)) = self.not_taken() {
+            tracing::info!(client_id = %self.core.thing(), topic, reason = why, suppressed, ignored_total = total, "publish ignored: not a request of the device API");
+        }
+    }
+
+    /// Counts a publish not taken; `Some((suppressed, total))` when it may be logged.
+    fn not_taken(&mut self) -> Option<(u64, u64)> {
         self.ignored += 1;
         let ignored = &self.ctx.ignored;
         let total = ignored
@@ -652,9 +689,7 @@ impl<S: Stream> Conn<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .admit(tokio::time::Instant::now());
-        if let Some(suppressed) = admitted {
-            tracing::info!(client_id = %self.core.thing(), topic, reason = why, suppressed, ignored_total = total, "publish ignored: not a request of the device API");
-        }
+        admitted.map(|suppressed| (suppressed, total))
     }
 
     fn send_ack(&mut self, ack: Option<u16>, code: PubAckCode) {
@@ -665,7 +700,7 @@ impl<S: Stream> Conn<S> {
 
     fn on_answer(&mut self, (ack, trace, answer): (Option<u16>, Option<Arc<str>>, api::Answer)) {
         self.core.request_answered();
-        self.send_ack(ack, PubAckCode::Success);
+        self.acknowledge(ack, answer.ack_code());
         self.outbox(|out| api::answer(self.core.thing(), answer, &mut Traced { out, trace }));
     }
 
@@ -738,6 +773,7 @@ impl<S: Stream> Conn<S> {
                 ack: None,
                 reply_to: None,
                 traceparent: None,
+                telemetry: None,
             });
         }
         self.ctx

@@ -67,6 +67,8 @@ pub struct GatewayConfig {
     /// Connects per second per client id, up to [`CONNECT_BURST`] times as many at once
     /// (AWS IoT: 1); 0: no limit.
     pub max_connects_per_second: u32,
+    /// The topics devices publish telemetry on.
+    pub telemetry_topics: Arc<twin_model::telemetry::TelemetryTopics>,
 }
 
 /// Connects a client id may make at once, in units of `max_connects_per_second`.
@@ -98,6 +100,7 @@ impl Default for GatewayConfig {
             tls_auth: TlsAuth::Any,
             max_publishes_per_second: 100,
             max_connects_per_second: 1,
+            telemetry_topics: Arc::default(),
         }
     }
 }

@@ -7,10 +7,12 @@
 //! the device with its packet ids, and keep-alive bookkeeping. The session queue it
 //! works on ([`SessionState`]) outlives the connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use twin_model::DeviceId;
+use twin_model::telemetry::{Destination, TelemetryTopics};
 use twin_model::topic::{CommandChannel, CommandTopic};
 use twin_telemetry::trace;
 
@@ -69,6 +71,8 @@ pub(crate) struct Request {
     pub(crate) reply_to: ReplyTo,
     /// The W3C trace context the device sent (MQTT 5).
     pub(crate) traceparent: Option<String>,
+    /// Where it goes when it is telemetry.
+    pub(crate) telemetry: Option<Destination>,
 }
 
 /// What handling one packet asks of the connection.
@@ -105,6 +109,8 @@ pub(crate) struct Core {
     /// Publishes of the device, per second.
     publishes: TokenBucket,
     throttled_log: RateLimitedLog,
+    /// The topics of device telemetry.
+    telemetry: Arc<TelemetryTopics>,
 }
 
 impl Core {
@@ -124,7 +130,14 @@ impl Core {
             keep_alive,
             publishes: TokenBucket::new(0, 1, Instant::now()),
             throttled_log: RateLimitedLog::default(),
+            telemetry: Arc::default(),
         }
+    }
+
+    /// Takes publishes on `topics` as the device's telemetry.
+    pub(crate) fn with_telemetry(mut self, topics: Arc<TelemetryTopics>) -> Self {
+        self.telemetry = topics;
+        self
     }
 
     /// Limits the device's publishes to `rate` a second, up to `rate` at once (0: none).
@@ -272,7 +285,13 @@ impl Core {
                 ),
             };
         }
-        if !acl::allowed(&self.thing, &p.topic) {
+        let telemetry = self.telemetry.classify(&p.topic);
+        let allowed = match &telemetry {
+            Some(Destination::Topic { thing, .. }) => thing == self.thing.as_str(),
+            Some(Destination::BasicIngest { .. }) => true,
+            None => acl::allowed(&self.thing, &p.topic),
+        };
+        if !allowed {
             tracing::warn!(client_id = %self.thing, topic = %p.topic, "publish refused: outside the thing's topics");
             return match self.version {
                 Version::V5 if p.qos == 1 => Actions {
@@ -287,7 +306,7 @@ impl Core {
                 // API: it does not quote the device's topic (the log line above does).
                 Version::V4 => Actions::close(
                     DisconnectCode::NotAuthorized,
-                    "publish outside the thing's topics is not authorized",
+                    "publish outside the thing's topics (or telemetry as another thing) is not authorized",
                 ),
             };
         }
@@ -302,6 +321,7 @@ impl Core {
                 ack: (p.qos == 1).then_some(p.pkid),
                 reply_to,
                 traceparent: p.traceparent,
+                telemetry,
             }),
             ..Actions::default()
         }

@@ -88,6 +88,70 @@ impl Thing {
             .map(|(n, v)| Shadow::new(self.0.id(), n.clone(), v))
             .collect()
     }
+
+    /// The latest value of each telemetry key the device sent, by key (nested values
+    /// have dotted keys: `gps.lat`).
+    async fn telemetry(&self) -> Vec<TelemetryValue> {
+        self.0
+            .telemetry
+            .iter()
+            .map(|(key, sample)| TelemetryValue {
+                key: key.to_owned(),
+                value: Json(sample.value.clone()),
+                timestamp: DateTime(sample.at),
+            })
+            .collect()
+    }
+
+    /// The numeric readings of telemetry `key` from `since` to `until` (default: now), in
+    /// buckets of `step` seconds (at most 10,000 buckets), each with its count, minimum,
+    /// maximum and average (null when empty). Readings are kept for `telemetry_retention`.
+    async fn telemetry_series(
+        &self,
+        ctx: &Context<'_>,
+        key: String,
+        since: DateTime,
+        until: Option<DateTime>,
+        step: u64,
+    ) -> ApiResult<Vec<TelemetryBucket>> {
+        let fleet = &api(ctx).fleet;
+        let until = until.map_or_else(|| fleet.now_millis() + 1, |u| u.0);
+        let series = twin_model::telemetry::Series::new(since.0, until, step.saturating_mul(1000))
+            .map_err(ApiError::invalid)?;
+        let series = fleet.telemetry().series(self.0.id(), &key, series).await?;
+        Ok(series
+            .buckets()
+            .into_iter()
+            .map(|b| TelemetryBucket {
+                start: DateTime(b.start),
+                count: b.count,
+                min: (b.count > 0).then_some(b.min),
+                max: (b.count > 0).then_some(b.max),
+                avg: b.avg(),
+            })
+            .collect())
+    }
+}
+
+/// The latest value of one telemetry key.
+#[derive(SimpleObject)]
+pub struct TelemetryValue {
+    /// Dotted for nested values (`gps.lat`).
+    pub key: String,
+    pub value: Json<Value>,
+    /// When it was read: the device's `timestamp`, or when it was received.
+    pub timestamp: DateTime,
+}
+
+/// The readings of a telemetry key in one time bucket.
+#[derive(SimpleObject)]
+pub struct TelemetryBucket {
+    /// The bucket covers `start` ≤ t < `start` + step.
+    pub start: DateTime,
+    pub count: u64,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub avg: Option<f64>,
 }
 
 /// The device's presence as the platform last saw it.
@@ -96,7 +160,8 @@ pub struct Connectivity {
     pub connected: bool,
     /// When `connected` last changed.
     pub since: Option<DateTime>,
-    /// When the device was last heard from (connect, disconnect or reported state).
+    /// When the device was last heard from (connect, disconnect, reported state or
+    /// telemetry).
     pub last_seen: Option<DateTime>,
     pub disconnect_reason: Option<String>,
 }

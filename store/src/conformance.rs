@@ -87,6 +87,15 @@ macro_rules! conformance_suite {
             }
 
             #[tokio::test]
+            async fn telemetry_keeps_latest_values_and_series_and_goes_with_its_thing() {
+                let b = backend(10).await;
+                $crate::conformance::telemetry_keeps_latest_values_and_series_and_goes_with_its_thing(&*b.store).await;
+                if let Some(cleanup) = b.cleanup {
+                    cleanup.await;
+                }
+            }
+
+            #[tokio::test]
             async fn lists_things_in_pages() {
                 let b = backend(10).await;
                 $crate::conformance::lists_things_in_pages(&*b.store).await;
@@ -477,6 +486,154 @@ async fn all_statuses(store: &dyn TwinStore, job: &str, page: usize) -> Vec<(Dev
 }
 
 /// Registered things come a page at a time, each once.
+/// A telemetry write keeps the thing's latest values (loaded with the twin and listed
+/// with the index) and its numeric points, which a series buckets by time; a point sent
+/// again is counted once; pruning drops whole days (a store whose points expire by TTL
+/// drops none); deleting the thing removes both.
+pub async fn telemetry_keeps_latest_values_and_series_and_goes_with_its_thing(
+    store: &dyn TwinStore,
+) {
+    use twin_model::telemetry::{Latest, Reading, Series};
+    const DAY: u64 = 86_400_000;
+    let now = crate::now_millis();
+    let today = now - now % DAY;
+    let yesterday = today - DAY;
+    let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
+    let (other, _) = ThingRecord::new(id("t2"), 1).unwrap();
+    store
+        .commit(vec![Write::Thing(record.clone()), Write::Thing(other)])
+        .await
+        .unwrap();
+    let reading = |at: u64, body: serde_json::Value| {
+        let mut map = body.as_object().unwrap().clone();
+        map.insert("timestamp".into(), at.into());
+        Reading::parse(
+            serde_json::Value::Object(map).to_string().as_bytes(),
+            now,
+            8,
+        )
+        .unwrap()
+    };
+    let write = |thing: &str, latest: &Latest, reading: &Reading| Write::Telemetry {
+        thing: id(thing),
+        latest: Arc::new(latest.clone()),
+        points: reading
+            .numbers()
+            .map(|(key, value)| crate::Point {
+                key: key.into(),
+                at: reading.at,
+                value,
+            })
+            .collect(),
+    };
+    let first = reading(
+        yesterday + 1000,
+        serde_json::json!({"temp": 20, "gps": {"lat": 48.1}}),
+    );
+    let second = reading(
+        today + 2000,
+        serde_json::json!({"temp": 30.5, "mode": "eco"}),
+    );
+    let latest1 = Latest::default().with(&first).unwrap();
+    let latest2 = latest1.with(&second).unwrap();
+    store
+        .commit(vec![write("t1", &latest1, &first)])
+        .await
+        .unwrap();
+    // The second reading twice, as a device resends it: counted once.
+    for _ in 0..2 {
+        store
+            .commit(vec![
+                write("t1", &latest2, &second),
+                write("t2", &latest1, &first),
+            ])
+            .await
+            .unwrap();
+    }
+
+    let loaded = store.load(&id("t1")).await.unwrap();
+    assert_eq!(loaded.telemetry, latest2);
+    let keys: Vec<&str> = loaded.telemetry.keys().collect();
+    assert_eq!(keys, ["gps.lat", "mode", "temp"]);
+    let page = store
+        .index_page(record.id.partition(), None, 1000)
+        .await
+        .unwrap();
+    let listed = page
+        .twins
+        .iter()
+        .find(|t| t.record.id == record.id)
+        .unwrap();
+    assert_eq!(listed.telemetry, latest2);
+
+    let series = |key: &'static str, since: u64| async move {
+        store
+            .telemetry_series(
+                &id("t1"),
+                key,
+                Series::new(since, today + DAY, DAY).unwrap(),
+            )
+            .await
+            .unwrap()
+            .buckets()
+    };
+    let days = series("temp", yesterday).await;
+    assert_eq!(days.len(), 2);
+    assert_eq!(
+        (days[0].start, days[0].count, days[0].max),
+        (yesterday, 1, 20.0)
+    );
+    assert_eq!(
+        (days[1].start, days[1].count, days[1].max),
+        (today, 1, 30.5)
+    );
+    let hours = store
+        .telemetry_series(
+            &id("t1"),
+            "temp",
+            Series::new(today, today + 3_600_000, 1000).unwrap(),
+        )
+        .await
+        .unwrap()
+        .buckets();
+    assert_eq!(
+        hours[2].count, 1,
+        "the reading at today + 2 s is in its second"
+    );
+    assert_eq!(hours.iter().map(|b| b.count).sum::<u64>(), 1);
+    assert_eq!(series("gps.lat", yesterday).await[0].count, 1);
+    // Strings are latest values only, not points.
+    assert_eq!(series("mode", yesterday).await[1].count, 0);
+
+    let pruned = store.prune_telemetry(today).await.unwrap();
+    let left = series("temp", yesterday).await;
+    if pruned > 0 {
+        assert_eq!(
+            (left[0].count, left[1].count),
+            (0, 1),
+            "yesterday is pruned"
+        );
+    } else {
+        assert_eq!(
+            (left[0].count, left[1].count),
+            (1, 1),
+            "points expire by TTL"
+        );
+    }
+
+    store
+        .commit(vec![Write::DeleteThing(id("t1"))])
+        .await
+        .unwrap();
+    assert!(store.load(&id("t1")).await.unwrap().telemetry.is_empty());
+    assert!(series("temp", yesterday).await.iter().all(|b| b.count == 0));
+    assert_eq!(
+        store.load(&id("t2")).await.unwrap().telemetry,
+        latest1,
+        "another thing keeps its telemetry"
+    );
+}
+
 pub async fn lists_things_in_pages(store: &dyn TwinStore) {
     let names = ["c", "a", "b", "d", "e"];
     let writes: Vec<Write> = names

@@ -37,6 +37,7 @@ use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::provisioning::ProvisioningTemplate;
+use twin_model::telemetry::{Latest, Series};
 use twin_model::{Connectivity, DeviceId, Shadow, ShadowChange, ShadowName};
 
 pub use committer::Committer;
@@ -129,6 +130,8 @@ pub struct TwinSnapshot {
     /// the thing is deleted, so that a thing registered again under its name goes on
     /// counting.
     pub event_seq: u64,
+    /// The latest value of each telemetry key.
+    pub telemetry: Latest,
 }
 
 /// One change inside a commit batch.
@@ -158,6 +161,23 @@ pub enum Write {
     /// An event for routes (see [`routes`]): appended to the outbox, and the thing's
     /// event number kept.
     Event(Arc<routes::OutboxRecord>),
+    /// A telemetry message: the thing's latest values after it, and its numeric readings
+    /// for the series (kept for the store's telemetry retention).
+    Telemetry {
+        thing: DeviceId,
+        latest: Arc<Latest>,
+        points: Arc<[Point]>,
+    },
+}
+
+/// One numeric telemetry reading. A point of the same thing, key and millisecond
+/// replaces it (a device's resent message is not counted twice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub key: String,
+    /// Milliseconds since the epoch.
+    pub at: u64,
+    pub value: f64,
 }
 
 /// A registered twin as the fleet index needs it, from [`IndexSource::index_page`].
@@ -166,6 +186,7 @@ pub struct IndexedTwin {
     pub record: ThingRecord,
     pub connectivity: Connectivity,
     pub shadows: Vec<(ShadowName, Shadow)>,
+    pub telemetry: Latest,
 }
 
 /// A page of the fleet index's source.
@@ -437,6 +458,23 @@ pub trait RouteStore: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 }
 
+/// Telemetry series (the latest values are part of the twin: [`TwinSnapshot::telemetry`]).
+#[async_trait]
+pub trait TelemetryStore: Send + Sync + 'static {
+    /// `series` filled with the thing's readings of `key` in its range.
+    async fn telemetry_series(
+        &self,
+        thing: &DeviceId,
+        key: &str,
+        series: Series,
+    ) -> Result<Series, StoreError>;
+
+    /// Drops readings older than `before` (milliseconds; a whole day at a time, so some
+    /// may stay up to a day longer). Returns how many days of readings went; a store
+    /// whose readings expire by themselves (ScyllaDB's TTL) returns 0.
+    async fn prune_telemetry(&self, before: u64) -> Result<u64, StoreError>;
+}
+
 /// A whole backend: every part above, and a flush at shutdown. Callers that need one part
 /// take it alone (`Arc<dyn TwinStore>` coerces to `Arc<dyn JobStore>` and the others).
 #[async_trait]
@@ -446,6 +484,7 @@ pub trait TwinStore:
     + CertificateStore
     + AuditStore
     + RouteStore
+    + TelemetryStore
     + CommandStore
     + JobStore
     + DeadlineIndex
@@ -478,11 +517,13 @@ pub(crate) fn indexed(
             record: Some(record),
             connectivity,
             shadows,
+            telemetry,
             ..
         }) => Ok(Some(IndexedTwin {
             record,
             connectivity,
             shadows,
+            telemetry,
         })),
         Ok(_) => {
             tracing::warn!(%thing, "listed in its partition but not registered; skipped");

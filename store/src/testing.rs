@@ -10,6 +10,7 @@ use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::provisioning::ProvisioningTemplate;
+use twin_model::telemetry::Series;
 use twin_model::{DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
@@ -17,7 +18,7 @@ use crate::routes::{DeliveryKey, DeliveryRecord, OutboxRecord, RouteRecord};
 use crate::{
     AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
     DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, RouteStore,
-    StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    StoreError, TelemetryStore, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
 /// Reads find nothing, except that with `registered` every thing exists. Every commit
@@ -241,6 +242,21 @@ impl RouteStore for GatedStore {
         Ok(vec![])
     }
     async fn prune_routes(&self, _: u64, _: u64) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
+
+#[async_trait]
+impl TelemetryStore for GatedStore {
+    async fn telemetry_series(
+        &self,
+        _: &DeviceId,
+        _: &str,
+        s: Series,
+    ) -> Result<Series, StoreError> {
+        Ok(s)
+    }
+    async fn prune_telemetry(&self, _: u64) -> Result<u64, StoreError> {
         Ok(0)
     }
 }
@@ -474,6 +490,21 @@ impl RouteStore for CrashAfter {
     }
     async fn prune_routes(&self, events: u64, deliveries: u64) -> Result<u64, StoreError> {
         self.inner.prune_routes(events, deliveries).await
+    }
+}
+
+#[async_trait]
+impl TelemetryStore for CrashAfter {
+    async fn telemetry_series(
+        &self,
+        thing: &DeviceId,
+        key: &str,
+        series: Series,
+    ) -> Result<Series, StoreError> {
+        self.inner.telemetry_series(thing, key, series).await
+    }
+    async fn prune_telemetry(&self, before: u64) -> Result<u64, StoreError> {
+        self.inner.prune_telemetry(before).await
     }
 }
 

@@ -4,6 +4,7 @@
 //! reported.temp > 30 AND attributes.site = "plant-7" AND connected = true
 //! NOT (desired.mode IN ("eco", "off") OR delta.firmware EXISTS)
 //! shadows.firmware.reported.version >= 2 AND id != "bench-1"
+//! telemetry.temp > 30 AND telemetry.gps.lat < 48.5
 //! ```
 //!
 //! Grammar (keywords in any case; `OR` binds weakest, then `AND`, then `NOT`):
@@ -16,7 +17,7 @@
 //! predicate  := field ( op value | "IN" "(" value ("," value)* ")" | "EXISTS" )
 //! op         := "=" | "!=" | "<" | "<=" | ">" | ">="
 //! value      := JSON string | JSON number | true | false
-//! field      := "id" | "connected" | "attributes" path
+//! field      := "id" | "connected" | "attributes" path | "telemetry" path
 //!             | section path                           (the classic shadow)
 //!             | "shadows" "." name ["." section path]  (a named shadow)
 //! section    := "desired" | "reported" | "delta"
@@ -67,6 +68,8 @@ pub enum Field {
     Id,
     Connected,
     Attributes(Vec<String>),
+    /// A key of the thing's latest telemetry (`telemetry.gps.lat`: the key `gps.lat`).
+    Telemetry(Vec<String>),
     /// A path into a section of a shadow (the classic one or a named one).
     Shadow {
         shadow: ShadowName,
@@ -118,6 +121,10 @@ pub trait FilterTarget {
     fn has_shadow(&self, shadow: &ShadowName) -> bool;
     /// A section (`desired`, `reported` or the computed `delta`) of an existing shadow.
     fn section(&self, shadow: &ShadowName, section: Section) -> Option<&Map<String, Value>>;
+    /// The latest telemetry values, nested by their dotted keys.
+    fn telemetry(&self) -> Option<&Map<String, Value>> {
+        None
+    }
 }
 
 impl Section {
@@ -178,6 +185,7 @@ impl Field {
             Self::Id => Some(Found::Str(t.id())),
             Self::Connected => Some(Found::Bool(t.connected())),
             Self::Attributes(path) => walk(t.attributes()?, path),
+            Self::Telemetry(path) => walk(t.telemetry()?, path),
             Self::NamedShadow(shadow) => t.has_shadow(shadow).then_some(Found::Present),
             Self::Shadow {
                 shadow,
@@ -427,13 +435,14 @@ impl Parser {
         let start = self.pos;
         let root = self.word();
         if root.is_empty() {
-            return Err(self.error("expected a field (id, connected, attributes.*, desired.*, reported.*, delta.* or shadows.*) or '(' or NOT"));
+            return Err(self.error("expected a field (id, connected, attributes.*, telemetry.*, desired.*, reported.*, delta.* or shadows.*) or '(' or NOT"));
         }
         self.pos += root.chars().count();
         let field = match root.as_str() {
             "id" => Field::Id,
             "connected" => Field::Connected,
             "attributes" => Field::Attributes(self.path()?),
+            "telemetry" => Field::Telemetry(self.path()?),
             "shadows" => {
                 if !self.eat_dot() {
                     return Err(self.error("expected '.' and a shadow name after 'shadows'"));
@@ -471,7 +480,7 @@ impl Parser {
                     self.pos = start;
                     self.skip_ws();
                     return Err(self.error(format!(
-                        "unknown field {other:?}; fields start with id, connected, attributes, desired, reported, delta or shadows"
+                        "unknown field {other:?}; fields start with id, connected, attributes, telemetry, desired, reported, delta or shadows"
                     )));
                 }
             },
@@ -584,6 +593,10 @@ impl fmt::Display for Field {
                 f.write_str("attributes")?;
                 path
             }
+            Self::Telemetry(path) => {
+                f.write_str("telemetry")?;
+                path
+            }
             Self::NamedShadow(shadow) => {
                 f.write_str("shadows")?;
                 return write_segment(f, shadow.key());
@@ -675,6 +688,7 @@ mod tests {
         reported: Map<String, Value>,
         desired: Map<String, Value>,
         named: Option<(ShadowName, Map<String, Value>)>,
+        telemetry: Map<String, Value>,
     }
 
     impl FilterTarget for Twin {
@@ -686,6 +700,9 @@ mod tests {
         }
         fn attributes(&self) -> Option<&Map<String, Value>> {
             Some(&self.attributes)
+        }
+        fn telemetry(&self) -> Option<&Map<String, Value>> {
+            Some(&self.telemetry)
         }
         fn has_shadow(&self, shadow: &ShadowName) -> bool {
             shadow.name().is_none() || self.named.as_ref().is_some_and(|(n, _)| n == shadow)
@@ -722,6 +739,7 @@ mod tests {
                 ShadowName::named("firmware").unwrap(),
                 map(json!({"version": 2})),
             )),
+            telemetry: map(json!({"temp": 41.5, "gps": {"lat": 48.1}})),
         }
     }
 
@@ -777,6 +795,10 @@ mod tests {
                 false,
             ),
             ("not not connected = true", true),
+            ("telemetry.temp > 30", true),
+            ("telemetry.temp > 42", false),
+            ("telemetry.gps.lat < 48.5", true),
+            ("telemetry.hum EXISTS", false),
         ] {
             assert_eq!(check(filter), expected, "{filter}");
         }

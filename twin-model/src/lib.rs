@@ -11,6 +11,7 @@
 //! - [`provisioning`]: fleet provisioning templates;
 //! - [`route`]: the event types routes carry, and event ids;
 //! - [`history`]: a shadow's retained changes and its state at an instant (time travel);
+//! - [`telemetry`]: device telemetry's topics, payloads, latest values and series;
 //! - [`topic`]: the MQTT topic names of the device API.
 
 pub mod certificate;
@@ -28,6 +29,7 @@ pub mod rejection;
 pub mod rollout;
 pub mod route;
 pub mod shadow;
+pub mod telemetry;
 pub mod topic;
 
 pub use event::{Connectivity, TwinEvent};

@@ -9,6 +9,7 @@ use twin_model::certificate::CertificateId;
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse, NewCommand};
 use twin_model::history::Origin;
 use twin_model::job::{JobDefinition, JobExecution};
+use twin_model::telemetry::Reading;
 use twin_model::topic::JobOp;
 use twin_model::{Shadow, ShadowChange, ShadowName, UpdateRequest};
 
@@ -138,11 +139,30 @@ pub enum DeviceMsg {
         reply: AnswerPort<super::jobs::JobAnswer>,
         permit: OwnedSemaphorePermit,
     },
+    /// A device's telemetry message: kept as the latest values and the series, and sent
+    /// to the routes that take it.
+    Telemetry {
+        message: Box<TelemetryMessage>,
+        reply: AnswerPort<()>,
+        permit: OwnedSemaphorePermit,
+    },
     /// A command or job deadline is due.
     Clock,
     /// Test hook: panics inside the actor.
     #[cfg(test)]
     Crash,
+}
+
+/// A telemetry message as a device published it.
+#[derive(Debug, Clone)]
+pub struct TelemetryMessage {
+    pub reading: Reading,
+    /// The topic it was published on.
+    pub topic: String,
+    /// The reading's type, where the topic names one (`{type}`).
+    pub kind: Option<String>,
+    /// AWS IoT Basic Ingest: the name of the route it goes to, alone.
+    pub route: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@
 mod commands;
 mod jobs;
 mod messages;
+mod telemetry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use tracing::Instrument as _;
 use twin_model::command::CommandExecution;
 use twin_model::history::Origin;
 use twin_model::job::{JobDefinition, JobExecution};
+use twin_model::route::EventType;
+use twin_model::telemetry::Latest;
 use twin_model::{
     Connectivity, DeviceId, Rejection, RejectionKind, Shadow, ShadowChange, ShadowName, TwinEvent,
     json,
@@ -28,7 +31,9 @@ use twin_store::routes::OutboxRecord;
 use twin_store::{ThingRecord, TwinSnapshot, Write, secret};
 
 pub use jobs::JobAnswer;
-pub use messages::{AnswerPort, Credential, DeviceMsg, Ending, Mail, RegistryOp, Running};
+pub use messages::{
+    AnswerPort, Credential, DeviceMsg, Ending, Mail, RegistryOp, Running, TelemetryMessage,
+};
 
 /// Certificates attached to one thing, at most (its record is read at every login).
 pub const MAX_CERTIFICATES: usize = 10;
@@ -81,6 +86,8 @@ struct Loaded {
     commands: BTreeMap<String, CommandExecution>,
     /// Every job execution of the thing, by job id.
     jobs: BTreeMap<String, JobExecution>,
+    /// The latest value of each telemetry key.
+    telemetry: Arc<Latest>,
 }
 
 fn thing_not_found() -> FleetError {
@@ -118,6 +125,7 @@ impl DeviceState {
                     .into_iter()
                     .map(|e| (e.job_id.clone(), e))
                     .collect(),
+                telemetry: Arc::new(snap.telemetry),
             });
             self.set_alarm();
         }
@@ -134,8 +142,8 @@ impl DeviceState {
     /// Commits `writes` with the outbox events they make for the routes in force.
     async fn commit(&self, mut writes: Vec<Write>) -> Result<(), FleetError> {
         let events = self.outbox_events(&writes);
-        let appends = !events.is_empty();
         writes.extend(events);
+        let appends = writes.iter().any(|w| matches!(w, Write::Event(_)));
         self.ctx
             .committer
             .commit(writes)
@@ -164,6 +172,7 @@ impl DeviceState {
             record: loaded.and_then(|l| l.record.clone()),
             connectivity: loaded.map(|l| l.connectivity.clone()).unwrap_or_default(),
             shadows: loaded.map(|l| l.shadows.clone()).unwrap_or_default(),
+            telemetry: loaded.map(|l| l.telemetry.clone()).unwrap_or_default(),
         };
         let at = self.ctx.now_millis();
         let mut events = Vec::new();
@@ -180,17 +189,22 @@ impl DeviceState {
             if matched.is_empty() {
                 continue;
             }
-            let seq = self.event_seq.fetch_add(1, Ordering::Relaxed) + 1;
-            events.push(Write::Event(Arc::new(OutboxRecord {
-                thing: self.thing.clone(),
-                seq,
-                kind,
-                at,
-                data,
-                routes: matched,
-            })));
+            events.push(self.event(kind, at, data, matched));
         }
         events
+    }
+
+    /// The outbox event of `kind` for `routes`, numbered next.
+    fn event(&self, kind: EventType, at: u64, data: Value, routes: Vec<String>) -> Write {
+        let seq = self.event_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        Write::Event(Arc::new(OutboxRecord {
+            thing: self.thing.clone(),
+            seq,
+            kind,
+            at,
+            data,
+            routes,
+        }))
     }
 
     /// Makes an accepted shadow change: durable first, then visible, then announced.
@@ -651,6 +665,14 @@ impl DeviceState {
                 permit,
             } => {
                 answer(reply, span.run(self.job_request(op, body)).await);
+                drop(permit);
+            }
+            DeviceMsg::Telemetry {
+                message,
+                reply,
+                permit,
+            } => {
+                answer(reply, self.telemetry(*message).await);
                 drop(permit);
             }
             DeviceMsg::Clock => {

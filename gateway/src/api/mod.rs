@@ -7,13 +7,14 @@
 pub(crate) mod commands;
 pub(crate) mod jobs;
 pub(crate) mod shadow;
+pub(crate) mod telemetry;
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
-use twin_actors::{FleetError, FleetHandle, JobRequestError};
+use twin_actors::{FleetError, FleetHandle, JobRequestError, TelemetryMessage};
 use twin_model::command::{CommandError, CommandExecution, DeviceResponse};
 use twin_model::history::Origin;
 use twin_model::shadow::payload;
@@ -22,6 +23,7 @@ use twin_model::{
     DeviceId, Limits, Rejection, Shadow, ShadowChange, ShadowName, TwinEvent, UpdateRequest,
 };
 
+use crate::codec::PubAckCode;
 use crate::protocol::{ReplyTo, Request};
 use crate::session::OutMsg;
 
@@ -100,6 +102,7 @@ pub(crate) enum Call {
         token: Option<String>,
         body: Value,
     },
+    Telemetry(TelemetryMessage),
 }
 
 /// What became of a device's publish.
@@ -111,6 +114,8 @@ pub(crate) enum Dispatch {
     Answered,
     /// Not a request of the device APIs (why not).
     Ignored(String),
+    /// Refused at once with this PUBACK (why).
+    Refused(PubAckCode, String),
 }
 
 /// A twin's answer to a [`Call`].
@@ -128,6 +133,17 @@ pub(crate) enum Answer {
     ),
     Command(String, ReplyTo, Result<Arc<CommandExecution>, FleetError>),
     Job(JobOp, Option<String>, Result<Value, JobRequestError>),
+    Telemetry(Result<(), FleetError>),
+}
+
+impl Answer {
+    /// The PUBACK the request's answer goes with.
+    pub(crate) fn ack_code(&self) -> PubAckCode {
+        match self {
+            Self::Telemetry(result) => telemetry::acked(result),
+            _ => PubAckCode::Success,
+        }
+    }
 }
 
 /// A twin's answer, with the packet id of the request's PUBACK (sent with the answer).
@@ -178,6 +194,10 @@ impl Call {
                 let reply = fleet.jobs().request(thing, op.clone(), body);
                 Box::pin(async move { (ack, Answer::Job(op, token, reply.await)) })
             }
+            Self::Telemetry(message) => {
+                let reply = fleet.telemetry().record(thing, message);
+                Box::pin(async move { (ack, Answer::Telemetry(reply.await)) })
+            }
         }
     }
 }
@@ -191,6 +211,9 @@ pub(crate) fn dispatch(
     limits: &Limits,
     out: &mut dyn Outbox,
 ) -> Dispatch {
+    if let Some(destination) = &request.telemetry {
+        return telemetry::dispatch(destination, request, room, limits);
+    }
     let body = &request.payload;
     match topic::parse(&request.topic) {
         Ok(Topic::Shadow(t)) => shadow::dispatch(t, body, room, limits, out),
@@ -242,6 +265,7 @@ pub(crate) fn answer(thing: &DeviceId, answer: Answer, out: &mut dyn Outbox) {
             commands::answered(thing, &id, reply_to, result, out)
         }
         Answer::Job(op, token, result) => jobs::answered(thing, &op, token.as_deref(), result, out),
+        Answer::Telemetry(_) => {}
     }
 }
 
@@ -301,6 +325,7 @@ pub(crate) mod testing {
             ack: Some(1),
             reply_to: None,
             traceparent: None,
+            telemetry: None,
         }
     }
 }

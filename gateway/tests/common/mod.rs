@@ -284,6 +284,8 @@ impl Device {
                                         p5::PubAckReason::NoMatchingSubscribers => 0x10,
                                         p5::PubAckReason::NotAuthorized => 0x87,
                                         p5::PubAckReason::TopicNameInvalid => 0x90,
+                                        p5::PubAckReason::QuotaExceeded => 0x97,
+                                        p5::PubAckReason::PayloadFormatInvalid => 0x99,
                                         _ => 0x80,
                                     },
                                 },

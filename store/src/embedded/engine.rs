@@ -19,6 +19,7 @@ use twin_model::provisioning::ProvisioningTemplate;
 use twin_model::{ChangeOp, DeviceId, ShadowName};
 
 use super::outbox::Outbox;
+use super::telemetry::Telemetry;
 use crate::audit::AuditEntry;
 use crate::{
     CaRecord, CertificateRecord, Deadline, IndexPage, JobCounts, StoreError, ThingRecord,
@@ -49,6 +50,7 @@ pub struct Engine {
     audit: Keyspace,
     meta: Keyspace,
     pub(super) outbox: Outbox,
+    pub(super) telemetry: Telemetry,
     history: u64,
     _lock: File,
 }
@@ -230,6 +232,7 @@ impl Engine {
             audit: ks("audit")?,
             meta: ks("meta")?,
             outbox: Outbox::open(&db)?,
+            telemetry: Telemetry::open(&db)?,
             db,
             history: history.max(1),
             _lock: lock,
@@ -347,6 +350,7 @@ impl Engine {
             record,
             connectivity,
             shadows,
+            telemetry: self.telemetry.latest(thing)?,
             ..TwinSnapshot::default()
         })
     }
@@ -361,6 +365,13 @@ impl Engine {
         for w in batch {
             match w {
                 Write::Event(event) => self.outbox.stage(&mut b, &mut next, event),
+                Write::Telemetry {
+                    thing,
+                    latest,
+                    points,
+                } => self
+                    .telemetry
+                    .stage(&self.db, &mut b, thing, latest, points)?,
                 Write::Shadow {
                     thing,
                     shadow,
@@ -423,6 +434,7 @@ impl Engine {
                     b.remove(&self.things, thing.as_str());
                     b.remove(&self.presence, thing.as_str());
                     b.remove(&self.members, member_key(thing));
+                    self.telemetry.stage_delete(&mut b, thing)?;
                     for kv in self.deadlines.prefix(deadline_prefix(thing)) {
                         b.remove(&self.deadlines, kv.key().map_err(engine)?);
                     }

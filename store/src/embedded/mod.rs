@@ -42,6 +42,11 @@
 //!   `route_cursors`: `{routeId}` -> be64 position; `deliveries`:
 //!   `{routeId}\0{at:be64}{position:be64}{attempt:be32}` ->
 //!   [`DeliveryRecord`](crate::routes::DeliveryRecord) (JSON), the delivery log.
+//! - `telemetry_latest`: `{thing}` -> [`Latest`](twin_model::telemetry::Latest) (JSON):
+//!   the newest value of each telemetry key.
+//! - `telemetry_day_{day}` (one keyspace per UTC day since the epoch):
+//!   `{thing}\0{key}\0{at:be64}` -> the reading (be64 `f64`): numeric telemetry for the
+//!   series; retention drops whole days.
 //! - `meta`: `layout` -> the layout version ([`LAYOUT`]); a directory written by an
 //!   older version gets the listings above built once when it is opened.
 //!
@@ -52,6 +57,7 @@
 
 mod engine;
 mod outbox;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,6 +68,7 @@ use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::provisioning::ProvisioningTemplate;
+use twin_model::telemetry::Series;
 use twin_model::{DeviceId, ShadowName};
 
 pub use engine::{Engine, LAYOUT};
@@ -71,7 +78,7 @@ use crate::routes::{DeliveryKey, DeliveryRecord, OutboxRecord, RouteRecord};
 use crate::{
     AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
     DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, RouteStore,
-    StoreError, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    StoreError, TelemetryStore, ThingRecord, TwinSnapshot, TwinStateStore, TwinStore, Write,
 };
 
 /// The embedded backend behind the async [`TwinStore`] traits: each call runs the
@@ -169,6 +176,25 @@ impl RouteStore for EmbeddedStore {
         deliveries_before: u64,
     ) -> Result<u64, StoreError> {
         self.blocking(move |e| e.outbox.prune(&e.db, events_before, deliveries_before))
+            .await
+    }
+}
+
+#[async_trait]
+impl TelemetryStore for EmbeddedStore {
+    async fn telemetry_series(
+        &self,
+        thing: &DeviceId,
+        key: &str,
+        series: Series,
+    ) -> Result<Series, StoreError> {
+        let (thing, key) = (thing.clone(), key.to_owned());
+        self.blocking(move |e| e.telemetry.series(&thing, &key, series))
+            .await
+    }
+
+    async fn prune_telemetry(&self, before: u64) -> Result<u64, StoreError> {
+        self.blocking(move |e| e.telemetry.prune(&e.db, before))
             .await
     }
 }

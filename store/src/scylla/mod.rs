@@ -36,6 +36,7 @@ use twin_model::command::CommandExecution;
 use twin_model::history::HistoryEntry;
 use twin_model::job::{JobDefinition, JobExecution, JobStatus};
 use twin_model::provisioning::ProvisioningTemplate;
+use twin_model::telemetry::{Latest, Series};
 use twin_model::{ChangeOp, Connectivity, DeviceId, ShadowName};
 
 use crate::audit::AuditEntry;
@@ -43,7 +44,8 @@ use crate::routes::{DeliveryKey, DeliveryRecord, OutboxRecord, RouteRecord};
 use crate::{
     AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
     DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, RouteStore,
-    StoreError, ThingRecord, TokenStore, TwinSnapshot, TwinStateStore, TwinStore, Write,
+    StoreError, TelemetryStore, ThingRecord, TokenStore, TwinSnapshot, TwinStateStore, TwinStore,
+    Write,
 };
 use schema::kind;
 pub use tls::ScyllaTls;
@@ -66,6 +68,8 @@ pub struct ScyllaConfig {
     pub history: u64,
     /// How long a change is kept (a TTL on its row); `None` keeps it until trimmed.
     pub history_retention: Option<Duration>,
+    /// How long a telemetry reading is kept (a TTL on its row).
+    pub telemetry_retention: Duration,
     /// Longest wait for one request.
     pub request_timeout: Duration,
 }
@@ -82,6 +86,7 @@ impl ScyllaConfig {
             tls: None,
             history,
             history_retention: None,
+            telemetry_retention: Duration::from_secs(7 * 86_400),
             request_timeout: Duration::from_secs(10),
         }
     }
@@ -118,6 +123,9 @@ struct Statements {
     commands: PreparedStatement,
     commands_before: PreparedStatement,
     trim_history: PreparedStatement,
+    put_point: PreparedStatement,
+    points: PreparedStatement,
+    delete_points: PreparedStatement,
     history: PreparedStatement,
     put_member: PreparedStatement,
     delete_member: PreparedStatement,
@@ -150,6 +158,8 @@ pub struct ScyllaStore {
     history: u64,
     /// Seconds a change is kept (0: until trimmed).
     history_ttl: i32,
+    /// Seconds a telemetry reading is kept.
+    telemetry_ttl: i32,
     consistency: Consistency,
 }
 
@@ -285,9 +295,8 @@ impl ScyllaStore {
             session: Arc::new(session),
             st: Arc::new(st),
             history: config.history.max(1),
-            history_ttl: config.history_retention.map_or(0, |r| {
-                i32::try_from(r.as_secs().clamp(1, MAX_TTL)).unwrap_or(i32::MAX)
-            }),
+            history_ttl: config.history_retention.map_or(0, ttl),
+            telemetry_ttl: ttl(config.telemetry_retention),
             consistency: config.consistency,
         };
         if found != Some(schema::VERSION) {
@@ -495,6 +504,29 @@ impl ScyllaStore {
                     listings.push(self.deadline(thing, format!("j{}", e.job_id), e.deadline()));
                     rows.push((thing.to_string(), kind::JOB, e.job_id.clone(), encode(&**e)));
                 }
+                Write::Telemetry { latest, points, .. } => {
+                    // Readings before the latest values: a failed commit leaves readings
+                    // that the device's resend writes again, at the same keys.
+                    for p in points.iter() {
+                        listings.push(Box::pin(self.exec(
+                            &self.st.put_point,
+                            (
+                                thing.to_string(),
+                                p.key.clone(),
+                                day_number(p.at),
+                                i64::try_from(p.at).unwrap_or(i64::MAX),
+                                p.value,
+                                self.telemetry_ttl,
+                            ),
+                        )));
+                    }
+                    rows.push((
+                        thing.to_string(),
+                        kind::TELEMETRY,
+                        String::new(),
+                        encode(&**latest),
+                    ));
+                }
                 Write::Job(_) | Write::DeleteThing(_) | Write::Event(_) => {}
             }
         }
@@ -591,6 +623,7 @@ impl ScyllaStore {
     /// Removes the twin's partition first, then its listings (each job keeps the status
     /// the thing's execution ended with).
     async fn delete_thing(&self, thing: &DeviceId) -> Result<(), StoreError> {
+        self.delete_readings(thing).await?;
         self.session
             .execute_unpaged(&self.st.delete_twin, (thing.as_str(),))
             .await
@@ -606,6 +639,37 @@ impl ScyllaStore {
         }
         try_join_all(listings).await?;
         Ok(())
+    }
+
+    /// The thing's telemetry readings: every day within retention of each key it has a
+    /// latest value of (a key it forgot keeps its readings until their TTL).
+    async fn delete_readings(&self, thing: &DeviceId) -> Result<(), StoreError> {
+        let Some(latest) = self.value_of(thing, kind::TELEMETRY, "").await? else {
+            return Ok(());
+        };
+        let latest: Latest = decode(&format!("{thing}/telemetry"), &latest)?;
+        let (first, last) = self.retained_days(0, u64::MAX);
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        for key in latest.keys() {
+            for day in first..=last {
+                pending.push(Box::pin(self.exec(
+                    &self.st.delete_points,
+                    (thing.to_string(), key.to_owned(), day),
+                )));
+            }
+        }
+        try_join_all(pending).await?;
+        Ok(())
+    }
+
+    /// The days of `since` to `until` (milliseconds) that can still hold readings.
+    fn retained_days(&self, since: u64, until: u64) -> (i32, i32) {
+        let now = crate::now_millis();
+        let oldest = now.saturating_sub(u64::from(self.telemetry_ttl.unsigned_abs()) * 1000);
+        (
+            day_number(since.max(oldest)),
+            day_number(until.min(now + twin_model::telemetry::MAX_FUTURE_MS)),
+        )
     }
 
     /// A twin's rows that `statement` selects (all of its own, or what the index needs).
@@ -676,11 +740,11 @@ impl Statements {
             Ok(s)
         };
         Ok(Self {
-            load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow', 'command', 'job')")).await?,
+            load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow', 'command', 'job', 'telemetry')")).await?,
             drop_members: p(format!("DELETE FROM {ks}.members WHERE partition = ?")).await?,
             drop_deadlines: p(format!("DELETE FROM {ks}.deadlines WHERE partition = ?")).await?,
             listing_scan: p(format!("SELECT thing, kind, key, value FROM {ks}.twin")).await?,
-            index_scan: p(format!("SELECT thing, kind, key, value FROM {ks}.twin WHERE token(thing) >= ? AND token(thing) <= ? AND kind >= 'presence' AND kind <= 'shadow' ALLOW FILTERING")).await?,
+            index_scan: p(format!("SELECT thing, kind, key, value FROM {ks}.twin WHERE token(thing) >= ? AND token(thing) <= ? AND kind >= 'presence' AND kind <= 'telemetry' ALLOW FILTERING")).await?,
             row: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = ? AND key = ?")).await?,
             put_token: p(format!("INSERT INTO {ks}.api_tokens (bucket, id, record) VALUES (0, ?, ?)")).await?,
             tokens: p(format!("SELECT id, record FROM {ks}.api_tokens WHERE bucket = 0")).await?,
@@ -699,6 +763,9 @@ impl Statements {
             audit_last: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? ORDER BY seq DESC LIMIT 1")).await?,
             put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
             delete_twin: p(format!("DELETE FROM {ks}.twin WHERE thing = ?")).await?,
+            put_point: p(format!("INSERT INTO {ks}.telemetry_points (thing, key, day, at, value) VALUES (?, ?, ?, ?, ?) USING TTL ?")).await?,
+            points: p(format!("SELECT at, value FROM {ks}.telemetry_points WHERE thing = ? AND key = ? AND day = ? AND at >= ? AND at < ?")).await?,
+            delete_points: p(format!("DELETE FROM {ks}.telemetry_points WHERE thing = ? AND key = ? AND day = ?")).await?,
             commands: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' ORDER BY kind DESC, key DESC LIMIT ?")).await?,
             commands_before: p(format!("SELECT value FROM {ks}.twin WHERE thing = ? AND kind = 'command' AND key < ? ORDER BY kind DESC, key DESC LIMIT ?")).await?,
             trim_history: p(format!("DELETE FROM {ks}.twin WHERE thing = ? AND kind = 'history' AND key >= ? AND key < ?")).await?,
@@ -732,6 +799,11 @@ const SCAN_PAGE: i32 = 5000;
 
 /// The longest TTL CQL accepts (20 years).
 const MAX_TTL: u64 = 630_720_000;
+
+/// A retention as a TTL in seconds (1 to [`MAX_TTL`]).
+fn ttl(retention: Duration) -> i32 {
+    i32::try_from(retention.as_secs().clamp(1, MAX_TTL)).unwrap_or(i32::MAX)
+}
 
 /// How often (in versions) a shadow's history is trimmed to `history` changes.
 const TRIM_EVERY: u64 = 16;
@@ -778,6 +850,7 @@ fn snapshot_of(
             kind::JOB => snap
                 .job_executions
                 .push(decode::<JobExecution>(&at, &value)?),
+            kind::TELEMETRY => snap.telemetry = decode::<Latest>(&at, &value)?,
             other => {
                 tracing::warn!(%thing, kind = other, "unknown row kind in a twin's partition; skipped");
             }
@@ -786,8 +859,45 @@ fn snapshot_of(
     Ok(snap)
 }
 
+fn day_number(millis: u64) -> i32 {
+    i32::try_from(twin_model::telemetry::day(millis)).unwrap_or(i32::MAX)
+}
+
 fn limit(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+#[async_trait]
+impl TelemetryStore for ScyllaStore {
+    async fn telemetry_series(
+        &self,
+        thing: &DeviceId,
+        key: &str,
+        mut series: Series,
+    ) -> Result<Series, StoreError> {
+        let (since, until) = series.range();
+        let (first, last) = self.retained_days(since, until - 1);
+        let bound = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
+        for day in first..=last {
+            let rows = self
+                .scan::<(i64, f64), _>(
+                    &self.st.points,
+                    (thing.as_str(), key, day, bound(since), bound(until)),
+                    "reading telemetry",
+                )
+                .await?;
+            let mut rows = std::pin::pin!(rows);
+            while let Some((at, value)) = rows.try_next().await? {
+                series.add(u64::try_from(at).unwrap_or(0), value);
+            }
+        }
+        Ok(series)
+    }
+
+    /// Readings expire by their TTL.
+    async fn prune_telemetry(&self, _: u64) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
 #[async_trait]
@@ -801,7 +911,9 @@ impl TwinStateStore for ScyllaStore {
         let mut jobs = Vec::new();
         for w in &batch {
             let thing = match w {
-                Write::Shadow { thing, .. } | Write::Connectivity { thing, .. } => thing,
+                Write::Shadow { thing, .. }
+                | Write::Connectivity { thing, .. }
+                | Write::Telemetry { thing, .. } => thing,
                 Write::Thing(r) => &r.id,
                 Write::Command(c) => &c.thing,
                 Write::JobExecution(e) => &e.thing,

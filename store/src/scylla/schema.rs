@@ -14,6 +14,7 @@
 //! | `certificates` | a certificate | 1 (its record: PEM, status, times) | device login by certificate, and the certificate listing (token order) |
 //! | `ca_certificates` | one partition for all registered CAs | the number of CAs | finding the CA of a certificate at its first connection |
 //! | `provisioning_templates` | one partition for all templates | the number of templates | fleet provisioning |
+//! | `telemetry_points` | a thing, a telemetry key and a UTC day | that day's numeric readings of the key (86,400 at one a second), with a TTL of `telemetry_retention` | `Thing.telemetrySeries`: a day's readings in time order |
 //! | `audit` | 65,536 consecutive audit entries | 65,536 | the audit log in order, and its newest entry |
 //! | `schema_version` | one row | 1 | refusing a newer schema |
 //!
@@ -22,10 +23,11 @@
 
 /// The schema version this build creates and reads. 2 added `api_tokens`; 3 keys
 /// `members` and `deadlines` by placement partitions that are token ranges; 4 added
-/// `certificates`, `ca_certificates`, `provisioning_templates` and `audit`. An older
+/// `certificates`, `ca_certificates`, `provisioning_templates` and `audit`; 5
+/// `telemetry_points` (and a `telemetry` row in each twin's partition). An older
 /// keyspace gets what it lacks (every statement is `IF NOT EXISTS`), its listings made
 /// anew (from 1 or 2), and its version raised.
-pub const VERSION: i32 = 4;
+pub const VERSION: i32 = 5;
 
 /// Target buckets per job: a job with 100,000 targets is 64 partitions, not one.
 pub const JOB_BUCKETS: u16 = 64;
@@ -44,6 +46,7 @@ pub fn tables(keyspace: &str) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS {ks}.certificates (id text PRIMARY KEY, record text)",
         "CREATE TABLE IF NOT EXISTS {ks}.ca_certificates (bucket int, id text, record text, PRIMARY KEY (bucket, id))",
         "CREATE TABLE IF NOT EXISTS {ks}.provisioning_templates (bucket int, name text, record text, PRIMARY KEY (bucket, name))",
+        "CREATE TABLE IF NOT EXISTS {ks}.telemetry_points (thing text, key text, day int, at bigint, value double, PRIMARY KEY ((thing, key, day), at))",
         "CREATE TABLE IF NOT EXISTS {ks}.audit (bucket bigint, seq bigint, entry text, PRIMARY KEY (bucket, seq))",
         "CREATE TABLE IF NOT EXISTS {ks}.schema_version (id int PRIMARY KEY, version int)",
     ]
@@ -87,4 +90,6 @@ pub mod kind {
     pub const JOB: &str = "job";
     /// A shadow's change: key `{shadow}/{version:020}{0 update | 1 delete}`.
     pub const HISTORY: &str = "history";
+    /// The latest value of each telemetry key (one row, key empty).
+    pub const TELEMETRY: &str = "telemetry";
 }
