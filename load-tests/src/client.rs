@@ -27,8 +27,13 @@ pub enum Protocol {
 /// What a connection received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
-    Publish { topic: String, payload: Bytes },
-    PubAck(u16),
+    Publish {
+        topic: String,
+        payload: Bytes,
+    },
+    /// A PUBACK: its packet id, and whether it took the message (MQTT 5 codes below
+    /// 0x80; always on MQTT 3.1.1).
+    PubAck(u16, bool),
     SubAck(Vec<u8>),
     PingResp,
     Other,
@@ -211,7 +216,7 @@ impl Conn {
                             payload: p.payload,
                         })
                     }
-                    Ok(v4::Packet::PubAck(a)) => Some(Incoming::PubAck(a.pkid)),
+                    Ok(v4::Packet::PubAck(a)) => Some(Incoming::PubAck(a.pkid, true)),
                     Ok(v4::Packet::SubAck(s)) => Some(Incoming::SubAck(
                         s.return_codes
                             .iter()
@@ -237,7 +242,13 @@ impl Conn {
                             payload: p.payload,
                         })
                     }
-                    Ok(v5::Packet::PubAck(a)) => Some(Incoming::PubAck(a.pkid)),
+                    Ok(v5::Packet::PubAck(a)) => Some(Incoming::PubAck(
+                        a.pkid,
+                        matches!(
+                            a.reason,
+                            v5::PubAckReason::Success | v5::PubAckReason::NoMatchingSubscribers
+                        ),
+                    )),
                     Ok(v5::Packet::SubAck(s)) => Some(Incoming::SubAck(
                         s.return_codes
                             .iter()

@@ -43,6 +43,17 @@ enum Scenario {
         #[command(flatten)]
         output: Output,
     },
+    /// Every device publishes telemetry on dt/load/{id}/meter at QoS 1 and waits for the
+    /// PUBACK (sent once the reading is durable). Measures readings kept per second and
+    /// publish-to-PUBACK latency. Run Doppel with --auto-register.
+    Telemetry {
+        #[command(flatten)]
+        fleet: Fleet,
+        #[command(flatten)]
+        pace: Pace,
+        #[command(flatten)]
+        output: Output,
+    },
     /// Connects every device as fast as the server accepts them.
     /// Measures connections per second and failures.
     ConnectStorm {
@@ -152,6 +163,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pace,
             output,
         } => (scenarios::shadow_update(&fleet, &pace).await?, output),
+        Scenario::Telemetry {
+            fleet,
+            pace,
+            output,
+        } => (scenarios::telemetry(&fleet, &pace).await?, output),
         Scenario::ConnectStorm {
             fleet,
             hold,

@@ -192,6 +192,7 @@ pub(crate) fn now_epoch() -> u64 {
 /// The topics of one device's request/response loop.
 struct Topics {
     request: String,
+    /// The answer's topic; empty: the PUBACK answers (telemetry).
     ok: String,
     err: String,
     /// Desired-state deltas the device applies and reports back (shadow devices only).
@@ -213,6 +214,17 @@ impl DeviceState {
         {
             self.applied.extend(state);
         }
+    }
+
+    /// A telemetry reading, as a meter sends one.
+    fn reading(seq: u64) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "seq": seq,
+            "temp": 20.5 + (seq % 10) as f64,
+            "power": {"watts": 100 + seq % 50, "volts": 230},
+            "status": "running",
+        }))
+        .unwrap_or_default()
     }
 
     fn report(&self, seq: u64) -> Vec<u8> {
@@ -258,7 +270,12 @@ async fn request_loop(
                 // Paced runs measure from when the request was due, so a slow server is
                 // not hidden by requests that were never sent (coordinated omission).
                 let t0 = if rate > 0.0 { due } else { Instant::now() };
-                if conn.publish(&t.request, &state.report(seq)).await.is_err() {
+                let payload = if t.ok.is_empty() {
+                    DeviceState::reading(seq)
+                } else {
+                    state.report(seq)
+                };
+                if conn.publish(&t.request, &payload).await.is_err() {
                     recorder.failure(Instant::now());
                     return;
                 }
@@ -266,6 +283,14 @@ async fn request_loop(
                     match conn.next().await {
                         Ok(Incoming::Publish { topic, .. }) if topic == t.ok => {
                             recorder.success(Instant::now(), t0.elapsed());
+                            break;
+                        }
+                        Ok(Incoming::PubAck(_, true)) if t.ok.is_empty() => {
+                            recorder.success(Instant::now(), t0.elapsed());
+                            break;
+                        }
+                        Ok(Incoming::PubAck(_, false)) if t.ok.is_empty() => {
+                            recorder.failure(Instant::now());
                             break;
                         }
                         Ok(Incoming::Publish { topic, .. }) if topic == t.err => {
@@ -379,6 +404,31 @@ pub async fn shadow_update(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report>
                 err: format!("{base}/rejected"),
                 delta: Some(format!("{base}/delta")),
             }
+        },
+    )
+    .await)
+}
+
+/// `telemetry`: every device publishes telemetry readings on `dt/load/{id}/meter` at QoS
+/// 1 and waits for the PUBACK, which Doppel sends once the reading is durable.
+pub async fn telemetry(fleet: &Fleet, pace: &Pace) -> anyhow::Result<Report> {
+    let (conns, failures) = connected(fleet).await?;
+    let devices = conns
+        .into_iter()
+        .map(|(i, c)| (i, c, DeviceState::default()))
+        .collect();
+    Ok(measure(
+        "telemetry",
+        "acknowledged",
+        fleet,
+        pace,
+        devices,
+        &failures,
+        |id| Topics {
+            request: format!("dt/load/{id}/meter"),
+            ok: String::new(),
+            err: String::new(),
+            delta: None,
         },
     )
     .await)
