@@ -8,24 +8,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{BOTH, Device, Ev, Opts, Proto, Server, WAIT, next_v4, server, server_with, shadow};
+use common::{
+    BOTH, Device, Ev, Opts, Proto, WAIT, device, id, next_v4, server, server_with, shadow,
+};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use twin_actors::FleetConfig;
 use twin_gateway::GatewayConfig;
 use twin_model::history::Origin;
-use twin_model::{DeviceId, Limits, ShadowName, TwinEvent, UpdateRequest};
-
-async fn device(s: &Server, proto: Proto, id: &str) -> Device {
-    let secret = s.register(id).await;
-    Device::connect(s.addr, proto, id, Some(&secret), Opts::default())
-        .await
-        .unwrap()
-}
-
-fn id(s: &str) -> DeviceId {
-    DeviceId::parse(s).unwrap()
-}
+use twin_model::{Limits, ShadowName, TwinEvent, UpdateRequest};
 
 #[tokio::test]
 async fn update_get_delete_and_delta_over_both_protocols() {

@@ -4,20 +4,9 @@
 
 mod common;
 
-use common::{Device, Ev, Opts, Proto, Server, server};
+use common::{Device, Ev, Proto, Server, device, id, server};
+use twin_model::Filter;
 use twin_model::telemetry::Series;
-use twin_model::{DeviceId, Filter};
-
-async fn device(s: &Server, proto: Proto, id: &str) -> Device {
-    let secret = s.register(id).await;
-    Device::connect(s.addr, proto, id, Some(&secret), Opts::default())
-        .await
-        .unwrap()
-}
-
-fn id(s: &str) -> DeviceId {
-    DeviceId::parse(s).unwrap()
-}
 
 /// The next PUBACK's reason code (0 on MQTT 3.1.1).
 async fn puback(d: &mut Device) -> u8 {

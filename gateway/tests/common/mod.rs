@@ -459,6 +459,18 @@ impl Device {
     }
 }
 
+/// A registered device, connected with its secret.
+pub async fn device(s: &Server, proto: Proto, id: &str) -> Device {
+    let secret = s.register(id).await;
+    Device::connect(s.addr, proto, id, Some(&secret), Opts::default())
+        .await
+        .unwrap()
+}
+
+pub fn id(s: &str) -> DeviceId {
+    DeviceId::parse(s).unwrap()
+}
+
 pub fn shadow(thing: &str) -> String {
     format!("$aws/things/{thing}/shadow")
 }
