@@ -212,3 +212,92 @@ async fn bad_routes_are_refused_with_the_reason() {
     });
     g.fleet.routes().create(s).await.unwrap();
 }
+
+/// A reading sent to the twin, as the gateway sends it.
+async fn telemetry(fleet: &FleetHandle, thing: &str, body: &str, route: Option<&str>) {
+    let reading =
+        twin_model::telemetry::Reading::parse(body.as_bytes(), twin_store::now_millis(), 6)
+            .unwrap();
+    fleet
+        .telemetry()
+        .record(
+            &id(thing),
+            crate::TelemetryMessage {
+                reading,
+                topic: format!("dt/app/{thing}/env"),
+                kind: Some("env".into()),
+                route: route.map(str::to_owned),
+            },
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn telemetry_goes_to_the_routes_that_take_it_and_basic_ingest_to_the_named_one_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fleet, _commits) = fleet_in(dir.path(), &FleetConfig::default()).await;
+    registered(&fleet, &["t1"]).await;
+    let (shadows, _) = fleet
+        .routes()
+        .create(RouteSpec {
+            name: Some("ingest".into()),
+            ..spec(&[EventType::ShadowChanged], None)
+        })
+        .await
+        .unwrap();
+    let (hot, _) = fleet
+        .routes()
+        .create(spec(&[EventType::Telemetry], Some("telemetry.temp > 30")))
+        .await
+        .unwrap();
+    // The filter sees the reading's values: 25 is not hot, 35 is.
+    telemetry(&fleet, "t1", r#"{"temp": 25}"#, None).await;
+    telemetry(&fleet, "t1", r#"{"temp": 35}"#, None).await;
+    // Basic Ingest: to the route named "ingest" alone, though it takes shadow changes only
+    // and the hot route's filter matches.
+    telemetry(&fleet, "t1", r#"{"temp": 40}"#, Some("ingest")).await;
+    let events = outbox(&fleet).await;
+    assert_eq!(
+        events,
+        vec![
+            ("t1".into(), 1, EventType::Telemetry, vec![hot.id.clone()]),
+            (
+                "t1".into(),
+                2,
+                EventType::Telemetry,
+                vec![shadows.id.clone()]
+            ),
+        ]
+    );
+    let err = fleet
+        .telemetry()
+        .record(
+            &id("t1"),
+            crate::TelemetryMessage {
+                reading: twin_model::telemetry::Reading::parse(
+                    b"{\"t\": 1}",
+                    twin_store::now_millis(),
+                    6,
+                )
+                .unwrap(),
+                topic: "$aws/rules/nosuch/x".into(),
+                kind: None,
+                route: Some("nosuch".into()),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), twin_model::RejectionKind::NotFound, "{err}");
+    assert_eq!(
+        fleet
+            .queries()
+            .thing(&id("t1"))
+            .unwrap()
+            .telemetry
+            .iter()
+            .count(),
+        1,
+        "the refused reading changed nothing"
+    );
+}
