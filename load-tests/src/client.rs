@@ -31,8 +31,8 @@ pub enum Incoming {
         topic: String,
         payload: Bytes,
     },
-    /// A PUBACK: its packet id, and whether it took the message (MQTT 5 codes below
-    /// 0x80; always on MQTT 3.1.1).
+    /// A PUBACK: its packet id, and whether it took the message (MQTT 5: reason code 0,
+    /// Success; always on MQTT 3.1.1).
     PubAck(u16, bool),
     SubAck(Vec<u8>),
     PingResp,
@@ -244,10 +244,7 @@ impl Conn {
                     }
                     Ok(v5::Packet::PubAck(a)) => Some(Incoming::PubAck(
                         a.pkid,
-                        matches!(
-                            a.reason,
-                            v5::PubAckReason::Success | v5::PubAckReason::NoMatchingSubscribers
-                        ),
+                        a.reason == v5::PubAckReason::Success,
                     )),
                     Ok(v5::Packet::SubAck(s)) => Some(Incoming::SubAck(
                         s.return_codes
