@@ -147,6 +147,61 @@ fn spread(r: &Recorder) -> String {
     })
 }
 
+const LATEST: &str = "query($id: ID!) { thing(id: $id) { telemetry { key value timestamp } } }";
+
+/// `telemetry`, with `readers` API callers reading devices' latest values
+/// (`Thing.telemetry`) one after the other meanwhile; reads of a thing that has no
+/// telemetry yet (the fleet still connecting) are not counted.
+pub async fn telemetry(
+    fleet: &Fleet,
+    pace: &Pace,
+    api: &Api,
+    readers: usize,
+) -> anyhow::Result<Report> {
+    let reads = Arc::new(Recorder::new(Instant::now()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ids: Arc<[String]> = (0..fleet.devices).map(|i| fleet.id(i)).collect();
+    let mut tasks = JoinSet::new();
+    for r in 0..readers {
+        let (reads, stop, ids) = (reads.clone(), stop.clone(), ids.clone());
+        let (http, token) = (api.http, api.token.clone());
+        tasks.spawn(async move {
+            let mut conn = Connection::connect(http, token.as_deref()).await?;
+            let mut n = r;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n = (n + 7919) % ids.len().max(1);
+                let t0 = Instant::now();
+                let data = conn.execute(LATEST, json!({"id": ids[n]})).await?;
+                let took = t0.elapsed();
+                if data["thing"]["telemetry"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+                {
+                    reads.success(Instant::now(), took);
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    let run = crate::scenarios::telemetry(fleet, pace).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(reader) = tasks.join_next().await {
+        reader??;
+    }
+    let mut report = run?;
+    if readers > 0 {
+        let count = reads.ok.load(std::sync::atomic::Ordering::Relaxed);
+        report.figures.insert(
+            "latest_reads".into(),
+            json!(format!(
+                "{count} reads of Thing.telemetry by {readers} callers: {}",
+                spread(&reads)
+            )),
+        );
+    }
+    Ok(report)
+}
+
 /// `desired-roundtrip`: an application sets a device's desired state through GraphQL;
 /// the device gets the delta over MQTT, applies it and reports it back, and a GraphQL
 /// subscriber (`thingsChanged`) sees the twin in sync. The latency is that whole loop,

@@ -45,12 +45,19 @@ enum Scenario {
     },
     /// Every device publishes telemetry on dt/load/{id}/meter at QoS 1 and waits for the
     /// PUBACK (sent once the reading is durable). Measures readings kept per second and
-    /// publish-to-PUBACK latency. Run Doppel with --auto-register.
+    /// publish-to-PUBACK latency; with --readers, also the latency of reading devices'
+    /// latest values through GraphQL meanwhile (needs a token). Run Doppel with
+    /// --auto-register.
     Telemetry {
         #[command(flatten)]
         fleet: Fleet,
         #[command(flatten)]
         pace: Pace,
+        #[command(flatten)]
+        api: Api,
+        /// GraphQL callers reading Thing.telemetry, one read after another, during the run
+        #[arg(long, default_value_t = 0)]
+        readers: usize,
         #[command(flatten)]
         output: Output,
     },
@@ -166,8 +173,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Telemetry {
             fleet,
             pace,
+            api,
+            readers,
             output,
-        } => (scenarios::telemetry(&fleet, &pace).await?, output),
+        } => (api::telemetry(&fleet, &pace, &api, readers).await?, output),
         Scenario::ConnectStorm {
             fleet,
             hold,
