@@ -47,20 +47,23 @@ impl DeviceState {
                 value,
             })
             .collect();
-        let view = routing::After {
-            record: loaded.record.clone(),
-            connectivity: loaded.connectivity.clone(),
-            shadows: loaded.shadows.clone(),
-            telemetry: latest.clone(),
-        }
-        .view()
-        .expect("a registered thing has its record");
-        let matched = match &route {
-            Some(name) => routes.named(name, &view),
-            None if routes.wants(EventType::Telemetry) => {
-                routes.matching(EventType::Telemetry, Some(&view))
+        // The thing as routes' filters see it, assembled only when a route may take the
+        // reading: most readings go to no route.
+        let matched = if route.is_some() || routes.wants(EventType::Telemetry) {
+            let view = routing::After {
+                record: loaded.record.clone(),
+                connectivity: loaded.connectivity.clone(),
+                shadows: loaded.shadows.clone(),
+                telemetry: latest.clone(),
             }
-            None => Vec::new(),
+            .view()
+            .expect("a registered thing has its record");
+            match &route {
+                Some(name) => routes.named(name, &view),
+                None => routes.matching(EventType::Telemetry, Some(&view)),
+            }
+        } else {
+            Vec::new()
         };
         let mut writes = vec![Write::Telemetry {
             thing: self.thing.clone(),
