@@ -626,6 +626,7 @@ impl Config {
             history_retention: self.retention(),
             request_timeout: Duration::from_secs(self.scylla_request_timeout_secs),
             telemetry_retention: self.telemetry_retention()?,
+            route_retention: span("route_retention", &self.route_retention)?,
         })
     }
 

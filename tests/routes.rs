@@ -136,6 +136,24 @@ fn by_thing(accepted: &[Value]) -> BTreeMap<String, Vec<u64>> {
 
 #[tokio::test]
 async fn every_event_arrives_in_order_through_failures_and_a_sigkill() {
+    every_event_arrives_through_failures_and_a_sigkill(&[]).await;
+}
+
+#[tokio::test]
+async fn every_event_arrives_in_order_through_failures_and_a_sigkill_on_scylladb() {
+    every_event_arrives_through_failures_and_a_sigkill(&common::scylla_args()).await;
+}
+
+/// The server's flags: `FAST_RETRIES` and `store`'s.
+fn with_store(store: &[String]) -> Vec<&str> {
+    FAST_RETRIES
+        .iter()
+        .copied()
+        .chain(store.iter().map(String::as_str))
+        .collect()
+}
+
+async fn every_event_arrives_through_failures_and_a_sigkill(store: &[String]) {
     const THINGS: usize = 4;
     const BEFORE: u64 = 15;
     const AFTER: u64 = 10;
@@ -154,7 +172,8 @@ async fn every_event_arrives_in_order_through_failures_and_a_sigkill() {
     )
     .await;
     let data = dir.path().join("data");
-    let server = start(&data, FAST_RETRIES).await;
+    let args = with_store(store);
+    let server = start(&data, &args).await;
     let token = server.admin_token.clone().unwrap();
     let things: Vec<String> = (0..THINGS).map(|i| format!("pump-{i}")).collect();
     for t in &things {
@@ -170,7 +189,7 @@ async fn every_event_arrives_in_order_through_failures_and_a_sigkill() {
     let mut server = server;
     server.child.kill().await.unwrap();
     let accepted_at_kill = receiver.accepted().len();
-    let server = start(&data, FAST_RETRIES).await;
+    let server = start(&data, &args).await;
     for n in BEFORE + 1..=BEFORE + AFTER {
         for t in &things {
             update_desired(&server.http, &token, t, n).await;
@@ -323,9 +342,18 @@ async fn a_gone_endpoint_disables_the_route_and_its_log_says_so() {
 
 #[tokio::test]
 async fn a_replay_delivers_the_time_range_again_with_the_same_ids() {
+    a_replay_delivers_again(&[]).await;
+}
+
+#[tokio::test]
+async fn a_replay_delivers_the_time_range_again_with_the_same_ids_on_scylladb() {
+    a_replay_delivers_again(&common::scylla_args()).await;
+}
+
+async fn a_replay_delivers_again(store: &[String]) {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(dir.path(), &[]).await;
-    let server = start(&dir.path().join("data"), FAST_RETRIES).await;
+    let server = start(&dir.path().join("data"), &with_store(store)).await;
     let token = server.admin_token.clone().unwrap();
     register(&server.http, &token, "lamp-1", json!({})).await;
     let route = route_to(&server, &token, &receiver, "SHADOW_CHANGED, THING_UPDATED").await;

@@ -10,7 +10,7 @@
 //! | `FORBIDDEN`         | the token's role may not do this                            |
 //! | `OVERLOADED`        | too many requests in flight; retry later                    |
 //! | `TIMEOUT`           | the request body did not arrive in time (HTTP 408)          |
-//! | `FAILED_PRECONDITION` | the server lacks what the call needs (a device CA; routes on ScyllaDB) |
+//! | `FAILED_PRECONDITION` | the server lacks what the call needs (a device CA) |
 //! | `INTERNAL`          | storage failure, shutdown, timeout                          |
 
 use std::sync::Arc;
@@ -106,11 +106,6 @@ impl From<FleetError> for ApiError {
         match e {
             FleetError::Rejected(r) => r.into(),
             FleetError::Overloaded => Self::new(Code::Overloaded, e.to_string()),
-            FleetError::Store(ref cause)
-                if matches!(**cause, twin_store::StoreError::Unsupported(_)) =>
-            {
-                Self::new(Code::FailedPrecondition, cause.to_string())
-            }
             FleetError::Store(ref cause) if cause.is_unavailable() => {
                 tracing::warn!(error = %e, "GraphQL request failed: the store is unavailable");
                 Self::new(Code::Unavailable, e.to_string())

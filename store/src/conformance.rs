@@ -11,7 +11,9 @@ use twin_model::job::{JobDefinition, JobStatus};
 use twin_model::{ChangeOp, Connectivity, DeviceId, Limits, Shadow, ShadowName, UpdateRequest};
 
 use crate::audit::{Action, AuditLog};
+use crate::routes::{DeliveryRecord, DeliveryStatus, Destination, OutboxRecord, RouteRecord};
 use crate::{CaRecord, CertificateRecord, ThingRecord, TwinSnapshot, TwinStore, Write};
+use twin_model::route::EventType;
 
 /// An empty store under test, with what must live as long as it (a directory), and what
 /// to do once a check passed (drop a keyspace, so that a test node stays small).
@@ -90,6 +92,15 @@ macro_rules! conformance_suite {
             async fn telemetry_keeps_latest_values_and_series_and_goes_with_its_thing() {
                 let b = backend(10).await;
                 $crate::conformance::telemetry_keeps_latest_values_and_series_and_goes_with_its_thing(&*b.store).await;
+                if let Some(cleanup) = b.cleanup {
+                    cleanup.await;
+                }
+            }
+
+            #[tokio::test]
+            async fn events_keep_commit_order_and_routes_keep_cursors_and_delivery_logs() {
+                let b = backend(10).await;
+                $crate::conformance::events_keep_commit_order_and_routes_keep_cursors_and_delivery_logs(&*b.store).await;
                 if let Some(cleanup) = b.cleanup {
                     cleanup.await;
                 }
@@ -901,4 +912,170 @@ pub async fn loads_what_was_committed_and_keeps_bounded_history(store: &dyn Twin
         store.load(&id("nobody")).await.unwrap(),
         TwinSnapshot::default()
     );
+}
+
+/// An event for a route, as a twin writes it.
+pub fn event(thing: &str, seq: u64, at: u64, routes: &[&str]) -> Write {
+    Write::Event(Arc::new(OutboxRecord {
+        thing: id(thing),
+        seq,
+        kind: EventType::ShadowChanged,
+        at,
+        data: serde_json::json!({"n": seq}),
+        routes: routes.iter().map(|r| r.to_string()).collect(),
+    }))
+}
+
+/// A route to a webhook, as `createRoute` writes it.
+pub fn route(id: &str) -> RouteRecord {
+    RouteRecord {
+        id: id.into(),
+        name: id.into(),
+        events: vec![EventType::ShadowChanged],
+        filter: None,
+        destination: Destination::Webhook {
+            url: "https://example.com/".into(),
+            timeout_secs: 15,
+        },
+        secrets: Vec::new(),
+        paused: false,
+        disabled: None,
+        start: 0,
+        replay: None,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+/// A delivered attempt of the event at `position`, ended at `at`.
+pub fn delivery(route: &str, position: u64, at: u64) -> DeliveryRecord {
+    DeliveryRecord {
+        route: route.into(),
+        position,
+        thing: id("t1"),
+        seq: position,
+        kind: EventType::ShadowChanged,
+        attempt: 1,
+        at,
+        status: DeliveryStatus::Delivered,
+        http_status: Some(204),
+        error: None,
+        latency_ms: 3,
+        response: None,
+    }
+}
+
+/// Events get outbox positions in commit order, with each thing's number kept past its
+/// deletion; routes keep their cursor and a delivery log read newest first, in pages,
+/// across days; deleting a route removes its cursor and log and no other route's.
+pub async fn events_keep_commit_order_and_routes_keep_cursors_and_delivery_logs(
+    store: &dyn TwinStore,
+) {
+    assert_eq!(store.outbox_end().await.unwrap(), 0);
+    let (record, _) = ThingRecord::new(id("t1"), 1).unwrap();
+    store
+        .commit(vec![Write::Thing(record), event("t1", 1, 10, &["r"])])
+        .await
+        .unwrap();
+    store
+        .commit(vec![event("t2", 1, 11, &["r"]), event("t1", 2, 12, &["r"])])
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_end().await.unwrap(), 3);
+    store
+        .commit(vec![Write::DeleteThing(id("t1"))])
+        .await
+        .unwrap();
+    // A thing's number outlives it; a thing without events has none.
+    assert_eq!(store.load(&id("t1")).await.unwrap().event_seq, 2);
+    assert_eq!(store.load(&id("t1")).await.unwrap().record, None);
+    assert_eq!(store.load(&id("t2")).await.unwrap().event_seq, 1);
+    assert_eq!(store.load(&id("t3")).await.unwrap().event_seq, 0);
+    // Deleted with the event that says so: the number is the event's.
+    store
+        .commit(vec![
+            Write::DeleteThing(id("t2")),
+            event("t2", 2, 13, &["r"]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.load(&id("t2")).await.unwrap().event_seq, 2);
+    let all = store.outbox(0, 10).await.unwrap();
+    let order: Vec<(u64, &str, u64)> = all
+        .iter()
+        .map(|(p, e)| (*p, e.thing.as_str(), e.seq))
+        .collect();
+    assert_eq!(
+        order,
+        [(1, "t1", 1), (2, "t2", 1), (3, "t1", 2), (4, "t2", 2)]
+    );
+    assert_eq!(
+        all[0].1,
+        match event("t1", 1, 10, &["r"]) {
+            Write::Event(e) => (*e).clone(),
+            _ => unreachable!(),
+        }
+    );
+    let page: Vec<u64> = store
+        .outbox(1, 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(page, [2, 3]);
+    assert!(store.outbox(4, 10).await.unwrap().is_empty());
+
+    store.put_route(&route("a")).await.unwrap();
+    store.put_route(&route("b")).await.unwrap();
+    let mut changed = route("b");
+    changed.paused = true;
+    store.put_route(&changed).await.unwrap();
+    let mut routes = store.routes().await.unwrap();
+    routes.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(routes, [route("a"), changed]);
+    assert_eq!(store.cursor("a").await.unwrap(), None);
+    store.put_cursor("a", 7).await.unwrap();
+    store.put_cursor("a", 9).await.unwrap();
+    assert_eq!(store.cursor("a").await.unwrap(), Some(9));
+    // Yesterday's attempt and today's: a page can span days.
+    let now = crate::now_millis();
+    let ats = [now - 86_400_000 - 5, now - 2000, now - 1000];
+    for (i, at) in ats.into_iter().enumerate() {
+        store
+            .put_deliveries(&[delivery("a", i as u64 + 1, at)])
+            .await
+            .unwrap();
+    }
+    store
+        .put_deliveries(&[delivery("b", 9, now - 1500)])
+        .await
+        .unwrap();
+    let newest: Vec<u64> = store
+        .deliveries("a", None, 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.at)
+        .collect();
+    assert_eq!(newest, [ats[2], ats[1]]);
+    let next = store
+        .deliveries("a", Some(delivery("a", 2, ats[1]).key()), 5)
+        .await
+        .unwrap();
+    assert_eq!(next, [delivery("a", 1, ats[0])]);
+    assert_eq!(store.deliveries("b", None, 5).await.unwrap().len(), 1);
+
+    store.delete_route("a").await.unwrap();
+    assert_eq!(store.cursor("a").await.unwrap(), None);
+    assert!(store.deliveries("a", None, 5).await.unwrap().is_empty());
+    let left: Vec<String> = store
+        .routes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(left, ["b"]);
+    assert_eq!(store.deliveries("b", None, 5).await.unwrap().len(), 1);
 }

@@ -60,9 +60,6 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("the store is shutting down")]
     Closed,
-    /// This backend does not keep what was asked for (yet).
-    #[error("{0}")]
-    Unsupported(String),
     #[error("io error on {path}: {source}")]
     Io {
         path: String,

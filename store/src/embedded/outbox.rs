@@ -227,48 +227,15 @@ fn position(k: &[u8]) -> Result<u64, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use serde_json::json;
-    use twin_model::route::EventType;
-
     use super::super::Engine;
-    use crate::conformance::id;
-    use crate::routes::{DeliveryStatus, Destination};
-    use crate::{ThingRecord, Write};
+    use crate::ThingRecord;
+    use crate::Write;
+    use crate::conformance::{delivery, event, id, route};
 
-    use super::*;
-
-    fn event(thing: &str, seq: u64, at: u64, routes: &[&str]) -> Write {
-        Write::Event(Arc::new(OutboxRecord {
-            thing: id(thing),
-            seq,
-            kind: EventType::ShadowChanged,
-            at,
-            data: json!({"n": seq}),
-            routes: routes.iter().map(|r| r.to_string()).collect(),
-        }))
-    }
-
-    fn delivery(route: &str, position: u64, at: u64) -> DeliveryRecord {
-        DeliveryRecord {
-            route: route.into(),
-            position,
-            thing: id("t1"),
-            seq: position,
-            kind: EventType::ShadowChanged,
-            attempt: 1,
-            at,
-            status: DeliveryStatus::Delivered,
-            http_status: Some(204),
-            error: None,
-            latency_ms: 3,
-            response: None,
-        }
-    }
-
+    /// Positions go on after a reopen; a prune drops the events and delivery records
+    /// older than its times, and no others. (The rest is in the conformance suite.)
     #[test]
-    fn events_get_positions_in_commit_order_and_things_keep_their_numbers() {
+    fn positions_outlive_a_reopen_and_a_prune_drops_only_what_is_older() {
         let dir = tempfile::tempdir().unwrap();
         {
             let e = Engine::open(dir.path(), 3).unwrap();
@@ -277,28 +244,20 @@ mod tests {
                 .unwrap();
             e.commit(&[event("t2", 1, 11, &["r"]), event("t1", 2, 12, &["r"])])
                 .unwrap();
-            assert_eq!(e.outbox.outbox_end(), 3);
-            e.commit(&[Write::DeleteThing(id("t1"))]).unwrap();
         }
         let e = Engine::open(dir.path(), 3).unwrap();
-        // Numbers outlive the thing, and positions go on after a reopen.
-        assert_eq!(e.load(&id("t1")).unwrap().event_seq, 2);
-        assert_eq!(e.load(&id("t2")).unwrap().event_seq, 1);
-        assert_eq!(e.load(&id("t3")).unwrap().event_seq, 0);
         assert_eq!(e.outbox.outbox_end(), 3);
         e.commit(&[event("t2", 2, 13, &["r"])]).unwrap();
-        let all = e.outbox.outbox(0, 10).unwrap();
-        let order: Vec<(u64, &str, u64)> = all
-            .iter()
-            .map(|(p, ev)| (*p, ev.thing.as_str(), ev.seq))
-            .collect();
-        assert_eq!(
-            order,
-            [(1, "t1", 1), (2, "t2", 1), (3, "t1", 2), (4, "t2", 2)]
-        );
-        assert_eq!(e.outbox.outbox(2, 1).unwrap()[0].0, 3);
-        // Pruned: written before 12.
-        assert_eq!(e.outbox.prune(&e.db, 12, 0).unwrap(), 2);
+        assert_eq!(e.outbox.outbox(3, 1).unwrap()[0].0, 4);
+
+        e.outbox.put_route(&e.db, &route("a")).unwrap();
+        for (i, at) in [10, 20, 30].into_iter().enumerate() {
+            e.outbox
+                .put_deliveries(&e.db, &[delivery("a", i as u64 + 1, at)])
+                .unwrap();
+        }
+        // Events written before 12 and records older than 20.
+        assert_eq!(e.outbox.prune(&e.db, 12, 20).unwrap(), 3);
         let left: Vec<u64> = e
             .outbox
             .outbox(0, 10)
@@ -307,67 +266,13 @@ mod tests {
             .map(|(p, _)| *p)
             .collect();
         assert_eq!(left, [3, 4]);
-    }
-
-    #[test]
-    fn routes_cursors_and_delivery_logs_are_kept_per_route() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = Engine::open(dir.path(), 3).unwrap();
-        let route = |id: &str| RouteRecord {
-            id: id.into(),
-            name: id.into(),
-            events: vec![EventType::ShadowChanged],
-            filter: None,
-            destination: Destination::Webhook {
-                url: "https://example.com/".into(),
-                timeout_secs: 15,
-            },
-            secrets: Vec::new(),
-            paused: false,
-            disabled: None,
-            start: 0,
-            replay: None,
-            created_at: 1,
-            updated_at: 1,
-        };
-        e.outbox.put_route(&e.db, &route("a")).unwrap();
-        e.outbox.put_route(&e.db, &route("b")).unwrap();
-        e.outbox.put_cursor(&e.db, "a", 7).unwrap();
-        for (i, at) in [10, 20, 30].into_iter().enumerate() {
-            e.outbox
-                .put_deliveries(&e.db, &[delivery("a", i as u64 + 1, at)])
-                .unwrap();
-        }
-        e.outbox
-            .put_deliveries(&e.db, &[delivery("b", 9, 15)])
-            .unwrap();
-        let newest: Vec<u64> = e
+        let kept: Vec<u64> = e
             .outbox
-            .deliveries("a", None, 2)
+            .deliveries("a", None, 5)
             .unwrap()
             .iter()
             .map(|d| d.at)
             .collect();
-        assert_eq!(newest, [30, 20]);
-        let next = e
-            .outbox
-            .deliveries("a", Some(delivery("a", 2, 20).key()), 5)
-            .unwrap();
-        assert_eq!(next.iter().map(|d| d.at).collect::<Vec<_>>(), [10]);
-        assert_eq!(e.outbox.deliveries("b", None, 5).unwrap().len(), 1);
-        // Records older than 20 go; the route's others stay.
-        assert_eq!(e.outbox.prune(&e.db, 0, 20).unwrap(), 2);
-        assert_eq!(e.outbox.deliveries("a", None, 5).unwrap().len(), 2);
-        e.outbox.delete_route(&e.db, "a").unwrap();
-        assert_eq!(e.outbox.cursor("a").unwrap(), None);
-        assert!(e.outbox.deliveries("a", None, 5).unwrap().is_empty());
-        let left: Vec<String> = e
-            .outbox
-            .routes()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(left, ["b"]);
+        assert_eq!(kept, [30, 20]);
     }
 }

@@ -28,6 +28,7 @@ use futures_util::TryStreamExt;
 use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use serde::de::DeserializeOwned;
@@ -70,6 +71,8 @@ pub struct ScyllaConfig {
     pub history_retention: Option<Duration>,
     /// How long a telemetry reading is kept (a TTL on its row).
     pub telemetry_retention: Duration,
+    /// How long route events and delivery records are kept (a TTL on their rows).
+    pub route_retention: Duration,
     /// Longest wait for one request.
     pub request_timeout: Duration,
 }
@@ -87,6 +90,7 @@ impl ScyllaConfig {
             history,
             history_retention: None,
             telemetry_retention: Duration::from_secs(7 * 86_400),
+            route_retention: Duration::from_secs(7 * 86_400),
             request_timeout: Duration::from_secs(10),
         }
     }
@@ -119,7 +123,24 @@ struct Statements {
     audit_after: PreparedStatement,
     audit_last: PreparedStatement,
     put_row: PreparedStatement,
-    delete_twin: PreparedStatement,
+    /// A twin's rows but its `events` row (two range deletes, before and after it).
+    delete_twin_before: PreparedStatement,
+    delete_twin_after: PreparedStatement,
+    put_event: PreparedStatement,
+    events: PreparedStatement,
+    last_event: PreparedStatement,
+    put_outbox_end: PreparedStatement,
+    outbox_end: PreparedStatement,
+    put_route: PreparedStatement,
+    delete_route: PreparedStatement,
+    routes: PreparedStatement,
+    put_cursor: PreparedStatement,
+    cursor: PreparedStatement,
+    delete_cursor: PreparedStatement,
+    put_delivery: PreparedStatement,
+    deliveries: PreparedStatement,
+    deliveries_before: PreparedStatement,
+    delete_deliveries: PreparedStatement,
     commands: PreparedStatement,
     commands_before: PreparedStatement,
     trim_history: PreparedStatement,
@@ -160,8 +181,49 @@ pub struct ScyllaStore {
     history_ttl: i32,
     /// Seconds a telemetry reading is kept.
     telemetry_ttl: i32,
+    /// Seconds route events and delivery records are kept.
+    route_ttl: i32,
     consistency: Consistency,
+    /// The newest outbox position given out. Held while a batch with events is written:
+    /// positions are given out, and written, one commit at a time.
+    appending: tokio::sync::Mutex<u64>,
+    /// What readers of the outbox may see.
+    visible: std::sync::Mutex<Visible>,
+    /// How long the positions of a batch whose outcome is unknown are held back from
+    /// readers (see [`Visible`]).
+    settle: Duration,
 }
+
+/// The outbox positions readers see: those of commits that ended, so that a reader that
+/// sees one position has seen every one before it (the rows of one commit land in
+/// several partitions, in no set order).
+///
+/// A commit that failed has an unknown outcome: its logged batch may still be applied
+/// (the database replays its batch log). Its positions are held back from readers for
+/// [`ScyllaStore::settle`] (twice the request timeout, and the batch log's replay
+/// interval), so that such an event is read in its place rather than skipped.
+#[derive(Debug, Default)]
+struct Visible {
+    committed: u64,
+    /// Readers see nothing after the position until the instant.
+    hold: Option<(u64, std::time::Instant)>,
+}
+
+impl Visible {
+    fn end(&mut self) -> u64 {
+        match self.hold {
+            Some((limit, until)) if std::time::Instant::now() < until => self.committed.min(limit),
+            _ => {
+                self.hold = None;
+                self.committed
+            }
+        }
+    }
+}
+
+/// More than the database takes to replay a batch from its log: Cassandra replays, every
+/// 10 s, the batches older than twice its write timeout (2 s by default).
+const BATCHLOG_REPLAY: Duration = Duration::from_secs(60);
 
 /// A driver error as the store's: a statement the database refuses is an engine error
 /// (a bug); anything else (no connection, a timeout, too few replicas) means the
@@ -297,7 +359,11 @@ impl ScyllaStore {
             history: config.history.max(1),
             history_ttl: config.history_retention.map_or(0, ttl),
             telemetry_ttl: ttl(config.telemetry_retention),
+            route_ttl: ttl(config.route_retention),
             consistency: config.consistency,
+            appending: tokio::sync::Mutex::new(0),
+            visible: std::sync::Mutex::new(Visible::default()),
+            settle: config.request_timeout * 2 + BATCHLOG_REPLAY,
         };
         if found != Some(schema::VERSION) {
             if let Some(v) = found
@@ -317,6 +383,9 @@ impl ScyllaStore {
                 tracing::info!(keyspace = %ks, from = v, to = schema::VERSION, "schema upgraded");
             }
         }
+        let last = store.last_position().await?;
+        *store.appending.lock().await = last;
+        store.visible().committed = last;
         Ok(store)
     }
 
@@ -407,8 +476,38 @@ impl ScyllaStore {
             .map(|(v,)| v))
     }
 
-    /// One thing's writes of a commit, in order.
-    async fn commit_thing(&self, thing: &DeviceId, writes: Vec<&Write>) -> Result<(), StoreError> {
+    /// A commit's writes, grouped: job definitions, then each thing's writes and events.
+    async fn commit_things(
+        &self,
+        jobs: Vec<Arc<JobDefinition>>,
+        by_thing: HashMap<DeviceId, Vec<&Write>>,
+        events: HashMap<DeviceId, Vec<(u64, &OutboxRecord)>>,
+        last: u64,
+    ) -> Result<(), StoreError> {
+        // Job definitions first: the executions that follow in the batch refer to them.
+        try_join_all(jobs.iter().map(|job| async move {
+            self.exec(&self.st.put_job, (job.job_id.clone(), encode(&**job)))
+                .await?;
+            self.exec(&self.st.put_job_id, (job.job_id.clone(),)).await
+        }))
+        .await?;
+        try_join_all(by_thing.iter().map(|(thing, writes)| {
+            let events = events.get(thing).map_or(&[][..], Vec::as_slice);
+            self.commit_thing(thing, writes.clone(), events, last)
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// One thing's writes of a commit, in order, and its events at their positions (the
+    /// commit's newest being `last`).
+    async fn commit_thing(
+        &self,
+        thing: &DeviceId,
+        writes: Vec<&Write>,
+        events: &[(u64, &OutboxRecord)],
+        last: u64,
+    ) -> Result<(), StoreError> {
         let mut pending: Vec<&Write> = Vec::new();
         for w in writes {
             if let Write::DeleteThing(_) = w {
@@ -419,7 +518,7 @@ impl ScyllaStore {
                 pending.push(w);
             }
         }
-        if pending.is_empty() {
+        if pending.is_empty() && events.is_empty() {
             return Ok(());
         }
         // Listings first, then the twin's partition in one batch.
@@ -530,28 +629,53 @@ impl ScyllaStore {
                 Write::Job(_) | Write::DeleteThing(_) | Write::Event(_) => {}
             }
         }
-        try_join_all(listings).await?;
-        let mut batch = Batch::new(BatchType::Unlogged);
-        batch.set_consistency(self.consistency);
-        for _ in &rows {
-            batch.append_statement(self.st.put_row.clone());
+        if let Some((_, newest)) = events.last() {
+            rows.push((
+                thing.to_string(),
+                kind::EVENTS,
+                String::new(),
+                newest.seq.to_string(),
+            ));
         }
+        try_join_all(listings).await?;
+        // Alone, the twin's partition: an unlogged batch is atomic. With events, the
+        // outbox's partitions too: a logged batch, which the database completes from its
+        // batch log if its coordinator fails half-way.
+        let mut batch = Batch::new(if events.is_empty() {
+            BatchType::Unlogged
+        } else {
+            BatchType::Logged
+        });
+        batch.set_consistency(self.consistency);
+        let mut values: Vec<Box<dyn SerializeRow + Send + Sync>> = Vec::new();
         // A change outlives its retention by age only until its TTL; other rows never
         // expire (TTL 0).
-        let rows: Vec<_> = rows
-            .into_iter()
-            .map(|(thing, kind, key, value)| {
-                let ttl = if kind == kind::HISTORY {
-                    self.history_ttl
-                } else {
-                    0
-                };
-                (thing, kind, key, value, ttl)
-            })
-            .collect();
+        for (thing, kind, key, value) in rows {
+            let ttl = if kind == kind::HISTORY {
+                self.history_ttl
+            } else {
+                0
+            };
+            batch.append_statement(self.st.put_row.clone());
+            values.push(Box::new((thing, kind, key, value, ttl)));
+        }
+        for &(position, event) in events {
+            let at = i64::try_from(position).unwrap_or(i64::MAX);
+            batch.append_statement(self.st.put_event.clone());
+            values.push(Box::new((
+                bucket(position),
+                at,
+                encode(event),
+                self.route_ttl,
+            )));
+        }
+        if !events.is_empty() {
+            batch.append_statement(self.st.put_outbox_end.clone());
+            values.push(Box::new((i64::try_from(last).unwrap_or(i64::MAX),)));
+        }
         let written = async {
             self.session
-                .batch(&batch, rows)
+                .batch(&batch, values)
                 .await
                 .map(drop)
                 .map_err(engine("writing a twin"))
@@ -624,10 +748,12 @@ impl ScyllaStore {
     /// the thing's execution ended with).
     async fn delete_thing(&self, thing: &DeviceId) -> Result<(), StoreError> {
         self.delete_readings(thing).await?;
-        self.session
-            .execute_unpaged(&self.st.delete_twin, (thing.as_str(),))
-            .await
-            .map_err(engine("deleting a twin"))?;
+        for statement in [&self.st.delete_twin_before, &self.st.delete_twin_after] {
+            self.session
+                .execute_unpaged(statement, (thing.as_str(),))
+                .await
+                .map_err(engine("deleting a twin"))?;
+        }
         let partition = i32::from(thing.partition());
         let mut listings: Vec<Pending<'_>> = vec![
             Box::pin(self.exec(&self.st.delete_member, (partition, thing.to_string()))),
@@ -740,7 +866,7 @@ impl Statements {
             Ok(s)
         };
         Ok(Self {
-            load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow', 'command', 'job', 'telemetry')")).await?,
+            load: p(format!("SELECT kind, key, value FROM {ks}.twin WHERE thing = ? AND kind IN ('record', 'presence', 'shadow', 'command', 'job', 'telemetry', 'events')")).await?,
             drop_members: p(format!("DELETE FROM {ks}.members WHERE partition = ?")).await?,
             drop_deadlines: p(format!("DELETE FROM {ks}.deadlines WHERE partition = ?")).await?,
             listing_scan: p(format!("SELECT thing, kind, key, value FROM {ks}.twin")).await?,
@@ -762,7 +888,23 @@ impl Statements {
             audit_after: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? AND seq > ? LIMIT ?")).await?,
             audit_last: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? ORDER BY seq DESC LIMIT 1")).await?,
             put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
-            delete_twin: p(format!("DELETE FROM {ks}.twin WHERE thing = ?")).await?,
+            delete_twin_before: p(format!("DELETE FROM {ks}.twin WHERE thing = ? AND kind < 'events'")).await?,
+            delete_twin_after: p(format!("DELETE FROM {ks}.twin WHERE thing = ? AND kind > 'events'")).await?,
+            put_event: p(format!("INSERT INTO {ks}.outbox (bucket, position, event) VALUES (?, ?, ?) USING TTL ?")).await?,
+            events: p(format!("SELECT position, event FROM {ks}.outbox WHERE bucket = ? AND position > ? AND position <= ? LIMIT ?")).await?,
+            last_event: p(format!("SELECT position FROM {ks}.outbox WHERE bucket = ? ORDER BY position DESC LIMIT 1")).await?,
+            put_outbox_end: p(format!("INSERT INTO {ks}.outbox_end (id, position) VALUES (0, ?)")).await?,
+            outbox_end: p(format!("SELECT position FROM {ks}.outbox_end WHERE id = 0")).await?,
+            put_route: p(format!("INSERT INTO {ks}.routes (bucket, id, record) VALUES (0, ?, ?)")).await?,
+            delete_route: p(format!("DELETE FROM {ks}.routes WHERE bucket = 0 AND id = ?")).await?,
+            routes: p(format!("SELECT record FROM {ks}.routes WHERE bucket = 0")).await?,
+            put_cursor: p(format!("INSERT INTO {ks}.route_cursors (route, position) VALUES (?, ?)")).await?,
+            cursor: p(format!("SELECT position FROM {ks}.route_cursors WHERE route = ?")).await?,
+            delete_cursor: p(format!("DELETE FROM {ks}.route_cursors WHERE route = ?")).await?,
+            put_delivery: p(format!("INSERT INTO {ks}.route_deliveries (route, day, at, position, attempt, record) VALUES (?, ?, ?, ?, ?, ?) USING TTL ?")).await?,
+            deliveries: p(format!("SELECT record FROM {ks}.route_deliveries WHERE route = ? AND day = ? LIMIT ?")).await?,
+            deliveries_before: p(format!("SELECT record FROM {ks}.route_deliveries WHERE route = ? AND day = ? AND (at, position, attempt) < (?, ?, ?) LIMIT ?")).await?,
+            delete_deliveries: p(format!("DELETE FROM {ks}.route_deliveries WHERE route = ? AND day = ?")).await?,
             put_point: p(format!("INSERT INTO {ks}.telemetry_points (thing, key, day, at, value) VALUES (?, ?, ?, ?, ?) USING TTL ?")).await?,
             points: p(format!("SELECT at, value FROM {ks}.telemetry_points WHERE thing = ? AND key = ? AND day = ? AND at >= ? AND at < ?")).await?,
             delete_points: p(format!("DELETE FROM {ks}.telemetry_points WHERE thing = ? AND key = ? AND day = ?")).await?,
@@ -851,6 +993,12 @@ fn snapshot_of(
                 .job_executions
                 .push(decode::<JobExecution>(&at, &value)?),
             kind::TELEMETRY => snap.telemetry = decode::<Latest>(&at, &value)?,
+            kind::EVENTS => {
+                snap.event_seq = value.parse().map_err(|_| StoreError::Corrupt {
+                    key: at.clone(),
+                    reason: "an event number is a decimal integer".into(),
+                })?;
+            }
             other => {
                 tracing::warn!(%thing, kind = other, "unknown row kind in a twin's partition; skipped");
             }
@@ -906,7 +1054,18 @@ impl TwinStateStore for ScyllaStore {
         self.load_with(&self.st.load, thing).await
     }
 
+    /// A thing's events go into the logged batch of its twin's rows (atomic across the
+    /// partitions, through the database's batch log), at positions given out here in the
+    /// batch's order, one commit at a time.
     async fn commit(&self, batch: Vec<Write>) -> Result<(), StoreError> {
+        let appending = if batch.iter().any(|w| matches!(w, Write::Event(_))) {
+            Some(self.appending.lock().await)
+        } else {
+            None
+        };
+        let first = appending.as_deref().map_or(0, |last| last + 1);
+        let mut next = first;
+        let mut events: HashMap<DeviceId, Vec<(u64, &OutboxRecord)>> = HashMap::new();
         let mut by_thing: HashMap<DeviceId, Vec<&Write>> = HashMap::new();
         let mut jobs = Vec::new();
         for w in &batch {
@@ -918,7 +1077,15 @@ impl TwinStateStore for ScyllaStore {
                 Write::Command(c) => &c.thing,
                 Write::JobExecution(e) => &e.thing,
                 Write::DeleteThing(thing) => thing,
-                Write::Event(_) => return Err(routes_unsupported()),
+                Write::Event(event) => {
+                    events
+                        .entry(event.thing.clone())
+                        .or_default()
+                        .push((next, event));
+                    by_thing.entry(event.thing.clone()).or_default();
+                    next += 1;
+                    continue;
+                }
                 Write::Job(job) => {
                     jobs.push(job.clone());
                     continue;
@@ -926,20 +1093,20 @@ impl TwinStateStore for ScyllaStore {
             };
             by_thing.entry(thing.clone()).or_default().push(w);
         }
-        // Job definitions first: the executions that follow in the batch refer to them.
-        try_join_all(jobs.iter().map(|job| async move {
-            self.exec(&self.st.put_job, (job.job_id.clone(), encode(&**job)))
-                .await?;
-            self.exec(&self.st.put_job_id, (job.job_id.clone(),)).await
-        }))
-        .await?;
-        try_join_all(
-            by_thing
-                .iter()
-                .map(|(thing, writes)| self.commit_thing(thing, writes.clone())),
-        )
-        .await?;
-        Ok(())
+        // The newest position of the commit (unused without events).
+        let last = next.saturating_sub(1);
+        let written = self.commit_things(jobs, by_thing, events, last).await;
+        if let Some(mut appending) = appending {
+            // Given out whatever the outcome: a failed batch may still land.
+            *appending = last;
+            let mut visible = self.visible();
+            visible.committed = last;
+            if written.is_err() {
+                let limit = visible.hold.map_or(first - 1, |(l, _)| l.min(first - 1));
+                visible.hold = Some((limit, std::time::Instant::now() + self.settle));
+            }
+        }
+        written
     }
 
     async fn history(
@@ -1082,11 +1249,12 @@ impl CertificateStore for ScyllaStore {
     }
 }
 
-/// Audit entries per partition of the `audit` table: a bucket is `seq / AUDIT_BUCKET`.
-const AUDIT_BUCKET: u64 = 1 << 16;
+/// Consecutive numbers per partition of the `audit` and `outbox` tables: the bucket of
+/// `n` is `n / BUCKET`.
+const BUCKET: u64 = 1 << 16;
 
-fn audit_bucket(seq: u64) -> i64 {
-    i64::try_from(seq / AUDIT_BUCKET).unwrap_or(i64::MAX)
+fn bucket(n: u64) -> i64 {
+    i64::try_from(n / BUCKET).unwrap_or(i64::MAX)
 }
 
 impl ScyllaStore {
@@ -1118,49 +1286,201 @@ impl ScyllaStore {
     }
 }
 
-/// Routes are not kept on ScyllaDB yet: an outbox shared by several writers needs
-/// positions that every node agrees on (the cluster's work). Every write of one is
-/// refused with this; reads find none.
-fn routes_unsupported() -> StoreError {
-    StoreError::Unsupported(
-        "routes are not supported on the ScyllaDB store yet (store = embedded has them)".into(),
-    )
+impl ScyllaStore {
+    fn visible(&self) -> std::sync::MutexGuard<'_, Visible> {
+        self.visible.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The newest outbox position ever given out: `outbox_end`'s, or a later one that a
+    /// commit wrote although its batch failed (in the bucket after, at most: a commit
+    /// has fewer than [`BUCKET`] events).
+    async fn last_position(&self) -> Result<u64, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.outbox_end, ())
+            .await
+            .map_err(engine("reading the outbox"))?;
+        let end = rows::<(i64,)>(result, "outbox_end")?
+            .first()
+            .map_or(0, |(p,)| u64::try_from(*p).unwrap_or(0));
+        let mut last = end;
+        for b in [bucket(end), bucket(end) + 1] {
+            let result = self
+                .session
+                .execute_unpaged(&self.st.last_event, (b,))
+                .await
+                .map_err(engine("reading the outbox"))?;
+            if let Some((p,)) = rows::<(i64,)>(result, "outbox")?.first() {
+                last = last.max(u64::try_from(*p).unwrap_or(0));
+            }
+        }
+        Ok(last)
+    }
+
+    /// The days that can hold delivery records, newest first, from `from`'s.
+    fn delivery_days(&self, from: u64) -> std::ops::RangeInclusive<i32> {
+        let oldest =
+            crate::now_millis().saturating_sub(u64::from(self.route_ttl.unsigned_abs()) * 1000);
+        day_number(oldest)..=day_number(from)
+    }
 }
 
+/// Routes on ScyllaDB: positions are given out by this process, one commit at a time
+/// (see [`ScyllaStore::commit`]); events and delivery records expire by their TTL
+/// (`route_retention`), so there is nothing to prune.
 #[async_trait]
 impl RouteStore for ScyllaStore {
-    async fn put_route(&self, _: &RouteRecord) -> Result<(), StoreError> {
-        Err(routes_unsupported())
+    async fn put_route(&self, route: &RouteRecord) -> Result<(), StoreError> {
+        self.exec(&self.st.put_route, (route.id.clone(), encode(route)))
+            .await
     }
-    async fn delete_route(&self, _: &str) -> Result<(), StoreError> {
-        Err(routes_unsupported())
+
+    async fn delete_route(&self, id: &str) -> Result<(), StoreError> {
+        let mut pending: Vec<Pending<'_>> = vec![
+            Box::pin(self.exec(&self.st.delete_route, (id.to_owned(),))),
+            Box::pin(self.exec(&self.st.delete_cursor, (id.to_owned(),))),
+        ];
+        let today = crate::now_millis() + 86_400_000;
+        for day in self.delivery_days(today) {
+            pending.push(Box::pin(
+                self.exec(&self.st.delete_deliveries, (id.to_owned(), day)),
+            ));
+        }
+        try_join_all(pending).await?;
+        Ok(())
     }
+
     async fn routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
-        Ok(Vec::new())
+        let result = self
+            .session
+            .execute_unpaged(&self.st.routes, ())
+            .await
+            .map_err(engine("reading routes"))?;
+        rows::<(String,)>(result, "routes")?
+            .iter()
+            .map(|(v,)| decode("routes", v))
+            .collect()
     }
-    async fn outbox(&self, _: u64, _: usize) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        Ok(Vec::new())
+
+    /// Bucket by bucket, up to the newest position readers may see; a bucket whose
+    /// events all expired is empty, and passed over.
+    async fn outbox(
+        &self,
+        after: u64,
+        limit_: usize,
+    ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        let end = self.visible().end();
+        let mut out = Vec::new();
+        let mut from = after;
+        while out.len() < limit_ && from < end {
+            // The bucket of the next position, to its last position (or `end`).
+            let b = bucket(from + 1);
+            let upto = end.min(((from + 1) / BUCKET + 1) * BUCKET - 1);
+            let (lo, hi) = (
+                i64::try_from(from).unwrap_or(i64::MAX),
+                i64::try_from(upto).unwrap_or(i64::MAX),
+            );
+            let result = self
+                .session
+                .execute_unpaged(&self.st.events, (b, lo, hi, limit(limit_ - out.len())))
+                .await
+                .map_err(engine("reading the outbox"))?;
+            for (position, event) in rows::<(i64, String)>(result, "outbox")? {
+                let position = u64::try_from(position).unwrap_or(0);
+                out.push((position, decode(&format!("outbox/{position}"), &event)?));
+            }
+            from = upto;
+        }
+        Ok(out)
     }
+
     async fn outbox_end(&self) -> Result<u64, StoreError> {
-        Ok(0)
+        Ok(self.visible().end())
     }
-    async fn put_cursor(&self, _: &str, _: u64) -> Result<(), StoreError> {
-        Err(routes_unsupported())
+
+    async fn put_cursor(&self, route: &str, position: u64) -> Result<(), StoreError> {
+        self.exec(
+            &self.st.put_cursor,
+            (
+                route.to_owned(),
+                i64::try_from(position).unwrap_or(i64::MAX),
+            ),
+        )
+        .await
     }
-    async fn cursor(&self, _: &str) -> Result<Option<u64>, StoreError> {
-        Ok(None)
+
+    async fn cursor(&self, route: &str) -> Result<Option<u64>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.st.cursor, (route,))
+            .await
+            .map_err(engine("reading a route's cursor"))?;
+        Ok(rows::<(i64,)>(result, "route_cursors")?
+            .first()
+            .map(|(p,)| u64::try_from(*p).unwrap_or(0)))
     }
-    async fn put_deliveries(&self, _: &[DeliveryRecord]) -> Result<(), StoreError> {
-        Err(routes_unsupported())
+
+    async fn put_deliveries(&self, deliveries: &[DeliveryRecord]) -> Result<(), StoreError> {
+        try_join_all(deliveries.iter().map(|d| {
+            self.exec(
+                &self.st.put_delivery,
+                (
+                    d.route.clone(),
+                    day_number(d.at),
+                    i64::try_from(d.at).unwrap_or(i64::MAX),
+                    i64::try_from(d.position).unwrap_or(i64::MAX),
+                    i32::try_from(d.attempt).unwrap_or(i32::MAX),
+                    encode(d),
+                    self.route_ttl,
+                ),
+            )
+        }))
+        .await?;
+        Ok(())
     }
+
+    /// Day by day, newest first, back to the oldest day a record can still be kept.
     async fn deliveries(
         &self,
-        _: &str,
-        _: Option<DeliveryKey>,
-        _: usize,
+        route: &str,
+        before: Option<DeliveryKey>,
+        limit_: usize,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        Ok(Vec::new())
+        let newest = before.map_or(crate::now_millis() + 86_400_000, |k| k.at);
+        let mut out = Vec::new();
+        for day in self.delivery_days(newest).rev() {
+            if out.len() >= limit_ {
+                break;
+            }
+            let want = limit(limit_ - out.len());
+            let result = match before {
+                Some(k) if day == day_number(k.at) => {
+                    let key = (
+                        i64::try_from(k.at).unwrap_or(i64::MAX),
+                        i64::try_from(k.position).unwrap_or(i64::MAX),
+                        i32::try_from(k.attempt).unwrap_or(i32::MAX),
+                    );
+                    self.session
+                        .execute_unpaged(
+                            &self.st.deliveries_before,
+                            (route, day, key.0, key.1, key.2, want),
+                        )
+                        .await
+                }
+                _ => {
+                    self.session
+                        .execute_unpaged(&self.st.deliveries, (route, day, want))
+                        .await
+                }
+            }
+            .map_err(engine("reading a delivery log"))?;
+            for (v,) in rows::<(String,)>(result, "route_deliveries")? {
+                out.push(decode("route_deliveries", &v)?);
+            }
+        }
+        Ok(out)
     }
+
     async fn prune_routes(&self, _: u64, _: u64) -> Result<u64, StoreError> {
         Ok(0)
     }
@@ -1175,7 +1495,7 @@ impl AuditStore for ScyllaStore {
         let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
         let result = self
             .session
-            .execute_unpaged(&self.st.append_audit, (audit_bucket(entry.seq), seq, json))
+            .execute_unpaged(&self.st.append_audit, (bucket(entry.seq), seq, json))
             .await
             .map_err(engine("appending to the audit log"))?;
         // `[applied]` first, then (when not applied) the row that is there.
@@ -1193,7 +1513,7 @@ impl AuditStore for ScyllaStore {
         let json = serde_json::to_string(entry)
             .map_err(|e| StoreError::Engine(format!("encoding an audit entry: {e}")))?;
         let seq = i64::try_from(entry.seq).unwrap_or(i64::MAX);
-        self.exec(&self.st.put_audit, (audit_bucket(entry.seq), seq, json))
+        self.exec(&self.st.put_audit, (bucket(entry.seq), seq, json))
             .await
     }
 
@@ -1204,21 +1524,19 @@ impl AuditStore for ScyllaStore {
         limit_: usize,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let mut out = Vec::new();
-        let mut bucket = audit_bucket(after.map_or(0, |a| a + 1));
+        let mut at = bucket(after.map_or(0, |a| a + 1));
         let mut cursor = after;
         while out.len() < limit_ {
-            let page = self
-                .audit_bucket(bucket, cursor, limit_ - out.len())
-                .await?;
+            let page = self.audit_bucket(at, cursor, limit_ - out.len()).await?;
             let full = page.len() == limit_ - out.len();
             out.extend(page);
             if full {
                 break;
             }
-            if out.last().is_none_or(|e| audit_bucket(e.seq + 1) == bucket) {
+            if out.last().is_none_or(|e| bucket(e.seq + 1) == at) {
                 break;
             }
-            bucket += 1;
+            at += 1;
             cursor = None;
         }
         Ok(out)
@@ -1715,6 +2033,139 @@ mod tests {
         assert!((3500..=3600).contains(&history), "TTL {history}");
         assert_eq!(ttls["shadow"], None, "a shadow never expires");
         dropped(Arc::new(store), config.keyspace).await;
+    }
+
+    /// Outbox positions go on after a reconnect, past the newest written even when
+    /// `outbox_end` missed it (a failed batch), and reads cross buckets in order. Events
+    /// and delivery records expire after `route_retention`.
+    #[tokio::test]
+    async fn outbox_positions_are_never_given_twice_and_read_across_buckets() {
+        use crate::conformance::{delivery, event};
+        let mut config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 3);
+        config.route_retention = Duration::from_secs(3600);
+        let ks = config.keyspace.clone();
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        store
+            .commit(vec![event("t1", 1, 10, &["r"])])
+            .await
+            .unwrap();
+        let cql = async |store: &ScyllaStore, q: String| {
+            store.session.query_unpaged(q, ()).await.unwrap()
+        };
+        // Just before the end of the first bucket.
+        cql(
+            &store,
+            format!("INSERT INTO {ks}.outbox_end (id, position) VALUES (0, 65534)"),
+        )
+        .await;
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        assert_eq!(store.outbox_end().await.unwrap(), 65_534);
+        store
+            .commit(vec![
+                event("t1", 2, 11, &["r"]),
+                event("t2", 1, 12, &["r"]),
+                event("t1", 3, 13, &["r"]),
+            ])
+            .await
+            .unwrap();
+        let positions =
+            async |store: &ScyllaStore, after: u64, limit: usize| -> Vec<(u64, String, u64)> {
+                store
+                    .outbox(after, limit)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(p, e)| (p, e.thing.to_string(), e.seq))
+                    .collect()
+            };
+        let all = positions(&store, 0, 10).await;
+        let want = [
+            (1, "t1".to_owned(), 1),
+            (65_535, "t1".to_owned(), 2),
+            (65_536, "t2".to_owned(), 1),
+            (65_537, "t1".to_owned(), 3),
+        ];
+        assert_eq!(all, want);
+        assert_eq!(positions(&store, 0, 2).await, want[..2]);
+        assert_eq!(positions(&store, 65_535, 10).await, want[2..]);
+        assert_eq!(
+            store
+                .load(&crate::conformance::id("t1"))
+                .await
+                .unwrap()
+                .event_seq,
+            3
+        );
+
+        // An event written past `outbox_end` (its commit failed after the row landed).
+        cql(
+            &store,
+            format!("INSERT INTO {ks}.outbox (bucket, position, event) VALUES (1, 65540, '{{}}') USING TTL 3600"),
+        )
+        .await;
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        assert_eq!(store.outbox_end().await.unwrap(), 65_540);
+        store
+            .commit(vec![event("t2", 2, 14, &["r"])])
+            .await
+            .unwrap();
+        assert_eq!(
+            positions(&store, 65_540, 10).await,
+            [(65_541, "t2".to_owned(), 2)]
+        );
+
+        // A batch the database refuses (over its 1 MiB batch size limit): its position
+        // is given out, and held back from readers with every one after it, for now.
+        let huge = match event("t2", 3, 15, &["r"]) {
+            Write::Event(e) => Write::Event(Arc::new(OutboxRecord {
+                data: serde_json::json!({"blob": "x".repeat(2 << 20)}),
+                ..(*e).clone()
+            })),
+            _ => unreachable!(),
+        };
+        store.commit(vec![huge]).await.unwrap_err();
+        store
+            .commit(vec![event("t1", 4, 16, &["r"])])
+            .await
+            .unwrap();
+        assert_eq!(store.outbox_end().await.unwrap(), 65_541);
+        assert!(positions(&store, 65_541, 10).await.is_empty());
+        let store = ScyllaStore::connect(&config).await.unwrap();
+        assert_eq!(
+            positions(&store, 65_541, 10).await,
+            [(65_543, "t1".to_owned(), 4)]
+        );
+
+        store
+            .put_deliveries(&[delivery("r", 1, crate::now_millis())])
+            .await
+            .unwrap();
+        for table in ["outbox", "route_deliveries"] {
+            let value = if table == "outbox" { "event" } else { "record" };
+            let found = cql(&store, format!("SELECT TTL({value}) FROM {ks}.{table}")).await;
+            let ttls = rows::<(Option<i32>,)>(found, table).unwrap();
+            assert!(!ttls.is_empty());
+            for (ttl,) in ttls {
+                let ttl = ttl.unwrap_or_else(|| panic!("{table} rows expire"));
+                assert!((3500..=3600).contains(&ttl), "{table} TTL {ttl}");
+            }
+        }
+        dropped(Arc::new(store), ks).await;
+    }
+
+    /// A failed commit's positions are held back from readers for a while: its batch may
+    /// still land, and must be read in its place.
+    #[test]
+    fn a_failed_commit_s_positions_are_held_back_until_they_settle() {
+        let now = std::time::Instant::now();
+        let mut visible = Visible {
+            committed: 10,
+            hold: Some((6, now + Duration::from_secs(60))),
+        };
+        assert_eq!(visible.end(), 6);
+        visible.hold = Some((6, now - Duration::from_millis(1)));
+        assert_eq!(visible.end(), 10);
+        assert!(visible.hold.is_none());
     }
 
     /// A placement partition is a token range: a thing's token is the one the driver and

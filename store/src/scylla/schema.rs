@@ -16,6 +16,11 @@
 //! | `provisioning_templates` | one partition for all templates | the number of templates | fleet provisioning |
 //! | `telemetry_points` | a thing, a telemetry key and a UTC day | that day's numeric readings of the key (86,400 at one a second), with a TTL of `telemetry_retention` | `Thing.telemetrySeries`: a day's readings in time order |
 //! | `audit` | 65,536 consecutive audit entries | 65,536 | the audit log in order, and its newest entry |
+//! | `outbox` | 65,536 consecutive outbox positions | 65,536 events for routes, with a TTL of `route_retention` | routes reading the fleet's events in commit order |
+//! | `outbox_end` | one row | 1: the newest position given out | positions that go on after a restart, never reused |
+//! | `routes` | one partition for all routes | the number of routes | every route, at start |
+//! | `route_cursors` | a route | 1 | where the route's delivery is |
+//! | `route_deliveries` | a route and a UTC day | that day's delivery attempts of the route, newest first, with a TTL of `route_retention` | `routeDeliveries`, newest first |
 //! | `schema_version` | one row | 1 | refusing a newer schema |
 //!
 //! Values are the same JSON documents the embedded store keeps: one codec, and a record
@@ -24,10 +29,12 @@
 /// The schema version this build creates and reads. 2 added `api_tokens`; 3 keys
 /// `members` and `deadlines` by placement partitions that are token ranges; 4 added
 /// `certificates`, `ca_certificates`, `provisioning_templates` and `audit`; 5
-/// `telemetry_points` (and a `telemetry` row in each twin's partition). An older
+/// `telemetry_points` (and a `telemetry` row in each twin's partition); 6 `outbox`,
+/// `outbox_end`, `routes`, `route_cursors` and `route_deliveries` (and an `events` row in
+/// each twin's partition). An older
 /// keyspace gets what it lacks (every statement is `IF NOT EXISTS`), its listings made
 /// anew (from 1 or 2), and its version raised.
-pub const VERSION: i32 = 5;
+pub const VERSION: i32 = 6;
 
 /// Target buckets per job: a job with 100,000 targets is 64 partitions, not one.
 pub const JOB_BUCKETS: u16 = 64;
@@ -48,6 +55,11 @@ pub fn tables(keyspace: &str) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS {ks}.provisioning_templates (bucket int, name text, record text, PRIMARY KEY (bucket, name))",
         "CREATE TABLE IF NOT EXISTS {ks}.telemetry_points (thing text, key text, day int, at bigint, value double, PRIMARY KEY ((thing, key, day), at))",
         "CREATE TABLE IF NOT EXISTS {ks}.audit (bucket bigint, seq bigint, entry text, PRIMARY KEY (bucket, seq))",
+        "CREATE TABLE IF NOT EXISTS {ks}.outbox (bucket bigint, position bigint, event text, PRIMARY KEY (bucket, position))",
+        "CREATE TABLE IF NOT EXISTS {ks}.outbox_end (id int PRIMARY KEY, position bigint)",
+        "CREATE TABLE IF NOT EXISTS {ks}.routes (bucket int, id text, record text, PRIMARY KEY (bucket, id))",
+        "CREATE TABLE IF NOT EXISTS {ks}.route_cursors (route text PRIMARY KEY, position bigint)",
+        "CREATE TABLE IF NOT EXISTS {ks}.route_deliveries (route text, day int, at bigint, position bigint, attempt int, record text, PRIMARY KEY ((route, day), at, position, attempt)) WITH CLUSTERING ORDER BY (at DESC, position DESC, attempt DESC)",
         "CREATE TABLE IF NOT EXISTS {ks}.schema_version (id int PRIMARY KEY, version int)",
     ]
     .iter()
@@ -92,4 +104,8 @@ pub mod kind {
     pub const HISTORY: &str = "history";
     /// The latest value of each telemetry key (one row, key empty).
     pub const TELEMETRY: &str = "telemetry";
+    /// The number of the thing's newest event in the outbox (one row, key empty). Kept
+    /// when the thing is deleted: between `command` and `history` in clustering order, so
+    /// that a delete spares it with two range deletes around it.
+    pub const EVENTS: &str = "events";
 }
