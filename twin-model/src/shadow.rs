@@ -187,26 +187,6 @@ impl UpdateRequest {
             client_token,
         })
     }
-
-    /// The request's `state` as AWS echoes it in `update/accepted`.
-    pub fn state_echo(
-        desired: &Option<SectionPatch>,
-        reported: &Option<SectionPatch>,
-    ) -> Map<String, Value> {
-        let mut state = Map::new();
-        for (name, patch) in [("desired", desired), ("reported", reported)] {
-            match patch {
-                Some(SectionPatch::Merge(m)) => {
-                    state.insert(name.into(), Value::Object(m.clone()));
-                }
-                Some(SectionPatch::Clear) => {
-                    state.insert(name.into(), Value::Null);
-                }
-                None => {}
-            }
-        }
-        state
-    }
 }
 
 /// Reads the optional `clientToken` of a get/delete payload (which may be empty).
@@ -404,24 +384,124 @@ fn with_token(mut payload: Map<String, Value>, client_token: Option<&str>) -> Va
 
 /// The payloads AWS IoT publishes, built from shadows and changes.
 pub mod payload {
+    use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+
     use super::*;
 
-    /// `update/accepted`: the request's state, its metadata, the new version.
-    pub fn update_accepted(change: &ShadowChange) -> Value {
-        let ChangeOp::Update { desired, reported } = &change.op else {
-            return delete_accepted(change);
-        };
-        let state = UpdateRequest::state_echo(desired, reported);
-        let mut meta = Map::new();
-        for (name, value) in &state {
-            meta.insert(name.clone(), json::metadata_for(value, change.timestamp));
+    /// `update/accepted`: the request's state, its metadata, the new version (for a
+    /// delete, what `delete/accepted` says). Written straight from the change: no JSON
+    /// tree is built for it.
+    pub fn update_accepted(change: &ShadowChange) -> UpdateAccepted<'_> {
+        UpdateAccepted {
+            sections: match &change.op {
+                ChangeOp::Update { desired, reported } => Some((desired, reported)),
+                ChangeOp::Delete => None,
+            },
+            version: change.version,
+            timestamp: change.timestamp,
+            client_token: change.client_token.as_deref(),
         }
-        let mut p = Map::new();
-        p.insert("state".into(), Value::Object(state));
-        p.insert("metadata".into(), Value::Object(meta));
-        p.insert("version".into(), Value::from(change.version));
-        p.insert("timestamp".into(), Value::from(change.timestamp));
-        with_token(p, change.client_token.as_deref())
+    }
+
+    /// See [`update_accepted`].
+    pub struct UpdateAccepted<'a> {
+        sections: Option<(&'a Option<SectionPatch>, &'a Option<SectionPatch>)>,
+        version: u64,
+        timestamp: u64,
+        client_token: Option<&'a str>,
+    }
+
+    impl Serialize for UpdateAccepted<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(None)?;
+            if let Some((desired, reported)) = self.sections {
+                let echo = |metadata| Echo {
+                    desired,
+                    reported,
+                    metadata,
+                };
+                m.serialize_entry("state", &echo(None))?;
+                m.serialize_entry("metadata", &echo(Some(self.timestamp)))?;
+            }
+            m.serialize_entry("version", &self.version)?;
+            m.serialize_entry("timestamp", &self.timestamp)?;
+            if let Some(t) = self.client_token {
+                m.serialize_entry("clientToken", t)?;
+            }
+            m.end()
+        }
+    }
+
+    /// The request's sections as AWS echoes them (nulls included, a cleared section as
+    /// `null`), or, with a timestamp, their metadata.
+    struct Echo<'a> {
+        desired: &'a Option<SectionPatch>,
+        reported: &'a Option<SectionPatch>,
+        metadata: Option<u64>,
+    }
+
+    impl Serialize for Echo<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(None)?;
+            for (name, patch) in [("desired", self.desired), ("reported", self.reported)] {
+                match (patch, self.metadata) {
+                    (None, _) => {}
+                    (Some(SectionPatch::Merge(v)), None) => m.serialize_entry(name, v)?,
+                    (Some(SectionPatch::Clear), None) => m.serialize_entry(name, &())?,
+                    (Some(SectionPatch::Merge(v)), Some(t)) => {
+                        m.serialize_entry(name, &Metadata::Object(v, t))?;
+                    }
+                    (Some(SectionPatch::Clear), Some(t)) => {
+                        m.serialize_entry(name, &Metadata::Leaf(t))?;
+                    }
+                }
+            }
+            m.end()
+        }
+    }
+
+    /// [`json::metadata_for`] written as it is walked: `{"timestamp": t}` per leaf, the
+    /// same shape as objects, one entry per element for arrays.
+    enum Metadata<'a> {
+        Object(&'a Map<String, Value>, u64),
+        Array(&'a [Value], u64),
+        Leaf(u64),
+    }
+
+    impl<'a> Metadata<'a> {
+        fn of(value: &'a Value, t: u64) -> Self {
+            match value {
+                Value::Object(m) => Self::Object(m, t),
+                Value::Array(a) => Self::Array(a, t),
+                _ => Self::Leaf(t),
+            }
+        }
+    }
+
+    impl Serialize for Metadata<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match *self {
+                Self::Object(map, t) => {
+                    let mut m = s.serialize_map(Some(map.len()))?;
+                    for (k, v) in map {
+                        m.serialize_entry(k, &Metadata::of(v, t))?;
+                    }
+                    m.end()
+                }
+                Self::Array(items, t) => {
+                    let mut seq = s.serialize_seq(Some(items.len()))?;
+                    for v in items {
+                        seq.serialize_element(&Metadata::of(v, t))?;
+                    }
+                    seq.end()
+                }
+                Self::Leaf(t) => {
+                    let mut m = s.serialize_map(Some(1))?;
+                    m.serialize_entry("timestamp", &t)?;
+                    m.end()
+                }
+            }
+        }
     }
 
     /// `update/delta`, or `None` when desired and reported agree.

@@ -32,7 +32,7 @@ fn desired_then_reported_then_get_then_delete() {
     )
     .unwrap();
     assert_eq!(
-        payload::update_accepted(&change),
+        serde_json::to_value(payload::update_accepted(&change)).unwrap(),
         json!({
             "state": {"desired": {"color": "red", "power": "on"}},
             "metadata": {"desired": {"color": {"timestamp": T1}, "power": {"timestamp": T1}}},
@@ -73,7 +73,7 @@ fn desired_then_reported_then_get_then_delete() {
     )
     .unwrap();
     assert_eq!(
-        payload::update_accepted(&change),
+        serde_json::to_value(payload::update_accepted(&change)).unwrap(),
         json!({
             "state": {"reported": {"color": "red"}},
             "metadata": {"reported": {"color": {"timestamp": T2}}},
@@ -146,7 +146,7 @@ fn null_deletes_a_key_and_a_section() {
     .unwrap();
     let change = update(&mut shadow, json!({"state": {"desired": {"b": null}}}), T2).unwrap();
     assert_eq!(
-        payload::update_accepted(&change)["state"],
+        serde_json::to_value(payload::update_accepted(&change)).unwrap()["state"],
         json!({"desired": {"b": null}}),
         "accepted echoes the request, nulls included"
     );
@@ -308,4 +308,35 @@ fn version_conflict_and_size_limit_change_nothing() {
         "an 8 KiB state limit must stop 100 x 100-byte keys"
     );
     assert_eq!(shadow, before);
+}
+
+/// `update/accepted` byte for byte, as devices parse it: the field order AWS writes
+/// (state, metadata, version, timestamp, clientToken), nested objects, arrays with one
+/// metadata entry per element, a cleared section as `null` with a timestamp leaf.
+#[test]
+fn update_accepted_is_written_in_aws_order() {
+    let mut shadow = Shadow::default();
+    let change = update(
+        &mut shadow,
+        json!({"state": {"desired": {"mode": "eco", "fan": {"speed": 2, "on": true}},
+            "reported": {"modes": ["eco", 3, null], "temp": 21.5, "gone": null}},
+            "clientToken": "tok-\"1\""}),
+        T1,
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::to_string(&payload::update_accepted(&change)).unwrap(),
+        concat!(
+            r#"{"state":{"desired":{"mode":"eco","fan":{"speed":2,"on":true}},"#,
+            r#""reported":{"modes":["eco",3,null],"temp":21.5,"gone":null}},"#,
+            r#""metadata":{"desired":{"mode":{"timestamp":1469564492},"fan":{"speed":{"timestamp":1469564492},"on":{"timestamp":1469564492}}},"#,
+            r#""reported":{"modes":[{"timestamp":1469564492},{"timestamp":1469564492},{"timestamp":1469564492}],"temp":{"timestamp":1469564492},"gone":{"timestamp":1469564492}}},"#,
+            r#""version":1,"timestamp":1469564492,"clientToken":"tok-\"1\""}"#
+        )
+    );
+    let change = update(&mut shadow, json!({"state": {"desired": null}}), T2).unwrap();
+    assert_eq!(
+        serde_json::to_string(&payload::update_accepted(&change)).unwrap(),
+        r#"{"state":{"desired":null},"metadata":{"desired":{"timestamp":1469564576}},"version":2,"timestamp":1469564576}"#
+    );
 }

@@ -142,8 +142,13 @@ pub(crate) fn event(event: &TwinEvent, out: &mut dyn Outbox) {
             publish(out, topic(ShadowChannel::Accepted), None, || {
                 payload::update_accepted(change)
             });
-            if let Some(delta) = payload::delta(current, change.timestamp, token) {
-                publish(out, topic(ShadowChannel::Delta), None, || delta);
+            // Whether there is a delta is known only once it is made: made for a
+            // subscriber only.
+            let delta_topic = topic(ShadowChannel::Delta);
+            if out.qos(&delta_topic).is_some()
+                && let Some(delta) = payload::delta(current, change.timestamp, token)
+            {
+                publish(out, delta_topic, None, || delta);
             }
             publish(out, topic(ShadowChannel::Documents), None, || {
                 payload::documents(previous, current, change.timestamp, token)
