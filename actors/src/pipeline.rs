@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use tokio::sync::{Notify, broadcast, mpsc};
-use twin_model::telemetry::Latest;
 use twin_model::{ChangeOp, DeviceId, TwinEvent};
 use twin_store::ThingRecord;
 
@@ -29,7 +28,8 @@ use crate::rollout::Control;
 /// What a twin made durable.
 #[derive(Debug, Clone)]
 pub enum Committed {
-    /// A change its subscribers see: a shadow, presence, a command or a job execution.
+    /// A change its subscribers see: a shadow, presence, a command, a job execution or a
+    /// telemetry reading.
     Event(Arc<TwinEvent>),
     /// The thing's registry record as it is now. `ends_session`: the device's live
     /// session must end, for this reason (disabled, secret rotated).
@@ -39,8 +39,6 @@ pub enum Committed {
     },
     /// The thing is gone, with all it had.
     Deleted,
-    /// The thing's latest telemetry after a reading taken at `at` (milliseconds).
-    Telemetry { latest: Arc<Latest>, at: u64 },
 }
 
 /// A committed change as consumers get it.
@@ -134,13 +132,13 @@ impl Pipeline {
                 TwinEvent::Connectivity { connectivity, .. } => {
                     self.index.set_connectivity(thing, connectivity.clone());
                 }
+                TwinEvent::Telemetry { latest, at, .. } => {
+                    self.index.set_telemetry(thing, latest.clone(), *at);
+                }
                 TwinEvent::Command { .. } | TwinEvent::Job { .. } => {}
             },
             Committed::Record { record, .. } => self.index.put_record(record.clone()),
             Committed::Deleted => self.index.remove(thing),
-            Committed::Telemetry { latest, at } => {
-                self.index.set_telemetry(thing, latest.clone(), *at);
-            }
         }
     }
 }
@@ -173,12 +171,14 @@ impl Consumer for DeviceLinks {
             return;
         };
         match &change.what {
+            // The device sent its readings: nothing of them goes back to it.
+            Committed::Event(event) if matches!(**event, TwinEvent::Telemetry { .. }) => {}
             Committed::Event(event) => link.deliver(event.clone()),
             Committed::Record {
                 ends_session: Some(reason),
                 ..
             } => link.end_session(reason),
-            Committed::Record { .. } | Committed::Telemetry { .. } => {}
+            Committed::Record { .. } => {}
             Committed::Deleted => link.end_session("thing deleted"),
         }
     }

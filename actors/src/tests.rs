@@ -526,6 +526,7 @@ async fn devices_authenticate_with_their_secret_and_presence_is_recorded() {
             },
             TwinEvent::Command { execution, .. } => execution.status.as_str().into(),
             TwinEvent::Job { execution, .. } => execution.status.as_str().into(),
+            TwinEvent::Telemetry { topic, .. } => format!("telemetry on {topic}"),
         });
     }
     assert_eq!(

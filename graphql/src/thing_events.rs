@@ -1,5 +1,5 @@
-//! The thing subscriptions: `thingChanged`, `thingsChanged` and `connectivityChanged`,
-//! fed by the fleet's change pipeline. A filter looks at each twin as it was right after
+//! The thing subscriptions: `thingChanged`, `thingsChanged`, `connectivityChanged` and
+//! `telemetryReceived`, fed by the fleet's change pipeline. A filter looks at each twin as it was right after
 //! its change, however late the subscriber reads.
 
 use async_graphql::futures_util::stream::{self, Stream, StreamExt};
@@ -28,6 +28,7 @@ pub enum ThingEvent {
     Subscribed(Subscribed),
     ShadowChanged(ShadowChanged),
     ConnectivityChanged(ConnectivityChanged),
+    TelemetryReceived(TelemetryReceived),
     Lagged(Lagged),
 }
 
@@ -47,6 +48,24 @@ pub struct ShadowChanged {
     pub delta: Option<Json<Map<String, Value>>>,
     pub client_token: Option<String>,
     pub at: DateTime,
+}
+
+/// A telemetry reading a device sent, once it was kept.
+#[derive(SimpleObject)]
+pub struct TelemetryReceived {
+    pub thing_id: ID,
+    /// The topic it came on.
+    pub topic: String,
+    /// The reading's type, from the topic (`dt/<application>/<thing>/<type>`), when the
+    /// topic pattern names one.
+    #[graphql(name = "type")]
+    pub kind: Option<String>,
+    /// The values as the device sent them, nested objects included.
+    pub values: Json<Map<String, Value>>,
+    /// When the reading was taken: the device's `timestamp`, or when it arrived.
+    pub at: DateTime,
+    /// The twin's version (telemetry does not change it).
+    pub version: u64,
 }
 
 #[derive(SimpleObject)]
@@ -86,8 +105,8 @@ pub(crate) fn accepted_at(change: &ShadowChange) -> DateTime {
     })
 }
 
-/// A shadow or connectivity event as the thing subscriptions show it (commands have
-/// their own subscription).
+/// A shadow, connectivity or telemetry event as the thing subscriptions show it
+/// (commands have their own subscription).
 fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
     Some(match event {
         TwinEvent::Shadow {
@@ -121,6 +140,22 @@ fn to_graphql(event: &TwinEvent) -> Option<ThingEvent> {
             connected: connectivity.connected,
             since: DateTime(connectivity.since),
             disconnect_reason: connectivity.disconnect_reason.clone(),
+        }),
+        TwinEvent::Telemetry {
+            thing,
+            topic,
+            kind,
+            values,
+            at,
+            version,
+            ..
+        } => ThingEvent::TelemetryReceived(TelemetryReceived {
+            thing_id: ID(thing.to_string()),
+            topic: topic.clone(),
+            kind: kind.clone(),
+            values: Json((**values).clone()),
+            at: DateTime(*at),
+            version: *version,
         }),
         TwinEvent::Command { .. } | TwinEvent::Job { .. } => return None,
     })
@@ -179,7 +214,9 @@ impl ThingsSubscription {
         let rx = api.fleet.queries().subscribe();
         let version = view(&api.fleet, &thing)?.0.version();
         let watched = Some((thing.clone(), version));
-        Ok(events(rx, watched, move |c| c.event.thing() == &thing))
+        Ok(events(rx, watched, move |c| {
+            c.event.thing() == &thing && !is_telemetry(&c.event)
+        }))
     }
 
     /// Shadow and connectivity changes of every thing matching `filter` after the change.
@@ -189,7 +226,7 @@ impl ThingsSubscription {
         ctx: &Context<'_>,
         filter: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
-        Ok(fleet_events(ctx, filter.as_deref(), |_| true)?)
+        Ok(fleet_events(ctx, filter.as_deref(), |e| !is_telemetry(e))?)
     }
 
     /// Connects and disconnects of every thing matching `filter`.
@@ -203,14 +240,37 @@ impl ThingsSubscription {
             matches!(e, TwinEvent::Connectivity { .. })
         })?)
     }
+
+    /// Telemetry readings, once kept: of the thing `id`, or of every thing matching
+    /// `filter` right after the reading (all things without either). Readings come as
+    /// fast as devices send them; a subscriber that falls behind gets `Lagged`.
+    #[graphql(guard = "RoleGuard(Role::Viewer)")]
+    async fn telemetry_received(
+        &self,
+        ctx: &Context<'_>,
+        id: Option<ID>,
+        filter: Option<String>,
+    ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
+        let thing = id.as_ref().map(thing_id).transpose()?;
+        Ok(fleet_events(ctx, filter.as_deref(), move |e| {
+            is_telemetry(e) && thing.as_ref().is_none_or(|t| e.thing() == t)
+        })?)
+    }
+}
+
+fn is_telemetry(event: &TwinEvent) -> bool {
+    matches!(event, TwinEvent::Telemetry { .. })
 }
 
 /// The events `kind` keeps of every thing matching `filter` (all things without one).
-fn fleet_events(
+fn fleet_events<K>(
     ctx: &Context<'_>,
     filter: Option<&str>,
-    kind: fn(&TwinEvent) -> bool,
-) -> ApiResult<impl Stream<Item = ThingEvent> + use<>> {
+    kind: K,
+) -> ApiResult<impl Stream<Item = ThingEvent> + use<K>>
+where
+    K: Fn(&TwinEvent) -> bool + Send + 'static,
+{
     let api = api(ctx);
     let filter = parse_filter(filter)?;
     let rx = api.fleet.queries().subscribe();

@@ -94,6 +94,29 @@ impl Fixture {
         d["registerThing"]["secret"].as_str().unwrap().to_owned()
     }
 
+    /// A telemetry reading of `id` on `dt/app/{id}/env`, as the MQTT endpoint passes it.
+    async fn telemetry(&self, id: &str, body: Value) {
+        let reading = twin_model::telemetry::Reading::parse(
+            body.to_string().as_bytes(),
+            twin_store::now_millis(),
+            6,
+        )
+        .unwrap();
+        self.fleet
+            .telemetry()
+            .record(
+                &DeviceId::parse(id).unwrap(),
+                twin_actors::TelemetryMessage {
+                    reading,
+                    topic: format!("dt/app/{id}/env"),
+                    kind: Some("env".into()),
+                    route: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+
     async fn report(&self, id: &str, reported: Value) {
         let body = json!({"state": {"reported": reported}}).to_string();
         let req = UpdateRequest::parse(body.as_bytes(), &Limits::default()).unwrap();
@@ -569,6 +592,68 @@ async fn subscriptions_deliver_changes_and_say_when_they_lag() {
 }
 
 /// The next response's data, failing on errors.
+/// Telemetry comes to `telemetryReceived` (of one thing, or by filter on the thing right
+/// after the reading), as the device sent it; the shadow subscriptions do not carry it.
+#[tokio::test]
+async fn telemetry_subscriptions_deliver_readings_of_one_thing_or_by_filter() {
+    let f = fixture().await;
+    f.register("hot", json!({"site": "a"})).await;
+    f.register("cold", json!({"site": "b"})).await;
+    let sub = |q: &str| {
+        f.schema
+            .execute_stream(async_graphql::Request::new(q).data(Principal::new(
+                Role::Viewer,
+                "test",
+                None,
+            )))
+    };
+    let fields = "__typename ... on TelemetryReceived { thingId topic type values at version } ... on ShadowChanged { thingId } ... on Subscribed { thingId }";
+    let mut one = sub(&format!(
+        r#"subscription {{ telemetryReceived(id: "cold") {{ {fields} }} }}"#
+    ));
+    let mut hot = sub(&format!(
+        r#"subscription {{ telemetryReceived(filter: "telemetry.temp > 50") {{ {fields} }} }}"#
+    ));
+    let mut shadows = sub(&format!("subscription {{ thingsChanged {{ {fields} }} }}"));
+    for s in [&mut one, &mut hot, &mut shadows] {
+        let e = data(s).await;
+        let event = e.as_object().unwrap().values().next().unwrap();
+        assert_eq!(event["__typename"], "Subscribed");
+    }
+    let at: u64 = 1_764_000_000_000;
+    // A reading of `hot` that its filter does not take yet, one of `cold`, one that it does.
+    f.telemetry("hot", json!({"temp": 10, "timestamp": at - 1000}))
+        .await;
+    f.telemetry("cold", json!({"temp": 3, "timestamp": at + 1}))
+        .await;
+    f.telemetry(
+        "hot",
+        json!({"temp": 90, "power": {"watts": 5}, "timestamp": at}),
+    )
+    .await;
+    f.report("cold", json!({"on": true})).await;
+
+    let e = data(&mut one).await;
+    assert_eq!(
+        e["telemetryReceived"],
+        json!({"__typename": "TelemetryReceived", "thingId": "cold",
+            "topic": "dt/app/cold/env", "type": "env", "values": {"temp": 3},
+            "at": "2025-11-24T16:00:00.001Z", "version": 0})
+    );
+    let e = data(&mut hot).await;
+    assert_eq!(e["telemetryReceived"]["thingId"], "hot");
+    assert_eq!(
+        e["telemetryReceived"]["values"],
+        json!({"temp": 90, "power": {"watts": 5}})
+    );
+    // Neither reading, only the shadow change, on the shadow subscription.
+    let e = data(&mut shadows).await;
+    assert_eq!(
+        e["thingsChanged"],
+        json!({"__typename": "ShadowChanged", "thingId": "cold"})
+    );
+}
+
 async fn data<S>(s: &mut S) -> Value
 where
     S: async_graphql::futures_util::Stream<Item = async_graphql::Response> + Unpin,

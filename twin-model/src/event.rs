@@ -60,6 +60,20 @@ pub enum TwinEvent {
         /// request), carried to the device with its notifications (MQTT 5).
         trace: Option<Arc<str>>,
     },
+    /// A telemetry reading was kept: the values as the device sent them, and the thing's
+    /// latest values after it.
+    Telemetry {
+        thing: DeviceId,
+        /// The topic it came on, and the reading's type from the topic, if it names one.
+        topic: String,
+        kind: Option<String>,
+        values: Arc<serde_json::Map<String, serde_json::Value>>,
+        /// When it was taken (the device's timestamp, or when it arrived), milliseconds.
+        at: u64,
+        latest: Arc<crate::telemetry::Latest>,
+        /// The twin's version when it arrived (telemetry does not change it).
+        version: u64,
+    },
 }
 
 /// A twin's version: the sum of its shadows' versions. It grows by exactly one per
@@ -85,7 +99,8 @@ impl TwinEvent {
             Self::Shadow { thing, .. }
             | Self::Connectivity { thing, .. }
             | Self::Command { thing, .. }
-            | Self::Job { thing, .. } => thing,
+            | Self::Job { thing, .. }
+            | Self::Telemetry { thing, .. } => thing,
         }
     }
 
@@ -94,7 +109,8 @@ impl TwinEvent {
             Self::Shadow { version, .. }
             | Self::Connectivity { version, .. }
             | Self::Command { version, .. }
-            | Self::Job { version, .. } => *version,
+            | Self::Job { version, .. }
+            | Self::Telemetry { version, .. } => *version,
         }
     }
 }

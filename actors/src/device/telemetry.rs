@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 use twin_model::route::EventType;
-use twin_model::{Rejection, RejectionKind};
+use twin_model::{Rejection, RejectionKind, TwinEvent};
 use twin_store::{Point, Write};
 
 use super::{DeviceState, TelemetryMessage};
 use crate::error::FleetError;
-use crate::pipeline::Committed;
 use crate::routing;
 
 impl DeviceState {
@@ -70,12 +69,13 @@ impl DeviceState {
             latest: latest.clone(),
             points,
         }];
+        let values = Arc::new(reading.body);
         if !matched.is_empty() {
             let data = json!({
                 "topic": topic,
                 "type": kind,
                 "timestamp": twin_model::rfc3339(reading.at),
-                "values": reading.body,
+                "values": &*values,
             });
             writes.push(self.event(EventType::Telemetry, self.ctx.now_millis(), data, matched));
         }
@@ -83,13 +83,16 @@ impl DeviceState {
         if let Some(l) = self.loaded.as_mut() {
             l.telemetry = latest.clone();
         }
-        self.ctx.publish(
-            &self.thing,
-            Committed::Telemetry {
-                latest,
-                at: reading.at,
-            },
-        );
+        let version = self.version();
+        self.ctx.publish_event(TwinEvent::Telemetry {
+            thing: self.thing.clone(),
+            topic,
+            kind,
+            values,
+            at: reading.at,
+            latest,
+            version,
+        });
         Ok(())
     }
 }
