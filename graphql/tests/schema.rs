@@ -61,6 +61,19 @@ async fn fixture() -> Fixture {
 }
 
 impl Fixture {
+    /// A subscription (or any request) run by a viewer, as a stream of responses.
+    fn viewer_stream(
+        &self,
+        query: &str,
+    ) -> async_graphql::futures_util::stream::BoxStream<'static, async_graphql::Response> {
+        self.schema
+            .execute_stream(async_graphql::Request::new(query).data(Principal::new(
+                Role::Viewer,
+                "test",
+                None,
+            )))
+    }
+
     /// Stops like a server: the store is closed when this returns.
     async fn close(self) {
         self.fleet.shutdown().await;
@@ -492,22 +505,14 @@ async fn subscriptions_deliver_changes_and_say_when_they_lag() {
     let f = fixture_in(Arc::new(tempfile::tempdir().unwrap()), config).await;
     f.register("hot", json!({"site": "a"})).await;
     f.register("cold", json!({"site": "b"})).await;
-    let sub = |q: &str| {
-        f.schema
-            .execute_stream(async_graphql::Request::new(q).data(Principal::new(
-                Role::Viewer,
-                "test",
-                None,
-            )))
-    };
     let fields = "__typename ... on ShadowChanged { thingId version shadowVersion operation state delta } ... on ConnectivityChanged { thingId connected } ... on Lagged { skipped resumeFromVersion thingId } ... on Subscribed { thingId version }";
-    let mut one = sub(&format!(
+    let mut one = f.viewer_stream(&format!(
         r#"subscription {{ thingChanged(id: "hot") {{ {fields} }} }}"#
     ));
-    let mut filtered = sub(&format!(
+    let mut filtered = f.viewer_stream(&format!(
         r#"subscription {{ thingsChanged(filter: "attributes.site = \"b\"") {{ {fields} }} }}"#
     ));
-    let mut presence = sub(&format!(
+    let mut presence = f.viewer_stream(&format!(
         "subscription {{ connectivityChanged {{ {fields} }} }}"
     ));
     // Every subscription starts with `Subscribed`: from then on it is listening.
@@ -583,10 +588,12 @@ async fn subscriptions_deliver_changes_and_say_when_they_lag() {
         "INVALID_ARGUMENT",
         "subscriptions cannot be executed as queries"
     );
-    let mut missing = sub(r#"subscription { thingChanged(id: "ghost") { __typename } }"#);
+    let mut missing =
+        f.viewer_stream(r#"subscription { thingChanged(id: "ghost") { __typename } }"#);
     let r = serde_json::to_value(missing.next().await.unwrap()).unwrap();
     assert_eq!(code(&r), "NOT_FOUND");
-    let mut bad = sub(r#"subscription { thingsChanged(filter: "id = ") { __typename } }"#);
+    let mut bad =
+        f.viewer_stream(r#"subscription { thingsChanged(filter: "id = ") { __typename } }"#);
     let r = serde_json::to_value(bad.next().await.unwrap()).unwrap();
     assert_eq!(code(&r), "INVALID_ARGUMENT");
 }
@@ -599,22 +606,14 @@ async fn telemetry_subscriptions_deliver_readings_of_one_thing_or_by_filter() {
     let f = fixture().await;
     f.register("hot", json!({"site": "a"})).await;
     f.register("cold", json!({"site": "b"})).await;
-    let sub = |q: &str| {
-        f.schema
-            .execute_stream(async_graphql::Request::new(q).data(Principal::new(
-                Role::Viewer,
-                "test",
-                None,
-            )))
-    };
     let fields = "__typename ... on TelemetryReceived { thingId topic type values at version } ... on ShadowChanged { thingId } ... on Subscribed { thingId }";
-    let mut one = sub(&format!(
+    let mut one = f.viewer_stream(&format!(
         r#"subscription {{ telemetryReceived(id: "cold") {{ {fields} }} }}"#
     ));
-    let mut hot = sub(&format!(
+    let mut hot = f.viewer_stream(&format!(
         r#"subscription {{ telemetryReceived(filter: "telemetry.temp > 50") {{ {fields} }} }}"#
     ));
-    let mut shadows = sub(&format!("subscription {{ thingsChanged {{ {fields} }} }}"));
+    let mut shadows = f.viewer_stream(&format!("subscription {{ thingsChanged {{ {fields} }} }}"));
     for s in [&mut one, &mut hot, &mut shadows] {
         let e = data(s).await;
         let event = e.as_object().unwrap().values().next().unwrap();
@@ -1108,13 +1107,7 @@ async fn a_store_error_ends_a_job_subscription_with_an_error_the_client_sees() {
     let create = "mutation { createOtaJob(jobId: \"j1\", targets: {thingIds: [\"a1\"]}, document: {firmware: {version: \"3.1\", url: \"https://x/3.1\", sha256: \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", size: 10}}) { jobId } }";
     f.admin(create, json!({})).await;
     let watch = "subscription { otaJobProgress(jobId: \"j1\") { __typename } }";
-    let mut s = f
-        .schema
-        .execute_stream(async_graphql::Request::new(watch).data(Principal::new(
-            Role::Viewer,
-            "test",
-            None,
-        )));
+    let mut s = f.viewer_stream(watch);
     let within = std::time::Duration::from_secs(10);
     let first = tokio::time::timeout(within, s.next())
         .await
