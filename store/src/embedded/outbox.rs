@@ -193,10 +193,13 @@ impl Outbox {
     ) -> Result<u64, StoreError> {
         let mut b = Self::durable(db);
         let mut pruned = 0;
+        // The newest event stays, however old: positions go on from it after a restart,
+        // so an event id is never given twice and no route's cursor is ahead of the outbox.
+        let newest = self.outbox_end();
         for kv in self.events.iter() {
             let (k, v) = kv.into_inner().map_err(engine)?;
             let event: OutboxRecord = decode(&k, &v)?;
-            if event.at >= events_before {
+            if event.at >= events_before || position(&k)? >= newest {
                 break;
             }
             b.remove(&self.events, k);
@@ -232,8 +235,9 @@ mod tests {
     use crate::Write;
     use crate::conformance::{delivery, event, id, route};
 
-    /// Positions go on after a reopen; a prune drops the events and delivery records
-    /// older than its times, and no others. (The rest is in the conformance suite.)
+    /// Positions go on after a reopen, even once every event is older than the retention;
+    /// a prune drops the events and delivery records older than its times, and no others
+    /// but the newest event. (The rest is in the conformance suite.)
     #[test]
     fn positions_outlive_a_reopen_and_a_prune_drops_only_what_is_older() {
         let dir = tempfile::tempdir().unwrap();
@@ -274,5 +278,13 @@ mod tests {
             .map(|d| d.at)
             .collect();
         assert_eq!(kept, [30, 20]);
+
+        // However old every event is, the newest stays, and positions go on after it.
+        assert_eq!(e.outbox.prune(&e.db, u64::MAX, 0).unwrap(), 1);
+        drop(e);
+        let e = Engine::open(dir.path(), 3).unwrap();
+        assert_eq!(e.outbox.outbox_end(), 4);
+        e.commit(&[event("t2", 3, 14, &["r"])]).unwrap();
+        assert_eq!(e.outbox.outbox(4, 1).unwrap()[0].0, 5);
     }
 }
