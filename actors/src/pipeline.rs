@@ -196,29 +196,43 @@ pub struct Change {
     pub view: Option<Arc<TwinView>>,
 }
 
-/// The fleet-wide event stream: what GraphQL subscriptions read. A receiver that falls
-/// behind by more than the buffer gets `Lagged` and must resynchronize.
+/// The fleet-wide event streams: what GraphQL subscriptions read. A receiver that falls
+/// behind by more than the buffer gets `Lagged` and must resynchronize. Telemetry
+/// readings have a stream of their own: at thousands a second they would push a
+/// subscriber of shadow changes out of its buffer.
 pub struct Subscribers {
     events: broadcast::Sender<Change>,
+    telemetry: broadcast::Sender<Change>,
 }
 
 impl Subscribers {
     pub fn new(buffer: usize) -> Self {
         Self {
             events: broadcast::channel(buffer.max(16)).0,
+            telemetry: broadcast::channel(buffer.max(16)).0,
         }
     }
 
+    /// Every event but telemetry readings.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.events.subscribe()
+    }
+
+    /// Telemetry readings.
+    pub fn subscribe_telemetry(&self) -> broadcast::Receiver<Change> {
+        self.telemetry.subscribe()
     }
 }
 
 impl Consumer for Subscribers {
     fn consume(&self, change: &CommittedChange) {
         if let Some(event) = change.event() {
+            let stream = match **event {
+                TwinEvent::Telemetry { .. } => &self.telemetry,
+                _ => &self.events,
+            };
             // No subscriber is fine: nobody is watching.
-            let _ = self.events.send(Change {
+            let _ = stream.send(Change {
                 seq: change.seq,
                 event: event.clone(),
                 view: change.view.clone(),

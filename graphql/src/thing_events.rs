@@ -214,9 +214,7 @@ impl ThingsSubscription {
         let rx = api.fleet.queries().subscribe();
         let version = view(&api.fleet, &thing)?.0.version();
         let watched = Some((thing.clone(), version));
-        Ok(events(rx, watched, move |c| {
-            c.event.thing() == &thing && !is_telemetry(&c.event)
-        }))
+        Ok(events(rx, watched, move |c| c.event.thing() == &thing))
     }
 
     /// Shadow and connectivity changes of every thing matching `filter` after the change.
@@ -226,7 +224,8 @@ impl ThingsSubscription {
         ctx: &Context<'_>,
         filter: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
-        Ok(fleet_events(ctx, filter.as_deref(), |e| !is_telemetry(e))?)
+        let rx = api(ctx).fleet.queries().subscribe();
+        Ok(fleet_events(rx, filter.as_deref(), |_| true)?)
     }
 
     /// Connects and disconnects of every thing matching `filter`.
@@ -236,7 +235,8 @@ impl ThingsSubscription {
         ctx: &Context<'_>,
         filter: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
-        Ok(fleet_events(ctx, filter.as_deref(), |e| {
+        let rx = api(ctx).fleet.queries().subscribe();
+        Ok(fleet_events(rx, filter.as_deref(), |e| {
             matches!(e, TwinEvent::Connectivity { .. })
         })?)
     }
@@ -252,28 +252,24 @@ impl ThingsSubscription {
         filter: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = ThingEvent> + use<>> {
         let thing = id.as_ref().map(thing_id).transpose()?;
-        Ok(fleet_events(ctx, filter.as_deref(), move |e| {
-            is_telemetry(e) && thing.as_ref().is_none_or(|t| e.thing() == t)
+        let rx = api(ctx).fleet.queries().subscribe_telemetry();
+        Ok(fleet_events(rx, filter.as_deref(), move |e| {
+            thing.as_ref().is_none_or(|t| e.thing() == t)
         })?)
     }
 }
 
-fn is_telemetry(event: &TwinEvent) -> bool {
-    matches!(event, TwinEvent::Telemetry { .. })
-}
-
-/// The events `kind` keeps of every thing matching `filter` (all things without one).
+/// The events of `rx` that `kind` keeps, of every thing matching `filter` (all things
+/// without one).
 fn fleet_events<K>(
-    ctx: &Context<'_>,
+    rx: Receiver<Change>,
     filter: Option<&str>,
     kind: K,
 ) -> ApiResult<impl Stream<Item = ThingEvent> + use<K>>
 where
     K: Fn(&TwinEvent) -> bool + Send + 'static,
 {
-    let api = api(ctx);
     let filter = parse_filter(filter)?;
-    let rx = api.fleet.queries().subscribe();
     // The filter sees each twin as it was right after its change, however late the
     // subscriber reads.
     Ok(events(rx, None, move |c| {

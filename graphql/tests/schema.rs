@@ -653,6 +653,31 @@ async fn telemetry_subscriptions_deliver_readings_of_one_thing_or_by_filter() {
     );
 }
 
+/// Readings have a stream of their own: a flood of them does not push a subscriber of
+/// shadow changes out of its buffer.
+#[tokio::test]
+async fn a_flood_of_readings_does_not_make_shadow_subscribers_lag() {
+    let config = FleetConfig {
+        event_buffer: 16,
+        ..FleetConfig::default()
+    };
+    let f = fixture_in(Arc::new(tempfile::tempdir().unwrap()), config).await;
+    f.register("meter", json!({})).await;
+    let mut shadows = f.viewer_stream("subscription { thingsChanged { __typename } }");
+    assert_eq!(
+        data(&mut shadows).await["thingsChanged"]["__typename"],
+        "Subscribed"
+    );
+    for n in 0..40 {
+        f.telemetry("meter", json!({"n": n})).await;
+    }
+    f.report("meter", json!({"on": true})).await;
+    assert_eq!(
+        data(&mut shadows).await["thingsChanged"]["__typename"],
+        "ShadowChanged"
+    );
+}
+
 async fn data<S>(s: &mut S) -> Value
 where
     S: async_graphql::futures_util::Stream<Item = async_graphql::Response> + Unpin,

@@ -29,9 +29,14 @@ impl Queries<'_> {
         self.0.twins.pipeline.index().matches(thing, filter)
     }
 
-    /// Every change of every twin. A receiver that falls behind by more than the buffer
-    /// gets `RecvError::Lagged` and must resynchronize.
+    /// Every change of every twin but telemetry readings. A receiver that falls behind
+    /// by more than the buffer gets `RecvError::Lagged` and must resynchronize.
     pub fn subscribe(self) -> broadcast::Receiver<Change> {
         self.0.subscribers.subscribe()
+    }
+
+    /// Every telemetry reading of every twin, as [`subscribe`](Self::subscribe) does.
+    pub fn subscribe_telemetry(self) -> broadcast::Receiver<Change> {
+        self.0.subscribers.subscribe_telemetry()
     }
 }
