@@ -355,20 +355,7 @@ impl Routes<'_> {
         let route = self.get(id).ok_or_else(|| no_route(id))?;
         let store = self.store();
         let upto = store.cursor(id).await?.unwrap_or(route.start);
-        // The first event written at or after `since`: positions follow commit order, and
-        // so (but for clock steps) time.
-        let mut from = 0;
-        'scan: loop {
-            let page = store.outbox(from, 1000).await?;
-            let Some(&(last, _)) = page.last() else { break };
-            for (position, event) in page {
-                if event.at >= since {
-                    from = position - 1;
-                    break 'scan;
-                }
-            }
-            from = last;
-        }
+        let from = before_time(store, since).await?;
         self.rewind(id, from, upto, since, until, None).await
     }
 
@@ -444,5 +431,59 @@ impl Routes<'_> {
         self.store().delete_route(id).await?;
         self.0.twins.routes.set(id, None);
         Ok(true)
+    }
+}
+
+/// The outbox position just before the first event written at or after `since`
+/// (milliseconds), or the outbox's end when there is none. Positions follow commit order,
+/// and so (but for clock steps) time: a binary search over positions finds it in a few
+/// dozen reads of one event, however many days of events the outbox keeps. Positions
+/// that were pruned or expired read as the next event kept.
+async fn before_time(
+    store: &dyn twin_store::TwinStore,
+    since: u64,
+) -> Result<u64, twin_store::StoreError> {
+    let (mut lo, mut hi) = (1, store.outbox_end().await? + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match store.outbox(mid - 1, 1).await?.first() {
+            // Every position up to that event's is older than `since`.
+            Some((position, event)) if event.at < since => lo = position + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use twin_store::conformance::event;
+    use twin_store::{EmbeddedStore, RouteStore, TwinStateStore};
+
+    use super::before_time;
+
+    /// The search lands where a scan of every event would, pruned positions included.
+    #[tokio::test]
+    async fn a_replay_starts_just_before_the_first_event_of_its_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), 3).unwrap();
+        // 1,000 events, ten to a millisecond from 1,000 ms on; the first 100 pruned.
+        for n in 0..1000u64 {
+            store
+                .commit(vec![event("t1", n + 1, 1000 + n / 10, &["r"])])
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.prune_routes(1010, 0).await.unwrap(), 100);
+        // Position p (from 1) was written at 1000 + (p - 1) / 10: the first event read
+        // after the place found is the first of its time (or the first kept).
+        for (since, first) in [(0, 101), (1010, 101), (1011, 111), (1055, 551), (1099, 991)] {
+            let from = before_time(&store, since).await.unwrap();
+            let read = store.outbox(from, 1).await.unwrap();
+            assert_eq!(read[0].0, first, "since {since}");
+        }
+        // Nothing written since: nothing to read.
+        let from = before_time(&store, 5000).await.unwrap();
+        assert!(store.outbox(from, 1).await.unwrap().is_empty());
     }
 }
