@@ -37,7 +37,7 @@ impl FleetError {
         match self {
             Self::Rejected(r) => r.clone(),
             Self::Overloaded => Rejection::overloaded(),
-            Self::Store(e) if e.is_unavailable() => Rejection::store_unavailable(),
+            Self::Store(e) if e.is_retryable() => Rejection::store_unavailable(),
             Self::Store(_) | Self::Timeout(_) | Self::Stopped(_) | Self::Inconsistent(_) => {
                 Rejection::internal()
             }

@@ -106,8 +106,8 @@ impl From<FleetError> for ApiError {
         match e {
             FleetError::Rejected(r) => r.into(),
             FleetError::Overloaded => Self::new(Code::Overloaded, e.to_string()),
-            FleetError::Store(ref cause) if cause.is_unavailable() => {
-                tracing::warn!(error = %e, "GraphQL request failed: the store is unavailable");
+            FleetError::Store(ref cause) if cause.is_retryable() => {
+                tracing::warn!(error = %e, "GraphQL request failed: the store is unavailable or the twin is another node's");
                 Self::new(Code::Unavailable, e.to_string())
             }
             FleetError::Store(_)

@@ -60,6 +60,10 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("the store is shutting down")]
     Closed,
+    /// This node does not hold the twin's shard (any more): nothing was written. Another
+    /// node owns the twin; the caller may retry there.
+    #[error("{thing} is not owned by this node: {reason}")]
+    Fenced { thing: String, reason: String },
     #[error("io error on {path}: {source}")]
     Io {
         path: String,
@@ -72,6 +76,12 @@ impl StoreError {
     /// Whether the database could not be reached (rather than refusing or failing).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Unavailable(_))
+    }
+
+    /// Whether the request may go through later or on another node, nothing being
+    /// written: the database could not be reached, or the twin is another node's.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Fenced { .. })
     }
 }
 

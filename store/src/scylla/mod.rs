@@ -29,6 +29,7 @@ use futures_util::future::try_join_all;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::serialize::row::SerializeRow;
+use scylla::statement::SerialConsistency;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use serde::de::DeserializeOwned;
@@ -125,7 +126,11 @@ struct Statements {
     put_row: PreparedStatement,
     /// A twin's rows but its `events` row (two range deletes, before and after it).
     delete_twin_before: PreparedStatement,
+    delete_twin_between: PreparedStatement,
     delete_twin_after: PreparedStatement,
+    fence_raise: PreparedStatement,
+    fence_create: PreparedStatement,
+    fence_check: PreparedStatement,
     put_event: PreparedStatement,
     events: PreparedStatement,
     last_event: PreparedStatement,
@@ -175,6 +180,7 @@ type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), StoreError>>
 
 pub struct ScyllaStore {
     session: Arc<Session>,
+    keyspace: String,
     st: Arc<Statements>,
     history: u64,
     /// Seconds a change is kept (0: until trimmed).
@@ -192,6 +198,8 @@ pub struct ScyllaStore {
     /// How long the positions of a batch whose outcome is unknown are held back from
     /// readers (see [`Visible`]).
     settle: Duration,
+    /// Set on a cluster node: every twin write is conditional on its fence.
+    fences: std::sync::OnceLock<Arc<dyn Fences>>,
 }
 
 /// The outbox positions readers see: those of commits that ended, so that a reader that
@@ -276,6 +284,46 @@ fn job_bucket(thing: &DeviceId) -> i32 {
 }
 
 /// Rows of a result as `T`, or a corrupt-data error naming the query.
+/// Which shards this node holds, and under which epoch: the cluster's leases, as the
+/// store's fencing asks them (see [`ScyllaStore::fence_with`]).
+pub trait Fences: Send + Sync {
+    /// The epoch of this node's lease on placement partition `partition`; `None` when it
+    /// holds none.
+    fn epoch(&self, partition: u16) -> Option<u64>;
+}
+
+fn held(fences: &dyn Fences, thing: &DeviceId) -> Result<u64, StoreError> {
+    let partition = thing.partition();
+    fences.epoch(partition).ok_or_else(|| StoreError::Fenced {
+        thing: thing.to_string(),
+        reason: format!("this node does not hold its shard {partition}"),
+    })
+}
+
+/// An epoch as the fence row keeps it: text whose order is the numbers' order.
+fn fence_text(epoch: u64) -> String {
+    format!("{epoch:020}")
+}
+
+/// A conditional write's `[applied]`, and the first of the values it was conditional on
+/// (there when it was not applied and the row exists).
+fn conditional(
+    result: scylla::response::query_result::QueryResult,
+    what: &str,
+) -> Result<(bool, Option<String>), StoreError> {
+    let row = rows::<scylla::value::Row>(result, what)?.into_iter().next();
+    let mut columns = row.map(|r| r.columns.into_iter()).into_iter().flatten();
+    let applied = columns.next().flatten().and_then(|v| v.as_boolean());
+    let found = columns.next().flatten().and_then(|v| v.into_string());
+    match applied {
+        Some(applied) => Ok((applied, found)),
+        None => Err(StoreError::Corrupt {
+            key: what.to_owned(),
+            reason: "a conditional write without [applied]".into(),
+        }),
+    }
+}
+
 fn rows<T>(
     result: scylla::response::query_result::QueryResult,
     what: &str,
@@ -355,6 +403,7 @@ impl ScyllaStore {
             .map_err(|e| StoreError::Engine(format!("cannot prepare statements: {e}")))?;
         let store = Self {
             session: Arc::new(session),
+            keyspace: config.keyspace.clone(),
             st: Arc::new(st),
             history: config.history.max(1),
             history_ttl: config.history_retention.map_or(0, ttl),
@@ -364,6 +413,7 @@ impl ScyllaStore {
             appending: tokio::sync::Mutex::new(0),
             visible: std::sync::Mutex::new(Visible::default()),
             settle: config.request_timeout * 2 + BATCHLOG_REPLAY,
+            fences: std::sync::OnceLock::new(),
         };
         if found != Some(schema::VERSION) {
             if let Some(v) = found
@@ -387,6 +437,16 @@ impl ScyllaStore {
         *store.appending.lock().await = last;
         store.visible().committed = last;
         Ok(store)
+    }
+
+    /// The session, for the crates that keep tables of their own in the keyspace (shard
+    /// leases).
+    pub fn session(&self) -> Arc<Session> {
+        self.session.clone()
+    }
+
+    pub fn keyspace(&self) -> &str {
+        &self.keyspace
     }
 
     /// Schema 3 keys `members` and `deadlines` by placement partitions that are token
@@ -484,6 +544,21 @@ impl ScyllaStore {
         events: HashMap<DeviceId, Vec<(u64, &OutboxRecord)>>,
         last: u64,
     ) -> Result<(), StoreError> {
+        // Fenced: every twin's epoch is known before anything is written.
+        let fences = match self.fences.get() {
+            None => HashMap::new(),
+            Some(fences) => {
+                if !events.is_empty() {
+                    return Err(StoreError::Engine(
+                        "routes are not supported on a clustered ScyllaDB store yet".into(),
+                    ));
+                }
+                by_thing
+                    .keys()
+                    .map(|thing| Ok((thing.clone(), fence_text(held(&**fences, thing)?))))
+                    .collect::<Result<HashMap<_, _>, StoreError>>()?
+            }
+        };
         // Job definitions first: the executions that follow in the batch refer to them.
         try_join_all(jobs.iter().map(|job| async move {
             self.exec(&self.st.put_job, (job.job_id.clone(), encode(&**job)))
@@ -493,7 +568,7 @@ impl ScyllaStore {
         .await?;
         try_join_all(by_thing.iter().map(|(thing, writes)| {
             let events = events.get(thing).map_or(&[][..], Vec::as_slice);
-            self.commit_thing(thing, writes.clone(), events, last)
+            self.commit_thing(thing, writes.clone(), events, last, fences.get(thing))
         }))
         .await?;
         Ok(())
@@ -507,13 +582,14 @@ impl ScyllaStore {
         writes: Vec<&Write>,
         events: &[(u64, &OutboxRecord)],
         last: u64,
+        fence: Option<&String>,
     ) -> Result<(), StoreError> {
         let mut pending: Vec<&Write> = Vec::new();
         for w in writes {
             if let Write::DeleteThing(_) = w {
                 // What came before the delete is deleted with it.
                 pending.clear();
-                self.delete_thing(thing).await?;
+                self.delete_thing(thing, fence.map(String::as_str)).await?;
             } else {
                 pending.push(w);
             }
@@ -523,7 +599,7 @@ impl ScyllaStore {
         }
         // Listings first, then the twin's partition in one batch.
         let mut listings: Vec<Pending<'_>> = Vec::new();
-        let mut trims: Vec<Pending<'_>> = Vec::new();
+        let mut trims: Vec<(String, String)> = Vec::new();
         let mut rows: Vec<(String, &'static str, String, String)> = Vec::new();
         for w in pending {
             match w {
@@ -544,7 +620,7 @@ impl ScyllaStore {
                             .expect("JSON is UTF-8"),
                     ));
                     if change.version % TRIM_EVERY == 0 && change.version > self.history {
-                        trims.push(self.trim(thing, shadow, change.version));
+                        trims.push(self.trim_range(shadow, change.version));
                     }
                     rows.push((
                         thing.to_string(),
@@ -640,14 +716,27 @@ impl ScyllaStore {
         try_join_all(listings).await?;
         // Alone, the twin's partition: an unlogged batch is atomic. With events, the
         // outbox's partitions too: a logged batch, which the database completes from its
-        // batch log if its coordinator fails half-way.
-        let mut batch = Batch::new(if events.is_empty() {
-            BatchType::Unlogged
-        } else {
-            BatchType::Logged
-        });
-        batch.set_consistency(self.consistency);
+        // batch log if its coordinator fails half-way. Fenced, a conditional batch on the
+        // twin's fence (a lightweight transaction) that trims its history too.
         let mut values: Vec<Box<dyn SerializeRow + Send + Sync>> = Vec::new();
+        let mut batch = if let Some(epoch) = fence {
+            let mut batch = self.fenced_batch();
+            batch.append_statement(self.st.fence_check.clone());
+            values.push(Box::new((epoch.clone(), thing.to_string(), epoch.clone())));
+            for (from, to) in trims.drain(..) {
+                batch.append_statement(self.st.trim_history.clone());
+                values.push(Box::new((thing.to_string(), from, to)));
+            }
+            batch
+        } else {
+            let mut batch = Batch::new(if events.is_empty() {
+                BatchType::Unlogged
+            } else {
+                BatchType::Logged
+            });
+            batch.set_consistency(self.consistency);
+            batch
+        };
         // A change outlives its retention by age only until its TTL; other rows never
         // expire (TTL 0).
         for (thing, kind, key, value) in rows {
@@ -673,6 +762,9 @@ impl ScyllaStore {
             batch.append_statement(self.st.put_outbox_end.clone());
             values.push(Box::new((i64::try_from(last).unwrap_or(i64::MAX),)));
         }
+        if fence.is_some() {
+            return self.fenced_write(thing, &batch, values).await;
+        }
         let written = async {
             self.session
                 .batch(&batch, values)
@@ -680,10 +772,99 @@ impl ScyllaStore {
                 .map(drop)
                 .map_err(engine("writing a twin"))
         };
-        let (written, trimmed) = futures_util::future::join(written, try_join_all(trims)).await;
+        let trimmed = try_join_all(
+            trims
+                .into_iter()
+                .map(|(from, to)| self.trim(thing, from, to)),
+        );
+        let (written, trimmed) = futures_util::future::join(written, trimmed).await;
         written?;
         trimmed?;
         Ok(())
+    }
+
+    fn fenced_batch(&self) -> Batch {
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.set_consistency(self.consistency);
+        batch.set_serial_consistency(Some(SerialConsistency::Serial));
+        batch
+    }
+
+    /// Writes a conditional batch of `thing`'s partition whose condition is its fence.
+    async fn fenced_write(
+        &self,
+        thing: &DeviceId,
+        batch: &Batch,
+        values: Vec<Box<dyn SerializeRow + Send + Sync>>,
+    ) -> Result<(), StoreError> {
+        let result = self
+            .session
+            .batch(batch, values)
+            .await
+            .map_err(engine("writing a twin"))?;
+        let (applied, _) = conditional(result, thing.as_str())?;
+        if applied {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced {
+                thing: thing.to_string(),
+                reason: "a node with a newer lease on its shard took it over".into(),
+            })
+        }
+    }
+
+    /// Raises `thing`'s fence to this node's epoch of its shard (before the twin is read,
+    /// so that the read sees every write of the previous owner, and no write of the
+    /// previous owner lands after it). Refused when a newer epoch fenced it first.
+    async fn raise_fence(&self, thing: &DeviceId, fences: &dyn Fences) -> Result<(), StoreError> {
+        let epoch = fence_text(held(fences, thing)?);
+        let id = thing.to_string();
+        // The row exists, or another node creates it between the two tries: then once more.
+        for _ in 0..3 {
+            let result = self
+                .session
+                .execute_unpaged(&self.st.fence_raise, (&epoch, &id, &epoch))
+                .await
+                .map_err(engine("fencing a twin"))?;
+            let (applied, found) = conditional(result, &id)?;
+            match found {
+                _ if applied => return Ok(()),
+                Some(found) if found == epoch => return Ok(()),
+                Some(found) => {
+                    return Err(StoreError::Fenced {
+                        thing: id,
+                        reason: format!(
+                            "its shard's epoch {} here is older than the epoch {} that fenced it",
+                            epoch.trim_start_matches('0'),
+                            found.trim_start_matches('0')
+                        ),
+                    });
+                }
+                None => {
+                    let result = self
+                        .session
+                        .execute_unpaged(&self.st.fence_create, (&id, &epoch))
+                        .await
+                        .map_err(engine("fencing a twin"))?;
+                    if conditional(result, &id)?.0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "the fence of {id} kept changing while it was raised"
+        )))
+    }
+
+    /// Makes every write of a twin conditional on its fence, from now on: this node
+    /// writes a twin only while `fences` says it holds the twin's shard, and only if no
+    /// node fenced the twin with a newer epoch since (see the `twin-cluster` crate).
+    /// Refused once set.
+    pub fn fence_with(&self, fences: Arc<dyn Fences>) -> Result<(), StoreError> {
+        self.fences
+            .set(fences)
+            .map_err(|_| StoreError::Engine("the store is already fenced".into()))
     }
 
     fn exec<V>(
@@ -704,15 +885,19 @@ impl ScyllaStore {
         }
     }
 
-    /// Deletes a shadow's changes older than the newest `history` versions (once every
-    /// `TRIM_EVERY` versions: a range delete per change would double the writes).
-    fn trim<'a>(&'a self, thing: &DeviceId, shadow: &ShadowName, version: u64) -> Pending<'a> {
-        let thing = thing.to_string();
+    /// The history keys to delete at `version`: a shadow's changes older than the newest
+    /// `history` versions (once every `TRIM_EVERY` versions: a range delete per change
+    /// would double the writes).
+    fn trim_range(&self, shadow: &ShadowName, version: u64) -> (String, String) {
         let oldest_kept = version.saturating_sub(self.history - 1);
-        let (from, to) = (
+        (
             history_key_prefix(shadow),
             history_key(shadow, oldest_kept, false),
-        );
+        )
+    }
+
+    fn trim<'a>(&'a self, thing: &DeviceId, from: String, to: String) -> Pending<'a> {
+        let thing = thing.to_string();
         Box::pin(async move {
             self.session
                 .execute_unpaged(&self.st.trim_history, (thing, from, to))
@@ -746,13 +931,35 @@ impl ScyllaStore {
 
     /// Removes the twin's partition first, then its listings (each job keeps the status
     /// the thing's execution ended with).
-    async fn delete_thing(&self, thing: &DeviceId) -> Result<(), StoreError> {
+    async fn delete_thing(&self, thing: &DeviceId, fence: Option<&str>) -> Result<(), StoreError> {
         self.delete_readings(thing).await?;
-        for statement in [&self.st.delete_twin_before, &self.st.delete_twin_after] {
-            self.session
-                .execute_unpaged(statement, (thing.as_str(),))
-                .await
-                .map_err(engine("deleting a twin"))?;
+        let ranges = [
+            &self.st.delete_twin_before,
+            &self.st.delete_twin_between,
+            &self.st.delete_twin_after,
+        ];
+        if let Some(epoch) = fence {
+            // One conditional batch: the ranges go only while the twin is still ours.
+            let mut batch = self.fenced_batch();
+            let mut values: Vec<Box<dyn SerializeRow + Send + Sync>> = Vec::new();
+            batch.append_statement(self.st.fence_check.clone());
+            values.push(Box::new((
+                epoch.to_owned(),
+                thing.to_string(),
+                epoch.to_owned(),
+            )));
+            for statement in ranges {
+                batch.append_statement(statement.clone());
+                values.push(Box::new((thing.to_string(),)));
+            }
+            self.fenced_write(thing, &batch, values).await?;
+        } else {
+            for statement in ranges {
+                self.session
+                    .execute_unpaged(statement, (thing.as_str(),))
+                    .await
+                    .map_err(engine("deleting a twin"))?;
+            }
         }
         let partition = i32::from(thing.partition());
         let mut listings: Vec<Pending<'_>> = vec![
@@ -862,6 +1069,8 @@ impl Statements {
         let p = async |cql: String| -> Result<PreparedStatement, scylla::errors::PrepareError> {
             let mut s = session.prepare(cql).await?;
             s.set_consistency(config.consistency);
+            // Lightweight transactions (the audit log's, the fences') across datacenters.
+            s.set_serial_consistency(Some(SerialConsistency::Serial));
             s.set_request_timeout(Some(config.request_timeout));
             Ok(s)
         };
@@ -889,7 +1098,11 @@ impl Statements {
             audit_last: p(format!("SELECT entry FROM {ks}.audit WHERE bucket = ? ORDER BY seq DESC LIMIT 1")).await?,
             put_row: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
             delete_twin_before: p(format!("DELETE FROM {ks}.twin WHERE thing = ? AND kind < 'events'")).await?,
-            delete_twin_after: p(format!("DELETE FROM {ks}.twin WHERE thing = ? AND kind > 'events'")).await?,
+            delete_twin_between: p(format!("DELETE FROM {ks}.twin WHERE thing = ? AND kind > 'events' AND kind < 'fence'")).await?,
+            delete_twin_after: p(format!("DELETE FROM {ks}.twin WHERE thing = ? AND kind > 'fence'")).await?,
+            fence_raise: p(format!("UPDATE {ks}.twin SET value = ? WHERE thing = ? AND kind = 'fence' AND key = '' IF value < ?")).await?,
+            fence_create: p(format!("INSERT INTO {ks}.twin (thing, kind, key, value) VALUES (?, 'fence', '', ?) IF NOT EXISTS")).await?,
+            fence_check: p(format!("UPDATE {ks}.twin SET value = ? WHERE thing = ? AND kind = 'fence' AND key = '' IF value = ?")).await?,
             put_event: p(format!("INSERT INTO {ks}.outbox (bucket, position, event) VALUES (?, ?, ?) USING TTL ?")).await?,
             events: p(format!("SELECT position, event FROM {ks}.outbox WHERE bucket = ? AND position > ? AND position <= ? LIMIT ?")).await?,
             last_event: p(format!("SELECT position FROM {ks}.outbox WHERE bucket = ? ORDER BY position DESC LIMIT 1")).await?,
@@ -1051,6 +1264,9 @@ impl TelemetryStore for ScyllaStore {
 #[async_trait]
 impl TwinStateStore for ScyllaStore {
     async fn load(&self, thing: &DeviceId) -> Result<TwinSnapshot, StoreError> {
+        if let Some(fences) = self.fences.get() {
+            self.raise_fence(thing, &**fences).await?;
+        }
         self.load_with(&self.st.load, thing).await
     }
 
@@ -1498,15 +1714,7 @@ impl AuditStore for ScyllaStore {
             .execute_unpaged(&self.st.append_audit, (bucket(entry.seq), seq, json))
             .await
             .map_err(engine("appending to the audit log"))?;
-        // `[applied]` first, then (when not applied) the row that is there.
-        let applied = rows::<scylla::value::Row>(result, "audit")?
-            .first()
-            .and_then(|r| r.columns.first().cloned().flatten())
-            .and_then(|v| v.as_boolean());
-        applied.ok_or_else(|| StoreError::Corrupt {
-            key: "audit".into(),
-            reason: "a conditional write without [applied]".into(),
-        })
+        Ok(conditional(result, "audit")?.0)
     }
 
     async fn put_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
@@ -1969,8 +2177,31 @@ mod tests {
 
     #[tokio::test]
     async fn history_rows_are_trimmed_every_few_versions() {
+        trimmed(false).await;
+    }
+
+    /// A node holding every shard at one epoch.
+    struct AllAt(u64);
+
+    impl Fences for AllAt {
+        fn epoch(&self, _: u16) -> Option<u64> {
+            Some(self.0)
+        }
+    }
+
+    /// Fenced, the trims go in the twin's conditional batch.
+    #[tokio::test]
+    async fn history_rows_are_trimmed_on_a_fenced_store_too() {
+        trimmed(true).await;
+    }
+
+    async fn trimmed(fenced: bool) {
         let config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 3);
         let store = ScyllaStore::connect(&config).await.unwrap();
+        if fenced {
+            store.fence_with(Arc::new(AllAt(7))).unwrap();
+            store.load(&DeviceId::parse("t1").unwrap()).await.unwrap();
+        }
         let mut shadow = twin_model::Shadow::default();
         for n in 0..40 {
             let body = format!(r#"{{"state":{{"reported":{{"n":{n}}}}}}}"#);

@@ -21,6 +21,7 @@
 //! | `routes` | one partition for all routes | the number of routes | every route, at start |
 //! | `route_cursors` | a route | 1 | where the route's delivery is |
 //! | `route_deliveries` | a route and a UTC day | that day's delivery attempts of the route, newest first, with a TTL of `route_retention` | `routeDeliveries`, newest first |
+//! | `shard_leases` | one of the 1,024 placement partitions (the cluster's shards) | 1: the node that owns the shard, its epoch, its address | shard ownership, changed only by lightweight transactions (see the `twin-cluster` crate) |
 //! | `schema_version` | one row | 1 | refusing a newer schema |
 //!
 //! Values are the same JSON documents the embedded store keeps: one codec, and a record
@@ -31,10 +32,10 @@
 /// `certificates`, `ca_certificates`, `provisioning_templates` and `audit`; 5
 /// `telemetry_points` (and a `telemetry` row in each twin's partition); 6 `outbox`,
 /// `outbox_end`, `routes`, `route_cursors` and `route_deliveries` (and an `events` row in
-/// each twin's partition). An older
+/// each twin's partition); 7 `shard_leases`. An older
 /// keyspace gets what it lacks (every statement is `IF NOT EXISTS`), its listings made
 /// anew (from 1 or 2), and its version raised.
-pub const VERSION: i32 = 6;
+pub const VERSION: i32 = 7;
 
 /// Target buckets per job: a job with 100,000 targets is 64 partitions, not one.
 pub const JOB_BUCKETS: u16 = 64;
@@ -60,6 +61,7 @@ pub fn tables(keyspace: &str) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS {ks}.routes (bucket int, id text, record text, PRIMARY KEY (bucket, id))",
         "CREATE TABLE IF NOT EXISTS {ks}.route_cursors (route text PRIMARY KEY, position bigint)",
         "CREATE TABLE IF NOT EXISTS {ks}.route_deliveries (route text, day int, at bigint, position bigint, attempt int, record text, PRIMARY KEY ((route, day), at, position, attempt)) WITH CLUSTERING ORDER BY (at DESC, position DESC, attempt DESC)",
+        "CREATE TABLE IF NOT EXISTS {ks}.shard_leases (shard int PRIMARY KEY, owner text, epoch bigint, address text, since bigint)",
         "CREATE TABLE IF NOT EXISTS {ks}.schema_version (id int PRIMARY KEY, version int)",
     ]
     .iter()
@@ -108,4 +110,8 @@ pub mod kind {
     /// when the thing is deleted: between `command` and `history` in clustering order, so
     /// that a delete spares it with two range deletes around it.
     pub const EVENTS: &str = "events";
+    /// The shard epoch under which a cluster node last took the twin (one row, key
+    /// empty, the epoch as 20 digits so that text order is number order). Every write of
+    /// a fenced store is conditional on it; a delete spares it.
+    pub const FENCE: &str = "fence";
 }
