@@ -7,9 +7,15 @@
 //!   that a node joining or leaving moves only its own share);
 //! - [`leases`]: which node each shard does live on, with an epoch, in ScyllaDB, changed
 //!   only by lightweight transactions (Paxos): a node takes a shard over only from the
-//!   owner and epoch it saw, so two nodes never both win the same epoch.
+//!   owner and epoch it saw, so two nodes never both win the same epoch;
+//! - [`membership`]: which nodes are alive (gossip, for suspicion only);
+//! - [`keeper`]: each node's loop that makes the leases follow the placement: it claims
+//!   free shards, takes over the shards of nodes that died, and hands shards over to a
+//!   node that joined (throttled, its twins passivated first).
 
+pub mod keeper;
 pub mod leases;
+pub mod membership;
 pub mod placement;
 
 use std::fmt;
@@ -47,6 +53,9 @@ pub enum ClusterError {
     BadNodeId(String),
     #[error("shard {0} does not exist (the cluster has {n} shards)", n = twin_model::PARTITIONS)]
     NoSuchShard(u16),
+    /// Gossip could not start.
+    #[error("membership: {0}")]
+    Gossip(String),
     /// The database could not be reached or refused the request.
     #[error("shard leases: {0}")]
     Store(String),
