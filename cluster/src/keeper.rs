@@ -68,7 +68,8 @@ pub struct Keeper {
     max_handovers: usize,
 }
 
-/// Lease changes in flight at once in a round (each is a lightweight transaction).
+/// Lease changes (claims, releases) in flight at once in a round (each is a lightweight
+/// transaction).
 const CONCURRENT_CLAIMS: usize = 32;
 
 impl Keeper {
@@ -144,12 +145,18 @@ impl Keeper {
                 }
             }
         }
-        for lease in handovers.into_iter().take(self.max_handovers) {
-            self.host.passivate(lease.shard).await;
-            self.holdings.release(lease.shard);
-            if self.leases.release(&lease).await? {
-                round.handed_over += 1;
-            }
+        let released: Vec<_> = futures_util::stream::iter(handovers)
+            .take(self.max_handovers)
+            .map(|lease| async move {
+                self.host.passivate(lease.shard).await;
+                self.holdings.release(lease.shard);
+                self.leases.release(&lease).await
+            })
+            .buffer_unordered(CONCURRENT_CLAIMS)
+            .collect()
+            .await;
+        for r in released {
+            round.handed_over += usize::from(r?);
         }
         let results: Vec<_> = futures_util::stream::iter(claims)
             .map(|(shard, seen, takeover)| async move {

@@ -204,3 +204,83 @@ async fn leases_follow_the_live_nodes_through_a_crash_a_join_and_a_leave() {
         .await
         .unwrap();
 }
+
+/// A keeper that sees `live` as it is told: rounds without gossip.
+async fn keeper(
+    name: &str,
+    keyspace: &str,
+) -> (Keeper, Arc<Holdings>, Arc<Recorder>, Arc<ShardLeases>) {
+    let config = ScyllaConfig::single_node(scylla_nodes(), keyspace, 10);
+    let store = ScyllaStore::connect(&config).await.unwrap();
+    let leases = Arc::new(ShardLeases::open(&store).await.unwrap());
+    let holdings = Arc::new(Holdings::default());
+    let host = Arc::new(Recorder::default());
+    let keeper = Keeper::new(
+        NodeId::parse(name).unwrap(),
+        format!("{name}:7000"),
+        leases.clone(),
+        holdings.clone(),
+        host.clone(),
+        MAX_HANDOVERS,
+    );
+    (keeper, holdings, host, leases)
+}
+
+fn ids(names: &[&str]) -> Vec<NodeId> {
+    names.iter().map(|n| NodeId::parse(n).unwrap()).collect()
+}
+
+/// A node cut off from the others (each believes the other dead) and back: the leases
+/// never let both hold a shard, the one that lost its shards lets go of them (passivating
+/// their twins) when it hears of the owner again, and a restarted node claims its own
+/// shards at a new epoch.
+#[tokio::test]
+async fn a_node_that_was_presumed_dead_lets_go_and_a_restarted_one_takes_a_new_epoch() {
+    let ks = fresh_keyspace();
+    let all = usize::from(twin_model::PARTITIONS);
+    let (a, a_holds, a_host, leases) = keeper("a", &ks).await;
+    let (b, b_holds, _, _) = keeper("b", &ks).await;
+    let round = a.round(&ids(&["a"])).await.unwrap();
+    assert_eq!((round.claimed, round.held), (all, all));
+
+    // b cannot hear a: it takes every shard over. a, still believing, holds its old
+    // epochs, which its store's fences no longer accept (see tests/fencing.rs).
+    let round = b.round(&ids(&["b"])).await.unwrap();
+    assert_eq!((round.taken_over, round.held), (all, all));
+    assert!(leases.all().await.unwrap().iter().all(|l| l.epoch == 2));
+
+    // a hears of b again: both are placed a share; a lets go of everything it held (b
+    // owns it now), then claims nothing yet: b hands a its share over.
+    let round = a.round(&ids(&["a", "b"])).await.unwrap();
+    assert_eq!((round.lost, round.held), (all, 0));
+    assert_eq!(
+        a_host.0.lock().unwrap().len(),
+        all,
+        "every lost shard passivated"
+    );
+    assert!(a_holds.held().is_empty());
+    let round = b.round(&ids(&["a", "b"])).await.unwrap();
+    assert_eq!(round.handed_over, MAX_HANDOVERS);
+    let round = a.round(&ids(&["a", "b"])).await.unwrap();
+    assert_eq!(round.claimed, MAX_HANDOVERS);
+    assert!(a_holds.held().iter().all(|&(_, epoch)| epoch == 3));
+    let disjoint = a_holds
+        .held()
+        .iter()
+        .all(|&(s, _)| b_holds.epoch(s).is_none());
+    assert!(disjoint, "a shard held by both");
+
+    // a restarts (nothing held in memory): its own leases are claimed again, one epoch up.
+    drop(a);
+    let (a2, a2_holds, _, _) = keeper("a", &ks).await;
+    let round = a2.round(&ids(&["a", "b"])).await.unwrap();
+    assert_eq!(round.claimed, MAX_HANDOVERS);
+    assert!(a2_holds.held().iter().all(|&(_, epoch)| epoch == 4));
+    let config = ScyllaConfig::single_node(scylla_nodes(), &ks, 10);
+    let store = ScyllaStore::connect(&config).await.unwrap();
+    store
+        .session()
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
+        .await
+        .unwrap();
+}
