@@ -1,6 +1,7 @@
 //! Records the commit the binary is built from, for `doppel --version` and the
-//! `doppel_build_info` metric: `git rev-parse` when building from a clone, `unknown`
-//! otherwise (a source archive). Rebuilds when HEAD moves.
+//! `doppel_build_info` metric: `DOPPEL_COMMIT` when set (the container build, which has no
+//! `.git`), else `git rev-parse` when building from a clone, else `unknown` (a source
+//! archive). Rebuilds when HEAD moves.
 
 use std::process::Command;
 
@@ -14,7 +15,12 @@ fn main() {
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .map(|s| s.trim().to_owned())
     };
-    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rerun-if-env-changed=DOPPEL_COMMIT");
+    let commit = std::env::var("DOPPEL_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty() && c != "unknown" && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=DOPPEL_COMMIT={commit}");
     // HEAD names the branch; the branch's ref (or packed-refs) moves with each commit.
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
