@@ -8,7 +8,9 @@
 //! - `group`: writers' batches committed in groups (as Doppel's group commit does: the
 //!   group's twin batches in parallel, then the acknowledgements);
 //! - `group+check`: the same groups, each followed by one SERIAL read of the node's lease
-//!   row before the acknowledgements (fencing by a lease check per group commit).
+//!   row before the acknowledgements (fencing by a lease check per group commit);
+//! - `store` and `store+fence`: Doppel's own `ScyllaStore::commit` of a shadow update
+//!   (its shadow and history rows, a 13-key shadow), without and with fences.
 //!
 //! `cargo run --release -p twin-cluster --example fence_cost -- [NODE] [SECONDS] [CONCURRENCY]`
 //! (defaults: 127.0.0.1:9042, 10, 64). Figures: load-tests/RESULTS.md.
@@ -23,6 +25,9 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::Consistency;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
+use twin_model::{DeviceId, Limits, Shadow, ShadowName, UpdateRequest};
+use twin_store::scylla::{Fences, ScyllaConfig, ScyllaStore};
+use twin_store::{TwinStateStore, Write};
 
 const TWINS: usize = 1000;
 const EPOCH: &str = "00000000000000000001";
@@ -123,7 +128,103 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     session
         .query_unpaged(format!("DROP KEYSPACE {ks}"), ())
         .await?;
+    for fenced in [false, true, false, true] {
+        let (rate, h) =
+            through_store(&node, fenced, concurrency, Duration::from_secs(seconds)).await?;
+        println!(
+            "{:<13} {rate:>9.0} {:>10.2} {:>8.2} {:>10.2}",
+            if fenced { "store+fence" } else { "store" },
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.value_at_quantile(0.999) as f64 / 1000.0,
+        );
+    }
     Ok(())
+}
+
+/// Holds every shard at epoch 1.
+struct AllShards;
+
+impl Fences for AllShards {
+    fn epoch(&self, _: u16) -> Option<u64> {
+        Some(1)
+    }
+}
+
+/// Shadow updates through `ScyllaStore::commit`, each writer updating its own twins in
+/// turn, in a keyspace of its own.
+async fn through_store(
+    node: &str,
+    fenced: bool,
+    concurrency: usize,
+    length: Duration,
+) -> Result<(f64, Histogram<u64>), Box<dyn std::error::Error>> {
+    let ks = format!("fence_cost_store_{}", std::process::id());
+    let config = ScyllaConfig::single_node(vec![node.to_owned()], &ks, 10);
+    let store = Arc::new(ScyllaStore::connect(&config).await?);
+    if fenced {
+        store.fence_with(Arc::new(AllShards))?;
+    }
+    let things: Vec<DeviceId> = (0..TWINS)
+        .map(|t| DeviceId::parse(&format!("thing-{t}")).expect("an id"))
+        .collect();
+    // Loading raises each twin's fence, as a twin's activation does.
+    for thing in &things {
+        store.load(thing).await?;
+    }
+    let keys: String = (0..12).map(|k| format!("\"key{k}\":{k}.5,")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let writers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (store, stop, keys) = (store.clone(), stop.clone(), keys.clone());
+            let mut mine: Vec<(DeviceId, Shadow)> = things
+                .iter()
+                .skip(w)
+                .step_by(concurrency)
+                .map(|t| (t.clone(), Shadow::default()))
+                .collect();
+            tokio::spawn(async move {
+                let limits = Limits::default();
+                let mut h = Histogram::<u64>::new(3).expect("histogram");
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) && !mine.is_empty() {
+                    let len = mine.len();
+                    let (thing, shadow) = &mut mine[n % len];
+                    n += 1;
+                    let body = format!(r#"{{"state":{{"reported":{{{keys}"n":{n}}}}}}}"#);
+                    let req = UpdateRequest::parse(body.as_bytes(), &limits).expect("an update");
+                    let (change, next) = shadow.update(&req, 1, &limits).expect("accepted");
+                    *shadow = next;
+                    let began = Instant::now();
+                    store
+                        .commit(vec![Write::Shadow {
+                            thing: thing.clone(),
+                            shadow: ShadowName::classic(),
+                            state: Arc::new(shadow.clone()),
+                            change: Arc::new(change),
+                        }])
+                        .await
+                        .expect("a commit");
+                    h.record(began.elapsed().as_micros() as u64)
+                        .expect("in range");
+                }
+                h
+            })
+        })
+        .collect();
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Histogram::<u64>::new(3)?;
+    for w in writers {
+        all.add(w.await?)?;
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    store
+        .session()
+        .query_unpaged(format!("DROP KEYSPACE {ks}"), ())
+        .await?;
+    Ok((rate, all))
 }
 
 /// One twin commit of `thing` at `version`; `true` when it was applied.
