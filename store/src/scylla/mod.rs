@@ -305,22 +305,36 @@ fn fence_text(epoch: u64) -> String {
     format!("{epoch:020}")
 }
 
-/// A conditional write's `[applied]`, and the first of the values it was conditional on
-/// (there when it was not applied and the row exists).
+/// A conditional write's `[applied]`, and the `value` column of the row it found (when
+/// the row exists; Cassandra returns it when the write was not applied, ScyllaDB always,
+/// among the row's other columns: found by name).
 fn conditional(
     result: scylla::response::query_result::QueryResult,
     what: &str,
 ) -> Result<(bool, Option<String>), StoreError> {
-    let row = rows::<scylla::value::Row>(result, what)?.into_iter().next();
-    let mut columns = row.map(|r| r.columns.into_iter()).into_iter().flatten();
-    let applied = columns.next().flatten().and_then(|v| v.as_boolean());
-    let found = columns.next().flatten().and_then(|v| v.into_string());
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: what.to_owned(),
+        reason,
+    };
+    let result = result
+        .into_rows_result()
+        .map_err(|e| corrupt(e.to_string()))?;
+    let specs = result.column_specs();
+    let applied_at = specs.get_by_name("[applied]").map(|(i, _)| i);
+    let value_at = specs.get_by_name("value").map(|(i, _)| i);
+    let row = result
+        .rows::<scylla::value::Row>()
+        .map_err(|e| corrupt(e.to_string()))?
+        .next()
+        .transpose()
+        .map_err(|e| corrupt(e.to_string()))?;
+    let mut columns = row.map(|r| r.columns).unwrap_or_default();
+    let mut take = |at: Option<usize>| at.and_then(|i| columns.get_mut(i)?.take());
+    let applied = take(applied_at).and_then(|v| v.as_boolean());
+    let found = take(value_at).and_then(|v| v.into_string());
     match applied {
         Some(applied) => Ok((applied, found)),
-        None => Err(StoreError::Corrupt {
-            key: what.to_owned(),
-            reason: "a conditional write without [applied]".into(),
-        }),
+        None => Err(corrupt("a conditional write without [applied]".into())),
     }
 }
 
@@ -372,10 +386,22 @@ impl ScyllaStore {
         let ddl = |e: scylla::errors::ExecutionError| {
             StoreError::Engine(format!("cannot create the schema at {nodes}: {e}"))
         };
-        session
-            .query_unpaged(schema::keyspace(&config.keyspace, &config.replication), ())
+        // ScyllaDB puts a new keyspace on tablets, where (up to 2025.3 at least, its docs
+        // say) it refuses lightweight transactions (the audit log's, a cluster's leases
+        // and fences): a keyspace made here keeps vnodes. Only ScyllaDB has
+        // `scylla_keyspaces`.
+        let scylla = session
+            .query_unpaged(
+                "SELECT keyspace_name FROM system_schema.scylla_keyspaces LIMIT 1",
+                (),
+            )
             .await
-            .map_err(ddl)?;
+            .is_ok();
+        let mut create = schema::keyspace(&config.keyspace, &config.replication);
+        if scylla {
+            create.push_str(schema::WITHOUT_TABLETS);
+        }
+        session.query_unpaged(create, ()).await.map_err(ddl)?;
         for table in schema::tables(&config.keyspace) {
             session.query_unpaged(table, ()).await.map_err(ddl)?;
         }

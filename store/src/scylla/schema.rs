@@ -69,6 +69,10 @@ pub fn tables(keyspace: &str) -> Vec<String> {
     .collect()
 }
 
+/// What ScyllaDB's `CREATE KEYSPACE` adds so that the keyspace keeps vnodes: lightweight
+/// transactions need them on ScyllaDB (up to 2025.3 at least, its docs say).
+pub const WITHOUT_TABLETS: &str = " AND tablets = {'enabled': false}";
+
 /// The keyspace, with `replication` (a CQL map, such as
 /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}`).
 pub fn keyspace(keyspace: &str, replication: &str) -> String {
