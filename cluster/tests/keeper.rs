@@ -129,6 +129,16 @@ async fn settled(nodes: &[&Node], within: Duration) -> Duration {
     }
 }
 
+async fn drop_keyspace(ks: &str) {
+    let config = ScyllaConfig::single_node(scylla_nodes(), ks, 10);
+    let store = ScyllaStore::connect(&config).await.unwrap();
+    store
+        .session()
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
+        .await
+        .unwrap();
+}
+
 fn held(node: &Node) -> BTreeSet<u16> {
     node.holdings.held().into_iter().map(|(s, _)| s).collect()
 }
@@ -196,13 +206,7 @@ async fn leases_follow_the_live_nodes_through_a_crash_a_join_and_a_leave() {
             .iter()
             .all(|l| l.owner.is_none())
     );
-    let config = ScyllaConfig::single_node(scylla_nodes(), &ks, 10);
-    let store = ScyllaStore::connect(&config).await.unwrap();
-    store
-        .session()
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
-        .await
-        .unwrap();
+    drop_keyspace(&ks).await;
 }
 
 /// A keeper that sees `live` as it is told: rounds without gossip.
@@ -276,11 +280,5 @@ async fn a_node_that_was_presumed_dead_lets_go_and_a_restarted_one_takes_a_new_e
     let round = a2.round(&ids(&["a", "b"])).await.unwrap();
     assert_eq!(round.claimed, MAX_HANDOVERS);
     assert!(a2_holds.held().iter().all(|&(_, epoch)| epoch == 4));
-    let config = ScyllaConfig::single_node(scylla_nodes(), &ks, 10);
-    let store = ScyllaStore::connect(&config).await.unwrap();
-    store
-        .session()
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
-        .await
-        .unwrap();
+    drop_keyspace(&ks).await;
 }
