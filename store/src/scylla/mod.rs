@@ -283,7 +283,6 @@ fn job_bucket(thing: &DeviceId) -> i32 {
     i32::from((thing.stable_hash() % u64::from(schema::JOB_BUCKETS)) as u16)
 }
 
-/// Rows of a result as `T`, or a corrupt-data error naming the query.
 /// Which shards this node holds, and under which epoch: the cluster's leases, as the
 /// store's fencing asks them (see [`ScyllaStore::fence_with`]).
 pub trait Fences: Send + Sync {
@@ -338,6 +337,7 @@ fn conditional(
     }
 }
 
+/// Rows of a result as `T`, or a corrupt-data error naming the query.
 fn rows<T>(
     result: scylla::response::query_result::QueryResult,
     what: &str,
@@ -958,7 +958,10 @@ impl ScyllaStore {
     /// Removes the twin's partition first, then its listings (each job keeps the status
     /// the thing's execution ended with).
     async fn delete_thing(&self, thing: &DeviceId, fence: Option<&str>) -> Result<(), StoreError> {
-        self.delete_readings(thing).await?;
+        // What the twin's rows list, read before they go: its command ids and the keys of
+        // its telemetry readings.
+        let ids = self.all_command_ids(thing).await?;
+        let keys = self.reading_keys(thing).await?;
         let ranges = [
             &self.st.delete_twin_before,
             &self.st.delete_twin_between,
@@ -987,38 +990,38 @@ impl ScyllaStore {
                     .map_err(engine("deleting a twin"))?;
             }
         }
+        // Then what listed or measured it: a failure from here on leaves rows that no
+        // twin refers to (readings expire with their TTL).
         let partition = i32::from(thing.partition());
         let mut listings: Vec<Pending<'_>> = vec![
             Box::pin(self.exec(&self.st.delete_member, (partition, thing.to_string()))),
             Box::pin(self.exec(&self.st.delete_deadlines, (partition, thing.to_string()))),
         ];
-        let ids = self.all_command_ids(thing).await?;
         for id in ids {
             listings.push(Box::pin(self.exec(&self.st.delete_command_id, (id,))));
+        }
+        // The thing's telemetry readings: every day within retention of each key it has a
+        // latest value of (a key it forgot keeps its readings until their TTL).
+        let (first, last) = self.retained_days(0, u64::MAX);
+        for key in keys {
+            for day in first..=last {
+                listings.push(Box::pin(self.exec(
+                    &self.st.delete_points,
+                    (thing.to_string(), key.clone(), day),
+                )));
+            }
         }
         try_join_all(listings).await?;
         Ok(())
     }
 
-    /// The thing's telemetry readings: every day within retention of each key it has a
-    /// latest value of (a key it forgot keeps its readings until their TTL).
-    async fn delete_readings(&self, thing: &DeviceId) -> Result<(), StoreError> {
+    /// The keys of the thing's latest telemetry values.
+    async fn reading_keys(&self, thing: &DeviceId) -> Result<Vec<String>, StoreError> {
         let Some(latest) = self.value_of(thing, kind::TELEMETRY, "").await? else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let latest: Latest = decode(&format!("{thing}/telemetry"), &latest)?;
-        let (first, last) = self.retained_days(0, u64::MAX);
-        let mut pending: Vec<Pending<'_>> = Vec::new();
-        for key in latest.keys() {
-            for day in first..=last {
-                pending.push(Box::pin(self.exec(
-                    &self.st.delete_points,
-                    (thing.to_string(), key.to_owned(), day),
-                )));
-            }
-        }
-        try_join_all(pending).await?;
-        Ok(())
+        Ok(latest.keys().map(str::to_owned).collect())
     }
 
     /// The days of `since` to `until` (milliseconds) that can still hold readings.
@@ -2167,6 +2170,38 @@ mod tests {
             .unwrap();
         assert_eq!(rows::<(i32,)>(found, "v").unwrap(), [(schema::VERSION,)]);
         dropped(Arc::new(store), config.keyspace).await;
+    }
+
+    /// A deleted thing's command ids go with it: they are read before its rows go.
+    #[tokio::test]
+    async fn a_deleted_thing_leaves_no_command_listing_behind() {
+        let config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 10);
+        let store = Arc::new(ScyllaStore::connect(&config).await.unwrap());
+        let t1 = DeviceId::parse("t1").unwrap();
+        let (record, _) = ThingRecord::new(t1.clone(), 1).unwrap();
+        store
+            .commit(vec![
+                Write::Thing(record),
+                Write::Command(Arc::new(crate::conformance::command("t1", 1))),
+                Write::Command(Arc::new(crate::conformance::command("t1", 2))),
+            ])
+            .await
+            .unwrap();
+        let listed = async |store: &ScyllaStore| {
+            let found = store
+                .session
+                .query_unpaged(
+                    format!("SELECT execution_id FROM {}.command_ids", config.keyspace),
+                    (),
+                )
+                .await
+                .unwrap();
+            rows::<(String,)>(found, "command_ids").unwrap().len()
+        };
+        assert_eq!(listed(&store).await, 2);
+        store.commit(vec![Write::DeleteThing(t1)]).await.unwrap();
+        assert_eq!(listed(&store).await, 0, "command ids left behind");
+        dropped(store, config.keyspace.clone()).await;
     }
 
     #[tokio::test]
