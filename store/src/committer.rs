@@ -140,12 +140,12 @@ async fn commit_loop(
     while let Some(first) = rx.recv().await {
         let mut batch = first.writes;
         let mut trace = first.trace;
-        replies.push(first.reply);
+        replies.push((first.reply, batch.len()));
         while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(job) => {
                     batch.extend(job.writes);
-                    replies.push(job.reply);
+                    replies.push((job.reply, batch.len()));
                     trace = trace.or(job.trace);
                 }
                 Err(_) => break,
@@ -172,6 +172,9 @@ async fn commit_loop(
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.writes.fetch_add(writes as u64, Ordering::Relaxed);
         match &result {
+            Err(e) if matches!(**e, StoreError::Fenced { .. } | StoreError::FencedSome(_)) => {
+                tracing::warn!(error = %e, "commit partly refused: twins another node holds now");
+            }
             Err(e) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 if e.is_unavailable() && reachable.swap(false, Ordering::SeqCst) {
@@ -185,12 +188,38 @@ async fn commit_loop(
                 }
             }
         }
-        for reply in replies.drain(..) {
-            let _ = reply.send(result.clone());
+        let mut start = 0;
+        for (reply, end) in replies.drain(..) {
+            let _ = reply.send(answer(&result, start..end));
+            start = end;
         }
     }
     if let Err(e) = store.flush().await {
         tracing::error!(error = %e, "final flush failed");
+    }
+}
+
+/// The answer to the change whose writes were at `range` of a commit: on a commit that
+/// refused some twins' writes, refused when one of them is the change's, else applied.
+fn answer(
+    result: &Result<(), Arc<StoreError>>,
+    range: std::ops::Range<usize>,
+) -> Result<(), Arc<StoreError>> {
+    let Err(e) = result else {
+        return Ok(());
+    };
+    let StoreError::FencedSome(refused) = &**e else {
+        return Err(e.clone());
+    };
+    match refused
+        .iter()
+        .find(|r| r.positions.iter().any(|p| range.contains(p)))
+    {
+        Some(r) => Err(Arc::new(StoreError::Fenced {
+            thing: r.thing.clone(),
+            reason: r.reason.clone(),
+        })),
+        None => Ok(()),
     }
 }
 
@@ -236,6 +265,36 @@ mod tests {
             "50 waiting changes took {} commits",
             batches.len()
         );
+        drop(committer);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_commit_that_refused_some_twins_answers_each_change_for_its_own() {
+        let store = Arc::new(GatedStore::default());
+        *store.fenced.lock().unwrap() = vec![
+            DeviceId::parse("t3").unwrap(),
+            DeviceId::parse("t7").unwrap(),
+        ];
+        let (committer, task) = Committer::start(store.clone(), 1024, 10_000);
+        let mut waiting = Vec::new();
+        for i in 0..10 {
+            let c = committer.clone();
+            let writes = vec![write(i), write(i)];
+            waiting.push(tokio::spawn(async move { c.commit(writes).await }));
+        }
+        tokio::task::yield_now().await;
+        store.released.store(true, Ordering::SeqCst);
+        for (i, w) in waiting.into_iter().enumerate() {
+            match (i, w.await.unwrap()) {
+                (3 | 7, Err(e)) => assert!(
+                    matches!(&*e, StoreError::Fenced { thing, .. } if *thing == format!("t{i}")),
+                    "t{i}: {e}"
+                ),
+                (_, result) => assert!(result.is_ok(), "t{i}: {result:?}"),
+            }
+        }
+        assert!(store.batches.lock().unwrap().len() <= 2);
         drop(committer);
         task.await.unwrap();
     }

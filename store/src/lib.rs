@@ -64,6 +64,17 @@ pub enum StoreError {
     /// node owns the twin; the caller may retry there.
     #[error("{thing} is not owned by this node: {reason}")]
     Fenced { thing: String, reason: String },
+    /// A commit of several twins' writes of which some were refused as [`Fenced`]
+    /// (nothing of those twins written), and every other write was applied.
+    ///
+    /// [`Fenced`]: StoreError::Fenced
+    #[error(
+        "{} of the commit's twins are not owned by this node (the other writes were applied), {} first: {}",
+        .0.len(),
+        .0[0].thing,
+        .0[0].reason
+    )]
+    FencedSome(Vec<Refused>),
     #[error("io error on {path}: {source}")]
     Io {
         path: String,
@@ -81,8 +92,20 @@ impl StoreError {
     /// Whether the request may go through later or on another node, nothing being
     /// written: the database could not be reached, or the twin is another node's.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Fenced { .. })
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::Fenced { .. } | Self::FencedSome(_)
+        )
     }
+}
+
+/// The writes of one twin that a commit refused (see [`StoreError::FencedSome`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Their positions in the commit's writes.
+    pub positions: Vec<usize>,
+    pub thing: String,
+    pub reason: String,
 }
 
 /// A registered device.
@@ -175,6 +198,23 @@ pub enum Write {
         latest: Arc<Latest>,
         points: Arc<[Point]>,
     },
+}
+
+impl Write {
+    /// The thing whose twin the write is of (`None` for a job's definition).
+    pub fn thing(&self) -> Option<&DeviceId> {
+        match self {
+            Write::Shadow { thing, .. }
+            | Write::Connectivity { thing, .. }
+            | Write::Telemetry { thing, .. }
+            | Write::DeleteThing(thing) => Some(thing),
+            Write::Thing(r) => Some(&r.id),
+            Write::Command(c) => Some(&c.thing),
+            Write::JobExecution(e) => Some(&e.thing),
+            Write::Event(event) => Some(&event.thing),
+            Write::Job(_) => None,
+        }
+    }
 }
 
 /// One numeric telemetry reading. A point of the same thing, key and millisecond

@@ -23,7 +23,8 @@ use crate::{
 
 /// Reads find nothing, except that with `registered` every thing exists. Every commit
 /// notifies `arrived`, waits until `released`, is recorded in `batches` (its size), and
-/// fails when `fail`.
+/// fails when `fail`; the writes of the things in `fenced` are refused as another node's
+/// ([`StoreError::FencedSome`]), the others applied.
 #[derive(Default)]
 pub struct GatedStore {
     pub registered: bool,
@@ -31,6 +32,7 @@ pub struct GatedStore {
     pub fail: AtomicBool,
     pub batches: Mutex<Vec<usize>>,
     pub arrived: tokio::sync::Notify,
+    pub fenced: Mutex<Vec<DeviceId>>,
 }
 
 impl GatedStore {
@@ -75,7 +77,27 @@ impl TwinStateStore for GatedStore {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Engine("disk on fire".into()));
         }
-        Ok(())
+        let refused: Vec<crate::Refused> = self
+            .fenced
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|thing| {
+                let positions: Vec<usize> = (0..batch.len())
+                    .filter(|&i| batch[i].thing() == Some(thing))
+                    .collect();
+                (!positions.is_empty()).then(|| crate::Refused {
+                    positions,
+                    thing: thing.to_string(),
+                    reason: "taken over".into(),
+                })
+            })
+            .collect();
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::FencedSome(refused))
+        }
     }
 
     async fn history(

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::serialize::row::SerializeRow;
@@ -45,7 +45,7 @@ use crate::audit::AuditEntry;
 use crate::routes::{DeliveryKey, DeliveryRecord, OutboxRecord, RouteRecord};
 use crate::{
     AuditStore, CaRecord, CertificateRecord, CertificateStore, CommandStore, Deadline,
-    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, RegistryStore, RouteStore,
+    DeadlineIndex, IndexPage, IndexSource, JobCounts, JobStore, Refused, RegistryStore, RouteStore,
     StoreError, TelemetryStore, ThingRecord, TokenStore, TwinSnapshot, TwinStateStore, TwinStore,
     Write,
 };
@@ -297,6 +297,31 @@ fn held(fences: &dyn Fences, thing: &DeviceId) -> Result<u64, StoreError> {
         thing: thing.to_string(),
         reason: format!("this node does not hold its shard {partition}"),
     })
+}
+
+/// The error of a commit whose `fenced` twins were refused: [`StoreError::Fenced`] when
+/// that was all of it and of one twin, else [`StoreError::FencedSome`] with the positions
+/// of the refused writes.
+fn refused(batch: &[Write], fenced: Vec<(DeviceId, StoreError)>) -> StoreError {
+    let every = batch.iter().all(|w| w.thing() == Some(&fenced[0].0));
+    if fenced.len() == 1 && every {
+        return fenced.into_iter().next().expect("one").1;
+    }
+    StoreError::FencedSome(
+        fenced
+            .into_iter()
+            .map(|(thing, e)| Refused {
+                positions: (0..batch.len())
+                    .filter(|&i| batch[i].thing() == Some(&thing))
+                    .collect(),
+                thing: thing.to_string(),
+                reason: match e {
+                    StoreError::Fenced { reason, .. } => reason,
+                    other => other.to_string(),
+                },
+            })
+            .collect(),
+    )
 }
 
 /// An epoch as the fence row keeps it: text whose order is the numbers' order.
@@ -569,22 +594,12 @@ impl ScyllaStore {
         by_thing: HashMap<DeviceId, Vec<&Write>>,
         events: HashMap<DeviceId, Vec<(u64, &OutboxRecord)>>,
         last: u64,
-    ) -> Result<(), StoreError> {
-        // Fenced: every twin's epoch is known before anything is written.
-        let fences = match self.fences.get() {
-            None => HashMap::new(),
-            Some(fences) => {
-                if !events.is_empty() {
-                    return Err(StoreError::Engine(
-                        "routes are not supported on a clustered ScyllaDB store yet".into(),
-                    ));
-                }
-                by_thing
-                    .keys()
-                    .map(|thing| Ok((thing.clone(), fence_text(held(&**fences, thing)?))))
-                    .collect::<Result<HashMap<_, _>, StoreError>>()?
-            }
-        };
+    ) -> Result<Vec<(DeviceId, StoreError)>, StoreError> {
+        if self.fences.get().is_some() && !events.is_empty() {
+            return Err(StoreError::Engine(
+                "routes are not supported on a clustered ScyllaDB store yet".into(),
+            ));
+        }
         // Job definitions first: the executions that follow in the batch refer to them.
         try_join_all(jobs.iter().map(|job| async move {
             self.exec(&self.st.put_job, (job.job_id.clone(), encode(&**job)))
@@ -592,12 +607,28 @@ impl ScyllaStore {
             self.exec(&self.st.put_job_id, (job.job_id.clone(),)).await
         }))
         .await?;
-        try_join_all(by_thing.iter().map(|(thing, writes)| {
+        // Every twin's batch runs to its end (none is left in flight to land later), each
+        // conditional on its own fence: a twin another node holds now is refused alone.
+        let events = &events;
+        let written = join_all(by_thing.iter().map(|(thing, writes)| async move {
+            let fence = match self.fences.get() {
+                Some(fences) => Some(fence_text(held(&**fences, thing)?)),
+                None => None,
+            };
             let events = events.get(thing).map_or(&[][..], Vec::as_slice);
-            self.commit_thing(thing, writes.clone(), events, last, fences.get(thing))
+            self.commit_thing(thing, writes.clone(), events, last, fence.as_ref())
+                .await
         }))
-        .await?;
-        Ok(())
+        .await;
+        let mut fenced = Vec::new();
+        for (thing, result) in by_thing.into_keys().zip(written) {
+            match result {
+                Ok(()) => {}
+                Err(e @ StoreError::Fenced { .. }) => fenced.push((thing, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(fenced)
     }
 
     /// One thing's writes of a commit, in order, and its events at their positions (the
@@ -1314,14 +1345,7 @@ impl TwinStateStore for ScyllaStore {
         let mut by_thing: HashMap<DeviceId, Vec<&Write>> = HashMap::new();
         let mut jobs = Vec::new();
         for w in &batch {
-            let thing = match w {
-                Write::Shadow { thing, .. }
-                | Write::Connectivity { thing, .. }
-                | Write::Telemetry { thing, .. } => thing,
-                Write::Thing(r) => &r.id,
-                Write::Command(c) => &c.thing,
-                Write::JobExecution(e) => &e.thing,
-                Write::DeleteThing(thing) => thing,
+            match w {
                 Write::Event(event) => {
                     events
                         .entry(event.thing.clone())
@@ -1329,18 +1353,21 @@ impl TwinStateStore for ScyllaStore {
                         .push((next, event));
                     by_thing.entry(event.thing.clone()).or_default();
                     next += 1;
-                    continue;
                 }
-                Write::Job(job) => {
-                    jobs.push(job.clone());
-                    continue;
+                Write::Job(job) => jobs.push(job.clone()),
+                _ => {
+                    let thing = w.thing().expect("every other write is of a thing");
+                    by_thing.entry(thing.clone()).or_default().push(w);
                 }
-            };
-            by_thing.entry(thing.clone()).or_default().push(w);
+            }
         }
         // The newest position of the commit (unused without events).
         let last = next.saturating_sub(1);
-        let written = self.commit_things(jobs, by_thing, events, last).await;
+        let written = match self.commit_things(jobs, by_thing, events, last).await {
+            Ok(fenced) if fenced.is_empty() => Ok(()),
+            Ok(fenced) => Err(refused(&batch, fenced)),
+            Err(e) => Err(e),
+        };
         if let Some(mut appending) = appending {
             // Given out whatever the outcome: a failed batch may still land.
             *appending = last;
