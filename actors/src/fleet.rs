@@ -342,6 +342,49 @@ impl FleetHandle {
         total
     }
 
+    /// Wakes the twins of placement partition `partition`, just taken on by this node, at
+    /// their command and job deadlines (read from the store); returns how many.
+    pub async fn take_partition(&self, partition: u16) -> Result<usize, FleetError> {
+        let deadlines = crate::loading::partition_deadlines(&**self.store(), partition).await?;
+        let found = deadlines.len();
+        for twin_store::Deadline { thing, at, .. } in deadlines {
+            self.shards[shard_for(&thing, self.shards.len())]
+                .send_message(ShardMsg::Alarm(at, thing))
+                .map_err(|_| FleetError::Stopped("the fleet"))?;
+        }
+        Ok(found)
+    }
+
+    /// Passivates the twins of placement partition `partition` (each finishes its
+    /// mailbox, so that its acknowledged changes are durable) and returns once they have
+    /// stopped, or after `deadline`; their command and job deadlines are left to the
+    /// partition's next owner. A message for one of them afterwards activates it again:
+    /// on a store fenced by the cluster's leases, its load is then refused while this
+    /// node does not hold the partition.
+    pub async fn give_up_partition(&self, partition: u16, deadline: Duration) {
+        let mut answers = Vec::with_capacity(self.shards.len());
+        for shard in self.shards.iter() {
+            let (tx, rx) = oneshot();
+            if shard
+                .send_message(ShardMsg::GiveUp(partition, RpcReplyPort::from(tx)))
+                .is_ok()
+            {
+                answers.push(rx);
+            }
+        }
+        let all = async {
+            for answer in answers {
+                let _ = answer.await;
+            }
+        };
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!(
+                partition,
+                "twins of a given-up partition not all stopped in time"
+            );
+        }
+    }
+
     /// Stops every twin (each finishes its mailbox) and every shard.
     pub async fn shutdown(&self) {
         // Rollout controllers stop first: each holds the fleet (and so the store) open.

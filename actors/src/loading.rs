@@ -65,7 +65,7 @@ async fn load_partition(
     }
 }
 
-async fn partition_deadlines(
+pub(crate) async fn partition_deadlines(
     store: &dyn TwinStore,
     partition: u16,
 ) -> Result<Vec<Deadline>, StoreError> {

@@ -11,7 +11,10 @@
 //!   server started) is woken for it by the tick after the deadline, so that timeouts do
 //!   not wait for the device's next message;
 //! - a twin that panicked is forgotten; the next message activates a fresh one, which
-//!   loads the last persisted state.
+//!   loads the last persisted state;
+//! - a placement partition given up (the cluster hands it to another node) has its twins
+//!   passivated, and the answer comes once they have all stopped; their deadlines go with
+//!   the partition (its new owner wakes them).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -42,6 +45,8 @@ pub enum ShardMsg {
     Resident(RpcReplyPort<usize>),
     /// Wake the thing's twin at this time (a deadline found in the store at start).
     Alarm(u64, DeviceId),
+    /// Passivates the twins of a placement partition; answers once they have stopped.
+    GiveUp(u16, RpcReplyPort<()>),
 }
 
 pub struct ShardSupervisor;
@@ -72,6 +77,14 @@ pub struct ShardState {
     stopping: HashMap<DeviceId, Vec<DeviceMsg>>,
     /// Deadlines of twins that are not resident, soonest first.
     alarms: BTreeSet<(u64, DeviceId)>,
+    /// Partitions being given up: the things still stopping, and who waits for them.
+    giving_up: Vec<GivingUp>,
+}
+
+struct GivingUp {
+    partition: u16,
+    stopping: BTreeSet<DeviceId>,
+    reply: RpcReplyPort<()>,
 }
 
 impl ShardState {
@@ -185,7 +198,8 @@ impl ShardState {
         let (thing, next_deadline) = self.by_actor.remove(id)?;
         telemetry::twin_stopped();
         let at = next_deadline.load(Ordering::Relaxed);
-        if at != 0 {
+        let given_up = self.stopped_for_give_up(&thing);
+        if at != 0 && !given_up {
             self.alarms.insert((at, thing.clone()));
         }
         if self
@@ -198,6 +212,51 @@ impl ShardState {
         }
         let waiting = self.stopping.remove(&thing).unwrap_or_default();
         Some((thing, waiting))
+    }
+
+    /// Starts giving `partition` up: passivates its resident twins and forgets its
+    /// deadlines; answers `reply` once none of its twins is live.
+    fn give_up(&mut self, partition: u16, reply: RpcReplyPort<()>) {
+        let ours = |thing: &DeviceId| thing.partition() == partition;
+        let resident: Vec<DeviceId> = self.twins.keys().filter(|t| ours(t)).cloned().collect();
+        for thing in &resident {
+            self.passivate(thing);
+        }
+        self.alarms.retain(|(_, thing)| !ours(thing));
+        let stopping: BTreeSet<DeviceId> =
+            self.stopping.keys().filter(|t| ours(t)).cloned().collect();
+        if stopping.is_empty() {
+            let _ = reply.send(());
+        } else {
+            self.giving_up.push(GivingUp {
+                partition,
+                stopping,
+                reply,
+            });
+        }
+    }
+
+    /// Notes that `thing`'s twin stopped; answers the partitions given up that waited for
+    /// it last. True when its partition is being given up.
+    fn stopped_for_give_up(&mut self, thing: &DeviceId) -> bool {
+        let partition = thing.partition();
+        let mut given_up = false;
+        for g in self
+            .giving_up
+            .iter_mut()
+            .filter(|g| g.partition == partition)
+        {
+            g.stopping.remove(thing);
+            given_up = true;
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.giving_up)
+            .into_iter()
+            .partition(|g| g.stopping.is_empty());
+        self.giving_up = waiting;
+        for g in done {
+            let _ = g.reply.send(());
+        }
+        given_up
     }
 }
 
@@ -224,6 +283,7 @@ impl Actor for ShardSupervisor {
             by_actor: HashMap::new(),
             stopping: HashMap::new(),
             alarms: BTreeSet::new(),
+            giving_up: Vec::new(),
         })
     }
 
@@ -262,6 +322,7 @@ impl Actor for ShardSupervisor {
             ShardMsg::Alarm(at, thing) => {
                 state.alarms.insert((at, thing));
             }
+            ShardMsg::GiveUp(partition, reply) => state.give_up(partition, reply),
         }
         Ok(())
     }

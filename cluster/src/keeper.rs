@@ -2,7 +2,8 @@
 //! live nodes.
 //!
 //! Every round (every `keeper_interval`) a node reads the leases and, for each shard:
-//! - placed on it and free (never claimed, or released): claims it;
+//! - placed on it and free (never claimed, or released): claims it (the host then takes
+//!   the shard's waiting work on: its twins' deadlines);
 //! - placed on it and owned by a node that is not alive: takes it over (no throttle: a
 //!   dead node's twins are unavailable until then);
 //! - owned by it but placed on another live node (a node joined): hands it over, at most
@@ -33,9 +34,13 @@ use crate::{ClusterError, NodeId, placement};
 /// What lives in the shards on this node: the twins.
 #[async_trait]
 pub trait ShardHost: Send + Sync {
-    /// Stops the twins of `shard`, their acknowledged changes being durable, and keeps
-    /// new ones from starting, before the shard is given up.
+    /// Stops the twins of `shard`, their acknowledged changes being durable, before the
+    /// shard is given up (a twin started afterwards is refused by the fenced store).
     async fn passivate(&self, shard: u16);
+
+    /// Takes `shard` on, once held: the twins' work that waits for a time (command and
+    /// job deadlines) is now this node's.
+    async fn take(&self, shard: u16);
 }
 
 /// What one round did.
@@ -164,14 +169,17 @@ impl Keeper {
                     .leases
                     .claim(shard, &self.me, &self.address, seen.as_ref())
                     .await;
+                if let Ok(Claim::Won(lease)) = &claim {
+                    self.holdings.hold(lease, &self.me);
+                    self.host.take(shard).await;
+                }
                 (claim, takeover)
             })
             .buffer_unordered(CONCURRENT_CLAIMS)
             .collect()
             .await;
         for (claim, takeover) in results {
-            if let Claim::Won(lease) = claim? {
-                self.holdings.hold(&lease, &self.me);
+            if let Claim::Won(_) = claim? {
                 if takeover {
                     round.taken_over += 1;
                 } else {

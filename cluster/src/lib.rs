@@ -12,7 +12,10 @@
 //! - [`keeper`]: each node's loop that makes the leases follow the placement: it claims
 //!   free shards, takes over the shards of nodes that died, and hands shards over to a
 //!   node that joined (throttled, its twins passivated first).
+//! - [`host`]: the keeper's view of the node's twins: a shard given up has its twins
+//!   passivated, durably, before the lease goes.
 
+pub mod host;
 pub mod keeper;
 pub mod leases;
 pub mod membership;

@@ -25,6 +25,8 @@ impl ShardHost for Recorder {
     async fn passivate(&self, shard: u16) {
         self.0.lock().unwrap().push(shard);
     }
+
+    async fn take(&self, _: u16) {}
 }
 
 struct Node {

@@ -13,7 +13,7 @@ mod telemetry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
@@ -28,7 +28,7 @@ use twin_model::{
     json,
 };
 use twin_store::routes::OutboxRecord;
-use twin_store::{ThingRecord, TwinSnapshot, Write, secret};
+use twin_store::{StoreError, ThingRecord, TwinSnapshot, Write, secret};
 
 pub use jobs::JobAnswer;
 pub use messages::{
@@ -74,6 +74,10 @@ pub struct DeviceState {
     /// writes an event, so that a commit of unknown outcome never leaves a number used
     /// twice.
     event_seq: AtomicU64,
+    /// Set when the store refused a write because another node holds the twin's shard
+    /// now: what is in memory may be older than what that node wrote since, so it is
+    /// forgotten after the message and loaded again for the next.
+    fenced: AtomicBool,
     myself: ActorRef<Mail>,
 }
 
@@ -151,7 +155,12 @@ impl DeviceState {
                 tracing::debug_span!("store.commit")
             }))
             .await
-            .map_err(FleetError::from)?;
+            .map_err(|e| {
+                if matches!(*e, StoreError::Fenced { .. }) {
+                    self.fenced.store(true, Ordering::Relaxed);
+                }
+                FleetError::from(e)
+            })?;
         if appends {
             self.ctx.routes.note_appended();
         }
@@ -711,6 +720,7 @@ impl Actor for DeviceTwin {
             next_deadline: args.next_deadline,
             documents: HashMap::new(),
             event_seq: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
             myself,
         })
     }
@@ -724,6 +734,10 @@ impl Actor for DeviceTwin {
         // The work is boxed: an idle twin's task then keeps a pointer, not the largest
         // in-flight state of any message.
         Box::pin(state.on(mail.take())).await;
+        if state.fenced.swap(false, Ordering::Relaxed) {
+            state.loaded = None;
+            state.set_alarm();
+        }
         Ok(())
     }
 }
