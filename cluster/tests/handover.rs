@@ -17,7 +17,7 @@ use twin_cluster::{NodeId, placement};
 use twin_model::command::{CommandStatus, NewCommand};
 use twin_model::history::Origin;
 use twin_model::{DeviceId, Limits, RejectionKind, ShadowName, TwinEvent, UpdateRequest};
-use twin_store::conformance::{fresh_keyspace, scylla_nodes};
+use twin_store::conformance::{drop_keyspace, fresh_keyspace, scylla_nodes};
 use twin_store::scylla::{Fences, ScyllaConfig, ScyllaStore};
 use twin_store::{Committer, TwinStore};
 
@@ -57,7 +57,29 @@ async fn node(name: &str, keyspace: &str) -> Node {
     }
 }
 
+/// A node that holds every shard, as the only one alive.
+async fn alone(name: &str, keyspace: &str) -> Node {
+    let node = node(name, keyspace).await;
+    let round = node
+        .keeper
+        .round(std::slice::from_ref(&node.id))
+        .await
+        .unwrap();
+    assert_eq!(round.held, usize::from(twin_model::PARTITIONS));
+    node
+}
+
 impl Node {
+    async fn register(&self, things: &[DeviceId]) {
+        for thing in things {
+            self.fleet
+                .registry()
+                .register(thing, Default::default())
+                .await
+                .unwrap();
+        }
+    }
+
     fn holds(&self, thing: &DeviceId) -> bool {
         self.holdings.epoch(thing.partition()).is_some()
     }
@@ -88,16 +110,6 @@ impl Node {
     }
 }
 
-async fn drop_keyspace(ks: &str) {
-    let config = ScyllaConfig::single_node(scylla_nodes(), ks, 10);
-    let store = ScyllaStore::connect(&config).await.unwrap();
-    store
-        .session()
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
-        .await
-        .unwrap();
-}
-
 fn things(n: usize) -> Vec<DeviceId> {
     (0..n)
         .map(|i| DeviceId::parse(&format!("dev-{i}")).unwrap())
@@ -111,20 +123,9 @@ fn things(n: usize) -> Vec<DeviceId> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shard_handed_over_carries_every_acknowledged_update() {
     let ks = fresh_keyspace();
-    let a = Arc::new(node("a", &ks).await);
-    let only_a = [a.id.clone()];
-    assert_eq!(
-        a.keeper.round(&only_a).await.unwrap().claimed,
-        usize::from(twin_model::PARTITIONS)
-    );
+    let a = Arc::new(alone("a", &ks).await);
     let things = things(64);
-    for thing in &things {
-        a.fleet
-            .registry()
-            .register(thing, Default::default())
-            .await
-            .unwrap();
-    }
+    a.register(&things).await;
     let b = node("b", &ks).await;
     let both = [a.id.clone(), b.id.clone()];
 
@@ -211,14 +212,9 @@ async fn a_shard_handed_over_carries_every_acknowledged_update() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_twin_whose_write_was_fenced_serves_no_stale_shadow() {
     let ks = fresh_keyspace();
-    let a = node("a", &ks).await;
-    a.keeper.round(std::slice::from_ref(&a.id)).await.unwrap();
+    let a = alone("a", &ks).await;
     let thing = DeviceId::parse("lamp").unwrap();
-    a.fleet
-        .registry()
-        .register(&thing, Default::default())
-        .await
-        .unwrap();
+    a.register(std::slice::from_ref(&thing)).await;
     assert_eq!(a.update(&thing, 1).await.unwrap(), 1);
 
     let b = node("b", &ks).await;
@@ -247,18 +243,13 @@ async fn a_twin_whose_write_was_fenced_serves_no_stale_shadow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_shard_given_up_leaves_its_twins_and_their_deadlines_to_the_new_owner() {
     let ks = fresh_keyspace();
-    let a = node("a", &ks).await;
-    a.keeper.round(std::slice::from_ref(&a.id)).await.unwrap();
+    let a = alone("a", &ks).await;
     let b = node("b", &ks).await;
     let both = [a.id.clone(), b.id.clone()];
     let plan = placement::assignment(&both);
     let things = things(20);
+    a.register(&things).await;
     for thing in &things {
-        a.fleet
-            .registry()
-            .register(thing, Default::default())
-            .await
-            .unwrap();
         a.update(thing, 1).await.unwrap();
     }
     let on_b = |t: &DeviceId| plan[usize::from(t.partition())] == Some(&b.id);

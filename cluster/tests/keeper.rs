@@ -13,7 +13,7 @@ use twin_cluster::keeper::{Keeper, ShardHost};
 use twin_cluster::leases::{Holdings, ShardLeases};
 use twin_cluster::membership::{Membership, MembershipConfig};
 use twin_cluster::placement;
-use twin_store::conformance::{fresh_keyspace, scylla_nodes};
+use twin_store::conformance::{drop_keyspace, fresh_keyspace, scylla_nodes};
 use twin_store::scylla::{Fences, ScyllaConfig, ScyllaStore};
 
 /// The shards a node passivated, in order.
@@ -129,16 +129,6 @@ async fn settled(nodes: &[&Node], within: Duration) -> Duration {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn drop_keyspace(ks: &str) {
-    let config = ScyllaConfig::single_node(scylla_nodes(), ks, 10);
-    let store = ScyllaStore::connect(&config).await.unwrap();
-    store
-        .session()
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {ks}"), ())
-        .await
-        .unwrap();
 }
 
 fn held(node: &Node) -> BTreeSet<u16> {

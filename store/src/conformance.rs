@@ -150,6 +150,17 @@ pub fn fresh_keyspace() -> String {
     format!("t{}_{n}_{nanos}", std::process::id())
 }
 
+/// Drops a keyspace a test made (named by [`fresh_keyspace`]).
+pub async fn drop_keyspace(keyspace: &str) {
+    let config = crate::scylla::ScyllaConfig::single_node(scylla_nodes(), keyspace, 10);
+    let store = crate::scylla::ScyllaStore::connect(&config).await.unwrap();
+    store
+        .session()
+        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+        .await
+        .unwrap();
+}
+
 /// A thing id the checks use.
 pub fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).unwrap()
