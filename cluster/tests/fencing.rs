@@ -61,18 +61,23 @@ impl Node {
         shadow: &mut Shadow,
         value: &str,
     ) -> Result<(), StoreError> {
-        let body = format!(r#"{{"state":{{"reported":{{"writer":"{value}"}}}}}}"#);
-        let req = UpdateRequest::parse(body.as_bytes(), &Limits::default()).unwrap();
-        let change = shadow.decide_update(&req, 1, &Limits::default()).unwrap();
-        shadow.apply(&change);
         self.store
-            .commit(vec![Write::Shadow {
-                thing: thing.clone(),
-                shadow: ShadowName::classic(),
-                state: Arc::new(shadow.clone()),
-                change: Arc::new(change),
-            }])
+            .commit(vec![reported(thing, shadow, value)])
             .await
+    }
+}
+
+/// Applies a reported update to `shadow`: the write that stores it.
+fn reported(thing: &DeviceId, shadow: &mut Shadow, value: &str) -> Write {
+    let body = format!(r#"{{"state":{{"reported":{{"writer":"{value}"}}}}}}"#);
+    let req = UpdateRequest::parse(body.as_bytes(), &Limits::default()).unwrap();
+    let change = shadow.decide_update(&req, 1, &Limits::default()).unwrap();
+    shadow.apply(&change);
+    Write::Shadow {
+        thing: thing.clone(),
+        shadow: ShadowName::classic(),
+        state: Arc::new(shadow.clone()),
+        change: Arc::new(change),
     }
 }
 
@@ -206,4 +211,36 @@ async fn no_update_acknowledged_by_the_old_owner_is_lost_when_the_new_one_takes_
     assert_eq!(shadow.version, acknowledged + 24);
     eprintln!("{acknowledged} updates acknowledged before the takeover, {refused} refused");
     drop_keyspace(&nodes[0], &ks).await;
+}
+
+/// One commit of two twins, of which the node holds only the first's shard: the second
+/// twin's writes are refused and named by their positions, the first twin's are written.
+#[tokio::test]
+async fn a_commit_of_twins_held_and_not_refuses_only_those_not_held() {
+    let ks = fresh_keyspace();
+    let a = node("a", &ks).await;
+    let held = DeviceId::parse("held-1").unwrap();
+    let other = (0..)
+        .map(|i| DeviceId::parse(&format!("other-{i}")).unwrap())
+        .find(|t| t.partition() != held.partition())
+        .unwrap();
+    a.take(&held, None).await;
+    // Loaded first, as a twin is: the load raises the fence its writes are checked on.
+    let mut mine = a.shadow(&held).await.unwrap().unwrap_or_default();
+    let mut theirs = Shadow::default();
+    let writes = vec![
+        reported(&other, &mut theirs, "x"),
+        reported(&held, &mut mine, "a1"),
+        reported(&other, &mut theirs, "y"),
+    ];
+    match a.store.commit(writes).await {
+        Err(StoreError::FencedSome(refused)) => {
+            assert_eq!(refused.len(), 1, "{refused:?}");
+            assert_eq!(refused[0].positions, [0, 2]);
+            assert_eq!(refused[0].thing, other.as_str());
+        }
+        other => panic!("not partly fenced: {other:?}"),
+    }
+    assert_eq!(writer(&a.shadow(&held).await.unwrap().unwrap()), "a1");
+    drop_keyspace(&a, &ks).await;
 }

@@ -173,7 +173,7 @@ async fn commit_loop(
         stats.writes.fetch_add(writes as u64, Ordering::Relaxed);
         match &result {
             Err(e) if matches!(**e, StoreError::Fenced { .. } | StoreError::FencedSome(_)) => {
-                tracing::warn!(error = %e, "commit partly refused: twins another node holds now");
+                tracing::warn!(error = %e, "changes refused: their twins are held by another node now");
             }
             Err(e) => {
                 stats.failures.fetch_add(1, Ordering::Relaxed);

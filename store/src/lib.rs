@@ -69,10 +69,9 @@ pub enum StoreError {
     ///
     /// [`Fenced`]: StoreError::Fenced
     #[error(
-        "{} of the commit's twins are not owned by this node (the other writes were applied), {} first: {}",
+        "{} of the commit's twins are not owned by this node (the other writes were applied){}",
         .0.len(),
-        .0[0].thing,
-        .0[0].reason
+        .0.first().map(|r| format!(", first {}: {}", r.thing, r.reason)).unwrap_or_default()
     )]
     FencedSome(Vec<Refused>),
     #[error("io error on {path}: {source}")]
@@ -89,8 +88,9 @@ impl StoreError {
         matches!(self, Self::Unavailable(_))
     }
 
-    /// Whether the request may go through later or on another node, nothing being
-    /// written: the database could not be reached, or the twin is another node's.
+    /// Whether the request may go through later or on another node, nothing (of the
+    /// refused twins) being written: the database could not be reached, or the twin is
+    /// another node's.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
