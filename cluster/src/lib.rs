@@ -1,4 +1,4 @@
-//! Doppel on several nodes (in progress; see the README's "Running a cluster").
+//! Doppel on several nodes (in progress; see the README's "Scaling out").
 //!
 //! The fleet is cut into the 1,024 placement partitions of [`twin_model::PARTITIONS`],
 //! the cluster's **shards**: fixed for the cluster's life, so that a thing never changes
