@@ -38,14 +38,24 @@ pub struct HistoryEntry {
 }
 
 impl HistoryEntry {
-    /// The stored form of an entry, written without copying the change or the shadow.
+    /// The stored form of an entry, written without copying the change or the shadow:
+    /// `{"change":…,"shadow":…}`.
     pub fn encode(change: &ShadowChange, shadow: &Shadow) -> Vec<u8> {
-        #[derive(Serialize)]
-        struct Stored<'a> {
-            change: &'a ShadowChange,
-            shadow: &'a Shadow,
-        }
-        serde_json::to_vec(&Stored { change, shadow }).expect("a change serializes")
+        let shadow = serde_json::to_vec(shadow).expect("a shadow serializes");
+        Self::encode_with(change, &shadow)
+    }
+
+    /// [`encode`](Self::encode) with the shadow already serialized (by
+    /// `serde_json::to_vec`), as a store writing the shadow's own row has it: the same
+    /// bytes, the shadow serialized once for both.
+    pub fn encode_with(change: &ShadowChange, shadow: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(shadow.len() + 256);
+        out.extend_from_slice(br#"{"change":"#);
+        serde_json::to_writer(&mut out, change).expect("a change serializes");
+        out.extend_from_slice(br#","shadow":"#);
+        out.extend_from_slice(shadow);
+        out.push(b'}');
+        out
     }
 
     /// Reads a stored entry, or a bare [`ShadowChange`] as stored before entries were.
@@ -145,6 +155,41 @@ mod tests {
         HistoryEntry {
             change,
             shadow: Some(next),
+        }
+    }
+
+    /// The entry as it was first written (a derived struct of the two): the bytes of
+    /// `encode` are the same, for a new, an updated and a deleted shadow.
+    #[test]
+    fn entries_are_stored_in_the_format_they_always_had() {
+        #[derive(serde::Serialize)]
+        struct Stored<'a> {
+            change: &'a ShadowChange,
+            shadow: &'a Shadow,
+        }
+        let first = update(
+            &Shadow::default(),
+            r#"{"state":{"desired":{"on":true,"tags":["a","b"]},"reported":{"on":false}},"clientToken":"t-\"1"}"#,
+            5_000,
+        );
+        let second = update(
+            first.shadow.as_ref().unwrap(),
+            r#"{"state":{"desired":null,"reported":{"nested":{"x":1.5,"y":null}}}}"#,
+            6_000,
+        );
+        let mut deleted = second.shadow.clone().unwrap();
+        let delete = deleted.decide_delete("", None, 7).unwrap();
+        deleted.apply(&delete);
+        for (change, shadow) in [
+            (&first.change, first.shadow.as_ref().unwrap()),
+            (&second.change, second.shadow.as_ref().unwrap()),
+            (&delete, &deleted),
+        ] {
+            let derived = serde_json::to_vec(&Stored { change, shadow }).unwrap();
+            assert_eq!(
+                String::from_utf8(HistoryEntry::encode(change, shadow)).unwrap(),
+                String::from_utf8(derived).unwrap()
+            );
         }
     }
 

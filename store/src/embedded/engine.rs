@@ -378,14 +378,16 @@ impl Engine {
                     state,
                     change,
                 } => {
-                    b.insert(&self.shadows, shadow_key(thing, shadow), encode(&**state));
+                    // The state is serialized once, for its row and inside its entry.
+                    let encoded = encode(&**state);
                     let delete = u64::from(matches!(change.op, ChangeOp::Delete));
                     let slot = (2 * change.version + delete) % (2 * self.history);
                     b.insert(
                         &self.events,
                         event_key(thing, shadow, slot),
-                        HistoryEntry::encode(change, state),
+                        HistoryEntry::encode_with(change, &encoded),
                     );
+                    b.insert(&self.shadows, shadow_key(thing, shadow), encoded);
                 }
                 Write::Connectivity {
                     thing,

@@ -669,11 +669,13 @@ impl ScyllaStore {
                     // The change goes into the twin's partition, in the same batch: one
                     // write, atomic with the state it produced.
                     let delete = matches!(change.op, ChangeOp::Delete);
+                    // The state is serialized once, for its row and inside its entry.
+                    let encoded = encode(&**state);
                     rows.push((
                         thing.to_string(),
                         kind::HISTORY,
                         history_key(shadow, change.version, delete),
-                        String::from_utf8(HistoryEntry::encode(change, state))
+                        String::from_utf8(HistoryEntry::encode_with(change, encoded.as_bytes()))
                             .expect("JSON is UTF-8"),
                     ));
                     if change.version % TRIM_EVERY == 0 && change.version > self.history {
@@ -683,7 +685,7 @@ impl ScyllaStore {
                         thing.to_string(),
                         kind::SHADOW,
                         shadow.key().to_owned(),
-                        encode(&**state),
+                        encoded,
                     ));
                 }
                 Write::Connectivity { connectivity, .. } => {
