@@ -21,7 +21,7 @@ use scylla::client::session::Session;
 use scylla::statement::Consistency;
 use scylla::statement::SerialConsistency;
 use scylla::statement::prepared::PreparedStatement;
-use twin_store::scylla::{Fences, ScyllaStore};
+use twin_store::scylla::{self as scylla_store, Fences, ScyllaStore};
 
 use crate::{ClusterError, NodeId};
 
@@ -276,46 +276,32 @@ impl Fences for Holdings {
     }
 }
 
+/// Rows of a result, as the store reads them.
 fn typed<T>(result: scylla::response::query_result::QueryResult) -> Result<Vec<T>, ClusterError>
 where
     T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
 {
-    let bad = |e: &dyn std::fmt::Display| failed("reading a result")(e.to_string());
-    let rows = result.into_rows_result().map_err(|e| bad(&e))?;
-    rows.rows::<T>()
-        .map_err(|e| bad(&e))?
-        .collect::<Result<Vec<T>, _>>()
-        .map_err(|e| bad(&e))
+    scylla_store::rows(result, "shard_leases")
+        .map_err(|e| failed("reading a result")(e.to_string()))
 }
 
-/// A conditional write's `[applied]` (the first column; the row that is there follows
-/// when it was not applied).
+/// A conditional write's `[applied]`, as the store reads it (by column name).
 fn applied(result: scylla::response::query_result::QueryResult) -> Result<bool, ClusterError> {
-    typed::<scylla::value::Row>(result)?
-        .first()
-        .and_then(|r| r.columns.first().cloned().flatten())
-        .and_then(|v| v.as_boolean())
-        .ok_or_else(|| failed("a conditional write")("no [applied] in its answer".into()))
+    scylla_store::conditional(result, "shard_leases")
+        .map(|(applied, _)| applied)
+        .map_err(|e| failed("a conditional write")(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use twin_store::conformance::{fresh_keyspace, scylla_nodes};
+    use twin_store::conformance::{drop_keyspace, fresh_keyspace, scylla_nodes};
     use twin_store::scylla::ScyllaConfig;
 
     async fn leases() -> (ShardLeases, ScyllaStore) {
         let config = ScyllaConfig::single_node(scylla_nodes(), &fresh_keyspace(), 10);
         let store = ScyllaStore::connect(&config).await.unwrap();
         (ShardLeases::open(&store).await.unwrap(), store)
-    }
-
-    async fn dropped(store: ScyllaStore) {
-        store
-            .session()
-            .query_unpaged(format!("DROP KEYSPACE IF EXISTS {}", store.keyspace()), ())
-            .await
-            .unwrap();
     }
 
     fn node(n: &str) -> NodeId {
@@ -369,7 +355,7 @@ mod tests {
             seen = Some(winner);
         }
         assert_eq!(owners.len(), 4);
-        dropped(store).await;
+        drop_keyspace(store.keyspace()).await;
     }
 
     async fn futures_join<T: Send + 'static>(
@@ -417,7 +403,7 @@ mod tests {
             leases.claim(3, &c, "c:7000", Some(&of_a)).await.unwrap(),
             Claim::Lost(Some(again.clone()))
         );
-        dropped(store).await;
+        drop_keyspace(store.keyspace()).await;
     }
 
     #[tokio::test]
@@ -443,6 +429,6 @@ mod tests {
             "{err}"
         );
         assert_eq!(leases.lease(9).await.unwrap(), None);
-        dropped(store).await;
+        drop_keyspace(store.keyspace()).await;
     }
 }

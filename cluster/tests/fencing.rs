@@ -7,7 +7,7 @@ use std::sync::Arc;
 use twin_cluster::NodeId;
 use twin_cluster::leases::{Claim, Holdings, Lease, ShardLeases};
 use twin_model::{DeviceId, Limits, Shadow, ShadowName, UpdateRequest};
-use twin_store::conformance::{fresh_keyspace, scylla_nodes};
+use twin_store::conformance::{drop_keyspace, fresh_keyspace, scylla_nodes};
 use twin_store::scylla::{ScyllaConfig, ScyllaStore};
 use twin_store::{StoreError, TwinStateStore, Write};
 
@@ -95,14 +95,6 @@ fn fenced<T: std::fmt::Debug>(result: Result<T, StoreError>) -> String {
     }
 }
 
-async fn drop_keyspace(node: &Node, keyspace: &str) {
-    node.store
-        .session()
-        .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn a_node_that_lost_a_shard_can_no_longer_write_or_delete_its_twins() {
     let ks = fresh_keyspace();
@@ -151,7 +143,7 @@ async fn a_node_that_lost_a_shard_can_no_longer_write_or_delete_its_twins() {
     // A node that gives its lease up stops writing at once.
     b.holdings.release(thing.partition());
     fenced(b.update(&thing, &mut Shadow::default(), "b3").await);
-    drop_keyspace(&b, &ks).await;
+    drop_keyspace(&ks).await;
 }
 
 /// The property fencing exists for: an update the old owner had acknowledged is in what
@@ -210,7 +202,7 @@ async fn no_update_acknowledged_by_the_old_owner_is_lost_when_the_new_one_takes_
     assert_eq!(acknowledged + refused, 24);
     assert_eq!(shadow.version, acknowledged + 24);
     eprintln!("{acknowledged} updates acknowledged before the takeover, {refused} refused");
-    drop_keyspace(&nodes[0], &ks).await;
+    drop_keyspace(&ks).await;
 }
 
 /// One commit of two twins, of which the node holds only the first's shard: the second
@@ -242,5 +234,5 @@ async fn a_commit_of_twins_held_and_not_refuses_only_those_not_held() {
         other => panic!("not partly fenced: {other:?}"),
     }
     assert_eq!(writer(&a.shadow(&held).await.unwrap().unwrap()), "a1");
-    drop_keyspace(&a, &ks).await;
+    drop_keyspace(&ks).await;
 }

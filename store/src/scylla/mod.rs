@@ -332,7 +332,7 @@ fn fence_text(epoch: u64) -> String {
 /// A conditional write's `[applied]`, and the `value` column of the row it found (when
 /// the row exists; Cassandra returns it when the write was not applied, ScyllaDB always,
 /// among the row's other columns: found by name).
-fn conditional(
+pub fn conditional(
     result: scylla::response::query_result::QueryResult,
     what: &str,
 ) -> Result<(bool, Option<String>), StoreError> {
@@ -363,7 +363,7 @@ fn conditional(
 }
 
 /// Rows of a result as `T`, or a corrupt-data error naming the query.
-fn rows<T>(
+pub fn rows<T>(
     result: scylla::response::query_result::QueryResult,
     what: &str,
 ) -> Result<Vec<T>, StoreError>
