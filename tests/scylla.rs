@@ -191,17 +191,20 @@ async fn a_database_behind_tls_client_certificates_and_passwords() {
         (
             vec![user.clone(), password.clone()],
             "no TLS",
-            "Connection reset",
+            &["Connection reset"][..],
         ),
         (
             vec![user.clone(), password.clone(), ca.clone()],
             "no client certificate",
-            "CertificateRequired",
+            // TLS 1.3 ends the client's handshake before the server checks for a
+            // certificate: the server's alert races the client's first request, and the
+            // reset of that connection can reach the client first.
+            &["CertificateRequired", "Connection reset"],
         ),
         (
             vec![ca.clone(), cert.clone(), key.clone()],
             "no password",
-            "Authentication is required",
+            &["Authentication is required"],
         ),
         (
             vec![
@@ -212,7 +215,7 @@ async fn a_database_behind_tls_client_certificates_and_passwords() {
                 key.clone(),
             ],
             "a wrong password",
-            "are incorrect",
+            &["are incorrect"],
         ),
     ];
     for (env, case, cause) in cases {
@@ -224,7 +227,7 @@ async fn a_database_behind_tls_client_certificates_and_passwords() {
             .unwrap_or(&err);
         assert!(
             error.contains(&format!("cannot reach ScyllaDB at 127.0.0.1:{}", node.port))
-                && error.contains(cause),
+                && cause.iter().any(|c| error.contains(c)),
             "{case}: {err}"
         );
     }
