@@ -44,6 +44,17 @@ pub struct Config {
     pub scylla_tls_cert_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scylla_tls_key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(deserialize_with = "listen_addr")]
+    pub cluster_listen: SocketAddr,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_listen_addr"
+    )]
+    pub cluster_advertise: Option<SocketAddr>,
+    pub cluster_seeds: String,
+    pub cluster_interval_ms: u64,
     #[serde(deserialize_with = "listen_addr")]
     pub mqtt_listen: SocketAddr,
     #[serde(deserialize_with = "listen_addr")]
@@ -131,6 +142,11 @@ impl Default for Config {
             scylla_tls_ca_file: None,
             scylla_tls_cert_file: None,
             scylla_tls_key_file: None,
+            node_id: None,
+            cluster_listen: SocketAddr::from(([0, 0, 0, 0], 7946)),
+            cluster_advertise: None,
+            cluster_seeds: String::new(),
+            cluster_interval_ms: 1000,
             mqtt_listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             metrics_listen: None,
@@ -565,10 +581,78 @@ impl Config {
                 "setting `scylla_tls_cert_file` needs `scylla_tls_ca_file` (the CA that signed the database nodes' certificates)"
             );
         }
+        self.cluster()?;
         if self.mqtt_max_packet_size > 256 * 1024 * 1024 {
             bail!("setting `mqtt_max_packet_size` is over the MQTT limit of 256 MiB");
         }
         Ok(())
+    }
+
+    /// How this process joins a cluster: `None` unless `node_id` is set.
+    pub fn cluster(&self) -> anyhow::Result<Option<twin_cluster::node::NodeConfig>> {
+        let Some(node_id) = &self.node_id else {
+            if let Some(name) = [
+                ("cluster_advertise", self.cluster_advertise.is_some()),
+                ("cluster_seeds", !self.cluster_seeds.is_empty()),
+            ]
+            .iter()
+            .find_map(|(n, set)| set.then_some(n))
+            {
+                bail!("setting `{name}` has no effect without `node_id`");
+            }
+            return Ok(None);
+        };
+        let node = twin_cluster::NodeId::parse(node_id).context("setting `node_id`")?;
+        if self.store != StoreKind::Scylla {
+            bail!(
+                "setting `node_id` needs `store = \"scylla\"`: the nodes of a cluster share their twins in ScyllaDB"
+            );
+        }
+        if self.cluster_listen.port() == 0 {
+            bail!(
+                "setting `cluster_listen` is {}: it needs a port, where the other nodes reach this one",
+                self.cluster_listen
+            );
+        }
+        let advertise = match self.cluster_advertise {
+            Some(addr) if addr.ip().is_unspecified() || addr.port() == 0 => bail!(
+                "setting `cluster_advertise` is {addr}: the other nodes need an address and a port they can reach"
+            ),
+            Some(addr) => addr,
+            None if self.cluster_listen.ip().is_unspecified() => bail!(
+                "setting `cluster_advertise` is required when `cluster_listen` is {} (all interfaces): the address the other nodes reach this one at, such as 10.0.0.5:7946",
+                self.cluster_listen
+            ),
+            None => self.cluster_listen,
+        };
+        if !(10..=60_000).contains(&self.cluster_interval_ms) {
+            bail!(
+                "setting `cluster_interval_ms` is {}; from 10 to 60000",
+                self.cluster_interval_ms
+            );
+        }
+        let seeds: Vec<String> = self
+            .cluster_seeds
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if let Some(bad) = seeds.iter().find(|s| {
+            s.rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        }) {
+            bail!("setting `cluster_seeds`: {bad:?} is not HOST:PORT (seeds are comma-separated)");
+        }
+        Ok(Some(twin_cluster::node::NodeConfig {
+            node,
+            cluster_id: self.scylla_keyspace.clone(),
+            listen: self.cluster_listen,
+            advertise,
+            seeds,
+            interval: Duration::from_millis(self.cluster_interval_ms),
+            passivate_deadline: self.fleet().request_timeout,
+        }))
     }
 
     /// TLS to an https:// `otlp_endpoint`: the collector's CA (none: the system's
@@ -703,6 +787,7 @@ impl Config {
             history_retention: self.retention(),
             device_ca_dir: Some(self.data_dir.clone()),
             webhook_allowed_networks: self.allowed_networks().unwrap_or_default(),
+            deadlines_at_start: self.node_id.is_none(),
             ..FleetConfig::default()
         }
     }
@@ -822,6 +907,26 @@ pub const DOCS: &[(&str, &str)] = &[
     (
         "scylla_tls_key_file",
         "PEM private key of scylla_tls_cert_file.",
+    ),
+    (
+        "node_id",
+        "This node's name in a cluster (1-64 of A-Z a-z 0-9 _ . -, unique and kept across restarts); setting it makes the process a cluster node, with store = scylla.",
+    ),
+    (
+        "cluster_listen",
+        "With node_id: the UDP address cluster gossip listens on.",
+    ),
+    (
+        "cluster_advertise",
+        "With node_id: the address the other nodes reach this one at (HOST:PORT); unset: cluster_listen, which must then name an interface.",
+    ),
+    (
+        "cluster_seeds",
+        "With node_id: gossip addresses of other nodes to join through, comma-separated (HOST:PORT); the others are learned. Empty: wait to be found.",
+    ),
+    (
+        "cluster_interval_ms",
+        "With node_id: how often a node gossips, checks its shard leases and writes its heartbeat; a dead node's shards move after a few of these.",
     ),
     (
         "mqtt_listen",

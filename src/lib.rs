@@ -2,6 +2,7 @@
 //! commands, as functions the binary calls (and tests can call).
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod http_server;
@@ -52,6 +53,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     }
     raise_open_file_limit(&config);
     let stores = open_store(&config).await?;
+    let joining = match (config.cluster()?, &stores.scylla) {
+        (Some(node), Some(store)) => Some(
+            twin_cluster::node::Joining::new(node, store)
+                .await
+                .context("cannot join the cluster")?,
+        ),
+        _ => None,
+    };
     let (committer, commits) = Committer::start(stores.twins, 65_536, 8192);
     let store_reachable = committer.store_reachable();
     committer.probe(std::time::Duration::from_secs(1));
@@ -85,12 +94,26 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             acceptor,
         ));
     }
+    let cluster = match joining {
+        Some(joining) => Some(
+            joining
+                .start(fleet.clone())
+                .await
+                .context("cannot join the cluster")?,
+        ),
+        None => None,
+    };
     let resumed = fleet
         .jobs()
-        .resume_rollouts()
+        .rollouts_under_way(cluster.is_none())
         .await
         .context("cannot resume the OTA rollouts under way")?;
-    if resumed > 0 {
+    if resumed > 0 && cluster.is_some() {
+        tracing::warn!(
+            rollouts = resumed,
+            "OTA rollouts under way are not resumed on a cluster node yet (each would run on every node); see the README's \"Scaling out\""
+        );
+    } else if resumed > 0 {
         tracing::info!(rollouts = resumed, "resumed OTA rollouts");
     }
     let ready = Arc::new(AtomicBool::new(true));
@@ -107,6 +130,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         tokens: tokens.clone(),
         limits: config.api_limits(),
         signer,
+        cluster: cluster.as_ref().map(|c| {
+            Arc::new(cluster::View(
+                c.view(),
+                config.node_id.clone().unwrap_or_default(),
+            )) as Arc<dyn twin_graphql::cluster::ClusterView>
+        }),
     });
     let (stop_subscriptions, subscriptions_stopping) = tokio::sync::watch::channel(false);
     let metrics = telemetry::registry(telemetry::Sampled {
@@ -191,6 +220,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let _ = stop_inbox.send(());
     let _ = inbox_task.await;
     gateway.shutdown().await;
+    if let Some(cluster) = cluster {
+        cluster.leave().await;
+    }
     deliveries.stop().await;
     fleet.shutdown().await;
     drop(fleet);
@@ -323,6 +355,8 @@ fn hand_over_first_admin_token(data_dir: &Path, token: &str) -> anyhow::Result<(
 #[derive(Clone)]
 pub struct Stores {
     pub twins: Arc<dyn TwinStore>,
+    /// The same store, when it is ScyllaDB (the cluster's tables are there too).
+    pub scylla: Option<Arc<ScyllaStore>>,
     /// Where the API tokens are kept, when in the database (ScyllaDB); `None`: in
     /// `data_dir`'s `tokens.jsonl`.
     pub tokens: Option<Arc<dyn TokenStore>>,
@@ -359,6 +393,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
                 )?,
             ),
             tokens: None,
+            scylla: None,
         },
         StoreKind::Scylla => {
             std::fs::create_dir_all(&config.data_dir)
@@ -375,7 +410,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
             let store = Arc::new(store);
             Stores {
                 twins: store.clone(),
-                tokens: Some(store),
+                tokens: Some(store.clone()),
+                scylla: Some(store),
             }
         }
     })

@@ -79,6 +79,13 @@ enum Command {
         #[command(flatten)]
         source: Source,
     },
+    /// The cluster of the configured keyspace (store = scylla): its nodes and their shards
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        source: Source,
+    },
     /// Print the configuration
     Config {
         /// Print every setting with its default, as a TOML file
@@ -87,6 +94,12 @@ enum Command {
         #[command(flatten)]
         source: Source,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print every node (up or down, by its heartbeats), its address and the shards it holds
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -216,6 +229,26 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     scylla_tls_key_file: Option<PathBuf>,
+    /// This node's name in a cluster; makes the process a cluster node (with --store scylla) [env: DOPPEL_NODE_ID]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_id: Option<String>,
+    /// With --node-id: UDP address of cluster gossip [default: 0.0.0.0:7946] [env: DOPPEL_CLUSTER_LISTEN]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_listen: Option<String>,
+    /// With --node-id: address the other nodes reach this one at [default: --cluster-listen] [env: DOPPEL_CLUSTER_ADVERTISE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_advertise: Option<String>,
+    /// With --node-id: gossip addresses of nodes to join through, comma-separated [default: none] [env: DOPPEL_CLUSTER_SEEDS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_seeds: Option<String>,
+    /// With --node-id: milliseconds between gossip, lease checks and heartbeats [default: 1000] [env: DOPPEL_CLUSTER_INTERVAL_MS]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_interval_ms: Option<u64>,
     /// MQTT device endpoint address: IP:PORT, HOST:PORT or :PORT; port 0 picks a free port [default: 0.0.0.0:1883] [env: DOPPEL_MQTT_LISTEN]
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -554,6 +587,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     twin_store::scylla::schema::VERSION
                 );
             }
+            Ok(())
+        }
+        Command::Cluster { command, source } => {
+            let config = load(source.config.clone(), &source)?;
+            let ClusterCommand::Status = command;
+            print!("{}", doppel::cluster::status(&config)?);
             Ok(())
         }
         Command::Schema => {

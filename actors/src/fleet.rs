@@ -52,6 +52,10 @@ pub struct FleetConfig {
     /// Non-public networks webhooks may still be sent to (see
     /// [`may_send_to`](twin_model::route::may_send_to)).
     pub webhook_allowed_networks: Vec<twin_model::route::Network>,
+    /// Whether start-up reads every partition's pending deadlines (command and job
+    /// timeouts). A cluster node does not: it reads a shard's when it takes the shard
+    /// ([`FleetHandle::take_partition`]).
+    pub deadlines_at_start: bool,
 }
 
 impl Default for FleetConfig {
@@ -69,6 +73,7 @@ impl Default for FleetConfig {
             history_retention: None,
             device_ca_dir: None,
             webhook_allowed_networks: Vec::new(),
+            deadlines_at_start: true,
         }
     }
 }
@@ -148,7 +153,13 @@ impl FleetHandle {
     pub async fn start(config: FleetConfig, committer: Committer) -> Result<Self, FleetError> {
         let index = Arc::new(FleetIndex::default());
         let partitions = (0..twin_model::PARTITIONS).collect();
-        let deadlines = loading::load(committer.store().clone(), index.clone(), partitions).await?;
+        let deadlines = loading::load(
+            committer.store().clone(),
+            index.clone(),
+            partitions,
+            config.deadlines_at_start,
+        )
+        .await?;
         let index = Arc::into_inner(index).ok_or_else(|| {
             FleetError::Inconsistent("the fleet index is still being loaded".into())
         })?;
@@ -342,9 +353,12 @@ impl FleetHandle {
         total
     }
 
-    /// Wakes the twins of placement partition `partition`, just taken on by this node, at
-    /// their command and job deadlines (read from the store); returns how many.
+    /// Takes placement partition `partition` on (a cluster node that just got its
+    /// shard): refreshes the index with its twins as stored, and wakes them at their
+    /// command and job deadlines (read from the store); returns how many deadlines.
     pub async fn take_partition(&self, partition: u16) -> Result<usize, FleetError> {
+        crate::loading::refresh_partition(&**self.store(), self.twins.pipeline.index(), partition)
+            .await?;
         let deadlines = crate::loading::partition_deadlines(&**self.store(), partition).await?;
         let found = deadlines.len();
         for twin_store::Deadline { thing, at, .. } in deadlines {

@@ -527,6 +527,19 @@ impl FleetIndex {
         self.set_telemetry(&thing, Arc::new(twin.telemetry), at);
     }
 
+    /// Loads a stored twin unless the index has a newer version of it (a twin of a shard
+    /// this node just took on: the index may have an older view of it, from before
+    /// another node changed it, or a newer one, from its first change here).
+    pub fn refresh(&self, twin: twin_store::IndexedTwin) {
+        let stored = twin_model::event::twin_version(twin.shadows.iter().map(|(_, s)| s));
+        let newer_here = self
+            .get(&twin.record.id)
+            .is_some_and(|v| v.version() > stored);
+        if !newer_here {
+            self.load(twin);
+        }
+    }
+
     pub fn get(&self, thing: &DeviceId) -> Option<Arc<TwinView>> {
         self.read(thing).get(thing).cloned()
     }

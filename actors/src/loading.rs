@@ -1,7 +1,8 @@
 //! What a starting node reads from the store: the fleet index and the pending deadlines,
 //! one placement partition at a time ([`twin_model::PARTITIONS`]), a few partitions at
 //! once. Nothing else is read at start: twins load their own state when first needed.
-//! A node of a cluster will pass only the partitions it owns.
+//! A node of a cluster reads the whole index but no deadlines: it reads a shard's
+//! deadlines when it takes the shard.
 
 use std::sync::Arc;
 
@@ -15,11 +16,13 @@ const PARALLEL: usize = 8;
 /// Things (or deadlines) per store call.
 const PAGE: usize = 1000;
 
-/// Loads `partitions` into `index`; returns their pending deadlines.
+/// Loads `partitions` into `index`; returns their pending deadlines (none unless
+/// `with_deadlines`).
 pub async fn load(
     store: Arc<dyn TwinStore>,
     index: Arc<FleetIndex>,
     partitions: Vec<u16>,
+    with_deadlines: bool,
 ) -> Result<Vec<Deadline>, StoreError> {
     let mut workers = JoinSet::new();
     for worker in 0..PARALLEL {
@@ -34,7 +37,9 @@ pub async fn load(
             let mut deadlines = Vec::new();
             for partition in mine {
                 load_partition(&*store, &index, partition).await?;
-                deadlines.extend(partition_deadlines(&*store, partition).await?);
+                if with_deadlines {
+                    deadlines.extend(partition_deadlines(&*store, partition).await?);
+                }
             }
             Ok::<_, StoreError>(deadlines)
         });
@@ -52,11 +57,29 @@ async fn load_partition(
     index: &FleetIndex,
     partition: u16,
 ) -> Result<(), StoreError> {
+    read_partition(store, partition, |twin| index.load(twin)).await
+}
+
+/// Refreshes `index` with the twins of `partition` as stored (a shard just taken on: its
+/// previous owner changed them since this node read them).
+pub(crate) async fn refresh_partition(
+    store: &dyn TwinStore,
+    index: &FleetIndex,
+    partition: u16,
+) -> Result<(), StoreError> {
+    read_partition(store, partition, |twin| index.refresh(twin)).await
+}
+
+async fn read_partition(
+    store: &dyn TwinStore,
+    partition: u16,
+    mut each: impl FnMut(twin_store::IndexedTwin),
+) -> Result<(), StoreError> {
     let mut after = None;
     loop {
         let page = store.index_page(partition, after.as_ref(), PAGE).await?;
         for twin in page.twins {
-            index.load(twin);
+            each(twin);
         }
         after = page.next;
         if after.is_none() {

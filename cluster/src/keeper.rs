@@ -193,7 +193,8 @@ impl Keeper {
 
     /// Rounds every `interval` until `stop` turns true; then hands every shard over
     /// (passivated and released, so that the others claim them at their next round
-    /// instead of waiting to presume this node dead). The first round waits `grace`, for
+    /// instead of waiting to presume this node dead; gossip tells them it is leaving
+    /// first, so that they no longer place shards on it). The first round waits `grace`, for
     /// gossip to tell this node who is alive: a node that knows of no one else would take
     /// every shard over.
     pub async fn run(
@@ -229,23 +230,36 @@ impl Keeper {
                 _ = stop.changed() => {}
             }
         }
+        membership.leaving().await;
         if let Err(e) = self.leave().await {
             tracing::warn!(error = %e, "shards not all handed over; the others take them over");
         }
     }
 
-    /// Hands every held shard over.
+    /// Hands every held shard over, several at once.
     pub async fn leave(&self) -> Result<usize, ClusterError> {
-        let mut released = 0;
-        for lease in self.leases.all().await? {
-            if lease.owner.as_ref() == Some(&self.me)
-                && self.holdings.epoch(lease.shard) == Some(lease.epoch)
-            {
+        let held: Vec<Lease> = self
+            .leases
+            .all()
+            .await?
+            .into_iter()
+            .filter(|l| {
+                l.owner.as_ref() == Some(&self.me) && self.holdings.epoch(l.shard) == Some(l.epoch)
+            })
+            .collect();
+        let released: Vec<_> = futures_util::stream::iter(held)
+            .map(|lease| async move {
                 self.host.passivate(lease.shard).await;
                 self.holdings.release(lease.shard);
-                released += usize::from(self.leases.release(&lease).await?);
-            }
+                self.leases.release(&lease).await
+            })
+            .buffer_unordered(CONCURRENT_CLAIMS)
+            .collect()
+            .await;
+        let mut count = 0;
+        for r in released {
+            count += usize::from(r?);
         }
-        Ok(released)
+        Ok(count)
     }
 }

@@ -13,12 +13,16 @@
 //!   free shards, takes over the shards of nodes that died, and hands shards over to a
 //!   node that joined (throttled, its twins passivated first).
 //! - [`host`]: the keeper's view of the node's twins: a shard given up has its twins
-//!   passivated, durably, before the lease goes.
+//!   passivated, durably, before the lease goes;
+//! - [`nodes`]: each node's heartbeat, and the cluster's status for operators;
+//! - [`node`]: all of it started and stopped together, for `doppel serve`.
 
 pub mod host;
 pub mod keeper;
 pub mod leases;
 pub mod membership;
+pub mod node;
+pub mod nodes;
 pub mod placement;
 
 use std::fmt;

@@ -18,6 +18,9 @@ use chitchat::{
 
 use crate::{ClusterError, NodeId};
 
+/// The key of a node's gossip state that says it is leaving.
+const LEAVING: &str = "leaving";
+
 /// How a node joins the gossip.
 #[derive(Debug, Clone)]
 pub struct MembershipConfig {
@@ -79,14 +82,19 @@ impl Membership {
         &self.me
     }
 
-    /// The nodes alive now, this one included, in id order. A node whose id is not a
-    /// valid node id is ignored.
+    /// The nodes alive now and not leaving, this one included, in id order. A node whose
+    /// id is not a valid node id is ignored.
     pub async fn live(&self) -> Vec<NodeId> {
         let Some(handle) = &self.handle else {
             return vec![self.me.clone()];
         };
         let ids: Vec<String> = handle
-            .with_chitchat(|c| c.live_nodes().map(|id| id.node_id.to_string()).collect())
+            .with_chitchat(|c| {
+                c.live_nodes()
+                    .filter(|id| c.node_state(id).is_none_or(|s| s.get(LEAVING).is_none()))
+                    .map(|id| id.node_id.to_string())
+                    .collect()
+            })
             .await;
         let mut live: Vec<NodeId> = ids
             .iter()
@@ -98,6 +106,16 @@ impl Membership {
         live
     }
 
+    /// Tells the others that this node is leaving: from their next round they place no
+    /// shard on it (and take over what it has not released by then).
+    pub async fn leaving(&self) {
+        if let Some(handle) = &self.handle {
+            handle
+                .with_chitchat(|c| c.self_node_state().set(LEAVING, "true"))
+                .await;
+        }
+    }
+
     /// Leaves the gossip (the others notice as they would a crash).
     pub async fn stop(mut self) {
         if let Some(handle) = self.handle.take()
@@ -105,5 +123,75 @@ impl Membership {
         {
             tracing::warn!(error = %e, "gossip did not stop cleanly");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_udp_addr() -> SocketAddr {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    async fn node(name: &str, seed: Option<SocketAddr>) -> Membership {
+        let addr = free_udp_addr();
+        Membership::start(MembershipConfig {
+            node: NodeId::parse(name).unwrap(),
+            cluster_id: "membership-test".into(),
+            listen: addr,
+            advertise: addr,
+            seeds: seed.map(|s| s.to_string()).into_iter().collect(),
+            gossip_interval: Duration::from_millis(50),
+        })
+        .await
+        .unwrap()
+    }
+
+    /// `live` of `of`, once it is `want`; panics after 10 s.
+    async fn live_until(of: &Membership, want: &[&str]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let live = of.live().await;
+            let names: Vec<&str> = live.iter().map(NodeId::as_str).collect();
+            if names == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "live is {names:?}, not {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A node that says it is leaving is no longer live for the others, while it still
+    /// gossips (so that they stop placing shards on it before it is gone).
+    #[tokio::test]
+    async fn a_leaving_node_is_not_live_for_the_others() {
+        let a = node("a", None).await;
+        let seed = a
+            .handle
+            .as_ref()
+            .unwrap()
+            .chitchat_id()
+            .gossip_advertise_addr;
+        let b = node("b", Some(seed)).await;
+        live_until(&a, &["a", "b"]).await;
+        b.leaving().await;
+        live_until(&a, &["a"]).await;
+        // Still gossiping: a knows b and hears from it.
+        let known = a
+            .handle
+            .as_ref()
+            .unwrap()
+            .with_chitchat(|c| c.live_nodes().any(|id| &*id.node_id == "b"))
+            .await;
+        assert!(known, "b stopped gossiping");
+        b.stop().await;
+        a.stop().await;
     }
 }

@@ -19,6 +19,7 @@
 pub mod audit;
 pub mod auth;
 pub mod certificates;
+pub mod cluster;
 pub mod commands;
 pub mod error;
 pub mod history;

@@ -20,6 +20,7 @@ use twin_model::{DeviceId, Filter, ShadowName};
 use crate::audit::AuditQuery;
 use crate::auth::{Principal, Role, Tokens, TokensMutation};
 use crate::certificates::{CertificatesMutation, CertificatesQuery};
+use crate::cluster::ClusterQuery;
 use crate::commands::{CommandsMutation, CommandsQuery, CommandsSubscription};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::jobs::resolvers::{JobsMutation, JobsQuery, JobsSubscription};
@@ -35,6 +36,8 @@ pub struct Api {
     pub limits: ApiLimits,
     /// Signs job documents.
     pub signer: Arc<crate::Signer>,
+    /// The cluster this process is a node of; `None` on a single node.
+    pub cluster: Option<Arc<dyn crate::cluster::ClusterView>>,
 }
 
 /// Limits on what one request may ask.
@@ -189,6 +192,7 @@ pub struct Query(
     ProvisioningQuery,
     AuditQuery,
     RoutesQuery,
+    ClusterQuery,
 );
 
 // Every mutation, one object per domain.

@@ -45,6 +45,7 @@ async fn fixture_in(dir: Arc<tempfile::TempDir>, config: FleetConfig) -> Fixture
         tokens,
         limits,
         signer,
+        cluster: None,
     });
     Fixture {
         schema,

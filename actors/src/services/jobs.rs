@@ -235,6 +235,11 @@ impl Jobs<'_> {
     /// A rate goes on from where its releases stood: the time the server was down does
     /// not count.
     pub async fn resume_rollouts(self) -> Result<usize, FleetError> {
+        self.rollouts_under_way(true).await
+    }
+
+    /// Counts the rollouts under way (and, with `resume`, starts each again).
+    pub async fn rollouts_under_way(self, resume: bool) -> Result<usize, FleetError> {
         let (mut after, mut resumed) = (None, 0);
         loop {
             let page = self.list(after.clone(), 500).await?;
@@ -244,10 +249,13 @@ impl Jobs<'_> {
             after = Some(last.job_id.clone());
             for mut job in page {
                 if job.rollout_under_way() {
+                    resumed += 1;
+                    if !resume {
+                        continue;
+                    }
                     if let Some(r) = job.rollout.as_mut() {
                         r.restart(self.0.now_millis());
                     }
-                    resumed += 1;
                     self.start_rollout(job);
                 }
             }

@@ -22,6 +22,7 @@
 //! | `route_cursors` | a route | 1 | where the route's delivery is |
 //! | `route_deliveries` | a route and a UTC day | that day's delivery attempts of the route, newest first, with a TTL of `route_retention` | `routeDeliveries`, newest first |
 //! | `shard_leases` | one of the 1,024 placement partitions (the cluster's shards) | 1: the node that owns the shard, its epoch, its address | shard ownership, changed only by lightweight transactions (see the `twin-cluster` crate) |
+//! | `cluster_nodes` | one partition for all nodes | the number of cluster nodes (a heartbeat each, with a TTL of a day) | `doppel cluster status` and GraphQL `cluster`: which nodes are up |
 //! | `schema_version` | one row | 1 | refusing a newer schema |
 //!
 //! Values are the same JSON documents the embedded store keeps: one codec, and a record
@@ -32,10 +33,10 @@
 /// `certificates`, `ca_certificates`, `provisioning_templates` and `audit`; 5
 /// `telemetry_points` (and a `telemetry` row in each twin's partition); 6 `outbox`,
 /// `outbox_end`, `routes`, `route_cursors` and `route_deliveries` (and an `events` row in
-/// each twin's partition); 7 `shard_leases`. An older
+/// each twin's partition); 7 `shard_leases`; 8 `cluster_nodes`. An older
 /// keyspace gets what it lacks (every statement is `IF NOT EXISTS`), its listings made
 /// anew (from 1 or 2), and its version raised.
-pub const VERSION: i32 = 7;
+pub const VERSION: i32 = 8;
 
 /// Target buckets per job: a job with 100,000 targets is 64 partitions, not one.
 pub const JOB_BUCKETS: u16 = 64;
@@ -62,6 +63,7 @@ pub fn tables(keyspace: &str) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS {ks}.route_cursors (route text PRIMARY KEY, position bigint)",
         "CREATE TABLE IF NOT EXISTS {ks}.route_deliveries (route text, day int, at bigint, position bigint, attempt int, record text, PRIMARY KEY ((route, day), at, position, attempt)) WITH CLUSTERING ORDER BY (at DESC, position DESC, attempt DESC)",
         "CREATE TABLE IF NOT EXISTS {ks}.shard_leases (shard int PRIMARY KEY, owner text, epoch bigint, address text, since bigint)",
+        "CREATE TABLE IF NOT EXISTS {ks}.cluster_nodes (bucket int, node text, address text, interval_ms bigint, seen bigint, PRIMARY KEY (bucket, node))",
         "CREATE TABLE IF NOT EXISTS {ks}.schema_version (id int PRIMARY KEY, version int)",
     ]
     .iter()
