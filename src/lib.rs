@@ -117,6 +117,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         tracing::info!(rollouts = resumed, "resumed OTA rollouts");
     }
     let ready = Arc::new(AtomicBool::new(true));
+    let readiness = http::Readiness {
+        serving: ready.clone(),
+        store: store_reachable,
+        joined: cluster
+            .as_ref()
+            .map_or_else(|| Arc::new(AtomicBool::new(true)), |c| c.joined()),
+    };
     let gateway = Gateway::start(listeners, fleet.clone(), config.gateway())?;
     let tokens = Arc::new(open_tokens(&config, stores.tokens).await?);
     if let Some(admin) = tokens.first_admin().await? {
@@ -140,9 +147,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let (stop_subscriptions, subscriptions_stopping) = tokio::sync::watch::channel(false);
     let metrics = telemetry::registry(telemetry::Sampled {
         requests_in_flight: Box::new(fleet.requests_in_flight()),
-        ready: Box::new(http::readiness(ready.clone(), store_reachable.clone())),
+        ready: Box::new(readiness.clone().check()),
     });
-    let router = http::ops_router(ready.clone(), store_reachable)
+    let router = http::ops_router(readiness)
         .merge(telemetry::router(metrics.clone()))
         .merge(twin_graphql::http::router(
             schema,

@@ -24,26 +24,29 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-async fn node(dir: &std::path::Path, keyspace: &str, id: &str, gossip: u16, seed: u16) -> Server {
+/// A node `id` of the cluster on `keyspace`, gossiping on `gossip` every `interval_ms`,
+/// joining through `seed`.
+async fn node(
+    dir: &std::path::Path,
+    keyspace: &str,
+    id: &str,
+    (gossip, seed): (u16, u16),
+    interval_ms: u64,
+) -> Server {
     let mut args = common::scylla_args();
     args.pop();
     args.push(keyspace.to_owned());
-    let gossip = format!("127.0.0.1:{gossip}");
-    let seed = format!("127.0.0.1:{seed}");
-    args.extend(
-        [
-            "--node-id",
-            id,
-            "--cluster-listen",
-            &gossip,
-            "--cluster-seeds",
-            &seed,
-            "--cluster-interval-ms",
-            "200",
-            "--auto-register",
-        ]
-        .map(str::to_owned),
-    );
+    args.extend([
+        "--node-id".into(),
+        id.into(),
+        "--cluster-listen".into(),
+        format!("127.0.0.1:{gossip}"),
+        "--cluster-seeds".into(),
+        format!("127.0.0.1:{seed}"),
+        "--cluster-interval-ms".into(),
+        interval_ms.to_string(),
+        "--auto-register".into(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     start(dir, &args).await
 }
@@ -165,7 +168,7 @@ async fn three_nodes_share_the_shards_and_a_killed_nodes_twins_come_back_whole()
     let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
     let mut servers = Vec::new();
     for (i, id) in ["node-a", "node-b", "node-c"].into_iter().enumerate() {
-        servers.push(node(dirs[i].path(), &keyspace, id, ports[i], ports[0]).await);
+        servers.push(node(dirs[i].path(), &keyspace, id, (ports[i], ports[0]), 200).await);
     }
     let token = servers
         .iter()
@@ -309,5 +312,35 @@ async fn three_nodes_share_the_shards_and_a_killed_nodes_twins_come_back_whole()
     let (accepted, doc) = update(&servers[0], &things[0], 3000).await;
     assert!(accepted, "{doc}");
     servers.pop().unwrap().terminate().await;
+    twin_store::conformance::drop_keyspace(&keyspace).await;
+}
+
+/// A node is not ready until its first keeper round has claimed its shards: before that
+/// it would refuse every device.
+#[tokio::test]
+async fn a_node_is_ready_once_it_holds_its_shards() {
+    let keyspace = twin_store::conformance::fresh_keyspace();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    // Gossip every 2 s: the first round comes after a grace of three of them.
+    let server = node(dir.path(), &keyspace, "alone", (port, port), 2000).await;
+    let r = common::http(&server.http, "GET", "/readyz", &[], b"").await;
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).as_ref()),
+        (503, "joining the cluster\n")
+    );
+    let deadline = Instant::now() + common::WAIT;
+    while common::http(&server.http, "GET", "/readyz", &[], b"")
+        .await
+        .status
+        != 200
+    {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = server.admin_token.clone().unwrap();
+    let s = status(&server, &token).await;
+    assert_eq!(shard_counts(&s), [("alone".into(), "UP".into(), 1024)]);
+    server.terminate().await;
     twin_store::conformance::drop_keyspace(&keyspace).await;
 }

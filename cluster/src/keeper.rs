@@ -20,6 +20,7 @@
 //! rounds of different nodes may interleave freely.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +72,8 @@ pub struct Keeper {
     holdings: Arc<Holdings>,
     host: Arc<dyn ShardHost>,
     max_handovers: usize,
+    /// Set once a round of [`Keeper::run`] has succeeded.
+    joined: Arc<AtomicBool>,
 }
 
 /// Lease changes (claims, releases) in flight at once in a round (each is a lightweight
@@ -95,7 +98,15 @@ impl Keeper {
             holdings,
             host,
             max_handovers: max_handovers.max(1),
+            joined: Arc::default(),
         }
+    }
+
+    /// Turns true once a round of [`Keeper::run`] has succeeded: the node holds the
+    /// shards placed on it that were free or were a dead node's (those it takes from
+    /// live nodes come with the next rounds).
+    pub fn joined(&self) -> Arc<AtomicBool> {
+        self.joined.clone()
     }
 
     /// One round over every shard, with `live` the nodes alive now.
@@ -210,7 +221,11 @@ impl Keeper {
         }
         while !*stop.borrow() {
             let live = membership.live().await;
-            match self.round(&live).await {
+            let round = self.round(&live).await;
+            if round.is_ok() {
+                self.joined.store(true, Ordering::Release);
+            }
+            match round {
                 Ok(r) if r.changed() => {
                     tracing::info!(
                         claimed = r.claimed,

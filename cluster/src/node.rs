@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -93,6 +94,7 @@ impl Joining {
             host,
             MAX_HANDOVERS,
         );
+        let joined = keeper.joined();
         let (stop, stopping) = watch::channel(false);
         let (stop_beats, beats_stopping) = watch::channel(false);
         let interval = config.interval;
@@ -112,6 +114,7 @@ impl Joining {
         tracing::info!(node = %config.node, gossip = %config.listen, advertise = %config.advertise, seeds = %config.seeds.join(","), "joined the cluster");
         Ok(ClusterNode {
             view: StatusView { leases, nodes },
+            joined,
             stop,
             stop_beats,
             keeper,
@@ -167,6 +170,7 @@ impl StatusView {
 /// A running cluster node.
 pub struct ClusterNode {
     view: StatusView,
+    joined: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     stop_beats: watch::Sender<bool>,
     keeper: JoinHandle<()>,
@@ -176,6 +180,12 @@ pub struct ClusterNode {
 impl ClusterNode {
     pub fn view(&self) -> StatusView {
         self.view.clone()
+    }
+
+    /// Turns true once the node's first keeper round has claimed its share of the free
+    /// shards (until then it holds none, and refuses every twin).
+    pub fn joined(&self) -> Arc<AtomicBool> {
+        self.joined.clone()
     }
 
     /// Leaves the cluster: every held shard handed over (its twins passivated, its lease
