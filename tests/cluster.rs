@@ -166,15 +166,40 @@ async fn three_nodes_share_the_shards_and_a_killed_nodes_twins_come_back_whole()
     let keyspace = twin_store::conformance::fresh_keyspace();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+    let ids = ["node-a", "node-b", "node-c"];
+    let at = |id: &str| ids.iter().position(|n| *n == id).unwrap();
     let mut servers = Vec::new();
-    for (i, id) in ["node-a", "node-b", "node-c"].into_iter().enumerate() {
+    for (i, id) in ids[..2].iter().enumerate() {
         servers.push(node(dirs[i].path(), &keyspace, id, (ports[i], ports[0]), 200).await);
     }
     let token = servers
         .iter()
         .find_map(|s| s.admin_token.clone())
         .expect("the first node to start writes the admin token");
+    let (two, _) = status_when(&servers[0], &token, common::WAIT, |s| {
+        s["unownedShards"].as_array().unwrap().is_empty() && placed(s, &ids[..2])
+    })
+    .await;
 
+    // A device whose twin moves to node-c when it joins: connected to its twin's node
+    // until then, disconnected by it when the shard is handed over, served by node-c.
+    let plan = |live: &[&str]| {
+        let live: Vec<NodeId> = live.iter().map(|n| NodeId::parse(n).unwrap()).collect();
+        move |thing: &str| {
+            let shard = usize::from(DeviceId::parse(thing).unwrap().partition());
+            placement::assignment(&live)[shard].unwrap().to_string()
+        }
+    };
+    let mover = (0..)
+        .map(|i| format!("mover-{i}"))
+        .find(|t| plan(&ids)(t) == "node-c")
+        .unwrap();
+    let first_home = owner(&two, &mover);
+    let (accepted, doc) = update(&servers[at(&first_home)], &mover, 1).await;
+    assert!(accepted, "{doc}");
+    let (_device, mut moving) = client(&servers[at(&first_home)].mqtt, &mover, None).await;
+
+    servers.push(node(dirs[2].path(), &keyspace, ids[2], (ports[2], ports[0]), 200).await);
     // Every shard owned where the placement puts it, each node up.
     let (s, _) = status_when(&servers[0], &token, common::WAIT, |s| {
         s["unownedShards"].as_array().unwrap().is_empty()
@@ -219,11 +244,27 @@ async fn three_nodes_share_the_shards_and_a_killed_nodes_twins_come_back_whole()
     }
     assert!(printed.contains("unowned shards: 0 of 1024"), "{printed}");
 
+    let closed = tokio::time::timeout(common::WAIT, async {
+        loop {
+            if let Err(e) = moving.poll().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the moved twin's device is disconnected");
+    eprintln!("the device of a moved twin: {closed}");
+    servers[at(&first_home)]
+        .log
+        .line_with("devices disconnected: their twins moved to another node")
+        .await;
+    let (accepted, doc) = update(&servers[2], &mover, 2).await;
+    assert!(accepted, "{doc}");
+    assert_eq!(doc["version"], 2, "{doc}");
+
     // Twins spread over the nodes; each device is served by the node that holds its
     // twin, and refused at CONNECT (server unavailable) by one that does not: requests
     // are not routed between nodes yet.
-    let ids = ["node-a", "node-b", "node-c"];
-    let at = |id: &str| ids.iter().position(|n| *n == id).unwrap();
     let things: Vec<String> = (0..24).map(|i| format!("pump-{i}")).collect();
     let mut on_c = Vec::new();
     for (i, thing) in things.iter().enumerate() {

@@ -372,10 +372,25 @@ impl FleetHandle {
     /// Passivates the twins of placement partition `partition` (each finishes its
     /// mailbox, so that its acknowledged changes are durable) and returns once they have
     /// stopped, or after `deadline`; their command and job deadlines are left to the
-    /// partition's next owner. A message for one of them afterwards activates it again:
-    /// on a store fenced by the cluster's leases, its load is then refused while this
-    /// node does not hold the partition.
+    /// partition's next owner. Then ends the connections of their devices here, so that
+    /// they connect again and find the twins' new node. A message for one of the twins
+    /// afterwards activates it again: on a store fenced by the cluster's leases, its
+    /// load is then refused while this node does not hold the partition.
     pub async fn give_up_partition(&self, partition: u16, deadline: Duration) {
+        self.stop_partition(partition, deadline).await;
+        let ended = self
+            .links
+            .end_partition(partition, "its twin moved to another node");
+        if ended > 0 {
+            tracing::info!(
+                partition,
+                devices = ended,
+                "devices disconnected: their twins moved to another node"
+            );
+        }
+    }
+
+    async fn stop_partition(&self, partition: u16, deadline: Duration) {
         let mut answers = Vec::with_capacity(self.shards.len());
         for shard in self.shards.iter() {
             let (tx, rx) = oneshot();

@@ -34,7 +34,7 @@ pub use device::{RegistryOp, TelemetryMessage};
 pub use error::{FleetError, JobRequestError};
 pub use fleet::{ConnectOk, FleetConfig, FleetHandle, Reply};
 pub use index::{Page, ShadowView, TwinView};
-pub use pipeline::{Change, Committed, CommittedChange, Consumer, DeviceLink};
+pub use pipeline::{Change, Committed, CommittedChange, Consumer, DeviceLink, SessionEnd};
 pub use shard::shard_for;
 
 #[cfg(test)]

@@ -69,11 +69,20 @@ pub trait Consumer: Send + Sync + 'static {
     fn consume(&self, change: &CommittedChange);
 }
 
+/// Why a device's connection is ended by its twin's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Its thing was disabled, re-keyed or deleted: it may no longer connect as before.
+    Revoked,
+    /// Its twin moved to another cluster node: it should connect again.
+    Moved,
+}
+
 /// Where a connected device's events go: its MQTT session. Must not block.
 pub trait DeviceLink: Send + Sync + 'static {
     fn deliver(&self, event: Arc<TwinEvent>);
-    /// Ends the device's connection (its thing was disabled, re-keyed or deleted).
-    fn end_session(&self, reason: &str);
+    /// Ends the device's connection.
+    fn end_session(&self, why: SessionEnd, reason: &str);
 }
 
 pub struct Pipeline {
@@ -160,6 +169,21 @@ impl DeviceLinks {
         self.links.remove_if(thing, |_, l| Arc::ptr_eq(l, link));
     }
 
+    /// Ends the connections of the devices whose things are in placement partition
+    /// `partition`; returns how many.
+    pub fn end_partition(&self, partition: u16, reason: &str) -> usize {
+        let ending: Vec<Arc<dyn DeviceLink>> = self
+            .links
+            .iter()
+            .filter(|l| l.key().partition() == partition)
+            .map(|l| l.value().clone())
+            .collect();
+        for link in &ending {
+            link.end_session(SessionEnd::Moved, reason);
+        }
+        ending.len()
+    }
+
     fn get(&self, thing: &DeviceId) -> Option<Arc<dyn DeviceLink>> {
         self.links.get(thing).map(|l| l.value().clone())
     }
@@ -177,9 +201,9 @@ impl Consumer for DeviceLinks {
             Committed::Record {
                 ends_session: Some(reason),
                 ..
-            } => link.end_session(reason),
+            } => link.end_session(SessionEnd::Revoked, reason),
             Committed::Record { .. } => {}
-            Committed::Deleted => link.end_session("thing deleted"),
+            Committed::Deleted => link.end_session(SessionEnd::Revoked, "thing deleted"),
         }
     }
 }

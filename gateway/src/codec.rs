@@ -160,6 +160,8 @@ pub enum DisconnectCode {
     TopicNameInvalid,
     Administrative,
     QuotaExceeded,
+    /// The device's twin is on another node now: connect again.
+    UseAnotherServer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -589,6 +591,7 @@ fn write5(packet: &Outbound, buf: &mut BytesMut, max_size: usize) -> bool {
                 DisconnectCode::TopicNameInvalid => R::TopicNameInvalid,
                 DisconnectCode::Administrative => R::AdministrativeAction,
                 DisconnectCode::QuotaExceeded => R::QuotaExceeded,
+                DisconnectCode::UseAnotherServer => R::UseAnotherServer,
             });
             d.properties = Some(v5::DisconnectProperties {
                 session_expiry_interval: None,
@@ -669,18 +672,27 @@ mod tests {
                 Err(CodecError::TooLarge(_))
             ));
         }
-        let mut out = BytesMut::new();
-        assert!(write(
-            &Outbound::Disconnect(DisconnectCode::SessionTakenOver, "taken over".into()),
-            Version::V5,
-            &mut out,
-            1024
-        ));
-        match v5::Packet::read(&mut out, None).unwrap() {
-            v5::Packet::Disconnect(d) => {
-                assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver)
+        for (code, reason) in [
+            (
+                DisconnectCode::SessionTakenOver,
+                v5::DisconnectReasonCode::SessionTakenOver,
+            ),
+            (
+                DisconnectCode::UseAnotherServer,
+                v5::DisconnectReasonCode::UseAnotherServer,
+            ),
+        ] {
+            let mut out = BytesMut::new();
+            assert!(write(
+                &Outbound::Disconnect(code, "why".into()),
+                Version::V5,
+                &mut out,
+                1024
+            ));
+            match v5::Packet::read(&mut out, None).unwrap() {
+                v5::Packet::Disconnect(d) => assert_eq!(d.reason_code, reason),
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
         }
         let mut d = BytesMut::from(&[0xE0u8, 0x00][..]);
         assert_eq!(

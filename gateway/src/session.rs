@@ -15,7 +15,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use twin_actors::{DeviceLink, FleetHandle};
+use twin_actors::{DeviceLink, FleetHandle, SessionEnd};
 use twin_model::{DeviceId, TwinEvent};
 
 use crate::codec::DisconnectCode;
@@ -112,9 +112,13 @@ impl DeviceLink for EventQueue {
         self.notify.notify_one();
     }
 
-    fn end_session(&self, reason: &str) {
+    fn end_session(&self, why: SessionEnd, reason: &str) {
+        let code = match why {
+            SessionEnd::Revoked => DisconnectCode::NotAuthorized,
+            SessionEnd::Moved => DisconnectCode::UseAnotherServer,
+        };
         if let Some(k) = lock(&self.active).clone() {
-            k.fire(DisconnectCode::NotAuthorized, reason);
+            k.fire(code, reason);
         }
     }
 }
