@@ -296,6 +296,9 @@ async fn three_nodes_share_the_shards_and_a_killed_nodes_twins_come_back_whole()
         "{refused:?}"
     );
 
+    // A device of node-c stays connected until node-c dies.
+    let (_stays, mut stays_el) = client(&servers[2].mqtt, &on_c[0], None).await;
+
     // SIGKILL node-c: the other two own its shards within 10 s.
     let mut c = servers.pop().unwrap();
     c.child.start_kill().unwrap();
@@ -326,6 +329,32 @@ async fn three_nodes_share_the_shards_and_a_killed_nodes_twins_come_back_whole()
         let shadow = &r["data"]["thing"]["shadow"];
         assert_eq!(shadow["version"], 1, "{thing}: {r}");
         assert_eq!(shadow["reported"]["n"], n, "{thing}: {r}");
+        if *thing == on_c[0] {
+            // Its new node records it disconnected (soon after it takes the shard): its
+            // connection was to node-c.
+            let deadline = Instant::now() + common::WAIT;
+            let presence = loop {
+                let r = graphql(
+                    &servers[at(&home)].http,
+                    Some(&token),
+                    "query($id: ID!) { thing(id: $id) { connectivity { connected disconnectReason } } }",
+                    json!({"id": thing}),
+                )
+                .await
+                .json();
+                let presence = r["data"]["thing"]["connectivity"].clone();
+                if presence["connected"] == false || Instant::now() > deadline {
+                    break presence;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert_eq!(presence["connected"], false, "{presence}");
+            assert_eq!(
+                presence["disconnectReason"], "its connection was to another cluster node",
+                "{presence}"
+            );
+            assert!(stays_el.poll().await.is_err(), "still connected to node-c");
+        }
         let (accepted, doc) = update(&servers[at(&home)], thing, 2000).await;
         assert!(accepted, "{thing} on {home}: {doc}");
         assert_eq!(doc["version"], 2, "{doc}");

@@ -354,11 +354,25 @@ impl FleetHandle {
     }
 
     /// Takes placement partition `partition` on (a cluster node that just got its
-    /// shard): refreshes the index with its twins as stored, and wakes them at their
-    /// command and job deadlines (read from the store); returns how many deadlines.
+    /// shard): refreshes the index with its twins as stored, records as disconnected the
+    /// devices stored as connected that are not connected here (their connections were
+    /// to the shard's previous node, which ended them or died), and wakes the twins at
+    /// their command and job deadlines (read from the store); returns how many deadlines.
     pub async fn take_partition(&self, partition: u16) -> Result<usize, FleetError> {
-        crate::loading::refresh_partition(&**self.store(), self.twins.pipeline.index(), partition)
-            .await?;
+        let connected = crate::loading::refresh_partition(
+            &**self.store(),
+            self.twins.pipeline.index(),
+            partition,
+        )
+        .await?;
+        for thing in connected.iter().filter(|t| !self.links.is_linked(t)) {
+            // Session 0: the twin's, as loaded here, until its device connects here.
+            let gone = DeviceMsg::Disconnected {
+                session: 0,
+                reason: "its connection was to another cluster node".into(),
+            };
+            self.route(thing, gone)?;
+        }
         let deadlines = crate::loading::partition_deadlines(&**self.store(), partition).await?;
         let found = deadlines.len();
         for twin_store::Deadline { thing, at, .. } in deadlines {

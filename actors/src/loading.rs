@@ -61,13 +61,22 @@ async fn load_partition(
 }
 
 /// Refreshes `index` with the twins of `partition` as stored (a shard just taken on: its
-/// previous owner changed them since this node read them).
+/// previous owner changed them since this node read them); returns those stored as
+/// connected.
 pub(crate) async fn refresh_partition(
     store: &dyn TwinStore,
     index: &FleetIndex,
     partition: u16,
-) -> Result<(), StoreError> {
-    read_partition(store, partition, |twin| index.refresh(twin)).await
+) -> Result<Vec<twin_model::DeviceId>, StoreError> {
+    let mut connected = Vec::new();
+    read_partition(store, partition, |twin| {
+        if twin.connectivity.connected {
+            connected.push(twin.record.id.clone());
+        }
+        index.refresh(twin);
+    })
+    .await?;
+    Ok(connected)
 }
 
 async fn read_partition(

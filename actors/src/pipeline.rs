@@ -184,6 +184,11 @@ impl DeviceLinks {
         ending.len()
     }
 
+    /// Whether `thing`'s device is connected to this node.
+    pub(crate) fn is_linked(&self, thing: &DeviceId) -> bool {
+        self.links.contains_key(thing)
+    }
+
     fn get(&self, thing: &DeviceId) -> Option<Arc<dyn DeviceLink>> {
         self.links.get(thing).map(|l| l.value().clone())
     }

@@ -598,6 +598,16 @@ impl DeviceState {
             DeviceMsg::Disconnected { session, reason } => {
                 if session == self.session {
                     self.listening = false;
+                    // Loaded first: on a cluster's fenced store, loading is what raises
+                    // the twin's fence to this node's epoch, which its writes need.
+                    match self.load().await {
+                        Ok(l) if !l.connectivity.connected => return,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(thing = %self.thing, error = %e, "could not record a disconnect");
+                            return;
+                        }
+                    }
                     let c = Connectivity {
                         connected: false,
                         since: self.ctx.now_millis(),
