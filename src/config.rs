@@ -602,7 +602,8 @@ impl Config {
             }
             return Ok(None);
         };
-        let node = twin_cluster::NodeId::parse(node_id).context("setting `node_id`")?;
+        let node = twin_cluster::NodeId::parse(node_id)
+            .map_err(|e| anyhow::anyhow!("setting `node_id`: {e}"))?;
         if self.store != StoreKind::Scylla {
             bail!(
                 "setting `node_id` needs `store = \"scylla\"`: the nodes of a cluster share their twins in ScyllaDB"
@@ -1334,6 +1335,79 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("`store`"), "{err}");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_named() {
+        let load = |pairs: &[(&str, &str)]| {
+            let mut all = vec![
+                ("DOPPEL_STORE", "scylla"),
+                ("DOPPEL_SCYLLA_NODES", "db:9042"),
+            ];
+            all.extend_from_slice(pairs);
+            Config::load(None, &env(&all), Table::new())
+        };
+        let err = |pairs: &[(&str, &str)]| load(pairs).unwrap_err().to_string();
+        assert!(load(&[]).unwrap().cluster().unwrap().is_none());
+        let node = load(&[
+            ("DOPPEL_NODE_ID", "node-1"),
+            ("DOPPEL_CLUSTER_LISTEN", "127.0.0.1:7946"),
+            ("DOPPEL_CLUSTER_SEEDS", "10.0.0.2:7946, node-3:7946"),
+        ])
+        .unwrap()
+        .cluster()
+        .unwrap()
+        .unwrap();
+        assert_eq!(node.node.as_str(), "node-1");
+        assert_eq!(node.advertise, node.listen);
+        assert_eq!(node.seeds, ["10.0.0.2:7946", "node-3:7946"]);
+        assert_eq!(node.interval, Duration::from_secs(1));
+        assert_eq!(node.cluster_id, "doppel");
+
+        let embedded = Config::load(None, &env(&[("DOPPEL_NODE_ID", "n")]), Table::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            embedded.contains("`node_id` needs `store = \"scylla\"`"),
+            "{embedded}"
+        );
+        let e = err(&[("DOPPEL_NODE_ID", "a b")]);
+        assert!(e.contains("node_id") && e.contains("\"a b\""), "{e}");
+        let e = err(&[("DOPPEL_NODE_ID", "n")]);
+        assert!(e.contains("`cluster_advertise` is required"), "{e}");
+        let e = err(&[
+            ("DOPPEL_NODE_ID", "n"),
+            ("DOPPEL_CLUSTER_ADVERTISE", "0.0.0.0:7946"),
+        ]);
+        assert!(e.contains("`cluster_advertise` is 0.0.0.0:7946"), "{e}");
+        let e = err(&[
+            ("DOPPEL_NODE_ID", "n"),
+            ("DOPPEL_CLUSTER_LISTEN", "127.0.0.1:0"),
+        ]);
+        assert!(e.contains("`cluster_listen`") && e.contains("port"), "{e}");
+        let e = err(&[
+            ("DOPPEL_NODE_ID", "n"),
+            ("DOPPEL_CLUSTER_LISTEN", "127.0.0.1:7946"),
+            ("DOPPEL_CLUSTER_SEEDS", "10.0.0.2"),
+        ]);
+        assert!(
+            e.contains("`cluster_seeds`") && e.contains("\"10.0.0.2\""),
+            "{e}"
+        );
+        let e = err(&[
+            ("DOPPEL_NODE_ID", "n"),
+            ("DOPPEL_CLUSTER_LISTEN", "127.0.0.1:7946"),
+            ("DOPPEL_CLUSTER_INTERVAL_MS", "5"),
+        ]);
+        assert!(
+            e.contains("`cluster_interval_ms` is 5; from 10 to 60000"),
+            "{e}"
+        );
+        let e = err(&[("DOPPEL_CLUSTER_SEEDS", "10.0.0.2:7946")]);
+        assert!(
+            e.contains("`cluster_seeds` has no effect without `node_id`"),
+            "{e}"
+        );
     }
 
     #[test]
