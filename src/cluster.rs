@@ -9,6 +9,7 @@ use twin_cluster::node::StatusView;
 use twin_cluster::nodes::{ClusterStatus, NodeState, ranges};
 use twin_graphql::cluster::{Cluster, ClusterNode, ClusterView, ID};
 use twin_graphql::schema::DateTime;
+use twin_store::scylla::ScyllaStore;
 
 use crate::config::{Config, StoreKind};
 
@@ -53,9 +54,15 @@ pub fn status(config: &Config) -> anyhow::Result<String> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    let scylla = config.scylla()?;
     let status = runtime.block_on(async {
-        let stores = crate::open_store(config).await?;
-        let store = stores.scylla.context("the store is not ScyllaDB")?;
+        let store = ScyllaStore::connect(&scylla).await.with_context(|| {
+            format!(
+                "cannot reach the cluster's database (scylla_nodes {}, scylla_keyspace {})",
+                scylla.nodes.join(","),
+                scylla.keyspace
+            )
+        })?;
         let view = StatusView::open(&store).await?;
         anyhow::Ok(view.status().await?)
     })?;
