@@ -161,19 +161,8 @@ impl Keeper {
                 }
             }
         }
-        let released: Vec<_> = futures_util::stream::iter(handovers)
-            .take(self.max_handovers)
-            .map(|lease| async move {
-                self.host.passivate(lease.shard).await;
-                self.holdings.release(lease.shard);
-                self.leases.release(&lease).await
-            })
-            .buffer_unordered(CONCURRENT_CLAIMS)
-            .collect()
-            .await;
-        for r in released {
-            round.handed_over += usize::from(r?);
-        }
+        handovers.truncate(self.max_handovers);
+        round.handed_over += self.hand_over(handovers).await?;
         let results: Vec<_> = futures_util::stream::iter(claims)
             .map(|(shard, seen, takeover)| async move {
                 let claim = self
@@ -262,7 +251,14 @@ impl Keeper {
                 l.owner.as_ref() == Some(&self.me) && self.holdings.epoch(l.shard) == Some(l.epoch)
             })
             .collect();
-        let released: Vec<_> = futures_util::stream::iter(held)
+        self.hand_over(held).await
+    }
+
+    /// Hands `leases` over, several at once: each shard's twins passivated, the shard no
+    /// longer held, its lease released. Returns how many leases were released (one
+    /// already taken by another node is not).
+    async fn hand_over(&self, leases: Vec<Lease>) -> Result<usize, ClusterError> {
+        let released: Vec<_> = futures_util::stream::iter(leases)
             .map(|lease| async move {
                 self.host.passivate(lease.shard).await;
                 self.holdings.release(lease.shard);
